@@ -1,0 +1,158 @@
+"""The one exception hierarchy of tenki, shared by the server, the SDK and the CLI.
+
+    TenkiError
+    ├── ValidationError          422  bad input; ``.field`` names the offending field
+    ├── NotFoundError            404
+    │   ├── SessionNotFoundError      "session ses_x not found"
+    │   ├── SnapshotNotFoundError     (the spec's ErrSnapshotNotFound)
+    │   ├── VolumeNotFoundError
+    │   └── ImageNotFoundError
+    ├── ConflictError            409  the resource is in a state that forbids the call
+    ├── SnapshotFailedError      409  (the spec's ErrSnapshotFailed) capture or restore failed
+    ├── SessionFailedError       500  the VM could not be started or died
+    ├── AuthenticationError      401
+    ├── WaitTimeoutError              a client-side wait ran out (the work goes on)
+    ├── ConnectionError               the server cannot be reached
+    ├── CommandError                  ``ExecResult.check()`` on a non-zero exit
+    └── InternalError            500  anything else, with the server's message
+
+``ERROR_TABLE`` maps each wire code to its HTTP status and class; the server renders errors with
+it and the SDK raises from it, so both sides agree by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TenkiError(Exception):
+    """Root of every error tenki raises."""
+
+    code: ClassVar[str] = "Internal"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, field: str | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+
+class ValidationError(TenkiError):
+    code = "ValidationError"
+    status = 422
+
+    def __init__(self, message: str, *, field: str | None = None, details: Any = None) -> None:
+        if field and not message.startswith(field):
+            message = f"{field}: {message}"
+        super().__init__(message, field=field, details=details)
+
+
+class NotFoundError(TenkiError):
+    code = "NotFound"
+    status = 404
+
+
+class SessionNotFoundError(NotFoundError):
+    code = "SessionNotFound"
+
+
+class SnapshotNotFoundError(NotFoundError):
+    code = "SnapshotNotFound"
+
+
+class VolumeNotFoundError(NotFoundError):
+    code = "VolumeNotFound"
+
+
+class ImageNotFoundError(NotFoundError):
+    code = "ImageNotFound"
+
+
+class ConflictError(TenkiError):
+    code = "Conflict"
+    status = 409
+
+
+class SnapshotFailedError(TenkiError):
+    code = "SnapshotFailed"
+    status = 409
+
+
+class SessionFailedError(TenkiError):
+    code = "SessionFailed"
+    status = 500
+
+
+class AuthenticationError(TenkiError):
+    code = "Unauthorized"
+    status = 401
+
+
+class WaitTimeoutError(TenkiError):
+    code = "WaitTimeout"
+    status = 408
+
+
+class ConnectionError(TenkiError):  # noqa: A001 - the SDK's name, distinct from the builtin
+    code = "Unavailable"
+    status = 503
+
+
+class CommandError(TenkiError):
+    """A command exited non-zero and the caller asked for ``check()``; ``.result`` has it all."""
+
+    code = "CommandFailed"
+    status = 500
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class InternalError(TenkiError):
+    code = "Internal"
+    status = 500
+
+
+ERROR_TABLE: dict[str, type[TenkiError]] = {
+    cls.code: cls
+    for cls in (
+        ValidationError,
+        NotFoundError,
+        SessionNotFoundError,
+        SnapshotNotFoundError,
+        VolumeNotFoundError,
+        ImageNotFoundError,
+        ConflictError,
+        SnapshotFailedError,
+        SessionFailedError,
+        AuthenticationError,
+        WaitTimeoutError,
+        ConnectionError,
+        CommandError,
+        InternalError,
+    )
+}
+
+
+def error_from_body(status: int, body: Any) -> TenkiError:
+    """Rebuild the typed error from a server response (the inverse of ``to_body``)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return InternalError(f"server answered HTTP {status}: {str(body)[:200]}")
+    cls = ERROR_TABLE.get(str(err.get("code")), InternalError)
+    message = str(err.get("message") or f"HTTP {status}")
+    if cls is CommandError:
+        return InternalError(message)
+    exc = cls.__new__(cls)
+    TenkiError.__init__(exc, message, field=err.get("field"), details=err.get("details"))
+    return exc

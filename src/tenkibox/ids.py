@@ -1,0 +1,13 @@
+"""Typed, prefixed identifiers: ``ses_``, ``snp_``, ``vol_``, ``img_``, ``prc_``."""
+
+from __future__ import annotations
+
+import secrets
+
+PREFIXES = {"session": "ses", "snapshot": "snp", "volume": "vol", "image": "img", "process": "prc"}
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_id(kind: str) -> str:
+    body = "".join(secrets.choice(_ALPHABET) for _ in range(16))
+    return f"{PREFIXES[kind]}_{body}"
