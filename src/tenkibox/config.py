@@ -56,6 +56,11 @@ class Layout:
         return self.home / "server.log"
 
     @property
+    def layers(self) -> Path:
+        """Immutable disk layers, kernels and initrds, shared by sessions and snapshots."""
+        return self.home / "layers"
+
+    @property
     def images(self) -> Path:
         return self.home / "images"
 
@@ -84,7 +89,7 @@ class Layout:
         return self.snapshots / snapshot_id
 
     def ensure(self) -> Layout:
-        for p in (self.home, self.images, self.sessions, self.snapshots, self.volumes, self.run):
+        for p in (self.home, self.layers, self.images, self.sessions, self.snapshots, self.volumes, self.run):
             p.mkdir(parents=True, exist_ok=True)
         return self
 

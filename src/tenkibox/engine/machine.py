@@ -1,0 +1,364 @@
+"""One QEMU process, driven over QMP: launch, attach after a server restart, pause, quit.
+
+The device set is a pure function of ``MachineConfig``: a restore must present exactly the
+devices the captured VM had (machine, cpu model, RAM size and backend, every PCI device and
+hot-plug port), while files and sockets may live elsewhere. Guest RAM is a file on tmpfs mapped
+``share=on`` so that a snapshot can copy it instead of streaming it (``x-ignore-shared``).
+
+QEMU runs in its own session (setsid) with its output in a log file, so it outlives the server;
+``Machine.attach`` finds it again by pid and QMP socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from ..errors import InternalError, SessionFailedError
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+HOTPLUG_PORTS = 4
+AGENT_PORT_NAME = "org.tenki.agent"
+
+
+class RunState(str, Enum):
+    NEW = "new"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class MachineError(InternalError):
+    """QEMU failed; carries the command line and the tail of QEMU's log."""
+
+    def __init__(self, message: str, *, argv: list[str] | None = None, log_tail: str = "") -> None:
+        text = message
+        if log_tail:
+            text += f": {log_tail.strip()}"
+        super().__init__(text)
+        self.argv = argv or []
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What determines the guest's device set (identical at capture and restore)."""
+
+    cpu: int
+    memory_mb: int
+    accel: str
+    kernel: str
+    initrd: str
+    cmdline: str
+    hotplug_ports: int = HOTPLUG_PORTS
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MachineConfig:
+        return cls(**data)
+
+
+@dataclass
+class MachineFiles:
+    """Per-VM volatile files, on tmpfs. Socket paths must stay under 108 bytes."""
+
+    run_dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def ram(self) -> Path:
+        return self.run_dir / "ram"
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def info(self) -> Path:
+        return self.run_dir / "machine.json"
+
+
+@dataclass
+class LaunchOptions:
+    disk_chain: list[Path]  # base first, writable top last
+    incoming: bool = False  # start paused, waiting for migrate-incoming
+    netdev: str = "user,id=net0"
+    mac: str = "52:54:00:12:34:56"
+    extra_devices: list[str] = field(default_factory=list)
+
+
+def blockdev_args(chain: list[Path]) -> tuple[list[str], str]:
+    """-blockdev arguments for a qcow2 chain; returns them and the top node name.
+
+    Every link is spelled out so that QEMU never guesses a backing file from an image header.
+    """
+    args: list[str] = []
+    backing: str | None = None
+    for i, path in enumerate(chain):
+        top = i == len(chain) - 1
+        fnode, dnode = f"f{i}", ("top" if top else f"d{i}")
+        args += ["-blockdev", json.dumps({"driver": "file", "filename": str(path),
+                                          "node-name": fnode, "read-only": not top})]
+        fmt: dict[str, Any] = {"driver": "qcow2", "file": fnode, "node-name": dnode,
+                               "read-only": not top, "backing": backing}
+        args += ["-blockdev", json.dumps(fmt)]
+        backing = dnode
+    assert backing is not None
+    return args, backing
+
+
+def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions) -> list[str]:
+    mem = f"{cfg.memory_mb}M"
+    accel = "kvm" if cfg.accel == "kvm" else "tcg"
+    cpu = "host" if accel == "kvm" else "qemu64"
+    argv = [
+        QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+        "-name", files.run_dir.name,
+        "-machine", f"q35,accel={accel},memory-backend=mem0",
+        "-cpu", cpu, "-smp", str(cfg.cpu), "-m", mem,
+        "-object", f"memory-backend-file,id=mem0,size={mem},mem-path={files.ram},share=on",
+        "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", cfg.cmdline,
+    ]
+    disk_args, top = blockdev_args(opts.disk_chain)
+    argv += disk_args
+    argv += ["-device", f"virtio-blk-pci,drive={top},id=vda"]
+    argv += [
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent0,path={files.agent},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
+        "-device", "virtio-rng-pci,id=rng0",
+        "-netdev", opts.netdev,
+        "-device", f"virtio-net-pci,netdev=net0,mac={opts.mac},id=nic0",
+    ]
+    for i in range(cfg.hotplug_ports):
+        argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1},bus=pcie.0"]
+    argv += opts.extra_devices
+    argv += [
+        "-serial", f"file:{files.console}",
+        "-qmp", f"unix:{files.qmp},server=on,wait=off",
+    ]
+    if opts.incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+class Machine:
+    """A QEMU VM. ``launch`` or ``attach``, then ``qmp()``; ``kill`` always cleans up."""
+
+    def __init__(self, name: str, files: MachineFiles, cfg: MachineConfig) -> None:
+        self.name = name
+        self.files = files
+        self.cfg = cfg
+        self.pid: int | None = None
+        self.argv: list[str] = []
+        self.state = RunState.NEW
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QMPClient | None = None
+        self._lock = asyncio.Lock()
+
+    # -- launch and attach ------------------------------------------------------------------
+    async def launch(self, opts: LaunchOptions, *, timeout: float = 20.0) -> None:
+        self.files.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.files.qmp, self.files.agent):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        self.argv = build_argv(self.cfg, self.files, opts)
+        self.state = RunState.LAUNCHING
+        log.debug("%s: %s", self.name, shlex.join(self.argv))
+        with open(self.files.qemu_log, "ab") as out:
+            try:
+                self._proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, cwd=self.files.run_dir,
+                )
+            except OSError as exc:
+                self.state = RunState.FAILED
+                raise MachineError(f"cannot start {QEMU}: {exc}", argv=self.argv) from exc
+        self.pid = self._proc.pid
+        self._write_info()
+        deadline = time.monotonic() + timeout
+        while not self.files.qmp.exists():
+            if self._proc.poll() is not None:
+                self.state = RunState.FAILED
+                raise MachineError(
+                    f"QEMU exited with status {self._proc.returncode} before QMP came up",
+                    argv=self.argv, log_tail=_tail(self.files.qemu_log),
+                )
+            if time.monotonic() > deadline:
+                await self.kill()
+                raise MachineError("QEMU did not open its QMP socket in time", argv=self.argv,
+                                   log_tail=_tail(self.files.qemu_log))
+            await asyncio.sleep(0.01)
+        await self._connect_qmp(deadline)
+        self.state = RunState.PAUSED if opts.incoming else RunState.RUNNING
+
+    async def attach(self) -> None:
+        """Find a QEMU started by an earlier server process and reconnect to its QMP."""
+        try:
+            info = json.loads(self.files.info.read_text())
+        except (OSError, ValueError) as exc:
+            raise MachineError(f"no machine record in {self.files.run_dir}") from exc
+        self.pid = int(info["pid"])
+        self.argv = list(info.get("argv", []))
+        if not _pid_alive(self.pid):
+            self.state = RunState.STOPPED
+            raise MachineError(f"QEMU (pid {self.pid}) is gone",
+                               log_tail=_tail(self.files.qemu_log))
+        await self._connect_qmp(time.monotonic() + 5.0)
+        status = await self.execute("query-status")
+        self.state = RunState.RUNNING if status.get("running") else RunState.PAUSED
+
+    async def _connect_qmp(self, deadline: float) -> None:
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            qmp = QMPClient(self.name)
+            try:
+                await qmp.connect(str(self.files.qmp))
+                self._qmp = qmp
+                return
+            except (QMPError, OSError) as exc:
+                last = exc
+                await asyncio.sleep(0.02)
+        raise MachineError(f"cannot connect to QMP: {last}", argv=self.argv,
+                           log_tail=_tail(self.files.qemu_log))
+
+    def _write_info(self) -> None:
+        tmp = self.files.info.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "argv": self.argv,
+                                   "config": self.cfg.to_json()}))
+        os.replace(tmp, self.files.info)
+
+    # -- QMP --------------------------------------------------------------------------------
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        if self._qmp is None:
+            raise MachineError(f"{self.name}: not connected to QEMU")
+        try:
+            async with self._lock:
+                return await self._qmp.execute(cmd, args)
+        except QMPError as exc:
+            raise MachineError(f"QMP {cmd} failed: {exc}",
+                               log_tail="" if self.alive() else _tail(self.files.qemu_log)) from exc
+        except (OSError, EOFError) as exc:
+            raise MachineError(f"QMP {cmd}: connection to QEMU lost ({exc})",
+                               log_tail=_tail(self.files.qemu_log)) from exc
+
+    async def pause(self) -> None:
+        await self.execute("stop")
+        self.state = RunState.PAUSED
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+        self.state = RunState.RUNNING
+
+    async def status(self) -> str:
+        return str((await self.execute("query-status"))["status"])
+
+    async def top_node(self) -> tuple[str, str]:
+        """The writable top of the system disk: (node name, file name)."""
+        for dev in await self.execute("query-block"):
+            if dev.get("qdev", "").endswith("vda") or dev.get("device") == "vda":
+                inserted = dev["inserted"]
+                return inserted["node-name"], inserted["file"]
+        raise MachineError(f"{self.name}: system disk not found in query-block")
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self.pid is not None and _pid_alive(self.pid)
+
+    def exit_reason(self) -> str:
+        code = self._proc.returncode if self._proc is not None else None
+        tail = _tail(self.files.qemu_log, 600).strip()
+        text = f"QEMU exited (status {code})" if code is not None else "QEMU process is gone"
+        return f"{text}: {tail}" if tail else text
+
+    async def quit(self, timeout: float = 5.0) -> None:
+        """Ask QEMU to quit, then make sure it is gone."""
+        if self._qmp is not None and self.alive():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.execute("quit"), 2.0)
+        await self._wait_gone(timeout)
+        await self.kill()
+
+    async def _wait_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def kill(self) -> None:
+        """SIGKILL if still running, reap, disconnect. Always safe to call."""
+        if self.alive() and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            await self._wait_gone(5.0)
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.wait(timeout=1)
+        await self.disconnect()
+        self.state = RunState.STOPPED
+
+    async def disconnect(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            with contextlib.suppress(Exception, EOFError):
+                await qmp.disconnect()
+
+    def cleanup_files(self) -> None:
+        """Remove the run directory (RAM file, sockets, logs)."""
+        import shutil
+
+        shutil.rmtree(self.files.run_dir, ignore_errors=True)
+
+
+def launch_failure(exc: Exception) -> SessionFailedError:
+    return SessionFailedError(str(exc))

@@ -1,0 +1,123 @@
+"""Guest RAM on disk: sparse copies and the compressed, checksummed snapshot format.
+
+Guest RAM is a file on tmpfs, as large as the configured memory but holding only the pages the
+guest touched (the rest are holes). Three operations, all proportional to the touched pages and
+never to the configured size:
+
+- ``sparse_copy``: inside the capture pause, copy only the data extents (SEEK_DATA/SEEK_HOLE)
+  to a staging file on tmpfs; memcpy speed, so the guest is paused as briefly as possible.
+- ``pack``: after the guest runs again, compress the staging copy into the snapshot's ``ram.zst``
+  (zero chunks are skipped, the rest is zstd, each chunk with its offset).
+- ``unpack``: at restore, write the chunks back into a fresh sparse tmpfs file.
+
+Format of ``ram.zst``: ``MAGIC``, then a little-endian u64 total size, then frames of
+``(offset u64, raw length u64, compressed length u64, bytes)``, ending with an offset of
+``END``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+MAGIC = b"TENKIRAM1\n"
+END = (1 << 64) - 1
+CHUNK = 1 << 20
+FRAME = struct.Struct("<QQQ")
+SIZE = struct.Struct("<Q")
+_ZERO = bytes(CHUNK)
+
+
+class RamFormatError(ValueError):
+    pass
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the allocated regions of a sparse file."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size) - start
+        pos = end
+
+
+def sparse_copy(src: Path, dst: Path) -> int:
+    """Copy the data extents of ``src`` into a sparse ``dst`` of the same size; returns bytes."""
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        for off, length in data_extents(fin.fileno(), size):
+            done = 0
+            while done < length:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), length - done,
+                                       off + done, off + done)
+                if n <= 0:
+                    raise OSError(f"copy_file_range returned {n} at offset {off + done}")
+                done += n
+            copied += length
+    return copied
+
+
+def pack(src: Path, dst: Path, level: int = 1) -> tuple[int, int, str]:
+    """Compress sparse ``src`` into ``dst``; returns (non-zero bytes, stored bytes, sha256)."""
+    comp = zstandard.ZstdCompressor(level=level, threads=-1)
+    digest = hashlib.sha256()
+    raw_total = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+
+        def emit(buf: bytes) -> None:
+            fout.write(buf)
+            digest.update(buf)
+
+        emit(MAGIC + SIZE.pack(size))
+        for off, length in data_extents(fin.fileno(), size):
+            pos = off
+            while pos < off + length:
+                n = min(CHUNK, off + length - pos)
+                chunk = os.pread(fin.fileno(), n, pos)
+                if chunk != _ZERO[:n]:
+                    packed = comp.compress(chunk)
+                    emit(FRAME.pack(pos, n, len(packed)) + packed)
+                    raw_total += n
+                pos += n
+        emit(FRAME.pack(END, 0, 0))
+        fout.flush()
+        os.fsync(fout.fileno())
+        stored = fout.tell()
+    return raw_total, stored, digest.hexdigest()
+
+
+def unpack(src: Path, dst: Path) -> int:
+    """Rebuild a sparse RAM file from ``ram.zst``; returns the bytes written."""
+    dec = zstandard.ZstdDecompressor()
+    written = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        if fin.read(len(MAGIC)) != MAGIC:
+            raise RamFormatError(f"{src.name}: not a tenki RAM image")
+        (size,) = SIZE.unpack(fin.read(SIZE.size))
+        fout.truncate(size)
+        fd = fout.fileno()
+        while True:
+            head = fin.read(FRAME.size)
+            if len(head) != FRAME.size:
+                raise RamFormatError(f"{src.name}: truncated")
+            off, n, clen = FRAME.unpack(head)
+            if off == END:
+                break
+            data = dec.decompress(fin.read(clen), max_output_size=n)
+            if len(data) != n or off + n > size:
+                raise RamFormatError(f"{src.name}: corrupt frame at offset {off}")
+            os.pwrite(fd, data, off)
+            written += n
+    return written

@@ -1,0 +1,130 @@
+"""Restore: a new VM that continues from the captured instant. Nothing boots.
+
+Steps (each logged and timed):
+
+1. ``verify``       every file the snapshot needs exists and matches its sha256.
+2. ``overlay``      a new writable qcow2 on top of the snapshot's frozen chain.
+3. ``load-ram``     the compressed RAM image is written into a fresh sparse tmpfs file,
+                    overlapped with 4.
+4. ``launch``       QEMU with exactly the captured device set, ``-incoming defer``.
+5. ``load-state``   ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file).
+6. ``resume``       ``cont`` (mandatory: an incoming VM stays paused).
+7. ``agent``        the guest's agent process, still running from before, answers the new socket.
+8. ``clock``        the guest clock is set to the host's (it is behind by the snapshot's age).
+9. ``identity``     new hostname, machine-id and entropy, so clones do not share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..engine import disks
+from ..engine.agent import AgentClient
+from ..engine.machine import LaunchOptions, Machine, MachineConfig, MachineFiles
+from ..errors import SnapshotFailedError, TenkiError
+from ..steps import Steps
+from . import ramfile
+from .capture import enable_snapshot_caps, wait_migration
+
+log = logging.getLogger(__name__)
+
+_verified: dict[str, tuple[int, int, int, str]] = {}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checked_digest(path: Path) -> str:
+    """sha256 of a file, remembered while the file's inode, size and mtime stay the same."""
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _verified.get(str(path))
+    if cached and cached[:3] == key:
+        return cached[3]
+    value = sha256_file(path)
+    _verified[str(path)] = (*key, value)
+    return value
+
+
+def verify_files(snapshot_id: str, manifest: dict[str, Any]) -> None:
+    """Raise SnapshotFailedError naming the first missing or corrupt file."""
+    for path, want in manifest.items():
+        p = Path(path)
+        if not p.exists():
+            raise SnapshotFailedError(
+                f"snapshot {snapshot_id} cannot be restored: {p.name} is missing")
+        got = checked_digest(p)
+        if got != want["sha256"]:
+            raise SnapshotFailedError(
+                f"snapshot {snapshot_id} cannot be restored: {p.name} is corrupt "
+                f"(sha256 {got[:12]}..., expected {want['sha256'][:12]}...)")
+
+
+async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chain: list[str],
+                  manifest: dict[str, Any], ram_file: Path, state_file: Path, files: MachineFiles,
+                  new_top: Path, steps: Steps, agent_timeout: float,
+                  identity: tuple[str, str, bytes]) -> tuple[Machine, AgentClient]:
+    with steps.step("verify"):
+        await asyncio.to_thread(verify_files, snapshot_id, manifest)
+    with steps.step("overlay"):
+        await asyncio.to_thread(disks.create_overlay, new_top, Path(chain[-1]))
+    files.run_dir.mkdir(parents=True, exist_ok=True)
+    machine = Machine(session_id, files, cfg)
+    agent = AgentClient(files.agent)
+    try:
+        with steps.step("load-ram"):
+            try:
+                await asyncio.to_thread(ramfile.unpack, ram_file, files.ram)
+            except (ramfile.RamFormatError, OSError) as exc:
+                raise SnapshotFailedError(
+                    f"snapshot {snapshot_id} cannot be restored: RAM image unreadable: {exc}"
+                ) from exc
+        with steps.step("launch"):
+            await machine.launch(LaunchOptions(disk_chain=[Path(p) for p in [*chain, new_top]],
+                                               incoming=True))
+        with steps.step("load-state"):
+            await enable_snapshot_caps(machine)
+            await machine.execute("migrate-incoming", {"uri": f"exec:cat {state_file}"})
+            await wait_migration(machine)
+        with steps.step("resume"):
+            await machine.resume()
+        with steps.step("agent"):
+            await _connect(machine, agent, agent_timeout)
+        with steps.step("clock"):
+            await agent.set_time(time.time_ns())
+        with steps.step("identity"):
+            hostname, machine_id, entropy = identity
+            await agent.reidentify(hostname, machine_id, entropy)
+    except BaseException as exc:
+        await agent.close()
+        await machine.kill()
+        if isinstance(exc, TenkiError) and not isinstance(exc, SnapshotFailedError):
+            raise SnapshotFailedError(
+                f"restore of {snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
+            ) from exc
+        raise
+    return machine, agent
+
+
+async def _connect(machine: Machine, agent: AgentClient, timeout: float) -> None:
+    task = asyncio.ensure_future(agent.connect(timeout))
+    while not task.done():
+        if not machine.alive():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise SnapshotFailedError(f"restored VM stopped: {machine.exit_reason()}")
+        await asyncio.wait({task}, timeout=0.1)
+    task.result()
