@@ -1,0 +1,123 @@
+"""tenki: self-hosted sandbox VMs with memory snapshots.
+
+    from tenkibox import Client
+
+    with Client() as client:
+        with client.create_and_wait(name="box") as session:
+            print(session.shell("echo hi").check().stdout)
+
+``tenkibox.Session`` is the SDK's session handle; the wire record it wraps is
+``tenkibox.SessionRecord`` (``tenkibox.models.Session``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from . import errors, models
+from .client import (
+    AsyncClient,
+    AsyncFiles,
+    AsyncProcess,
+    AsyncSession,
+    Client,
+    ExecResult,
+    Files,
+    Process,
+    Session,
+)
+from .errors import (
+    AuthenticationError,
+    CommandError,
+    ConflictError,
+    ConnectionError,
+    ImageNotFoundError,
+    InternalError,
+    NotFoundError,
+    SessionFailedError,
+    SessionNotFoundError,
+    SnapshotFailedError,
+    SnapshotNotFoundError,
+    TenkiError,
+    ValidationError,
+    VolumeNotFoundError,
+    WaitTimeoutError,
+)
+from .models import (
+    ErrorBody,
+    ErrorInfo,
+    ExecRequest,
+    FileWritten,
+    Image,
+    ProcessEvent,
+    ProcessInfo,
+    ServerInfo,
+    SessionCreate,
+    SessionState,
+    Snapshot,
+    SnapshotCreate,
+    SnapshotState,
+    Volume,
+    VolumeAttach,
+    VolumeAttachment,
+    VolumeCreate,
+    VolumeMount,
+    VolumeState,
+)
+from .models import Session as SessionRecord
+
+try:
+    __version__ = _version("tenkibox")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncFiles",
+    "AsyncProcess",
+    "AsyncSession",
+    "AuthenticationError",
+    "Client",
+    "CommandError",
+    "ConflictError",
+    "ConnectionError",
+    "ErrorBody",
+    "ErrorInfo",
+    "ExecRequest",
+    "ExecResult",
+    "FileWritten",
+    "Files",
+    "Image",
+    "ImageNotFoundError",
+    "InternalError",
+    "NotFoundError",
+    "Process",
+    "ProcessEvent",
+    "ProcessInfo",
+    "ServerInfo",
+    "Session",
+    "SessionCreate",
+    "SessionFailedError",
+    "SessionNotFoundError",
+    "SessionRecord",
+    "SessionState",
+    "Snapshot",
+    "SnapshotCreate",
+    "SnapshotFailedError",
+    "SnapshotNotFoundError",
+    "SnapshotState",
+    "TenkiError",
+    "ValidationError",
+    "Volume",
+    "VolumeAttach",
+    "VolumeAttachment",
+    "VolumeCreate",
+    "VolumeMount",
+    "VolumeNotFoundError",
+    "VolumeState",
+    "WaitTimeoutError",
+    "__version__",
+    "errors",
+    "models",
+]

@@ -1,0 +1,683 @@
+"""The asynchronous client: :class:`AsyncClient`, :class:`AsyncSession`, :class:`AsyncProcess`,
+:class:`AsyncFiles`: the same names and signatures as the sync ones, awaited.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from .. import errors, models
+from . import _core, _local
+from ._core import ExecResult, Stream
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """A client of the tenki server (asyncio/anyio). See :class:`tenkibox.Client`.
+
+    ``endpoint``: the server URL; default ``$TENKI_API_ENDPOINT``, else the local server of
+    ``$TENKI_HOME`` (started in the background when none answers). ``api_key``: sent as
+    ``Authorization: Bearer``; default ``$TENKI_API_KEY``. ``timeout``: seconds per HTTP request
+    (None: no limit). ``transport``: an httpx async transport (tests). ``autostart``: start a
+    local server when needed. Use ``async with AsyncClient() as client:`` or ``await close()``.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = _core.DEFAULT_TIMEOUT,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        autostart: bool = True,
+    ) -> None:
+        self._endpoint = _local.configured_endpoint(endpoint)
+        self._api_key = _local.resolve_api_key(api_key)
+        self._timeout = timeout
+        self._transport = transport
+        self._autostart = autostart
+        self._http: httpx.AsyncClient | None = None
+        self._lock: anyio.Lock | None = None
+        self._closed = False
+        self.sessions = AsyncSessions(self)
+        self.snapshots = AsyncSnapshots(self)
+        self.volumes = AsyncVolumes(self)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str | None:
+        """The server URL, once resolved (None before the first call when it is local)."""
+        return self._endpoint
+
+    async def _client(self) -> httpx.AsyncClient:
+        if self._http is not None:
+            return self._http
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self._closed:
+                raise errors.ConnectionError("the client is closed")
+            if self._http is None:
+                url = self._endpoint
+                if url is None:
+                    url = await anyio.to_thread.run_sync(
+                        _local.resolve_endpoint, None, self._api_key, self._autostart
+                    )
+                self._endpoint = url
+                self._http = httpx.AsyncClient(
+                    base_url=url,
+                    headers=_local.auth_headers(self._api_key),
+                    timeout=self._timeout,
+                    transport=self._transport,
+                )
+            return self._http
+
+    async def _call(self, call: _core.Call[T]) -> T:
+        http = await self._client()
+        try:
+            resp = await http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=call.content,
+                timeout=_core.request_timeout(self._timeout, call),
+            )
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(http.base_url)) from exc
+        return _core.parse_response(call, resp)
+
+    async def _run(self, flow: _core.Flow[T]) -> T:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(await self._call(call))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _stream(self, path: str) -> httpx.Response:
+        http = await self._client()
+        try:
+            request = http.build_request("GET", path, timeout=_core.stream_timeout(self._timeout))
+            resp = await http.send(request, stream=True)
+            if not resp.is_success:
+                await resp.aread()
+                await resp.aclose()
+                raise _core.error_from_response(resp)
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(http.base_url)) from exc
+        return resp
+
+    async def close(self) -> None:
+        """Close the connections. Sessions keep running on the server."""
+        self._closed = True
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(endpoint={self._endpoint or 'local'!r})"
+
+    # -- server ---------------------------------------------------------------------------
+
+    async def health(self) -> models.ServerInfo:
+        """The server's version, pid, data directory and accelerator (``GET /v1/health``)."""
+        return await self._call(_core.health())
+
+    async def list_images(self) -> builtins.list[models.Image]:
+        """The base images the server can boot (sizes in bytes)."""
+        return await self._call(_core.list_images())
+
+    async def shutdown_server(self, wait: bool = True, timeout: float | None = 30.0) -> None:
+        """Ask the server to stop; its VMs keep running and a new server adopts them.
+
+        With ``wait``, return once it no longer answers and (local server) its process is gone,
+        waiting at most ``timeout`` seconds (WaitTimeoutError after that).
+        """
+        info = await self.health()
+        await self._call(_core.shutdown_server())
+        if not wait:
+            return
+        url = str(self._endpoint)
+        local = await anyio.to_thread.run_sync(_local.local_server, None, self._api_key)
+        same_host = local is not None and local.url == url and local.pid == info.pid
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            probed = await anyio.to_thread.run_sync(_local.probe, url, self._api_key, 1.0)
+            if probed is None and (not same_host or _local.process_gone(info.pid)):
+                return
+            await anyio.sleep(0.1)
+        raise errors.WaitTimeoutError(
+            f"the server (pid {info.pid}) is still running after "
+            f"{_core.format_duration(timeout or 0)}"
+        )
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str | None = None,
+        snapshot_id: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        base_image_id: str | None = None,
+    ) -> AsyncSession:
+        """Start creating a session and return at once (state CREATING).
+
+        ``cpu``: vCPUs (1-16, default 2); ``memory_mb``: MiB (512-65536, default 4096);
+        ``env``/``metadata``: string maps; ``volumes``: :class:`VolumeMount` or
+        ``"vol_x:/path[:ro]"``; ``max_duration``: seconds or ``"30m"``, after which the session
+        is terminated; ``snapshot_id``: restore that snapshot instead of booting;
+        ``base_image_id``: the image to boot (default ``sandbox``). Unset values take the
+        server's defaults (a restore takes the snapshot's cpu and memory).
+        """
+        body = _core.session_create(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+            base_image_id=base_image_id,
+        )
+        return AsyncSession(self, await self._call(_core.create_session(body)))
+
+    async def create_and_wait(
+        self,
+        name: str | None = None,
+        snapshot_id: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        base_image_id: str | None = None,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> AsyncSession:
+        """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
+
+        Raises SessionFailedError (with the server's reason) when it failed, and
+        WaitTimeoutError when it is still CREATING after ``timeout`` (it goes on).
+        """
+        body = _core.session_create(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+            base_image_id=base_image_id,
+        )
+        return AsyncSession(self, await self._run(_core.create_and_wait_flow(body, timeout)))
+
+    async def get(self, session_id: str) -> AsyncSession:
+        """The session ``session_id`` (SessionNotFoundError when there is none)."""
+        return AsyncSession(self, await self._call(_core.get_session(session_id)))
+
+    async def list(
+        self, state: models.SessionState | str | None = None
+    ) -> builtins.list[AsyncSession]:
+        """All sessions, or those in ``state`` (e.g. ``"RUNNING"``)."""
+        return [AsyncSession(self, r) for r in await self._call(_core.list_sessions(state))]
+
+    async def wait_session_ready(
+        self, session_id: str, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT
+    ) -> AsyncSession:
+        """Wait up to ``timeout`` seconds until the session left CREATING; see create_and_wait."""
+        return AsyncSession(self, await self._run(_core.wait_session_flow(session_id, timeout)))
+
+    async def terminate(self, session_id: str) -> AsyncSession:
+        """Terminate the session (idempotent); its VM is stopped and its disk removed."""
+        return AsyncSession(self, await self._call(_core.terminate_session(session_id)))
+
+    async def attach_volume(
+        self, session_id: str, volume_id: str, path: str, read_only: bool = False
+    ) -> AsyncSession:
+        """Attach a volume to a running session, mounted at the absolute ``path``."""
+        body = _core.build(models.VolumeAttach, volume_id=volume_id, path=path, read_only=read_only)
+        return AsyncSession(self, await self._call(_core.attach_volume(session_id, body)))
+
+    async def detach_volume(self, session_id: str, volume_id: str) -> AsyncSession:
+        """Unmount and detach a volume from a session; its data stays in the volume."""
+        return AsyncSession(self, await self._call(_core.detach_volume(session_id, volume_id)))
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self, session_id: str, name: str | None = None, expires_at: datetime | str | None = None
+    ) -> models.Snapshot:
+        """Start capturing a snapshot (memory + disk) of a session; returns it CREATING.
+
+        ``expires_at``: an aware datetime or RFC 3339 string after which it is deleted.
+        """
+        body = _core.snapshot_create(session_id, name, expires_at)
+        return await self._run(_core.create_snapshot_flow(body, False, None))
+
+    async def create_snapshot_and_wait(
+        self,
+        session_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> models.Snapshot:
+        """:meth:`create_snapshot`, then :meth:`wait_snapshot_ready` (``timeout`` seconds)."""
+        body = _core.snapshot_create(session_id, name, expires_at)
+        return await self._run(_core.create_snapshot_flow(body, True, timeout))
+
+    async def get_snapshot(self, snapshot_id: str) -> models.Snapshot:
+        """The snapshot ``snapshot_id`` (SnapshotNotFoundError when there is none)."""
+        return await self._call(_core.get_snapshot(snapshot_id))
+
+    async def list_snapshots(self, session_id: str | None = None) -> builtins.list[models.Snapshot]:
+        """All snapshots not deleted, or those of ``session_id``."""
+        return await self._call(_core.list_snapshots(session_id))
+
+    async def wait_snapshot_ready(
+        self, snapshot_id: str, timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT
+    ) -> models.Snapshot:
+        """Wait up to ``timeout`` seconds (None: no limit) until the snapshot is READY.
+
+        Raises SnapshotFailedError (with the reason) when it FAILED or is being deleted, and
+        WaitTimeoutError when it is still CREATING after ``timeout`` (capture goes on).
+        """
+        return await self._run(_core.wait_snapshot_flow(snapshot_id, timeout))
+
+    async def delete_snapshot(self, snapshot_id: str) -> models.Snapshot:
+        """Delete a snapshot; returns it DELETING. Sessions restored from it are unaffected."""
+        return await self._call(_core.delete_snapshot(snapshot_id))
+
+    async def restore_snapshot(
+        self,
+        snapshot_id: str,
+        name: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> AsyncSession:
+        """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
+        ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
+        given in ``volumes``.
+        """
+        kwargs: dict[str, Any] = dict(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+        )
+        if wait:
+            return await self.create_and_wait(**kwargs, timeout=timeout)
+        return await self.create(**kwargs)
+
+    # -- volumes --------------------------------------------------------------------------
+
+    async def create_volume(self, name: str, size: int | str) -> models.Volume:
+        """Create a volume of ``size`` (bytes, or a string such as ``"1GiB"``; 1 MiB-100 GiB)."""
+        body = _core.build(models.VolumeCreate, name=name, size_bytes=_core.size_bytes(size))
+        return await self._call(_core.create_volume(body))
+
+    async def get_volume(self, volume_id: str) -> models.Volume:
+        """The volume ``volume_id`` (VolumeNotFoundError when there is none)."""
+        return await self._call(_core.get_volume(volume_id))
+
+    async def list_volumes(self) -> builtins.list[models.Volume]:
+        """All volumes."""
+        return await self._call(_core.list_volumes())
+
+    async def delete_volume(self, volume_id: str) -> models.Volume:
+        """Delete a volume and its data (ConflictError while it is attached)."""
+        return await self._call(_core.delete_volume(volume_id))
+
+
+class AsyncSessions:
+    """``client.sessions``: the session calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create)
+    create_and_wait = _core.alias(AsyncClient.create_and_wait)
+    get = _core.alias(AsyncClient.get)
+    list = _core.alias(AsyncClient.list)
+    wait_ready = _core.alias(AsyncClient.wait_session_ready)
+    terminate = _core.alias(AsyncClient.terminate)
+    attach_volume = _core.alias(AsyncClient.attach_volume)
+    detach_volume = _core.alias(AsyncClient.detach_volume)
+
+
+class AsyncSnapshots:
+    """``client.snapshots``: the snapshot calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create_snapshot)
+    create_and_wait = _core.alias(AsyncClient.create_snapshot_and_wait)
+    get = _core.alias(AsyncClient.get_snapshot)
+    list = _core.alias(AsyncClient.list_snapshots)
+    wait_ready = _core.alias(AsyncClient.wait_snapshot_ready)
+    delete = _core.alias(AsyncClient.delete_snapshot)
+    restore = _core.alias(AsyncClient.restore_snapshot)
+
+
+class AsyncVolumes:
+    """``client.volumes``: the volume calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create_volume)
+    get = _core.alias(AsyncClient.get_volume)
+    list = _core.alias(AsyncClient.list_volumes)
+    delete = _core.alias(AsyncClient.delete_volume)
+    attach = _core.alias(AsyncClient.attach_volume)
+    detach = _core.alias(AsyncClient.detach_volume)
+
+
+class AsyncSession:
+    """A handle on one session (async). ``record`` is the last :class:`models.Session` seen.
+
+    As an async context manager it terminates the session on exit.
+    """
+
+    def __init__(self, client: AsyncClient, record: models.Session) -> None:
+        self._client = client
+        self._record = record
+        self.files = AsyncFiles(self)
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def name(self) -> str | None:
+        return self._record.name
+
+    @property
+    def state(self) -> models.SessionState:
+        """The state as last seen; :meth:`refresh` to update."""
+        return self._record.state
+
+    @property
+    def record(self) -> models.Session:
+        return self._record
+
+    async def refresh(self) -> AsyncSession:
+        """Reload the record from the server; returns ``self``."""
+        self._record = await self._client._call(_core.get_session(self.id))
+        return self
+
+    async def wait_ready(
+        self, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT
+    ) -> AsyncSession:
+        """Wait up to ``timeout`` seconds until the session runs; returns ``self``."""
+        flow = _core.wait_session_flow(self.id, timeout, self._record)
+        self._record = await self._client._run(flow)
+        return self
+
+    async def exec(
+        self,
+        *argv: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and return its :class:`ExecResult`.
+
+        ``cwd``: working directory; ``env``: variables added to the session's; ``timeout``:
+        seconds after which the command is killed (exit code 124, ``timed_out``); ``stdin``:
+        data written to the command's standard input, then closed (default: empty).
+        A non-zero exit is not an error: call ``.check()`` on the result for that.
+        """
+        proc = await self.start(*argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+        return await proc.wait()
+
+    async def shell(
+        self,
+        command: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """``exec("/bin/sh", "-c", command, ...)``: run a shell command line."""
+        argv = _core.shell_argv(command)
+        return await self.exec(*argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+
+    async def start(
+        self,
+        *argv: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | bool | None = None,
+    ) -> AsyncProcess:
+        """Start ``argv`` and return an :class:`AsyncProcess` at once, to stream its output.
+
+        ``stdin``: data written then closed, or ``True`` to keep standard input open for
+        :meth:`AsyncProcess.write_stdin` / :meth:`AsyncProcess.close_stdin`. ``timeout`` in
+        seconds.
+        """
+        body = _core.exec_request(argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+        info = await self._client._call(_core.start_process(self.id, body))
+        return AsyncProcess(self._client, info, tuple(body.argv or ()))
+
+    async def snapshot(
+        self,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> models.Snapshot:
+        """Snapshot this session; with ``wait``, wait up to ``timeout`` seconds for READY."""
+        body = _core.snapshot_create(self.id, name, expires_at)
+        return await self._client._run(_core.create_snapshot_flow(body, wait, timeout))
+
+    async def attach_volume(
+        self, volume_id: str, path: str, read_only: bool = False
+    ) -> AsyncSession:
+        """Attach a volume at the absolute ``path``; returns ``self`` (record updated)."""
+        handle = await self._client.attach_volume(self.id, volume_id, path, read_only)
+        self._record = handle.record
+        return self
+
+    async def detach_volume(self, volume_id: str) -> AsyncSession:
+        """Detach a volume; returns ``self`` (record updated)."""
+        self._record = (await self._client.detach_volume(self.id, volume_id)).record
+        return self
+
+    async def terminate(self) -> AsyncSession:
+        """Terminate this session (idempotent); returns ``self`` (record updated)."""
+        self._record = await self._client._call(_core.terminate_session(self.id))
+        return self
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.terminate()
+        except errors.NotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self.id!r}, name={self.name!r}, state={self.state.value})"
+
+
+class AsyncFiles:
+    """``session.files``: read and write files in the session."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def read(self, path: str) -> bytes:
+        """The content of the file at ``path`` in the session."""
+        return await self._session._client._call(_core.read_file(self._session.id, path))
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """The content of ``path`` as text (undecodable bytes replaced)."""
+        return (await self.read(path)).decode(encoding, errors="replace")
+
+    async def write(self, path: str, data: str | bytes, mode: int = 0o644) -> models.FileWritten:
+        """Write ``data`` (text is UTF-8 encoded) to ``path``, creating parents; ``mode``
+        is the permission bits of the file.
+        """
+        call = _core.write_file(self._session.id, path, _core.to_bytes(data), mode)
+        return await self._session._client._call(call)
+
+
+class AsyncProcess:
+    """A running command (async). ``async for stream, data in proc:`` yields output as it
+    arrives (``stream`` is ``"stdout"`` or ``"stderr"``, ``data`` bytes); :meth:`wait`
+    returns the :class:`ExecResult` with all the output.
+    """
+
+    def __init__(
+        self, client: AsyncClient, info: models.ProcessInfo, argv: tuple[str, ...] = ()
+    ) -> None:
+        self._client = client
+        self._info = info
+        self._argv = argv
+        self._state = _core.ProcessState(info.process_id, argv)
+        self._resp: httpx.Response | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._closed = False
+        self._lock = anyio.Lock()
+
+    @property
+    def id(self) -> str:
+        """The server's process id (``prc_...``)."""
+        return self._info.process_id
+
+    @property
+    def pid(self) -> int | None:
+        """The process id inside the guest, when known."""
+        return self._info.pid
+
+    @property
+    def session_id(self) -> str:
+        return self._info.session_id
+
+    @property
+    def info(self) -> models.ProcessInfo:
+        return self._info
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the exit was read, else None."""
+        return self._state.collector.exit_code
+
+    async def events(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """Yield ``(stream, data)`` as output arrives, until the process exits."""
+        while True:
+            async with self._lock:
+                item = self._state.pop()
+                if item is None:
+                    if self._state.exited:
+                        await self._close_stream()
+                        return
+                    await self._read_more()
+                    continue
+            yield item
+
+    def __aiter__(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        return self.events()
+
+    async def _read_more(self) -> None:
+        if self._closed:
+            raise errors.ConnectionError(f"the output stream of process {self.id} was closed")
+        if self._chunks is None:
+            self._resp = await self._client._stream(_core.events_path(self.session_id, self.id))
+            self._chunks = self._resp.aiter_bytes()
+        try:
+            chunk: bytes | None = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            chunk = None
+        except httpx.HTTPError as exc:
+            await self._close_stream()
+            raise _core.transport_error(exc, str(self._client.endpoint)) from exc
+        if chunk is None:
+            await self._close_stream()
+            self._state.end()
+        else:
+            self._state.feed(chunk)
+
+    async def _close_stream(self) -> None:
+        if self._resp is not None:
+            await self._resp.aclose()
+
+    async def write_stdin(self, data: str | bytes) -> None:
+        """Write ``data`` to the process's standard input (start it with ``stdin=True``)."""
+        call = _core.write_stdin(self.session_id, self.id, _core.to_bytes(data))
+        await self._client._call(call)
+
+    async def close_stdin(self) -> None:
+        """Close the process's standard input (it reads end-of-file)."""
+        await self._client._call(_core.close_stdin(self.session_id, self.id))
+
+    async def kill(self, signal: int = 9) -> None:
+        """Send ``signal`` (default 9, SIGKILL) to the process."""
+        await self._client._call(_core.kill_process(self.session_id, self.id, signal))
+
+    async def wait(self) -> ExecResult:
+        """Wait for the exit and return the result, with all the output (also what iteration
+        already yielded).
+        """
+        async for _ in self.events():
+            pass
+        return self._state.collector.result()
+
+    async def close(self) -> None:
+        """Stop reading the output stream (the process keeps running)."""
+        self._closed = not self._state.exited
+        await self._close_stream()
+
+    def __repr__(self) -> str:
+        return (
+            f"AsyncProcess(id={self.id!r}, argv={list(self._argv)!r}, exit_code={self.exit_code})"
+        )

@@ -1,0 +1,665 @@
+"""The synchronous client: :class:`Client`, :class:`Session`, :class:`Process`, :class:`Files`."""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from .. import errors, models
+from . import _core, _local
+from ._core import ExecResult, Stream
+
+T = TypeVar("T")
+
+
+class Client:
+    """A client of the tenki server (synchronous).
+
+    ``endpoint``: the server URL; default ``$TENKI_API_ENDPOINT``, else the local server of
+    ``$TENKI_HOME`` (started in the background when none answers). ``api_key``: sent as
+    ``Authorization: Bearer``; default ``$TENKI_API_KEY``. ``timeout``: seconds per HTTP request
+    (None: no limit); waits and streams extend it as needed. ``transport``: an httpx transport
+    (for tests, e.g. ``httpx.MockTransport``). ``autostart``: start a local server when needed.
+
+    The server is resolved on the first call, not here. Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = _core.DEFAULT_TIMEOUT,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        autostart: bool = True,
+    ) -> None:
+        self._endpoint = _local.configured_endpoint(endpoint)
+        self._api_key = _local.resolve_api_key(api_key)
+        self._timeout = timeout
+        self._transport = transport
+        self._autostart = autostart
+        self._http: httpx.Client | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.sessions = Sessions(self)
+        self.snapshots = Snapshots(self)
+        self.volumes = Volumes(self)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str | None:
+        """The server URL, once resolved (None before the first call when it is local)."""
+        return self._endpoint
+
+    def _client(self) -> httpx.Client:
+        if self._http is not None:
+            return self._http
+        with self._lock:
+            if self._closed:
+                raise errors.ConnectionError("the client is closed")
+            if self._http is None:
+                url = self._endpoint or _local.resolve_endpoint(
+                    None, self._api_key, self._autostart
+                )
+                self._endpoint = url
+                self._http = httpx.Client(
+                    base_url=url,
+                    headers=_local.auth_headers(self._api_key),
+                    timeout=self._timeout,
+                    transport=self._transport,
+                )
+            return self._http
+
+    def _call(self, call: _core.Call[T]) -> T:
+        http = self._client()
+        try:
+            resp = http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=call.content,
+                timeout=_core.request_timeout(self._timeout, call),
+            )
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(http.base_url)) from exc
+        return _core.parse_response(call, resp)
+
+    def _run(self, flow: _core.Flow[T]) -> T:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(self._call(call))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _stream(self, path: str) -> httpx.Response:
+        http = self._client()
+        try:
+            request = http.build_request("GET", path, timeout=_core.stream_timeout(self._timeout))
+            resp = http.send(request, stream=True)
+            if not resp.is_success:
+                resp.read()
+                resp.close()
+                raise _core.error_from_response(resp)
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(http.base_url)) from exc
+        return resp
+
+    def close(self) -> None:
+        """Close the connections. Sessions keep running on the server."""
+        with self._lock:
+            self._closed = True
+            if self._http is not None:
+                self._http.close()
+                self._http = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(endpoint={self._endpoint or 'local'!r})"
+
+    # -- server ---------------------------------------------------------------------------
+
+    def health(self) -> models.ServerInfo:
+        """The server's version, pid, data directory and accelerator (``GET /v1/health``)."""
+        return self._call(_core.health())
+
+    def list_images(self) -> builtins.list[models.Image]:
+        """The base images the server can boot (sizes in bytes)."""
+        return self._call(_core.list_images())
+
+    def shutdown_server(self, wait: bool = True, timeout: float | None = 30.0) -> None:
+        """Ask the server to stop; its VMs keep running and a new server adopts them.
+
+        With ``wait``, return once it no longer answers and (local server) its process is gone,
+        waiting at most ``timeout`` seconds (WaitTimeoutError after that).
+        """
+        info = self.health()
+        self._call(_core.shutdown_server())
+        if not wait:
+            return
+        url = str(self._endpoint)
+        local = _local.local_server(None, self._api_key)
+        same_host = local is not None and local.url == url and local.pid == info.pid
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            answering = _local.probe(url, self._api_key, timeout=1.0) is not None
+            if not answering and (not same_host or _local.process_gone(info.pid)):
+                return
+            time.sleep(0.1)
+        raise errors.WaitTimeoutError(
+            f"the server (pid {info.pid}) is still running after "
+            f"{_core.format_duration(timeout or 0)}"
+        )
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str | None = None,
+        snapshot_id: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        base_image_id: str | None = None,
+    ) -> Session:
+        """Start creating a session and return at once (state CREATING).
+
+        ``cpu``: vCPUs (1-16, default 2); ``memory_mb``: MiB (512-65536, default 4096);
+        ``env``/``metadata``: string maps; ``volumes``: :class:`VolumeMount` or
+        ``"vol_x:/path[:ro]"``; ``max_duration``: seconds or ``"30m"``, after which the session
+        is terminated; ``snapshot_id``: restore that snapshot instead of booting;
+        ``base_image_id``: the image to boot (default ``sandbox``). Unset values take the
+        server's defaults (a restore takes the snapshot's cpu and memory).
+        """
+        body = _core.session_create(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+            base_image_id=base_image_id,
+        )
+        return Session(self, self._call(_core.create_session(body)))
+
+    def create_and_wait(
+        self,
+        name: str | None = None,
+        snapshot_id: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        base_image_id: str | None = None,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> Session:
+        """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
+
+        Raises SessionFailedError (with the server's reason) when it failed, and
+        WaitTimeoutError when it is still CREATING after ``timeout`` (it goes on).
+        """
+        body = _core.session_create(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+            base_image_id=base_image_id,
+        )
+        return Session(self, self._run(_core.create_and_wait_flow(body, timeout)))
+
+    def get(self, session_id: str) -> Session:
+        """The session ``session_id`` (SessionNotFoundError when there is none)."""
+        return Session(self, self._call(_core.get_session(session_id)))
+
+    def list(self, state: models.SessionState | str | None = None) -> builtins.list[Session]:
+        """All sessions, or those in ``state`` (e.g. ``"RUNNING"``)."""
+        return [Session(self, r) for r in self._call(_core.list_sessions(state))]
+
+    def wait_session_ready(
+        self, session_id: str, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT
+    ) -> Session:
+        """Wait up to ``timeout`` seconds until the session left CREATING; see create_and_wait."""
+        return Session(self, self._run(_core.wait_session_flow(session_id, timeout)))
+
+    def terminate(self, session_id: str) -> Session:
+        """Terminate the session (idempotent); its VM is stopped and its disk removed."""
+        return Session(self, self._call(_core.terminate_session(session_id)))
+
+    def attach_volume(
+        self, session_id: str, volume_id: str, path: str, read_only: bool = False
+    ) -> Session:
+        """Attach a volume to a running session, mounted at the absolute ``path``."""
+        body = _core.build(models.VolumeAttach, volume_id=volume_id, path=path, read_only=read_only)
+        return Session(self, self._call(_core.attach_volume(session_id, body)))
+
+    def detach_volume(self, session_id: str, volume_id: str) -> Session:
+        """Unmount and detach a volume from a session; its data stays in the volume."""
+        return Session(self, self._call(_core.detach_volume(session_id, volume_id)))
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, session_id: str, name: str | None = None, expires_at: datetime | str | None = None
+    ) -> models.Snapshot:
+        """Start capturing a snapshot (memory + disk) of a session; returns it CREATING.
+
+        ``expires_at``: an aware datetime or RFC 3339 string after which it is deleted.
+        """
+        body = _core.snapshot_create(session_id, name, expires_at)
+        return self._run(_core.create_snapshot_flow(body, False, None))
+
+    def create_snapshot_and_wait(
+        self,
+        session_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> models.Snapshot:
+        """:meth:`create_snapshot`, then :meth:`wait_snapshot_ready` (``timeout`` seconds)."""
+        body = _core.snapshot_create(session_id, name, expires_at)
+        return self._run(_core.create_snapshot_flow(body, True, timeout))
+
+    def get_snapshot(self, snapshot_id: str) -> models.Snapshot:
+        """The snapshot ``snapshot_id`` (SnapshotNotFoundError when there is none)."""
+        return self._call(_core.get_snapshot(snapshot_id))
+
+    def list_snapshots(self, session_id: str | None = None) -> builtins.list[models.Snapshot]:
+        """All snapshots not deleted, or those of ``session_id``."""
+        return self._call(_core.list_snapshots(session_id))
+
+    def wait_snapshot_ready(
+        self, snapshot_id: str, timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT
+    ) -> models.Snapshot:
+        """Wait up to ``timeout`` seconds (None: no limit) until the snapshot is READY.
+
+        Raises SnapshotFailedError (with the reason) when it FAILED or is being deleted, and
+        WaitTimeoutError when it is still CREATING after ``timeout`` (capture goes on).
+        """
+        return self._run(_core.wait_snapshot_flow(snapshot_id, timeout))
+
+    def delete_snapshot(self, snapshot_id: str) -> models.Snapshot:
+        """Delete a snapshot; returns it DELETING. Sessions restored from it are unaffected."""
+        return self._call(_core.delete_snapshot(snapshot_id))
+
+    def restore_snapshot(
+        self,
+        snapshot_id: str,
+        name: str | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[models.VolumeMount | str] | None = None,
+        max_duration: float | str | None = None,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> Session:
+        """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
+        ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
+        given in ``volumes``.
+        """
+        kwargs: dict[str, Any] = dict(
+            name=name,
+            snapshot_id=snapshot_id,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            env=env,
+            metadata=metadata,
+            volumes=volumes,
+            max_duration=max_duration,
+        )
+        if wait:
+            return self.create_and_wait(**kwargs, timeout=timeout)
+        return self.create(**kwargs)
+
+    # -- volumes --------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size: int | str) -> models.Volume:
+        """Create a volume of ``size`` (bytes, or a string such as ``"1GiB"``; 1 MiB-100 GiB)."""
+        body = _core.build(models.VolumeCreate, name=name, size_bytes=_core.size_bytes(size))
+        return self._call(_core.create_volume(body))
+
+    def get_volume(self, volume_id: str) -> models.Volume:
+        """The volume ``volume_id`` (VolumeNotFoundError when there is none)."""
+        return self._call(_core.get_volume(volume_id))
+
+    def list_volumes(self) -> builtins.list[models.Volume]:
+        """All volumes."""
+        return self._call(_core.list_volumes())
+
+    def delete_volume(self, volume_id: str) -> models.Volume:
+        """Delete a volume and its data (ConflictError while it is attached)."""
+        return self._call(_core.delete_volume(volume_id))
+
+
+class Sessions:
+    """``client.sessions``: the session calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create)
+    create_and_wait = _core.alias(Client.create_and_wait)
+    get = _core.alias(Client.get)
+    list = _core.alias(Client.list)
+    wait_ready = _core.alias(Client.wait_session_ready)
+    terminate = _core.alias(Client.terminate)
+    attach_volume = _core.alias(Client.attach_volume)
+    detach_volume = _core.alias(Client.detach_volume)
+
+
+class Snapshots:
+    """``client.snapshots``: the snapshot calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create_snapshot)
+    create_and_wait = _core.alias(Client.create_snapshot_and_wait)
+    get = _core.alias(Client.get_snapshot)
+    list = _core.alias(Client.list_snapshots)
+    wait_ready = _core.alias(Client.wait_snapshot_ready)
+    delete = _core.alias(Client.delete_snapshot)
+    restore = _core.alias(Client.restore_snapshot)
+
+
+class Volumes:
+    """``client.volumes``: the volume calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create_volume)
+    get = _core.alias(Client.get_volume)
+    list = _core.alias(Client.list_volumes)
+    delete = _core.alias(Client.delete_volume)
+    attach = _core.alias(Client.attach_volume)
+    detach = _core.alias(Client.detach_volume)
+
+
+class Session:
+    """A handle on one session (sync). ``record`` is the last :class:`models.Session` seen.
+
+    As a context manager it terminates the session on exit.
+    """
+
+    def __init__(self, client: Client, record: models.Session) -> None:
+        self._client = client
+        self._record = record
+        self.files = Files(self)
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def name(self) -> str | None:
+        return self._record.name
+
+    @property
+    def state(self) -> models.SessionState:
+        """The state as last seen; :meth:`refresh` to update."""
+        return self._record.state
+
+    @property
+    def record(self) -> models.Session:
+        return self._record
+
+    def refresh(self) -> Session:
+        """Reload the record from the server; returns ``self``."""
+        self._record = self._client._call(_core.get_session(self.id))
+        return self
+
+    def wait_ready(self, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT) -> Session:
+        """Wait up to ``timeout`` seconds until the session runs; returns ``self``."""
+        self._record = self._client._run(_core.wait_session_flow(self.id, timeout, self._record))
+        return self
+
+    def exec(
+        self,
+        *argv: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and return its :class:`ExecResult`.
+
+        ``cwd``: working directory; ``env``: variables added to the session's; ``timeout``:
+        seconds after which the command is killed (exit code 124, ``timed_out``); ``stdin``:
+        data written to the command's standard input, then closed (default: empty).
+        A non-zero exit is not an error: call ``.check()`` on the result for that.
+        """
+        return self.start(*argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin).wait()
+
+    def shell(
+        self,
+        command: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """``exec("/bin/sh", "-c", command, ...)``: run a shell command line."""
+        return self.exec(*_core.shell_argv(command), cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+
+    def start(
+        self,
+        *argv: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | bool | None = None,
+    ) -> Process:
+        """Start ``argv`` and return a :class:`Process` at once, to stream its output.
+
+        ``stdin``: data written then closed, or ``True`` to keep standard input open for
+        :meth:`Process.write_stdin` / :meth:`Process.close_stdin`. ``timeout`` in seconds.
+        """
+        body = _core.exec_request(argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+        info = self._client._call(_core.start_process(self.id, body))
+        return Process(self._client, info, tuple(body.argv or ()))
+
+    def snapshot(
+        self,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> models.Snapshot:
+        """Snapshot this session; with ``wait``, wait up to ``timeout`` seconds for READY."""
+        body = _core.snapshot_create(self.id, name, expires_at)
+        return self._client._run(_core.create_snapshot_flow(body, wait, timeout))
+
+    def attach_volume(self, volume_id: str, path: str, read_only: bool = False) -> Session:
+        """Attach a volume at the absolute ``path``; returns ``self`` (record updated)."""
+        self._record = self._client.attach_volume(self.id, volume_id, path, read_only).record
+        return self
+
+    def detach_volume(self, volume_id: str) -> Session:
+        """Detach a volume; returns ``self`` (record updated)."""
+        self._record = self._client.detach_volume(self.id, volume_id).record
+        return self
+
+    def terminate(self) -> Session:
+        """Terminate this session (idempotent); returns ``self`` (record updated)."""
+        self._record = self._client._call(_core.terminate_session(self.id))
+        return self
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.terminate()
+        except errors.NotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, name={self.name!r}, state={self.state.value})"
+
+
+class Files:
+    """``session.files``: read and write files in the session."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def read(self, path: str) -> bytes:
+        """The content of the file at ``path`` in the session."""
+        return self._session._client._call(_core.read_file(self._session.id, path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """The content of ``path`` as text (undecodable bytes replaced)."""
+        return self.read(path).decode(encoding, errors="replace")
+
+    def write(self, path: str, data: str | bytes, mode: int = 0o644) -> models.FileWritten:
+        """Write ``data`` (text is UTF-8 encoded) to ``path``, creating parents; ``mode``
+        is the permission bits of the file.
+        """
+        call = _core.write_file(self._session.id, path, _core.to_bytes(data), mode)
+        return self._session._client._call(call)
+
+
+class Process:
+    """A running command (sync). Iterate it for ``(stream, data)`` output as it arrives:
+    ``for stream, data in proc:`` where ``stream`` is ``"stdout"`` or ``"stderr"`` and
+    ``data`` bytes; :meth:`wait` returns the :class:`ExecResult` with all the output.
+    """
+
+    def __init__(
+        self, client: Client, info: models.ProcessInfo, argv: tuple[str, ...] = ()
+    ) -> None:
+        self._client = client
+        self._info = info
+        self._argv = argv
+        self._state = _core.ProcessState(info.process_id, argv)
+        self._resp: httpx.Response | None = None
+        self._chunks: Iterator[bytes] | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        """The server's process id (``prc_...``)."""
+        return self._info.process_id
+
+    @property
+    def pid(self) -> int | None:
+        """The process id inside the guest, when known."""
+        return self._info.pid
+
+    @property
+    def session_id(self) -> str:
+        return self._info.session_id
+
+    @property
+    def info(self) -> models.ProcessInfo:
+        return self._info
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the exit was read, else None."""
+        return self._state.collector.exit_code
+
+    def events(self) -> Iterator[tuple[Stream, bytes]]:
+        """Yield ``(stream, data)`` as output arrives, until the process exits."""
+        while True:
+            with self._lock:
+                item = self._state.pop()
+                if item is None:
+                    if self._state.exited:
+                        self._close_stream()
+                        return
+                    self._read_more()
+                    continue
+            yield item
+
+    def __iter__(self) -> Iterator[tuple[Stream, bytes]]:
+        return self.events()
+
+    def _read_more(self) -> None:
+        if self._closed:
+            raise errors.ConnectionError(f"the output stream of process {self.id} was closed")
+        if self._chunks is None:
+            self._resp = self._client._stream(_core.events_path(self.session_id, self.id))
+            self._chunks = self._resp.iter_bytes()
+        try:
+            chunk = next(self._chunks, None)
+        except httpx.HTTPError as exc:
+            self._close_stream()
+            raise _core.transport_error(exc, str(self._client.endpoint)) from exc
+        if chunk is None:
+            self._close_stream()
+            self._state.end()
+        else:
+            self._state.feed(chunk)
+
+    def _close_stream(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+
+    def write_stdin(self, data: str | bytes) -> None:
+        """Write ``data`` to the process's standard input (start it with ``stdin=True``)."""
+        self._client._call(_core.write_stdin(self.session_id, self.id, _core.to_bytes(data)))
+
+    def close_stdin(self) -> None:
+        """Close the process's standard input (it reads end-of-file)."""
+        self._client._call(_core.close_stdin(self.session_id, self.id))
+
+    def kill(self, signal: int = 9) -> None:
+        """Send ``signal`` (default 9, SIGKILL) to the process."""
+        self._client._call(_core.kill_process(self.session_id, self.id, signal))
+
+    def wait(self) -> ExecResult:
+        """Wait for the exit and return the result, with all the output (also what iteration
+        already yielded).
+        """
+        for _ in self.events():
+            pass
+        return self._state.collector.result()
+
+    def close(self) -> None:
+        """Stop reading the output stream (the process keeps running)."""
+        with self._lock:
+            self._closed = not self._state.exited
+            self._close_stream()
+
+    def __repr__(self) -> str:
+        return f"Process(id={self.id!r}, argv={list(self._argv)!r}, exit_code={self.exit_code})"
