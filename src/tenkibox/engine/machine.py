@@ -29,6 +29,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ..errors import InternalError, SessionFailedError
+from . import net
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class MachineFiles:
 class LaunchOptions:
     disk_chain: list[Path]  # base first, writable top last
     incoming: bool = False  # start paused, waiting for migrate-incoming
-    netdev: str = "user,id=net0"
+    network: str | None = None  # engine.net mode; None: the default
     mac: str = "52:54:00:12:34:56"
     extra_devices: list[str] = field(default_factory=list)
 
@@ -138,7 +139,8 @@ def blockdev_args(chain: list[Path]) -> tuple[list[str], str]:
     return args, backing
 
 
-def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions) -> list[str]:
+def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
+               netdev: str = "user,id=net0") -> list[str]:
     mem = f"{cfg.memory_mb}M"
     accel = "kvm" if cfg.accel == "kvm" else "tcg"
     cpu = "host" if accel == "kvm" else "qemu64"
@@ -158,7 +160,7 @@ def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions) -> 
         "-chardev", f"socket,id=agent0,path={files.agent},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
         "-device", "virtio-rng-pci,id=rng0",
-        "-netdev", opts.netdev,
+        "-netdev", netdev,
         "-device", f"virtio-net-pci,netdev=net0,mac={opts.mac},id=nic0",
     ]
     for i in range(cfg.hotplug_ports):
@@ -202,6 +204,8 @@ class Machine:
         self.argv: list[str] = []
         self.state = RunState.NEW
         self._proc: subprocess.Popen[bytes] | None = None
+        self._net_proc: subprocess.Popen[bytes] | None = None
+        self.net_pid: int | None = None
         self._qmp: QMPClient | None = None
         self._lock = asyncio.Lock()
 
@@ -211,18 +215,24 @@ class Machine:
         for stale in (self.files.qmp, self.files.agent):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        self.argv = build_argv(self.cfg, self.files, opts)
         self.state = RunState.LAUNCHING
+        backend = net.start(self.files.run_dir, opts.network)
+        self.net_pid = backend.helper.pid if backend.helper else None
+        self.argv = build_argv(self.cfg, self.files, opts, backend.netdev)
         log.debug("%s: %s", self.name, shlex.join(self.argv))
         with open(self.files.qemu_log, "ab") as out:
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=self.files.run_dir,
+                    start_new_session=True, cwd=self.files.run_dir, pass_fds=backend.pass_fds,
                 )
             except OSError as exc:
                 self.state = RunState.FAILED
+                self._kill_net()
                 raise MachineError(f"cannot start {QEMU}: {exc}", argv=self.argv) from exc
+            finally:
+                backend.after_launch()
+        self._net_proc = backend.helper
         self.pid = self._proc.pid
         self._write_info()
         deadline = time.monotonic() + timeout
@@ -248,6 +258,7 @@ class Machine:
         except (OSError, ValueError) as exc:
             raise MachineError(f"no machine record in {self.files.run_dir}") from exc
         self.pid = int(info["pid"])
+        self.net_pid = info.get("net_pid")
         self.argv = list(info.get("argv", []))
         if not _pid_alive(self.pid):
             self.state = RunState.STOPPED
@@ -273,7 +284,7 @@ class Machine:
 
     def _write_info(self) -> None:
         tmp = self.files.info.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": self.pid, "argv": self.argv,
+        tmp.write_text(json.dumps({"pid": self.pid, "net_pid": self.net_pid, "argv": self.argv,
                                    "config": self.cfg.to_json()}))
         os.replace(tmp, self.files.info)
 
@@ -344,8 +355,18 @@ class Machine:
         if self._proc is not None:
             with contextlib.suppress(Exception):
                 self._proc.wait(timeout=1)
+        self._kill_net()
         await self.disconnect()
         self.state = RunState.STOPPED
+
+    def _kill_net(self) -> None:
+        """The network helper exits with QEMU; this makes sure of it, and reaps it."""
+        if self.net_pid and _pid_alive(self.net_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.net_pid, signal.SIGKILL)
+        if self._net_proc is not None:
+            with contextlib.suppress(Exception):
+                self._net_proc.wait(timeout=1)
 
     async def disconnect(self) -> None:
         qmp, self._qmp = self._qmp, None

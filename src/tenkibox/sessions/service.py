@@ -183,7 +183,7 @@ class SessionService:
         self._spawn(self._start(row.id, req), f"start {row.id}")
         return to_model(row)
 
-    volume_checks: list[Callable[[SessionCreate], None]] = []  # noqa: RUF012 - set by app
+    volume_checks: list[Callable[[SessionCreate], None]] = []
     volume_attacher: Callable[[str, SessionCreate], Awaitable[None]] | None = None
 
     async def _start(self, session_id: str, req: SessionCreate) -> None:
@@ -342,7 +342,6 @@ class SessionService:
 
     async def _finish_dead(self, row: SessionRow, reason: str) -> None:
         log.warning("session %s: %s", row.id, reason)
-        self.files(row.id)  # noqa: B018
         shutil.rmtree(self.layout.session_run_dir(row.id), ignore_errors=True)
         state = SessionState.FAILED if row.state == SessionState.CREATING.value \
             else SessionState.TERMINATED

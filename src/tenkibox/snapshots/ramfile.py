@@ -115,7 +115,10 @@ def unpack(src: Path, dst: Path) -> int:
             off, n, clen = FRAME.unpack(head)
             if off == END:
                 break
-            data = dec.decompress(fin.read(clen), max_output_size=n)
+            try:
+                data = dec.decompress(fin.read(clen), max_output_size=n)
+            except zstandard.ZstdError as exc:
+                raise RamFormatError(f"{src.name}: corrupt frame at offset {off}: {exc}") from exc
             if len(data) != n or off + n > size:
                 raise RamFormatError(f"{src.name}: corrupt frame at offset {off}")
             os.pwrite(fd, data, off)

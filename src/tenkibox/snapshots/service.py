@@ -2,7 +2,7 @@
 
 States never lie::
 
-    CREATING ──every file stored, checksummed, fsynced──> READY ──delete/expiry──> DELETING ──> DELETED
+    CREATING ──all stored, checksummed, fsynced──> READY ──delete/expiry──> DELETING ──> DELETED
         └──any step failed (reason kept)──> FAILED ──delete/expiry──> DELETING ──> DELETED
 
 A snapshot directory (``$TENKI_HOME/snapshots/snp_x``) holds ``ram.zst`` (guest RAM, zero chunks

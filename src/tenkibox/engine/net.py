@@ -1,0 +1,66 @@
+"""Guest networking: outbound on, inbound off, and never the host's loopback.
+
+QEMU's built-in user networking (slirp) maps the gateway address to the host's 127.0.0.1, so a
+guest could reach every loopback service of the host (the tenki API among them), and QEMU 7.2
+cannot switch that off. passt (Debian's ``passt``) does the same user-mode translation in a
+separate process and has ``--no-map-gw``: the guest's gateway is then just an address on the
+network, and the host's loopback is out of reach. Each VM gets its own passt, connected to QEMU
+through a socket pair (no socket file), running as ``nobody``; it exits when QEMU does.
+
+The guest sees the addresses slirp would have given it (10.0.2.15/24, gateway 10.0.2.2, DNS
+10.0.2.3, forwarded to the host's resolver), so its configuration does not depend on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+GUEST_IP, PREFIX, GATEWAY, DNS = "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
+
+
+def mode() -> str:
+    """``passt`` when installed (the safe default), else ``user`` (slirp), or TENKI_NET."""
+    forced = os.environ.get("TENKI_NET", "").strip().lower()
+    if forced in ("passt", "user", "none"):
+        return forced
+    return "passt" if shutil.which("passt") else "user"
+
+
+@dataclass
+class NetBackend:
+    netdev: str
+    pass_fds: tuple[int, ...] = ()
+    helper: subprocess.Popen[bytes] | None = None
+    _qemu_end: socket.socket | None = None
+
+    def after_launch(self) -> None:
+        """QEMU holds its own copy of the socket now; ours must go."""
+        if self._qemu_end is not None:
+            self._qemu_end.close()
+            self._qemu_end = None
+
+
+def start(run_dir: Path, net_mode: str | None = None) -> NetBackend:
+    chosen = net_mode or mode()
+    if chosen == "none":
+        return NetBackend("user,id=net0,restrict=on")
+    if chosen == "user":
+        return NetBackend("user,id=net0")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = ["passt", "--foreground", "--one-off", "--quiet", "--fd", str(theirs.fileno()),
+            "--address", GUEST_IP, "--netmask", str(PREFIX), "--gateway", GATEWAY,
+            "--no-map-gw", "--dns", DNS, "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp",
+            "--no-ra"]
+    with open(run_dir / "passt.log", "ab") as log:
+        helper = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    theirs.close()
+    fd = ours.fileno()
+    os.set_inheritable(fd, True)
+    return NetBackend(f"stream,id=net0,server=off,addr.type=fd,addr.str={fd}", (fd,), helper,
+                      ours)
