@@ -1,0 +1,925 @@
+#!/usr/bin/python3
+"""tenki guest agent: serves docs/agent-protocol.md on the virtio-serial port ``org.tenki.agent``.
+
+Runs inside the VM as a child of tenki-init, with the Python 3.11 standard library only.
+One process serves one host connection at a time; the host may go away and come back (server
+restart, snapshot restored into a new QEMU) while processes keep running and their output is
+kept for the next host.
+
+Threads: the main thread reads requests; one writer thread owns all output to the port; each
+request that may block runs in its own thread; each process has pump threads for its pipes, one
+waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order).
+
+``--listen PATH`` serves a unix socket instead of the virtio port (development and unit tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import ctypes
+import errno
+import fcntl
+import glob
+import json
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+VERSION = "0.1.0"
+PORT_NAME = "org.tenki.agent"
+MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
+OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
+MAX_LINE = 16 << 20  # a longer request line is garbage, not a request
+PIPE_READ = 1 << 16
+WRITE_BATCH = 256 << 10
+# After a process exits, its pipes may stay open because a background child inherited them
+# (`sh -c 'server &'`). Past this grace, with the pipes idle, the exit is reported anyway.
+LEADER_GRACE_S = 0.3
+# Safety net only: the port's wait queue wakes the epoll when a host connects.
+HOST_WAIT_S = 1.0
+DEVICE_WAIT_S = 10.0
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_ENV = {
+    "PATH": DEFAULT_PATH,
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "SHELL": "/bin/bash",
+    "LANG": "C.UTF-8",
+    # A sandbox has nobody to answer debconf prompts.
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+MS_RDONLY = 1
+EXT_MAGIC_OFFSET = 1024 + 56
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def log(msg: str) -> None:
+    try:
+        sys.stderr.write(f"tenki-agent: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class OpError(Exception):
+    """A request failed; ``errno_name`` travels to the host as ``errno``."""
+
+    def __init__(self, message: str, errno_name: str | None = None) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+def _errno_name(code: int | None) -> str | None:
+    return errno.errorcode.get(code) if code else None
+
+
+# --------------------------------------------------------------------------------------------
+# Ports
+
+
+class VirtioPort:
+    """The guest end of the virtio-serial channel.
+
+    With no host connected, read() returns b"" at once and poll() reports POLLHUP, so level-
+    triggered waiting would spin. An edge-triggered epoll fires on each wake-up of the port's
+    wait queue, which the driver does when the host side opens or closes: that is the signal.
+    Writes block in the driver while no host is connected, which holds output for the next host.
+    """
+
+    def __init__(self, name: str = PORT_NAME) -> None:
+        self.name = name
+        self.fd = -1
+        self.ep = select.epoll()
+        self._lock = threading.Lock()
+        self._open()
+
+    def _find(self) -> str | None:
+        for entry in sorted(glob.glob("/sys/class/virtio-ports/*")):
+            try:
+                with open(os.path.join(entry, "name")) as f:
+                    if f.read().strip() == self.name:
+                        return "/dev/" + os.path.basename(entry)
+            except OSError:
+                continue
+        return None
+
+    def _open(self) -> None:
+        delay, warned = 0.02, False
+        while True:
+            dev = self._find()
+            if dev:
+                try:
+                    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+                    break
+                except OSError as e:
+                    if not warned:
+                        log(f"cannot open {dev}: {e}; retrying")
+                        warned = True
+            elif not warned:
+                log(f"waiting for virtio port {self.name}")
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        with self._lock:
+            old, self.fd = self.fd, fd
+            if old >= 0:
+                try:
+                    self.ep.unregister(old)
+                except OSError:
+                    pass
+                os.close(old)
+            self.ep.register(fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+        log(f"serving on {dev}")
+
+    def read(self) -> bytes:
+        try:
+            return os.read(self.fd, PIPE_READ)
+        except OSError as e:
+            log(f"port read failed: {e}; reopening")
+            time.sleep(0.2)
+            self._open()
+            return b""
+
+    def wait_host(self) -> None:
+        self.ep.poll(HOST_WAIT_S)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                # The reader thread reopens the port on hard errors; retry on the new fd.
+                log(f"port write failed: {e}")
+                time.sleep(0.2)
+                continue
+            view = view[n:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ListenPort:
+    """A unix socket standing in for the port: each accepted connection is one host.
+
+    Used to run the agent outside a VM (development, unit tests).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(1)
+        self.conn: socket.socket | None = None
+        self.closed = False
+        self.cv = threading.Condition()
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self.cv:
+            if self.conn is conn:
+                self.conn = None
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def read(self) -> bytes:
+        conn = self.conn
+        if conn is None:
+            return b""
+        try:
+            data = conn.recv(PIPE_READ)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+        return data
+
+    def wait_host(self) -> None:
+        if self.conn is not None or self.closed:
+            return
+        try:
+            ready, _, _ = select.select([self.sock], [], [], HOST_WAIT_S)
+            if not ready:
+                return
+            conn, _ = self.sock.accept()
+        except OSError:
+            time.sleep(0.05)
+            return
+        with self.cv:
+            self.conn = conn
+            self.cv.notify_all()
+
+    def write(self, data: bytes) -> None:
+        while True:
+            with self.cv:
+                while self.conn is None and not self.closed:
+                    self.cv.wait()
+                if self.closed:
+                    return
+                conn = self.conn
+            assert conn is not None
+            try:
+                conn.sendall(data)
+                return
+            except OSError:
+                self._drop(conn)
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            conn, self.conn = self.conn, None
+            self.cv.notify_all()
+        for s in (conn, self.sock):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# The parts of the system the agent changes, kept apart so they can be pointed elsewhere when the
+# agent runs outside a VM (tests must not set the host's clock or hostname).
+
+
+class System:
+    def __init__(self, root: str = "/") -> None:
+        self.root = root
+
+    def path(self, p: str) -> str:
+        return os.path.join(self.root, p.lstrip("/"))
+
+    def set_clock(self, epoch_ns: int) -> None:
+        time.clock_settime_ns(time.CLOCK_REALTIME, epoch_ns)
+
+    def set_hostname(self, name: str) -> None:
+        socket.sethostname(name)
+
+    def mix_entropy(self, data: bytes) -> None:
+        with open("/dev/urandom", "wb", buffering=0) as f:
+            # A plain write mixes without crediting; the ioctl credits it and the reseed makes
+            # the very next random bytes depend on it (a restored clone must not repeat its
+            # siblings' random stream).
+            f.write(data)
+            try:
+                fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+                fcntl.ioctl(f, RNDRESEEDCRNG)
+            except OSError as e:
+                log(f"entropy ioctl failed: {e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Output to the host
+
+
+class Outbox:
+    """Lines for the host, in order. Process output is accounted per process so that a process
+    whose host is away (or slow) is held back at OUTPUT_LIMIT instead of growing the agent."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[bytes, Proc | None, int]] = collections.deque()
+        self.cv = threading.Condition()
+
+    def put(self, msg: dict[str, Any], proc: Proc | None = None, nbytes: int = 0) -> None:
+        line = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        with self.cv:
+            self.items.append((line, proc, nbytes))
+            self.cv.notify()
+
+    def take(self) -> list[tuple[bytes, Proc | None, int]]:
+        with self.cv:
+            while not self.items:
+                self.cv.wait()
+            batch: list[tuple[bytes, Proc | None, int]] = []
+            size = 0
+            while self.items and (not batch or size + len(self.items[0][0]) <= WRITE_BATCH):
+                item = self.items.popleft()
+                batch.append(item)
+                size += len(item[0])
+            return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class Proc:
+    def __init__(self, agent: Agent, rid: int, popen: subprocess.Popen[bytes],
+                 timeout_s: float | None) -> None:
+        self.agent = agent
+        self.id = rid
+        self.popen = popen
+        self.pid = popen.pid
+        self.timeout_s = timeout_s
+        self.timed_out = False
+        self.exited = False
+        self.detached = False  # exit reported: later pipe output is drained and dropped
+        self.pending = 0
+        self.cv = threading.Condition()
+        self.idle: dict[str, bool] = {}  # per pipe: blocked in read() on an empty pipe
+        self.pumps: list[tuple[str, threading.Thread]] = []
+        self.stdin_done = False
+        self.stdin_q: queue.Queue[tuple[int, bytes | None] | None] | None = None
+        if popen.stdin is not None:
+            self.stdin_q = queue.Queue()
+
+    def start(self) -> None:
+        for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
+            assert stream is not None
+            self.idle[name] = False
+            t = threading.Thread(target=self._pump, args=(name, stream), daemon=True)
+            self.pumps.append((name, t))
+            t.start()
+        if self.stdin_q is not None:
+            threading.Thread(target=self._stdin_writer, daemon=True).start()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def release(self, nbytes: int) -> None:
+        with self.cv:
+            self.pending -= nbytes
+            self.cv.notify_all()
+
+    def _pump(self, name: str, stream: Any) -> None:
+        fd = stream.fileno()
+        while True:
+            with self.cv:
+                while self.pending >= OUTPUT_LIMIT and not self.detached:
+                    self.cv.wait()
+                self.idle[name] = True
+            try:
+                data = os.read(fd, PIPE_READ)
+            except OSError:
+                data = b""
+            with self.cv:
+                self.idle[name] = False
+                if not data:
+                    self.cv.notify_all()
+                    break
+                if self.detached:
+                    continue
+                self.pending += len(data)
+                # Enqueued under the process lock so that no output can follow the exit event.
+                self.agent.out.put(
+                    {"id": self.id, "event": name, "data": base64.b64encode(data).decode()},
+                    self, len(data))
+        # Through the file object, which owns the fd: a raw close would leave it to close the
+        # number again later, when it may belong to another process's pipe.
+        stream.close()
+
+    def _wait(self) -> None:
+        try:
+            self.popen.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+        self.exited = True
+        exited_at = time.monotonic()
+        while True:
+            for _, t in self.pumps:
+                t.join(0.05)
+            with self.cv:
+                alive = [name for name, t in self.pumps if t.is_alive()]
+                if not alive:
+                    break
+                idle = all(self.idle[name] for name in alive)
+                if idle and time.monotonic() - exited_at >= LEADER_GRACE_S:
+                    break
+        rc = self.popen.returncode
+        code = 124 if self.timed_out else (128 - rc if rc < 0 else rc)
+        with self.cv:
+            self.detached = True
+            self.cv.notify_all()
+            self.agent.out.put(
+                {"id": self.id, "event": "exit", "exit_code": code, "timed_out": self.timed_out})
+        if self.stdin_q is not None:
+            self.stdin_q.put(None)
+        self.agent.forget(self)
+
+    def _stdin_writer(self) -> None:
+        assert self.stdin_q is not None and self.popen.stdin is not None
+        fd = self.popen.stdin.fileno()
+        closed = False
+        while True:
+            item = self.stdin_q.get()
+            if item is None:
+                break
+            rid, data = item
+            try:
+                if closed:
+                    raise OpError("stdin is closed", "EPIPE")
+                if data is None:
+                    self.popen.stdin.close()
+                    closed = True
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                self.agent.answer(rid, {})
+            except OSError as e:
+                self.agent.fail(rid, str(e), _errno_name(e.errno))
+            except OpError as e:
+                self.agent.fail(rid, str(e), e.errno_name)
+        if not closed:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+        with self.cv:
+            self.stdin_done = True
+        # Requests queued behind the exit still get an answer.
+        while True:
+            try:
+                item = self.stdin_q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.agent.fail(item[0], "process has exited", "EPIPE")
+
+    def send_stdin(self, rid: int, data: bytes | None) -> None:
+        if self.stdin_q is None:
+            raise OpError("process was started without stdin", "EBADF")
+        with self.cv:
+            if self.stdin_done:
+                raise OpError("process has exited", "EPIPE")
+            self.stdin_q.put((rid, data))
+
+    def signal(self, sig: int) -> None:
+        # The whole group: `sh -c` and its children, not only the leader.
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            if not self.exited:
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+
+
+def _b64(req: dict[str, Any], key: str = "data") -> bytes:
+    raw = req.get(key, "")
+    if not isinstance(raw, str):
+        raise OpError(f"{key} must be a base64 string", "EINVAL")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except ValueError as e:
+        raise OpError(f"{key} is not valid base64", "EINVAL") from e
+
+
+def _int(req: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = req.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OpError(f"{key} must be an integer", "EINVAL")
+    return value
+
+
+def _str(req: dict[str, Any], key: str) -> str:
+    value = req.get(key)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise OpError(f"{key} must be a non-empty string", "EINVAL")
+    return value
+
+
+# An op answers with its result, or with None when it answers by itself (exec, stdin).
+Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
+
+
+def _unescape_mount_field(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+class Agent:
+    def __init__(self, port: Any, system: System | None = None) -> None:
+        self.port = port
+        self.sys = system or System()
+        self.out = Outbox()
+        self.procs: dict[int, Proc] = {}
+        self.procs_lock = threading.Lock()
+        self.stopping = False
+        self.boot_id = self._read_text("/proc/sys/kernel/random/boot_id").strip()
+        self._libc: Any = None
+        self.ops: dict[str, Handler] = {
+            "ping": self.op_ping,
+            "exec": self.op_exec,
+            "stdin": self.op_stdin,
+            "stdin_close": self.op_stdin_close,
+            "kill": self.op_kill,
+            "read_file": self.op_read_file,
+            "write_file": self.op_write_file,
+            "set_time": self.op_set_time,
+            "reidentify": self.op_reidentify,
+            "sync": self.op_sync,
+            "mount": self.op_mount,
+            "umount": self.op_umount,
+        }
+        # Answered from the reader thread: quick and order-sensitive (stdin chunks must not
+        # overtake each other; set_time must not wait behind a slow request).
+        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time"}
+
+    @staticmethod
+    def _read_text(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        threading.Thread(target=self._writer, name="writer", daemon=True).start()
+        buf = bytearray()
+        scanned = 0
+        connected = False
+        while not self.stopping:
+            data = self.port.read()
+            if not data:
+                if connected:
+                    log("host disconnected")
+                    connected = False
+                # A partial line is the torn end of the previous host's last request.
+                buf.clear()
+                scanned = 0
+                if not self.stopping:
+                    self.port.wait_host()
+                continue
+            if not connected:
+                log("host connected")
+                connected = True
+            buf += data
+            while True:
+                i = buf.find(b"\n", scanned)
+                if i < 0:
+                    scanned = len(buf)
+                    break
+                line = bytes(buf[:i])
+                del buf[: i + 1]
+                scanned = 0
+                if line.strip():
+                    self.dispatch(line)
+            if len(buf) > MAX_LINE:
+                buf.clear()
+                scanned = 0
+
+    def _writer(self) -> None:
+        while True:
+            batch = self.out.take()
+            self.port.write(b"".join(item[0] for item in batch))
+            for _, proc, nbytes in batch:
+                if proc is not None and nbytes:
+                    proc.release(nbytes)
+
+    def stop(self) -> None:
+        self.stopping = True
+        with self.procs_lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            p.signal(signal.SIGKILL)
+        self.port.close()
+
+    def answer(self, rid: int, result: dict[str, Any]) -> None:
+        self.out.put({"id": rid, "ok": True, **result})
+
+    def fail(self, rid: int, message: str, errno_name: str | None) -> None:
+        self.out.put({"id": rid, "ok": False, "error": message, "errno": errno_name})
+
+    def dispatch(self, line: bytes) -> None:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(req, dict):
+            return
+        rid, op = req.get("id"), req.get("op")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            return
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.fail(rid, f"unknown op {op!r}", "ENOSYS")
+            return
+        if op in self.inline:
+            self._handle(rid, handler, req)
+        else:
+            threading.Thread(target=self._handle, args=(rid, handler, req), daemon=True).start()
+
+    def _handle(self, rid: int, handler: Handler, req: dict[str, Any]) -> None:
+        try:
+            result = handler(req)
+        except OpError as e:
+            self.fail(rid, str(e), e.errno_name)
+        except OSError as e:
+            self.fail(rid, str(e), _errno_name(e.errno))
+        except Exception as e:  # an agent bug must cost one request, not the connection
+            log(f"{req.get('op')} crashed: {e!r}")
+            self.fail(rid, f"{type(e).__name__}: {e}", None)
+        else:
+            if result is not None:
+                self.answer(rid, result)
+
+    def forget(self, proc: Proc) -> None:
+        with self.procs_lock:
+            if self.procs.get(proc.id) is proc:
+                del self.procs[proc.id]
+
+    def _proc(self, req: dict[str, Any]) -> Proc:
+        target = _int(req, "target")
+        with self.procs_lock:
+            proc = self.procs.get(target)
+        if proc is None:
+            raise OpError(f"no process {target}", "ESRCH")
+        return proc
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        uptime = self._read_text("/proc/uptime").split()
+        return {
+            "boot_id": self.boot_id,
+            "pid": os.getpid(),
+            "uptime_s": float(uptime[0]) if uptime else None,
+            "version": VERSION,
+        }
+
+    def op_exec(self, req: dict[str, Any]) -> None:
+        rid = req["id"]
+        argv = req.get("argv")
+        if (not isinstance(argv, list) or not argv
+                or not all(isinstance(a, str) and "\0" not in a for a in argv)):
+            raise OpError("argv must be a non-empty list of strings", "EINVAL")
+        env = dict(DEFAULT_ENV)
+        extra = req.get("env") or {}
+        if not isinstance(extra, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise OpError("env must map strings to strings", "EINVAL")
+        env.update(extra)
+        cwd = req.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise OpError("cwd must be a string", "EINVAL")
+        if cwd is None:
+            cwd = env["HOME"] if os.path.isdir(env.get("HOME", "")) else "/"
+        timeout_s = req.get("timeout_s")
+        if timeout_s is not None and (not isinstance(timeout_s, int | float) or timeout_s <= 0):
+            raise OpError("timeout_s must be a positive number", "EINVAL")
+        with self.procs_lock:
+            if rid in self.procs:
+                raise OpError(f"id {rid} is already a running process", "EEXIST")
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if req.get("stdin") else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        proc = Proc(self, rid, popen, float(timeout_s) if timeout_s else None)
+        with self.procs_lock:
+            self.procs[rid] = proc
+        # The answer goes out before the pumps start, so it precedes every event of this id.
+        self.answer(rid, {"pid": popen.pid})
+        proc.start()
+        return None
+
+    def op_stdin(self, req: dict[str, Any]) -> None:
+        data = _b64(req)
+        self._proc(req).send_stdin(req["id"], data)
+        return None  # answered by the process's stdin writer once written
+
+    def op_stdin_close(self, req: dict[str, Any]) -> None:
+        self._proc(req).send_stdin(req["id"], None)
+        return None
+
+    def op_kill(self, req: dict[str, Any]) -> dict[str, Any]:
+        sig = _int(req, "signal", int(signal.SIGKILL))
+        if not 0 <= sig < signal.NSIG:
+            raise OpError(f"bad signal {sig}", "EINVAL")
+        self._proc(req).signal(sig)
+        return {}
+
+    def op_read_file(self, req: dict[str, Any]) -> dict[str, Any]:
+        path = _str(req, "path")
+        offset = _int(req, "offset", 0)
+        length = min(_int(req, "length", MAX_CHUNK), MAX_CHUNK)
+        if offset < 0 or length < 0:
+            raise OpError("offset and length must be >= 0", "EINVAL")
+        # O_NONBLOCK: a FIFO must not hang the request; regular files ignore the flag.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise OpError(f"{path} is a directory", "EISDIR")
+            try:
+                data = os.pread(fd, length, offset)
+            except BlockingIOError:
+                data = b""
+        finally:
+            os.close(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        end = offset + len(data)
+        eof = len(data) < length or (regular and end >= st.st_size)
+        size = st.st_size if regular and st.st_size else end
+        return {"data": base64.b64encode(data).decode(), "size": size, "eof": eof}
+
+    def op_write_file(self, req: dict[str, Any]) -> dict[str, Any]:
+        path = _str(req, "path")
+        data = _b64(req)
+        offset = _int(req, "offset", 0)
+        mode = _int(req, "mode", 0o644) & 0o7777
+        if offset < 0:
+            raise OpError("offset must be >= 0", "EINVAL")
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        if req.get("truncate"):
+            flags |= os.O_TRUNC
+        fd = os.open(path, flags, mode)
+        try:
+            if req.get("truncate"):
+                # The umask and an older file's mode must not win over the requested mode.
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        return {"size": size}
+
+    def op_set_time(self, req: dict[str, Any]) -> dict[str, Any]:
+        epoch_ns = _int(req, "epoch_ns")
+        before = time.time_ns()
+        self.sys.set_clock(epoch_ns)
+        return {"delta_s": (epoch_ns - before) / 1e9}
+
+    def op_reidentify(self, req: dict[str, Any]) -> dict[str, Any]:
+        hostname = _str(req, "hostname")
+        machine_id = _str(req, "machine_id").lower()
+        if not HOSTNAME_RE.match(hostname):
+            raise OpError(f"invalid hostname {hostname!r}", "EINVAL")
+        if not MACHINE_ID_RE.match(machine_id):
+            raise OpError("machine_id must be 32 hex digits", "EINVAL")
+        entropy = _b64(req, "entropy")
+        self.sys.set_hostname(hostname)
+        self._replace_file("/etc/hostname", hostname + "\n")
+        self._replace_file("/etc/machine-id", machine_id + "\n", 0o444)
+        self._replace_file("/etc/hosts", self._hosts(hostname))
+        if entropy:
+            self.sys.mix_entropy(entropy)
+        return {}
+
+    def _hosts(self, hostname: str) -> str:
+        lines = [ln for ln in self._read_text(self.sys.path("/etc/hosts")).splitlines()
+                 if not ln.startswith("127.0.1.1")]
+        if not any(ln.split()[:2] == ["127.0.0.1", "localhost"] for ln in lines):
+            lines.insert(0, "127.0.0.1\tlocalhost")
+        lines.insert(1, f"127.0.1.1\t{hostname}")
+        return "\n".join(lines) + "\n"
+
+    def _replace_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        target = self.sys.path(path)
+        tmp = f"{target}.tenki-tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+
+    def op_sync(self, req: dict[str, Any]) -> dict[str, Any]:
+        os.sync()
+        return {}
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    def _libc_call(self, name: str, *args: Any) -> None:
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(self._libc, name)(*args) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"{name}: {os.strerror(code)}")
+
+    def _find_disk(self, serial: str, wait_s: float) -> str:
+        # A hot-plugged disk shows up in sysfs a moment after device_add returns.
+        deadline = time.monotonic() + wait_s
+        while True:
+            for entry in sorted(glob.glob(self.sys.path("/sys/block/vd*"))):
+                if self._read_text(os.path.join(entry, "serial")).strip() == serial:
+                    dev = "/dev/" + os.path.basename(entry)
+                    if os.path.exists(dev):
+                        return dev
+            if time.monotonic() >= deadline:
+                raise OpError(f"no virtio disk with serial {serial!r}", "ENODEV")
+            time.sleep(0.05)
+
+    def _mounts(self) -> list[tuple[str, str]]:
+        out = []
+        for line in self._read_text("/proc/self/mounts").splitlines():
+            fields = line.split()
+            if len(fields) >= 2:
+                out.append((_unescape_mount_field(fields[0]), _unescape_mount_field(fields[1])))
+        return out
+
+    @staticmethod
+    def _probe(dev: str) -> tuple[str | None, bool]:
+        """(filesystem type or None, blank) of a block device."""
+        with open(dev, "rb") as f:
+            head = f.read(128 << 10)
+        if head[EXT_MAGIC_OFFSET:EXT_MAGIC_OFFSET + 2] == b"\x53\xef":
+            return "ext4", False  # the ext4 driver mounts ext2/3/4
+        try:
+            r = subprocess.run(["blkid", "-p", "-s", "TYPE", "-o", "value", dev],
+                               capture_output=True, text=True, timeout=30)
+            fstype = r.stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            fstype = None
+        return fstype, fstype is None and not any(head)
+
+    def op_mount(self, req: dict[str, Any]) -> dict[str, Any]:
+        serial = _str(req, "serial")
+        path = os.path.normpath(_str(req, "path"))
+        if not path.startswith("/") or path == "/":
+            raise OpError("path must be absolute and not /", "EINVAL")
+        read_only = bool(req.get("read_only"))
+        dev = self._find_disk(serial, float(req.get("wait_s", DEVICE_WAIT_S)))
+        for source, target in self._mounts():
+            if target == path:
+                if os.path.realpath(source) == os.path.realpath(dev):
+                    return {"device": dev}
+                raise OpError(f"{path} is already a mount point of {source}", "EBUSY")
+        fstype, blank = self._probe(dev)
+        if fstype is None:
+            if not blank:
+                raise OpError(f"{dev} holds data but no filesystem tenki recognizes; "
+                              "refusing to format it", "EINVAL")
+            if not req.get("mkfs") or read_only:
+                raise OpError(f"{dev} has no filesystem", "EINVAL")
+            r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", dev],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise OpError(f"mkfs.ext4 {dev} failed: {r.stderr.strip()}", "EIO")
+            fstype = "ext4"
+        os.makedirs(path, exist_ok=True)
+        self._libc_call("mount", dev.encode(), path.encode(), fstype.encode(),
+                        ctypes.c_ulong(MS_RDONLY if read_only else 0), None)
+        return {"device": dev}
+
+    def op_umount(self, req: dict[str, Any]) -> dict[str, Any]:
+        path = os.path.normpath(_str(req, "path"))
+        if not any(target == path for _, target in self._mounts()):
+            return {"was_mounted": False}
+        # umount writes back the filesystem's dirty data before it returns.
+        self._libc_call("umount2", path.encode(), 0)
+        return {"was_mounted": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--listen", help="serve a unix socket at this path instead of the port")
+    parser.add_argument("--port-name", default=PORT_NAME)
+    args = parser.parse_args(argv)
+    os.umask(0o022)
+    os.chdir("/")
+    port: Any = ListenPort(args.listen) if args.listen else VirtioPort(args.port_name)
+    log(f"version {VERSION} pid {os.getpid()}")
+    Agent(port).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
