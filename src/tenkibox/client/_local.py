@@ -166,7 +166,7 @@ def ensure_local_server(
         layout.home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise errors.ConnectionError(f"cannot create TENKI_HOME {layout.home}: {exc}") from exc
-    with _file_lock(layout.home / "server.lock", timeout + 10):
+    with _file_lock(layout.home / "server-start.lock", timeout + 10):
         found = local_server(layout, key)
         if found is not None and found.running:
             return found.url
@@ -178,6 +178,10 @@ def ensure_local_server(
                 return found.url
             code = proc.poll()
             if code is not None:
+                time.sleep(0.2)  # another server may have won the race for the data directory
+                found = local_server(layout, key)
+                if found is not None and found.running:
+                    return found.url
                 raise errors.ConnectionError(
                     f"the local tenki server exited with code {code} before it answered; "
                     f"see {layout.server_log}"

@@ -1,0 +1,1 @@
+"""The ``tenki`` command line, built on the SDK (:mod:`tenkibox.client`)."""

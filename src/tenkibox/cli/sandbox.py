@@ -1,0 +1,366 @@
+"""``tenki sandbox ...``: sessions, exec and files."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
+
+import click
+
+from .. import models, units
+from ..client import Process, Session
+from ..errors import TenkiError
+from . import _common as c
+
+# -- create (shared with `snapshot restore`) ------------------------------------------------
+
+
+def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
+    """The options of ``sandbox create``; ``snapshot restore`` takes all but ``--snapshot``."""
+
+    def decorate(f: c.F) -> c.F:
+        opts: list[Callable[[Any], Any]] = [
+            click.option("--name", help="A name for the session (up to 128 characters)."),
+            click.option("--cpu", metavar="N", help="vCPUs, 1..16 (default 2)."),
+            click.option(
+                "--memory-mb", metavar="MIB", help="Memory in MiB, 512..65536 (default 4096)."
+            ),
+            click.option(
+                "--env", multiple=True, metavar="K=V", help="Environment variable (repeatable)."
+            ),
+            click.option(
+                "--metadata", multiple=True, metavar="K=V", help="Metadata entry (repeatable)."
+            ),
+            click.option(
+                "--max-duration", metavar="DURATION", help="Terminate after this long (e.g. 30m)."
+            ),
+            click.option(
+                "--volume",
+                "volumes",
+                multiple=True,
+                metavar="VOL:/path[:ro]",
+                help="Attach a volume at create time (repeatable).",
+            ),
+            click.option("--no-wait", is_flag=True, help="Return at once (state CREATING)."),
+            click.option(
+                "--wait-timeout",
+                default="3m",
+                show_default=True,
+                metavar="DURATION",
+                help="How long to wait for the session to run.",
+            ),
+            c.json_option,
+        ]
+        if with_snapshot:
+            opts.insert(
+                6,
+                click.option(
+                    "--snapshot", "snapshot_id", metavar="SNP", help="Restore this snapshot."
+                ),
+            )
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def run_create(
+    ctx: click.Context,
+    *,
+    name: str | None,
+    cpu: str | None,
+    memory_mb: str | None,
+    env: Sequence[str],
+    metadata: Sequence[str],
+    max_duration: str | None,
+    snapshot_id: str | None,
+    volumes: Sequence[str],
+    no_wait: bool,
+    wait_timeout: str,
+    as_json: bool,
+) -> None:
+    """The one code path of ``sandbox create`` and ``snapshot restore``."""
+    cpu_n = c.parse_int_range(cpu, "--cpu", models.CPU_MIN, models.CPU_MAX)
+    mem_n = c.parse_int_range(memory_mb, "--memory-mb", models.MEMORY_MB_MIN, models.MEMORY_MB_MAX)
+    env_d = c.parse_pairs(env, "--env", env_names=True)
+    meta_d = c.parse_pairs(metadata, "--metadata")
+    max_s = c.parse_duration(max_duration, "--max-duration")
+    mounts = c.parse_volumes(volumes)
+    timeout = c.parse_duration(wait_timeout, "--wait-timeout")
+    if name is not None and len(name) > 128:
+        raise c.ValidationError(f"must be at most 128 characters, got {len(name)}", field="--name")
+
+    cl = c.client(ctx)
+    session = cl.create(
+        name=name,
+        snapshot_id=snapshot_id,
+        cpu=cpu_n,
+        memory_mb=mem_n,
+        env=env_d or None,
+        metadata=meta_d or None,
+        volumes=mounts or None,
+        max_duration=max_s,
+    )
+    if not no_wait:
+        what = (
+            f"Restoring {snapshot_id} as {session.id}" if snapshot_id else f"Creating {session.id}"
+        )
+        with c.spinner(f"{what} (CREATING)"):
+            session.wait_ready(timeout)
+    if as_json:
+        c.print_json(session.record)
+    else:
+        click.echo(session.id)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+@click.group("sandbox")
+def sandbox() -> None:
+    """Sandbox sessions: create, exec, files, snapshots, volumes."""
+
+
+@sandbox.command("create")
+@create_options(with_snapshot=True)
+@click.pass_context
+def create(ctx: click.Context, **opts: Any) -> None:
+    """Create a session (a VM) and wait until it runs; prints its id."""
+    run_create(ctx, **opts)
+
+
+def session_rows(sessions: Sequence[Session]) -> list[list[str]]:
+    rows = []
+    for s in sessions:
+        r = s.record
+        rows.append(
+            [
+                r.id,
+                r.name or "-",
+                r.state.value,
+                str(r.cpu),
+                units.format_size(r.memory_mb << 20),
+                r.snapshot_id or r.base_image_id,
+                c.fmt_time(r.created_at),
+            ]
+        )
+    return rows
+
+
+@sandbox.command("list")
+@click.option("--state", help="Only sessions in this state (e.g. RUNNING).")
+@c.json_option
+@click.pass_context
+def list_(ctx: click.Context, state: str | None, as_json: bool) -> None:
+    """List sessions."""
+    sessions = c.client(ctx).list(state.upper() if state else None)
+    if as_json:
+        c.print_json([s.record for s in sessions])
+        return
+    cols = ["ID", "NAME", "STATE", "CPU", "MEMORY", "FROM", "CREATED"]
+    c.print_table(cols, session_rows(sessions), "no sessions")
+
+
+def print_session(r: models.Session) -> None:
+    vols = ", ".join(f"{v.volume_id}:{v.path}{':ro' if v.read_only else ''}" for v in r.volumes)
+    c.print_fields(
+        [
+            ("id", r.id),
+            ("name", r.name or "-"),
+            ("state", c.fmt_state(r.state, r.state_reason)),
+            ("cpu", str(r.cpu)),
+            ("memory", units.format_size(r.memory_mb << 20)),
+            ("image", r.base_image_id),
+            ("snapshot", r.snapshot_id or "-"),
+            ("env", ", ".join(r.env_keys) or "-"),
+            ("metadata", ", ".join(f"{k}={v}" for k, v in r.metadata.items()) or "-"),
+            ("volumes", vols or "-"),
+            ("created_at", c.fmt_time(r.created_at)),
+            ("ready_at", c.fmt_time(r.ready_at)),
+            ("expires_at", c.fmt_time(r.expires_at)),
+            ("terminated_at", c.fmt_time(r.terminated_at)),
+        ]
+    )
+
+
+@sandbox.command("get")
+@click.argument("session_arg", metavar="[ID]", required=False)
+@click.option("--session", "session_opt", metavar="ID", help="The session (instead of ID).")
+@c.json_option
+@click.pass_context
+def get(
+    ctx: click.Context, session_arg: str | None, session_opt: str | None, as_json: bool
+) -> None:
+    """Show one session."""
+    sid = c.one_id(session_arg, session_opt, "session id", "--session")
+    record = c.client(ctx).get(sid).record
+    if as_json:
+        c.print_json(record)
+    else:
+        print_session(record)
+
+
+@sandbox.command("terminate")
+@click.argument("session_arg", metavar="[ID]", required=False)
+@click.option("--session", "session_opt", metavar="ID", help="The session (instead of ID).")
+@c.json_option
+@click.pass_context
+def terminate(
+    ctx: click.Context, session_arg: str | None, session_opt: str | None, as_json: bool
+) -> None:
+    """Terminate a session (its VM stops; its snapshots stay)."""
+    sid = c.one_id(session_arg, session_opt, "session id", "--session")
+    with c.spinner(f"Terminating {sid}"):
+        record = c.client(ctx).terminate(sid).record
+    if as_json:
+        c.print_json(record)
+    else:
+        click.echo(f"{record.id} {record.state.value}")
+
+
+# -- exec -----------------------------------------------------------------------------------
+
+
+def _stdin_reader() -> Callable[[], bytes]:
+    stream = c.binary_stream("stdin")
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        read1 = getattr(stream, "read1", None)
+        if read1 is not None:
+            return lambda: bytes(read1(65536))
+        return lambda: bytes(stream.read(65536))
+    import os
+
+    # os.read, not the buffered reader: a daemon thread must not hold the buffer's lock at exit
+    return lambda: os.read(fd, 65536)
+
+
+def _pump_stdin(proc: Process, read: Callable[[], bytes]) -> None:
+    try:
+        while True:
+            chunk = read()
+            if not chunk:
+                break
+            proc.write_stdin(chunk)
+        proc.close_stdin()
+    except (TenkiError, OSError):
+        pass  # the process exited (or stdin broke): nothing left to feed
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+@sandbox.command(
+    "exec",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--session", "session_id", required=True, metavar="ID", help="The session.")
+@click.option("--cwd", metavar="DIR", help="Working directory in the session.")
+@click.option("--env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--timeout", metavar="DURATION", help="Kill the command after this long (exit 124).")
+@click.option(
+    "--stdin/--no-stdin",
+    "feed_stdin",
+    default=None,
+    help="Stream local standard input to the command (default: when it is not a terminal).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_(
+    ctx: click.Context,
+    session_id: str,
+    cwd: str | None,
+    env: Sequence[str],
+    timeout: str | None,
+    feed_stdin: bool | None,
+    command: Sequence[str],
+) -> None:
+    """Run CMD [ARGS...] in a session, streaming its output; exits with its exit code.
+
+    Options after CMD belong to CMD: tenki sandbox exec --session ID sh -c 'echo hi; exit 3'
+    """
+    env_d = c.parse_pairs(env, "--env", env_names=True)
+    timeout_s = c.parse_duration(timeout, "--timeout")
+    feed = (not _stdin_is_tty()) if feed_stdin is None else feed_stdin
+    session = c.client(ctx).get(session_id)
+    proc = session.start(
+        *command, cwd=cwd, env=env_d or None, timeout=timeout_s, stdin=True if feed else None
+    )
+    if feed:
+        threading.Thread(
+            target=_pump_stdin, args=(proc, _stdin_reader()), name="stdin", daemon=True
+        ).start()
+    sinks: dict[str, BinaryIO] = {
+        "stdout": c.binary_stream("stdout"),
+        "stderr": c.binary_stream("stderr"),
+    }
+    try:
+        for stream, data in proc:
+            sink = sinks[stream]
+            sink.write(data)
+            sink.flush()
+        result = proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(TenkiError):
+            proc.kill()
+        raise
+    code = 124 if result.timed_out else result.exit_code
+    ctx.exit(code if 0 <= code <= 255 else 1)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+@sandbox.group("files")
+def files() -> None:
+    """Read and write files in a session."""
+
+
+@files.command("write")
+@click.option("--session", "session_id", required=True, metavar="ID", help="The session.")
+@click.option("--mode", default="644", show_default=True, help="Permission bits (octal).")
+@click.argument("path")
+@click.argument("local", metavar="(LOCAL|-)")
+@c.json_option
+@click.pass_context
+def files_write(
+    ctx: click.Context, session_id: str, mode: str, path: str, local: str, as_json: bool
+) -> None:
+    """Write the local file LOCAL (or standard input: -) to PATH in the session."""
+    mode_n = c.parse_mode(mode)
+    if local == "-":
+        data = c.binary_stream("stdin").read()
+    else:
+        try:
+            with open(local, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise c.ValidationError(f"cannot read {local}: {exc.strerror}", field="LOCAL") from None
+    session = c.client(ctx).get(session_id)
+    written = session.files.write(path, data, mode=mode_n)
+    if as_json:
+        c.print_json(written)
+    else:
+        click.echo(f"{written.path}: {units.format_size(written.size_bytes)} written")
+
+
+@files.command("read")
+@click.option("--session", "session_id", required=True, metavar="ID", help="The session.")
+@click.argument("path")
+@click.pass_context
+def files_read(ctx: click.Context, session_id: str, path: str) -> None:
+    """Print the file PATH of the session (raw bytes) on standard output."""
+    session = c.client(ctx).get(session_id)
+    data = session.files.read(path)
+    out = c.binary_stream("stdout")
+    out.write(data)
+    out.flush()

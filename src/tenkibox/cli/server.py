@@ -1,0 +1,151 @@
+"""``tenki serve``, ``tenki server status|stop`` and ``tenki image build|list``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .. import config, units
+from ..client import local_server
+from ..errors import ConnectionError
+from . import _common as c
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=0, show_default=True, type=int, help="Port (0: any free port).")
+@click.option("--api-key", metavar="KEY", help="Require Authorization: Bearer KEY on every call.")
+def serve(host: str, port: int, api_key: str | None) -> None:
+    """Run the tenki API server for $TENKI_HOME (foreground)."""
+    from ..server.daemon import serve as run_server
+
+    run_server(host=host, port=port, api_key=api_key)
+
+
+@click.group("server")
+def server() -> None:
+    """The API server: status and stop."""
+
+
+def _status(ctx: click.Context) -> dict[str, Any]:
+    st = c.state(ctx)
+    configured = st.endpoint or os.environ.get(config.ENV_ENDPOINT)
+    if st.client_factory is not None or configured:
+        cl = c.client(ctx, autostart=False)
+        try:
+            info = cl.health()
+        except ConnectionError:
+            return {"running": False, "url": cl.endpoint}
+        return {"running": True, "url": cl.endpoint, **info.model_dump(mode="json")}
+    found = local_server(None, st.api_key)
+    if found is None or not found.running or found.info is None:
+        return {"running": False, "url": found.url if found else None}
+    return {
+        "running": True,
+        "url": found.url,
+        "started_at": found.started_at,
+        **found.info.model_dump(mode="json"),
+    }
+
+
+@server.command("status")
+@c.json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the server (url, pid, version); exit 1 when none is running."""
+    info = _status(ctx)
+    if as_json:
+        c.print_json(info)
+    elif info["running"]:
+        c.print_fields(
+            [
+                (k, str(info[k]))
+                for k in ("url", "pid", "version", "home", "accelerator", "started_at")
+                if info.get(k) is not None
+            ]
+        )
+    else:
+        click.echo("not running")
+    if not info["running"]:
+        ctx.exit(1)
+
+
+@server.command("stop")
+@click.option("--timeout", default="30s", show_default=True, metavar="DURATION")
+@click.pass_context
+def stop(ctx: click.Context, timeout: str) -> None:
+    """Stop the server and wait until its process is gone (VMs keep running)."""
+    timeout_s = c.parse_duration(timeout, "--timeout")
+    info = _status(ctx)
+    if not info["running"]:
+        click.echo("not running", err=True)
+        return
+    cl = c.client(ctx, autostart=False)
+    with c.spinner(f"Stopping the server (pid {info.get('pid')})"):
+        cl.shutdown_server(wait=True, timeout=timeout_s)
+    click.echo(f"stopped (pid {info.get('pid')})")
+
+
+@click.group("image")
+def image() -> None:
+    """Guest images (built locally, in this process)."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even when the image exists.")
+@click.option("--id", "image_id", default="sandbox", show_default=True, hidden=True)
+@c.json_option
+def build(force: bool, image_id: str, as_json: bool) -> None:
+    """Build the guest image (needs mmdebstrap and qemu-img)."""
+    from ..images.builder import build_image
+
+    layout = config.layout()
+    if c.stderr_is_tty():
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+    else:
+        progress = None
+
+    def report(message: str, fraction: float | None) -> None:
+        if progress is None:
+            click.echo(message, err=True)
+        elif fraction is None:
+            progress.update(task, description=message)
+        else:
+            progress.update(task, description=message, total=1.0, completed=fraction)
+
+    if progress is None:
+        img = build_image(layout, image_id, force=force, progress=report)
+    else:
+        with progress:
+            task = progress.add_task(f"Building image {image_id}", total=None)
+            img = build_image(layout, image_id, force=force, progress=report)
+    if as_json:
+        c.print_json(img)
+    else:
+        click.echo(f"{img.id} {units.format_size(img.size_bytes)} {c.fmt_time(img.created_at)}")
+
+
+@image.command("list")
+@c.json_option
+def list_images(as_json: bool) -> None:
+    """List the built images."""
+    from ..images.builder import list_images as list_built
+
+    images = list_built(config.layout())
+    if as_json:
+        c.print_json(images)
+        return
+    rows = [[i.id, units.format_size(i.size_bytes), c.fmt_time(i.created_at)] for i in images]
+    c.print_table(["ID", "SIZE", "CREATED"], rows, "no images (build one: tenki image build)")
