@@ -68,7 +68,8 @@ def _sh(argv: list[str], stdin: bytes) -> tuple[bytes, bytes, int]:
     """A tiny ``sh -c``: ``;``-separated ``echo [..] [>&2]``, ``exit N``, ``cat``, ``true``,
     ``false``."""
     out, err = bytearray(), bytearray()
-    script = argv[-1] if len(argv) >= 3 else ""
+    flags = [i for i, a in enumerate(argv[1:], 1) if a.startswith("-") and a.endswith("c")]
+    script = argv[flags[0] + 1] if flags and flags[0] + 1 < len(argv) else ""
     for part in script.split(";"):
         words = shlex.split(part)
         if not words:

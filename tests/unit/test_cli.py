@@ -1,0 +1,500 @@
+"""The ``tenki`` CLI against the in-memory fake of the REST API (through the SDK)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from tenkibox import Client, models
+from tenkibox.cli._common import CliState
+from tenkibox.cli.main import cli
+from tenkibox.client._fake import FakeServer
+
+URL = "http://fake.test"
+
+
+@pytest.fixture
+def fake() -> FakeServer:
+    return FakeServer()
+
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture
+def run(fake: FakeServer) -> Run:
+    def invoke(*args: str, input: bytes | str | None = None, factory: Any = None) -> Result:
+        state = CliState(
+            client_factory=factory or (lambda: Client(endpoint=URL, transport=fake.transport()))
+        )
+        return CliRunner().invoke(cli, list(args), obj=state, input=input)
+
+    return invoke
+
+
+def _ready_session(fake: FakeServer, **kw: Any) -> str:
+    s = Client(endpoint=URL, transport=fake.transport()).create_and_wait(**kw)
+    fake.requests.clear()
+    return s.id
+
+
+def _one_error_line(result: Result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# -- bad input: one line, exit 2, nothing sent --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sandbox", "create", "--cpu", "99"], "error: --cpu: must be between 1 and 16, got 99"),
+        (
+            ["sandbox", "create", "--cpu", "two"],
+            "error: --cpu: must be an integer between 1 and 16",
+        ),
+        (["sandbox", "create", "--memory-mb", "100"], "error: --memory-mb: must be between 512"),
+        (["sandbox", "create", "--env", "FOO"], "error: --env: expected KEY=VALUE, got 'FOO'"),
+        (["sandbox", "create", "--env", "1X=y"], "error: --env: invalid variable name '1X'"),
+        (["sandbox", "create", "--metadata", "=v"], "error: --metadata: expected KEY=VALUE"),
+        (["sandbox", "create", "--max-duration", "3x"], "error: --max-duration: cannot parse '3x'"),
+        (["sandbox", "create", "--max-duration", "-5m"], "error: --max-duration: must be positive"),
+        (["sandbox", "create", "--wait-timeout", "later"], "error: --wait-timeout: cannot parse"),
+        (["sandbox", "create", "--volume", "vol_x"], "error: --volume: expected VOLUME:/path[:ro]"),
+        (
+            ["sandbox", "create", "--volume", "vol_x:rel"],
+            "error: --volume.path: must be an absolute",
+        ),
+        (
+            [
+                "sandbox",
+                "snapshot",
+                "create",
+                "--session",
+                "ses_x",
+                "--name",
+                "n",
+                "--expires-at",
+                "2020-01-01T00:00:00Z",
+            ],
+            "error: --expires-at: must be in the future",
+        ),
+        (
+            [
+                "sandbox",
+                "snapshot",
+                "create",
+                "--session",
+                "ses_x",
+                "--name",
+                "n",
+                "--expires-at",
+                "someday",
+            ],
+            "error: --expires-at: cannot parse 'someday': must be in the future",
+        ),
+        (
+            ["sandbox", "snapshot", "restore", "snp_x", "--cpu", "0"],
+            "error: --cpu: must be between 1 and 16, got 0",
+        ),
+        (
+            ["sandbox", "volume", "create", "--name", "v", "--size", "huge"],
+            "error: --size: cannot parse",
+        ),
+        (
+            ["sandbox", "volume", "create", "--name", "v", "--size", "1KiB"],
+            "error: --size: must be between",
+        ),
+        (
+            ["sandbox", "exec", "--session", "ses_x", "--timeout", "x", "ls"],
+            "error: --timeout: cannot parse",
+        ),
+        (
+            ["sandbox", "files", "write", "--session", "s", "--mode", "999", "/p", "-"],
+            "error: --mode",
+        ),
+        (["sandbox", "get"], "error: missing session id"),
+        (["sandbox", "exec", "ls"], "error: Missing option '--session'"),
+        (["sandbox", "nope"], "error: No such command 'nope'"),
+    ],
+)
+def test_bad_input(run: Run, fake: FakeServer, args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert _one_error_line(result).startswith(message)
+    assert result.stdout == ""
+    assert fake.requests == []
+
+
+def test_entry_point_has_no_traceback(tmp_path: Path) -> None:
+    env = {"TENKI_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tenkibox", "sandbox", "create", "--cpu", "99"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --cpu: must be between 1 and 16, got 99\n"
+    assert proc.stdout == ""
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+def test_create_waits_and_prints_the_id(run: Run, fake: FakeServer) -> None:
+    result = run(
+        "sandbox", "create", "--name", "box", "--cpu", "4", "--memory-mb", "1024",
+        "--env", "A=1=2", "--metadata", "team=x", "--max-duration", "30m",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sid = result.stdout.strip()
+    assert fake.sessions[sid].state == models.SessionState.READY
+    body = json.loads(fake.requests_to("POST", "/v1/sessions")[0][3])
+    assert body == {
+        "name": "box",
+        "cpu": 4,
+        "memory_mb": 1024,
+        "env": {"A": "1=2"},
+        "metadata": {"team": "x"},
+        "max_duration_s": 1800.0,
+    }
+
+
+def test_create_json_and_no_wait(run: Run, fake: FakeServer) -> None:
+    result = run("sandbox", "create", "--no-wait", "--json")
+    assert result.exit_code == 0
+    record = models.Session.model_validate_json(result.stdout)
+    assert record.state == models.SessionState.CREATING
+    assert fake.requests_to("GET", "/wait") == []
+
+
+def test_create_failure_and_timeout(run: Run, fake: FakeServer) -> None:
+    fake.session_outcome = "FAILED"
+    result = run("sandbox", "create")
+    assert result.exit_code == 1
+    assert "is FAILED: the VM could not boot" in _one_error_line(result)
+    fake.session_outcome = "CREATING"
+    result = run("sandbox", "create", "--wait-timeout", "0.1s")
+    assert result.exit_code == 1
+    assert "is still CREATING after 0.1s; it continues in the background" in _one_error_line(result)
+
+
+def test_list_get_terminate(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake, name="box")
+    result = run("sandbox", "list")
+    assert result.exit_code == 0
+    header, row = result.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "NAME", "STATE"]
+    assert row.split()[:3] == [sid, "box", "READY"]
+    assert json.loads(run("sandbox", "list", "--json").stdout)[0]["id"] == sid
+    for args in (["sandbox", "get", sid], ["sandbox", "get", "--session", sid]):
+        out = run(*args).stdout
+        assert f"id:            {sid}" in out and "memory:        4.0 GiB" in out
+    assert json.loads(run("sandbox", "get", sid, "--json").stdout)["name"] == "box"
+    result = run("sandbox", "get", "ses_nope")
+    assert result.exit_code == 1
+    assert _one_error_line(result) == "error: session ses_nope not found"
+    assert run("sandbox", "terminate", "--session", sid).stdout == f"{sid} TERMINATED\n"
+    assert json.loads(run("sandbox", "terminate", sid, "--json").stdout)["state"] == "TERMINATED"
+
+
+def test_empty_list(run: Run) -> None:
+    result = run("sandbox", "list")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert run("sandbox", "list", "--json").stdout.strip() == "[]"
+
+
+# -- exec ---------------------------------------------------------------------------------------
+
+
+def test_exec_propagates_output_and_exit_code(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    result = run("sandbox", "exec", "--session", sid, "sh", "-c", "echo hi; echo err >&2; exit 3")
+    assert result.exit_code == 3
+    assert result.stdout == "hi\n"
+    assert result.stderr == "err\n"
+
+
+def test_exec_options_after_cmd_belong_to_cmd(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    result = run(
+        "sandbox", "exec", "--session", sid, "--env", "K=V", "--cwd", "/w", "--no-stdin",
+        "bash", "-lc", "echo ok", "--session", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    assert body.argv == ["bash", "-lc", "echo ok", "--session", "--json"]
+    assert (body.env, body.cwd, body.stdin) == ({"K": "V"}, "/w", False)
+
+
+def test_exec_streams_stdin_and_closes_it(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    data = b"line 1\nline 2\n\x00\xff"
+    result = run("sandbox", "exec", "--session", sid, "cat", input=data)
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == data
+    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    assert body.stdin is True and body.stdin_data is None  # streamed, not sent up front
+    assert b"".join(r[3] for r in fake.requests_to("POST", "/stdin")) == data
+    assert len(fake.requests_to("POST", "/stdin/close")) == 1
+
+
+def test_exec_empty_stdin_still_closes(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    result = run("sandbox", "exec", "--session", sid, "sh", "-c", "cat; exit 5", input=b"")
+    assert result.exit_code == 5
+    assert len(fake.requests_to("POST", "/stdin/close")) == 1
+
+
+def test_exec_timeout_exits_124(run: Run, fake: FakeServer) -> None:
+    fake.programs["sleep"] = lambda argv, _in: (b"", b"", 124)
+    sid = _ready_session(fake)
+    result = run("sandbox", "exec", "--session", sid, "--timeout", "2s", "--no-stdin", "sleep", "9")
+    assert result.exit_code == 124
+    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    assert body.timeout_s == 2
+
+
+def test_exec_on_missing_session(run: Run) -> None:
+    result = run("sandbox", "exec", "--session", "ses_nope", "--no-stdin", "ls")
+    assert result.exit_code == 1
+    assert _one_error_line(result) == "error: session ses_nope not found"
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def test_files_write_and_read(run: Run, fake: FakeServer, tmp_path: Path) -> None:
+    sid = _ready_session(fake)
+    local = tmp_path / "f.bin"
+    local.write_bytes(b"\x00binary\xff")
+    result = run("sandbox", "files", "write", "--session", sid, "/data/f.bin", str(local))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "/data/f.bin: 8 B written\n"
+    assert run("sandbox", "files", "read", "--session", sid, "/data/f.bin").stdout_bytes == (
+        b"\x00binary\xff"
+    )
+    result = run(
+        "sandbox", "files", "write", "--session", sid, "/x", "-", "--json", input=b"from stdin"
+    )
+    assert json.loads(result.stdout) == {"path": "/x", "size_bytes": 10}
+    assert fake.files[(sid, "/x")] == b"from stdin"
+    result = run("sandbox", "files", "write", "--session", sid, "/y", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "cannot read" in _one_error_line(result)
+    result = run("sandbox", "files", "read", "--session", sid, "/nope")
+    assert result.exit_code == 1 and "/nope" in _one_error_line(result)
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+
+
+def test_snapshot_lifecycle(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    result = run(
+        "sandbox", "snapshot", "create", "--session", sid, "--name", "before-upgrade",
+        "--expires-at", "2999-03-20T12:00:00Z",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    snap_id = result.stdout.strip()
+    assert fake.snapshots[snap_id].state == models.SnapshotState.READY
+    assert fake.snapshots[snap_id].expires_at == datetime(2999, 3, 20, 12, tzinfo=UTC)
+    listed = json.loads(run("sandbox", "snapshot", "list", "--json").stdout)
+    assert [s["id"] for s in listed] == [snap_id]
+    assert json.loads(run("sandbox", "snapshot", "list", "--json", "--session", "x").stdout) == []
+    table = run("sandbox", "snapshot", "list").stdout.splitlines()
+    assert table[1].split()[:4] == [snap_id, "before-upgrade", sid, "READY"]
+    out = run("sandbox", "snapshot", "get", snap_id).stdout
+    assert "size:          300.0 MiB" in out and "expires_at:    2999-03-20T12:00:00Z" in out
+    assert json.loads(run("sandbox", "snapshot", "get", snap_id, "--json").stdout)["id"] == snap_id
+
+    restored = run("sandbox", "snapshot", "restore", snap_id, "--name", "restored-copy")
+    assert restored.exit_code == 0, restored.output
+    new_sid = restored.stdout.strip()
+    assert fake.sessions[new_sid].snapshot_id == snap_id
+    assert fake.sessions[new_sid].state == models.SessionState.READY
+
+    result = run("sandbox", "snapshot", "delete", snap_id)
+    assert result.stdout == f"{snap_id} DELETING\n"
+
+
+def test_snapshot_restore_is_create_with_snapshot(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    snap = Client(endpoint=URL, transport=fake.transport()).create_snapshot_and_wait(sid, "s")
+    vol = Client(endpoint=URL, transport=fake.transport()).create_volume("cache", "1GiB")
+    fake.requests.clear()
+    a = run(
+        "sandbox", "snapshot", "restore", snap.id, "--name", "c", "--volume", f"{vol.id}:/cache"
+    )
+    assert a.exit_code == 0, a.output
+    fake.volumes[vol.id] = fake.volumes[vol.id].model_copy(update={"state": "AVAILABLE"})
+    b = run(
+        "sandbox", "create", "--snapshot", snap.id, "--name", "c", "--volume", f"{vol.id}:/cache"
+    )
+    assert b.exit_code == 0, b.output
+    first, second = fake.requests_to("POST", "/v1/sessions")
+    assert first[3] == second[3]
+    assert json.loads(first[3]) == {
+        "name": "c",
+        "snapshot_id": snap.id,
+        "volumes": [{"volume_id": vol.id, "path": "/cache", "read_only": False}],
+    }
+
+
+def test_snapshot_wait_timeout_and_failure(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    fake.snapshot_outcome = "CREATING"
+    result = run(
+        "sandbox", "snapshot", "create", "--session", sid, "--name", "s", "--wait-timeout", "0.1s"
+    )
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert line.startswith("error: snapshot snp_")
+    assert line.endswith("is still CREATING after 0.1s; it continues in the background")
+    result = run(
+        "sandbox", "snapshot", "create", "--session", sid, "--name", "s", "--no-wait", "--json"
+    )
+    assert result.exit_code == 0 and json.loads(result.stdout)["state"] == "CREATING"
+    fake.snapshot_outcome = "FAILED"
+    result = run("sandbox", "snapshot", "create", "--session", sid, "--name", "s")
+    assert result.exit_code == 1
+    assert "is FAILED: disk capture failed" in _one_error_line(result)
+    result = run("sandbox", "snapshot", "get", "snp_nope")
+    assert result.exit_code == 1 and _one_error_line(result) == "error: snapshot snp_nope not found"
+
+
+# -- volumes ------------------------------------------------------------------------------------
+
+
+def test_volume_commands(run: Run, fake: FakeServer) -> None:
+    sid = _ready_session(fake)
+    result = run("sandbox", "volume", "create", "--name", "data", "--size", "1GiB")
+    assert result.exit_code == 0, result.output
+    vid = result.stdout.strip()
+    assert fake.volumes[vid].size_bytes == 1 << 30
+    assert run("sandbox", "volume", "list").stdout.splitlines()[1].split()[:4] == [
+        vid, "data", "1.0", "GiB",
+    ]  # fmt: skip
+    result = run("sandbox", "volume", "attach", vid, "--session", sid, "--path", "/data", "--ro")
+    assert result.stdout == f"{vid} attached to {sid} at /data (read-only)\n"
+    assert json.loads(run("sandbox", "volume", "get", vid, "--json").stdout)["state"] == "IN_USE"
+    result = run("sandbox", "volume", "delete", vid)
+    assert result.exit_code == 1 and "attached" in _one_error_line(result)
+    assert run("sandbox", "volume", "detach", vid, "--session", sid).exit_code == 0
+    assert run("sandbox", "volume", "delete", vid).stdout == f"{vid} DELETED\n"
+    result = run("sandbox", "volume", "attach", vid, "--session", sid, "--path", "rel")
+    assert result.exit_code == 2 and "--path: must be an absolute path" in _one_error_line(result)
+
+
+# -- server, images, serve ------------------------------------------------------------------------
+
+
+def test_server_status(run: Run, fake: FakeServer) -> None:
+    result = run("server", "status", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["running"] is True
+    assert "version:     0.0-fake" in run("server", "status").stdout
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    down = lambda: Client(endpoint=URL, transport=httpx.MockTransport(refuse))  # noqa: E731
+    result = run("server", "status", factory=down)
+    assert result.exit_code == 1 and result.stdout == "not running\n"
+
+
+def test_server_status_without_local_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENKI_HOME", str(tmp_path))
+    monkeypatch.delenv("TENKI_API_ENDPOINT", raising=False)
+    result = CliRunner().invoke(cli, ["server", "status", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"running": False, "url": None}
+    assert not (tmp_path / "server.json").exists()  # status never starts a server
+
+
+def test_server_stop(run: Run, fake: FakeServer) -> None:
+    def gone(request: httpx.Request) -> httpx.Response:
+        if fake.shutdown_requested:
+            raise httpx.ConnectError("refused", request=request)
+        return fake.handle(request)
+
+    factory = lambda: Client(endpoint=URL, transport=httpx.MockTransport(gone))  # noqa: E731
+    import tenkibox.client._local as local
+
+    orig = local.probe
+    local.probe = lambda url, key, timeout=2.0: None  # type: ignore[assignment]
+    try:
+        result = run("server", "stop", factory=factory)
+    finally:
+        local.probe = orig
+    assert result.exit_code == 0, result.output
+    assert fake.shutdown_requested
+    assert result.stdout == "stopped (pid 1)\n"
+
+
+def test_unexpected_errors_are_one_line(run: Run) -> None:
+    def boom() -> Client:
+        raise RuntimeError("kaput\nsecond line")
+
+    result = run("sandbox", "list", factory=boom)
+    assert result.exit_code == 1
+    assert _one_error_line(result) == "error: unexpected RuntimeError: kaput second line"
+
+
+def test_image_commands_use_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = models.Image(
+        id="sandbox", size_bytes=268 << 20, created_at=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    calls: list[Any] = []
+
+    def build_image(
+        layout: Any, image_id: str = "sandbox", *, force: bool = False, progress: Any = None
+    ) -> Any:
+        calls.append((image_id, force))
+        progress("debootstrap", None)
+        progress("packing", 0.5)
+        return image
+
+    mod = types.ModuleType("tenkibox.images.builder")
+    mod.build_image = build_image  # type: ignore[attr-defined]
+    mod.list_images = lambda layout: [image]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tenkibox.images.builder", mod)
+    result = CliRunner().invoke(cli, ["image", "build", "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("sandbox", True)]
+    assert json.loads(result.stdout)["size_bytes"] == 268 << 20
+    assert "packing" in result.stderr
+    result = CliRunner().invoke(cli, ["image", "list"])
+    assert result.stdout.splitlines()[1].split() == [
+        "sandbox",
+        "268.0",
+        "MiB",
+        "2026-01-01T00:00:00Z",
+    ]
+
+
+def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    mod = types.ModuleType("tenkibox.server.daemon")
+    mod.serve = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tenkibox.server.daemon", mod)
+    result = CliRunner().invoke(cli, ["serve", "--port", "8080", "--api-key", "k"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"host": "127.0.0.1", "port": 8080, "api_key": "k"}
