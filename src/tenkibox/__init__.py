@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from . import errors, models
+from ._version import __version__
 from .client import (
     AsyncClient,
     AsyncFiles,
@@ -66,11 +64,6 @@ from .models import (
     VolumeState,
 )
 from .models import Session as SessionRecord
-
-try:
-    __version__ = _version("tenkibox")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
 
 __all__ = [
     "AsyncClient",

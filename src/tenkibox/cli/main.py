@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .._version import __version__
 from ..errors import TenkiError, ValidationError
 from . import _common as c
 from .sandbox import sandbox
@@ -90,7 +91,7 @@ class TenkiGroup(click.Group):
     help="Server URL (default: $TENKI_API_ENDPOINT, else the local server).",
 )
 @click.option("--api-key", envvar="TENKI_API_KEY", metavar="KEY", help="API key ($TENKI_API_KEY).")
-@click.version_option(package_name="tenkibox", prog_name="tenki")
+@click.version_option(version=__version__, prog_name="tenki")
 @click.pass_context
 def cli(ctx: click.Context, endpoint: str | None, api_key: str | None) -> None:
     """tenki: sandbox VMs with memory snapshots."""

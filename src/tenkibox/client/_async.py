@@ -426,10 +426,12 @@ class AsyncSession:
 
     @property
     def id(self) -> str:
+        """The session id (``ses_...``)."""
         return self._record.id
 
     @property
     def name(self) -> str | None:
+        """The session's name, if it was given one."""
         return self._record.name
 
     @property
@@ -439,6 +441,7 @@ class AsyncSession:
 
     @property
     def record(self) -> models.Session:
+        """The last :class:`tenkibox.models.Session` record seen (see :meth:`refresh`)."""
         return self._record
 
     async def refresh(self) -> AsyncSession:
@@ -601,10 +604,12 @@ class AsyncProcess:
 
     @property
     def session_id(self) -> str:
+        """The session the process runs in."""
         return self._info.session_id
 
     @property
     def info(self) -> models.ProcessInfo:
+        """The server's :class:`tenkibox.models.ProcessInfo` for the process."""
         return self._info
 
     @property

@@ -309,6 +309,10 @@ def expires_at(value: datetime | str | None, *, field: str = "expires_at") -> da
                 f"cannot parse {value!r} as an RFC 3339 time (example: 2026-03-20T12:00:00Z)",
                 field=field,
             ) from None
+    if not isinstance(value, datetime):
+        raise errors.ValidationError(
+            f"expected a datetime or an RFC 3339 string, got {value!r}", field=field
+        )
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
@@ -657,10 +661,12 @@ class ExecResult:
 
     @cached_property
     def stdout(self) -> str:
+        """Standard output as text (UTF-8, undecodable bytes replaced)."""
         return self.stdout_bytes.decode("utf-8", errors="replace")
 
     @cached_property
     def stderr(self) -> str:
+        """Standard error as text (UTF-8, undecodable bytes replaced)."""
         return self.stderr_bytes.decode("utf-8", errors="replace")
 
     @property

@@ -45,11 +45,19 @@ class LocalServer:
 
 
 def normalize_endpoint(url: str) -> str:
+    """``host:port`` or ``http://host:port[/v1]`` -> ``http://host:port``."""
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
     if url.endswith("/v1"):
         url = url[:-3]
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise errors.ValidationError(f"not a URL: {url!r} ({exc})", field="endpoint") from None
+    port_ok = parsed.port is None or 0 < parsed.port < 65536
+    if parsed.scheme not in ("http", "https") or not parsed.host or not port_ok:
+        raise errors.ValidationError(f"expected http(s)://host:port, got {url!r}", field="endpoint")
     return url
 
 
@@ -99,7 +107,10 @@ def local_server(
     data = read_server_file(layout)
     if data is None:
         return None
-    url = normalize_endpoint(data["url"])
+    try:
+        url = normalize_endpoint(data["url"])
+    except errors.ValidationError:
+        return None
     pid = data.get("pid")
     return LocalServer(
         url=url,

@@ -421,10 +421,12 @@ class Session:
 
     @property
     def id(self) -> str:
+        """The session id (``ses_...``)."""
         return self._record.id
 
     @property
     def name(self) -> str | None:
+        """The session's name, if it was given one."""
         return self._record.name
 
     @property
@@ -434,6 +436,7 @@ class Session:
 
     @property
     def record(self) -> models.Session:
+        """The last :class:`tenkibox.models.Session` record seen (see :meth:`refresh`)."""
         return self._record
 
     def refresh(self) -> Session:
@@ -587,10 +590,12 @@ class Process:
 
     @property
     def session_id(self) -> str:
+        """The session the process runs in."""
         return self._info.session_id
 
     @property
     def info(self) -> models.ProcessInfo:
+        """The server's :class:`tenkibox.models.ProcessInfo` for the process."""
         return self._info
 
     @property
