@@ -202,20 +202,25 @@ def stderr_is_tty() -> bool:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
-    """A rich table on a terminal; plain aligned columns (no trailing blanks) otherwise."""
+    """Aligned columns, never cropped (a narrow terminal wraps lines instead); bold headers
+    on a terminal, plain text without trailing blanks otherwise."""
     if not rows:
         click.echo(empty, err=True)
         return
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    tty = stdout_is_tty()
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold" if tty else "")
     for col in columns:
-        table.add_column(col, no_wrap=True, overflow="ignore")
+        table.add_column(col, no_wrap=True)
     for row in rows:
         table.add_row(*row)
-    if stdout_is_tty():
-        Console(highlight=False).print(table)
-        return
     buf = io.StringIO()
-    Console(file=buf, width=1000, color_system=None, highlight=False).print(table)
+    Console(
+        file=buf,
+        width=10_000,
+        force_terminal=tty,
+        color_system="standard" if tty else None,
+        highlight=False,
+    ).print(table)
     for line in buf.getvalue().splitlines():
         click.echo(line.rstrip())
 
