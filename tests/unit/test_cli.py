@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from tenkibox import Client, models
 from tenkibox.cli._common import CliState
 from tenkibox.cli.main import cli
+from tenkibox.client import _local
 from tenkibox.client._fake import FakeServer
 
 URL = "http://fake.test"
@@ -429,24 +430,24 @@ def test_server_status_without_local_server(
     assert not (tmp_path / "server.json").exists()  # status never starts a server
 
 
-def test_server_stop(run: Run, fake: FakeServer) -> None:
+def test_server_stop(run: Run, fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     def gone(request: httpx.Request) -> httpx.Response:
         if fake.shutdown_requested:
             raise httpx.ConnectError("refused", request=request)
         return fake.handle(request)
 
     factory = lambda: Client(endpoint=URL, transport=httpx.MockTransport(gone))  # noqa: E731
-    import tenkibox.client._local as local
-
-    orig = local.probe
-    local.probe = lambda url, key, timeout=2.0: None  # type: ignore[assignment]
-    try:
-        result = run("server", "stop", factory=factory)
-    finally:
-        local.probe = orig
+    # the wait probes the server directly: it answers until the shutdown request
+    monkeypatch.setattr(
+        _local, "probe", lambda url, key, timeout=2.0: None if fake.shutdown_requested else 1
+    )
+    result = run("server", "stop", factory=factory)
     assert result.exit_code == 0, result.output
     assert fake.shutdown_requested
     assert result.stdout == "stopped (pid 1)\n"
+    result = run("server", "stop", "--json", factory=factory)
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"stopped": False, "running": False}
 
 
 def test_unexpected_errors_are_one_line(run: Run) -> None:

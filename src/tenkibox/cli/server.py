@@ -76,18 +76,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 @server.command("stop")
 @click.option("--timeout", default="30s", show_default=True, metavar="DURATION")
+@c.json_option
 @click.pass_context
-def stop(ctx: click.Context, timeout: str) -> None:
+def stop(ctx: click.Context, timeout: str, as_json: bool) -> None:
     """Stop the server and wait until its process is gone (VMs keep running)."""
     timeout_s = c.parse_duration(timeout, "--timeout")
     info = _status(ctx)
     if not info["running"]:
-        click.echo("not running", err=True)
+        if as_json:
+            c.print_json({"stopped": False, "running": False})
+        else:
+            click.echo("not running", err=True)
         return
     cl = c.client(ctx, autostart=False)
     with c.spinner(f"Stopping the server (pid {info.get('pid')})"):
         cl.shutdown_server(wait=True, timeout=timeout_s)
-    click.echo(f"stopped (pid {info.get('pid')})")
+    if as_json:
+        c.print_json({"stopped": True, "pid": info.get("pid"), "url": info.get("url")})
+    else:
+        click.echo(f"stopped (pid {info.get('pid')})")
 
 
 @click.group("image")
