@@ -175,6 +175,11 @@ def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
     return argv
 
 
+def is_system_disk(dev: dict[str, Any]) -> bool:
+    qdev = str(dev.get("qdev", ""))
+    return qdev.endswith("/vda") or "/vda/" in qdev or dev.get("device") == "vda"
+
+
 def _pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
     try:
@@ -316,7 +321,7 @@ class Machine:
     async def top_node(self) -> tuple[str, str]:
         """The writable top of the system disk: (node name, file name)."""
         for dev in await self.execute("query-block"):
-            if dev.get("qdev", "").endswith("vda") or dev.get("device") == "vda":
+            if is_system_disk(dev):
                 inserted = dev["inserted"]
                 return inserted["node-name"], inserted["file"]
         raise MachineError(f"{self.name}: system disk not found in query-block")

@@ -28,7 +28,14 @@ from typing import Any
 from ..config import Layout
 from ..engine import disks
 from ..engine.agent import AgentClient, AgentError
-from ..engine.machine import LaunchOptions, Machine, MachineConfig, MachineError, MachineFiles
+from ..engine.machine import (
+    LaunchOptions,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineFiles,
+    is_system_disk,
+)
 from ..errors import (
     ConflictError,
     InternalError,
@@ -331,7 +338,7 @@ class SessionService:
 
     async def _chain_from_qemu(self, machine: Machine) -> list[str]:
         for dev in await machine.execute("query-block"):
-            if dev.get("qdev", "").endswith("vda") or dev.get("device") == "vda":
+            if is_system_disk(dev):
                 chain: list[str] = []
                 image = dev["inserted"]["image"]
                 while image:
@@ -385,7 +392,7 @@ class SessionService:
     def get(self, session_id: str) -> Session:
         return to_model(self.row(session_id))
 
-    def list(self, state: str | None = None) -> list[Session]:
+    def query(self, state: str | None = None) -> list[Session]:
         rows = self.store.all(SessionRow)
         if state:
             rows = [r for r in rows if r.state == state.upper()]

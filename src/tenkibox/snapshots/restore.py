@@ -92,7 +92,7 @@ async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chai
                     f"snapshot {snapshot_id} cannot be restored: RAM image unreadable: {exc}"
                 ) from exc
         with steps.step("launch"):
-            await machine.launch(LaunchOptions(disk_chain=[Path(p) for p in [*chain, new_top]],
+            await machine.launch(LaunchOptions(disk_chain=[*map(Path, chain), new_top],
                                                incoming=True))
         with steps.step("load-state"):
             await enable_snapshot_caps(machine)

@@ -23,7 +23,7 @@ import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Layout
 from ..engine import disks
@@ -46,6 +46,19 @@ from .capture import capture
 from .restore import restore, sha256_file, verify_files
 
 log = logging.getLogger(__name__)
+
+
+class VolumeHooks(Protocol):
+    async def unplug_for_capture(self, rt: Runtime) -> list[Any]: ...
+    async def replug_after_capture(self, rt: Runtime, unplugged: list[Any]) -> None: ...
+
+
+class NoVolumes:
+    async def unplug_for_capture(self, rt: Runtime) -> list[Any]:
+        return []
+
+    async def replug_after_capture(self, rt: Runtime, unplugged: list[Any]) -> None:
+        return None
 
 
 def now() -> datetime:
@@ -84,6 +97,7 @@ class SnapshotService:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._readers: dict[str, int] = {}
+        self.volume_hooks: VolumeHooks = NoVolumes()
         sessions.restorer = self._restore_session
         sessions.on_gone.append(self._after_session_gone)
 
@@ -97,7 +111,7 @@ class SnapshotService:
     def get(self, snapshot_id: str) -> Snapshot:
         return to_model(self.row(snapshot_id))
 
-    def list(self, session_id: str | None = None) -> list[Snapshot]:
+    def query(self, session_id: str | None = None) -> list[Snapshot]:
         rows = [r for r in self.store.all(SnapshotRow) if r.state != SnapshotState.DELETED.value]
         if session_id:
             rows = [r for r in rows if r.session_id == session_id]
@@ -160,6 +174,8 @@ class SnapshotService:
                     raise ConflictError(f"session {rt.session_id} ended before the capture")
                 sdir.mkdir(parents=True, exist_ok=True)
                 new_top = self.layout.layers / f"{new_id('snapshot').replace('snp_', 'lyr_')}.qcow2"
+                # volumes are never part of a snapshot: unplugged for the capture, then back
+                unplugged = await self.volume_hooks.unplug_for_capture(rt)
                 try:
                     got = await capture(rt.machine, steps, new_top=new_top,
                                         state_file=sdir / "state.bin", ram_staging=staging,
@@ -170,6 +186,7 @@ class SnapshotService:
                         chain = await self.sessions._chain_from_qemu(rt.machine)
                         if chain:
                             self.store.update(SessionRow, rt.session_id, disk_chain=chain)
+                    await self.volume_hooks.replug_after_capture(rt, unplugged)
             log.info("%s: guest paused %.3fs", snapshot_id, got.paused_s)
             chain = [*self.store.get_session(rt.session_id).disk_chain[:-1]]  # type: ignore[union-attr]
             srow = self.store.get_session(rt.session_id)
