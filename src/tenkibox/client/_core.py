@@ -215,9 +215,17 @@ def volume_mounts(
 
 def seconds(value: float | str | None, *, field: str) -> float | None:
     """A duration argument: seconds (int/float) or a string such as ``"30m"``."""
-    if value is None or isinstance(value, int | float):
-        return None if value is None else float(value)
-    return units.parse_duration(value, field=field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise errors.ValidationError(
+            f"expected seconds or a duration such as 30m, got {value!r}", field=field
+        )
+    if isinstance(value, str):
+        return units.parse_duration(value, field=field)
+    if math.isnan(value) or value <= 0:
+        raise errors.ValidationError(f"must be positive, got {value!r}", field=field)
+    return float(value)
 
 
 def size_bytes(value: int | str, *, field: str = "size") -> int:
