@@ -30,6 +30,7 @@ class ServerRuntime:
         self.sessions = SessionService(layout, self.store, self.accel)
         self.snapshots = SnapshotService(layout, self.store, self.sessions)
         self.volumes = VolumeService(layout, self.store, self.sessions)
+        self.snapshots.volume_hooks = self.volumes
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_hook: Callable[[], None] | None = None
 
