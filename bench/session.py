@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Benchmark: tenki session cold boot and exec latency against a plain QEMU boot of the same image.
+
+    .venv/bin/python bench/session.py [--runs 3] [--execs 10] [--memory-mb 4096] [--cpu 2]
+
+tenki (through the SDK, against a private server on a temporary TENKI_HOME):
+- cold boot to exec-ready: ``create()`` until the first ``exec true`` has answered;
+- boot to READY: ``create()`` until the session is READY (the agent answered, clock set);
+- ``exec true`` round trip: HTTP start + output stream until the exit code.
+
+Baseline: ``qemu-system-x86_64`` with the same kernel, initrd, command line, q35, qemu64, TCG,
+an overlay on the same base disk and the same virtio-serial agent port (plain anonymous RAM,
+QEMU's built-in user network instead of passt), timed from process start until the guest agent
+answers a ping on its socket (init is up), and until its first ``exec true``; exec round trips
+straight over the agent socket (the floor under tenki's API).
+
+Runs alternate (baseline, tenki, baseline, ...) so that load from other VMs on the host hits both;
+compare ratios within one run. Nothing is asserted: it prints markdown tables and a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    Agent,
+    Cleanup,
+    PlainVM,
+    TenkiServer,
+    ensure_image,
+    log,
+    md_table,
+    median,
+    ratio,
+    secs,
+    spread,
+)
+
+BOOT_STEPS = ("image", "overlay", "launch", "agent", "clock")
+
+
+def tenki_run(srv: TenkiServer, args: argparse.Namespace, out: dict[str, list[float]]) -> None:
+    sdk = srv.sdk
+    t0 = time.monotonic()
+    session = sdk.create(memory_mb=args.memory_mb, cpu=args.cpu, name="bench-boot")
+    try:
+        session.wait_ready(timeout=300)
+        t_ready = time.monotonic()
+        session.exec("true").check()
+        t_exec = time.monotonic()
+        out["exec_ready"].append(t_exec - t0)
+        out["ready"].append(t_ready - t0)
+        for _ in range(args.execs):
+            t = time.monotonic()
+            session.exec("true").check()
+            out["exec"].append(time.monotonic() - t)
+        steps = srv.steps(session.id)
+        for name in BOOT_STEPS:
+            out[f"step:{name}"].append(steps.get(name, 0.0))
+        t = time.monotonic()
+    finally:
+        session.terminate()
+    out["terminate"].append(time.monotonic() - t)
+    log(f"tenki: exec-ready {out['exec_ready'][-1]:.2f}s, steps "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items()))
+
+
+def baseline_run(cleanup: Cleanup, srv: TenkiServer, work: Path, i: int,
+                 args: argparse.Namespace, out: dict[str, list[float]]) -> None:
+    vm = PlainVM(cleanup, work, srv.image, args.memory_mb, args.cpu, f"plain{i}")
+    agent = Agent(vm.agent_sock)
+    try:
+        agent.connect(300)
+        t_ping = time.monotonic()
+        code, _, err = agent.exec(["true"])
+        t_exec = time.monotonic()
+        if code != 0:
+            raise RuntimeError(f"exec true failed in the plain VM: {err!r}")
+        out["exec_ready"].append(t_exec - vm.started)
+        out["ready"].append(t_ping - vm.started)
+        for _ in range(args.execs):
+            t = time.monotonic()
+            code, _, _ = agent.exec(["true"])
+            out["exec"].append(time.monotonic() - t)
+    finally:
+        agent.close()
+        t = time.monotonic()
+        vm.kill()
+        out["terminate"].append(time.monotonic() - t)
+        shutil.rmtree(vm.dir, ignore_errors=True)
+    log(f"plain QEMU: exec-ready {out['exec_ready'][-1]:.2f}s (ping {out['ready'][-1]:.2f}s)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="cold boots of each kind (default 3)")
+    ap.add_argument("--execs", type=int, default=10,
+                    help="exec round trips per booted VM (default 10)")
+    ap.add_argument("--memory-mb", type=int, default=4096, help="guest memory (default 4096)")
+    ap.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
+    args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+
+    tenki: dict[str, list[float]] = {k: [] for k in ("exec_ready", "ready", "exec", "terminate")}
+    tenki.update({f"step:{s}": [] for s in BOOT_STEPS})
+    base: dict[str, list[float]] = {k: [] for k in ("exec_ready", "ready", "exec", "terminate")}
+    started = time.monotonic()
+    with Cleanup() as cleanup:
+        image_dir = ensure_image()
+        srv = TenkiServer(cleanup, image_dir, "session")
+        work = Path(tempfile.mkdtemp(prefix="tenki-bench-plain-"))
+        cleanup.push(f"remove {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+        for i in range(args.runs):
+            log(f"run {i + 1}/{args.runs}")
+            baseline_run(cleanup, srv, work, i, args, base)
+            tenki_run(srv, args, tenki)
+
+    print(f"\n## Session boot and exec ({args.runs} cold boots each, {args.execs} execs per "
+          f"boot; {args.cpu} vCPU, {args.memory_mb} MiB, TCG; median (min-max))\n")
+    rows = [
+        ("cold boot to exec-ready", spread(tenki["exec_ready"]), spread(base["exec_ready"]),
+         ratio(median(tenki["exec_ready"]), median(base["exec_ready"]))),
+        ("boot to agent ready (tenki: READY; QEMU: ping)", spread(tenki["ready"]),
+         spread(base["ready"]), ratio(median(tenki["ready"]), median(base["ready"]))),
+        ("`exec true` round trip", spread(tenki["exec"], digits=4),
+         spread(base["exec"], digits=4), ratio(median(tenki["exec"]), median(base["exec"]))),
+        ("stop (terminate / kill)", spread(tenki["terminate"]), spread(base["terminate"]),
+         ratio(median(tenki["terminate"]), median(base["terminate"]))),
+    ]
+    print(md_table(["metric", "tenki (SDK)", "plain QEMU (agent socket)", "ratio"], rows))
+    step_rows = [(name, secs(median(tenki[f"step:{name}"]))) for name in BOOT_STEPS]
+    accounted = sum(median(tenki[f"step:{name}"]) for name in BOOT_STEPS)
+    step_rows.append(("API, polling and first exec (rest)",
+                      secs(median(tenki["exec_ready"]) - accounted)))
+    print("\n### tenki boot steps (server log, medians)\n")
+    print(md_table(["step", "time"], step_rows))
+    print(f"\nSummary: tenki/plain-QEMU boot-to-exec-ready "
+          f"{ratio(median(tenki['exec_ready']), median(base['exec_ready']))}, exec round trip "
+          f"{ratio(median(tenki['exec']), median(base['exec']))} "
+          f"(total bench time {time.monotonic() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
