@@ -6,6 +6,8 @@ cannot switch that off. passt (Debian's ``passt``) does the same user-mode trans
 separate process and has ``--no-map-gw``: the guest's gateway is then just an address on the
 network, and the host's loopback is out of reach. Each VM gets its own passt, connected to QEMU
 through a socket pair (no socket file), running as ``nobody``; it exits when QEMU does.
+(``--dns`` is deliberately not given: with it, passt stops reading the host's resolv.conf and
+then has nowhere to forward the guest's DNS queries.)
 
 The guest sees the addresses slirp would have given it (10.0.2.15/24, gateway 10.0.2.2, DNS
 10.0.2.3, forwarded to the host's resolver), so its configuration does not depend on the host.
@@ -54,7 +56,7 @@ def start(run_dir: Path, net_mode: str | None = None) -> NetBackend:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = ["passt", "--foreground", "--one-off", "--quiet", "--fd", str(theirs.fileno()),
             "--address", GUEST_IP, "--netmask", str(PREFIX), "--gateway", GATEWAY,
-            "--no-map-gw", "--dns", DNS, "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp",
+            "--no-map-gw", "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp",
             "--no-ra"]
     with open(run_dir / "passt.log", "ab") as log:
         helper = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
