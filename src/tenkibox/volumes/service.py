@@ -243,14 +243,24 @@ async def unplug(machine: Machine, volume_id: str, timeout: float = UNPLUG_TIMEO
                 raise InternalError(f"the guest did not release volume {volume_id} within "
                                     f"{timeout:g}s")
             await asyncio.sleep(UNPLUG_POLL_S)
-    await drop_nodes(machine, volume_id)
+    await drop_nodes(machine, volume_id, deadline=time.monotonic() + timeout)
 
 
-async def drop_nodes(machine: Machine, volume_id: str) -> None:
+async def drop_nodes(machine: Machine, volume_id: str, deadline: float = 0.0) -> None:
     nodes = await _block_nodes(machine)
     for node in (disk_node(volume_id), file_node(volume_id)):
-        if node in nodes:
-            await machine.execute("blockdev-del", {"node-name": node})
+        if node not in nodes:
+            continue
+        while True:
+            try:
+                await machine.execute("blockdev-del", {"node-name": node})
+                break
+            except MachineError as exc:
+                # The device leaves the QOM tree before it is finalized and lets go of its
+                # block backend: "in use" for a moment after it is gone.
+                if "in use" not in exc.message or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(UNPLUG_POLL_S)
 
 
 def _mount_error(exc: AgentError, volume_id: str, path: str, read_only: bool) -> TenkiError:
@@ -415,11 +425,15 @@ class VolumeService:
             self._check_free(self._usable(mount.volume_id))
 
     async def attach_at_start(self, session_id: str, req: SessionCreate) -> None:
-        """The ``--volume`` mounts of a create, once its VM runs (booted or restored)."""
+        """The ``--volume`` mounts of a create, once its VM runs (booted or restored); the
+        session may still be CREATING."""
+        rt = self.sessions.runtimes.get(session_id)
+        if rt is None:
+            raise ConflictError(f"session {session_id} has no VM to attach volumes to")
         failed: list[str] = []
         for mount in req.volumes:
             try:
-                await self.attach(session_id, VolumeAttach(
+                await self._attach(session_id, rt, VolumeAttach(
                     volume_id=mount.volume_id, path=mount.path, read_only=mount.read_only))
             except TenkiError as exc:
                 failed.append(exc.message)
@@ -429,8 +443,11 @@ class VolumeService:
             raise ConflictError("; ".join(failed))
 
     async def attach(self, session_id: str, req: VolumeAttach) -> Session:
+        mount_path(req.path)
+        return await self._attach(session_id, self.sessions.live(session_id), req)
+
+    async def _attach(self, session_id: str, rt: Runtime, req: VolumeAttach) -> Session:
         path = mount_path(req.path)
-        rt = self.sessions.live(session_id)
         row = self._usable(req.volume_id)
         current = attachments(self.sessions.row(session_id))
         for att in current:
