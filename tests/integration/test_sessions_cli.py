@@ -65,7 +65,7 @@ def record(server: Any, session_id: str) -> dict[str, Any]:
 
 def qemu_pids(session_id: str) -> list[int]:
     """Live (non-zombie) QEMU processes of one session, found by their ``-name``."""
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
         parts = line.split(None, 2)
@@ -73,6 +73,11 @@ def qemu_pids(session_id: str) -> list[int]:
                 and not parts[1].startswith("Z"):
             pids.append(int(parts[0]))
     return pids
+
+
+def ps_qemu() -> list[str]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    return [line[:200] for line in out.splitlines() if "qemu-system" in line]
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> bool:
@@ -132,7 +137,7 @@ def test_create_json_record(tenki_server: Any, box_record: dict[str, Any]) -> No
     assert created.tzinfo is not None
     assert abs((expires - created).total_seconds() - 1800) < 1
     assert r["ready_at"] is not None and parse_time(r["ready_at"]) >= created
-    assert len(qemu_pids(r["id"])) == 1
+    assert len(qemu_pids(r["id"])) == 1, (ps_qemu(), tenki_server.log_tail())
 
 
 def test_create_defaults_plain_output(tenki_server: Any, box: str) -> None:
