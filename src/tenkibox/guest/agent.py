@@ -15,28 +15,33 @@ waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
-import ctypes
 import errno
 import fcntl
-import glob
 import json
 import os
 import queue
 import re
 import select
 import signal
-import socket
 import stat
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+
+# Every import is paid at each boot before the agent can answer (argparse, typing, ctypes and
+# socket cost ~1 s together under TCG), so the rare ones are imported where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+    from typing import Any
+
+    # An op answers with its result, or with None when it answers by itself (exec, stdin).
+    Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 VERSION = "0.1.0"
 PORT_NAME = "org.tenki.agent"
@@ -92,6 +97,13 @@ def _errno_name(code: int | None) -> str | None:
     return errno.errorcode.get(code) if code else None
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 # --------------------------------------------------------------------------------------------
 # Ports
 
@@ -113,11 +125,12 @@ class VirtioPort:
         self._open()
 
     def _find(self) -> str | None:
-        for entry in sorted(glob.glob("/sys/class/virtio-ports/*")):
+        base = "/sys/class/virtio-ports"
+        for entry in sorted(_listdir(base)):
             try:
-                with open(os.path.join(entry, "name")) as f:
+                with open(f"{base}/{entry}/name") as f:
                     if f.read().strip() == self.name:
-                        return "/dev/" + os.path.basename(entry)
+                        return f"/dev/{entry}"
             except OSError:
                 continue
         return None
@@ -187,6 +200,8 @@ class ListenPort:
     """
 
     def __init__(self, path: str) -> None:
+        import socket
+
         self.path = path
         try:
             os.unlink(path)
@@ -258,7 +273,7 @@ class ListenPort:
         for s in (conn, self.sock):
             if s is not None:
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    s.shutdown(2)  # SHUT_RDWR
                 except OSError:
                     pass
                 s.close()
@@ -284,7 +299,8 @@ class System:
         time.clock_settime_ns(time.CLOCK_REALTIME, epoch_ns)
 
     def set_hostname(self, name: str) -> None:
-        socket.sethostname(name)
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(name)
 
     def mix_entropy(self, data: bytes) -> None:
         with open("/dev/urandom", "wb", buffering=0) as f:
@@ -304,30 +320,60 @@ class System:
 
 
 class Outbox:
-    """Lines for the host, in order. Process output is accounted per process so that a process
-    whose host is away (or slow) is held back at OUTPUT_LIMIT instead of growing the agent."""
+    """Everything for the host goes through here, in order.
 
-    def __init__(self) -> None:
+    A message finding nobody writing and nothing queued is written at once by the thread that
+    made it: handing it to the writer thread costs a thread switch, which under TCG is most of
+    a ping's round trip. Otherwise it queues behind the others and the writer thread sends it.
+    Queued process output is accounted per process so that a process whose host is away (or
+    slow) is held back at OUTPUT_LIMIT instead of growing the agent.
+    """
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
         self.items: collections.deque[tuple[bytes, Proc | None, int]] = collections.deque()
         self.cv = threading.Condition()
+        self.busy = False  # a thread is writing to the port
 
-    def put(self, msg: dict[str, Any], proc: Proc | None = None, nbytes: int = 0) -> None:
+    def put(self, msg: dict[str, Any], proc: Proc | None = None, nbytes: int = 0) -> bool:
+        """Send or queue ``msg``; True when it was queued (then it counts against ``proc``)."""
         line = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         with self.cv:
-            self.items.append((line, proc, nbytes))
-            self.cv.notify()
+            if self.items or self.busy:
+                self.items.append((line, proc, nbytes))
+                self.cv.notify_all()
+                return True
+            self.busy = True
+        try:
+            self.port.write(line)
+        finally:
+            with self.cv:
+                self.busy = False
+                self.cv.notify_all()
+        return False
 
-    def take(self) -> list[tuple[bytes, Proc | None, int]]:
-        with self.cv:
-            while not self.items:
-                self.cv.wait()
-            batch: list[tuple[bytes, Proc | None, int]] = []
-            size = 0
-            while self.items and (not batch or size + len(self.items[0][0]) <= WRITE_BATCH):
-                item = self.items.popleft()
-                batch.append(item)
-                size += len(item[0])
-            return batch
+    def run_writer(self) -> None:
+        while True:
+            with self.cv:
+                while not self.items or self.busy:
+                    self.cv.wait()
+                self.busy = True
+                batch: list[tuple[bytes, Proc | None, int]] = []
+                size = 0
+                while self.items and (not batch or size + len(self.items[0][0]) <= WRITE_BATCH):
+                    item = self.items.popleft()
+                    batch.append(item)
+                    size += len(item[0])
+            try:
+                self.port.write(b"".join(item[0] for item in batch))
+            finally:
+                with self.cv:
+                    self.busy = False
+                    self.cv.notify_all()
+            # After letting go of the port: a pump may hold its process's lock while it writes.
+            for _, proc, nbytes in batch:
+                if proc is not None and nbytes:
+                    proc.release(nbytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,11 +434,11 @@ class Proc:
                     break
                 if self.detached:
                     continue
-                self.pending += len(data)
-                # Enqueued under the process lock so that no output can follow the exit event.
-                self.agent.out.put(
-                    {"id": self.id, "event": name, "data": base64.b64encode(data).decode()},
-                    self, len(data))
+                # Sent under the process lock so that no output can follow the exit event.
+                if self.agent.out.put(
+                        {"id": self.id, "event": name, "data": base64.b64encode(data).decode()},
+                        self, len(data)):
+                    self.pending += len(data)
         # Through the file object, which owns the fd: a raw close would leave it to close the
         # number again later, when it may belong to another process's pipe.
         stream.close()
@@ -515,10 +561,6 @@ def _str(req: dict[str, Any], key: str) -> str:
     return value
 
 
-# An op answers with its result, or with None when it answers by itself (exec, stdin).
-Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
-
-
 def _unescape_mount_field(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -527,7 +569,7 @@ class Agent:
     def __init__(self, port: Any, system: System | None = None) -> None:
         self.port = port
         self.sys = system or System()
-        self.out = Outbox()
+        self.out = Outbox(port)
         self.procs: dict[int, Proc] = {}
         self.procs_lock = threading.Lock()
         self.stopping = False
@@ -562,7 +604,7 @@ class Agent:
     # -- plumbing --------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        threading.Thread(target=self._writer, name="writer", daemon=True).start()
+        threading.Thread(target=self.out.run_writer, name="writer", daemon=True).start()
         buf = bytearray()
         scanned = 0
         connected = False
@@ -595,14 +637,6 @@ class Agent:
             if len(buf) > MAX_LINE:
                 buf.clear()
                 scanned = 0
-
-    def _writer(self) -> None:
-        while True:
-            batch = self.out.take()
-            self.port.write(b"".join(item[0] for item in batch))
-            for _, proc, nbytes in batch:
-                if proc is not None and nbytes:
-                    proc.release(nbytes)
 
     def stop(self) -> None:
         self.stopping = True
@@ -828,6 +862,8 @@ class Agent:
     # -- volumes ---------------------------------------------------------------------------
 
     def _libc_call(self, name: str, *args: Any) -> None:
+        import ctypes
+
         if self._libc is None:
             self._libc = ctypes.CDLL(None, use_errno=True)
         if getattr(self._libc, name)(*args) != 0:
@@ -838,9 +874,10 @@ class Agent:
         # A hot-plugged disk shows up in sysfs a moment after device_add returns.
         deadline = time.monotonic() + wait_s
         while True:
-            for entry in sorted(glob.glob(self.sys.path("/sys/block/vd*"))):
-                if self._read_text(os.path.join(entry, "serial")).strip() == serial:
-                    dev = "/dev/" + os.path.basename(entry)
+            base = self.sys.path("/sys/block")
+            for name in sorted(n for n in _listdir(base) if n.startswith("vd")):
+                if self._read_text(f"{base}/{name}/serial").strip() == serial:
+                    dev = f"/dev/{name}"
                     if os.path.exists(dev):
                         return dev
             if time.monotonic() >= deadline:
@@ -895,6 +932,8 @@ class Agent:
                 raise OpError(f"mkfs.ext4 {dev} failed: {r.stderr.strip()}", "EIO")
             fstype = "ext4"
         os.makedirs(path, exist_ok=True)
+        import ctypes
+
         self._libc_call("mount", dev.encode(), path.encode(), fstype.encode(),
                         ctypes.c_ulong(MS_RDONLY if read_only else 0), None)
         return {"device": dev}
@@ -908,14 +947,43 @@ class Agent:
         return {"was_mounted": True}
 
 
+USAGE = """usage: agent.py [--listen PATH] [--port-name NAME] [--wait-file PATH]
+
+  --listen PATH     serve a unix socket at PATH instead of the virtio port
+  --port-name NAME  the virtio-serial port to serve (default org.tenki.agent)
+  --wait-file PATH  serve only once PATH exists (tenki-init creates it when the guest is set up)
+"""
+WAIT_FILE_LIMIT_S = 60.0
+
+
+def _wait_for_file(path: str) -> None:
+    deadline = time.monotonic() + WAIT_FILE_LIMIT_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            log(f"{path} did not appear within {WAIT_FILE_LIMIT_S:g}s; serving anyway")
+            return
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--listen", help="serve a unix socket at this path instead of the port")
-    parser.add_argument("--port-name", default=PORT_NAME)
-    args = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    opts = {"--listen": "", "--port-name": PORT_NAME, "--wait-file": ""}
+    while args:
+        if args[0] in opts and len(args) >= 2:
+            opts[args[0]] = args[1]
+            args = args[2:]
+        else:
+            sys.stderr.write(USAGE)
+            return 0 if args[0] in ("-h", "--help") else 2
     os.umask(0o022)
     os.chdir("/")
-    port: Any = ListenPort(args.listen) if args.listen else VirtioPort(args.port_name)
+    if opts["--wait-file"]:
+        _wait_for_file(opts["--wait-file"])
+    port: Any
+    if opts["--listen"]:
+        port = ListenPort(opts["--listen"])
+    else:
+        port = VirtioPort(opts["--port-name"])
     log(f"version {VERSION} pid {os.getpid()}")
     Agent(port).serve_forever()
     return 0
