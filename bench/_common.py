@@ -98,7 +98,7 @@ class Cleanup:
             what, action = self._actions.pop()
             try:
                 action()
-            except BaseException as exc:  # noqa: BLE001 - cleanup must go on
+            except BaseException as exc:  # cleanup must go on
                 log(f"cleanup: {what}: {type(exc).__name__}: {exc}")
 
     def __enter__(self) -> Cleanup:
