@@ -104,7 +104,8 @@ def test_spec_flow_sync(client: Client, src: Session) -> None:
 
     # the source goes on changing; the restored copy has the snapshot's state
     src.files.write("/root/state.txt", "changed after the snapshot\n")
-    restored = client.create_and_wait(snapshot_id=snapshot.id, name="restored-copy")
+    restored = client.create_and_wait(snapshot_id=snapshot.id, name="restored-copy",
+                                      env={"ROLE": "copy"})
     try:
         assert restored.id != src.id and restored.name == "restored-copy"
         assert restored.state in (SessionState.READY, SessionState.RUNNING)
@@ -112,7 +113,7 @@ def test_spec_flow_sync(client: Client, src: Session) -> None:
         assert restored.files.read("/root/state.txt") == b"saved state\n"
         assert restored.files.read_text("/root/state.txt") == "saved state\n"
         assert restored.files.read("/dev/shm/in-memory.bin") == b"\x00\xffram"
-        assert restored.shell("echo $GREETING").check().stdout == "hello\n"
+        assert restored.shell("echo $ROLE").check().stdout == "copy\n"
     finally:
         restored.terminate()
     assert src.files.read("/root/state.txt") == b"changed after the snapshot\n"
@@ -141,10 +142,11 @@ async def test_spec_flow_async(tenki_server: Any) -> None:
             assert (await client.get_snapshot(ready.id)).state == SnapshotState.READY
             listed = await client.list_snapshots(session_id=session.id)
             assert [s.id for s in listed] == [ready.id]
+            await session.files.write("/root/async.txt", b"second state")
             snap2 = await client.create_snapshot_and_wait(session.id, "async-second")
             assert snap2.state == SnapshotState.READY and snap2.id != ready.id
 
-            await session.files.write("/root/async.txt", b"overwritten")
+            await session.files.write("/root/async.txt", b"live")
             async with await client.create_and_wait(snapshot_id=ready.id) as restored:
                 assert await restored.files.read("/root/async.txt") == b"async state"
                 # two commands at once on one session
@@ -156,7 +158,8 @@ async def test_spec_flow_async(tenki_server: Any) -> None:
             copy = await client.restore_snapshot(snap2.id, name="async-copy")
             try:
                 assert copy.name == "async-copy"
-                assert await copy.files.read("/root/async.txt") == b"overwritten"
+                assert await copy.files.read("/root/async.txt") == b"second state"
+                assert await session.files.read("/root/async.txt") == b"live"
             finally:
                 await copy.terminate()
 
