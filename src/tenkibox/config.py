@@ -89,7 +89,8 @@ class Layout:
         return self.snapshots / snapshot_id
 
     def ensure(self) -> Layout:
-        for p in (self.home, self.layers, self.images, self.sessions, self.snapshots, self.volumes, self.run):
+        for p in (self.home, self.layers, self.images, self.sessions, self.snapshots,
+                  self.volumes, self.run):
             p.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -102,7 +102,7 @@ class WaitTimeoutError(TenkiError):
     status = 408
 
 
-class ConnectionError(TenkiError):  # noqa: A001 - the SDK's name, distinct from the builtin
+class ConnectionError(TenkiError):  # the SDK's name; shadows the builtin on purpose
     code = "Unavailable"
     status = 503
 

@@ -39,7 +39,8 @@ def parse_size(text: str, *, field: str = "size") -> int:
     """``"1GiB"``, ``"512M"``, ``"1048576"`` -> bytes (binary units; GB is read as GiB)."""
     m = _SIZE.match(text)
     if not m:
-        raise ValidationError(f"cannot parse {text!r} as a size (examples: 64MiB, 1GiB)", field=field)
+        raise ValidationError(f"cannot parse {text!r} as a size (examples: 64MiB, 1GiB)",
+                              field=field)
     unit = (m.group(2) or "").lower()[:1]
     return int(float(m.group(1)) * _SIZE_SCALE[unit])
 

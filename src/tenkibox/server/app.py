@@ -35,7 +35,8 @@ from .runtime import ServerRuntime
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # the first element says where (body, query, path); a field may itself be called "path"
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)]
     return ".".join(parts) or "body"
 
 
@@ -79,7 +80,7 @@ def create_app(rt: ServerRuntime) -> FastAPI:
 
     @app.get("/v1/sessions", response_model=list[Session], dependencies=deps)
     async def list_sessions(state: str | None = None) -> list[Session]:
-        return sessions.list(state)
+        return sessions.query(state)
 
     @app.get("/v1/sessions/{session_id}", response_model=Session, dependencies=deps)
     async def get_session(session_id: str) -> Session:
@@ -157,7 +158,7 @@ def create_app(rt: ServerRuntime) -> FastAPI:
 
     @app.get("/v1/snapshots", response_model=list[Snapshot], dependencies=deps)
     async def list_snapshots(session_id: str | None = None) -> list[Snapshot]:
-        return snapshots.list(session_id)
+        return snapshots.query(session_id)
 
     @app.get("/v1/snapshots/{snapshot_id}", response_model=Snapshot, dependencies=deps)
     async def get_snapshot(snapshot_id: str) -> Snapshot:
@@ -185,7 +186,7 @@ def create_app(rt: ServerRuntime) -> FastAPI:
 
     @app.get("/v1/volumes", response_model=list[Volume], dependencies=deps)
     async def list_volumes() -> list[Volume]:
-        return volumes.list()
+        return volumes.query()
 
     @app.get("/v1/volumes/{volume_id}", response_model=Volume, dependencies=deps)
     async def get_volume(volume_id: str) -> Volume:

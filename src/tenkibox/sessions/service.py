@@ -112,6 +112,8 @@ class SessionService:
         self.processes = ProcessTable()
         self.restorer: Restorer | None = None
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
+        # called with a live runtime just before its VM is stopped on purpose (flush volumes)
+        self.before_stop: list[Callable[[str], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Condition()
 
@@ -206,6 +208,7 @@ class SessionService:
             log.warning("session %s failed to start: %s", session_id, reason)
             await self._discard(session_id)
             await self.set_state(session_id, SessionState.FAILED, reason, terminated_at=now())
+            await self._gone(session_id)
             return
         self.runtimes[session_id] = rt
         rt.watcher = self._spawn(self._watch(session_id), f"watch {session_id}")
@@ -213,14 +216,15 @@ class SessionService:
         if fresh.state != SessionState.CREATING.value:  # terminated while it was starting
             await self.terminate(session_id)
             return
-        await self.set_state(session_id, SessionState.READY, None, ready_at=now())
+        warning: str | None = None
         if req.volumes and self.volume_attacher is not None:
+            # attached before READY: a command run at once must see the mounts
             try:
                 await self.volume_attacher(session_id, req)
             except TenkiError as exc:
                 log.warning("session %s: volume attach failed: %s", session_id, exc)
-                await self.set_state(session_id, SessionState.READY,
-                                     f"volume attach failed: {exc.message}")
+                warning = f"volume attach failed: {exc.message}"
+        await self.set_state(session_id, SessionState.READY, warning, ready_at=now())
 
     def image_files(self, image_id: str) -> tuple[Path, Path, Path, str]:
         """Stable layer-store paths of an image's disk, kernel and initrd (built if missing)."""
@@ -298,6 +302,7 @@ class SessionService:
                     await self._discard(session_id)
                     await self.set_state(session_id, SessionState.FAILED, reason,
                                          terminated_at=now())
+                    await self._gone(session_id)
                 return
 
     async def recover(self) -> None:
@@ -353,8 +358,7 @@ class SessionService:
         state = SessionState.FAILED if row.state == SessionState.CREATING.value \
             else SessionState.TERMINATED
         await self.set_state(row.id, state, reason, terminated_at=now())
-        for hook in self.on_gone:
-            await hook(row.id)
+        await self._gone(row.id)
 
     # -- terminate ----------------------------------------------------------------------------
     async def terminate(self, session_id: str, reason: str | None = None) -> Session:
@@ -366,14 +370,26 @@ class SessionService:
             # the start task sees TERMINATING and cleans up when it finishes
             await self.set_state(session_id, SessionState.TERMINATING, reason)
             return to_model(self.row(session_id))
+        if rt is not None:
+            for hook in self.before_stop:
+                try:
+                    await hook(session_id)
+                except Exception:  # a hook must never keep a session from ending
+                    log.exception("session %s: before-stop hook failed", session_id)
         await self.set_state(session_id, SessionState.TERMINATING, reason)
         if rt is not None:
             async with rt.lock:
                 await self._discard(session_id)
         await self.set_state(session_id, SessionState.TERMINATED, reason, terminated_at=now())
-        for hook in self.on_gone:
-            await hook(session_id)
+        await self._gone(session_id)
         return to_model(self.row(session_id))
+
+    async def _gone(self, session_id: str) -> None:
+        for hook in self.on_gone:
+            try:
+                await hook(session_id)
+            except Exception:
+                log.exception("session %s: on-gone hook failed", session_id)
 
     async def _discard(self, session_id: str) -> None:
         """Stop the VM and remove its volatile files; idempotent."""

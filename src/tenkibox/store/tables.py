@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -61,9 +61,9 @@ class SnapshotRow(Base):
     name: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
-    compressed_bytes: Mapped[int] = mapped_column(Integer, default=0)
-    memory_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    compressed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     base_image_id: Mapped[str] = mapped_column(String(64))
     cpu: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(Integer)
@@ -82,7 +82,7 @@ class VolumeRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16), index=True)
     session_id: Mapped[str | None] = mapped_column(String(40))
     path: Mapped[str | None] = mapped_column(Text)

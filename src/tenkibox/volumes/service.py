@@ -288,14 +288,7 @@ class VolumeService:
         sessions.on_gone.append(self._session_gone)
         # Terminating kills the VM: the guest's page cache (ext4 holds written data there for up
         # to 30 s) would die with it, and a journal left to replay cannot be mounted read-only.
-        # Unmount first. (A session hook for "about to stop" would be the cleaner place.)
-        stop = sessions.terminate
-
-        async def terminate(session_id: str, reason: str | None = None) -> Session:
-            await self.flush_before_stop(session_id)
-            return await stop(session_id, reason)
-
-        sessions.terminate = terminate  # type: ignore[method-assign]
+        sessions.before_stop.append(self.flush_before_stop)
 
     def file(self, volume_id: str) -> Path:
         return self.layout.volumes / f"{volume_id}.img"
