@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,9 +64,15 @@ def record(server: Any, session_id: str) -> dict[str, Any]:
     return json.loads(ok(cli(server, "sandbox", "get", session_id, "--json")))  # type: ignore[no-any-return]
 
 
+def _ps() -> str:
+    # -ww: without a terminal, ps cuts each line at 80 columns
+    return subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True,
+                          text=True).stdout
+
+
 def qemu_pids(session_id: str) -> list[int]:
     """Live (non-zombie) QEMU processes of one session, found by their ``-name``."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    out = _ps()
     pids = []
     for line in out.splitlines():
         parts = line.split(None, 2)
@@ -76,8 +83,7 @@ def qemu_pids(session_id: str) -> list[int]:
 
 
 def ps_qemu() -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
-    return [line[:200] for line in out.splitlines() if "qemu-system" in line]
+    return [line[:200] for line in _ps().splitlines() if "qemu-system" in line]
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> bool:
@@ -450,7 +456,25 @@ def test_server_kill9_keeps_sessions(tenki_server: Any, box: str) -> None:
     box_pids, victim_pids = qemu_pids(box), qemu_pids(victim)
     assert len(box_pids) == 1 and len(victim_pids) == 1
 
-    tenki_server.kill9()
+    # a command streaming its output when the server dies
+    env = dict(tenki_server.env, TENKI_API_ENDPOINT=tenki_server.url)
+    streaming = subprocess.Popen(
+        [sys.executable, "-m", "tenkibox", "sandbox", "exec", "--session", box,
+         "sh", "-c", "echo started; sleep 60"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert streaming.stdout is not None
+        assert streaming.stdout.readline() == b"started\n"
+        tenki_server.kill9()
+        _, err = streaming.communicate(timeout=30)
+    finally:
+        if streaming.poll() is None:
+            streaming.kill()
+            streaming.wait()
+    assert streaming.returncode == 1, err
+    assert b"Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(b"error: "), err
+
     # the VMs outlive the server; one of them dies while no server watches it
     assert qemu_pids(box) == box_pids
     os.kill(victim_pids[0], signal.SIGKILL)
