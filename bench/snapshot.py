@@ -132,6 +132,8 @@ class LibvirtBaseline:
     """``virsh save`` / ``virsh restore`` of a transient domain."""
 
     label = "libvirt"
+    desc = ("libvirt 9.0 `virsh save` / `virsh restore` (default raw save format) of a transient "
+            "domain; the guest is stopped by the save, so paused = capture = the save")
 
     def __init__(self, cleanup: Cleanup, lv: Libvirt, work: Path, image: Image,
                  cpu: int) -> None:
@@ -268,7 +270,9 @@ class LibvirtBaseline:
 class QemuFileBaseline:
     """Plain QEMU: ``stop`` + ``migrate`` to ``exec:cat > file`` + ``cont``; ``-incoming``."""
 
-    label = "plain QEMU migrate-to-file"
+    label = "qemu-file"
+    desc = ("plain QEMU: `stop`, `migrate` to `exec:cat > file`, overlay copy, `cont` (then "
+            "fsync); restore = new QEMU `-incoming defer` + `migrate-incoming` + `cont`")
 
     def __init__(self, cleanup: Cleanup, work: Path, image: Image, cpu: int) -> None:
         self.cleanup, self.work, self.image, self.cpu = cleanup, work, image, cpu
@@ -439,10 +443,11 @@ def tenki_clones(srv: TenkiServer, snapshot_id: str, n: int) -> Clones:
 # -- output ---------------------------------------------------------------------------------
 
 def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, label: str,
-                 note: str | None, args: argparse.Namespace, elapsed: float) -> None:
+                 desc: str, note: str | None, args: argparse.Namespace, elapsed: float) -> None:
     b = label
     print(f"\n## Snapshots: tenki vs {b} ({args.cpu} vCPU, TCG; restores per row: "
           f"{args.restores}, median (min-max); ratio = tenki/{b})\n")
+    print(f"Baseline: {desc}.\n")
     if note:
         print(f"Baseline note: {note}\n")
     t_rows = []
@@ -644,7 +649,8 @@ def main() -> int:
                 with contextlib.suppress(Exception):
                     srv.sdk.delete_snapshot(sid)
 
-    print_report(rows, clones, clone_desc, label, note, args, time.monotonic() - started)
+    print_report(rows, clones, clone_desc, label, baseline.desc, note, args,
+                 time.monotonic() - started)
     return 0
 
 
