@@ -340,8 +340,9 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
         raw = work / "disk.raw"
         _run(["mkfs.ext4", "-q", "-F", "-L", "tenki-root", "-m", "0", "-d", str(rootfs),
               # Initialized now, once, rather than by ext4lazyinit in every session (which
-              # would write the inode tables into each session's overlay).
-              "-E", "lazy_itable_init=0,lazy_journal_init=0",
+              # would write the inode tables into each session's overlay). A new sparse file
+              # reads as zeros already: discarding it only costs time (~4 s here).
+              "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
               str(raw), str(disk_size // 1024) + "k"])
         _rmtree(rootfs)
 
