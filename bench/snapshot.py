@@ -611,7 +611,6 @@ def main() -> int:
             boot = baseline.boot(memory_mb)
             cleanup.push(f"end {label} guest {memory_mb}", baseline.end)
             log(f"{label} guest exec-ready in {boot:.1f}s")
-            snapshots = []
             for dirty in args.dirty:
                 row = Row(memory_mb, dirty)
                 rows.append(row)
@@ -620,7 +619,6 @@ def main() -> int:
                     session.shell(dirty_command(dirty), timeout=900).check()
                     baseline.shell(dirty_command(dirty))
                 snap = tenki_capture(srv, session.id, row)
-                snapshots.append(snap.id)
                 saved = baseline.save(f"{dirty}")
                 row.b_paused, row.b_capture = saved.paused, saved.total
                 row.b_size, row.b_disk = saved.size, saved.disk_bytes
@@ -645,9 +643,9 @@ def main() -> int:
                     saved.path.unlink()
             session.terminate()
             baseline.end()
-            for sid in snapshots:
-                with contextlib.suppress(Exception):
-                    srv.sdk.delete_snapshot(sid)
+            # snapshots stay until the temporary home goes: deleting one runs the layer garbage
+            # collector in the background, which can race the next session's boot (the base
+            # image's hard link is old, so its age does not protect it)
 
     print_report(rows, clones, clone_desc, label, baseline.desc, note, args,
                  time.monotonic() - started)
