@@ -93,7 +93,9 @@ class TenkiServer:
         server_file = self.home / "server.json"
         server_file.unlink(missing_ok=True)
         log = open(self.home / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([*TENKI, "serve", "--port", "0"], env=self.env,
+        # a restarted server keeps its port, so clients made earlier still reach it
+        port = self.url.rsplit(":", 1)[1] if self.url else "0"
+        self.proc = subprocess.Popen([*TENKI, "serve", "--port", port], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
