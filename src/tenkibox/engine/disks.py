@@ -65,11 +65,13 @@ def file_bytes(path: Path) -> int:
         return 0
 
 
-def collect_garbage(store: Path, referenced: set[str], min_age_s: float = 120.0) -> int:
+def collect_garbage(store: Path, referenced: set[str], keep_inodes: set[int] | None = None,
+                    min_age_s: float = 120.0) -> int:
     """Delete layer-store files no record references; returns the bytes freed.
 
     Files younger than ``min_age_s`` are spared: a session being created has its overlay on
-    disk a moment before its record names it.
+    disk a moment before its record names it. So are links of the current images
+    (``keep_inodes``): a hard link keeps the image's old mtime, and the next boot uses it.
     """
     import time
 
@@ -88,7 +90,8 @@ def collect_garbage(store: Path, referenced: set[str], min_age_s: float = 120.0)
         if str(entry) in referenced:
             continue
         with contextlib.suppress(OSError):
-            if now - entry.stat().st_mtime < min_age_s:
+            st = entry.stat()
+            if now - st.st_mtime < min_age_s or st.st_ino in (keep_inodes or ()):
                 continue
         freed += allocated_bytes(entry)
         with contextlib.suppress(OSError):

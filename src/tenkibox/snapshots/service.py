@@ -321,7 +321,8 @@ class SnapshotService:
         return refs
 
     def collect_garbage(self) -> int:
-        freed = disks.collect_garbage(self.layout.layers, self.referenced_files())
+        images = {p.stat().st_ino for p in self.layout.images.rglob("*") if p.is_file()}
+        freed = disks.collect_garbage(self.layout.layers, self.referenced_files(), images)
         if freed:
             log.info("freed %d bytes of unreferenced layers", freed)
         return freed
