@@ -79,15 +79,8 @@ def collect_garbage(store: Path, referenced: set[str], keep_inodes: set[int] | N
     if not store.exists():
         return 0
     now = time.time()
-    for entry in store.iterdir():
-        if entry.name.startswith("."):
-            # a digest kept beside a layer goes with it
-            main = entry.with_name(entry.name[1:].removesuffix(".sha256"))
-            if entry.name.endswith(".sha256") and not main.exists():
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-            continue
-        if str(entry) in referenced:
+    for entry in list(store.iterdir()):
+        if entry.name.startswith(".") or str(entry) in referenced:
             continue
         with contextlib.suppress(OSError):
             st = entry.stat()
@@ -96,4 +89,8 @@ def collect_garbage(store: Path, referenced: set[str], keep_inodes: set[int] | N
         freed += allocated_bytes(entry)
         with contextlib.suppress(OSError):
             entry.unlink()
+    for side in store.glob(".*.sha256"):  # a digest kept beside a layer goes with it
+        if not side.with_name(side.name[1:].removesuffix(".sha256")).exists():
+            with contextlib.suppress(OSError):
+                side.unlink()
     return freed
