@@ -206,6 +206,64 @@ async def collect(proc: AgentProcess) -> tuple[bytes, bytes, dict]:
     raise AssertionError("no exit event")
 
 
+# -- the builder's parts (no build, no VM) -----------------------------------------------------
+
+
+def test_host_mirrors_keep_the_suite_and_its_keyring(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "# comment\ndeb http://mirror.example/debian bookworm main contrib\n"
+        "deb-src http://mirror.example/debian bookworm main\n"
+        "deb http://mirror.example/debian bookworm-backports main\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://other.example/\nSuites: nodistro\nComponents: main\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.example/\nSuites: bookworm\n"
+        "Components: main\n")
+    assert builder.host_mirrors(tmp_path) == [
+        "deb http://mirror.example/debian bookworm main contrib",
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        "http://deb.debian.org/debian-security bookworm-security main",
+    ]
+    assert builder.host_mirrors(tmp_path / "nothing") == builder.DEFAULT_MIRRORS
+
+
+def test_resolve_modules_orders_dependencies_first(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio.ko "
+        "kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/virtio/virtio_ring.ko:\n"
+        "kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio.ko "
+        "kernel/drivers/virtio/virtio_ring.ko\n")
+    (tmp_path / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    assert builder.resolve_modules(tmp_path, ["virtio_pci", "virtio-blk", "ext4"]) == [
+        "kernel/drivers/virtio/virtio_ring.ko",
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_pci.ko",
+        "kernel/drivers/block/virtio_blk.ko.xz",
+    ]
+    with pytest.raises(builder.ImageBuildError):
+        builder.resolve_modules(tmp_path, ["no_such_module"])
+
+
+def test_initrd_archive_is_newc_cpio(tmp_path: Path) -> None:
+    archive = builder._Cpio()
+    archive.dir("bin")
+    archive.file("bin/hello", b"hello\n", 0o755)
+    archive.symlink("bin/hi", "hello")
+    archive.chardev("console", 5, 1)
+    (tmp_path / "a.cpio").write_bytes(archive.finish())
+    out = subprocess.run(["cpio", "-itv", "--quiet", "-F", str(tmp_path / "a.cpio")],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^-rwxr-xr-x .* bin/hello$", out, re.M)
+    assert re.search(r"^lrwxrwxrwx .* bin/hi -> hello$", out, re.M)
+    assert re.search(r"^crw------- .* 5,\s*1 .* console$", out, re.M)
+    assert builder._is_static_elf(builder._busybox())
+    assert not builder._is_static_elf(Path(shutil.which("ls") or "/bin/ls"))
+
+
 # -- the image ---------------------------------------------------------------------------------
 
 

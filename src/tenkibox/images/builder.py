@@ -449,7 +449,7 @@ def _failure(argv: list[str], status: int, stderr: str) -> str:
 # -- bootstrap ---------------------------------------------------------------------------------
 
 
-def host_mirrors() -> list[str]:
+def host_mirrors(apt: Path = Path("/etc/apt")) -> list[str]:
     """The host's apt sources for the suite, as one-line entries (Debian's defaults if none).
 
     The guest keeps them in its apt configuration, so apt inside a session uses the same mirror
@@ -457,7 +457,6 @@ def host_mirrors() -> list[str]:
     """
     entries: list[str] = []
     suites = {SUITE, f"{SUITE}-updates", f"{SUITE}-security"}
-    apt = Path("/etc/apt")
     listd = apt / "sources.list.d"
     files = [apt / "sources.list", *sorted(listd.glob("*.list")), *sorted(listd.glob("*.sources"))]
     for path in files:
