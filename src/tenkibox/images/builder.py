@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -45,6 +46,8 @@ from pathlib import Path
 from ..config import Layout
 from ..errors import InternalError, ValidationError
 from ..models import Image
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float | None], None]
 
@@ -277,6 +280,16 @@ def build_image(layout: Layout, image_id: str = "sandbox", *, force: bool = Fals
             current = _up_to_date(layout, image_id, wanted)
             if current is not None:
                 return current
+            stale = get_image(layout, image_id)
+            if stale is not None:
+                try:
+                    _check_prerequisites()
+                except ImageBuildError as exc:
+                    # Booting the previous agent beats failing every session on this host.
+                    log.warning("image %s was built from other guest sources but cannot be "
+                                "rebuilt here (%s); using it as it is", image_id, exc)
+                    return stale
+                log.info("image %s was built from other guest sources: rebuilding", image_id)
         return _build_locked(layout, image_id, wanted, progress or _no_progress, disk_size)
 
 
@@ -310,6 +323,7 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
     _check_prerequisites()
     _remove_leftovers(layout, image_id)
     started = time.monotonic()
+    log.info("building image %s in %s", image_id, layout.images)
     work = layout.images / f".build-{image_id}-{secrets.token_hex(4)}"
     work.mkdir()
     try:
@@ -376,6 +390,8 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
             _fsync_file(p)
         _fsync_dir(out)
         _publish(out, layout.image_dir(image_id))
+        log.info("built image %s (kernel %s, %d bytes) in %.0f s", image_id, kernel_version,
+                 size, time.monotonic() - started)
         progress("done", 1.0)
         return image
     finally:
