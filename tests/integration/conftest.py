@@ -92,7 +92,7 @@ class TenkiServer:
     def start(self, timeout: float = 60.0) -> None:
         server_file = self.home / "server.json"
         server_file.unlink(missing_ok=True)
-        log = open(self.home / "server.log", "ab")  # noqa: SIM115
+        log = open(self.home / "server.log", "ab")
         # a restarted server keeps its port, so clients made earlier still reach it
         port = self.url.rsplit(":", 1)[1] if self.url else "0"
         self.proc = subprocess.Popen([*TENKI, "serve", "--port", port], env=self.env,

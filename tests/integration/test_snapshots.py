@@ -36,12 +36,12 @@ def _err(proc: subprocess.CompletedProcess[bytes]) -> str:
     return text
 
 
-def _sh(session, cmd: str) -> str:  # type: ignore[no-untyped-def]
+def _sh(session, cmd: str) -> str:
     return session.shell(cmd, timeout=60).check().stdout.strip()
 
 
 @pytest.fixture(scope="module")
-def source(client: Client):  # type: ignore[no-untyped-def]
+def source(client: Client):
     """A session with a counting process, a file on disk and a file on a fresh tmpfs."""
     s = client.create_and_wait(name="source", memory_mb=1024, timeout=300)
     _sh(s, COUNTER)
@@ -54,14 +54,14 @@ def source(client: Client):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def snap(client: Client, source):  # type: ignore[no-untyped-def]
+def snap(client: Client, source):
     before = int(_sh(source, "cat /tmp/count"))
     snapshot = client.create_snapshot_and_wait(source.id, "baseline", timeout=300)
     after = int(_sh(source, "cat /tmp/count"))
     return snapshot, before, after
 
 
-def test_record_is_ready_with_true_sizes(client: Client, snap, source) -> None:  # type: ignore[no-untyped-def]
+def test_record_is_ready_with_true_sizes(client: Client, snap, source) -> None:
     s, _, _ = snap
     got = client.get_snapshot(s.id)
     assert got.id.startswith("snp_") and got.state.value == "READY"
@@ -75,7 +75,7 @@ def test_record_is_ready_with_true_sizes(client: Client, snap, source) -> None: 
     assert got.id in {x.id for x in client.list_snapshots(session_id=source.id)}
 
 
-def test_source_runs_on_unchanged(snap, source) -> None:  # type: ignore[no-untyped-def]
+def test_source_runs_on_unchanged(snap, source) -> None:
     _, _, after = snap
     time.sleep(1.2)
     assert int(_sh(source, "cat /tmp/count")) > after
@@ -83,7 +83,7 @@ def test_source_runs_on_unchanged(snap, source) -> None:  # type: ignore[no-unty
     source.files.write("/root/after-snapshot.txt", b"later")
 
 
-def test_restore_continues_from_the_captured_instant(client: Client, snap, source) -> None:  # type: ignore[no-untyped-def]
+def test_restore_continues_from_the_captured_instant(client: Client, snap, source) -> None:
     s, before, after = snap
     r = client.create_and_wait(snapshot_id=s.id, name="copy", timeout=120)
     try:
@@ -113,7 +113,7 @@ def test_restore_continues_from_the_captured_instant(client: Client, snap, sourc
         r.terminate()
 
 
-def test_several_restores_at_once_are_independent(client: Client, snap) -> None:  # type: ignore[no-untyped-def]
+def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
     s, _, _ = snap
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         sessions = list(pool.map(
@@ -133,7 +133,7 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
             c.terminate()
 
 
-def test_two_snapshots_of_one_session_at_once_are_serialised(client: Client, source) -> None:  # type: ignore[no-untyped-def]
+def test_two_snapshots_of_one_session_at_once_are_serialised(client: Client, source) -> None:
     a = client.create_snapshot(source.id, "twin-a")
     b = client.create_snapshot(source.id, "twin-b")
     a = client.wait_snapshot_ready(a.id, timeout=300)
@@ -144,7 +144,7 @@ def test_two_snapshots_of_one_session_at_once_are_serialised(client: Client, sou
         client.delete_snapshot(x.id)
 
 
-def test_save_point_pattern_with_the_cli(tenki_server) -> None:  # type: ignore[no-untyped-def]
+def test_save_point_pattern_with_the_cli(tenki_server) -> None:
     """The spec's pattern: create, install, snapshot, terminate, restore: the tool is there."""
     sid = _json(tenki_server.cli("sandbox", "create", "--name", "debugbox", "--memory-mb",
                                  "1024", "--json"))["id"]
@@ -194,7 +194,7 @@ def test_save_point_pattern_with_the_cli(tenki_server) -> None:  # type: ignore[
         tenki_server.cli("sandbox", "terminate", "--session", sess)
 
 
-def test_unknown_ids_are_not_found(tenki_server, client: Client) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_ids_are_not_found(tenki_server, client: Client) -> None:
     for args in (["snapshot", "get", "snp_x"], ["snapshot", "delete", "snp_x"],
                  ["snapshot", "restore", "snp_x"], ["create", "--snapshot", "snp_x"]):
         proc = tenki_server.cli("sandbox", *args)
@@ -208,7 +208,8 @@ def test_unknown_ids_are_not_found(tenki_server, client: Client) -> None:  # typ
         client.get_snapshot("snp_x")
 
 
-def test_snapshot_of_a_session_that_is_not_running_is_a_conflict(client: Client, tenki_server) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_of_a_session_that_is_not_running_is_a_conflict(client: Client,
+                                                                  tenki_server) -> None:
     s = client.create_and_wait(memory_mb=512, timeout=300)
     s.terminate()
     proc = tenki_server.cli("sandbox", "snapshot", "create", "--session", s.id, "--name", "x")
@@ -217,7 +218,7 @@ def test_snapshot_of_a_session_that_is_not_running_is_a_conflict(client: Client,
         client.create_snapshot(s.id, "x")
 
 
-def test_expiry(client: Client, tenki_server, source) -> None:  # type: ignore[no-untyped-def]
+def test_expiry(client: Client, tenki_server, source) -> None:
     past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     proc = tenki_server.cli("sandbox", "snapshot", "create", "--session", source.id,
                             "--name", "old", "--expires-at", past)
@@ -237,7 +238,7 @@ def test_expiry(client: Client, tenki_server, source) -> None:  # type: ignore[n
     assert not sdir.exists()  # its space is freed
 
 
-def test_wait_timeout_says_still_creating(tenki_server, client: Client, source) -> None:  # type: ignore[no-untyped-def]
+def test_wait_timeout_says_still_creating(tenki_server, client: Client, source) -> None:
     proc = tenki_server.cli("sandbox", "snapshot", "create", "--session", source.id, "--name",
                             "slow", "--wait-timeout", "1ms")
     assert proc.returncode != 0
@@ -249,7 +250,7 @@ def test_wait_timeout_says_still_creating(tenki_server, client: Client, source) 
     client.delete_snapshot(sid.group(0))
 
 
-def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server, source) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server, source) -> None:
     s = client.create_snapshot_and_wait(source.id, "to-corrupt", timeout=300)
     ram = tenki_server.home / "snapshots" / s.id / "ram.zst"
     data = bytearray(ram.read_bytes())
@@ -261,7 +262,7 @@ def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server,
     assert proc.returncode != 0 and "ram.zst is corrupt" in _err(proc)
     s2 = client.create_snapshot_and_wait(source.id, "to-lose", timeout=300)
     (tenki_server.home / "snapshots" / s2.id / "state.bin").unlink()
-    with pytest.raises(errors.SessionFailedError, match="state.bin is missing"):
+    with pytest.raises(errors.SessionFailedError, match=r"state\.bin is missing"):
         client.create_and_wait(snapshot_id=s2.id, timeout=120)
     # nothing half-started is left behind
     failed = [x for x in client.list(state="FAILED") if x.record.snapshot_id in (s.id, s2.id)]
@@ -294,7 +295,8 @@ def test_full_data_directory_fails_the_snapshot_not_the_session(client: Client, 
         "READY"
 
 
-def test_snapshot_stands_alone_after_source_and_server_are_gone(client: Client, tenki_server) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_stands_alone_after_source_and_server_are_gone(client: Client,
+                                                                tenki_server) -> None:
     s = client.create_and_wait(memory_mb=512, timeout=300)
     s.files.write("/root/keep.txt", "kept")
     snap = client.create_snapshot_and_wait(s.id, "standalone", timeout=300)
@@ -308,7 +310,7 @@ def test_snapshot_stands_alone_after_source_and_server_are_gone(client: Client, 
         c.delete_snapshot(snap.id)
 
 
-def test_kill9_during_capture(tenki_server) -> None:  # type: ignore[no-untyped-def]
+def test_kill9_during_capture(tenki_server) -> None:
     with tenki_server.client() as c:
         s = c.create_and_wait(memory_mb=1024, timeout=300)
         _sh(s, COUNTER)

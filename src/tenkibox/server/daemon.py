@@ -39,7 +39,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
     layout = make_layout(home).ensure()
     logging.basicConfig(level=os.environ.get("TENKI_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    lock = open(layout.home / "server.lock", "a+")  # noqa: SIM115 - held for the process life
+    lock = open(layout.home / "server.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
