@@ -185,8 +185,9 @@ def allocated(path: Path) -> int:
 class HostMemory:
     pss: int  # sum of Pss of the processes
     pss_shmem: int  # the part of it that is mapped tmpfs/shmem (the RAM files, if mapped)
-    files: int  # tmpfs bytes of the RAM files
+    files: int  # tmpfs bytes of the RAM files the processes map, each file counted once
     helpers: int  # Pss of helper processes (passt)
+    file_count: int = 0
 
     @property
     def total(self) -> int:
@@ -194,16 +195,61 @@ class HostMemory:
         return self.pss - self.pss_shmem + self.files + self.helpers
 
 
-def host_memory(pids: Iterable[int], files: Iterable[Path] = (),
-                helper_pids: Iterable[int] = ()) -> HostMemory:
+def mapped_ram_files(pid: int, min_size: int = 64 << 20) -> dict[tuple[int, int], int]:
+    """{(dev, inode): allocated bytes} of the large shmem/tmpfs files ``pid`` maps.
+
+    Read through /proc/<pid>/map_files, so a file mapped and then unlinked still counts, and
+    two processes mapping one file (clones sharing a snapshot's RAM) count it once.
+    """
+    out: dict[tuple[int, int], int] = {}
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if end - start < min_size:
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{parts[0]}")
+        except OSError:
+            continue
+        if not _on_tmpfs(parts[5].removesuffix(" (deleted)"), st.st_dev):
+            continue
+        out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return out
+
+
+_TMPFS_DEVS: set[int] | None = None
+
+
+def _on_tmpfs(path: str, dev: int) -> bool:
+    global _TMPFS_DEVS
+    if _TMPFS_DEVS is None:
+        _TMPFS_DEVS = set()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/mounts").read_text().splitlines():
+                f = line.split()
+                if len(f) > 2 and f[2] in ("tmpfs", "shm", "devtmpfs"):
+                    with contextlib.suppress(OSError):
+                        _TMPFS_DEVS.add(os.stat(f[1].replace("\\040", " ")).st_dev)
+    return dev in _TMPFS_DEVS or path.startswith("/dev/shm/") or path.startswith("/memfd:")
+
+
+def host_memory(pids: Iterable[int], helper_pids: Iterable[int] = ()) -> HostMemory:
     pss = shm = helpers = 0
+    files: dict[tuple[int, int], int] = {}
     for pid in pids:
         r = smaps_rollup(pid)
         pss += r.get("Pss", 0)
         shm += r.get("Pss_Shmem", 0)
+        files.update(mapped_ram_files(pid))
     for pid in helper_pids:
         helpers += smaps_rollup(pid).get("Pss", 0)
-    return HostMemory(pss, shm, sum(allocated(f) for f in files), helpers)
+    return HostMemory(pss, shm, sum(files.values()), helpers, len(files))
 
 
 # -- the guest image ------------------------------------------------------------------------
@@ -394,13 +440,12 @@ class TenkiServer:
         for sid in session_ids:
             with contextlib.suppress(OSError, ValueError):
                 info = json.loads((self.run_dir / sid / "machine.json").read_text())
-                info["ram"] = self.run_dir / sid / "ram"
                 out.append(info)
         return out
 
     def memory(self, session_ids: Iterable[str]) -> HostMemory:
         ms = self.machines(session_ids)
-        return host_memory([int(m["pid"]) for m in ms], [m["ram"] for m in ms],
+        return host_memory([int(m["pid"]) for m in ms],
                            [int(m["net_pid"]) for m in ms if m.get("net_pid")])
 
     def steps(self, subject: str) -> dict[str, float]:

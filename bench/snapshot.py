@@ -497,9 +497,9 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
             m = c.memory
             k_rows.append((system, secs(c.total), spread(c.each), mib(m.total),
                            mib(m.total / max(1, len(c.each))), mib(m.pss), mib(m.pss_shmem),
-                           mib(m.files), mib(m.helpers)))
+                           f"{mib(m.files)} ({m.file_count})", mib(m.helpers)))
         print(md_table(["system", "all exec-ready", "each exec-ready", "host memory",
-                        "per clone", "PSS (QEMU)", "of it tmpfs-mapped", "tmpfs RAM files",
+                        "per clone", "PSS (QEMU)", "of it tmpfs-mapped", "tmpfs RAM files (n)",
                         "helpers"], k_rows))
     # summary
     parts = []
