@@ -263,15 +263,22 @@ class Image:
     cmdline: str
 
 
+def project_env() -> dict[str, str]:
+    """The environment for tenki subprocesses: this checkout's sources come first, whatever the
+    virtualenv's editable install points at."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
 def ensure_image() -> Path:
     """The default home's image directory, built (or rebuilt if stale) by ``tenki image build``."""
     default_home = Path.home() / ".local" / "share" / "tenki"
-    tenki = REPO / ".venv" / "bin" / "tenki"
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in project_env().items()
            if k not in (tconfig.ENV_HOME, tconfig.ENV_ENDPOINT)}
     log("checking the guest image (tenki image build; builds only when missing or stale)")
-    done = subprocess.run([str(tenki), "image", "build"], env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-m", "tenkibox", "image", "build"], env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"tenki image build failed: {done.stderr.strip() or done.stdout}")
     image_dir = default_home / "images" / IMAGE_ID
@@ -374,7 +381,7 @@ class TenkiServer:
                      lambda: shutil.rmtree(self.run_dir, ignore_errors=True))
         self.image = link_image(image_dir, self.home)
         self.log_path = self.home / "server.log"
-        env = {k: v for k, v in os.environ.items() if k != tconfig.ENV_ENDPOINT}
+        env = {k: v for k, v in project_env().items() if k != tconfig.ENV_ENDPOINT}
         env[tconfig.ENV_HOME] = str(self.home)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
