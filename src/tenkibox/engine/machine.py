@@ -70,6 +70,9 @@ class MachineConfig:
     initrd: str
     cmdline: str
     hotplug_ports: int = HOTPLUG_PORTS
+    # A restored VM maps its snapshot's RAM image privately (copy-on-write), so that clones of
+    # one snapshot share its pages on the host. None: a fresh, shared RAM file of its own.
+    ram_base: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +152,9 @@ def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
         "-name", files.run_dir.name,
         "-machine", f"q35,accel={accel},memory-backend=mem0",
         "-cpu", cpu, "-smp", str(cfg.cpu), "-m", mem,
-        "-object", f"memory-backend-file,id=mem0,size={mem},mem-path={files.ram},share=on",
+        "-object", f"memory-backend-file,id=mem0,size={mem},"
+                   + (f"mem-path={cfg.ram_base},share=off" if cfg.ram_base
+                      else f"mem-path={files.ram},share=on"),
         "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", cfg.cmdline,
     ]
     disk_args, top = blockdev_args(opts.disk_chain)

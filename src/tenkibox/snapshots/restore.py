@@ -4,8 +4,10 @@ Steps (each logged and timed):
 
 1. ``verify``       every file the snapshot needs exists and matches its sha256.
 2. ``overlay``      a new writable qcow2 on top of the snapshot's frozen chain.
-3. ``load-ram``     the compressed RAM image is written into a fresh sparse tmpfs file,
-                    overlapped with 4.
+3. ``load-ram``     the compressed RAM image is unpacked once per snapshot into a sparse file
+                    (``$TENKI_HOME/ram-cache``); every restored VM maps it copy-on-write
+                    (``share=off``), so clones share the snapshot's unchanged pages in the host's
+                    page cache and nothing is copied per restore.
 4. ``launch``       QEMU with exactly the captured device set, ``-incoming defer``.
 5. ``load-state``   ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file).
 6. ``resume``       ``cont`` (mandatory: an incoming VM stays paused).
@@ -72,10 +74,26 @@ def verify_files(snapshot_id: str, manifest: dict[str, Any]) -> None:
                 f"(sha256 {got[:12]}..., expected {want['sha256'][:12]}...)")
 
 
+_unpacking: dict[str, asyncio.Lock] = {}
+
+
+async def ensure_ram_cache(ram_file: Path, cache: Path) -> None:
+    """Unpack a snapshot's RAM image once; every restore maps that copy privately."""
+    lock = _unpacking.setdefault(str(cache), asyncio.Lock())
+    async with lock:
+        if cache.exists():
+            return
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        await asyncio.to_thread(ramfile.unpack, ram_file, tmp)
+        os.replace(tmp, cache)
+
+
 async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chain: list[str],
                   manifest: dict[str, Any], ram_file: Path, state_file: Path, files: MachineFiles,
                   new_top: Path, steps: Steps, agent_timeout: float,
                   identity: tuple[str, str, bytes]) -> tuple[Machine, AgentClient]:
+    """``cfg.ram_base`` names the unpacked copy of the snapshot's RAM that the VM maps."""
     with steps.step("verify"):
         await asyncio.to_thread(verify_files, snapshot_id, manifest)
     with steps.step("overlay"):
@@ -86,7 +104,8 @@ async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chai
     try:
         with steps.step("load-ram"):
             try:
-                await asyncio.to_thread(ramfile.unpack, ram_file, files.ram)
+                assert cfg.ram_base is not None
+                await ensure_ram_cache(ram_file, Path(cfg.ram_base))
             except (ramfile.RamFormatError, OSError) as exc:
                 raise SnapshotFailedError(
                     f"snapshot {snapshot_id} cannot be restored: RAM image unreadable: {exc}"

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ from ..steps import Steps
 from ..store.db import Store
 from ..store.tables import SessionRow, SnapshotRow
 from . import ramfile
-from .capture import capture
+from .capture import capture, convert_stream
 from .restore import restore, sha256_file, verify_files
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,18 @@ class SnapshotService:
                             self.store.update(SessionRow, rt.session_id, disk_chain=chain)
                     await self.volume_hooks.replug_after_capture(rt, unplugged)
             log.info("%s: guest paused %.3fs", snapshot_id, got.paused_s)
-            chain = [*self.store.get_session(rt.session_id).disk_chain[:-1]]  # type: ignore[union-attr]
             srow = self.store.get_session(rt.session_id)
             assert srow is not None and srow.machine is not None
+            chain = list(srow.disk_chain[:-1])
             cfg = MachineConfig.from_json(srow.machine)
+            if got.stream is not None:
+                try:
+                    await convert_stream(cfg, [Path(p) for p in chain], got.stream,
+                                         rt.machine.files.run_dir / f"convert-{snapshot_id}",
+                                         staging, sdir / "state.bin", steps)
+                finally:
+                    with contextlib.suppress(OSError):
+                        got.stream.unlink()
             await asyncio.to_thread(self._seal, snapshot_id, sdir, staging, chain, cfg, steps)
             steps.timings["paused"] = got.paused_s
             self.store.update(SnapshotRow, snapshot_id, timings=steps.timings)
@@ -253,9 +262,8 @@ class SnapshotService:
             raise SnapshotFailedError(f"snapshot {snap.id} is {snap.state}; only a READY "
                                       "snapshot can be restored")
         assert snap.machine is not None
-        cfg = MachineConfig.from_json(snap.machine)
-        if cfg.accel != sessions.accel:
-            cfg = MachineConfig(**{**cfg.to_json(), "accel": sessions.accel})
+        cfg = replace(MachineConfig.from_json(snap.machine), accel=sessions.accel,
+                      ram_base=str(self.ram_cache(snap.id)))
         new_top = self.layout.layers / f"{new_id('session').replace('ses_', 'lyr_')}.qcow2"
         self.store.update(SessionRow, srow.id, machine=cfg.to_json(),
                           disk_chain=[*snap.disk_chain, str(new_top)])
@@ -320,9 +328,35 @@ class SnapshotService:
                 refs.update((snap.files or {}).keys())
         return refs
 
+    def ram_cache(self, snapshot_id: str) -> Path:
+        """The unpacked RAM of a snapshot, mapped copy-on-write by the sessions restored from it.
+
+        On the data disk, not tmpfs: its pages are clean page cache, shared by the clones and
+        evictable under memory pressure (a private mapping never writes back).
+        """
+        return self.layout.home / "ram-cache" / f"{snapshot_id}.ram"
+
+    def _collect_ram_caches(self) -> int:
+        """A cache goes when its snapshot is gone and no live session maps it."""
+        cache_dir = self.layout.home / "ram-cache"
+        if not cache_dir.exists():
+            return 0
+        mapped = {(s.machine or {}).get("ram_base") for s in self.store.all(SessionRow)
+                  if s.state not in ("TERMINATED", "FAILED")}
+        freed = 0
+        for cache in cache_dir.glob("snp_*.ram"):
+            snap = self.store.get_snapshot(cache.stem)
+            if str(cache) in mapped or (snap and snap.state != SnapshotState.DELETED.value):
+                continue
+            freed += disks.allocated_bytes(cache)
+            with contextlib.suppress(OSError):
+                cache.unlink()
+        return freed
+
     def collect_garbage(self) -> int:
         images = {p.stat().st_ino for p in self.layout.images.rglob("*") if p.is_file()}
         freed = disks.collect_garbage(self.layout.layers, self.referenced_files(), images)
+        freed += self._collect_ram_caches()
         if freed:
             log.info("freed %d bytes of unreferenced layers", freed)
         return freed
