@@ -184,72 +184,78 @@ def allocated(path: Path) -> int:
 @dataclass
 class HostMemory:
     pss: int  # sum of Pss of the processes
-    pss_shmem: int  # the part of it that is mapped tmpfs/shmem (the RAM files, if mapped)
-    files: int  # tmpfs bytes of the RAM files the processes map, each file counted once
+    ram_mapped: int  # the part of it that is pages of guest RAM files (counted in ``files``)
+    files: int  # bytes of the guest RAM files resident in memory, each file counted once
     helpers: int  # Pss of helper processes (passt)
     file_count: int = 0
 
     @property
     def total(self) -> int:
-        """Processes' private and file memory, tmpfs RAM files once, helpers."""
-        return self.pss - self.pss_shmem + self.files + self.helpers
+        """Private memory of the processes + each guest RAM file once + helpers."""
+        return self.pss - self.ram_mapped + self.files + self.helpers
 
 
-def mapped_ram_files(pid: int, min_size: int = 64 << 20) -> dict[tuple[int, int], int]:
-    """{(dev, inode): allocated bytes} of the large shmem/tmpfs files ``pid`` maps.
+def ram_mappings(pid: int, min_size: int = 64 << 20) -> list[tuple[tuple[int, int], str, int]]:
+    """Large file mappings of ``pid`` (its guest RAM files, tmpfs or disk):
+    ``((dev, inode), /proc/<pid>/map_files/<range>, Pss of their file pages)``.
 
-    Read through /proc/<pid>/map_files, so a file mapped and then unlinked still counts, and
-    two processes mapping one file (clones sharing a snapshot's RAM) count it once.
+    map_files reaches a file even once it is unlinked, and (dev, inode) lets clones that share
+    one snapshot RAM file count it once. Pages a private (copy-on-write) mapping has written
+    are anonymous and private: they stay in the process's own Pss.
     """
-    out: dict[tuple[int, int], int] = {}
+    out: list[tuple[tuple[int, int], str, int]] = []
     try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
         return out
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/"):
+    current: dict[str, Any] | None = None
+    entries: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \d+\s*(.*)$", line)
+        if head:
+            current = {"range": f"{head.group(1)}-{head.group(2)}",
+                       "size": int(head.group(2), 16) - int(head.group(1), 16),
+                       "path": head.group(3)}
+            entries.append(current)
             continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if end - start < min_size:
+        m = re.match(r"^(\w+):\s+(\d+) kB", line)
+        if m and current is not None:
+            current[m.group(1)] = int(m.group(2)) * 1024
+    for e in entries:
+        if e["size"] < min_size or not str(e["path"]).startswith("/"):
             continue
+        link = f"/proc/{pid}/map_files/{e['range']}"
         try:
-            st = os.stat(f"/proc/{pid}/map_files/{parts[0]}")
+            st = os.stat(link)
         except OSError:
             continue
-        if not _on_tmpfs(parts[5].removesuffix(" (deleted)"), st.st_dev):
-            continue
-        out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        file_pss = max(0, e.get("Pss", 0) - e.get("Anonymous", 0))
+        out.append(((st.st_dev, st.st_ino), link, file_pss))
     return out
 
 
-_TMPFS_DEVS: set[int] | None = None
-
-
-def _on_tmpfs(path: str, dev: int) -> bool:
-    global _TMPFS_DEVS
-    if _TMPFS_DEVS is None:
-        _TMPFS_DEVS = set()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                f = line.split()
-                if len(f) > 2 and f[2] in ("tmpfs", "shm", "devtmpfs"):
-                    with contextlib.suppress(OSError):
-                        _TMPFS_DEVS.add(os.stat(f[1].replace("\\040", " ")).st_dev)
-    return dev in _TMPFS_DEVS or path.startswith("/dev/shm/") or path.startswith("/memfd:")
+def resident_bytes(path: str) -> int:
+    """Bytes of a file held in memory (page cache or tmpfs), per ``fincore``."""
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                          capture_output=True, text=True)
+    try:
+        return int(done.stdout.split()[0])
+    except (IndexError, ValueError):
+        return 0
 
 
 def host_memory(pids: Iterable[int], helper_pids: Iterable[int] = ()) -> HostMemory:
-    pss = shm = helpers = 0
-    files: dict[tuple[int, int], int] = {}
+    pss = mapped = helpers = 0
+    files: dict[tuple[int, int], str] = {}
     for pid in pids:
-        r = smaps_rollup(pid)
-        pss += r.get("Pss", 0)
-        shm += r.get("Pss_Shmem", 0)
-        files.update(mapped_ram_files(pid))
+        pss += smaps_rollup(pid).get("Pss", 0)
+        for key, link, file_pss in ram_mappings(pid):
+            mapped += file_pss
+            files.setdefault(key, link)
     for pid in helper_pids:
         helpers += smaps_rollup(pid).get("Pss", 0)
-    return HostMemory(pss, shm, sum(files.values()), helpers, len(files))
+    return HostMemory(pss, mapped, sum(resident_bytes(p) for p in files.values()), helpers,
+                      len(files))
 
 
 # -- the guest image ------------------------------------------------------------------------

@@ -490,16 +490,17 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
     print(md_table(["MiB/dirty", *RESTORE_STEPS, "rest"], r_rows))
     if clones:
         print(f"\n### {args.clones} sessions restored at once from one snapshot ({clone_desc})\n")
-        print("host memory = PSS of the QEMU processes without their mapped tmpfs part + the tmpfs "
-              "RAM files + helper processes (passt)\n")
+        print("host memory = PSS of the QEMU processes without the pages of guest RAM files they "
+              "map + those files' resident bytes (fincore), each file once + helper processes "
+              "(passt)\n")
         k_rows = []
         for system, c in clones.items():
             m = c.memory
             k_rows.append((system, secs(c.total), spread(c.each), mib(m.total),
-                           mib(m.total / max(1, len(c.each))), mib(m.pss), mib(m.pss_shmem),
+                           mib(m.total / max(1, len(c.each))), mib(m.pss), mib(m.ram_mapped),
                            f"{mib(m.files)} ({m.file_count})", mib(m.helpers)))
         print(md_table(["system", "all exec-ready", "each exec-ready", "host memory",
-                        "per clone", "PSS (QEMU)", "of it tmpfs-mapped", "tmpfs RAM files (n)",
+                        "per clone", "PSS (QEMU)", "of it RAM-file pages", "RAM files (n)",
                         "helpers"], k_rows))
     # summary
     parts = []
