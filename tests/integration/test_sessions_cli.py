@@ -491,7 +491,7 @@ def test_server_kill9_keeps_sessions(tenki_server: Any, box: str) -> None:
     assert res.returncode == 7, res.stderr
     assert res.stdout.decode().split() == ["before", boot_id], "the VM was rebooted"
     res = cli(tenki_server, "sandbox", "exec", "--session", box, "cat", input=b"still piped")
-    assert res.stdout == b"still piped"
+    assert (res.returncode, res.stdout) == (0, b"still piped"), res.stderr
 
     v = record(tenki_server, victim)
     assert v["state"] == "TERMINATED", v
