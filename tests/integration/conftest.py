@@ -46,7 +46,7 @@ def image_layout():
 
 
 def _qemu_leaks() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines()
             if RUN_TAG in line and ("qemu-system" in line or "passt" in line)]
 
@@ -151,7 +151,8 @@ class TenkiServer:
                 pass
         self.stop()
         # a killed server may have left VMs: they are found by their run directory
-        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True,
+                             text=True).stdout
         for line in out.splitlines():
             if str(self.run_root) in line:
                 try:

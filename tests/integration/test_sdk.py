@@ -389,13 +389,6 @@ def test_with_block_terminates(client: Client, snap: Any) -> None:
 # -- a restored session is a standard session: it can be snapshotted in turn ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SnapshotFailedError,
-    reason="capture of a restored session starts a scratch QEMU with its sockets in "
-    "<session run dir>/convert-snp_<id>/: the path passes the 108-byte AF_UNIX limit as soon "
-    "as TENKI_RUN_ROOT is longer than ~30 characters, as in these tests (snapshots/service.py)",
-)
 def test_snapshot_of_a_restored_session(client: Client, snap: Any) -> None:
     with client.create_and_wait(snapshot_id=snap.id, name="second-gen") as restored:
         restored.files.write("/root/second.txt", "second generation\n")

@@ -133,6 +133,65 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
             c.terminate()
 
 
+def _qemu_pid(session_id: str) -> int:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "qemu-system" in line and f"-name {session_id} " in line:
+            return int(line.split()[0])
+    raise AssertionError(f"no QEMU for {session_id}")
+
+
+def _shared_kib(pid: int, path_part: str) -> int:
+    """Pages of the mapping whose path contains ``path_part`` that another process maps too
+    (Shared_Clean + Shared_Dirty: the unpacked cache may not be written back yet)."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = path_part in line
+        elif inside and line.startswith(("Shared_Clean:", "Shared_Dirty:")):
+            total += int(line.split()[1])
+    return total
+
+
+def test_clones_share_the_snapshots_pages_on_the_host(client: Client, snap) -> None:
+    s, _, _ = snap
+    a = client.create_and_wait(snapshot_id=s.id, timeout=120)
+    b = client.create_and_wait(snapshot_id=s.id, timeout=120)
+    try:
+        for c in (a, b):
+            _sh(c, "cat /tmp/count >/dev/null; ls / >/dev/null")
+        shared = [_shared_kib(_qemu_pid(c.id), f"ram-cache/{s.id}.ram") for c in (a, b)]
+        assert all(kib > 10 * 1024 for kib in shared), shared  # tens of MiB mapped by both
+    finally:
+        a.terminate()
+        b.terminate()
+
+
+def test_a_restored_session_can_be_snapshotted_and_restored_again(client: Client, snap) -> None:
+    s, _, _ = snap
+    first = client.create_and_wait(snapshot_id=s.id, timeout=120)
+    try:
+        first.files.write("/root/second.txt", "from the restored session")
+        _sh(first, "head -c 20M /dev/urandom > /dev/shm/blob && md5sum /dev/shm/blob > /root/sum")
+        pid = _sh(first, "cat /root/counter.pid")
+        again = client.create_snapshot_and_wait(first.id, "second-generation", timeout=300)
+        assert again.state.value == "READY"
+        before = int(_sh(first, "cat /tmp/count"))
+        time.sleep(1.2)
+        assert int(_sh(first, "cat /tmp/count")) > before  # it runs on after the capture
+        second = client.create_and_wait(snapshot_id=again.id, timeout=120)
+        try:
+            assert second.files.read_text("/root/second.txt") == "from the restored session"
+            assert _sh(second, "md5sum /dev/shm/blob") == _sh(second, "cat /root/sum")
+            assert _sh(second, "cat /root/counter.pid") == pid
+            assert _sh(second, "cat /root/d.txt") == "disk-payload"
+        finally:
+            second.terminate()
+        client.delete_snapshot(again.id)
+    finally:
+        first.terminate()
+
+
 def test_two_snapshots_of_one_session_at_once_are_serialised(client: Client, source) -> None:
     a = client.create_snapshot(source.id, "twin-a")
     b = client.create_snapshot(source.id, "twin-b")

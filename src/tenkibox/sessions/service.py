@@ -179,11 +179,16 @@ class SessionService:
                                   field="memory_mb")
         for hook in self.volume_checks:
             hook(req)
+        env = dict(req.env)
+        if snapshot is not None:
+            # a restore carries on the captured session, environment included
+            source = self.store.get_session(snapshot.session_id)
+            env = {**((source.env or {}) if source else {}), **env}
         created = now()
         row = SessionRow(
             id=new_id("session"), name=req.name, state=SessionState.CREATING.value, cpu=cpu,
             memory_mb=memory_mb, base_image_id=image_id,
-            snapshot_id=snapshot.id if snapshot else None, env=dict(req.env),
+            snapshot_id=snapshot.id if snapshot else None, env=env,
             meta=dict(req.metadata), volumes=[], disk_chain=[], created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None,

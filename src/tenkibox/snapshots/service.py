@@ -195,8 +195,9 @@ class SnapshotService:
             cfg = MachineConfig.from_json(srow.machine)
             if got.stream is not None:
                 try:
-                    await convert_stream(cfg, [Path(p) for p in chain], got.stream,
-                                         rt.machine.files.run_dir / f"convert-{snapshot_id}",
+                    # short: the scratch VM's socket paths must fit in 108 bytes
+                    work = self.layout.run / f"cv-{snapshot_id.removeprefix('snp_')}"
+                    await convert_stream(cfg, [Path(p) for p in chain], got.stream, work,
                                          staging, sdir / "state.bin", steps)
                 finally:
                     with contextlib.suppress(OSError):
@@ -367,6 +368,8 @@ class SnapshotService:
     # -- recovery ---------------------------------------------------------------------------
     async def recover(self) -> None:
         """After a restart: a capture cut short is FAILED; a deletion cut short finishes."""
+        for scratch in self.layout.run.glob("cv-*"):  # conversions cut short by the crash
+            await asyncio.to_thread(_kill_scratch, scratch)
         for row in self.store.all(SnapshotRow):
             if row.state == SnapshotState.CREATING.value:
                 sealed = self.layout.snapshot_dir(row.id) / "manifest.json"
@@ -386,6 +389,18 @@ class SnapshotService:
     async def shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _kill_scratch(work_dir: Path) -> None:
+    import signal
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        info = json.loads((work_dir / "machine.json").read_text())
+        for pid in (info.get("pid"), info.get("net_pid")):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _layer_digest(path: Path) -> str:
