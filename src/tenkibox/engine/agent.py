@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InternalError, WaitTimeoutError
+from ..errors import InternalError, SessionFailedError, TenkiError, WaitTimeoutError
+from .machine import Machine
 
 CHUNK = 1 << 20  # the agent's limit per read_file/write_file/stdin request
 LINE_LIMIT = 64 << 20
@@ -380,3 +381,24 @@ class AgentClient:
 
     async def umount(self, path: str, *, timeout: float | None = None) -> None:
         await self._call("umount", timeout, path=path)
+
+
+async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
+    """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
+    and with the end of the serial console if the guest never answers."""
+    task = asyncio.ensure_future(agent.connect(timeout))
+    while not task.done():
+        if not machine.alive():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise SessionFailedError(machine.exit_reason())
+        await asyncio.wait({task}, timeout=0.1)
+    try:
+        task.result()
+    except TenkiError as exc:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = machine.files.console.read_text(errors="replace")[-800:].strip()
+        raise SessionFailedError(f"guest agent did not answer: {exc.message}"
+                                 + (f"; console: {tail}" if tail else "")) from exc

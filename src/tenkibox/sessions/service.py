@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import Layout
 from ..engine import disks
-from ..engine.agent import AgentClient, AgentError
+from ..engine.agent import AgentClient, AgentError, connect_agent
 from ..engine.machine import (
     LaunchOptions,
     Machine,
@@ -40,7 +40,6 @@ from ..errors import (
     ConflictError,
     InternalError,
     NotFoundError,
-    SessionFailedError,
     SessionNotFoundError,
     SnapshotFailedError,
     TenkiError,
@@ -263,7 +262,7 @@ class SessionService:
             with steps.step("launch"):
                 await machine.launch(LaunchOptions(disk_chain=[Path(p) for p in chain]))
             with steps.step("agent"):
-                await self._wait_agent(machine, agent, BOOT_AGENT_TIMEOUT_S)
+                await connect_agent(machine, agent, BOOT_AGENT_TIMEOUT_S)
             with steps.step("clock"):
                 await agent.set_time(time.time_ns())
         except BaseException:
@@ -271,25 +270,6 @@ class SessionService:
             await machine.kill()
             raise
         return Runtime(row.id, machine, agent, steps=steps.timings)
-
-    async def _wait_agent(self, machine: Machine, agent: AgentClient, timeout: float) -> None:
-        """Connect to the agent, failing fast (with QEMU's words) if QEMU dies meanwhile."""
-        connect = asyncio.ensure_future(agent.connect(timeout))
-        while not connect.done():
-            if not machine.alive():
-                connect.cancel()
-                with contextlib.suppress(BaseException):
-                    await connect
-                raise SessionFailedError(machine.exit_reason())
-            await asyncio.wait({connect}, timeout=0.2)
-        try:
-            connect.result()
-        except TenkiError as exc:
-            tail = ""
-            with contextlib.suppress(OSError):
-                tail = machine.files.console.read_text(errors="replace")[-800:]
-            raise SessionFailedError(f"guest agent did not answer: {exc.message}"
-                                     + (f"; console: {tail.strip()}" if tail else "")) from exc
 
     # -- watching and recovery -----------------------------------------------------------------
     async def _watch(self, session_id: str) -> None:

@@ -19,7 +19,6 @@ Steps (each logged and timed):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import disks
-from ..engine.agent import AgentClient
+from ..engine.agent import AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine, MachineConfig, MachineFiles
 from ..errors import SnapshotFailedError, TenkiError
 from ..steps import Steps
@@ -120,7 +119,7 @@ async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chai
         with steps.step("resume"):
             await machine.resume()
         with steps.step("agent"):
-            await _connect(machine, agent, agent_timeout)
+            await connect_agent(machine, agent, agent_timeout)
         with steps.step("clock"):
             await agent.set_time(time.time_ns())
         with steps.step("identity"):
@@ -135,15 +134,3 @@ async def restore(*, snapshot_id: str, session_id: str, cfg: MachineConfig, chai
             ) from exc
         raise
     return machine, agent
-
-
-async def _connect(machine: Machine, agent: AgentClient, timeout: float) -> None:
-    task = asyncio.ensure_future(agent.connect(timeout))
-    while not task.done():
-        if not machine.alive():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise SnapshotFailedError(f"restored VM stopped: {machine.exit_reason()}")
-        await asyncio.wait({task}, timeout=0.1)
-    task.result()
