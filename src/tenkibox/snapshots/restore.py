@@ -59,6 +59,12 @@ def checked_digest(path: Path) -> str:
     return value
 
 
+def remember_digest(path: Path, digest: str) -> None:
+    """A digest computed while writing the file: the first restore need not hash it again."""
+    st = os.stat(path)
+    _verified[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+
+
 def verify_files(snapshot_id: str, manifest: dict[str, Any]) -> None:
     """Raise SnapshotFailedError naming the first missing or corrupt file."""
     for path, want in manifest.items():

@@ -44,7 +44,7 @@ from ..store.db import Store
 from ..store.tables import SessionRow, SnapshotRow
 from . import ramfile
 from .capture import capture, convert_stream
-from .restore import restore, sha256_file, verify_files
+from .restore import remember_digest, restore, sha256_file, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ class SnapshotService:
         """Compress, checksum and fsync everything; only then may the snapshot be READY."""
         with steps.step("compress-ram"):
             ram_raw, ram_stored, ram_sha = ramfile.pack(staging, sdir / "ram.zst")
+            remember_digest(sdir / "ram.zst", ram_sha)
         manifest: dict[str, Any] = {}
         with steps.step("checksum"):
             state = sdir / "state.bin"
