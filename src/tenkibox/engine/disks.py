@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -38,9 +39,8 @@ def link_into(store: Path, src: Path, name: str) -> Path:
     store.mkdir(parents=True, exist_ok=True)
     dest = store / name
     if not dest.exists():
-        tmp = store / f".{name}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        # sessions booting at once link the same file: each uses its own temporary name
+        tmp = store / f".{name}.{secrets.token_hex(4)}"
         try:
             os.link(src, tmp)
         except OSError:

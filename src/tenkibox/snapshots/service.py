@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -416,7 +417,8 @@ def _layer_digest(path: Path) -> str:
         if stored_key == key:
             return digest
     digest = checked_digest(path)
-    tmp = side.with_suffix(".tmp")
+    # two captures may hash the same base at once: each writes its own temporary file
+    tmp = side.with_name(f"{side.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(f"{key} {digest}")
     os.replace(tmp, side)
     return digest
