@@ -241,7 +241,7 @@ async def test_create_checks(world: World) -> None:
         check(req((b, "/b")))
     # the hook is installed on this session service only
     assert world.sessions.volume_checks == [check]
-    assert SessionService.volume_checks == []
+    assert SessionService(world.layout, world.store, "tcg").volume_checks == []
 
 
 # -- attach and detach ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from ..errors import InternalError, SessionFailedError
+from ..errors import InternalError
 from . import net
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,3 @@ class Machine:
         import shutil
 
         shutil.rmtree(self.files.run_dir, ignore_errors=True)
-
-
-def launch_failure(exc: Exception) -> SessionFailedError:
-    return SessionFailedError(str(exc))

@@ -110,6 +110,9 @@ class SessionService:
         self.runtimes: dict[str, Runtime] = {}
         self.processes = ProcessTable()
         self.restorer: Restorer | None = None
+        # set by the volume service: validate a create's volumes; attach them before READY
+        self.volume_checks: list[Callable[[SessionCreate], None]] = []
+        self.volume_attacher: Callable[[str, SessionCreate], Awaitable[None]] | None = None
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
         # called with a live runtime just before its VM is stopped on purpose (flush volumes)
         self.before_stop: list[Callable[[str], Awaitable[None]]] = []
@@ -196,8 +199,6 @@ class SessionService:
         self._spawn(self._start(row.id, req), f"start {row.id}")
         return to_model(row)
 
-    volume_checks: list[Callable[[SessionCreate], None]] = []
-    volume_attacher: Callable[[str, SessionCreate], Awaitable[None]] | None = None
 
     async def _start(self, session_id: str, req: SessionCreate) -> None:
         row = self.row(session_id)
