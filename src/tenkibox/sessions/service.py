@@ -13,7 +13,6 @@ Records live in the store; everything here survives a server restart through ``r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .. import longpoll
 from ..config import Layout
 from ..engine import disks
 from ..engine.agent import AgentClient, AgentError, connect_agent
@@ -80,7 +80,6 @@ class Runtime:
     agent: AgentClient
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
-    steps: dict[str, float] = field(default_factory=dict)
 
 
 # A restore hook, provided by the snapshot service: (session row, runtime files) -> Runtime
@@ -270,7 +269,7 @@ class SessionService:
             await agent.close()
             await machine.kill()
             raise
-        return Runtime(row.id, machine, agent, steps=steps.timings)
+        return Runtime(row.id, machine, agent)
 
     # -- watching and recovery -----------------------------------------------------------------
     async def _watch(self, session_id: str) -> None:
@@ -402,17 +401,9 @@ class SessionService:
         return [to_model(r) for r in rows]
 
     async def wait(self, session_id: str, timeout_s: float) -> Session:
-        deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
-        while True:
-            row = self.row(session_id)
-            if row.state != SessionState.CREATING.value:
-                return to_model(row)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return to_model(row)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+        row = await longpoll.until(self._changed, lambda: self.row(session_id),
+                                   lambda r: r.state != SessionState.CREATING.value, timeout_s)
+        return to_model(row)
 
     # -- exec and files -------------------------------------------------------------------------
     async def start_process(self, session_id: str, req: ExecRequest) -> ProcessHandle:

@@ -19,9 +19,11 @@ Steps (each logged and timed):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from .capture import enable_snapshot_caps, wait_migration
 
 log = logging.getLogger(__name__)
 
-_verified: dict[str, tuple[int, int, int, str]] = {}
+_verified: dict[str, tuple[str, str]] = {}
 
 
 def sha256_file(path: Path) -> str:
@@ -47,22 +49,41 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checked_digest(path: Path) -> str:
-    """sha256 of a file, remembered while the file's inode, size and mtime stay the same."""
+def _stat_key(path: Path) -> str:
     st = os.stat(path)
-    key = (st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _verified.get(str(path))
-    if cached and cached[:3] == key:
-        return cached[3]
-    value = sha256_file(path)
-    _verified[str(path)] = (*key, value)
-    return value
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _side(path: Path) -> Path:
+    return path.with_name(f".{path.name}.sha256")
 
 
 def remember_digest(path: Path, digest: str) -> None:
-    """A digest computed while writing the file: the first restore need not hash it again."""
-    st = os.stat(path)
-    _verified[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+    """Keep a file's digest while its inode, size and mtime stay the same: in memory, and in a
+    ``.NAME.sha256`` file beside it so that a restarted server need not hash it again."""
+    key = _stat_key(path)
+    _verified[str(path)] = (key, digest)
+    side = _side(path)
+    # captures and restores may record the same file at once: each uses its own temporary file
+    tmp = side.with_name(f"{side.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(f"{key} {digest}")
+    os.replace(tmp, side)
+
+
+def checked_digest(path: Path) -> str:
+    """sha256 of a file, hashed again only when the file changed (any write moves its mtime)."""
+    key = _stat_key(path)
+    cached = _verified.get(str(path))
+    if cached and cached[0] == key:
+        return cached[1]
+    with contextlib.suppress(OSError, ValueError):
+        stored_key, digest = _side(path).read_text().split()
+        if stored_key == key:
+            _verified[str(path)] = (key, digest)
+            return digest
+    digest = sha256_file(path)
+    remember_digest(path, digest)
+    return digest
 
 
 def verify_files(snapshot_id: str, manifest: dict[str, Any]) -> None:

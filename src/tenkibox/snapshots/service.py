@@ -20,13 +20,13 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import longpoll
 from ..config import Layout
 from ..engine import disks
 from ..engine.machine import MachineConfig
@@ -45,7 +45,7 @@ from ..store.db import Store
 from ..store.tables import SessionRow, SnapshotRow
 from . import ramfile
 from .capture import capture, convert_stream
-from .restore import remember_digest, restore, sha256_file, verify_files
+from .restore import checked_digest, remember_digest, restore, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +128,9 @@ class SnapshotService:
             self._changed.notify_all()
 
     async def wait(self, snapshot_id: str, timeout_s: float) -> Snapshot:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, min(timeout_s, 60.0))
-        while True:
-            row = self.row(snapshot_id)
-            left = deadline - loop.time()
-            if row.state != SnapshotState.CREATING.value or left <= 0:
-                return to_model(row)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+        row = await longpoll.until(self._changed, lambda: self.row(snapshot_id),
+                                   lambda r: r.state != SnapshotState.CREATING.value, timeout_s)
+        return to_model(row)
 
     # -- create -----------------------------------------------------------------------------
     async def create(self, req: SnapshotCreate) -> Snapshot:
@@ -231,15 +224,15 @@ class SnapshotService:
             _fsync_file(state)
             manifest[str(sdir / "ram.zst")] = {"kind": "ram", "sha256": ram_sha,
                                               "bytes": ram_stored}
-            manifest[str(state)] = {"kind": "state", "sha256": sha256_file(state),
+            manifest[str(state)] = {"kind": "state", "sha256": checked_digest(state),
                                     "bytes": state.stat().st_size}
             for i, layer in enumerate(chain):
                 kind = "base" if i == 0 else "layer"
-                manifest[layer] = {"kind": kind, "sha256": _layer_digest(Path(layer)),
+                manifest[layer] = {"kind": kind, "sha256": checked_digest(Path(layer)),
                                    "bytes": Path(layer).stat().st_size}
             for kind in ("kernel", "initrd"):
                 path = getattr(cfg, kind)
-                manifest[path] = {"kind": kind, "sha256": _layer_digest(Path(path)),
+                manifest[path] = {"kind": kind, "sha256": checked_digest(Path(path)),
                                   "bytes": Path(path).stat().st_size}
         with steps.step("sync"):
             for layer in chain[1:]:
@@ -285,7 +278,7 @@ class SnapshotService:
             async with self._changed:
                 self._changed.notify_all()
         log.info("%s: restored from %s in %.3fs", srow.id, snap.id, steps.total)
-        return Runtime(srow.id, machine, agent, steps=steps.timings)
+        return Runtime(srow.id, machine, agent)
 
     # -- delete and expiry ----------------------------------------------------------------------
     async def delete(self, snapshot_id: str) -> Snapshot:
@@ -403,22 +396,3 @@ def _kill_scratch(work_dir: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
     shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def _layer_digest(path: Path) -> str:
-    """Immutable layers are hashed once; the digest is kept beside them."""
-    from .restore import checked_digest
-
-    side = path.with_name(f".{path.name}.sha256")
-    st = path.stat()
-    key = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    with contextlib.suppress(OSError, ValueError):
-        stored_key, digest = side.read_text().split()
-        if stored_key == key:
-            return digest
-    digest = checked_digest(path)
-    # two captures may hash the same base at once: each writes its own temporary file
-    tmp = side.with_name(f"{side.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(f"{key} {digest}")
-    os.replace(tmp, side)
-    return digest

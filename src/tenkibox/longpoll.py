@@ -1,0 +1,28 @@
+"""Long polls: answer as soon as a record leaves a state, or as it is when the time is up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: A single HTTP long poll never holds a request longer than this; clients poll again.
+MAX_POLL_S = 60.0
+
+
+async def until(changed: asyncio.Condition, read: Callable[[], T], done: Callable[[T], bool],
+                timeout_s: float) -> T:
+    """Re-read on every notification of ``changed`` (and at least each second)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(0.0, min(timeout_s, MAX_POLL_S))
+    while True:
+        value = read()
+        left = deadline - loop.time()
+        if done(value) or left <= 0:
+            return value
+        async with changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, 1.0))
