@@ -1,0 +1,1 @@
+"""The REST API: thin routes per resource over the control plane."""

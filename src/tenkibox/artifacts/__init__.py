@@ -1,0 +1,1 @@
+"""Stored artifacts (RAM images, device states, disk layers), identified by content digest."""

@@ -1,0 +1,1 @@
+"""The control plane: every record and every state change (the only writer of rows)."""

@@ -1,0 +1,1 @@
+"""One machine's live VMs behind ``HostAPI``: boot, restore, capture, volumes, exec, files."""
