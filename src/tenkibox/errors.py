@@ -7,7 +7,9 @@
     │   ├── SnapshotNotFoundError     (the spec's ErrSnapshotNotFound)
     │   ├── VolumeNotFoundError
     │   └── ImageNotFoundError
+    ├── MethodNotAllowedError    405  the route exists, not with this HTTP method
     ├── ConflictError            409  the resource is in a state that forbids the call
+    ├── PayloadTooLargeError     413  the request body is over its limit (docs/limits.md)
     ├── SnapshotFailedError      409  (the spec's ErrSnapshotFailed) capture or restore failed
     ├── SessionFailedError       500  the VM could not be started or died
     ├── AuthenticationError      401
@@ -77,9 +79,19 @@ class ImageNotFoundError(NotFoundError):
     code = "ImageNotFound"
 
 
+class MethodNotAllowedError(TenkiError):
+    code = "MethodNotAllowed"
+    status = 405
+
+
 class ConflictError(TenkiError):
     code = "Conflict"
     status = 409
+
+
+class PayloadTooLargeError(TenkiError):
+    code = "PayloadTooLarge"
+    status = 413
 
 
 class SnapshotFailedError(TenkiError):
@@ -132,7 +144,9 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         SnapshotNotFoundError,
         VolumeNotFoundError,
         ImageNotFoundError,
+        MethodNotAllowedError,
         ConflictError,
+        PayloadTooLargeError,
         SnapshotFailedError,
         SessionFailedError,
         AuthenticationError,

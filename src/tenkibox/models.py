@@ -6,12 +6,16 @@ Times are UTC ``datetime``s (RFC 3339 on the wire); durations are seconds (float
 
 from __future__ import annotations
 
-import re
+import base64
+import binascii
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from . import limits
 
 CPU_MIN, CPU_MAX = 1, 16
 MEMORY_MB_MIN, MEMORY_MB_MAX = 512, 65536
@@ -21,7 +25,163 @@ DEFAULT_IMAGE_ID = "sandbox"
 VOLUME_MIN_BYTES = 1 << 20
 VOLUME_MAX_BYTES = 100 << 30
 
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_KEY = limits.ENV_KEY_RE
+
+
+# -- field types with limits (see tenkibox.limits and docs/limits.md) ---------------------------
+#
+# Every string of a request model is bounded and free of NUL; each failure is a ValueError
+# that pydantic reports with the field's location (the server answers 422 naming the field).
+
+_C0_ALLOWED = frozenset("\t\n")
+
+
+def _short(text: str, n: int = 40) -> str:
+    """``repr`` of user input, cut to a readable length for an error message."""
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _no_nul(v: str) -> str:
+    if "\0" in v:
+        raise ValueError("must not contain NUL characters")
+    return v
+
+
+def _no_controls(v: str) -> str:
+    """No C0 control characters (tab and newline excepted), DEL or C1 controls."""
+    for ch in v:
+        o = ord(ch)
+        if (o < 0x20 and ch not in _C0_ALLOWED) or 0x7F <= o <= 0x9F:
+            raise ValueError(f"must not contain control characters (found {ch!r})")
+    return v
+
+
+def _max_bytes(n: int) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        size = _utf8_len(v)
+        if size > n:
+            raise ValueError(f"must be at most {n} bytes (UTF-8), got {size}")
+        return v
+
+    return check
+
+
+def _check_id(v: str) -> str:
+    if len(v) > limits.ID_MAX_CHARS:
+        raise ValueError(f"must be at most {limits.ID_MAX_CHARS} characters, got {len(v)}")
+    if not limits.ID_RE.match(v):
+        raise ValueError(
+            f"invalid id {_short(v)} (letters, digits, '_', '.', '-'; starting with a letter "
+            "or digit)"
+        )
+    return v
+
+
+def _map_limits(key_check: Callable[[str], str] | None = None) -> Callable[[Any], Any]:
+    """Checks a map before its values are validated: entry count first (cheap), then keys."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # pydantic reports the type
+        if len(v) > limits.MAP_MAX_ENTRIES:
+            raise ValueError(f"must have at most {limits.MAP_MAX_ENTRIES} entries, got {len(v)}")
+        for key in v:
+            if not isinstance(key, str):
+                continue
+            if not key:
+                raise ValueError("keys must not be empty")
+            if len(key) > limits.KEY_MAX_CHARS:
+                raise ValueError(
+                    f"key {_short(key)} is longer than {limits.KEY_MAX_CHARS} characters"
+                )
+            try:
+                _no_nul(key)
+                _no_controls(key)
+                if key_check is not None:
+                    key_check(key)
+            except ValueError as exc:
+                raise ValueError(f"key {_short(key)}: {exc}") from None
+        return v
+
+    return check
+
+
+def _env_key(key: str) -> str:
+    if not _ENV_KEY.match(key):
+        raise ValueError("invalid variable name (letters, digits and _, not starting with a digit)")
+    return key
+
+
+def _argv_total(v: list[str] | None) -> list[str] | None:
+    if v is not None:
+        total = sum(_utf8_len(a) for a in v)
+        if total > limits.ARGV_MAX_TOTAL_BYTES:
+            raise ValueError(
+                f"must be at most {limits.ARGV_MAX_TOTAL_BYTES} bytes in all (UTF-8), got {total}"
+            )
+    return v
+
+
+def _base64(v: str) -> str:
+    if len(v) > limits.STDIN_DATA_MAX_CHARS:
+        raise ValueError(
+            f"must be at most {limits.STDIN_DATA_MAX_BYTES} bytes once decoded "
+            f"({limits.STDIN_DATA_MAX_CHARS} base64 characters), got {len(v)} characters"
+        )
+    try:
+        base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from None
+    return v
+
+
+def _absolute_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if v == "/" or "/../" in v + "/":
+        raise ValueError("must be an absolute path below /, without '..'")
+    return v.rstrip("/")
+
+
+#: A session, snapshot or volume name: 1..64 characters, no NUL or control characters.
+Name = Annotated[
+    str,
+    Field(min_length=limits.NAME_MIN_CHARS, max_length=limits.NAME_MAX_CHARS),
+    AfterValidator(_no_nul),
+    AfterValidator(_no_controls),
+]
+#: ``session_id``, ``snapshot_id``, ``volume_id``, ``base_image_id``, ``workspace_id``.
+Id = Annotated[str, AfterValidator(_check_id)]
+#: A value of ``metadata`` or ``env``: at most 8 KiB, no NUL.
+MapValue = Annotated[
+    str, AfterValidator(_no_nul), AfterValidator(_max_bytes(limits.VALUE_MAX_BYTES))
+]
+#: ``metadata``: at most 64 entries; keys 1..128 characters without control characters.
+Metadata = Annotated[dict[str, MapValue], BeforeValidator(_map_limits())]
+#: ``env``: at most 64 entries; keys are variable names of at most 128 characters.
+Env = Annotated[dict[str, MapValue], BeforeValidator(_map_limits(_env_key))]
+#: One argument of ``argv``: at most 128 KiB, no NUL.
+Arg = Annotated[str, AfterValidator(_no_nul), AfterValidator(_max_bytes(limits.ARG_MAX_BYTES))]
+#: ``argv``: at most 1024 arguments, at most 1 MiB in all.
+Argv = Annotated[list[Arg], Field(max_length=limits.ARGV_MAX_ITEMS), AfterValidator(_argv_total)]
+#: ``command`` (for ``/bin/sh -c``): at most 128 KiB, no NUL.
+Command = Annotated[
+    str, AfterValidator(_no_nul), AfterValidator(_max_bytes(limits.COMMAND_MAX_BYTES))
+]
+#: A path in the guest (``cwd``): at most 4096 bytes, no NUL.
+GuestPath = Annotated[
+    str, AfterValidator(_no_nul), AfterValidator(_max_bytes(limits.PATH_MAX_BYTES))
+]
+#: A mount point: a :data:`GuestPath` that is absolute, below ``/``, without ``..``.
+MountPath = Annotated[GuestPath, AfterValidator(_absolute_path)]
+#: ``stdin_data``: base64, at most 8 MiB once decoded.
+Base64Data = Annotated[str, AfterValidator(_base64)]
+#: Seconds: positive and finite, at most ten years.
+Duration = Annotated[float, Field(gt=0, le=limits.DURATION_MAX_S, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -61,18 +221,9 @@ class VolumeState(str, Enum):
 class VolumeMount(_Model):
     """A volume to attach at create time: ``VOL:/mount/path[:ro]`` on the CLI."""
 
-    volume_id: str
-    path: str
+    volume_id: Id
+    path: MountPath
     read_only: bool = False
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must be an absolute path")
-        if v == "/" or "\0" in v or "/../" in v + "/":
-            raise ValueError("must be an absolute path below /, without '..'")
-        return v.rstrip("/")
 
 
 class VolumeAttachment(_Model):
@@ -82,23 +233,15 @@ class VolumeAttachment(_Model):
 
 
 class SessionCreate(_Model):
-    name: str | None = Field(default=None, max_length=128)
+    name: Name | None = None
     cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
     memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
-    env: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    max_duration_s: float | None = Field(default=None, gt=0)
-    snapshot_id: str | None = None
-    base_image_id: str | None = None
-    volumes: list[VolumeMount] = Field(default_factory=list)
-
-    @field_validator("env")
-    @classmethod
-    def _env_keys(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not _ENV_KEY.match(key):
-                raise ValueError(f"invalid variable name {key!r}")
-        return v
+    env: Env = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
+    max_duration_s: Duration | None = None
+    snapshot_id: Id | None = None
+    base_image_id: Id | None = None
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX)
 
 
 class Session(_Model):
@@ -120,10 +263,10 @@ class Session(_Model):
 
 
 class SnapshotCreate(_Model):
-    session_id: str
-    name: str | None = Field(default=None, max_length=128)
+    session_id: Id
+    name: Name | None = None
     expires_at: datetime | None = None
-    workspace_id: str | None = None
+    workspace_id: Id | None = None
 
 
 class Snapshot(_Model):
@@ -148,13 +291,15 @@ class Snapshot(_Model):
 class ExecRequest(_Model):
     """Start a process. Give ``argv``, or ``command`` for ``/bin/sh -c``."""
 
-    argv: list[str] | None = None
-    command: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
+    argv: Argv | None = None
+    command: Command | None = None
+    env: Env = Field(default_factory=dict)
+    cwd: GuestPath | None = None
+    timeout_s: Duration | None = None
     stdin: bool = False
-    stdin_data: str | None = Field(default=None, description="base64 bytes written then closed")
+    stdin_data: Base64Data | None = Field(
+        default=None, description="base64 bytes written then closed"
+    )
 
 
 class ProcessInfo(_Model):
@@ -187,16 +332,14 @@ class Image(_Model):
 
 
 class VolumeCreate(_Model):
-    name: str = Field(max_length=128)
+    name: Name
     size_bytes: int = Field(ge=VOLUME_MIN_BYTES, le=VOLUME_MAX_BYTES)
 
 
 class VolumeAttach(_Model):
-    volume_id: str
-    path: str
+    volume_id: Id
+    path: MountPath
     read_only: bool = False
-
-    _absolute = field_validator("path")(VolumeMount._absolute.__func__)  # type: ignore[attr-defined]
 
 
 class Volume(_Model):
