@@ -9,20 +9,22 @@ cannot touch the machine running them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tenkibox.engine import agent as engine_agent
 from tenkibox.engine.agent import AgentClient, AgentError, AgentProcess, AgentTimeoutError
-from tenkibox.errors import InternalError, WaitTimeoutError
+from tenkibox.errors import InternalError, ValidationError, WaitTimeoutError
 from tenkibox.guest import agent as guest
 
 
@@ -356,3 +358,276 @@ async def test_request_timeout(vm: Guest) -> None:
     assert c.connected  # a slow answer does not cost the connection
     await c.ping()
     await c.close()
+
+
+# -- bounded memory: chunked files, output flow control ------------------------------------------
+
+
+def count_op(vm: Guest, op: str) -> list[dict]:
+    """Record the requests of ``op`` the agent receives (wraps its handler)."""
+    seen: list[dict] = []
+    handler = vm.agent.ops[op]
+
+    def counting(req: dict) -> dict | None:
+        seen.append(req)
+        return handler(req)
+
+    vm.agent.ops[op] = counting
+    return seen
+
+
+def part_files(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(guest.TMP_SUFFIX)]
+
+
+async def test_read_chunks_stop_when_the_iterator_is_closed(client: AgentClient,
+                                                            vm: Guest) -> None:
+    reads = count_op(vm, "read_file")
+    chunks = client.read_file_chunks("/dev/zero", chunk=64 << 10)
+    got = [await anext(chunks) for _ in range(3)]
+    assert [len(c) for c in got] == [64 << 10] * 3 and not any(got[0])
+    await chunks.aclose()
+    await asyncio.sleep(0.2)
+    assert len(reads) == 3  # one request per chunk taken, none after the close
+    assert [r["offset"] for r in reads] == [0, 64 << 10, 128 << 10]
+
+
+async def test_read_chunks_of_a_file(client: AgentClient, vm: Guest) -> None:
+    path = vm.root / "f.bin"
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    path.write_bytes(data)
+    chunks = [c async for c in client.read_file_chunks(str(path))]
+    assert [len(c) for c in chunks] == [1 << 20, 1 << 20, 3]
+    assert b"".join(chunks) == data
+    (vm.root / "empty").write_bytes(b"")
+    assert [c async for c in client.read_file_chunks(str(vm.root / "empty"))] == []
+    stream = await client.read_file_stream(str(path), chunk=1 << 19)
+    assert b"".join([c async for c in stream]) == data
+    # The first read happens before the stream is handed out: errors come first.
+    with pytest.raises(AgentError) as ei:
+        await client.read_file_stream(str(vm.root / "missing"))
+    assert ei.value.errno == "ENOENT"
+
+
+async def test_read_file_refuses_big_files(client: AgentClient, vm: Guest) -> None:
+    path = vm.root / "big.bin"
+    path.write_bytes(b"x" * (3 << 20))
+    reads = count_op(vm, "read_file")
+    with pytest.raises(ValidationError) as ei:
+        await client.read_file(str(path), max_bytes=2 << 20)
+    assert ei.value.field == "path" and "use a stream" in ei.value.message
+    assert len(reads) == 1  # the size in the first answer is enough
+    # No size to go by: stops once past the limit.
+    with pytest.raises(ValidationError):
+        await client.read_file("/dev/zero", max_bytes=3 << 20)
+    assert len(reads) <= 1 + 4
+    assert await client.read_file(str(path), max_bytes=3 << 20) == b"x" * (3 << 20)
+
+
+async def chunked(data: bytes, size: int, fail_after: int | None = None,
+                  pause: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        if fail_after is not None and i >= fail_after:
+            if pause is not None:
+                pause.set()
+                await asyncio.sleep(3600)
+            raise RuntimeError("client went away")
+        yield data[i:i + size]
+
+
+async def test_write_chunks_go_through_a_temporary_file(client: AgentClient, vm: Guest) -> None:
+    d = vm.root / "up"
+    path = d / "file.bin"
+    data = os.urandom(3 * 1024 * 1024 + 500)
+    writes = count_op(vm, "write_file")
+    seen_during: list[tuple[bool, list[str]]] = []
+
+    async def watched() -> AsyncIterator[bytes]:
+        async for piece in chunked(data, 100_000):
+            if d.exists():
+                seen_during.append((path.exists(), part_files(d)))
+            yield piece
+
+    assert await client.write_file_chunks(str(path), watched(), mode=0o640) == len(data)
+    assert path.read_bytes() == data
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert part_files(d) == []
+    # While uploading, only the temporary file existed, beside the destination.
+    assert seen_during and all(not exists and len(parts) == 1 for exists, parts in seen_during)
+    # 100 kB pieces are coalesced into 1 MiB requests.
+    assert [len(w["data"]) for w in writes[:3]] == [len(base64.b64encode(b"x" * (1 << 20)))] * 3
+    assert len(writes) == 4
+    # Empty files too.
+    assert await client.write_file_chunks(str(d / "empty"), chunked(b"", 10)) == 0
+    assert (d / "empty").read_bytes() == b""
+
+
+async def test_aborted_write_leaves_no_file(client: AgentClient, vm: Guest) -> None:
+    d = vm.root / "up"
+    d.mkdir()
+    old = d / "old.txt"
+    old.write_bytes(b"previous content")
+    data = os.urandom(3 << 20)
+    with pytest.raises(RuntimeError, match="went away"):
+        await client.write_file_chunks(str(old), chunked(data, 1 << 18, fail_after=2 << 20))
+    with pytest.raises(RuntimeError):
+        await client.write_file_chunks(str(d / "new.bin"),
+                                       chunked(data, 1 << 18, fail_after=2 << 20))
+    # Cancelled mid-upload (the HTTP client disconnected).
+    paused = asyncio.Event()
+    task = asyncio.create_task(client.write_file_chunks(
+        str(d / "cancelled.bin"), chunked(data, 1 << 18, fail_after=1 << 20, pause=paused)))
+    await paused.wait()
+    assert len(part_files(d)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 5
+    while part_files(d) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert sorted(p.name for p in d.iterdir()) == ["old.txt"]
+    assert old.read_bytes() == b"previous content"
+
+
+async def test_write_follows_a_symlink_and_refuses_a_directory(client: AgentClient,
+                                                               vm: Guest) -> None:
+    real = vm.root / "real.txt"
+    real.write_text("old")
+    link = vm.root / "link.txt"
+    link.symlink_to(real)
+    assert await client.write_file(str(link), b"new") == 3
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    with pytest.raises(AgentError) as ei:
+        await client.write_file(str(vm.root), b"x")
+    assert ei.value.errno == "EISDIR"
+    assert part_files(vm.root) == []
+
+
+async def test_write_to_an_agent_without_temporary_files(client: AgentClient,
+                                                         vm: Guest) -> None:
+    # An older agent ignores ``tmp`` and writes in place; the host carries on that way.
+    handler = vm.agent.ops["write_file"]
+    vm.agent.ops["write_file"] = lambda req: handler({k: v for k, v in req.items() if k != "tmp"})
+    path = vm.root / "legacy.bin"
+    data = os.urandom((2 << 20) + 1)
+    assert await client.write_file(str(path), data) == len(data)
+    assert path.read_bytes() == data
+    assert part_files(vm.root) == []
+
+
+def agent_proc(vm: Guest, rid: int) -> guest.Proc:
+    with vm.agent.procs_lock:
+        return vm.agent.procs[rid]
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_credit_holds_a_fast_producer(client: AgentClient, vm: Guest) -> None:
+    total = 48 << 20
+    proc = await client.exec(["head", "-c", str(total), "/dev/zero"])
+    assert proc.flow_control and proc.window == guest.CREDIT_WINDOW
+    gp = agent_proc(vm, proc.id)
+    bound = proc.window + 2 * guest.PIPE_READ
+    # Nobody reads: the agent stops at the window, and so does the host's queue.
+    await wait_until(lambda: gp.unacked >= proc.window)
+    await asyncio.sleep(0.5)
+    assert gp.unacked <= bound
+    assert proc.queued_bytes <= bound
+    assert not proc.exited and gp.popen.poll() is None  # blocked on its pipe
+    # A slow reader: the host never holds more than the window.
+    received, peak = 0, 0
+    async for ev in proc.events():
+        peak = max(peak, proc.queued_bytes)
+        if ev["event"] == "stdout":
+            received += len(ev["data"])
+            if received % (4 << 20) < len(ev["data"]):
+                await asyncio.sleep(0.05)
+        else:
+            assert ev == {"event": "exit", "exit_code": 0, "timed_out": False}
+    assert received == total
+    assert peak <= bound
+    assert proc.lost_bytes == 0
+
+
+async def test_acks_only_for_what_the_consumer_took(client: AgentClient, vm: Guest) -> None:
+    acks = count_op(vm, "ack")
+    proc = await client.exec(["head", "-c", str(16 << 20), "/dev/zero"])
+    gp = agent_proc(vm, proc.id)
+    await wait_until(lambda: gp.unacked >= proc.window)
+    events = proc.events()
+    taken = 0
+    while taken < (1 << 20):
+        taken += len((await anext(events))["data"])
+    await asyncio.sleep(0.3)
+    acked = sum(a["bytes"] for a in acks)
+    assert taken - guest.CREDIT_WINDOW // 4 < acked <= taken  # batched, never ahead
+    assert all(a["target"] == proc.id for a in acks)
+    rest = [ev async for ev in events]
+    assert rest[-1]["exit_code"] == 0
+    assert taken + sum(len(ev.get("data", b"")) for ev in rest) == 16 << 20
+
+
+async def test_exec_without_credit_still_works(client: AgentClient, vm: Guest,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an older agent does: no window in the answer, output sent as fast as it comes.
+    proc = await client.exec(["head", "-c", str(12 << 20), "/dev/urandom"], flow_control=False)
+    assert not proc.flow_control and proc.window == 0
+    out, _, ev = await collect(proc)
+    assert ev["exit_code"] == 0 and len(out) == 12 << 20
+    # Nobody reading: the host drops beyond its queue limit and says how much, in order.
+    monkeypatch.setattr(engine_agent, "QUEUE_LIMIT", 1 << 20)
+    proc = await client.exec(["head", "-c", str(8 << 20), "/dev/zero"], flow_control=False)
+    await proc.wait_exit()
+    assert proc.queued_bytes <= 1 << 20
+    kinds, delivered, lost = [], 0, 0
+    async for ev in proc.events():
+        kinds.append(ev["event"])
+        delivered += len(ev.get("data", b""))
+        lost += ev.get("bytes", 0) if ev["event"] == "lost" else 0
+    assert "lost" in kinds and kinds[-1] == "exit"
+    assert lost == proc.lost_bytes > 0
+    assert delivered + lost == 8 << 20
+
+
+async def test_wait_discards_unread_output(client: AgentClient) -> None:
+    proc = await client.exec(["head", "-c", str(16 << 20), "/dev/zero"])
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_reconnect_forgives_output_in_flight(vm: Guest) -> None:
+    c = vm.client()
+    await c.connect(timeout=10)
+    total = 16 << 20
+    proc = await c.exec(["head", "-c", str(total), "/dev/zero"])
+    gp = agent_proc(vm, proc.id)
+    await wait_until(lambda: gp.unacked >= proc.window)
+    await c.disconnect()
+    await c.connect(timeout=10)
+    received = 0
+    async for ev in proc.events():
+        received += len(ev.get("data", b""))
+        if ev["event"] == "exit":
+            assert ev["exit_code"] == 0
+    assert received <= total
+    await c.close()
+
+
+async def test_output_of_an_unknown_process_is_acknowledged(vm: Guest) -> None:
+    # A process of a previous host (a server restart, a process running since before a
+    # snapshot): the new host does not know it and must not hold it.
+    old = vm.client()
+    await old.connect(timeout=10)
+    proc = await old.exec(["head", "-c", str(16 << 20), "/dev/zero"])
+    gp = agent_proc(vm, proc.id)
+    await wait_until(lambda: gp.unacked >= proc.window)
+    await old.disconnect()
+    new = vm.client()
+    await new.connect(timeout=10)
+    await wait_until(lambda: gp.exited and proc.id not in vm.agent.procs)
+    await new.close()
+    await old.close()

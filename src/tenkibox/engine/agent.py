@@ -7,26 +7,48 @@ process events to their ``AgentProcess`` by id.
 Connection loss fails the calls in flight with ``AgentError("agent connection lost")``; running
 processes are kept, because the agent keeps their output and sends it to the next connection
 (``connect()`` again). ``close()`` ends them for good.
+
+Memory is bounded per request: files are read and written in chunks of at most ``CHUNK``
+(``read_file_chunks``, ``write_file_chunks``), and process output is flow-controlled (the host
+acknowledges what its consumer took; the agent stops reading a process's pipes while more than a
+window is unacknowledged), so an ``AgentProcess`` holds at most about ``2 * window`` of output.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import itertools
 import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InternalError, SessionFailedError, TenkiError, WaitTimeoutError
+from ..errors import (
+    InternalError,
+    SessionFailedError,
+    TenkiError,
+    ValidationError,
+    WaitTimeoutError,
+)
 from .machine import Machine
 
 CHUNK = 1 << 20  # the agent's limit per read_file/write_file/stdin request
+READ_FILE_LIMIT = 16 << 20  # read_file() (whole file in memory) refuses larger files
+# Flow control of process output (docs/agent-protocol.md): the window the host asks for, and how
+# much consumed output is acknowledged at once (at most a quarter of the window).
+CREDIT_WINDOW = 2 << 20
+ACK_BATCH = 256 << 10
+# Output an AgentProcess queues for its consumer. With flow control it stays below ~2 windows
+# (the agent holds the rest); an agent without it (an old one, inside an old memory snapshot)
+# sends as fast as the process writes, and output beyond this is dropped and reported as a
+# ``{"event": "lost", "bytes": N}`` event, never silently.
+QUEUE_LIMIT = 8 << 20
 LINE_LIMIT = 64 << 20
 DEFAULT_TIMEOUT = 60.0
 CONNECT_RETRY_S = 0.02
@@ -50,19 +72,42 @@ class AgentTimeoutError(AgentError, WaitTimeoutError):
 
 
 class AgentProcess:
-    """A process started by ``AgentClient.exec``; its events arrive in order, ending with exit."""
+    """A process started by ``AgentClient.exec``; its events arrive in order, ending with exit.
+
+    Output is flow-controlled when the agent supports it (``window`` > 0): what the consumer of
+    ``events()`` takes is acknowledged to the agent, and the agent does not read the process's
+    pipes while more than ``window`` bytes are unacknowledged, so a process whose output nobody
+    reads blocks on its pipe. Without it (an older agent), output beyond ``QUEUE_LIMIT`` queued
+    bytes is dropped and reported in order as ``{"event": "lost", "bytes": N}``.
+    """
 
     def __init__(self, client: AgentClient, rid: int) -> None:
         self._client = client
         self.id = rid
         self.pid = 0
-        self._queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self.window = 0  # the agent's flow-control window; 0: the agent has none
+        self.lost_bytes = 0  # output dropped at QUEUE_LIMIT (reported by "lost" events)
+        self._items: collections.deque[dict[str, Any] | BaseException] = collections.deque()
+        self._ready = asyncio.Event()
+        self._queued = 0  # output bytes in _items
+        self._unacked = 0  # output taken by the consumer (or dropped), not yet acknowledged
+        self._reading = False
         self._exit: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         # Nobody may ever await the exit future; keep a failure from being reported as unretrieved.
         self._exit.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def __repr__(self) -> str:
-        return f"<AgentProcess id={self.id} pid={self.pid} exited={self._exit.done()}>"
+        return (f"<AgentProcess id={self.id} pid={self.pid} window={self.window} "
+                f"queued={self._queued} exited={self._exit.done()}>")
+
+    @property
+    def flow_control(self) -> bool:
+        return self.window > 0
+
+    @property
+    def queued_bytes(self) -> int:
+        """Output received from the agent that the consumer has not taken yet."""
+        return self._queued
 
     @property
     def exited(self) -> bool:
@@ -76,6 +121,19 @@ class AgentProcess:
     def timed_out(self) -> bool:
         return bool(self._exit.result().get("timed_out")) if self.exited else False
 
+    def _started(self, msg: dict[str, Any]) -> None:
+        """The answer to the exec (routed here before ``exec()`` resumes, so before any event
+        of this process is taken)."""
+        if msg.get("ok"):
+            self.pid = int(msg.get("pid") or 0)
+            window = msg.get("window")
+            if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+                self.window = window
+
+    def _push(self, item: dict[str, Any] | BaseException) -> None:
+        self._items.append(item)
+        self._ready.set()
+
     def _feed(self, msg: dict[str, Any]) -> None:
         kind = msg.get("event")
         if kind in ("stdout", "stderr"):
@@ -83,37 +141,89 @@ class AgentProcess:
                 data = base64.b64decode(msg.get("data") or "")
             except ValueError:
                 return
-            self._queue.put_nowait({"event": kind, "data": data})
+            if self._queued + len(data) > QUEUE_LIMIT:
+                self._drop(len(data))
+                return
+            self._queued += len(data)
+            self._push({"event": kind, "data": data})
         elif kind == "exit":
             event = {
                 "event": "exit",
                 "exit_code": int(msg.get("exit_code", -1)),
                 "timed_out": bool(msg.get("timed_out")),
             }
-            self._queue.put_nowait(event)
+            self._push(event)
             if not self._exit.done():
                 self._exit.set_result(event)
 
+    def _drop(self, nbytes: int) -> None:
+        self.lost_bytes += nbytes
+        last = self._items[-1] if self._items else None
+        if isinstance(last, dict) and last.get("event") == "lost":
+            last["bytes"] += nbytes
+        else:
+            self._push({"event": "lost", "bytes": nbytes})
+        self._taken(nbytes)  # with flow control (a misbehaving agent): keep the window open
+
+    def _taken(self, nbytes: int) -> None:
+        if not self.window:
+            return
+        self._unacked += nbytes
+        if self._unacked >= min(ACK_BATCH, max(self.window // 4, 1)):
+            self._client._ack(self.id, self._unacked)
+            self._unacked = 0
+
     def _fail(self, exc: BaseException) -> None:
         if not self._exit.done():
-            self._queue.put_nowait(exc)
+            self._push(exc)
             self._exit.set_exception(exc)
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """``{"event": "stdout"|"stderr", "data": bytes}`` ..., then
-        ``{"event": "exit", "exit_code": int, "timed_out": bool}``. Consume it once."""
+        ``{"event": "exit", "exit_code": int, "timed_out": bool}``; raises ``AgentError`` when
+        the process is lost (``AgentClient.close()``). Without flow control, output dropped at
+        ``QUEUE_LIMIT`` appears in its place as ``{"event": "lost", "bytes": N}``.
+
+        One consumer only. An event counts as consumed (and is acknowledged to the agent, in
+        batches) when it is handed to the consumer; stop taking events and the process is held.
+        """
+        if self._reading:
+            raise AgentError(f"the events of process {self.id} are already being read")
+        self._reading = True
         while True:
-            item = await self._queue.get()
+            while not self._items:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._items.popleft()
             if isinstance(item, BaseException):
                 raise item
+            kind = item["event"]
+            if kind in ("stdout", "stderr"):
+                self._queued -= len(item["data"])
+                self._taken(len(item["data"]))
             yield item
-            if item["event"] == "exit":
+            if kind == "exit":
                 return
 
     async def wait(self) -> int:
-        """The exit code (124 on timeout, 128+S when killed by signal S)."""
+        """The exit code (124 on timeout, 128+S when killed by signal S).
+
+        If nobody reads ``events()``, this reads and discards the output (so that flow control
+        does not hold the process); to keep the output, read ``events()`` instead, or use
+        ``wait_exit()``, which does not read it.
+        """
+        if not self._reading:
+            async for _ in self.events():
+                pass
         event = await asyncio.shield(self._exit)
         return int(event["exit_code"])
+
+    async def wait_exit(self) -> dict[str, Any]:
+        """``{"event": "exit", "exit_code": int, "timed_out": bool}`` once the agent reported
+        the exit (which it does after the last output was sent, so a process whose unread output
+        exceeds the flow-control window has not exited yet). Does not touch the output; raises
+        ``AgentError`` if the process is lost."""
+        return dict(await asyncio.shield(self._exit))
 
     async def write_stdin(self, data: bytes, *, timeout: float | None = None) -> None:
         view = memoryview(data)
@@ -147,6 +257,7 @@ class AgentClient:
         self._write_lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._procs: dict[int, AgentProcess] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         # Ids start at a random point: a restarted host must not reuse the ids of processes the
         # agent is still reporting on for its predecessor.
         self._ids = itertools.count(secrets.randbelow(1 << 40) + 1)
@@ -200,8 +311,9 @@ class AgentClient:
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=LINE_LIMIT)
         self._reader, self._writer = reader, writer
         self._read_task = asyncio.create_task(self._read_loop(reader, writer))
-        # Terminates whatever torn line a previous host left in the agent's buffer.
-        writer.write(b"\n")
+        # The first newline ends whatever torn line a previous host left in the agent's buffer;
+        # the empty line then tells the agent that a new host starts (docs/agent-protocol.md).
+        writer.write(b"\n\n")
         await writer.drain()
 
     async def disconnect(self) -> None:
@@ -267,10 +379,34 @@ class AgentClient:
                 proc._feed(msg)
                 if msg.get("event") == "exit":
                     self._procs.pop(rid, None)
+            elif msg.get("event") in ("stdout", "stderr"):
+                # Nobody here wants it (a process of a previous host, e.g. one running since
+                # before a snapshot): acknowledge it so that flow control does not hold it.
+                data = msg.get("data")
+                if isinstance(data, str) and data:
+                    self._ack(rid, len(data) * 3 // 4 - data[-2:].count("="))
             return
+        proc = self._procs.get(rid)
+        if proc is not None:
+            proc._started(msg)
         fut = self._pending.pop(rid, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
+
+    def _ack(self, target: int, nbytes: int) -> None:
+        """Fire and forget (the agent does not answer acks); dropped when not connected, as the
+        agent forgives what was in flight when a host goes."""
+        writer = self._writer
+        if writer is None or writer.is_closing() or nbytes <= 0:
+            return
+        # One whole line per write() call: it cannot interleave with a request's line.
+        writer.write(json.dumps({"id": 0, "op": "ack", "target": target, "bytes": nbytes},
+                                separators=(",", ":")).encode() + b"\n")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -310,14 +446,21 @@ class AgentClient:
 
     async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, timeout_s: float | None = None, stdin: bool = False,
-                   timeout: float | None = None) -> AgentProcess:
+                   timeout: float | None = None, flow_control: bool = True) -> AgentProcess:
         """Start a process; ``timeout_s`` bounds the process (the agent kills its group, exit
-        124), ``timeout`` bounds the wait for the agent's answer."""
+        124), ``timeout`` bounds the wait for the agent's answer.
+
+        Read its output with ``events()`` (or let ``wait()`` discard it): with flow control
+        (asked for unless ``flow_control`` is False; ``proc.window`` says whether the agent
+        agreed) the process blocks on its pipe while its unread output exceeds the window."""
         rid = next(self._ids)
         proc = AgentProcess(self, rid)
         # Registered before the request goes out: events can follow the answer immediately.
         self._procs[rid] = proc
+        # ``credit``: flow control (an older agent ignores it and answers without a window).
         args: dict[str, Any] = {"argv": list(argv), "stdin": stdin}
+        if flow_control:
+            args.update(credit=True, window=CREDIT_WINDOW)
         if env:
             args["env"] = env
         if cwd is not None:
@@ -329,31 +472,154 @@ class AgentClient:
         except BaseException:
             self._procs.pop(rid, None)
             raise
-        proc.pid = int(msg.get("pid") or 0)
+        proc._started(msg)
         return proc
 
-    async def read_file(self, path: str, *, timeout: float | None = None) -> bytes:
-        out = bytearray()
+    async def read_file_chunks(self, path: str, *, chunk: int = CHUNK,
+                               timeout: float | None = None) -> AsyncGenerator[bytes, None]:
+        """The file's content in non-empty chunks of at most ``chunk`` bytes (capped at
+        ``CHUNK``); an empty file yields nothing.
+
+        One request per chunk, the next one only when the consumer asks for it: stop iterating
+        (or close the iterator) and reading stops. Files without a size (/proc, character
+        devices) are read until a short read, so /dev/zero never ends. Errors (``AgentError``
+        with ``errno``: ENOENT, EISDIR, ...) are raised where they happen, the first one by the
+        first ``__anext__`` (``read_file_stream`` raises it before returning the iterator)."""
+        async for data, _size in self._read_chunks(path, chunk, timeout):
+            yield data
+
+    async def _read_chunks(self, path: str, chunk: int,
+                           timeout: float | None) -> AsyncGenerator[tuple[bytes, int], None]:
+        chunk = max(1, min(chunk, CHUNK))
+        offset = 0
         while True:
-            msg = await self._call("read_file", timeout, path=path, offset=len(out), length=CHUNK)
-            out += base64.b64decode(msg.get("data") or "")
-            if msg.get("eof") or not msg.get("data"):
-                return bytes(out)
+            msg = await self._call("read_file", timeout, path=path, offset=offset, length=chunk)
+            data = base64.b64decode(msg.get("data") or "")
+            eof = bool(msg.get("eof"))
+            size = int(msg.get("size") or 0)
+            del msg
+            if data:
+                offset += len(data)
+                yield data, size
+            if eof or not data:
+                return
+
+    async def read_file_stream(self, path: str, *, chunk: int = CHUNK,
+                               timeout: float | None = None) -> AsyncGenerator[bytes, None]:
+        """``read_file_chunks`` with the first chunk already read, so that a missing file or a
+        directory raises here, before an HTTP response has started. Close the iterator (or
+        iterate it to the end) when done."""
+        chunks = self.read_file_chunks(path, chunk=chunk, timeout=timeout)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+
+        async def stream() -> AsyncGenerator[bytes, None]:
+            try:
+                if first:
+                    yield first
+                async for data in chunks:
+                    yield data
+            finally:
+                await chunks.aclose()
+
+        return stream()
+
+    async def read_file(self, path: str, *, max_bytes: int = READ_FILE_LIMIT,
+                        timeout: float | None = None) -> bytes:
+        """The whole file, for small files: over ``max_bytes`` raises ``ValidationError``
+        (field ``path``) without reading further; stream bigger ones with
+        ``read_file_chunks``."""
+        out = bytearray()
+        chunks = self._read_chunks(path, CHUNK, timeout)
+        try:
+            async for data, size in chunks:
+                if size > max_bytes or len(out) + len(data) > max_bytes:
+                    raise ValidationError(
+                        f"file larger than {max_bytes} bytes; use a stream", field="path")
+                out += data
+        finally:
+            await chunks.aclose()
+        return bytes(out)
+
+    async def write_file_chunks(self, path: str, chunks: AsyncIterable[bytes],
+                                mode: int = 0o644, *, timeout: float | None = None) -> int:
+        """Write (replace) a file from ``chunks``, creating parents; returns its size.
+
+        The data goes to a temporary file beside the destination (``.NAME.tenki-XXXX.part``),
+        which is renamed into place once ``chunks`` ended: readers see the old file or the new
+        one, and a failed or aborted upload (an exception from ``chunks``, cancellation, a lost
+        agent) leaves the destination as it was and the temporary file removed (best effort:
+        not if the agent is gone). A symlink at ``path`` is followed: the file it points to is
+        replaced. Chunks are coalesced or split to ``CHUNK`` per request; at most about one
+        ``CHUNK`` is held. An older agent without temporary files gets the data written in
+        place, as before."""
+        state: dict[str, Any] = {"first": True, "offset": 0, "size": 0, "tmp": None,
+                                 "target": path}
+
+        async def put(data: bytes | bytearray | memoryview) -> None:
+            b64 = base64.b64encode(data).decode()
+            if state["first"]:
+                msg = await self._call("write_file", timeout, path=path, data=b64, offset=0,
+                                       truncate=True, mode=mode, tmp=True)
+                state["first"] = False
+                if isinstance(msg.get("tmp"), str):
+                    state["tmp"] = msg["tmp"]
+                    state["target"] = str(msg.get("target") or path)
+            else:
+                msg = await self._call("write_file", timeout, path=state["tmp"] or path,
+                                       data=b64, offset=state["offset"], truncate=False,
+                                       mode=mode)
+            state["offset"] += len(data)
+            state["size"] = int(msg.get("size", 0))
+
+        try:
+            buf = bytearray()
+            async for piece in chunks:
+                view = memoryview(piece).cast("B")
+                while view:
+                    if not buf and len(view) >= CHUNK:
+                        await put(view[:CHUNK])
+                        view = view[CHUNK:]
+                        continue
+                    take = CHUNK - len(buf)
+                    buf += view[:take]
+                    view = view[take:]
+                    if len(buf) >= CHUNK:
+                        await put(buf)
+                        buf.clear()
+            if buf or state["first"]:
+                await put(buf)
+            if state["tmp"] is None:
+                return int(state["size"])
+            msg = await self._call("rename", timeout, src=state["tmp"], dst=state["target"])
+            state["tmp"] = None
+            return int(msg.get("size", state["offset"]))
+        except BaseException:
+            if state["tmp"] is not None:
+                # Not awaited: this may be a cancellation (the client went away).
+                self._spawn(self._remove_quietly(state["tmp"]))
+            raise
+
+    async def _remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(AgentError):
+            await self._call("remove", 10.0, path=path)
+
+    async def remove(self, path: str, *, timeout: float | None = None) -> bool:
+        """Remove a file (not a directory); False if it did not exist."""
+        msg = await self._call("remove", timeout, path=path)
+        return bool(msg.get("existed"))
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o644, *,
                          timeout: float | None = None) -> int:
-        """Write (replace) a file, creating parents; returns its size."""
-        offset, size = 0, 0
-        view = memoryview(data)
-        while True:
-            chunk = view[offset:offset + CHUNK]
-            msg = await self._call(
-                "write_file", timeout, path=path, data=base64.b64encode(chunk).decode(),
-                offset=offset, truncate=offset == 0, mode=mode)
-            size = int(msg.get("size", 0))
-            offset += len(chunk)
-            if offset >= len(data):
-                return size
+        """Write (replace) a file, creating parents; returns its size (``write_file_chunks``
+        with one chunk)."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.write_file_chunks(path, one(), mode, timeout=timeout)
 
     async def set_time(self, epoch_ns: int | None = None, *, timeout: float | None = None) -> float:
         """Set the guest clock (default: the host's now); returns how far off it was (s)."""

@@ -43,10 +43,16 @@ if TYPE_CHECKING:
     # An op answers with its result, or with None when it answers by itself (exec, stdin).
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
+# Flow control (exec with ``credit``): output sent but not yet acknowledged by the host, per
+# process. The pipes are not read past it, so a fast producer blocks on its pipe.
+CREDIT_WINDOW = 2 << 20
+CREDIT_WINDOW_MIN = 256 << 10
+CREDIT_WINDOW_MAX = 16 << 20
+TMP_SUFFIX = ".part"
 MAX_LINE = 16 << 20  # a longer request line is garbage, not a request
 PIPE_READ = 1 << 16
 WRITE_BATCH = 256 << 10
@@ -382,7 +388,7 @@ class Outbox:
 
 class Proc:
     def __init__(self, agent: Agent, rid: int, popen: subprocess.Popen[bytes],
-                 timeout_s: float | None) -> None:
+                 timeout_s: float | None, window: int = 0) -> None:
         self.agent = agent
         self.id = rid
         self.popen = popen
@@ -391,7 +397,10 @@ class Proc:
         self.timed_out = False
         self.exited = False
         self.detached = False  # exit reported: later pipe output is drained and dropped
-        self.pending = 0
+        self.pending = 0  # output queued in the outbox (not yet written to the port)
+        # Credit mode (window > 0): output sent and not yet acknowledged by the host.
+        self.window = window
+        self.unacked = 0
         self.cv = threading.Condition()
         self.idle: dict[str, bool] = {}  # per pipe: blocked in read() on an empty pipe
         self.pumps: list[tuple[str, threading.Thread]] = []
@@ -416,11 +425,31 @@ class Proc:
             self.pending -= nbytes
             self.cv.notify_all()
 
+    def ack(self, nbytes: int) -> None:
+        """The host consumed ``nbytes`` more of this process's output."""
+        with self.cv:
+            # Never below 0: a reconnected host may acknowledge output sent before the reset.
+            self.unacked = max(0, self.unacked - nbytes)
+            self.cv.notify_all()
+
+    def forgive(self, unlimited: bool = False) -> None:
+        """A new host (or none): what was in flight to the previous one is not coming back."""
+        with self.cv:
+            self.unacked = 0
+            if unlimited:
+                self.window = 0
+            self.cv.notify_all()
+
+    def _held(self) -> bool:
+        if self.detached:
+            return False
+        return self.pending >= OUTPUT_LIMIT or (self.window > 0 and self.unacked >= self.window)
+
     def _pump(self, name: str, stream: Any) -> None:
         fd = stream.fileno()
         while True:
             with self.cv:
-                while self.pending >= OUTPUT_LIMIT and not self.detached:
+                while self._held():
                     self.cv.wait()
                 self.idle[name] = True
             try:
@@ -439,6 +468,8 @@ class Proc:
                         {"id": self.id, "event": name, "data": base64.b64encode(data).decode()},
                         self, len(data)):
                     self.pending += len(data)
+                if self.window:
+                    self.unacked += len(data)
         # Through the file object, which owns the fd: a raw close would leave it to close the
         # number again later, when it may belong to another process's pipe.
         stream.close()
@@ -583,6 +614,9 @@ class Agent:
             "kill": self.op_kill,
             "read_file": self.op_read_file,
             "write_file": self.op_write_file,
+            "rename": self.op_rename,
+            "remove": self.op_remove,
+            "ack": self.op_ack,
             "set_time": self.op_set_time,
             "reidentify": self.op_reidentify,
             "sync": self.op_sync,
@@ -591,7 +625,7 @@ class Agent:
         }
         # Answered from the reader thread: quick and order-sensitive (stdin chunks must not
         # overtake each other; set_time must not wait behind a slow request).
-        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time"}
+        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time", "ack"}
 
     @staticmethod
     def _read_text(path: str) -> str:
@@ -614,6 +648,7 @@ class Agent:
                 if connected:
                     log("host disconnected")
                     connected = False
+                    self.new_host()
                 # A partial line is the torn end of the previous host's last request.
                 buf.clear()
                 scanned = 0
@@ -634,6 +669,9 @@ class Agent:
                 scanned = 0
                 if line.strip():
                     self.dispatch(line)
+                elif not line:
+                    # A host starts each connection with an empty line.
+                    self.new_host()
             if len(buf) > MAX_LINE:
                 buf.clear()
                 scanned = 0
@@ -643,8 +681,17 @@ class Agent:
         with self.procs_lock:
             procs = list(self.procs.values())
         for p in procs:
+            p.forgive(unlimited=True)
             p.signal(signal.SIGKILL)
         self.port.close()
+
+    def new_host(self) -> None:
+        """The host went away or a new one starts: output in flight to the previous host is
+        lost, so it no longer counts against the processes' credit windows."""
+        with self.procs_lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            p.forgive()
 
     def answer(self, rid: int, result: dict[str, Any]) -> None:
         self.out.put({"id": rid, "ok": True, **result})
@@ -732,6 +779,10 @@ class Agent:
         with self.procs_lock:
             if rid in self.procs:
                 raise OpError(f"id {rid} is already a running process", "EEXIST")
+        window = 0
+        if req.get("credit"):
+            window = _int(req, "window", CREDIT_WINDOW)
+            window = max(CREDIT_WINDOW_MIN, min(window, CREDIT_WINDOW_MAX))
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if req.get("stdin") else subprocess.DEVNULL,
@@ -741,11 +792,11 @@ class Agent:
             cwd=cwd,
             start_new_session=True,
         )
-        proc = Proc(self, rid, popen, float(timeout_s) if timeout_s else None)
+        proc = Proc(self, rid, popen, float(timeout_s) if timeout_s else None, window)
         with self.procs_lock:
             self.procs[rid] = proc
         # The answer goes out before the pumps start, so it precedes every event of this id.
-        self.answer(rid, {"pid": popen.pid})
+        self.answer(rid, {"pid": popen.pid, "window": window} if window else {"pid": popen.pid})
         proc.start()
         return None
 
@@ -756,6 +807,16 @@ class Agent:
 
     def op_stdin_close(self, req: dict[str, Any]) -> None:
         self._proc(req).send_stdin(req["id"], None)
+        return None
+
+    def op_ack(self, req: dict[str, Any]) -> None:
+        # Fire and forget: never answered, not even when the process is gone meanwhile.
+        target, nbytes = req.get("target"), req.get("bytes")
+        if isinstance(target, int) and isinstance(nbytes, int) and nbytes > 0:
+            with self.procs_lock:
+                proc = self.procs.get(target)
+            if proc is not None:
+                proc.ack(nbytes)
         return None
 
     def op_kill(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -799,12 +860,25 @@ class Agent:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
+        result: dict[str, Any] = {}
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        if req.get("truncate"):
+        truncate = bool(req.get("truncate"))
+        if req.get("tmp"):
+            # A fresh temporary file beside the destination (after following a symlink there,
+            # so that the final rename replaces what the link points to, on its filesystem).
+            target = os.path.realpath(path)
+            if os.path.isdir(target):
+                raise OpError(f"{path} is a directory", "EISDIR")
+            head, base = os.path.split(target)
+            path = os.path.join(head, f".{base[:200]}.tenki-{os.urandom(6).hex()}{TMP_SUFFIX}")
+            flags |= os.O_EXCL
+            truncate, offset = True, 0
+            result = {"tmp": path, "target": target}
+        if truncate:
             flags |= os.O_TRUNC
         fd = os.open(path, flags, mode)
         try:
-            if req.get("truncate"):
+            if truncate:
                 # The umask and an older file's mode must not win over the requested mode.
                 os.fchmod(fd, mode)
             view = memoryview(data)
@@ -813,9 +887,29 @@ class Agent:
                 n = os.pwrite(fd, view, pos)
                 view, pos = view[n:], pos + n
             size = os.fstat(fd).st_size
+        except BaseException:
+            if result:  # the host never learns the temporary name: remove it here
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
         finally:
             os.close(fd)
-        return {"size": size}
+        return {"size": size, **result}
+
+    def op_rename(self, req: dict[str, Any]) -> dict[str, Any]:
+        src, dst = _str(req, "src"), _str(req, "dst")
+        os.replace(src, dst)
+        return {"size": os.stat(dst).st_size}
+
+    def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        path = _str(req, "path")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return {"existed": False}
+        return {"existed": True}
 
     def op_set_time(self, req: dict[str, Any]) -> dict[str, Any]:
         epoch_ns = _int(req, "epoch_ns")
