@@ -6,7 +6,6 @@ Times are UTC ``datetime``s (RFC 3339 on the wire); durations are seconds (float
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Callable
 from datetime import datetime
@@ -46,8 +45,14 @@ def _utf8_len(text: str) -> int:
 
 
 def _no_nul(v: str) -> str:
+    """No NUL, and valid Unicode (JSON can carry lone surrogates such as ``"\\ud800"``)."""
     if "\0" in v:
         raise ValueError("must not contain NUL characters")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (found a lone surrogate)") from None
     return v
 
 
@@ -132,10 +137,12 @@ def _base64(v: str) -> str:
             f"must be at most {limits.STDIN_DATA_MAX_BYTES} bytes once decoded "
             f"({limits.STDIN_DATA_MAX_CHARS} base64 characters), got {len(v)} characters"
         )
+    if not v.isascii():
+        raise ValueError("invalid base64: only ASCII characters are allowed")
     try:
-        base64.b64decode(v, validate=True)
+        binascii.a2b_base64(v.encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"invalid base64: {exc}") from None
+        raise ValueError(f"invalid base64: {str(exc).lower()}") from None
     return v
 
 

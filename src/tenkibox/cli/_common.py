@@ -17,6 +17,7 @@ import pydantic
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .. import models, units
 from ..client import Client
@@ -163,6 +164,21 @@ def one_id(positional: str | None, option: str | None, what: str, option_name: s
 
 # -- output ---------------------------------------------------------------------------------
 
+# Control characters in user data (names, metadata, state reasons, paths) would drive the
+# terminal (ESC sequences can recolour, retitle, hide text or move the cursor): shown escaped.
+_ESCAPES: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+# line/paragraph separators and bidirectional overrides reorder or break what is shown
+_ESCAPES.update(
+    {c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+)
+
+
+def escape_text(text: str) -> str:
+    """``text`` safe to print on a terminal: C0 and C1 control characters, DEL (so ESC
+    sequences), line separators and bidi overrides become visible escapes such as ``\\x1b``."""
+    return text.translate(_ESCAPES)
+
 
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, pydantic.BaseModel):
@@ -212,7 +228,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: st
     for col in columns:
         table.add_column(col, no_wrap=True)
     for row in rows:
-        table.add_row(*row)
+        # Text, not str: a cell is shown as is, never read as rich markup ("[red]")
+        table.add_row(*(Text(escape_text(str(cell))) for cell in row))
     buf = io.StringIO()
     Console(
         file=buf,
@@ -226,9 +243,10 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: st
 
 
 def print_fields(pairs: Sequence[tuple[str, str]]) -> None:
+    """``key: value`` lines, values escaped (:func:`escape_text`)."""
     width = max(len(k) for k, _ in pairs)
     for key, value in pairs:
-        click.echo(f"{key + ':':<{width + 1}} {value}")
+        click.echo(f"{key + ':':<{width + 1}} {escape_text(str(value))}")
 
 
 class Spinner:

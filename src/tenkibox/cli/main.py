@@ -28,7 +28,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    line = " ".join(str(message).split()) or "failed"
+    line = c.escape_text(" ".join(str(message).split())) or "failed"
     try:
         click.echo(f"error: {line}", err=True)
     except OSError:

@@ -350,7 +350,8 @@ def files_write(
     if as_json:
         c.print_json(written)
     else:
-        click.echo(f"{written.path}: {units.format_size(written.size_bytes)} written")
+        size = units.format_size(written.size_bytes)
+        click.echo(f"{c.escape_text(written.path)}: {size} written")
 
 
 @files.command("read")

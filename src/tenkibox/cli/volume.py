@@ -112,9 +112,8 @@ def attach(
     if as_json:
         c.print_json(session.record)
     else:
-        click.echo(
-            f"{volume_id} attached to {session_id} at {path}{' (read-only)' if read_only else ''}"
-        )
+        text = f"{volume_id} attached to {session_id} at {path}"
+        click.echo(c.escape_text(text) + (" (read-only)" if read_only else ""))
 
 
 @volume.command("detach")
