@@ -56,11 +56,11 @@ def _no_nul(v: str) -> str:
     return v
 
 
-def _no_controls(v: str) -> str:
-    """No C0 control characters (tab and newline excepted), DEL or C1 controls."""
+def _no_controls(v: str, allowed: frozenset[str] = _C0_ALLOWED) -> str:
+    """No C0 control characters (but ``allowed``: tab and newline), DEL or C1 controls."""
     for ch in v:
         o = ord(ch)
-        if (o < 0x20 and ch not in _C0_ALLOWED) or 0x7F <= o <= 0x9F:
+        if (o < 0x20 and ch not in allowed) or 0x7F <= o <= 0x9F:
             raise ValueError(f"must not contain control characters (found {ch!r})")
     return v
 
@@ -105,7 +105,7 @@ def _map_limits(key_check: Callable[[str], str] | None = None) -> Callable[[Any]
                 )
             try:
                 _no_nul(key)
-                _no_controls(key)
+                _no_controls(key, allowed=frozenset())
                 if key_check is not None:
                     key_check(key)
             except ValueError as exc:
@@ -167,7 +167,8 @@ Id = Annotated[str, AfterValidator(_check_id)]
 MapValue = Annotated[
     str, AfterValidator(_no_nul), AfterValidator(_max_bytes(limits.VALUE_MAX_BYTES))
 ]
-#: ``metadata``: at most 64 entries; keys 1..128 characters without control characters.
+#: ``metadata``: at most 64 entries; keys 1..128 characters without control characters (not
+#: even tab or newline).
 Metadata = Annotated[dict[str, MapValue], BeforeValidator(_map_limits())]
 #: ``env``: at most 64 entries; keys are variable names of at most 128 characters.
 Env = Annotated[dict[str, MapValue], BeforeValidator(_map_limits(_env_key))]
