@@ -631,3 +631,17 @@ async def test_output_of_an_unknown_process_is_acknowledged(vm: Guest) -> None:
     await wait_until(lambda: gp.exited and proc.id not in vm.agent.procs)
     await new.close()
     await old.close()
+
+
+async def test_write_to_special_files_is_in_place(client: AgentClient, vm: Guest) -> None:
+    # No temporary file can be made beside a device or a FIFO: those are written in place.
+    fifo = vm.root / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert await client.write_file(str(fifo), b"through the fifo") == 0
+    reader.join(5)
+    assert got == [b"through the fifo"]
+    assert await client.write_file("/dev/null", b"x" * 100) == 0
+    assert part_files(vm.root) == []

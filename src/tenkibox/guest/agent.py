@@ -863,12 +863,10 @@ class Agent:
         result: dict[str, Any] = {}
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
         truncate = bool(req.get("truncate"))
-        if req.get("tmp"):
+        if req.get("tmp") and self._replaceable(path):
             # A fresh temporary file beside the destination (after following a symlink there,
             # so that the final rename replaces what the link points to, on its filesystem).
             target = os.path.realpath(path)
-            if os.path.isdir(target):
-                raise OpError(f"{path} is a directory", "EISDIR")
             head, base = os.path.split(target)
             path = os.path.join(head, f".{base[:200]}.tenki-{os.urandom(6).hex()}{TMP_SUFFIX}")
             flags |= os.O_EXCL
@@ -883,8 +881,10 @@ class Agent:
                 os.fchmod(fd, mode)
             view = memoryview(data)
             pos = offset
+            # Devices and FIFOs have no offsets (pwrite fails with ESPIPE there).
+            seekable = stat.S_ISREG(os.fstat(fd).st_mode)
             while view:
-                n = os.pwrite(fd, view, pos)
+                n = os.pwrite(fd, view, pos) if seekable else os.write(fd, view)
                 view, pos = view[n:], pos + n
             size = os.fstat(fd).st_size
         except BaseException:
@@ -897,6 +897,21 @@ class Agent:
         finally:
             os.close(fd)
         return {"size": size, **result}
+
+    @staticmethod
+    def _replaceable(path: str) -> bool:
+        """Whether a write to ``path`` can go through a temporary file and a rename: not for
+        devices, FIFOs and the files of /proc and /sys, which are written in place."""
+        target = os.path.realpath(path)
+        if target.startswith(("/proc/", "/sys/", "/dev/")):
+            return False
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            raise OpError(f"{path} is a directory", "EISDIR")
+        return stat.S_ISREG(st.st_mode)
 
     def op_rename(self, req: dict[str, Any]) -> dict[str, Any]:
         src, dst = _str(req, "src"), _str(req, "dst")
