@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tenkibox.snapshots import ramfile
+from tenkibox.artifacts import ramfile
 
 
 def _sparse(path: Path, size: int, pieces: dict[int, bytes]) -> None:

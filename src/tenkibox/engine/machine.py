@@ -229,6 +229,9 @@ class Machine:
         backend = net.start(self.files.run_dir, opts.network)
         self.net_pid = backend.helper.pid if backend.helper else None
         self.argv = build_argv(self.cfg, self.files, opts, backend.netdev)
+        # on disk before QEMU starts: a server killed right here leaves a helper that a
+        # restarted one can still find and stop
+        self._write_info()
         log.debug("%s: %s", self.name, shlex.join(self.argv))
         with open(self.files.qemu_log, "ab") as out:
             try:

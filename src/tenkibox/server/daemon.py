@@ -20,9 +20,9 @@ from pathlib import Path
 import uvicorn
 
 from .._version import __version__
+from ..api.app import create_app
 from ..config import layout as make_layout
 from ..errors import ConflictError
-from .app import create_app
 from .runtime import ServerRuntime
 
 log = logging.getLogger("tenkibox.server")
@@ -55,14 +55,16 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
                api_key: str | None, database_url: str | None) -> None:
     rt = ServerRuntime(layout, api_key=api_key, database_url=database_url)
     await rt.start()
-    config = uvicorn.Config(create_app(rt), log_level="warning", lifespan="off",
+    app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, api_key=api_key,
+                     request_stop=rt.request_stop)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
 
-    def stop() -> None:
+    async def stop_when_asked() -> None:
+        await rt.stop_requested.wait()
+        await asyncio.sleep(0.05)  # the shutdown request gets its answer first
         server.should_exit = True
-
-    rt.on_stop(stop)
     info = {"url": f"http://{host}:{port}", "pid": os.getpid(), "version": __version__,
             "started_at": datetime.now(UTC).isoformat()}
 
@@ -74,10 +76,12 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
                  layout.home)
 
     announcer = asyncio.create_task(announce())
+    stopper = asyncio.create_task(stop_when_asked())
     try:
         await server.serve(sockets=[sock])
     finally:
         announcer.cancel()
+        stopper.cancel()
         with contextlib.suppress(OSError, ValueError):
             if json.loads(layout.server_file.read_text()).get("pid") == os.getpid():
                 layout.server_file.unlink()

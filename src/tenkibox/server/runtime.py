@@ -1,22 +1,17 @@
-"""Everything one server process holds: store, services, background loops."""
+"""Everything one server process holds: the store, this machine's host, the control plane."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
 
 from ..config import Layout
+from ..control.plane import ControlPlane
 from ..engine.accel import detect_accel
-from ..sessions.service import SessionService
-from ..snapshots.service import SnapshotService
+from ..host.local import LocalHost
 from ..store.db import Store, open_store
-from ..volumes.service import VolumeService
 
 log = logging.getLogger(__name__)
-
-SWEEP_INTERVAL_S = 1.0
 
 
 class ServerRuntime:
@@ -27,44 +22,18 @@ class ServerRuntime:
         self.store: Store = open_store(layout.home, database_url)
         self.accel, self.accel_reason = detect_accel(layout.home / "accel.json")
         log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
-        self.sessions = SessionService(layout, self.store, self.accel)
-        self.snapshots = SnapshotService(layout, self.store, self.sessions)
-        self.volumes = VolumeService(layout, self.store, self.sessions)
-        self.snapshots.volume_hooks = self.volumes
-        self._sweeper: asyncio.Task[None] | None = None
-        self._stop_hook: Callable[[], None] | None = None
-
-    async def start(self) -> None:
-        await self.sessions.recover()
-        await self.snapshots.recover()
-        await self.volumes.recover()
-        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
-
-    async def _sweep(self) -> None:
-        ticks = 0
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            ticks += 1
-            try:
-                await self.sessions.sweep_expired()
-                await self.snapshots.sweep_expired()
-                if ticks % 300 == 0:
-                    await asyncio.to_thread(self.snapshots.collect_garbage)
-            except Exception:  # a sweep must never kill the loop
-                log.exception("sweep failed")
-
-    def on_stop(self, hook: Callable[[], None]) -> None:
-        self._stop_hook = hook
+        self.host = LocalHost(layout, self.accel)
+        self.plane = ControlPlane(self.store, self.host)
+        #: set when a client asked the server to stop (``POST /v1/server/shutdown``)
+        self.stop_requested = asyncio.Event()
 
     def request_stop(self) -> None:
-        if self._stop_hook:
-            asyncio.get_running_loop().call_later(0.05, self._stop_hook)
+        self.stop_requested.set()
+
+    async def start(self) -> None:
+        await self.plane.start()
 
     async def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sweeper
-        await self.snapshots.shutdown()
-        await self.sessions.shutdown()
+        await self.plane.stop()
+        await self.host.shutdown()
         self.store.close()

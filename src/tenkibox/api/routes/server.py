@@ -1,0 +1,45 @@
+"""The server itself: health, images, administration."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from ..._version import __version__
+from ...models import Image, ServerInfo
+from ..deps import Caller, Plane
+from . import errors
+
+router = APIRouter(prefix="/v1", tags=["server"])
+
+
+@router.get("/health", response_model=ServerInfo, operation_id="health")
+async def health(request: Request) -> ServerInfo:
+    state = request.app.state
+    return ServerInfo(version=__version__, pid=os.getpid(), home=str(state.layout.home),
+                      accelerator=state.accel)
+
+
+@router.get("/images", response_model=list[Image], operation_id="listImages",
+            responses=errors())
+async def list_images(request: Request, _: Caller) -> list[Image]:
+    from ...images.builder import list_images as _list
+
+    return _list(request.app.state.layout)
+
+
+@router.post("/server/shutdown", status_code=202, operation_id="shutdownServer",
+             responses=errors())
+async def shutdown(request: Request, _: Caller) -> dict[str, str]:
+    request.app.state.request_stop()
+    return {"status": "stopping"}
+
+
+@router.post("/admin/verify", operation_id="verifyStore", responses=errors())
+async def verify(plane: Plane, _: Caller, repair: bool = Query(default=False)) -> dict[str, Any]:
+    """Re-read every stored artifact of every READY snapshot against its digest, re-hash the
+    derived RAM caches (rebuilding damaged ones), and list files no record owns. ``repair``
+    marks snapshots with damaged artifacts FAILED and removes unowned files."""
+    return await plane.snapshots.verify(repair)

@@ -1,0 +1,173 @@
+"""Sessions: create (boot or restore), read, wait, terminate; processes; files; volumes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from ...models import (
+    ExecRequest,
+    FileWritten,
+    ProcessInfo,
+    Session,
+    SessionCreate,
+    SessionState,
+    VolumeAttach,
+)
+from ..deps import Caller, Plane
+from . import errors
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+SessionId = Annotated[str, Query(max_length=64)]
+
+
+@router.post("", response_model=Session, status_code=201, operation_id="createSession",
+             responses=errors(404, 409, 413))
+async def create_session(body: SessionCreate, plane: Plane, _: Caller) -> Session:
+    """Boot a session, or restore one from a snapshot (``snapshot_id``); answers CREATING."""
+    return await plane.sessions.create(body)
+
+
+@router.get("", response_model=list[Session], operation_id="listSessions",
+            responses=errors())
+async def list_sessions(plane: Plane, _: Caller, state: SessionState | None = None,
+                        ) -> list[Session]:
+    return plane.sessions.query(state.value if state else None)
+
+
+@router.get("/{session_id}", response_model=Session, operation_id="getSession",
+            responses=errors(404))
+async def get_session(session_id: str, plane: Plane, _: Caller) -> Session:
+    return plane.sessions.get(session_id)
+
+
+@router.get("/{session_id}/wait", response_model=Session, operation_id="waitSession",
+            responses=errors(404))
+async def wait_session(session_id: str, plane: Plane, _: Caller,
+                       timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Session:
+    """Answers as soon as the session leaves CREATING, or as it is when the time is up."""
+    return await plane.sessions.wait(session_id, timeout_s)
+
+
+@router.delete("/{session_id}", response_model=Session, operation_id="terminateSession",
+               responses=errors(404))
+async def terminate_session(session_id: str, plane: Plane, _: Caller) -> Session:
+    """Idempotent; wins over a boot or restore in progress."""
+    return await plane.sessions.terminate(session_id)
+
+
+@router.post("/{session_id}/processes", response_model=ProcessInfo, status_code=201,
+             operation_id="startProcess", responses=errors(404, 409))
+async def start_process(session_id: str, body: ExecRequest, plane: Plane,
+                        _: Caller) -> ProcessInfo:
+    ref = await plane.sessions.start_process(session_id, body)
+    return ProcessInfo(process_id=ref.process_id, session_id=session_id, pid=ref.pid)
+
+
+@router.get("/{session_id}/processes/{process_id}/events", operation_id="processEvents",
+            responses={200: {"content": {"application/x-ndjson": {}},
+                             "description": "NDJSON stream of ProcessEvent"}, **errors(404, 409)})
+async def process_events(session_id: str, process_id: str, plane: Plane,
+                         _: Caller) -> StreamingResponse:
+    plane.sessions.row(session_id)
+    events = plane.host.process_events(session_id, process_id)
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for ev in events:
+            yield (json.dumps(ev) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/{session_id}/processes/{process_id}/stdin", status_code=204,
+             operation_id="writeProcessStdin", responses=errors(404, 409))
+async def process_stdin(session_id: str, process_id: str, request: Request, plane: Plane,
+                        _: Caller) -> Response:
+    plane.sessions.row(session_id)
+    async for chunk in request.stream():
+        if chunk:
+            await plane.host.process_stdin(session_id, process_id, chunk)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/processes/{process_id}/stdin/close", status_code=204,
+             operation_id="closeProcessStdin", responses=errors(404, 409))
+async def process_stdin_close(session_id: str, process_id: str, plane: Plane,
+                              _: Caller) -> Response:
+    plane.sessions.row(session_id)
+    await plane.host.process_close_stdin(session_id, process_id)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/processes/{process_id}/kill", status_code=204,
+             operation_id="killProcess", responses=errors(404, 409))
+async def process_kill(session_id: str, process_id: str, plane: Plane, _: Caller,
+                       signal: Annotated[int, Query(ge=1, le=64)] = 9) -> Response:
+    plane.sessions.row(session_id)
+    await plane.host.process_kill(session_id, process_id, signal)
+    return Response(status_code=204)
+
+
+FilePath = Annotated[str, Query(min_length=1, max_length=4096,
+                                description="absolute path in the guest")]
+
+
+@router.get("/{session_id}/files", operation_id="readFile",
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the file's bytes, streamed"}, **errors(404, 409)})
+async def read_file(session_id: str, path: FilePath, plane: Plane,
+                    _: Caller) -> StreamingResponse:
+    """Streamed: the server holds one chunk at a time; a client that goes away stops it."""
+    _check_path(path)
+    chunks = await plane.sessions.read_file(session_id, path)
+    first = await anext(chunks, b"")  # a missing file answers 404 before any byte is sent
+
+    async def body() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+@router.put("/{session_id}/files", response_model=FileWritten, operation_id="writeFile",
+            responses=errors(404, 409),
+            openapi_extra={"requestBody": {"content": {"application/octet-stream": {}},
+                                           "required": True}})
+async def write_file(session_id: str, path: FilePath, request: Request, plane: Plane,
+                     _: Caller, mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+                     ) -> FileWritten:
+    """Streamed into the guest; the file appears whole (renamed into place) or not at all."""
+    _check_path(path)
+    size = await plane.sessions.write_file(session_id, path, request.stream(), mode)
+    return FileWritten(path=path, size_bytes=size)
+
+
+def _check_path(path: str) -> None:
+    from ...errors import ValidationError
+
+    if not path.startswith("/"):
+        raise ValidationError(f"must be an absolute path, got {path[:200]!r}", field="path")
+    if "\0" in path:
+        raise ValidationError("must not contain NUL", field="path")
+
+
+@router.post("/{session_id}/volumes", response_model=Session, operation_id="attachVolume",
+             responses=errors(404, 409))
+async def attach_volume(session_id: str, body: VolumeAttach, plane: Plane,
+                        _: Caller) -> Session:
+    await plane.volumes.attach(session_id, body)
+    return plane.sessions.get(session_id)
+
+
+@router.delete("/{session_id}/volumes/{volume_id}", response_model=Session,
+               operation_id="detachVolume", responses=errors(404, 409))
+async def detach_volume(session_id: str, volume_id: str, plane: Plane, _: Caller) -> Session:
+    await plane.volumes.detach(session_id, volume_id)
+    return plane.sessions.get(session_id)

@@ -1,0 +1,49 @@
+"""Snapshots: capture (asynchronous), read, wait, delete. A restore is ``POST /v1/sessions``
+with ``snapshot_id``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from ...models import Snapshot, SnapshotCreate
+from ..deps import Caller, Plane
+from . import errors
+
+router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
+
+
+@router.post("", response_model=Snapshot, status_code=202, operation_id="createSnapshot",
+             responses=errors(404, 409))
+async def create_snapshot(body: SnapshotCreate, plane: Plane, _: Caller) -> Snapshot:
+    """Starts a capture; answers CREATING. READY once memory, device state and disk are stored
+    and verified; FAILED with the reason otherwise."""
+    return await plane.snapshots.create(body)
+
+
+@router.get("", response_model=list[Snapshot], operation_id="listSnapshots",
+            responses=errors())
+async def list_snapshots(plane: Plane, _: Caller,
+                         session_id: Annotated[str | None, Query(max_length=64)] = None,
+                         ) -> list[Snapshot]:
+    return plane.snapshots.query(session_id)
+
+
+@router.get("/{snapshot_id}", response_model=Snapshot, operation_id="getSnapshot",
+            responses=errors(404))
+async def get_snapshot(snapshot_id: str, plane: Plane, _: Caller) -> Snapshot:
+    return plane.snapshots.get(snapshot_id)
+
+
+@router.get("/{snapshot_id}/wait", response_model=Snapshot, operation_id="waitSnapshot",
+            responses=errors(404))
+async def wait_snapshot(snapshot_id: str, plane: Plane, _: Caller,
+                        timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Snapshot:
+    return await plane.snapshots.wait(snapshot_id, timeout_s)
+
+
+@router.delete("/{snapshot_id}", response_model=Snapshot, operation_id="deleteSnapshot",
+               responses=errors(404, 409))
+async def delete_snapshot(snapshot_id: str, plane: Plane, _: Caller) -> Snapshot:
+    return await plane.snapshots.delete(snapshot_id)

@@ -1,0 +1,201 @@
+"""The artifact store: immutable files named by the sha256 of their content.
+
+RAM images, device states, disk layers, base images, kernels and initrds all live here, and
+records (snapshot manifests, session rows) name them by digest only: nothing outside the host
+knows a path, so another implementation (an S3 bucket, with a local cache on each host) can stand
+behind the same interface.
+
+``LocalArtifactStore`` keeps ``<root>/sha256/<digest>`` (mode 0444, never written in place).
+Putting a file hard-links it when it is on the same file system (a frozen qcow2 layer stays open in
+its VM under its old name), else copies it; either way the content is hashed (or the given digest
+checked), fsynced and renamed into place atomically, so a crash leaves either nothing or a whole,
+correct file. ``verify`` re-hashes a file whenever it may have changed (see ``digests``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import InternalError
+from .digests import VerifiedKeys, sha256_file
+
+log = logging.getLogger(__name__)
+
+#: Unreferenced artifacts younger than this are kept: a capture puts its files a moment before
+#: its record names them.
+GC_GRACE_S = 300.0
+
+
+class ArtifactError(InternalError):
+    """An artifact is missing or does not match its digest."""
+
+    def __init__(self, message: str, *, digest: str, kind: str = "artifact") -> None:
+        super().__init__(message)
+        self.digest = digest
+        self.kind = kind
+
+
+class ArtifactMissing(ArtifactError):
+    pass
+
+
+class ArtifactCorrupt(ArtifactError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    digest: str
+    size_bytes: int
+    allocated_bytes: int
+    #: when it entered the store (ctime: a hard link keeps the source's old mtime)
+    stored_at: float
+
+
+class ArtifactStore(Protocol):
+    """What the host needs from wherever artifacts are kept."""
+
+    def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str: ...
+    def has(self, digest: str) -> bool: ...
+    def local_path(self, digest: str) -> Path: ...
+    def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None: ...
+    def size(self, digest: str) -> int: ...
+    def delete(self, digest: str) -> int: ...
+    def entries(self) -> list[ArtifactInfo]: ...
+    def collect(self, referenced: Iterable[str], grace_s: float = GC_GRACE_S) -> int: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _valid_digest(digest: str) -> bool:
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+class LocalArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "sha256"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.keys = VerifiedKeys(root / ".verified")
+
+    def local_path(self, digest: str) -> Path:
+        if not _valid_digest(digest):
+            raise ArtifactMissing(f"not an artifact digest: {digest[:80]!r}", digest=digest)
+        return self.objects / digest
+
+    def has(self, digest: str) -> bool:
+        return self.local_path(digest).exists()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.local_path(digest).stat().st_size
+        except OSError:
+            return 0
+
+    def allocated(self, digest: str) -> int:
+        try:
+            return self.local_path(digest).stat().st_blocks * 512
+        except OSError:
+            return 0
+
+    def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str:
+        """Store ``src`` (hashed here unless ``digest`` is given, which is then trusted only
+        after it was computed by the caller from the same bytes) and return its digest."""
+        if digest is None:
+            digest = sha256_file(src)
+        dest = self.local_path(digest)
+        if dest.exists():
+            if move:
+                src.unlink(missing_ok=True)
+            return digest
+        tmp = self.objects / f".{digest}.{secrets.token_hex(4)}.tmp"
+        try:
+            if move:
+                os.replace(src, tmp)
+            else:
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+            _fsync_dir(self.objects)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.keys.remember(dest, digest)
+        return digest
+
+    def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None:
+        """Raise ``ArtifactMissing``/``ArtifactCorrupt`` unless the file matches its name.
+        ``deep`` re-reads the content even when the file looks unchanged (scrub, admin verify)."""
+        path = self.local_path(digest)
+        if not path.exists():
+            raise ArtifactMissing(f"{kind} {digest[:12]} is missing", digest=digest, kind=kind)
+        got = None if deep else self.keys.known(path)
+        if got is None:
+            got = sha256_file(path)
+            if got == digest:
+                self.keys.remember(path, got)
+        if got != digest:
+            self.keys.forget(path)
+            raise ArtifactCorrupt(
+                f"{kind} {digest[:12]} is corrupt (its content hashes to {got[:12]})",
+                digest=digest, kind=kind)
+
+    def delete(self, digest: str) -> int:
+        path = self.local_path(digest)
+        freed = self.allocated(digest)
+        self.keys.forget(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            return freed
+        return 0
+
+    def entries(self) -> list[ArtifactInfo]:
+        out = []
+        for entry in self.objects.iterdir():
+            if not _valid_digest(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat()
+                out.append(ArtifactInfo(entry.name, st.st_size, st.st_blocks * 512,
+                                        st.st_ctime))
+        return out
+
+    def collect(self, referenced: Iterable[str], grace_s: float = GC_GRACE_S) -> int:
+        """Delete artifacts nothing references (and temporaries of crashed puts)."""
+        keep = set(referenced)
+        now = time.time()
+        freed = 0
+        for info in self.entries():
+            if info.digest in keep or now - info.stored_at < grace_s:
+                continue
+            log.info("artifact %s: unreferenced, removed", info.digest[:12])
+            freed += self.delete(info.digest)
+        for tmp in self.objects.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > 60:
+                    tmp.unlink()
+        return freed
+
+    def strays(self) -> list[Path]:
+        """Files under the store that are not artifacts (a crashed put's temporary)."""
+        return [p for p in self.objects.iterdir() if not _valid_digest(p.name)]

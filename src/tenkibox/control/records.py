@@ -1,0 +1,112 @@
+"""Reads and writes of records: the one place rows are written.
+
+Every state change is ``transition``: one ``UPDATE … WHERE id = :id AND state IN (:allowed)``
+whose allowed states come from the table in ``states``; zero rows updated means the record was
+elsewhere (or gone), and the caller gets ``IllegalTransitionError`` or the not-found error. Other
+fields change through ``update``, optionally guarded by the state the caller saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+
+from ..errors import (
+    NotFoundError,
+    SessionNotFoundError,
+    SnapshotNotFoundError,
+    VolumeNotFoundError,
+)
+from ..store.db import Store
+from ..store.tables import Base, SessionRow, SnapshotRow, VolumeRow
+from .states import TRANSITIONS, IllegalTransitionError, sources
+
+R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow)
+
+_KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
+                                VolumeRow: "volume"}
+_MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
+                                            "snapshot": SnapshotNotFoundError,
+                                            "volume": VolumeNotFoundError}
+
+
+def _value(state: Any) -> str:
+    return str(state.value if hasattr(state, "value") else state)
+
+
+class Records:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        #: notified after every committed change (long polls wait on it)
+        self.changed = asyncio.Condition()
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    # -- reads -------------------------------------------------------------------------------
+    def find(self, cls: type[R], key: str) -> R | None:
+        with self.store.tx() as orm:
+            return orm.get(cls, key)
+
+    def get(self, cls: type[R], key: str) -> R:
+        row = self.find(cls, key)
+        if row is None:
+            kind = _KIND[cls]
+            raise _MISSING[kind](f"{kind} {key} not found")
+        return row
+
+    def all(self, cls: type[R], *where: Any) -> list[R]:
+        with self.store.tx() as orm:
+            stmt = select(cls).where(*where) if where else select(cls)
+            return list(orm.scalars(stmt))
+
+    # -- writes ------------------------------------------------------------------------------
+    async def insert(self, row: Base) -> None:
+        with self.store.tx() as orm:
+            orm.add(row)
+        await self.notify()
+
+    async def transition(self, cls: type[R], key: str, target: Any, *,
+                         expected: Iterable[Any] | None = None, **values: Any) -> R:
+        """Move a record to ``target`` (compare-and-set); returns the updated row."""
+        kind = _KIND[cls]
+        target = _value(target)
+        if target not in TRANSITIONS[kind]:
+            raise ValueError(f"{target} is not a {kind} state")
+        allowed = sources(kind, target)
+        if expected is not None:
+            allowed = allowed & {_value(s) for s in expected}
+        table: Any = cls
+        with self.store.tx() as orm:
+            result = orm.execute(
+                update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
+                .values(state=target, **values)
+                .execution_options(synchronize_session=False))
+            moved = result.rowcount == 1  # type: ignore[attr-defined]
+        if not moved:
+            current = self.get(cls, key)
+            raise IllegalTransitionError(kind, key, current.state, target)
+        await self.notify()
+        return self.get(cls, key)
+
+    async def update(self, cls: type[R], key: str, *, when_state: Iterable[Any] | None = None,
+                     **values: Any) -> bool:
+        """Change fields other than ``state``; with ``when_state``, only while the record is in
+        one of those states. Returns whether a row changed."""
+        if "state" in values:
+            raise ValueError("state changes go through transition()")
+        table: Any = cls
+        stmt = update(cls).where(table.id == key)
+        if when_state is not None:
+            stmt = stmt.where(table.state.in_(sorted(_value(s) for s in when_state)))
+        with self.store.tx() as orm:
+            result = orm.execute(stmt.values(**values)
+                                 .execution_options(synchronize_session=False))
+            changed = result.rowcount == 1  # type: ignore[attr-defined]
+        if changed:
+            await self.notify()
+        return changed

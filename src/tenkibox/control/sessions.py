@@ -1,0 +1,301 @@
+"""Sessions: their records and every change of their state (see ``states`` for the table).
+
+A create writes a CREATING record and starts one task that asks the host to boot or restore;
+the task ends the record READY or FAILED. Terminate wins over that task: it moves the record to
+TERMINATING first (compare-and-set, so one terminate acts and the others wait for it), cancels
+the task (the host stops whatever it launched), asks the host to stop the VM, and only then
+writes TERMINATED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .. import longpoll
+from ..errors import ConflictError, SnapshotFailedError, TenkiError, ValidationError
+from ..host.api import BootSpec, ExecSpec, HostAPI, Manifest, ProcessRef, RestoreSpec
+from ..ids import new_id
+from ..models import DEFAULT_IMAGE_ID, ExecRequest, Session, SessionCreate, SessionState
+from ..store.tables import SessionRow, SnapshotRow
+from .records import Records
+from .states import FINAL, LIVE, IllegalTransitionError
+from .volumes import VolumeControl
+
+log = logging.getLogger(__name__)
+
+S = SessionState
+TERMINATE_WAIT_S = 60.0
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def hostname_for(session_id: str) -> str:
+    return f"tenki-{session_id.split('_', 1)[-1][:8]}"
+
+
+class SessionControl:
+    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl) -> None:
+        self.records = records
+        self.host = host
+        self.volumes = volumes
+        self._starts: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- reads -------------------------------------------------------------------------------
+    def row(self, session_id: str) -> SessionRow:
+        return self.records.get(SessionRow, session_id)
+
+    def to_model(self, row: SessionRow) -> Session:
+        return Session(
+            id=row.id, name=row.name, state=SessionState(row.state),
+            state_reason=row.state_reason, cpu=row.cpu, memory_mb=row.memory_mb,
+            base_image_id=row.base_image_id, snapshot_id=row.snapshot_id,
+            env_keys=sorted(row.env or {}), metadata=row.meta or {},
+            volumes=self.volumes.attachments(row.id) if row.state not in FINAL else [],
+            created_at=row.created_at, ready_at=row.ready_at, expires_at=row.expires_at,
+            terminated_at=row.terminated_at)
+
+    def get(self, session_id: str) -> Session:
+        return self.to_model(self.row(session_id))
+
+    def query(self, state: str | None = None) -> list[Session]:
+        rows = self.records.all(SessionRow)
+        if state:
+            rows = [r for r in rows if r.state == state.upper()]
+        rows.sort(key=lambda r: r.created_at)
+        return [self.to_model(r) for r in rows]
+
+    async def wait(self, session_id: str, timeout_s: float) -> Session:
+        row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
+                                   lambda r: r.state != S.CREATING.value, timeout_s)
+        return self.to_model(row)
+
+    def live_row(self, session_id: str) -> SessionRow:
+        row = self.row(session_id)
+        if row.state not in LIVE or not self.host.has_vm(session_id):
+            reason = f" ({row.state_reason})" if row.state_reason else ""
+            raise ConflictError(f"session {session_id} is {row.state}{reason}, not running")
+        return row
+
+    # -- create ------------------------------------------------------------------------------
+    async def create(self, req: SessionCreate) -> Session:
+        image_id = req.base_image_id or DEFAULT_IMAGE_ID
+        snap: SnapshotRow | None = None
+        if req.snapshot_id:
+            snap = self.records.get(SnapshotRow, req.snapshot_id)
+            if snap.state != "READY":
+                why = f": {snap.state_reason}" if snap.state_reason else ""
+                raise SnapshotFailedError(
+                    f"snapshot {snap.id} is {snap.state}{why}; only a READY snapshot "
+                    "can be restored")
+            image_id = snap.base_image_id
+        fields = req.model_fields_set
+        if snap and "cpu" in fields and req.cpu != snap.cpu:
+            raise ValidationError(f"a restore keeps the snapshot's {snap.cpu} vCPUs",
+                                  field="cpu")
+        if snap and "memory_mb" in fields and req.memory_mb != snap.memory_mb:
+            raise ValidationError(f"a restore keeps the snapshot's {snap.memory_mb} MiB",
+                                  field="memory_mb")
+        self.volumes.check_create(req)
+        env = dict(req.env)
+        manifest = None
+        if snap is not None:
+            # a restore carries on the captured session, environment included
+            source = self.records.find(SessionRow, snap.session_id)
+            env = {**((source.env or {}) if source else {}), **env}
+            manifest = Manifest.from_json(snap.files)
+        created = now()
+        row = SessionRow(
+            id=new_id("session"), name=req.name, state=S.CREATING.value,
+            cpu=snap.cpu if snap else req.cpu, memory_mb=snap.memory_mb if snap else req.memory_mb,
+            base_image_id=image_id, snapshot_id=snap.id if snap else None, env=env,
+            meta=dict(req.metadata), volumes=[],
+            # a restore's artifacts are named before the host reads them (so no GC takes them)
+            machine={**manifest.shape.to_json(), "ram": manifest.ram} if manifest else None,
+            disk_chain=list(manifest.layers) if manifest else [], created_at=created,
+            expires_at=created + timedelta(seconds=req.max_duration_s)
+            if req.max_duration_s else None)
+        await self.records.insert(row)
+        self._starts[row.id] = self._spawn(self._start(row.id, req, manifest), f"start {row.id}")
+        return self.to_model(row)
+
+    async def _start(self, session_id: str, req: SessionCreate, manifest: Manifest | None) -> None:
+        row = self.row(session_id)
+        try:
+            if manifest is not None:
+                assert row.snapshot_id is not None
+                started = await self.host.restore(RestoreSpec(
+                    session_id, row.snapshot_id, manifest, hostname_for(session_id)))
+            else:
+                started = await self.host.boot(BootSpec(
+                    session_id, row.cpu, row.memory_mb, row.base_image_id,
+                    hostname_for(session_id)))
+            await self.records.update(
+                SessionRow, session_id, when_state=[S.CREATING],
+                machine={**started.shape.to_json(), "ram": started.ram},
+                disk_chain=list(started.layers))
+            # attached before READY: a command run at once must see the mounts
+            warning = await self.volumes.attach_at_start(session_id, req.volumes)
+            await self.records.transition(SessionRow, session_id, S.READY,
+                                          expected=[S.CREATING], state_reason=warning,
+                                          ready_at=now())
+        except asyncio.CancelledError:
+            raise  # a terminate: it finishes the record
+        except IllegalTransitionError:
+            return  # terminated meanwhile: the terminate stops the VM
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
+            log.warning("session %s failed to start: %s", session_id, reason)
+            try:
+                await self.records.transition(SessionRow, session_id, S.FAILED,
+                                              expected=[S.CREATING], state_reason=reason,
+                                              terminated_at=now())
+            except IllegalTransitionError:
+                return
+            await self.volumes.release_session(session_id)
+        finally:
+            self._starts.pop(session_id, None)
+
+    # -- terminate ---------------------------------------------------------------------------
+    async def terminate(self, session_id: str, reason: str | None = None) -> Session:
+        row = self.row(session_id)
+        if row.state in FINAL:
+            return self.to_model(row)
+        try:
+            await self.records.transition(SessionRow, session_id, S.TERMINATING,
+                                          state_reason=reason)
+        except IllegalTransitionError:
+            # another terminate (or the end of the VM) is under way: its result is ours
+            row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
+                                       lambda r: r.state in FINAL, TERMINATE_WAIT_S)
+            return self.to_model(row)
+        await self._finish_terminate(session_id, reason)
+        return self.get(session_id)
+
+    async def _finish_terminate(self, session_id: str, reason: str | None) -> None:
+        start = self._starts.get(session_id)
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})
+        await self.host.terminate(session_id, self.volumes.mounts_of(session_id))
+        await self.volumes.release_session(session_id)
+        await self.records.transition(SessionRow, session_id, S.TERMINATED,
+                                      expected=[S.TERMINATING], state_reason=reason,
+                                      terminated_at=now())
+
+    async def vm_gone(self, session_id: str, reason: str) -> None:
+        """The host says the VM stopped on its own."""
+        try:
+            await self.records.transition(SessionRow, session_id, S.FAILED,
+                                          expected=[S.READY, S.RUNNING, S.CREATING],
+                                          state_reason=reason, terminated_at=now())
+        except (IllegalTransitionError, TenkiError):
+            return
+        await self.volumes.release_session(session_id)
+
+    # -- recovery ----------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """After a (re)start: find the VMs of live sessions again; settle everything else."""
+        live: dict[str, Any] = {}
+        for row in self.records.all(SessionRow):
+            if row.state in LIVE:
+                live[row.id] = self.volumes.mounts_of(row.id)
+        for row in self.records.all(SessionRow):
+            if row.state == S.CREATING.value:
+                await self.records.transition(
+                    SessionRow, row.id, S.FAILED, expected=[S.CREATING], terminated_at=now(),
+                    state_reason="the server stopped before the session was ready")
+                await self.volumes.release_session(row.id)
+        found = await self.host.recover(live)
+        for sid, why in found.lost.items():
+            log.warning("session %s: %s", sid, why)
+            await self.records.transition(SessionRow, sid, S.TERMINATING, state_reason=why)
+        for row in self.records.all(SessionRow):
+            if row.state == S.TERMINATING.value:
+                await self.host.terminate(row.id, [])
+                await self.volumes.release_session(row.id)
+                await self.records.transition(SessionRow, row.id, S.TERMINATED,
+                                              terminated_at=now())
+            elif row.state == S.RUNNING.value:
+                # no process of an earlier server is followed any more
+                await self.records.transition(SessionRow, row.id, S.READY, expected=[S.RUNNING])
+        if found.strays_killed:
+            log.warning("killed %d processes that no session owned", found.strays_killed)
+
+    async def follow_host(self) -> None:
+        """Consume the host's reports of VMs that died (runs for the server's life)."""
+        async for gone in self.host.watch():
+            await self.vm_gone(gone.session_id, gone.reason)
+
+    # -- exec and files ------------------------------------------------------------------------
+    async def start_process(self, session_id: str, req: ExecRequest) -> ProcessRef:
+        if bool(req.argv) == bool(req.command):
+            raise ValidationError("give exactly one of argv or command", field="argv")
+        row = self.live_row(session_id)
+        argv = list(req.argv) if req.argv else ["/bin/sh", "-c", req.command or ""]
+        stdin_data = None
+        if req.stdin_data is not None:
+            try:
+                stdin_data = base64.b64decode(req.stdin_data, validate=True)
+            except binascii.Error as exc:
+                raise ValidationError(f"not base64: {exc}", field="stdin_data") from exc
+        ref = await self.host.start_process(session_id, ExecSpec(
+            argv=argv, env={**(row.env or {}), **req.env}, cwd=req.cwd,
+            timeout_s=req.timeout_s, stdin=req.stdin or stdin_data is not None))
+        if stdin_data is not None:
+            await self.host.process_stdin(session_id, ref.process_id, stdin_data)
+            await self.host.process_close_stdin(session_id, ref.process_id)
+        try:
+            await self.records.transition(SessionRow, session_id, S.RUNNING, expected=[S.READY])
+        except IllegalTransitionError:
+            pass  # already RUNNING (another process), or ending
+        self._spawn(self._settle(session_id, ref.process_id), f"settle {ref.process_id}")
+        return ref
+
+    async def _settle(self, session_id: str, process_id: str) -> None:
+        await self.host.process_exit(session_id, process_id)
+        if self.host.running_processes(session_id) == 0:
+            try:
+                await self.records.transition(SessionRow, session_id, S.READY,
+                                              expected=[S.RUNNING])
+            except (IllegalTransitionError, TenkiError):
+                pass
+
+    def check_live(self, session_id: str) -> None:
+        self.live_row(session_id)
+
+    async def read_file(self, session_id: str, path: str) -> AsyncIterator[bytes]:
+        self.live_row(session_id)
+        return self.host.read_file(session_id, path)
+
+    async def write_file(self, session_id: str, path: str, chunks: AsyncIterable[bytes],
+                         mode: int) -> int:
+        self.live_row(session_id)
+        return await self.host.write_file(session_id, path, chunks, mode)
+
+    # -- expiry ----------------------------------------------------------------------------------
+    async def sweep_expired(self) -> None:
+        t = now()
+        for row in self.records.all(SessionRow):
+            if row.expires_at and row.expires_at <= t and row.state in LIVE:
+                log.info("session %s: max duration reached", row.id)
+                await self.terminate(row.id, "max duration reached")
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,223 @@
+"""Snapshots: records, the capture job, delete, expiry, and what the stored artifacts are for.
+
+A create writes a CREATING record and starts one job that asks the host to capture; the host
+answers with a manifest of digests once every artifact is stored and verified, and only then
+does the record become READY (with the manifest). Anything else ends it FAILED with the reason
+and the step. A restore is a session create (``SessionControl.create``) that reads the manifest.
+
+Artifacts are shared by content (the base image by every snapshot, a lineage's older layers by
+the younger snapshots), so deleting a snapshot marks it DELETED and lets the garbage collector
+remove what nothing references any more: no live session, no other snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import longpoll
+from ..errors import ConflictError, TenkiError, ValidationError
+from ..host.api import CaptureSpec, HostAPI, Manifest
+from ..ids import new_id
+from ..models import Snapshot, SnapshotCreate, SnapshotState
+from ..store.tables import SessionRow, SnapshotRow
+from .records import Records
+from .states import FINAL, LIVE, IllegalTransitionError
+from .volumes import VolumeControl
+
+log = logging.getLogger(__name__)
+
+P = SnapshotState
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_model(row: SnapshotRow) -> Snapshot:
+    return Snapshot(
+        id=row.id, session_id=row.session_id, workspace_id=row.workspace_id, name=row.name,
+        state=SnapshotState(row.state), state_reason=row.state_reason,
+        size_bytes=row.size_bytes or 0, compressed_bytes=row.compressed_bytes or 0,
+        memory_bytes=row.memory_bytes or 0, base_image_id=row.base_image_id, cpu=row.cpu,
+        memory_mb=row.memory_mb, created_at=row.created_at, ready_at=row.ready_at,
+        expires_at=row.expires_at, deleted_at=row.deleted_at)
+
+
+class SnapshotControl:
+    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl) -> None:
+        self.records = records
+        self.host = host
+        self.volumes = volumes
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._capturing: dict[str, asyncio.Lock] = {}
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reads -------------------------------------------------------------------------------
+    def row(self, snapshot_id: str) -> SnapshotRow:
+        return self.records.get(SnapshotRow, snapshot_id)
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        return to_model(self.row(snapshot_id))
+
+    def query(self, session_id: str | None = None) -> list[Snapshot]:
+        rows = [r for r in self.records.all(SnapshotRow) if r.state != P.DELETED.value]
+        if session_id:
+            rows = [r for r in rows if r.session_id == session_id]
+        rows.sort(key=lambda r: r.created_at)
+        return [to_model(r) for r in rows]
+
+    async def wait(self, snapshot_id: str, timeout_s: float) -> Snapshot:
+        row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id),
+                                   lambda r: r.state != P.CREATING.value, timeout_s)
+        return to_model(row)
+
+    # -- create ------------------------------------------------------------------------------
+    async def create(self, req: SnapshotCreate) -> Snapshot:
+        if req.expires_at is not None:
+            expires = req.expires_at if req.expires_at.tzinfo else req.expires_at.replace(
+                tzinfo=UTC)
+            if expires <= now():
+                raise ValidationError(f"must be in the future, got {req.expires_at.isoformat()}",
+                                      field="expires_at")
+        srow = self.records.get(SessionRow, req.session_id)
+        if srow.state not in LIVE or not self.host.has_vm(srow.id):
+            raise ConflictError(f"session {srow.id} is {srow.state}; only a running session "
+                                "can be snapshotted")
+        row = SnapshotRow(
+            id=new_id("snapshot"), session_id=srow.id, workspace_id=req.workspace_id,
+            name=req.name, state=P.CREATING.value, base_image_id=srow.base_image_id,
+            cpu=srow.cpu, memory_mb=srow.memory_mb, memory_bytes=srow.memory_mb << 20,
+            machine=None, disk_chain=[], files={}, timings={}, created_at=now(),
+            expires_at=req.expires_at)
+        await self.records.insert(row)
+        self._spawn(self._capture(row.id, srow.id, srow.base_image_id), f"capture {row.id}")
+        return to_model(row)
+
+    async def _capture(self, snapshot_id: str, session_id: str, base_image_id: str) -> None:
+        try:
+            # two snapshots of one session are taken one after the other
+            async with self._capturing.setdefault(session_id, asyncio.Lock()):
+                got = await self.host.capture(CaptureSpec(
+                    session_id, snapshot_id, base_image_id, self.volumes.mounts_of(session_id)))
+            if got.lost_volumes:
+                await self.volumes.lost(session_id, got.lost_volumes)
+            m = got.manifest
+            await self.records.transition(
+                SnapshotRow, snapshot_id, P.READY, expected=[P.CREATING], ready_at=now(),
+                files=m.to_json(), disk_chain=list(m.layers), machine=m.shape.to_json(),
+                size_bytes=got.size_bytes, compressed_bytes=got.stored_bytes,
+                timings=got.timings)
+            log.info("%s: READY (paused %.3fs)", snapshot_id, got.paused_s)
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
+            log.warning("%s: capture failed: %s", snapshot_id, reason)
+            try:
+                await self.records.transition(SnapshotRow, snapshot_id, P.FAILED,
+                                              expected=[P.CREATING],
+                                              state_reason=f"capture failed: {reason}")
+            except IllegalTransitionError:
+                pass
+
+    # -- delete and expiry ---------------------------------------------------------------------
+    async def delete(self, snapshot_id: str) -> Snapshot:
+        row = self.row(snapshot_id)
+        if row.state in (P.DELETED.value, P.DELETING.value):
+            return to_model(row)
+        if row.state == P.CREATING.value:
+            raise ConflictError(f"snapshot {snapshot_id} is CREATING; delete it once it is "
+                                "READY or FAILED")
+        try:
+            await self.records.transition(SnapshotRow, snapshot_id, P.DELETING)
+        except IllegalTransitionError:
+            return self.get(snapshot_id)  # a concurrent delete won
+        self._spawn(self._finish_delete(snapshot_id), f"delete {snapshot_id}")
+        return self.get(snapshot_id)
+
+    async def _finish_delete(self, snapshot_id: str) -> None:
+        from ..steps import fault_point
+
+        fault_point("delete", "mark")
+        await self.records.transition(SnapshotRow, snapshot_id, P.DELETED,
+                                      expected=[P.DELETING], deleted_at=now())
+        fault_point("delete", "remove-files")
+        await self.collect_garbage()
+
+    async def sweep_expired(self) -> None:
+        t = now()
+        for row in self.records.all(SnapshotRow):
+            if row.expires_at and row.expires_at <= t and row.state in (P.READY.value,
+                                                                        P.FAILED.value):
+                log.info("%s: expired at %s", row.id, row.expires_at.isoformat())
+                await self.delete(row.id)
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def referenced(self) -> dict[str, str]:
+        """digest -> what needs it: every artifact a live session or a kept snapshot uses."""
+        refs: dict[str, str] = {}
+        for s in self.records.all(SessionRow):
+            if s.state in FINAL:
+                continue
+            machine = s.machine or {}
+            for d in [*(s.disk_chain or []), machine.get("kernel"), machine.get("initrd"),
+                      machine.get("ram")]:
+                if d:
+                    refs.setdefault(d, f"session {s.id}")
+        for snap in self.records.all(SnapshotRow):
+            if snap.state != P.DELETED.value and snap.files:
+                for d, kind in Manifest.from_json(snap.files).digests().items():
+                    refs.setdefault(d, f"snapshot {snap.id} ({kind})")
+        return refs
+
+    async def collect_garbage(self) -> int:
+        return await self.host.collect_garbage(set(self.referenced()))
+
+    async def verify(self, repair: bool) -> dict[str, Any]:
+        """Check every stored artifact of every kept snapshot against its digest (reading all of
+        it), and the host's derived caches. With ``repair``: snapshots whose artifacts are
+        damaged become FAILED (naming the artifact), and unowned files are removed."""
+        by_snapshot: dict[str, dict[str, str]] = {}
+        digests: dict[str, str] = {}
+        for snap in self.records.all(SnapshotRow):
+            if snap.state == P.READY.value and snap.files:
+                d = Manifest.from_json(snap.files).digests()
+                by_snapshot[snap.id] = d
+                digests.update(d)
+        bad = await self.host.verify_artifacts(digests, deep=True)
+        damaged = []
+        for sid, d in by_snapshot.items():
+            problems = [bad[x] for x in d if x in bad]
+            if problems:
+                damaged.append({"snapshot_id": sid, "problems": problems})
+                if repair:
+                    await self.records.transition(
+                        SnapshotRow, sid, P.FAILED, expected=[P.READY],
+                        state_reason=f"damaged in storage: {problems[0]}")
+        unowned = self.host.unowned_files(set(self.referenced()))
+        if repair:
+            await self.host.collect_garbage(set(self.referenced()), grace_s=0)
+            unowned = self.host.unowned_files(set(self.referenced()))
+        return {"ok": not bad and not unowned, "checked": len(digests),
+                "damaged": damaged, "bad_artifacts": bad, "unowned": unowned,
+                "repaired": repair}
+
+    # -- recovery ----------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """After a restart: a capture cut short is FAILED; a deletion cut short finishes."""
+        for row in self.records.all(SnapshotRow):
+            if row.state == P.CREATING.value:
+                await self.records.transition(SnapshotRow, row.id, P.FAILED,
+                                              state_reason="the server stopped during the capture")
+            elif row.state == P.DELETING.value:
+                await self._finish_delete(row.id)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,179 @@
+"""``HostAPI``: what the control plane may ask of one machine, in plain data.
+
+Arguments and results are ids, digests, numbers, enums and small dataclasses: never a host path
+or a live object, so that the same calls can later travel over the network to a host worker.
+The host owns its VMs from before QEMU starts until after it is gone; the control plane owns the
+records and decides. The host reports VMs that die on their own through ``watch()``, which the
+control plane consumes (the host never writes a record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class MachineShape:
+    """The device set of a VM: identical at capture and restore."""
+
+    cpu: int
+    memory_mb: int
+    cmdline: str
+    kernel: str  # digest
+    initrd: str  # digest
+    hotplug_ports: int = 4
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MachineShape:
+        return cls(**{k: data[k] for k in ("cpu", "memory_mb", "cmdline", "kernel", "initrd",
+                                           "hotplug_ports") if k in data})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a restore needs, by digest. Stored on the snapshot record."""
+
+    shape: MachineShape
+    layers: list[str]  # disk chain, base first; every layer frozen and stored
+    ram: str  # packed RAM image
+    state: str  # device state
+    base_image_id: str
+
+    def digests(self) -> dict[str, str]:
+        """digest -> kind, for verification and garbage collection."""
+        out = {self.shape.kernel: "kernel", self.shape.initrd: "initrd", self.ram: "ram",
+               self.state: "device state"}
+        for i, layer in enumerate(self.layers):
+            out[layer] = "base image" if i == 0 else f"disk layer {i}"
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": self.shape.to_json(), "layers": list(self.layers), "ram": self.ram,
+                "state": self.state, "base_image_id": self.base_image_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        return cls(MachineShape.from_json(data["shape"]), list(data["layers"]), data["ram"],
+                   data["state"], data["base_image_id"])
+
+
+@dataclass(frozen=True)
+class VolumeMountSpec:
+    volume_id: str
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    session_id: str
+    cpu: int
+    memory_mb: int
+    image_id: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    session_id: str
+    snapshot_id: str
+    manifest: Manifest
+    hostname: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A VM that runs: what its record must keep (digests it depends on, its shape)."""
+
+    shape: MachineShape
+    layers: list[str]  # stored layers the VM reads (its own top is the host's business)
+    ram: str | None  # the RAM image it maps copy-on-write (a restore), else None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    session_id: str
+    snapshot_id: str
+    base_image_id: str
+    volumes: list[VolumeMountSpec]  # unplugged for the capture, plugged back after
+
+
+@dataclass(frozen=True)
+class Captured:
+    manifest: Manifest
+    size_bytes: int  # RAM data + device state + the session's own disk layers
+    stored_bytes: int  # what it takes on disk (RAM compressed)
+    paused_s: float
+    timings: dict[str, float]
+    lost_volumes: list[str]  # volumes that could not be plugged back (the guest lost them)
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None = None
+    timeout_s: float | None = None
+    stdin: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    process_id: str
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class VMGone:
+    """A VM stopped without being asked to (QEMU or its network helper died)."""
+
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    found: list[str]  # sessions whose VM runs and answers
+    lost: dict[str, str]  # session id -> why its VM could not be found
+    strays_killed: int  # processes of ours that no session owned
+
+
+class HostAPI(Protocol):
+    async def boot(self, spec: BootSpec) -> Started: ...
+    async def restore(self, spec: RestoreSpec) -> Started: ...
+    async def capture(self, spec: CaptureSpec) -> Captured: ...
+    async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None: ...
+    async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered: ...
+    def watch(self) -> AsyncIterator[VMGone]: ...
+    def has_vm(self, session_id: str) -> bool: ...
+
+    # volumes (their files stay on this host)
+    async def create_volume(self, volume_id: str, size_bytes: int) -> None: ...
+    async def delete_volume(self, volume_id: str) -> None: ...
+    async def attach_volume(self, session_id: str, mount: VolumeMountSpec) -> None: ...
+    async def detach_volume(self, session_id: str, mount: VolumeMountSpec) -> None: ...
+    async def volume_files(self) -> list[str]: ...
+
+    # what runs in a VM
+    async def start_process(self, session_id: str, spec: ExecSpec) -> ProcessRef: ...
+    def process_events(self, session_id: str, process_id: str) -> AsyncIterator[dict[str, Any]]: ...
+    async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None: ...
+    async def process_close_stdin(self, session_id: str, process_id: str) -> None: ...
+    async def process_kill(self, session_id: str, process_id: str, signal: int) -> None: ...
+    async def process_exit(self, session_id: str, process_id: str) -> int | None: ...
+    def running_processes(self, session_id: str) -> int: ...
+    def read_file(self, session_id: str, path: str) -> AsyncIterator[bytes]: ...
+    async def write_file(self, session_id: str, path: str, chunks: AsyncIterable[bytes],
+                         mode: int) -> int: ...
+
+    # stored artifacts and derived caches
+    def referenced_locally(self) -> set[str]: ...
+    async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
+    def unowned_files(self, referenced: set[str]) -> list[str]: ...
+    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]: ...

@@ -1,0 +1,56 @@
+"""Boot: a fresh VM from a base image. One ordered list of named, timed steps.
+
+1. ``image``    the image's disk, kernel and initrd, as stored artifacts (by digest)
+2. ``overlay``  the VM's own writable qcow2 on top of the base
+3. ``launch``   QEMU (and its network helper), owned by the host from before it starts
+4. ``agent``    the guest agent answers (the guest has booted and configured its network)
+5. ``clock``    the guest clock is set from the host's
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..engine import disks
+from ..engine.agent import AgentClient, connect_agent
+from ..engine.machine import LaunchOptions, Machine
+from ..steps import Steps
+from .api import BootSpec, MachineShape
+from .context import HostContext
+from .vm import VM, VMRecord
+
+log = logging.getLogger(__name__)
+
+BOOT_AGENT_TIMEOUT_S = 180.0
+
+
+async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
+    """Boot ``spec``; the VM is appended to ``vm_slot`` as soon as its QEMU exists, so that a
+    terminate arriving meanwhile can stop it (the host owns it from launch on)."""
+    steps = Steps(log, spec.session_id, plan="boot")
+    with steps.step("image"):
+        disk, kernel, initrd, cmdline = await asyncio.to_thread(ctx.image_artifacts,
+                                                                spec.image_id)
+    shape = MachineShape(cpu=spec.cpu, memory_mb=spec.memory_mb, kernel=kernel, initrd=initrd,
+                         cmdline=f"{cmdline} tenki.hostname={spec.hostname}")
+    record = VMRecord(spec.session_id, shape, [disk])
+    disk_dir = ctx.layout.disk_dir(spec.session_id)
+    with steps.step("overlay"):
+        record.save(disk_dir)
+        await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
+                                ctx.store.local_path(disk))
+    files = ctx.layout.files(spec.session_id)
+    machine = Machine(spec.session_id, files, ctx.machine_config(shape, ram_base=None))
+    agent = AgentClient(files.agent)
+    vm = VM(record, machine, agent, disk_dir)
+    vm_slot.append(vm)
+    with steps.step("launch"):
+        await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path)))
+    with steps.step("agent"):
+        await connect_agent(machine, agent, BOOT_AGENT_TIMEOUT_S)
+    with steps.step("clock"):
+        await agent.set_time(time.time_ns())
+    vm.timings = steps.timings
+    return vm

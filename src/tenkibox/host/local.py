@@ -1,0 +1,447 @@
+"""``LocalHost``: the VMs of this machine, in this process (the ``HostAPI`` implementation).
+
+Ownership: a VM belongs to the host from before its QEMU starts (``_starting``) until its
+process is gone and its files are removed. Every QEMU and network helper carries this data
+directory's run root in its command line; at start-up ``recover`` kills any such process that no
+live session owns (a server killed mid-boot leaves one), and removes every file of a VM that is
+not live. A VM that dies on its own is reported through ``watch()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..artifacts.store import GC_GRACE_S, ArtifactError, LocalArtifactStore
+from ..config import Layout
+from ..engine.agent import AgentClient, AgentError
+from ..engine.machine import Machine, MachineError
+from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
+from . import volumes as vols
+from .api import (
+    BootSpec,
+    Captured,
+    CaptureSpec,
+    ExecSpec,
+    ProcessRef,
+    Recovered,
+    RestoreSpec,
+    Started,
+    VMGone,
+    VolumeMountSpec,
+)
+from .boot import boot
+from .capture import capture
+from .context import HostContext
+from .processes import ProcessHandle, ProcessTable
+from .ramcache import RamCache
+from .restore import restore
+from .vm import VM, HostLayout, VMRecord
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.5
+RECOVER_AGENT_TIMEOUT_S = 15.0
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def our_processes(run_root: Path) -> dict[int, str]:
+    """pid -> command line of every process whose command line names ``run_root``."""
+    token = str(run_root) + "/"
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if token in cmd and _pid_alive(int(entry.name)):
+                found[int(entry.name)] = cmd
+    return found
+
+
+class LocalHost:
+    def __init__(self, layout: Layout, accel: str) -> None:
+        self.paths = HostLayout(layout).ensure()
+        store = LocalArtifactStore(self.paths.artifacts)
+        self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel)
+        self.vms: dict[str, VM] = {}
+        self._starting: dict[str, list[VM]] = {}
+        self.processes = ProcessTable()
+        self._gone: asyncio.Queue[VMGone] = asyncio.Queue()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def store(self) -> LocalArtifactStore:
+        return self.ctx.store
+
+    # -- start -----------------------------------------------------------------------------
+    async def boot(self, spec: BootSpec) -> Started:
+        vm = await self._start(spec.session_id, boot(self.ctx, spec, self._slot(spec.session_id)))
+        return Started(vm.record.shape, list(vm.record.layers), None, vm.timings)
+
+    async def restore(self, spec: RestoreSpec) -> Started:
+        vm = await self._start(spec.session_id,
+                               restore(self.ctx, spec, self._slot(spec.session_id)))
+        return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings)
+
+    def _slot(self, session_id: str) -> list[VM]:
+        if session_id in self.vms or session_id in self._starting:
+            raise ConflictError(f"session {session_id} already has a VM on this host")
+        slot: list[VM] = []
+        self._starting[session_id] = slot
+        return slot
+
+    async def _start(self, session_id: str, plan: Any) -> VM:
+        """Run a boot or restore plan; on any failure or cancellation (a terminate) the VM it
+        may have launched is stopped and its files removed before this returns."""
+        try:
+            vm: VM = await plan
+        except BaseException:
+            slot = self._starting.pop(session_id, [])
+            await asyncio.shield(self._destroy(session_id, slot[0] if slot else None))
+            raise
+        self._starting.pop(session_id, None)
+        self.vms[session_id] = vm
+        self._watchers[session_id] = asyncio.create_task(self._watch(vm),
+                                                         name=f"watch {session_id}")
+        return vm
+
+    # -- stop --------------------------------------------------------------------------------
+    async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
+        """Stop the VM and remove its files; idempotent. A boot or restore in progress is the
+        caller's to cancel first (its task); whatever it launched is stopped here too."""
+        vm = self.vms.get(session_id)
+        if vm is not None and not vm.stopping and not vm.lock.locked():
+            vm.stopping = True
+            async with vm.lock:
+                await vols.flush_before_stop(vm, volumes)
+        slot = self._starting.get(session_id) or []
+        await self._destroy(session_id, vm or (slot[0] if slot else None))
+
+    async def _destroy(self, session_id: str, vm: VM | None) -> None:
+        if vm is not None:
+            vm.stopping = True
+        self.vms.pop(session_id, None)
+        watcher = self._watchers.pop(session_id, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+        for proc in self.processes.for_session(session_id):
+            await proc.cancel()
+        self.processes.drop_session(session_id)
+        if vm is not None:
+            await vm.agent.close()
+            await vm.machine.quit(timeout=3.0)
+        await asyncio.to_thread(self._remove_files, session_id)
+
+    def _remove_files(self, session_id: str) -> None:
+        shutil.rmtree(self.paths.run_dir(session_id), ignore_errors=True)
+        shutil.rmtree(self.paths.disk_dir(session_id), ignore_errors=True)
+
+    def has_vm(self, session_id: str) -> bool:
+        return session_id in self.vms
+
+    # -- health ------------------------------------------------------------------------------
+    async def _watch(self, vm: VM) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if vm.stopping:
+                return
+            reason = None
+            if not vm.machine.alive():
+                reason = f"the VM stopped unexpectedly: {vm.machine.exit_reason()}"
+            elif vm.machine.net_pid and not _pid_alive(vm.machine.net_pid):
+                reason = "the network helper (passt) of the VM exited; the VM was stopped"
+            if reason is not None:
+                log.warning("session %s: %s", vm.session_id, reason)
+                await self._destroy(vm.session_id, vm)
+                await self._gone.put(VMGone(vm.session_id, reason))
+                return
+
+    async def watch(self) -> AsyncIterator[VMGone]:
+        while True:
+            yield await self._gone.get()
+
+    # -- recovery ------------------------------------------------------------------------------
+    async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered:
+        """Find the VMs of ``live`` sessions again; stop and remove everything else of ours."""
+        found: list[str] = []
+        lost: dict[str, str] = {}
+        for session_id, mounts in live.items():
+            try:
+                vm = await self._attach(session_id)
+            except (TenkiError, OSError, ValueError, KeyError) as exc:
+                why = exc.message if isinstance(exc, TenkiError) else str(exc)
+                lost[session_id] = f"VM not found after server restart ({why})"
+                await self._destroy(session_id, None)
+                continue
+            self.vms[session_id] = vm
+            async with vm.lock:
+                lost_vols = await vols.recover_mounts(vm, mounts, self.paths.volume_file)
+            if lost_vols:
+                log.warning("%s: volumes lost on recovery: %s", session_id, lost_vols)
+            self._watchers[session_id] = asyncio.create_task(self._watch(vm))
+            found.append(session_id)
+            log.info("session %s: VM (pid %s) found again", session_id, vm.machine.pid)
+        killed = await asyncio.to_thread(self._kill_strays)
+        await asyncio.to_thread(self._remove_leftovers)
+        return Recovered(found, lost, killed)
+
+    async def _attach(self, session_id: str) -> VM:
+        disk_dir = self.paths.disk_dir(session_id)
+        record = VMRecord.load(disk_dir)
+        ram = self.ctx.ram_cache.path(record.ram) if record.ram else None
+        files = self.paths.files(session_id)
+        machine = Machine(session_id, files, self.ctx.machine_config(record.shape, ram))
+        agent = AgentClient(files.agent)
+        try:
+            await machine.attach()
+            if await machine.status() != "running":
+                # a capture was cut short by a crash: the guest must not stay frozen
+                await machine.resume()
+            await agent.connect(RECOVER_AGENT_TIMEOUT_S)
+        except BaseException:
+            await agent.close()
+            await machine.kill()
+            raise
+        if record.frozen and record.frozen[-1][1] == "":
+            # frozen by a capture that did not finish: hashed at the next capture's seal
+            pass
+        shutil.rmtree(self.paths.staging(session_id), ignore_errors=True)
+        return VM(record, machine, agent, disk_dir)
+
+    def _kill_strays(self) -> int:
+        killed = 0
+        run_root = self.paths.layout.run
+        strays = our_processes(run_root)
+        # network helpers carry no path of ours: their pids are in the VMs' machine.json
+        for info in run_root.glob("*/machine.json") if run_root.exists() else []:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                net_pid = int(json.loads(info.read_text())["net_pid"])
+                raw = Path(f"/proc/{net_pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                if b"passt" in raw and _pid_alive(net_pid):
+                    strays[net_pid] = f"{info.parent}/ {raw.decode(errors='replace')}"
+        for pid, cmd in strays.items():
+            rest = cmd.split(str(run_root) + "/", 1)[1]
+            owner = rest.split("/", 1)[0]
+            if owner in self.vms:
+                vm = self.vms[owner]
+                if pid in (vm.machine.pid, vm.machine.net_pid):
+                    continue
+            log.warning("killing pid %d: no live session owns it (%s)", pid, cmd[:200])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
+        return killed
+
+    def _remove_leftovers(self) -> None:
+        run_root = self.paths.layout.run
+        for d in list(run_root.iterdir()) if run_root.exists() else []:
+            if d.name not in self.vms:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in list(self.paths.disks.iterdir()):
+            if d.name not in self.vms:
+                shutil.rmtree(d, ignore_errors=True)
+        self.ctx.ram_cache.clear_temporaries()
+        for tmp in self.store.strays():
+            tmp.unlink(missing_ok=True)
+
+    async def shutdown(self) -> None:
+        """Server stop: let go of the VMs (they keep running) and stop background work."""
+        for task in self._watchers.values():
+            task.cancel()
+        self._watchers.clear()
+        for vm in self.vms.values():
+            await vm.agent.close()
+            await vm.machine.disconnect()
+        self.vms.clear()
+
+    # -- capture -------------------------------------------------------------------------------
+    def _vm(self, session_id: str) -> VM:
+        vm = self.vms.get(session_id)
+        if vm is None or vm.stopping:
+            raise ConflictError(f"session {session_id} has no running VM")
+        return vm
+
+    async def capture(self, spec: CaptureSpec) -> Captured:
+        vm = self._vm(spec.session_id)
+        async with vm.lock:  # one capture, hot-plug or stop at a time
+            if vm.stopping:
+                raise ConflictError(f"session {spec.session_id} ended before the capture")
+            return await capture(self.ctx, vm, spec)
+
+    # -- volumes -------------------------------------------------------------------------------
+    async def create_volume(self, volume_id: str, size_bytes: int) -> None:
+        path = self.paths.volume_file(volume_id)
+        try:
+            await asyncio.to_thread(vols.make_sparse_file, path, size_bytes)
+        except OSError as exc:
+            raise InternalError(f"cannot create the file of volume {volume_id}: {exc}") from exc
+
+    async def delete_volume(self, volume_id: str) -> None:
+        await asyncio.to_thread(vols.remove_file, self.paths.volume_file(volume_id))
+
+    async def volume_files(self) -> list[str]:
+        return [p.stem for p in self.paths.volumes.glob("vol_*.img")]
+
+    async def attach_volume(self, session_id: str, mount: VolumeMountSpec) -> None:
+        vm = self._vm(session_id)
+        async with vm.lock:
+            if vm.stopping:
+                raise ConflictError(f"session {session_id} ended during the attach")
+            await vols.plug_and_mount(vm, self.paths.volume_file(mount.volume_id), mount,
+                                      mkfs=True)
+
+    async def detach_volume(self, session_id: str, mount: VolumeMountSpec) -> None:
+        vm = self._vm(session_id)
+        async with vm.lock:
+            await vols.umount_and_unplug(vm, mount)
+
+    # -- processes and files ---------------------------------------------------------------------
+    async def start_process(self, session_id: str, spec: ExecSpec) -> ProcessRef:
+        vm = self._vm(session_id)
+        try:
+            agent_proc = await vm.agent.exec(spec.argv, env=spec.env, cwd=spec.cwd,
+                                             timeout_s=spec.timeout_s, stdin=spec.stdin)
+        except AgentError as exc:
+            if exc.errno in ("ENOENT", "EACCES", "ENOTDIR"):
+                field = "cwd" if exc.errno == "ENOTDIR" else "argv"
+                raise ValidationError(exc.message, field=field) from exc
+            raise
+        handle = ProcessHandle(session_id, agent_proc)
+        handle.start()
+        self.processes.add(handle)
+        return ProcessRef(handle.id, handle.pid)
+
+    def _process(self, session_id: str, process_id: str) -> ProcessHandle:
+        proc = self.processes.get(process_id)
+        if proc is None or proc.session_id != session_id:
+            raise NotFoundError(f"process {process_id} not found in session {session_id}")
+        return proc
+
+    def process_events(self, session_id: str, process_id: str) -> AsyncIterator[dict[str, Any]]:
+        return self._process(session_id, process_id).stream()
+
+    async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
+        await self._process(session_id, process_id).agent_proc.write_stdin(data)
+
+    async def process_close_stdin(self, session_id: str, process_id: str) -> None:
+        await self._process(session_id, process_id).agent_proc.close_stdin()
+
+    async def process_kill(self, session_id: str, process_id: str, signal: int) -> None:
+        await self._process(session_id, process_id).agent_proc.kill(signal)
+
+    async def process_exit(self, session_id: str, process_id: str) -> int | None:
+        """Wait until the process has exited; its exit code (None if the VM went away)."""
+        proc = self._process(session_id, process_id)
+        try:
+            end = await proc.wait_exit()
+        except (TenkiError, OSError):
+            return None
+        code = end.get("exit_code")
+        return int(code) if code is not None else None
+
+    def running_processes(self, session_id: str) -> int:
+        return self.processes.running(session_id)
+
+    async def read_file(self, session_id: str, path: str) -> AsyncIterator[bytes]:
+        vm = self._vm(session_id)
+        try:
+            async for chunk in vm.agent.read_file_chunks(path):
+                yield chunk
+        except AgentError as exc:
+            raise _file_error(exc, session_id, path) from exc
+
+    async def write_file(self, session_id: str, path: str, chunks: AsyncIterable[bytes],
+                         mode: int) -> int:
+        vm = self._vm(session_id)
+        try:
+            return await vm.agent.write_file_chunks(path, chunks, mode)
+        except AgentError as exc:
+            raise _file_error(exc, session_id, path) from exc
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def referenced_locally(self) -> set[str]:
+        refs: set[str] = set(self.ctx.image_digests)
+        for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
+            r = vm.record
+            refs.update(r.layers)
+            refs.update((r.shape.kernel, r.shape.initrd))
+            refs.update(d for _, d in r.frozen if d)
+            if r.ram:
+                refs.add(r.ram)
+        return refs
+
+    async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int:
+        """Remove artifacts and caches nothing references. ``grace_s`` spares younger ones (a
+        capture in flight puts its files a moment before its record names them); recovery,
+        with nothing in flight, passes 0."""
+        keep = referenced | self.referenced_locally()
+        grace = GC_GRACE_S if grace_s is None else grace_s
+        freed = await asyncio.to_thread(self.store.collect, keep, grace)
+        freed += await asyncio.to_thread(self.ctx.ram_cache.collect, keep, grace)
+        if freed:
+            log.info("freed %d bytes of unreferenced artifacts and caches", freed)
+        return freed
+
+    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
+        """digest -> problem, for every artifact of ``digests`` (digest -> kind) that is missing
+        or corrupt; with ``deep`` the RAM caches are re-hashed (and rebuilt) too."""
+        def run() -> dict[str, str]:
+            bad: dict[str, str] = {}
+            for digest, kind in digests.items():
+                try:
+                    self.store.verify(digest, kind, deep=deep)
+                except ArtifactError as exc:
+                    bad[digest] = exc.message
+            if deep:
+                for digest in self.ctx.ram_cache.scrub():
+                    log.warning("RAM cache %s was damaged and has been rebuilt", digest[:12])
+            return bad
+
+        return await asyncio.to_thread(run)
+
+    def unowned_files(self, referenced: set[str]) -> list[str]:
+        """Files of this host that nothing owns (for ``tenki admin verify``)."""
+        out = [str(p) for p in self.store.strays()]
+        keep = referenced | self.referenced_locally()
+        now = time.time()
+        out += [f"artifact {a.digest}" for a in self.store.entries()
+                if a.digest not in keep and now - a.stored_at >= GC_GRACE_S]
+        for d in self.paths.disks.iterdir():
+            if d.name not in self.vms:
+                out.append(str(d))
+        run_root = self.paths.layout.run
+        for d in run_root.iterdir() if run_root.exists() else []:
+            if d.name not in self.vms:
+                out.append(str(d))
+        return out
+
+
+def _file_error(exc: AgentError, session_id: str, path: str) -> TenkiError:
+    if exc.errno == "ENOENT":
+        return NotFoundError(f"file {path} not found in session {session_id}")
+    if exc.errno in ("EISDIR", "ENOTDIR", "EACCES", "EPERM", "EROFS", "ENOSPC", "EFBIG"):
+        return ValidationError(f"{path}: {exc.message}", field="path")
+    return InternalError(f"{path}: {exc.message}")
+
+
+__all__ = ["LocalHost", "MachineError"]

@@ -1,0 +1,143 @@
+"""The unpacked RAM of a snapshot, mapped copy-on-write by every VM restored from it.
+
+A derived cache, so never trusted blindly: each cache file has a content digest (sha256 over its
+non-zero 1 MiB chunks and their offsets, computed from what was written) and the stat key it had
+then. Before a restore maps it, the stat key is compared (any change made through the kernel
+moves it, see ``artifacts.digests``); if it moved, the content is hashed again, and a cache that
+no longer matches is rebuilt from the stored, verified RAM image. ``scrub`` re-hashes regardless.
+
+On the data disk, not tmpfs: its pages are clean page cache, shared by the clones and evictable
+under memory pressure (a private mapping never writes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+from ..artifacts import ramfile
+from ..artifacts.digests import stat_key
+from ..artifacts.store import LocalArtifactStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = ramfile.CHUNK
+_ZERO = bytes(CHUNK)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over (offset, bytes) of every non-zero chunk: holes and zero pages count alike."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        for off, length in ramfile.data_extents(fd, size):
+            pos = off - off % CHUNK
+            while pos < off + length:
+                data = os.pread(fd, CHUNK, pos)
+                if data and data != _ZERO[:len(data)]:
+                    digest.update(pos.to_bytes(8, "little"))
+                    digest.update(data)
+                pos += CHUNK
+    return digest.hexdigest()
+
+
+class RamCache:
+    def __init__(self, root: Path, store: LocalArtifactStore) -> None:
+        self.root = root
+        self.store = store
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def path(self, digest: str) -> Path:
+        return self.root / f"{digest}.ram"
+
+    def _meta(self, digest: str) -> Path:
+        return self.root / f"{digest}.meta"
+
+    def _check(self, digest: str, *, deep: bool) -> bool:
+        """True when the cache of ``digest`` exists and its content is what was unpacked."""
+        cache, meta = self.path(digest), self._meta(digest)
+        try:
+            info = json.loads(meta.read_text())
+            key = stat_key(cache)
+        except (OSError, ValueError):
+            return False
+        if key == info.get("key") and not deep:
+            return True
+        if content_digest(cache) != info.get("content"):
+            log.warning("RAM cache %s does not match what was unpacked: rebuilding", digest[:12])
+            return False
+        self._write_meta(digest, info["content"])  # the content is right; the key moved
+        return True
+
+    def _write_meta(self, digest: str, content: str) -> None:
+        meta = self._meta(digest)
+        tmp = meta.with_name(f".{meta.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(json.dumps({"key": stat_key(self.path(digest)), "content": content}))
+        os.replace(tmp, meta)
+
+    def _build(self, digest: str) -> None:
+        self.store.verify(digest, "RAM image")
+        cache = self.path(digest)
+        tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            ramfile.unpack(self.store.local_path(digest), tmp)
+            content = content_digest(tmp)
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._write_meta(digest, content)
+
+    async def ensure(self, digest: str) -> Path:
+        """The verified cache of RAM image ``digest``, built or rebuilt if needed."""
+        lock = self._locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not await asyncio.to_thread(self._check, digest, deep=False):
+                await asyncio.to_thread(self._build, digest)
+        return self.path(digest)
+
+    def scrub(self) -> list[str]:
+        """Re-hash every cache; rebuild what does not match. Returns the digests rebuilt."""
+        rebuilt = []
+        for cache in self.root.glob("*.ram"):
+            digest = cache.stem
+            if not self._check(digest, deep=True):
+                with contextlib.suppress(Exception):
+                    self._build(digest)
+                rebuilt.append(digest)
+        return rebuilt
+
+    def clear_temporaries(self) -> None:
+        """At start-up no unpack runs: every temporary is a crashed one's."""
+        for tmp in self.root.glob(".*.tmp") if self.root.exists() else []:
+            tmp.unlink(missing_ok=True)
+
+    def collect(self, keep: set[str], grace_s: float = 300.0) -> int:
+        """Remove caches of RAM images nothing uses any more, and temporaries."""
+        freed = 0
+        now = time.time()
+        for entry in list(self.root.iterdir()) if self.root.exists() else []:
+            name = entry.name
+            if name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > 60:
+                        entry.unlink()
+                continue
+            digest = name.split(".", 1)[0]
+            if digest in keep:
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat()
+                if now - st.st_ctime < grace_s:
+                    continue
+                freed += st.st_blocks * 512
+                entry.unlink()
+        return freed

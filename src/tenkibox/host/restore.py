@@ -1,0 +1,105 @@
+"""Restore: a new VM that continues from the captured instant. Nothing boots.
+
+One ordered list of named, timed steps:
+
+1. ``verify``      every artifact of the manifest exists and matches its digest (see
+                   ``artifacts.digests`` for when the content is read again)
+2. ``overlay``     the VM's own writable qcow2 on top of the snapshot's frozen chain
+3. ``load-ram``    the RAM image, unpacked once per image into a verified cache that every
+                   restored VM maps copy-on-write (clones share its pages)
+4. ``launch``      QEMU with exactly the captured device set, ``-incoming defer``
+5. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
+6. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
+7. ``agent``       the guest's agent, still running from before, answers the new socket
+8. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
+9. ``identity``    new hostname, machine-id and entropy, so clones do not share them
+
+The VM is not usable before the last step: until then the record stays CREATING, and a server
+that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
+with the source's identity or a stale clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+
+from ..artifacts.store import ArtifactError
+from ..engine import disks
+from ..engine.agent import AgentClient, connect_agent
+from ..engine.machine import LaunchOptions, Machine
+from ..engine.migration import enable_snapshot_caps, wait_migration
+from ..errors import SnapshotFailedError, TenkiError
+from ..steps import Steps
+from .api import RestoreSpec
+from .context import HostContext
+from .vm import VM, VMRecord
+
+log = logging.getLogger(__name__)
+
+RESTORE_AGENT_TIMEOUT_S = 30.0
+
+
+def verify_manifest(ctx: HostContext, snapshot_id: str, digests: dict[str, str]) -> None:
+    """Raise SnapshotFailedError naming the first missing or corrupt artifact."""
+    for digest, kind in digests.items():
+        try:
+            ctx.store.verify(digest, kind)
+        except ArtifactError as exc:
+            raise SnapshotFailedError(
+                f"snapshot {snapshot_id} cannot be restored: {exc.message}") from exc
+
+
+async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
+    m = spec.manifest
+    steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
+    with steps.step("verify"):
+        await asyncio.to_thread(verify_manifest, ctx, spec.snapshot_id, m.digests())
+    record = VMRecord(spec.session_id, m.shape, list(m.layers), ram=m.ram)
+    disk_dir = ctx.layout.disk_dir(spec.session_id)
+    with steps.step("overlay"):
+        record.save(disk_dir)
+        await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
+                                ctx.store.local_path(m.layers[-1]))
+    with steps.step("load-ram"):
+        try:
+            ram_base = await ctx.ram_cache.ensure(m.ram)
+        except (ArtifactError, ValueError, OSError) as exc:
+            why = exc.message if isinstance(exc, TenkiError) else str(exc)
+            raise SnapshotFailedError(
+                f"snapshot {spec.snapshot_id} cannot be restored: RAM image unreadable: {why}"
+            ) from exc
+    files = ctx.layout.files(spec.session_id)
+    machine = Machine(spec.session_id, files, ctx.machine_config(m.shape, ram_base))
+    agent = AgentClient(files.agent)
+    vm = VM(record, machine, agent, disk_dir)
+    vm_slot.append(vm)
+    try:
+        with steps.step("launch"):
+            await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
+                                               incoming=True))
+        with steps.step("load-state"):
+            await enable_snapshot_caps(machine)
+            state = ctx.store.local_path(m.state)
+            await machine.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
+            await wait_migration(machine)
+        with steps.step("resume"):
+            await machine.resume()
+        with steps.step("agent"):
+            await connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S)
+        with steps.step("clock"):
+            await agent.set_time(time.time_ns())
+        with steps.step("identity"):
+            await agent.reidentify(spec.hostname, secrets.token_hex(16), os.urandom(64))
+    except TenkiError as exc:
+        if isinstance(exc, SnapshotFailedError):
+            raise
+        raise SnapshotFailedError(
+            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
+        ) from exc
+    vm.timings = steps.timings
+    log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
+    return vm
