@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.testclient import TestClient
 
 from tenkibox import Client, limits
@@ -51,7 +51,9 @@ def make_app() -> FastAPI:
     async def start_process(session_id: str, body: ExecRequest) -> dict[str, Any]:
         return {"argv": len(body.argv or [])}
 
-    @app.get("/v1/sessions/{session_id}/files")
+    files = APIRouter(prefix="/v1/sessions")  # an included router, as the real app has
+
+    @files.get("/{session_id}/files")
     async def read_file(session_id: str, path: str) -> dict[str, Any]:
         return {"path": path}
 
@@ -77,6 +79,8 @@ def make_app() -> FastAPI:
     @app.post("/v1/volumes", status_code=201)
     async def create_volume(body: VolumeCreate) -> dict[str, Any]:
         return {"name": body.name}
+
+    app.include_router(files)
 
     @app.get("/v1/boom")
     async def boom() -> None:
@@ -229,6 +233,8 @@ def test_body_that_is_not_an_object(client: TestClient) -> None:
         ("/v1/sessions/ses%00x", "session_id", "NUL"),
         ("/v1/sessions/ses%FFx/files?path=/a", "session_id", "invalid UTF-8"),
         ("/v1/sessions/" + "s" * 5000, "session_id", "at most 4096 characters"),
+        ("/v1/ses%FFsions/ses_1", "url", "invalid UTF-8"),
+        ("/v1/nothing%00/here", "url", "NUL"),
     ],
 )
 def test_bad_query_and_path_parameters(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -404,13 +404,16 @@ class ParamCheckMiddleware:
                 return name, "invalid UTF-8"
             if (p := self._too_long(value)) is not None:
                 return name, p
+        if bad_utf8 or b"\0" in decoded:
+            # in no parameter of a known route (a literal part, or an unknown route)
+            return "url", "invalid UTF-8" if bad_utf8 else "must not contain NUL characters"
         return None
 
     @staticmethod
     def _path_params(scope: Scope) -> dict[str, Any]:
         """The path parameters of the route the request will reach (none if no route)."""
         router = getattr(scope.get("app"), "router", None)
-        for route in getattr(router, "routes", ()):
+        for route in _leaf_routes(getattr(router, "routes", ())):
             try:
                 match, child = route.matches(scope)
             except Exception:  # a route type that cannot match this scope
@@ -419,3 +422,14 @@ class ParamCheckMiddleware:
                 params = child.get("path_params")
                 return dict(params) if isinstance(params, dict) else {}
         return {}
+
+
+def _leaf_routes(routes: Iterable[Any], depth: int = 0) -> Iterator[Any]:
+    """The routes of a router, those of included routers inlined (FastAPI keeps an included
+    ``APIRouter`` as one route holding ``original_router``, whose routes have full paths)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None and depth < 8:
+            yield from _leaf_routes(getattr(inner, "routes", ()), depth + 1)
+        else:
+            yield route
