@@ -876,8 +876,9 @@ class Agent:
             flags |= os.O_TRUNC
         fd = os.open(path, flags, mode)
         try:
-            if truncate:
+            if truncate and stat.S_ISREG(os.fstat(fd).st_mode):
                 # The umask and an older file's mode must not win over the requested mode.
+                # (Never a device's: writing /dev/null must not change who may use it.)
                 os.fchmod(fd, mode)
             view = memoryview(data)
             pos = offset
