@@ -15,6 +15,7 @@ correct file. ``verify`` re-hashes a file whenever it may have changed (see ``di
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -64,6 +65,7 @@ class ArtifactInfo:
 class ArtifactStore(Protocol):
     """What the host needs from wherever artifacts are kept."""
 
+    def temp_path(self) -> Path: ...
     def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str: ...
     def has(self, digest: str) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
@@ -113,6 +115,12 @@ class LocalArtifactStore:
         except OSError:
             return 0
 
+    def temp_path(self) -> Path:
+        """A fresh temporary name on the store's file system: write a file there and ``put``
+        it with ``move=True`` to store it without a copy (a crashed writer's leftover is
+        removed by ``collect``)."""
+        return self.objects / f".new-{secrets.token_hex(8)}.tmp"
+
     def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str:
         """Store ``src`` (hashed here unless ``digest`` is given, which is then trusted only
         after it was computed by the caller from the same bytes) and return its digest."""
@@ -126,7 +134,13 @@ class LocalArtifactStore:
         tmp = self.objects / f".{digest}.{secrets.token_hex(4)}.tmp"
         try:
             if move:
-                os.replace(src, tmp)
+                try:
+                    os.replace(src, tmp)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    shutil.copyfile(src, tmp)  # another file system (tmpfs staging)
+                    src.unlink()
             else:
                 try:
                     os.link(src, tmp)

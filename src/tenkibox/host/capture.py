@@ -115,9 +115,12 @@ def _seal(ctx: HostContext, vm: VM, staging: Path, steps: Steps,
           base_image_id: str) -> tuple[Manifest, int, int]:
     store = ctx.store
     with steps.step("compress-ram"):
-        packed = staging / "ram.zst"
-        ram_raw, ram_stored, ram_digest = ramfile.pack(staging / "ram", packed)
-        store.put(packed, digest=ram_digest, move=True)
+        packed = store.temp_path()  # packed straight onto the store's disk: no copy after
+        try:
+            ram_raw, ram_stored, ram_digest = ramfile.pack(staging / "ram", packed)
+            store.put(packed, digest=ram_digest, move=True)
+        finally:
+            packed.unlink(missing_ok=True)
     with steps.step("checksum"):
         state = staging / "state.bin"
         state_bytes = state.stat().st_size
