@@ -1,0 +1,664 @@
+"""Helpers of the fault suite (issue 9, "Reliability"): servers started with injected faults,
+the settled-state invariant checked after every case, and the discovery of VM processes and
+stored files without relying on more of the data directory's layout than necessary.
+
+All knowledge of the on-disk layout lives in ``orphan_files`` and ``snapshot_storage`` (the
+layout is being restructured: artifacts move to ``$TENKI_HOME/artifacts/`` by digest). When the
+server grows ``tenki admin verify --json``, ``assert_settled`` uses it as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def _load_integration() -> Any:
+    """The integration suite's conftest, imported once under a fixed name (pytest imports it
+    separately as ``conftest`` when tests/integration runs too; both copies share RUN_TAG)."""
+    name = "tenki_integration_conftest"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+it = _load_integration()
+
+MARKER_PATH = "/root/fault-marker.txt"
+MARKER = "written before the capture\n"
+SHM_PATH = "/dev/shm/fault-blob"
+
+LIVE = frozenset({"READY", "RUNNING"})
+SESSION_MOVING = frozenset({"CREATING", "TERMINATING"})
+SNAPSHOT_MOVING = frozenset({"CREATING", "DELETING"})
+SETTLE_S = 30.0
+
+_ID = re.compile(r"\b((?:ses|snp)_[0-9a-z]{6,})")
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
+    """A TenkiServer with extra environment (``TENKI_FAULT=plan.step[:after]``)."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(home)
+        self.extra_env: dict[str, str] = dict(env or {})
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env.pop("TENKI_FAULT", None)
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        """Stop (gracefully; VMs keep running) and start again with ``env`` as extra env."""
+        if self.alive():
+            self.stop()
+        self.extra_env = dict(env or {})
+        self.start()
+
+    def with_fault(self, fault: str) -> None:
+        self.restart({"TENKI_FAULT": fault})
+
+    def wait_dead(self, timeout: float) -> int | None:
+        """The exit status once the process ended within ``timeout`` s, else None."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def cli(self, *args: str, input: bytes | None = None,
+            timeout: float = 300.0) -> subprocess.CompletedProcess[bytes]:
+        saved = self.extra_env
+        self.extra_env = {k: v for k, v in saved.items() if k != "TENKI_FAULT"}
+        try:
+            return super().cli(*args, input=input, timeout=timeout)
+        finally:
+            self.extra_env = saved
+
+    def cleanup(self) -> None:
+        """Terminate its sessions, stop, kill whatever VM process is left (passt included),
+        remove its files."""
+        if self.alive():
+            with contextlib.suppress(httpx.HTTPError):
+                for s in list_sessions(self):
+                    if s["state"] not in ("TERMINATED", "FAILED"):
+                        httpx.delete(f"{self.url}/v1/sessions/{s['id']}", timeout=30)
+        self.stop()
+        for p in vm_processes(self):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        super().cleanup()
+
+    def http(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+
+def new_home(image_layout: Any, name: str, copy_images: bool = False) -> Path:
+    """A data directory below the run's temp root with the built image (hard links, or real
+    copies when a test corrupts files that a hard link would share with other homes)."""
+    home = it.new_home(image_layout, name)
+    if copy_images:
+        for p in (home / "images").rglob("*"):
+            if p.is_file() and p.stat().st_nlink > 1:
+                tmp = p.with_name(p.name + ".copying")
+                shutil.copy2(p, tmp)
+                os.replace(tmp, p)
+    return home
+
+
+# -- REST -------------------------------------------------------------------------------------
+
+
+def list_sessions(server: Any) -> list[dict[str, Any]]:
+    r = httpx.get(f"{server.url}/v1/sessions", timeout=30)
+    r.raise_for_status()
+    return list(r.json())
+
+
+def list_snapshots(server: Any) -> list[dict[str, Any]]:
+    r = httpx.get(f"{server.url}/v1/snapshots", timeout=30)
+    r.raise_for_status()
+    return list(r.json())
+
+
+def get_session(server: Any, session_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{server.url}/v1/sessions/{session_id}", timeout=30)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def get_snapshot(server: Any, snapshot_id: str) -> dict[str, Any] | None:
+    r = httpx.get(f"{server.url}/v1/snapshots/{snapshot_id}", timeout=30)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def wait_session_state(server: Any, session_id: str, states: Iterable[str],
+                       timeout: float) -> dict[str, Any]:
+    wanted = set(states)
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = get_session(server, session_id)
+        if rec["state"] in wanted or time.monotonic() > deadline:
+            return rec
+        time.sleep(0.2)
+
+
+def wait_snapshot_state(server: Any, snapshot_id: str, states: Iterable[str],
+                        timeout: float) -> dict[str, Any] | None:
+    wanted = set(states)
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = get_snapshot(server, snapshot_id)
+        if rec is None or rec["state"] in wanted or time.monotonic() > deadline:
+            return rec
+        time.sleep(0.2)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class VmProc:
+    pid: int
+    kind: str  # "qemu" | "passt"
+    argv: list[str]
+    owner: str | None  # the session id it serves, when it can be told
+    paths: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.kind} pid {self.pid} owner {self.owner}: {' '.join(self.argv)[:240]}"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def pid_alive(pid: int) -> bool:
+    return _proc_state(pid) not in ("Z", "X")
+
+
+def _links(pid: int) -> list[str]:
+    out = []
+    for sub in ("cwd", "exe"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/{sub}"))
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            env[k.decode(errors="replace")] = v.decode(errors="replace")
+    return env
+
+
+def vm_processes(server: Any) -> list[VmProc]:
+    """Every live QEMU and passt process of this server (found by its run root or home in the
+    command line, open files, working directory or environment), with the session it serves."""
+    home, run_root = str(server.home), str(server.run_root)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            argv = [a.decode(errors="replace")
+                    for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if not argv or not pid_alive(pid):
+            continue
+        prog = os.path.basename(argv[0])
+        if prog.startswith("qemu-system"):
+            kind = "qemu"
+        elif prog.startswith("passt") or prog.startswith("pasta"):
+            kind = "passt"
+        else:
+            continue
+        links = _links(pid)
+        text = " ".join(argv)
+        env = _environ(pid)
+        mine = (run_root in text or any(link.startswith(run_root) for link in links)
+                or env.get("TENKI_RUN_ROOT") == run_root or env.get("TENKI_HOME") == home
+                or any(link.startswith(home + "/") for link in links if kind == "passt"))
+        if not mine:
+            continue
+        owner = None
+        if kind == "qemu" and "-name" in argv:
+            name = argv[argv.index("-name") + 1].split(",")[0]
+            m = _ID.search(name)
+            owner = m.group(1) if m else name
+        if owner is None:
+            for link in [text, *links]:
+                if run_root in link or home in link:
+                    m = _ID.search(link)
+                    if m:
+                        owner = m.group(1)
+                        break
+        found.append(VmProc(pid, kind, argv, owner, links))
+    return found
+
+
+def qemu_pids(server: Any, session_id: str) -> list[int]:
+    return [p.pid for p in vm_processes(server) if p.kind == "qemu" and p.owner == session_id]
+
+
+def passt_pids(server: Any, session_id: str) -> list[int]:
+    return [p.pid for p in vm_processes(server) if p.kind == "passt" and p.owner == session_id]
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """The pids still alive after ``timeout`` s."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class ProcWatch:
+    """Samples this server's QEMU processes in the background: which sessions ever had one."""
+
+    def __init__(self, server: Any, interval: float = 0.05) -> None:
+        self.server = server
+        self.interval = interval
+        self.seen: dict[int, VmProc] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                for p in vm_processes(self.server):
+                    if p.kind == "qemu":
+                        self.seen.setdefault(p.pid, p)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ProcWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def new_since(self, before: Iterable[int]) -> list[VmProc]:
+        old = set(before)
+        return [p for pid, p in self.seen.items() if pid not in old]
+
+
+# -- stored files -----------------------------------------------------------------------------
+
+TEMP_NAME = re.compile(r"(\.tmp$|\.tmp\.|^\.tmp|\.part$|\.partial$|\.incoming$|\.copying$)")
+
+
+def _under(root: Path) -> Iterator[Path]:
+    if root.exists():
+        yield from (p for p in root.rglob("*"))
+
+
+def _ids_in(path: Path, base: Path) -> list[str]:
+    rel = str(path.relative_to(base))
+    return _ID.findall(rel)
+
+
+def mapped_files() -> set[str]:
+    """Files mapped or named by any live QEMU (a RAM cache stays while a clone maps it)."""
+    out: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if b"qemu-system" not in argv.split(b"\0")[0]:
+                continue
+            for line in Path(f"/proc/{entry}/maps").read_text().splitlines():
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    out.add(parts[5].removesuffix(" (deleted)"))
+            out.update(re.findall(r"mem-path=([^,\s]+)", argv.decode(errors="replace")))
+        except OSError:
+            continue
+    return out
+
+
+def orphan_files(server: Any, sessions: list[dict[str, Any]],
+                 snapshots: list[dict[str, Any]]) -> list[str]:
+    """Files no record owns. The one place that knows the data directory's layout:
+
+    - no temporary file (``*.tmp``, ``.tmp*``, ``*.part``...) anywhere under $TENKI_HOME or the
+      run root;
+    - below the run root, a path naming a session (``ses_...``) belongs to a live session, and
+      nothing names a snapshot (``snp_...``: staging files of a capture) or is a conversion
+      scratch directory (``cv-*``) once everything is settled;
+    - below $TENKI_HOME (images excluded), a path naming a snapshot belongs to a snapshot that
+      is not DELETED (or is a RAM cache still mapped by a live QEMU), and a path naming a
+      session belongs to a session that is not finished.
+    """
+    home, run_root = Path(server.home), Path(server.run_root)
+    live_sessions = {s["id"] for s in sessions if s["state"] in LIVE}
+    open_sessions = {s["id"] for s in sessions if s["state"] not in ("TERMINATED", "FAILED")}
+    kept_snapshots = {s["id"] for s in snapshots if s["state"] != "DELETED"}
+    mapped = mapped_files()
+    problems: list[str] = []
+    for root in (home, run_root):
+        for p in _under(root):
+            if TEMP_NAME.search(p.name):
+                problems.append(f"temporary file left: {p}")
+    for p in _under(run_root):
+        for ident in _ids_in(p, run_root):
+            if ident.startswith("ses_") and ident not in live_sessions:
+                problems.append(f"run file of a session that is not live: {p}")
+                break
+            if ident.startswith("snp_"):
+                problems.append(f"capture staging file left: {p}")
+                break
+        else:
+            if any(part.startswith("cv-") for part in p.relative_to(run_root).parts):
+                problems.append(f"conversion scratch left: {p}")
+    for p in _under(home):
+        rel = p.relative_to(home)
+        if rel.parts and rel.parts[0] == "images":
+            continue
+        for ident in _ids_in(p, home):
+            if ident.startswith("snp_") and ident not in kept_snapshots and str(p) not in mapped \
+                    and not (p.is_dir() and any(str(m).startswith(f"{p}/") for m in mapped)):
+                problems.append(f"file of a DELETED or unknown snapshot {ident}: {p}")
+                break
+            if ident.startswith("ses_") and ident not in open_sessions:
+                problems.append(f"file of a finished session {ident}: {p}")
+                break
+    # a parent directory and its files say the same thing: keep the shortest paths
+    problems.sort(key=len)
+    kept: list[str] = []
+    for prob in problems:
+        path = prob.rsplit(": ", 1)[-1]
+        if not any(path.startswith(k.rsplit(": ", 1)[-1] + "/") for k in kept):
+            kept.append(prob)
+    return kept
+
+
+def snapshot_storage(server: Any, snapshot: dict[str, Any]) -> list[Path]:
+    """The regular files a READY snapshot's restore depends on, found generically: every file
+    in a directory named after the snapshot, every existing file a JSON manifest there names,
+    and every file under ``$TENKI_HOME/artifacts`` modified since its source session began
+    (after the restructure: artifacts by digest)."""
+    home = Path(server.home)
+    snap_id = snapshot["id"]
+    files: dict[str, Path] = {}
+    for d in home.rglob(snap_id):
+        if d.is_dir():
+            for p in d.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    files[str(p)] = p
+    for p in list(files.values()):
+        if p.suffix == ".json":
+            with contextlib.suppress(OSError, ValueError):
+                for s in _strings(json.loads(p.read_text())):
+                    if s.startswith("/") and Path(s).is_file():
+                        files.setdefault(str(Path(s)), Path(s))
+    artifacts = home / "artifacts"
+    if artifacts.exists():
+        since = _parse_time(get_session(server, snapshot["session_id"])["created_at"]) - 1
+        for p in artifacts.rglob("*"):
+            if p.is_file() and p.stat().st_mtime >= since:
+                files.setdefault(str(p), p)
+    return sorted(files.values())
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _parse_time(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def flip_byte(path: Path, offset: int | None = None, keep_mtime: bool = False) -> tuple[int, int]:
+    """XOR one byte (default: the middle one) in place; returns (offset, original byte)."""
+    st = path.stat()
+    size = st.st_size
+    assert size > 0, f"{path} is empty"
+    off = size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(off)
+        old = f.read(1)[0]
+        f.seek(off)
+        f.write(bytes([old ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return off, old
+
+
+def put_byte(path: Path, offset: int, value: int, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes([value]))
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# -- the settled-state invariant --------------------------------------------------------------
+
+
+def admin_verify(server: Any) -> dict[str, Any] | None:
+    """``tenki admin verify --json`` when the server has it (None when the command is absent).
+    Assumed answer: a JSON object with ``ok`` (bool) and ``problems`` (a list)."""
+    proc = server.cli("admin", "verify", "--json", timeout=300)
+    err = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0 and ("No such command" in err or "no such command" in err.lower()):
+        return None
+    try:
+        out = json.loads(proc.stdout or b"null")
+    except ValueError:
+        raise AssertionError(f"tenki admin verify --json printed no JSON (exit "
+                             f"{proc.returncode}): {proc.stdout[:500]!r} {err[:500]}") from None
+    assert isinstance(out, dict), out
+    return out
+
+
+def _wait_steady(server: Any, timeout: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        sessions, snapshots = list_sessions(server), list_snapshots(server)
+        moving = [f"session {s['id']} {s['state']}" for s in sessions
+                  if s["state"] in SESSION_MOVING]
+        moving += [f"snapshot {s['id']} {s['state']}" for s in snapshots
+                   if s["state"] in SNAPSHOT_MOVING]
+        if not moving:
+            return sessions, snapshots
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not settled after {timeout:.0f}s: {moving}")
+        time.sleep(0.3)
+
+
+def _process_problems(server: Any, sessions: list[dict[str, Any]]) -> list[str]:
+    live = {s["id"] for s in sessions if s["state"] in LIVE}
+    procs = vm_processes(server)
+    problems = [f"no live record for {p.line()}" for p in procs
+                if p.owner not in live]
+    for sid in sorted(live):
+        q = [p for p in procs if p.kind == "qemu" and p.owner == sid]
+        if len(q) != 1:
+            problems.append(f"session {sid} is live but has {len(q)} QEMU processes")
+    return problems
+
+
+def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE_S,
+                   restore_timeout: float = 120.0) -> None:
+    """The invariant after every fault case:
+
+    (a) every QEMU/passt process of this server serves a live (READY/RUNNING) session, and every
+        live session has its one QEMU;
+    (b) every record is in a steady state within ``timeout`` s;
+    (c) every READY snapshot is restorable with its data (the marker file) intact;
+    (d) no file without an owner (``orphan_files``; and ``tenki admin verify`` when present).
+    """
+    assert server.alive(), f"the server is not running: {server.log_tail()}"
+    sessions, snapshots = _wait_steady(server, timeout)
+    deadline = time.monotonic() + 10
+    while (problems := _process_problems(server, sessions)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        sessions = list_sessions(server)
+    assert not problems, f"processes without a record / records without a VM: {problems}"
+    if restore:
+        for snap in snapshots:
+            if snap["state"] == "READY":
+                check_restorable(server, snap["id"], timeout=restore_timeout)
+        sessions, snapshots = _wait_steady(server, timeout)
+        problems = _process_problems(server, sessions)
+        assert not problems, f"after the restore checks: {problems}"
+    deadline = time.monotonic() + 5
+    while (orphans := orphan_files(server, sessions, snapshots)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        sessions, snapshots = list_sessions(server), list_snapshots(server)
+    assert not orphans, f"files without an owner: {orphans}"
+    verdict = admin_verify(server)
+    if verdict is not None:
+        assert verdict.get("ok") is True and not verdict.get("problems"), \
+            f"tenki admin verify: {json.dumps(verdict)[:2000]}"
+
+
+def check_restorable(server: Any, snapshot_id: str, timeout: float = 120.0) -> None:
+    """Restore ``snapshot_id``, read the marker file back, terminate the copy."""
+    with server.http() as api:
+        r = api.post("/v1/sessions", json={"snapshot_id": snapshot_id, "name": "settle-check"})
+        assert r.status_code == 201, f"restore of READY {snapshot_id} refused: {r.text}"
+        sid = r.json()["id"]
+        try:
+            rec = wait_session_state(server, sid, LIVE | {"FAILED", "TERMINATED"}, timeout)
+            assert rec["state"] in LIVE, \
+                f"READY snapshot {snapshot_id} did not restore: {rec['state']} " \
+                f"{rec['state_reason']}"
+            got = api.get(f"/v1/sessions/{sid}/files", params={"path": MARKER_PATH})
+            assert got.status_code == 200 and got.content == MARKER.encode(), \
+                f"restored {snapshot_id}: marker {got.status_code} {got.content[:200]!r}"
+        finally:
+            api.delete(f"/v1/sessions/{sid}")
+
+
+# -- guests -----------------------------------------------------------------------------------
+
+COUNTER = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.5; done' "
+           ">/dev/null 2>&1 & echo $! > /root/counter.pid")
+
+
+def sh(session: Any, cmd: str, timeout: float = 60) -> str:
+    return str(session.shell(cmd, timeout=timeout).check().stdout).strip()
+
+
+def prepare(session: Any, counter: bool = True, shm_mib: int = 0) -> None:
+    """The marker file every snapshot of this suite carries, a counting process, and
+    optionally a random blob in /dev/shm with its checksum on disk."""
+    session.files.write(MARKER_PATH, MARKER)
+    if counter:
+        sh(session, COUNTER)
+    if shm_mib:
+        sh(session, f"head -c {shm_mib}M /dev/urandom > {SHM_PATH} && "
+                    f"md5sum {SHM_PATH} > /root/shm.md5")
+    sh(session, "sync")
+
+
+def new_source(client: Any, name: str, memory_mb: int = 512, cpu: int = 1,
+               shm_mib: int = 0, timeout: float = 300) -> Any:
+    s = client.create_and_wait(name=name, memory_mb=memory_mb, cpu=cpu, timeout=timeout)
+    prepare(s, shm_mib=shm_mib)
+    return s
+
+
+def counting(session: Any, wait: float = 1.2) -> bool:
+    """The guest is not paused: its counter moves on."""
+    first = int(sh(session, "cat /tmp/count"))
+    time.sleep(wait)
+    return int(sh(session, "cat /tmp/count")) > first
+
+
+def guest_clock_skew(session: Any) -> float:
+    return abs(float(sh(session, "date +%s.%N")) - time.time())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["tempfile", "signal"]

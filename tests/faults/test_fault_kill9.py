@@ -1,0 +1,307 @@
+"""kill -9 of the server at every named step of boot, restore, capture, delete and terminate.
+
+Each case restarts the module's server with ``TENKI_FAULT=plan.step[:after]`` (the server
+SIGKILLs itself when that step starts, or ends with ``:after``), starts the operation, waits
+for the server to die, restarts it without the fault and checks the settled-state invariant
+(``faultlib.assert_settled``) plus what the operation must have become.
+
+One source session and one READY snapshot (``baseline``) serve the whole module; boots come
+first so that the baseline is old enough for a stale guest clock to show after a restore.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+import faultlib as fl
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+BOOT_STEPS = ["image", "overlay", "launch", "launch:after", "agent", "clock"]
+RESTORE_STEPS = ["verify", "overlay", "load-ram", "launch", "launch:after", "load-state",
+                 "resume", "agent", "clock", "identity"]
+CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-ram", "resume", "compress-ram",
+                 "checksum", "sync", "sync:after"]
+DELETE_STEPS = ["mark", "remove-files", "remove-files:after"]
+TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
+
+FAULT_WAIT_S = 120.0
+MIN_SNAPSHOT_AGE_S = 45.0  # a restored guest's clock is this far behind until corrected
+
+
+@dataclass
+class World:
+    source: Any  # SDK Session
+    hostname: str
+    machine_id: str
+    baseline: str  # snapshot id
+    baseline_at: float
+
+
+def _make_world(client: Any) -> World:
+    src = fl.new_source(client, "kill9-source")
+    snap = client.create_snapshot_and_wait(src.id, "baseline", timeout=300)
+    return World(src, fl.sh(src, "hostname"), fl.sh(src, "cat /etc/machine-id"), snap.id,
+                 time.time())
+
+
+@pytest.fixture(scope="module")
+def world(server: fl.FaultServer, client: Any) -> World:
+    return _make_world(client)
+
+
+@pytest.fixture
+def live(world: World, server: fl.FaultServer, client: Any) -> World:
+    """The module's world, repaired when an earlier case broke it (that case failed already)."""
+    if not server.alive():
+        server.restart()
+    src_ok = fl.get_session(server, world.source.id)["state"] in fl.LIVE
+    snap = fl.get_snapshot(server, world.baseline)
+    if not src_ok or snap is None or snap["state"] != "READY":
+        fresh = _make_world(client)
+        world.__dict__.update(fresh.__dict__)
+    return world
+
+
+def _known(server: fl.FaultServer) -> tuple[set[str], set[str]]:
+    return ({s["id"] for s in fl.list_sessions(server)},
+            {s["id"] for s in fl.list_snapshots(server)})
+
+
+def _tidy(server: fl.FaultServer, world: World) -> None:
+    """Remove what a case made (sessions other than the source, snapshots other than the
+    baseline), so that every case starts from the same world."""
+    if not server.alive():
+        server.restart()
+    with server.http() as api:
+        for s in fl.list_sessions(server):
+            if s["id"] != world.source.id and s["state"] not in ("TERMINATED", "FAILED"):
+                api.delete(f"/v1/sessions/{s['id']}")
+        for s in fl.list_snapshots(server):
+            if s["id"] != world.baseline and s["state"] in ("READY", "FAILED"):
+                api.delete(f"/v1/snapshots/{s['id']}")
+    deadline = time.monotonic() + 30
+    while any(s["state"] == "DELETING" for s in fl.list_snapshots(server)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def inject(server: fl.FaultServer, fault: str, start: Callable[[httpx.Client], Any],
+           finished: Callable[[], bool]) -> None:
+    """Restart the server with ``fault``, run ``start`` (an HTTP call that may die with the
+    server), wait until the server died of the fault, restart it without the fault."""
+    server.with_fault(fault)
+    with server.http() as api:
+        try:
+            start(api)
+        except httpx.TransportError:
+            pass  # the server died while answering
+    deadline = time.monotonic() + FAULT_WAIT_S
+    done_at: float | None = None
+    status: int | None = None
+    while time.monotonic() < deadline:
+        status = server.wait_dead(0.2)
+        if status is not None:
+            break
+        try:
+            if done_at is None and finished():
+                done_at = time.monotonic()
+        except httpx.HTTPError:
+            pass
+        if done_at is not None and time.monotonic() - done_at > 2.0:
+            break
+    log = server.log_tail(20000)
+    if status is None:
+        server.restart()
+        pytest.fail(f"TENKI_FAULT={fault} did not fire: the operation "
+                    f"{'finished' if done_at else 'did not finish'} and the server is still "
+                    "running (no fault point with that name?)", pytrace=False)
+    assert status == -signal.SIGKILL, f"server exited with {status}, not SIGKILL: {log[-2000:]}"
+    assert f"SIGKILL at {fault}" in log, f"server died, but not at {fault}: {log[-2000:]}"
+    server.restart()
+
+
+# -- boot ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", BOOT_STEPS)
+def test_kill_during_boot(server: fl.FaultServer, live: World, step: str) -> None:
+    made: dict[str, str] = {}
+
+    def start(api: httpx.Client) -> None:
+        r = api.post("/v1/sessions", json={"name": f"boot-{step}", "memory_mb": 512, "cpu": 1})
+        assert r.status_code == 201, r.text
+        made["id"] = r.json()["id"]
+
+    def finished() -> bool:
+        return "id" not in made or \
+            fl.get_session(server, made["id"])["state"] not in fl.SESSION_MOVING
+
+    try:
+        before, _ = _known(server)
+        inject(server, f"boot.{step}", start, finished)
+        sid = made.get("id") or _new_one(server, before)
+        rec = fl.wait_session_state(server, sid, {"READY", "RUNNING", "FAILED", "TERMINATED"},
+                                    fl.SETTLE_S)
+        assert rec["state"] in ("READY", "FAILED"), rec
+        if rec["state"] == "FAILED":
+            assert rec["state_reason"], rec
+        else:
+            with server.client() as c:
+                s = c.get(sid)
+                assert fl.sh(s, "echo ok") == "ok"
+                assert fl.guest_clock_skew(s) < 3.0
+        fl.assert_settled(server)
+    finally:
+        _tidy(server, live)
+
+
+def _new_one(server: fl.FaultServer, before: set[str]) -> str:
+    new = [s["id"] for s in fl.list_sessions(server) if s["id"] not in before]
+    assert len(new) == 1, f"expected one new session, found {new}"
+    return new[0]
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", RESTORE_STEPS)
+def test_kill_during_restore(server: fl.FaultServer, live: World, step: str) -> None:
+    age = time.time() - live.baseline_at
+    if age < MIN_SNAPSHOT_AGE_S:
+        time.sleep(MIN_SNAPSHOT_AGE_S - age)
+    made: dict[str, str] = {}
+
+    def start(api: httpx.Client) -> None:
+        r = api.post("/v1/sessions", json={"snapshot_id": live.baseline,
+                                           "name": f"restore-{step}"})
+        if r.status_code == 201:
+            made["id"] = r.json()["id"]
+
+    def finished() -> bool:
+        return "id" not in made or \
+            fl.get_session(server, made["id"])["state"] not in fl.SESSION_MOVING
+
+    try:
+        before, _ = _known(server)
+        inject(server, f"restore.{step}", start, finished)
+        sid = made.get("id") or _new_one(server, before)
+        rec = fl.wait_session_state(server, sid, {"READY", "RUNNING", "FAILED", "TERMINATED"},
+                                    fl.SETTLE_S)
+        assert rec["state"] in ("READY", "FAILED"), rec
+        if rec["state"] == "FAILED":
+            assert rec["state_reason"], rec
+        else:
+            # recovery finished the restore: a new identity and a corrected clock
+            with server.client() as c:
+                s = c.get(sid)
+                assert fl.sh(s, "hostname") != live.hostname, \
+                    "a restored session ended READY with the source's hostname"
+                assert fl.sh(s, "cat /etc/machine-id") != live.machine_id, \
+                    "a restored session ended READY with the source's machine-id"
+                skew = fl.guest_clock_skew(s)
+                assert skew < 3.0, f"a restored session ended READY with its clock {skew:.1f}s off"
+                assert s.files.read_text(fl.MARKER_PATH) == fl.MARKER
+                assert fl.counting(s), "the restored guest does not run"
+        fl.assert_settled(server)
+    finally:
+        _tidy(server, live)
+
+
+# -- terminate ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", TERMINATE_STEPS)
+def test_kill_during_terminate(server: fl.FaultServer, client: Any, live: World,
+                               step: str) -> None:
+    victim = client.create_and_wait(snapshot_id=live.baseline, name=f"term-{step}", timeout=120)
+    pids = fl.qemu_pids(server, victim.id)
+    assert len(pids) == 1, fl.vm_processes(server)
+
+    def start(api: httpx.Client) -> None:
+        api.delete(f"/v1/sessions/{victim.id}")
+
+    def finished() -> bool:
+        return fl.get_session(server, victim.id)["state"] in ("TERMINATED", "FAILED")
+
+    try:
+        inject(server, f"terminate.{step}", start, finished)
+        rec = fl.wait_session_state(server, victim.id, {"TERMINATED", "FAILED"}, fl.SETTLE_S)
+        assert rec["state"] == "TERMINATED", rec
+        assert not fl.wait_gone(pids, 5.0), f"QEMU of terminated {victim.id} still runs"
+        fl.assert_settled(server)
+    finally:
+        _tidy(server, live)
+
+
+# -- delete -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", DELETE_STEPS)
+def test_kill_during_delete(server: fl.FaultServer, client: Any, live: World, step: str) -> None:
+    snap = client.create_snapshot_and_wait(live.source.id, f"del-{step}", timeout=300)
+
+    def start(api: httpx.Client) -> None:
+        api.delete(f"/v1/snapshots/{snap.id}")
+
+    def finished() -> bool:
+        rec = fl.get_snapshot(server, snap.id)
+        return rec is None or rec["state"] == "DELETED"
+
+    try:
+        inject(server, f"delete.{step}", start, finished)
+        rec = fl.wait_snapshot_state(server, snap.id, {"DELETED"}, fl.SETTLE_S)
+        assert rec is not None and rec["state"] == "DELETED", rec
+        assert snap.id not in {s["id"] for s in fl.list_snapshots(server)}
+        fl.assert_settled(server)
+    finally:
+        _tidy(server, live)
+
+
+# -- capture (last: it risks the shared source) -------------------------------------------------
+
+
+@pytest.mark.parametrize("step", CAPTURE_STEPS)
+def test_kill_during_capture(server: fl.FaultServer, live: World, step: str) -> None:
+    made: dict[str, str] = {}
+
+    def start(api: httpx.Client) -> None:
+        r = api.post("/v1/snapshots", json={"session_id": live.source.id, "name": f"cap-{step}"})
+        assert r.status_code == 202, r.text
+        made["id"] = r.json()["id"]
+
+    def finished() -> bool:
+        if "id" not in made:
+            return True
+        rec = fl.get_snapshot(server, made["id"])
+        return rec is None or rec["state"] not in fl.SNAPSHOT_MOVING
+
+    try:
+        _, before = _known(server)
+        inject(server, f"capture.{step}", start, finished)
+        snap_id = made.get("id")
+        if snap_id is None:
+            new = [s["id"] for s in fl.list_snapshots(server) if s["id"] not in before]
+            assert len(new) <= 1, new
+            snap_id = new[0] if new else None
+        if snap_id is not None:
+            rec = fl.wait_snapshot_state(server, snap_id, {"READY", "FAILED"}, fl.SETTLE_S)
+            assert rec is not None and rec["state"] in ("READY", "FAILED"), rec
+            if rec["state"] == "FAILED":
+                assert rec["state_reason"], rec
+        src = fl.get_session(server, live.source.id)
+        assert src["state"] in fl.LIVE, f"the source did not survive: {src}"
+        with server.client() as c:
+            s = c.get(live.source.id)
+            assert fl.sh(s, "echo ok") == "ok"
+            assert fl.counting(s), "the source was left paused"
+        fl.assert_settled(server)  # a READY snapshot made by the case is restored there
+    finally:
+        _tidy(server, live)
