@@ -643,5 +643,7 @@ async def test_write_to_special_files_is_in_place(client: AgentClient, vm: Guest
     assert await client.write_file(str(fifo), b"through the fifo") == 0
     reader.join(5)
     assert got == [b"through the fifo"]
+    mode = os.stat("/dev/null").st_mode
     assert await client.write_file("/dev/null", b"x" * 100) == 0
+    assert os.stat("/dev/null").st_mode == mode  # a device's mode is never changed
     assert part_files(vm.root) == []

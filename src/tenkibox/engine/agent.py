@@ -552,9 +552,10 @@ class AgentClient:
         one, and a failed or aborted upload (an exception from ``chunks``, cancellation, a lost
         agent) leaves the destination as it was and the temporary file removed (best effort:
         not if the agent is gone). A symlink at ``path`` is followed: the file it points to is
-        replaced. Chunks are coalesced or split to ``CHUNK`` per request; at most about one
-        ``CHUNK`` is held. An older agent without temporary files gets the data written in
-        place, as before."""
+        replaced (a new file: new inode, owner root, mode ``mode``). Chunks are coalesced or
+        split to ``CHUNK`` per request; at most about one ``CHUNK`` is held. Devices, FIFOs and
+        files under /proc, /sys and /dev are written in place (no temporary file can be made
+        there), and so is everything by an older agent without temporary files."""
         state: dict[str, Any] = {"first": True, "offset": 0, "size": 0, "tmp": None,
                                  "target": path}
 
