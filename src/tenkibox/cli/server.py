@@ -21,7 +21,12 @@ from . import _common as c
 @click.option("--api-key", metavar="KEY", help="Require Authorization: Bearer KEY on every call.")
 def serve(host: str, port: int, api_key: str | None) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground)."""
-    from ..server.daemon import serve as run_server
+    try:
+        from ..server.daemon import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the server is not installed ({exc.name} is missing): "
+            "pip install 'tenkibox[server]'") from exc
 
     run_server(host=host, port=port, api_key=api_key)
 
