@@ -376,3 +376,20 @@ class ErrorInfo(_Model):
 
 class ErrorBody(_Model):
     error: ErrorInfo
+
+
+class DamagedSnapshot(_Model):
+    snapshot_id: str
+    problems: list[str]
+
+
+class StoreReport(_Model):
+    """``tenki admin verify``: every stored artifact re-read against its digest."""
+
+    ok: bool
+    checked: int = Field(description="artifacts checked (each read in full)")
+    damaged: list[DamagedSnapshot] = Field(default_factory=list)
+    bad_artifacts: dict[str, str] = Field(default_factory=dict,
+                                          description="digest -> what is wrong with it")
+    unowned: list[str] = Field(default_factory=list, description="files no record owns")
+    repaired: bool = False

@@ -1,8 +1,14 @@
-"""The REST application: routers per resource over the control plane, one error format."""
+"""The REST application: routers per resource over the control plane, one error format.
+
+``application()`` is the contract alone (routes, models, errors), used to publish
+``docs/openapi.json``; ``create_app`` binds it to a running control plane.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -13,16 +19,37 @@ from .errors import install_error_handlers
 from .routes import server, sessions, snapshots, volumes
 
 
-def create_app(plane: ControlPlane, *, layout: Layout, accel: str, api_key: str | None,
-               request_stop: Callable[[], None]) -> FastAPI:
+def application() -> FastAPI:
     app = FastAPI(title="tenki", version=__version__,
                   description="Self-hosted sandbox VMs with memory snapshots.")
+    install_error_handlers(app)
+    for module in (sessions, snapshots, volumes, server):
+        app.include_router(module.router)
+    return app
+
+
+def create_app(plane: ControlPlane, *, layout: Layout, accel: str, api_key: str | None,
+               request_stop: Callable[[], None]) -> FastAPI:
+    app = application()
     app.state.plane = plane
     app.state.layout = layout
     app.state.accel = accel
     app.state.api_key = api_key
     app.state.request_stop = request_stop
-    install_error_handlers(app)
-    for module in (sessions, snapshots, volumes, server):
-        app.include_router(module.router)
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The published contract, without the version (so a release does not change it)."""
+    doc = application().openapi()
+    doc["info"].pop("version", None)
+    return doc
+
+
+def main() -> None:
+    """``python -m tenkibox.api.app > docs/openapi.json``"""
+    print(json.dumps(openapi_document(), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ import click
 from .._version import __version__
 from ..errors import TenkiError, ValidationError
 from . import _common as c
+from .admin import admin
 from .sandbox import sandbox
 from .server import image, serve, server
 from .snapshot import snapshot
@@ -106,6 +107,7 @@ cli.add_command(serve)
 cli.add_command(server)
 cli.add_command(image)
 cli.add_command(sandbox)
+cli.add_command(admin)
 sandbox.add_command(snapshot)
 sandbox.add_command(volume)
 

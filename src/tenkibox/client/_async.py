@@ -146,6 +146,11 @@ class AsyncClient:
         """The server's version, pid, data directory and accelerator (``GET /v1/health``)."""
         return await self._call(_core.health())
 
+    async def verify_store(self, repair: bool = False) -> models.StoreReport:
+        """Re-read every stored artifact against its digest and list unowned files;
+        ``repair`` marks damaged snapshots FAILED and removes unowned files."""
+        return await self._call(_core.verify_store(repair))
+
     async def list_images(self) -> builtins.list[models.Image]:
         """The base images the server can boot (sizes in bytes)."""
         return await self._call(_core.list_images())

@@ -349,6 +349,11 @@ def shutdown_server() -> Call[None]:
     return Call("POST", "/v1/server/shutdown", _none)
 
 
+def verify_store(repair: bool) -> Call[models.StoreReport]:
+    return Call("POST", "/v1/admin/verify", _model(models.StoreReport),
+                params={"repair": "true" if repair else "false"})
+
+
 def create_session(body: models.SessionCreate) -> Call[models.Session]:
     return Call(
         "POST",

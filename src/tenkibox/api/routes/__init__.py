@@ -13,4 +13,5 @@ _TEXT = {400: "Bad request", 401: "Missing or wrong API key", 404: "Not found",
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": ErrorBody, "description": _TEXT[c]} for c in (401, 422, 500, *codes)}
+    return {c: {"model": ErrorBody, "description": _TEXT[c]}
+            for c in sorted({401, 404, 413, 422, 500, *codes})}

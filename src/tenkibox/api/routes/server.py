@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
 from ..._version import __version__
-from ...models import Image, ServerInfo
+from ...models import Image, ServerInfo, StoreReport
 from ..deps import Caller, Plane
 from . import errors
 
 router = APIRouter(prefix="/v1", tags=["server"])
 
 
-@router.get("/health", response_model=ServerInfo, operation_id="health")
+@router.get("/health", response_model=ServerInfo, operation_id="health", responses=errors())
 async def health(request: Request) -> ServerInfo:
     state = request.app.state
     return ServerInfo(version=__version__, pid=os.getpid(), home=str(state.layout.home),
@@ -37,9 +36,10 @@ async def shutdown(request: Request, _: Caller) -> dict[str, str]:
     return {"status": "stopping"}
 
 
-@router.post("/admin/verify", operation_id="verifyStore", responses=errors())
-async def verify(plane: Plane, _: Caller, repair: bool = Query(default=False)) -> dict[str, Any]:
+@router.post("/admin/verify", response_model=StoreReport, operation_id="verifyStore",
+             responses=errors())
+async def verify(plane: Plane, _: Caller, repair: bool = Query(default=False)) -> StoreReport:
     """Re-read every stored artifact of every READY snapshot against its digest, re-hash the
     derived RAM caches (rebuilding damaged ones), and list files no record owns. ``repair``
     marks snapshots with damaged artifacts FAILED and removes unowned files."""
-    return await plane.snapshots.verify(repair)
+    return StoreReport(**await plane.snapshots.verify(repair))
