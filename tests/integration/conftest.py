@@ -140,6 +140,21 @@ class TenkiServer:
         return subprocess.run([*TENKI, *args], env=env, input=input, capture_output=True,
                               timeout=timeout)
 
+    def artifacts(self, snapshot_id: str) -> dict[str, Path]:
+        """kind -> stored file of a snapshot (white box: the manifest in the database names
+        artifacts by digest; the local store keeps them as artifacts/sha256/<digest>)."""
+        import sqlite3
+
+        with sqlite3.connect(self.home / "tenki.db") as db:
+            row = db.execute("SELECT files FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        m = json.loads(row[0])
+        store = self.home / "artifacts" / "sha256"
+        out = {"ram": store / m["ram"], "state": store / m["state"],
+               "kernel": store / m["shape"]["kernel"], "initrd": store / m["shape"]["initrd"]}
+        for i, layer in enumerate(m["layers"]):
+            out["base" if i == 0 else f"layer{i}"] = store / layer
+        return out
+
     def cleanup(self) -> None:
         """Terminate every session of this home, stop the server, remove its files."""
         if self.proc and self.proc.poll() is None:

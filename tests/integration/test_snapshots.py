@@ -160,7 +160,7 @@ def test_clones_share_the_snapshots_pages_on_the_host(client: Client, snap) -> N
     try:
         for c in (a, b):
             _sh(c, "cat /tmp/count >/dev/null; ls / >/dev/null")
-        shared = [_shared_kib(_qemu_pid(c.id), f"ram-cache/{s.id}.ram") for c in (a, b)]
+        shared = [_shared_kib(_qemu_pid(c.id), "/host/ram-cache/") for c in (a, b)]
         assert all(kib > 10 * 1024 for kib in shared), shared  # tens of MiB mapped by both
     finally:
         a.terminate()
@@ -288,13 +288,15 @@ def test_expiry(client: Client, tenki_server, source) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=8)
     s = client.create_snapshot_and_wait(source.id, "short-lived", expires_at=soon, timeout=300)
     assert s.expires_at is not None
-    sdir = tenki_server.home / "snapshots" / s.id
-    assert sdir.exists()
+    own = [tenki_server.artifacts(s.id)[k] for k in ("ram", "state")]
+    assert all(p.exists() for p in own)
     deadline = time.monotonic() + 60
     while client.get_snapshot(s.id).state.value != "DELETED":
         assert time.monotonic() < deadline, client.get_snapshot(s.id)
         time.sleep(0.5)
-    assert not sdir.exists()  # its space is freed
+    while any(p.exists() for p in own):  # its space is freed
+        assert time.monotonic() < deadline, own
+        time.sleep(0.5)
 
 
 def test_wait_timeout_says_still_creating(tenki_server, client: Client, source) -> None:
@@ -311,17 +313,17 @@ def test_wait_timeout_says_still_creating(tenki_server, client: Client, source) 
 
 def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server, source) -> None:
     s = client.create_snapshot_and_wait(source.id, "to-corrupt", timeout=300)
-    ram = tenki_server.home / "snapshots" / s.id / "ram.zst"
+    ram = tenki_server.artifacts(s.id)["ram"]
     data = bytearray(ram.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ram.write_bytes(bytes(data))
     with pytest.raises(errors.SessionFailedError, match="corrupt"):
         client.create_and_wait(snapshot_id=s.id, timeout=120)
     proc = tenki_server.cli("sandbox", "snapshot", "restore", s.id)
-    assert proc.returncode != 0 and "ram.zst is corrupt" in _err(proc)
+    assert proc.returncode != 0 and f"RAM image {ram.name[:12]} is corrupt" in _err(proc)
     s2 = client.create_snapshot_and_wait(source.id, "to-lose", timeout=300)
-    (tenki_server.home / "snapshots" / s2.id / "state.bin").unlink()
-    with pytest.raises(errors.SessionFailedError, match=r"state\.bin is missing"):
+    tenki_server.artifacts(s2.id)["state"].unlink()
+    with pytest.raises(errors.SessionFailedError, match=r"device state [0-9a-f]{12} is missing"):
         client.create_and_wait(snapshot_id=s2.id, timeout=120)
     # nothing half-started is left behind
     failed = [x for x in client.list(state="FAILED") if x.record.snapshot_id in (s.id, s2.id)]
@@ -332,7 +334,7 @@ def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server,
 
 def test_full_data_directory_fails_the_snapshot_not_the_session(client: Client, tenki_server,
                                                                 source) -> None:
-    sdir = tenki_server.home / "snapshots"
+    sdir = tenki_server.home / "artifacts" / "sha256"  # where a capture stores its files
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tenki-full", str(sdir)],
                    check=True)
     try:

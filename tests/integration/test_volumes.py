@@ -119,7 +119,7 @@ def test_create_get_list(tenki_server: Any, client: Any, vol_a: Any) -> None:
     assert client.get_volume(vol_a.id) == vol_a
     assert vol_a.id in {v.id for v in client.list_volumes()}
     # a sparse file the server owns: its size, nothing allocated yet
-    img = Path(tenki_server.home) / "volumes" / f"{vol_a.id}.img"
+    img = Path(tenki_server.home) / "host" / "volumes" / f"{vol_a.id}.img"
     assert img.stat().st_size == 64 << 20
     assert img.stat().st_blocks == 0
 
@@ -343,7 +343,7 @@ def test_attachments_survive_a_server_restart(tenki_server: Any, vol_a: Any, vol
 def test_delete_frees_the_space(tenki_server: Any, vol_a: Any, vol_b: Any) -> None:
     fresh = tenki_server.client()
     try:
-        home = Path(tenki_server.home) / "volumes"
+        home = Path(tenki_server.home) / "host" / "volumes"
         img = home / f"{vol_a.id}.img"
         assert img.stat().st_blocks > 0  # the data written above
         for vol in (vol_a, vol_b):

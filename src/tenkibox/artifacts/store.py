@@ -31,9 +31,10 @@ from .digests import VerifiedKeys, sha256_file
 
 log = logging.getLogger(__name__)
 
-#: Unreferenced artifacts younger than this are kept: a capture puts its files a moment before
-#: its record names them.
-GC_GRACE_S = 300.0
+#: Unreferenced artifacts stored less than this long ago are kept: a collection computes what is
+#: referenced, then lists the store, and a capture may store a file in between (the host also
+#: counts what its captures in flight have stored as referenced).
+GC_GRACE_S = 5.0
 
 
 class ArtifactError(InternalError):
@@ -128,6 +129,9 @@ class LocalArtifactStore:
             digest = sha256_file(src)
         dest = self.local_path(digest)
         if dest.exists():
+            # stored again: its time moves, so a collection already under way spares it
+            with contextlib.suppress(OSError):
+                os.utime(dest)
             if move:
                 src.unlink(missing_ok=True)
             return digest

@@ -107,14 +107,16 @@ class SnapshotControl:
             async with self._capturing.setdefault(session_id, asyncio.Lock()):
                 got = await self.host.capture(CaptureSpec(
                     session_id, snapshot_id, base_image_id, self.volumes.mounts_of(session_id)))
-            if got.lost_volumes:
-                await self.volumes.lost(session_id, got.lost_volumes)
             m = got.manifest
+            # written before anything else yields to the loop: until the record names the
+            # manifest, only the host's note of the capture in flight keeps it from the GC
             await self.records.transition(
                 SnapshotRow, snapshot_id, P.READY, expected=[P.CREATING], ready_at=now(),
                 files=m.to_json(), disk_chain=list(m.layers), machine=m.shape.to_json(),
                 size_bytes=got.size_bytes, compressed_bytes=got.stored_bytes,
                 timings=got.timings)
+            if got.lost_volumes:
+                await self.volumes.lost(session_id, got.lost_volumes)
             log.info("%s: READY (paused %.3fs)", snapshot_id, got.paused_s)
         except Exception as exc:
             reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"

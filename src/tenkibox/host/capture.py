@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..artifacts import ramfile
+from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
 from ..engine.migration import convert_stream, enable_snapshot_caps, wait_migration
 from ..errors import SnapshotFailedError
@@ -44,8 +45,9 @@ from .vm import VM
 log = logging.getLogger(__name__)
 
 
-async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec) -> Captured:
-    """Caller holds ``vm.lock``."""
+async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str]) -> Captured:
+    """Caller holds ``vm.lock``. Every digest stored is added to ``produced`` before it is
+    stored, so that the host counts it as referenced until the record names it."""
     steps = Steps(log, spec.snapshot_id, plan="capture")
     staging = ctx.layout.staging(vm.session_id) / spec.snapshot_id
     staging.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec) -> Captured:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         manifest, size, stored = await asyncio.to_thread(
-            _seal, ctx, vm, staging, steps, spec.base_image_id)
+            _seal, ctx, vm, staging, steps, spec.base_image_id, produced)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     steps.timings["paused"] = paused_s
@@ -111,24 +113,29 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
     return time.monotonic() - paused_at, stream
 
 
-def _seal(ctx: HostContext, vm: VM, staging: Path, steps: Steps,
-          base_image_id: str) -> tuple[Manifest, int, int]:
+def _seal(ctx: HostContext, vm: VM, staging: Path, steps: Steps, base_image_id: str,
+          produced: set[str]) -> tuple[Manifest, int, int]:
     store = ctx.store
     with steps.step("compress-ram"):
         packed = store.temp_path()  # packed straight onto the store's disk: no copy after
         try:
             ram_raw, ram_stored, ram_digest = ramfile.pack(staging / "ram", packed)
+            produced.add(ram_digest)
             store.put(packed, digest=ram_digest, move=True)
         finally:
             packed.unlink(missing_ok=True)
     with steps.step("checksum"):
         state = staging / "state.bin"
         state_bytes = state.stat().st_size
-        state_digest = store.put(state, move=True)
+        state_digest = sha256_file(state)
+        produced.add(state_digest)
+        store.put(state, digest=state_digest, move=True)
         # the layers frozen by this VM's captures: the new one is hashed now, older ones were
         for i, (name, digest) in enumerate(vm.record.frozen):
             if not digest:
-                digest = store.put(vm.disk_dir / name)
+                digest = sha256_file(vm.disk_dir / name)
+                produced.add(digest)
+                store.put(vm.disk_dir / name, digest=digest)
                 vm.record.frozen[i] = (name, digest)
         vm.record.save(vm.disk_dir)
         layers = [*vm.record.layers, *(d for _, d in vm.record.frozen)]

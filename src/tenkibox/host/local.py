@@ -88,6 +88,8 @@ class LocalHost:
         self.processes = ProcessTable()
         self._gone: asyncio.Queue[VMGone] = asyncio.Queue()
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        #: digests stored by captures in flight (referenced until their record names them)
+        self._producing: dict[str, set[str]] = {}
 
     @property
     def store(self) -> LocalArtifactStore:
@@ -286,7 +288,12 @@ class LocalHost:
         async with vm.lock:  # one capture, hot-plug or stop at a time
             if vm.stopping:
                 raise ConflictError(f"session {spec.session_id} ended before the capture")
-            return await capture(self.ctx, vm, spec)
+            produced = self._producing.setdefault(spec.snapshot_id, set())
+            try:
+                return await capture(self.ctx, vm, spec, produced)
+            finally:
+                # the control plane writes the record before it next yields to the loop
+                self._producing.pop(spec.snapshot_id, None)
 
     # -- volumes -------------------------------------------------------------------------------
     async def create_volume(self, volume_id: str, size_bytes: int) -> None:
@@ -381,6 +388,8 @@ class LocalHost:
     # -- artifacts -------------------------------------------------------------------------------
     def referenced_locally(self) -> set[str]:
         refs: set[str] = set(self.ctx.image_digests)
+        for produced in self._producing.values():
+            refs.update(produced)
         for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
             r = vm.record
             refs.update(r.layers)
