@@ -84,7 +84,7 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
     was_running = (await machine.status()) == "running"
     paused_at = time.monotonic()
     frozen_name = vm.record.top
-    new_top = f"top-{len(vm.record.frozen) + 1}.qcow2"
+    new_top = f"top-{spec.snapshot_id}.qcow2"  # unique: a crashed capture's file is never reused
     try:
         with steps.step("pause"):
             await machine.pause()

@@ -224,11 +224,25 @@ class LocalHost:
             await agent.close()
             await machine.kill()
             raise
-        if record.frozen and record.frozen[-1][1] == "":
-            # frozen by a capture that did not finish: hashed at the next capture's seal
-            pass
+        await self._follow_qemu_chain(machine, record, disk_dir)
         shutil.rmtree(self.paths.staging(session_id), ignore_errors=True)
         return VM(record, machine, agent, disk_dir)
+
+    @staticmethod
+    async def _follow_qemu_chain(machine: Machine, record: VMRecord, disk_dir: Path) -> None:
+        """A capture killed between freezing the disk and saving the note leaves QEMU on a
+        newer top than the note says: QEMU's own chain decides (the layers in between are
+        frozen, and hashed at the next capture's seal)."""
+        _node, top_file = await machine.top_node()
+        top = Path(top_file)
+        if top.parent != disk_dir or top.name == record.top:
+            return
+        own = [name for name, _ in record.frozen]
+        if record.top not in own:
+            record.frozen.append((record.top, ""))
+        record.top = top.name
+        record.save(disk_dir)
+        log.info("%s: disk chain taken from QEMU (top %s)", record.session_id, top.name)
 
     def _kill_strays(self) -> int:
         killed = 0
