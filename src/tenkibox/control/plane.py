@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 
 from ..host.api import HostAPI
 from ..store.db import Store
@@ -20,6 +22,9 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
 GC_EVERY_TICKS = 30
+#: every stored artifact is re-read against its digest at least this often (bit rot that keeps
+#: a file's stat is found within one period); damaged snapshots become FAILED, naming the file
+SCRUB_INTERVAL_S = float(os.environ.get("TENKI_SCRUB_INTERVAL_S", 6 * 3600))
 
 
 class ControlPlane:
@@ -44,6 +49,7 @@ class ControlPlane:
 
     async def _sweep(self) -> None:
         ticks = 0
+        last_scrub = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             ticks += 1
@@ -52,6 +58,12 @@ class ControlPlane:
                 await self.snapshots.sweep_expired()
                 if ticks % GC_EVERY_TICKS == 0:
                     await self.snapshots.collect_garbage()
+                if time.monotonic() - last_scrub >= SCRUB_INTERVAL_S:
+                    last_scrub = time.monotonic()
+                    report = await self.snapshots.verify(repair=True)
+                    for bad in report["damaged"]:
+                        log.error("scrub: snapshot %s is damaged: %s", bad["snapshot_id"],
+                                  "; ".join(bad["problems"]))
             except Exception:  # a sweep must never kill the loop
                 log.exception("sweep failed")
 

@@ -449,12 +449,13 @@ class LocalHost:
         now = time.time()
         out += [f"artifact {a.digest}" for a in self.store.entries()
                 if a.digest not in keep and now - a.stored_at >= GC_GRACE_S]
+        owned = set(self.vms) | set(self._starting)
         for d in self.paths.disks.iterdir():
-            if d.name not in self.vms:
+            if d.name not in owned:
                 out.append(str(d))
         run_root = self.paths.layout.run
         for d in run_root.iterdir() if run_root.exists() else []:
-            if d.name not in self.vms:
+            if d.name not in owned and not d.name.startswith("cv-"):
                 out.append(str(d))
         return out
 
