@@ -13,7 +13,7 @@ import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -279,7 +279,7 @@ class SessionControl:
     def check_live(self, session_id: str) -> None:
         self.live_row(session_id)
 
-    async def read_file(self, session_id: str, path: str) -> AsyncIterator[bytes]:
+    async def read_file(self, session_id: str, path: str) -> AsyncGenerator[bytes, None]:
         self.live_row(session_id)
         return self.host.read_file(session_id, path)
 

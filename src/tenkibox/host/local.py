@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +358,8 @@ class LocalHost:
             raise NotFoundError(f"process {process_id} not found in session {session_id}")
         return proc
 
-    def process_events(self, session_id: str, process_id: str) -> AsyncIterator[dict[str, Any]]:
+    def process_events(self, session_id: str,
+                       process_id: str) -> AsyncGenerator[dict[str, Any], None]:
         return self._process(session_id, process_id).stream()
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
@@ -383,7 +384,7 @@ class LocalHost:
     def running_processes(self, session_id: str) -> int:
         return self.processes.running(session_id)
 
-    async def read_file(self, session_id: str, path: str) -> AsyncIterator[bytes]:
+    async def read_file(self, session_id: str, path: str) -> AsyncGenerator[bytes, None]:
         vm = self._vm(session_id)
         try:
             async for chunk in vm.agent.read_file_chunks(path):

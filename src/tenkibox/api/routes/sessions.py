@@ -78,8 +78,11 @@ async def process_events(session_id: str, process_id: str, plane: Plane,
     events = plane.host.process_events(session_id, process_id)
 
     async def lines() -> AsyncIterator[bytes]:
-        async for ev in events:
-            yield (json.dumps(ev) + "\n").encode()
+        try:
+            async for ev in events:
+                yield (json.dumps(ev) + "\n").encode()
+        finally:
+            await events.aclose()  # a client that went away is noticed at once
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -128,10 +131,13 @@ async def read_file(session_id: str, path: FilePath, plane: Plane,
     first = await anext(chunks, b"")  # a missing file answers 404 before any byte is sent
 
     async def body() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in chunks:
-            yield chunk
+        try:
+            if first:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # a client that went away stops the reads in the guest
 
     return StreamingResponse(body(), media_type="application/octet-stream")
 
