@@ -114,7 +114,9 @@ async def plug_and_mount(vm: VM, file: Path, mount: VolumeMountSpec, *, mkfs: bo
         with contextlib.suppress(TenkiError):
             await hotplug.unplug(vm.machine, mount.volume_id)
         if isinstance(exc, AgentError):
-            raise _mount_error(exc, mount.volume_id, mount.path, mount.read_only) from exc
+            mapped = _mount_error(exc, mount.volume_id, mount.path, mount.read_only)
+            if mapped is not exc:  # an unknown agent error goes up as it is
+                raise mapped from exc
         raise
     vm.volumes[mount.volume_id] = mount
 
