@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,15 @@ from typing import Any
 
 from .. import longpoll
 from ..errors import ConflictError, SnapshotFailedError, TenkiError, ValidationError
-from ..host.api import BootSpec, ExecSpec, HostAPI, Manifest, ProcessRef, RestoreSpec
+from ..host.api import (
+    BootSpec,
+    ExecSpec,
+    HostAPI,
+    Manifest,
+    ProcessRef,
+    RestoreSpec,
+    SnapshotDamagedError,
+)
 from ..ids import new_id
 from ..models import DEFAULT_IMAGE_ID, ExecRequest, Session, SessionCreate, SessionState
 from ..store.tables import SessionRow, SnapshotRow
@@ -161,6 +170,12 @@ class SessionControl:
         except Exception as exc:
             reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
             log.warning("session %s failed to start: %s", session_id, reason)
+            if isinstance(exc, SnapshotDamagedError) and row.snapshot_id:
+                # no restore of it can succeed: the snapshot must not stay READY
+                with contextlib.suppress(IllegalTransitionError):
+                    await self.records.transition(SnapshotRow, row.snapshot_id, "FAILED",
+                                                  expected=["READY"],
+                                                  state_reason=f"damaged in storage: {reason}")
             try:
                 await self.records.transition(SessionRow, session_id, S.FAILED,
                                               expected=[S.CREATING], state_reason=reason,
@@ -276,8 +291,22 @@ class SessionControl:
             except (IllegalTransitionError, TenkiError):
                 pass
 
-    def check_live(self, session_id: str) -> None:
-        self.live_row(session_id)
+    def process_events(self, session_id: str,
+                       process_id: str) -> AsyncGenerator[dict[str, Any], None]:
+        self.row(session_id)
+        return self.host.process_events(session_id, process_id)
+
+    async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
+        self.row(session_id)
+        await self.host.process_stdin(session_id, process_id, data)
+
+    async def process_close_stdin(self, session_id: str, process_id: str) -> None:
+        self.row(session_id)
+        await self.host.process_close_stdin(session_id, process_id)
+
+    async def process_kill(self, session_id: str, process_id: str, signal: int) -> None:
+        self.row(session_id)
+        await self.host.process_kill(session_id, process_id, signal)
 
     async def read_file(self, session_id: str, path: str) -> AsyncGenerator[bytes, None]:
         self.live_row(session_id)

@@ -88,9 +88,12 @@ class VolumeControl:
         return [to_model(r) for r in rows]
 
     def _attached_rows(self, session_id: str) -> list[VolumeRow]:
+        """By path: a mount comes before every mount inside it (a prefix sorts first), so
+        plugging in this order and unmounting in reverse nests them right whatever order the
+        volumes were created or attached in."""
         rows = self.records.all(VolumeRow, VolumeRow.session_id == session_id)
         rows = [r for r in rows if r.state == V.IN_USE.value]
-        rows.sort(key=lambda r: r.created_at)
+        rows.sort(key=lambda r: r.path or "")
         return rows
 
     def attachments(self, session_id: str) -> list[VolumeAttachment]:
@@ -169,7 +172,8 @@ class VolumeControl:
     async def attach_at_start(self, session_id: str, mounts: list[VolumeMount]) -> str | None:
         """The ``--volume`` mounts of a create, once its VM runs; a warning if any failed."""
         failed: list[str] = []
-        for mount in mounts:
+        # parent first, as ``mounts_of``: /a/b given before /a must not end up hidden under /a
+        for mount in sorted(mounts, key=lambda m: posixpath.normpath(m.path)):
             try:
                 await self._attach(session_id, VolumeAttach(
                     volume_id=mount.volume_id, path=mount.path, read_only=mount.read_only))

@@ -13,6 +13,13 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..errors import SnapshotFailedError
+
+
+class SnapshotDamagedError(SnapshotFailedError):
+    """A restore found an artifact of the snapshot missing or corrupt: no restore of it can
+    succeed (on the wire it is SnapshotFailed, like any failed restore)."""
+
 
 @dataclass(frozen=True)
 class MachineShape:
@@ -46,8 +53,8 @@ class Manifest:
 
     def digests(self) -> dict[str, str]:
         """digest -> kind, for verification and garbage collection."""
-        out = {self.shape.kernel: "kernel", self.shape.initrd: "initrd", self.ram: "ram",
-               self.state: "device state"}
+        out = {self.shape.kernel: "kernel", self.shape.initrd: "initrd",
+               self.ram: "RAM image", self.state: "device state"}
         for i, layer in enumerate(self.layers):
             out[layer] = "base image" if i == 0 else f"disk layer {i}"
         return out

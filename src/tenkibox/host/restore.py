@@ -34,7 +34,7 @@ from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import enable_snapshot_caps, wait_migration
 from ..errors import SnapshotFailedError, TenkiError
 from ..steps import Steps
-from .api import RestoreSpec
+from .api import RestoreSpec, SnapshotDamagedError
 from .context import HostContext
 from .vm import VM, VMRecord
 
@@ -49,7 +49,7 @@ def verify_manifest(ctx: HostContext, snapshot_id: str, digests: dict[str, str])
         try:
             ctx.store.verify(digest, kind)
         except ArtifactError as exc:
-            raise SnapshotFailedError(
+            raise SnapshotDamagedError(
                 f"snapshot {snapshot_id} cannot be restored: {exc.message}") from exc
 
 
@@ -69,7 +69,7 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
             ram_base = await ctx.ram_cache.ensure(m.ram)
         except (ArtifactError, ValueError, OSError) as exc:
             why = exc.message if isinstance(exc, TenkiError) else str(exc)
-            raise SnapshotFailedError(
+            raise SnapshotDamagedError(
                 f"snapshot {spec.snapshot_id} cannot be restored: RAM image unreadable: {why}"
             ) from exc
     files = ctx.layout.files(spec.session_id)

@@ -74,8 +74,7 @@ async def start_process(session_id: str, body: ExecRequest, plane: Plane,
                              "description": "NDJSON stream of ProcessEvent"}, **errors(404, 409)})
 async def process_events(session_id: str, process_id: str, plane: Plane,
                          _: Caller) -> StreamingResponse:
-    plane.sessions.row(session_id)
-    events = plane.host.process_events(session_id, process_id)
+    events = plane.sessions.process_events(session_id, process_id)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -91,10 +90,9 @@ async def process_events(session_id: str, process_id: str, plane: Plane,
              operation_id="writeProcessStdin", responses=errors(404, 409))
 async def process_stdin(session_id: str, process_id: str, request: Request, plane: Plane,
                         _: Caller) -> Response:
-    plane.sessions.row(session_id)
     async for chunk in request.stream():
         if chunk:
-            await plane.host.process_stdin(session_id, process_id, chunk)
+            await plane.sessions.process_stdin(session_id, process_id, chunk)
     return Response(status_code=204)
 
 
@@ -102,8 +100,7 @@ async def process_stdin(session_id: str, process_id: str, request: Request, plan
              operation_id="closeProcessStdin", responses=errors(404, 409))
 async def process_stdin_close(session_id: str, process_id: str, plane: Plane,
                               _: Caller) -> Response:
-    plane.sessions.row(session_id)
-    await plane.host.process_close_stdin(session_id, process_id)
+    await plane.sessions.process_close_stdin(session_id, process_id)
     return Response(status_code=204)
 
 
@@ -111,8 +108,7 @@ async def process_stdin_close(session_id: str, process_id: str, plane: Plane,
              operation_id="killProcess", responses=errors(404, 409))
 async def process_kill(session_id: str, process_id: str, plane: Plane, _: Caller,
                        signal: Annotated[int, Query(ge=1, le=64)] = 9) -> Response:
-    plane.sessions.row(session_id)
-    await plane.host.process_kill(session_id, process_id, signal)
+    await plane.sessions.process_kill(session_id, process_id, signal)
     return Response(status_code=204)
 
 
