@@ -26,6 +26,7 @@ from ..config import Layout
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
+from ..steps import Steps
 from . import volumes as vols
 from .api import (
     BootSpec,
@@ -131,28 +132,33 @@ class LocalHost:
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
         """Stop the VM and remove its files; idempotent. A boot or restore in progress is the
         caller's to cancel first (its task); whatever it launched is stopped here too."""
+        steps = Steps(log, session_id, plan="terminate")
         vm = self.vms.get(session_id)
-        if vm is not None and not vm.stopping and not vm.lock.locked():
-            vm.stopping = True
-            async with vm.lock:
-                await vols.flush_before_stop(vm, volumes)
+        with steps.step("flush-volumes"):
+            if vm is not None and not vm.stopping and not vm.lock.locked():
+                vm.stopping = True
+                async with vm.lock:
+                    await vols.flush_before_stop(vm, volumes)
         slot = self._starting.get(session_id) or []
-        await self._destroy(session_id, vm or (slot[0] if slot else None))
+        await self._destroy(session_id, vm or (slot[0] if slot else None), steps)
 
-    async def _destroy(self, session_id: str, vm: VM | None) -> None:
+    async def _destroy(self, session_id: str, vm: VM | None, steps: Steps | None = None) -> None:
+        steps = steps or Steps(log, session_id, plan="destroy")
         if vm is not None:
             vm.stopping = True
         self.vms.pop(session_id, None)
         watcher = self._watchers.pop(session_id, None)
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
-        for proc in self.processes.for_session(session_id):
-            await proc.cancel()
-        self.processes.drop_session(session_id)
-        if vm is not None:
-            await vm.agent.close()
-            await vm.machine.quit(timeout=3.0)
-        await asyncio.to_thread(self._remove_files, session_id)
+        with steps.step("stop-vm"):
+            for proc in self.processes.for_session(session_id):
+                await proc.cancel()
+            self.processes.drop_session(session_id)
+            if vm is not None:
+                await vm.agent.close()
+                await vm.machine.quit(timeout=3.0)
+        with steps.step("cleanup"):
+            await asyncio.to_thread(self._remove_files, session_id)
 
     def _remove_files(self, session_id: str) -> None:
         shutil.rmtree(self.paths.run_dir(session_id), ignore_errors=True)
