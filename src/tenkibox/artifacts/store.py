@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import InternalError
+from ..fsync import fsync_path
 from .digests import VerifiedKeys, sha256_file
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,6 @@ class ArtifactStore(Protocol):
     def entries(self) -> list[ArtifactInfo]: ...
     def collect(self, referenced: Iterable[str], grace_s: float = GC_GRACE_S) -> int: ...
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _valid_digest(digest: str) -> bool:
@@ -154,7 +148,7 @@ class LocalArtifactStore:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)
-            _fsync_dir(self.objects)
+            fsync_path(self.objects)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -185,8 +185,10 @@ def is_system_disk(dev: dict[str, Any]) -> bool:
     return qdev.endswith("/vda") or "/vda/" in qdev or dev.get("device") == "vda"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
+    if not pid:
+        return False
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
@@ -273,7 +275,7 @@ class Machine:
         self.pid = int(info["pid"])
         self.net_pid = info.get("net_pid")
         self.argv = list(info.get("argv", []))
-        if not _pid_alive(self.pid):
+        if not pid_alive(self.pid):
             self.state = RunState.STOPPED
             raise MachineError(f"QEMU (pid {self.pid}) is gone",
                                log_tail=_tail(self.files.qemu_log))
@@ -338,7 +340,7 @@ class Machine:
     def alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def exit_reason(self) -> str:
         code = self._proc.returncode if self._proc is not None else None
@@ -374,7 +376,7 @@ class Machine:
 
     def _kill_net(self) -> None:
         """The network helper exits with QEMU; this makes sure of it, and reaps it."""
-        if self.net_pid and _pid_alive(self.net_pid):
+        if self.net_pid and pid_alive(self.net_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.net_pid, signal.SIGKILL)
         if self._net_proc is not None:

@@ -24,7 +24,7 @@ from typing import Any
 from ..artifacts.store import GC_GRACE_S, ArtifactError, LocalArtifactStore
 from ..config import Layout
 from ..engine.agent import AgentClient, AgentError
-from ..engine.machine import Machine, MachineError
+from ..engine.machine import Machine, MachineError, pid_alive
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
 from ..steps import Steps
 from . import volumes as vols
@@ -54,17 +54,6 @@ WATCH_INTERVAL_S = 0.5
 RECOVER_AGENT_TIMEOUT_S = 15.0
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def our_processes(run_root: Path) -> dict[int, str]:
     """pid -> command line of every process whose command line names ``run_root``."""
     token = str(run_root) + "/"
@@ -74,7 +63,7 @@ def our_processes(run_root: Path) -> dict[int, str]:
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if token in cmd and _pid_alive(int(entry.name)):
+            if token in cmd and pid_alive(int(entry.name)):
                 found[int(entry.name)] = cmd
     return found
 
@@ -176,7 +165,7 @@ class LocalHost:
             reason = None
             if not vm.machine.alive():
                 reason = f"the VM stopped unexpectedly: {vm.machine.exit_reason()}"
-            elif vm.machine.net_pid and not _pid_alive(vm.machine.net_pid):
+            elif vm.machine.net_pid and not pid_alive(vm.machine.net_pid):
                 reason = "the network helper (passt) of the VM exited; the VM was stopped"
             if reason is not None:
                 log.warning("session %s: %s", vm.session_id, reason)
@@ -259,7 +248,7 @@ class LocalHost:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 net_pid = int(json.loads(info.read_text())["net_pid"])
                 raw = Path(f"/proc/{net_pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                if b"passt" in raw and _pid_alive(net_pid):
+                if b"passt" in raw and pid_alive(net_pid):
                     strays[net_pid] = f"{info.parent}/ {raw.decode(errors='replace')}"
         for pid, cmd in strays.items():
             rest = cmd.split(str(run_root) + "/", 1)[1]

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..engine import hotplug
 from ..engine.agent import AgentError
 from ..errors import ConflictError, InternalError, TenkiError
+from ..fsync import fsync_path
 from .api import VolumeMountSpec
 from .vm import VM
 
@@ -36,13 +37,6 @@ EXT_MAGIC = b"\x53\xef"
 EXT_INCOMPAT_RECOVER = 0x4
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def make_sparse_file(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,13 +46,13 @@ def make_sparse_file(path: Path, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def remove_file(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def needs_journal_replay(path: Path) -> bool:
