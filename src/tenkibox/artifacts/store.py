@@ -144,8 +144,12 @@ class LocalArtifactStore:
                     os.link(src, tmp)
                 except OSError:
                     shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            # read-only: a hard link shares the source's mode, which may be 0444 already
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)
             fsync_path(self.objects)

@@ -73,6 +73,8 @@ class RamCache:
             return True
         if content_digest(cache) != info.get("content"):
             log.warning("RAM cache %s does not match what was unpacked: rebuilding", digest[:12])
+            # never vouched for again, even if the rebuild fails (its key may not have moved)
+            meta.unlink(missing_ok=True)
             return False
         self._write_meta(digest, info["content"])  # the content is right; the key moved
         return True
@@ -105,13 +107,20 @@ class RamCache:
         return self.path(digest)
 
     def scrub(self) -> list[str]:
-        """Re-hash every cache; rebuild what does not match. Returns the digests rebuilt."""
+        """Re-hash every cache; rebuild what does not match. Returns the digests rebuilt (a
+        damaged cache that cannot be rebuilt is removed: the next restore tries again)."""
         rebuilt = []
         for cache in self.root.glob("*.ram"):
             digest = cache.stem
             if not self._check(digest, deep=True):
-                with contextlib.suppress(Exception):
+                try:
                     self._build(digest)
+                except Exception as exc:
+                    log.warning("RAM cache %s is damaged and could not be rebuilt: %s",
+                                digest[:12], exc)
+                    with contextlib.suppress(OSError):
+                        cache.unlink()
+                    continue
                 rebuilt.append(digest)
         return rebuilt
 
