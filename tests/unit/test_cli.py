@@ -1,8 +1,10 @@
-"""The ``tenki`` CLI against the in-memory fake of the REST API (through the SDK)."""
+"""The ``tenki`` CLI (through the SDK) against the real server in-process: the real app and
+control plane over SQLite, with the fake host below them (no VMs; see tests/support)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -14,38 +16,39 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner, Result
+from support.fake_host import FakeHost
+from support.server import InProcessServer
 
-from tenkibox import Client, models
+from tenkibox import Client, _version, errors, models
 from tenkibox.cli._common import CliState
 from tenkibox.cli.main import cli
-from tenkibox.client import _local
-from tenkibox.client._fake import FakeServer
 
 URL = "http://fake.test"
-
-
-@pytest.fixture
-def fake() -> FakeServer:
-    return FakeServer()
-
 
 Run = Callable[..., Result]
 
 
 @pytest.fixture
-def run(fake: FakeServer) -> Run:
+def run(inproc: InProcessServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
+    """``tenki ARGS`` with ``TENKI_API_ENDPOINT`` set to the in-process server."""
+    monkeypatch.setenv("TENKI_API_ENDPOINT", inproc.url)
+    monkeypatch.setenv("TENKI_HOME", str(tmp_path / "cli-home"))  # never the user's
+    monkeypatch.delenv("TENKI_API_KEY", raising=False)
+
     def invoke(*args: str, input: bytes | str | None = None, factory: Any = None) -> Result:
-        state = CliState(
-            client_factory=factory or (lambda: Client(endpoint=URL, transport=fake.transport()))
-        )
+        state = CliState(client_factory=factory)
         return CliRunner().invoke(cli, list(args), obj=state, input=input)
 
     return invoke
 
 
-def _ready_session(fake: FakeServer, **kw: Any) -> str:
-    s = Client(endpoint=URL, transport=fake.transport()).create_and_wait(**kw)
-    fake.requests.clear()
+def _client(server: InProcessServer) -> Client:
+    return Client(endpoint=server.url)
+
+
+def _ready_session(server: InProcessServer, **kw: Any) -> str:
+    s = _client(server).create_and_wait(**kw)
+    server.requests.clear()
     return s.id
 
 
@@ -133,12 +136,12 @@ def _one_error_line(result: Result) -> str:
         (["sandbox", "nope"], "error: No such command 'nope'"),
     ],
 )
-def test_bad_input(run: Run, fake: FakeServer, args: list[str], message: str) -> None:
+def test_bad_input(run: Run, inproc: InProcessServer, args: list[str], message: str) -> None:
     result = run(*args)
     assert result.exit_code == 2, result.output
     assert _one_error_line(result).startswith(message)
     assert result.stdout == ""
-    assert fake.requests == []
+    assert inproc.requests == []
 
 
 def test_entry_point_has_no_traceback(tmp_path: Path) -> None:
@@ -158,15 +161,15 @@ def test_entry_point_has_no_traceback(tmp_path: Path) -> None:
 # -- sessions -----------------------------------------------------------------------------------
 
 
-def test_create_waits_and_prints_the_id(run: Run, fake: FakeServer) -> None:
+def test_create_waits_and_prints_the_id(run: Run, inproc: InProcessServer) -> None:
     result = run(
         "sandbox", "create", "--name", "box", "--cpu", "4", "--memory-mb", "1024",
         "--env", "A=1=2", "--metadata", "team=x", "--max-duration", "30m",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     sid = result.stdout.strip()
-    assert fake.sessions[sid].state == models.SessionState.READY
-    body = json.loads(fake.requests_to("POST", "/v1/sessions")[0][3])
+    assert _client(inproc).get(sid).state == models.SessionState.READY
+    body = json.loads(inproc.requests.to("POST", "/v1/sessions")[0].body)
     assert body == {
         "name": "box",
         "cpu": 4,
@@ -177,27 +180,27 @@ def test_create_waits_and_prints_the_id(run: Run, fake: FakeServer) -> None:
     }
 
 
-def test_create_json_and_no_wait(run: Run, fake: FakeServer) -> None:
+def test_create_json_and_no_wait(run: Run, inproc: InProcessServer) -> None:
     result = run("sandbox", "create", "--no-wait", "--json")
     assert result.exit_code == 0
     record = models.Session.model_validate_json(result.stdout)
     assert record.state == models.SessionState.CREATING
-    assert fake.requests_to("GET", "/wait") == []
+    assert inproc.requests.to("GET", "/wait") == []
 
 
-def test_create_failure_and_timeout(run: Run, fake: FakeServer) -> None:
-    fake.session_outcome = "FAILED"
+def test_create_failure_and_timeout(run: Run, fake_host: FakeHost) -> None:
+    fake_host.fail_next("boot", errors.InternalError("the VM could not boot"))
     result = run("sandbox", "create")
     assert result.exit_code == 1
     assert "is FAILED: the VM could not boot" in _one_error_line(result)
-    fake.session_outcome = "CREATING"
+    fake_host.block("boot")
     result = run("sandbox", "create", "--wait-timeout", "0.1s")
     assert result.exit_code == 1
     assert "is still CREATING after 0.1s; it continues in the background" in _one_error_line(result)
 
 
-def test_list_get_terminate(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake, name="box")
+def test_list_get_terminate(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc, name="box")
     result = run("sandbox", "list")
     assert result.exit_code == 0
     header, row = result.stdout.splitlines()
@@ -224,52 +227,53 @@ def test_empty_list(run: Run) -> None:
 # -- exec ---------------------------------------------------------------------------------------
 
 
-def test_exec_propagates_output_and_exit_code(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_exec_propagates_output_and_exit_code(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     result = run("sandbox", "exec", "--session", sid, "sh", "-c", "echo hi; echo err >&2; exit 3")
     assert result.exit_code == 3
     assert result.stdout == "hi\n"
     assert result.stderr == "err\n"
 
 
-def test_exec_options_after_cmd_belong_to_cmd(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_exec_options_after_cmd_belong_to_cmd(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     result = run(
         "sandbox", "exec", "--session", sid, "--env", "K=V", "--cwd", "/w", "--no-stdin",
         "bash", "-lc", "echo ok", "--session", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    body = models.ExecRequest.model_validate_json(inproc.requests.to("POST", "/processes")[0].body)
     assert body.argv == ["bash", "-lc", "echo ok", "--session", "--json"]
     assert (body.env, body.cwd, body.stdin) == ({"K": "V"}, "/w", False)
 
 
-def test_exec_streams_stdin_and_closes_it(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_exec_streams_stdin_and_closes_it(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     data = b"line 1\nline 2\n\x00\xff"
     result = run("sandbox", "exec", "--session", sid, "cat", input=data)
     assert result.exit_code == 0, result.output
     assert result.stdout_bytes == data
-    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    body = models.ExecRequest.model_validate_json(inproc.requests.to("POST", "/processes")[0].body)
     assert body.stdin is True and body.stdin_data is None  # streamed, not sent up front
-    assert b"".join(r[3] for r in fake.requests_to("POST", "/stdin")) == data
-    assert len(fake.requests_to("POST", "/stdin/close")) == 1
+    assert b"".join(r.body for r in inproc.requests.to("POST", "/stdin")) == data
+    assert len(inproc.requests.to("POST", "/stdin/close")) == 1
 
 
-def test_exec_empty_stdin_still_closes(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_exec_empty_stdin_still_closes(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     result = run("sandbox", "exec", "--session", sid, "sh", "-c", "cat; exit 5", input=b"")
     assert result.exit_code == 5
-    assert len(fake.requests_to("POST", "/stdin/close")) == 1
+    assert len(inproc.requests.to("POST", "/stdin/close")) == 1
 
 
-def test_exec_timeout_exits_124(run: Run, fake: FakeServer) -> None:
-    fake.programs["sleep"] = lambda argv, _in: (b"", b"", 124)
-    sid = _ready_session(fake)
-    result = run("sandbox", "exec", "--session", sid, "--timeout", "2s", "--no-stdin", "sleep", "9")
+def test_exec_timeout_exits_124(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
+    result = run(
+        "sandbox", "exec", "--session", sid, "--timeout", "0.2s", "--no-stdin", "sleep", "9"
+    )
     assert result.exit_code == 124
-    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
-    assert body.timeout_s == 2
+    body = models.ExecRequest.model_validate_json(inproc.requests.to("POST", "/processes")[0].body)
+    assert body.timeout_s == 0.2
 
 
 def test_exec_on_missing_session(run: Run) -> None:
@@ -281,8 +285,10 @@ def test_exec_on_missing_session(run: Run) -> None:
 # -- files --------------------------------------------------------------------------------------
 
 
-def test_files_write_and_read(run: Run, fake: FakeServer, tmp_path: Path) -> None:
-    sid = _ready_session(fake)
+def test_files_write_and_read(
+    run: Run, inproc: InProcessServer, fake_host: FakeHost, tmp_path: Path
+) -> None:
+    sid = _ready_session(inproc)
     local = tmp_path / "f.bin"
     local.write_bytes(b"\x00binary\xff")
     result = run("sandbox", "files", "write", "--session", sid, "/data/f.bin", str(local))
@@ -295,7 +301,7 @@ def test_files_write_and_read(run: Run, fake: FakeServer, tmp_path: Path) -> Non
         "sandbox", "files", "write", "--session", sid, "/x", "-", "--json", input=b"from stdin"
     )
     assert json.loads(result.stdout) == {"path": "/x", "size_bytes": 10}
-    assert fake.files[(sid, "/x")] == b"from stdin"
+    assert fake_host.file(sid, "/x") == b"from stdin"
     result = run("sandbox", "files", "write", "--session", sid, "/y", str(tmp_path / "missing"))
     assert result.exit_code == 2 and "cannot read" in _one_error_line(result)
     result = run("sandbox", "files", "read", "--session", sid, "/nope")
@@ -305,16 +311,17 @@ def test_files_write_and_read(run: Run, fake: FakeServer, tmp_path: Path) -> Non
 # -- snapshots ----------------------------------------------------------------------------------
 
 
-def test_snapshot_lifecycle(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_snapshot_lifecycle(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     result = run(
         "sandbox", "snapshot", "create", "--session", sid, "--name", "before-upgrade",
         "--expires-at", "2999-03-20T12:00:00Z",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     snap_id = result.stdout.strip()
-    assert fake.snapshots[snap_id].state == models.SnapshotState.READY
-    assert fake.snapshots[snap_id].expires_at == datetime(2999, 3, 20, 12, tzinfo=UTC)
+    snap = _client(inproc).get_snapshot(snap_id)
+    assert snap.state == models.SnapshotState.READY
+    assert snap.expires_at == datetime(2999, 3, 20, 12, tzinfo=UTC)
     listed = json.loads(run("sandbox", "snapshot", "list", "--json").stdout)
     assert [s["id"] for s in listed] == [snap_id]
     assert json.loads(run("sandbox", "snapshot", "list", "--json", "--session", "x").stdout) == []
@@ -327,39 +334,43 @@ def test_snapshot_lifecycle(run: Run, fake: FakeServer) -> None:
     restored = run("sandbox", "snapshot", "restore", snap_id, "--name", "restored-copy")
     assert restored.exit_code == 0, restored.output
     new_sid = restored.stdout.strip()
-    assert fake.sessions[new_sid].snapshot_id == snap_id
-    assert fake.sessions[new_sid].state == models.SessionState.READY
+    record = _client(inproc).get(new_sid).record
+    assert record.snapshot_id == snap_id
+    assert record.state == models.SessionState.READY
 
     result = run("sandbox", "snapshot", "delete", snap_id)
     assert result.stdout == f"{snap_id} DELETING\n"
 
 
-def test_snapshot_restore_is_create_with_snapshot(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
-    snap = Client(endpoint=URL, transport=fake.transport()).create_snapshot_and_wait(sid, "s")
-    vol = Client(endpoint=URL, transport=fake.transport()).create_volume("cache", "1GiB")
-    fake.requests.clear()
+def test_snapshot_restore_is_create_with_snapshot(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
+    snap = _client(inproc).create_snapshot_and_wait(sid, "s")
+    vol = _client(inproc).create_volume("cache", "1GiB")
+    inproc.requests.clear()
     a = run(
         "sandbox", "snapshot", "restore", snap.id, "--name", "c", "--volume", f"{vol.id}:/cache"
     )
     assert a.exit_code == 0, a.output
-    fake.volumes[vol.id] = fake.volumes[vol.id].model_copy(update={"state": "AVAILABLE"})
+    # the volume is attached to the first restore until it ends
+    assert run("sandbox", "terminate", a.stdout.strip()).exit_code == 0
     b = run(
         "sandbox", "create", "--snapshot", snap.id, "--name", "c", "--volume", f"{vol.id}:/cache"
     )
     assert b.exit_code == 0, b.output
-    first, second = fake.requests_to("POST", "/v1/sessions")
-    assert first[3] == second[3]
-    assert json.loads(first[3]) == {
+    first, second = inproc.requests.to("POST", "/v1/sessions")
+    assert first.body == second.body
+    assert json.loads(first.body) == {
         "name": "c",
         "snapshot_id": snap.id,
         "volumes": [{"volume_id": vol.id, "path": "/cache", "read_only": False}],
     }
 
 
-def test_snapshot_wait_timeout_and_failure(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
-    fake.snapshot_outcome = "CREATING"
+def test_snapshot_wait_timeout_and_failure(
+    run: Run, inproc: InProcessServer, fake_host: FakeHost
+) -> None:
+    sid = _ready_session(inproc)
+    gate = fake_host.block("capture")
     result = run(
         "sandbox", "snapshot", "create", "--session", sid, "--name", "s", "--wait-timeout", "0.1s"
     )
@@ -371,10 +382,13 @@ def test_snapshot_wait_timeout_and_failure(run: Run, fake: FakeServer) -> None:
         "sandbox", "snapshot", "create", "--session", sid, "--name", "s", "--no-wait", "--json"
     )
     assert result.exit_code == 0 and json.loads(result.stdout)["state"] == "CREATING"
-    fake.snapshot_outcome = "FAILED"
+    gate.release()
+    for snap in _client(inproc).list_snapshots(session_id=sid):
+        assert _client(inproc).wait_snapshot_ready(snap.id, timeout=5).state == "READY"
+    fake_host.fail_next("capture", errors.InternalError("disk capture failed"))
     result = run("sandbox", "snapshot", "create", "--session", sid, "--name", "s")
     assert result.exit_code == 1
-    assert "is FAILED: disk capture failed" in _one_error_line(result)
+    assert "is FAILED: capture failed: disk capture failed" in _one_error_line(result)
     result = run("sandbox", "snapshot", "get", "snp_nope")
     assert result.exit_code == 1 and _one_error_line(result) == "error: snapshot snp_nope not found"
 
@@ -382,12 +396,12 @@ def test_snapshot_wait_timeout_and_failure(run: Run, fake: FakeServer) -> None:
 # -- volumes ------------------------------------------------------------------------------------
 
 
-def test_volume_commands(run: Run, fake: FakeServer) -> None:
-    sid = _ready_session(fake)
+def test_volume_commands(run: Run, inproc: InProcessServer) -> None:
+    sid = _ready_session(inproc)
     result = run("sandbox", "volume", "create", "--name", "data", "--size", "1GiB")
     assert result.exit_code == 0, result.output
     vid = result.stdout.strip()
-    assert fake.volumes[vid].size_bytes == 1 << 30
+    assert _client(inproc).volumes.get(vid).size_bytes == 1 << 30
     assert run("sandbox", "volume", "list").stdout.splitlines()[1].split()[:4] == [
         vid, "data", "1.0", "GiB",
     ]  # fmt: skip
@@ -405,11 +419,11 @@ def test_volume_commands(run: Run, fake: FakeServer) -> None:
 # -- server, images, serve ------------------------------------------------------------------------
 
 
-def test_server_status(run: Run, fake: FakeServer) -> None:
+def test_server_status(run: Run, inproc: InProcessServer) -> None:
     result = run("server", "status", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["running"] is True
-    assert "version:     0.0-fake" in run("server", "status").stdout
+    assert f"version:     {_version.__version__}" in run("server", "status").stdout
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
@@ -430,22 +444,13 @@ def test_server_status_without_local_server(
     assert not (tmp_path / "server.json").exists()  # status never starts a server
 
 
-def test_server_stop(run: Run, fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    def gone(request: httpx.Request) -> httpx.Response:
-        if fake.shutdown_requested:
-            raise httpx.ConnectError("refused", request=request)
-        return fake.handle(request)
-
-    factory = lambda: Client(endpoint=URL, transport=httpx.MockTransport(gone))  # noqa: E731
-    # the wait probes the server directly: it answers until the shutdown request
-    monkeypatch.setattr(
-        _local, "probe", lambda url, key, timeout=2.0: None if fake.shutdown_requested else 1
-    )
-    result = run("server", "stop", factory=factory)
+def test_server_stop(run: Run, inproc: InProcessServer) -> None:
+    result = run("server", "stop")
     assert result.exit_code == 0, result.output
-    assert fake.shutdown_requested
-    assert result.stdout == "stopped (pid 1)\n"
-    result = run("server", "stop", "--json", factory=factory)
+    assert inproc.stop_requested.is_set()
+    assert result.stdout == f"stopped (pid {os.getpid()})\n"
+    assert inproc.wait_stopped()
+    result = run("server", "stop", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"stopped": False, "running": False}
 

@@ -1,32 +1,30 @@
-"""The sync and async clients against the in-memory fake of the REST API (no VMs)."""
+"""The sync and async clients against the real server in-process: the real app and control
+plane over SQLite, with the fake host below them (no VMs; see tests/support)."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
+from support.fake_host import FakeHost
+from support.server import InProcessServer
 
 import tenkibox
 from tenkibox import AsyncClient, Client, errors, models
 from tenkibox.client import AsyncProcess, AsyncSession, Process, Session
-from tenkibox.client._fake import FakeServer
 
 URL = "http://fake.test"
+MakeServer = Callable[..., InProcessServer]
 
 
 @pytest.fixture
-def fake() -> FakeServer:
-    return FakeServer()
-
-
-@pytest.fixture
-def client(fake: FakeServer) -> Iterator[Client]:
-    with Client(endpoint=URL, transport=fake.transport()) as c:
+def client(inproc: InProcessServer) -> Iterator[Client]:
+    with Client(endpoint=inproc.url) as c:
         yield c
 
 
@@ -66,9 +64,9 @@ def _params(fn: object) -> list[tuple[str, object, object, object]]:
         ("process", "aprocess"),
     ],
 )
-def test_sync_async_parity(fake: FakeServer, sync_obj: str, async_obj: str) -> None:
-    client = Client(endpoint=URL, transport=fake.transport())
-    aclient = AsyncClient(endpoint=URL, transport=fake.async_transport())
+def test_sync_async_parity(sync_obj: str, async_obj: str) -> None:
+    client = Client(endpoint=URL)  # nothing is sent
+    aclient = AsyncClient(endpoint=URL)
     record = models.Session(
         id="ses_1",
         state=models.SessionState.READY,
@@ -116,12 +114,16 @@ def test_namespaces_are_the_client_methods(client: Client) -> None:
 # -- sessions ---------------------------------------------------------------------------------
 
 
-def test_create_returns_creating_then_wait(client: Client, fake: FakeServer) -> None:
+def test_create_returns_creating_then_wait(
+    client: Client, inproc: InProcessServer, fake_host: FakeHost
+) -> None:
+    gate = fake_host.block("boot")
     s = client.create(name="box", cpu=4, env={"A": "1"}, volumes=None)
     assert s.state == models.SessionState.CREATING
-    assert (
-        fake.requests_to("POST", "/v1/sessions")[0][3] == b'{"name":"box","cpu":4,"env":{"A":"1"}}'
+    assert inproc.requests.to("POST", "/v1/sessions")[0].body == (
+        b'{"name":"box","cpu":4,"env":{"A":"1"}}'
     )
+    gate.release()
     s.wait_ready(10)
     assert s.state == models.SessionState.READY
     assert client.get(s.id).record.env_keys == ["A"]
@@ -129,22 +131,24 @@ def test_create_returns_creating_then_wait(client: Client, fake: FakeServer) -> 
     assert client.list(state=models.SessionState.CREATING) == []
 
 
-def test_create_and_wait_failed(client: Client, fake: FakeServer) -> None:
-    fake.session_outcome = "FAILED"
+def test_create_and_wait_failed(client: Client, fake_host: FakeHost) -> None:
+    fake_host.fail_next("boot", errors.InternalError("the VM could not boot"))
     with pytest.raises(errors.SessionFailedError, match="the VM could not boot"):
         client.create_and_wait()
 
 
-def test_create_and_wait_timeout(client: Client, fake: FakeServer) -> None:
-    fake.session_outcome = "CREATING"
+def test_create_and_wait_timeout(client: Client, fake_host: FakeHost) -> None:
+    fake_host.block("boot")
     with pytest.raises(errors.WaitTimeoutError, match=r"is still CREATING after 0\.1s"):
         client.create_and_wait(timeout=0.1)
 
 
-def test_session_context_manager_terminates(client: Client, fake: FakeServer) -> None:
+def test_session_context_manager_terminates(client: Client, fake_host: FakeHost) -> None:
     with client.create_and_wait(name="tmp") as s:
         sid = s.id
-    assert fake.sessions[sid].state == models.SessionState.TERMINATED
+        assert fake_host.has_vm(sid)
+    assert client.get(sid).state == models.SessionState.TERMINATED
+    assert not fake_host.has_vm(sid)
 
 
 def test_not_found_is_typed(client: Client) -> None:
@@ -156,29 +160,32 @@ def test_not_found_is_typed(client: Client) -> None:
         client.volumes.get("vol_nope")
 
 
-def test_local_validation_never_calls_the_server(client: Client, fake: FakeServer) -> None:
+def test_local_validation_never_calls_the_server(
+    client: Client, inproc: InProcessServer
+) -> None:
     with pytest.raises(errors.ValidationError, match="cpu"):
         client.create(cpu=99)
     with pytest.raises(errors.ValidationError, match="volumes"):
         client.create(volumes=["bad"])
-    assert fake.requests == []
+    assert inproc.requests == []
 
 
-def test_api_key_is_sent() -> None:
-    fake = FakeServer(api_key="sekret")
-    with Client(endpoint=URL, api_key="wrong", transport=fake.transport()) as c:
+def test_api_key_is_sent(make_inproc: MakeServer) -> None:
+    server = make_inproc(api_key="sekret")
+    with Client(endpoint=server.url, api_key="wrong") as c:
         with pytest.raises(errors.AuthenticationError):
             c.list()
-    with Client(endpoint=URL, api_key="sekret", transport=fake.transport()) as c:
+    with Client(endpoint=server.url, api_key="sekret") as c:
         assert c.list() == []
+    assert [r.status for r in server.requests] == [401, 200]
 
 
-def test_env_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeServer(api_key="k")
-    monkeypatch.setenv("TENKI_API_ENDPOINT", "fake.test:80/")
+def test_env_configuration(make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = make_inproc(api_key="k")
+    monkeypatch.setenv("TENKI_API_ENDPOINT", server.url.removeprefix("http://") + "/")
     monkeypatch.setenv("TENKI_API_KEY", "k")
-    with Client(transport=fake.transport()) as c:
-        assert c.endpoint == "http://fake.test:80"
+    with Client() as c:
+        assert c.endpoint == server.url
         assert c.list() == []
 
 
@@ -192,23 +199,25 @@ def test_connection_errors_are_translated() -> None:
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
-def test_server_error_body_maps_to_class(client: Client, fake: FakeServer) -> None:
-    fake.fail_next = ("Conflict", "session ses_x is TERMINATED", None)
+def test_server_error_body_maps_to_class(client: Client, inproc: InProcessServer) -> None:
+    s = client.create_and_wait()
+    s.terminate()
     with pytest.raises(errors.ConflictError, match="is TERMINATED"):
-        client.list()
+        s.exec("true")
+    assert inproc.requests.to("POST", "/processes")[0].status == 409
 
 
 # -- exec -------------------------------------------------------------------------------------
 
 
-def test_exec_collects_output_and_exit_code(client: Client, fake: FakeServer) -> None:
+def test_exec_collects_output_and_exit_code(client: Client, inproc: InProcessServer) -> None:
     s = client.create_and_wait()
     r = s.exec("sh", "-c", "echo hi; echo oops >&2; exit 3", cwd="/tmp", env={"X": "1"}, timeout=5)
     assert (r.stdout, r.stderr, r.exit_code, r.timed_out) == ("hi\n", "oops\n", 3, False)
     with pytest.raises(errors.CommandError) as info:
         r.check()
     assert info.value.result is r
-    body = models.ExecRequest.model_validate_json(fake.requests_to("POST", "/processes")[0][3])
+    body = models.ExecRequest.model_validate_json(inproc.requests.to("POST", "/processes")[0].body)
     assert body.argv == ["sh", "-c", "echo hi; echo oops >&2; exit 3"]
     assert (body.cwd, body.env, body.timeout_s) == ("/tmp", {"X": "1"}, 5)
 
@@ -221,9 +230,8 @@ def test_shell_and_stdin_data(client: Client) -> None:
     assert r.stdout == "\x00\ufffdbytes"
 
 
-def test_timeout_exit_code(client: Client, fake: FakeServer) -> None:
-    fake.programs["sleep"] = lambda argv, _in: (b"", b"", 124)
-    r = client.create_and_wait().exec("sleep", "100", timeout=0.5)
+def test_timeout_exit_code(client: Client) -> None:
+    r = client.create_and_wait().exec("sleep", "100", timeout=0.2)
     assert r.timed_out and r.exit_code == 124
 
 
@@ -253,7 +261,7 @@ def test_partial_iteration_then_wait_loses_nothing(client: Client) -> None:
     s = client.create_and_wait()
     proc = s.start("sh", "-c", "echo 1; echo 2 >&2; echo 3")
     it = proc.events()
-    assert next(it) == ("stdout", b"1\n3\n")  # the fake sends one chunk per stream
+    assert next(it) == ("stdout", b"1\n")
     result = proc.wait()  # continues where the abandoned iteration stopped
     assert result.stdout == "1\n3\n" and result.stderr == "2\n"
 
@@ -268,22 +276,27 @@ def test_kill(client: Client) -> None:
 # -- files, snapshots, volumes ------------------------------------------------------------------
 
 
-def test_files_roundtrip(client: Client, fake: FakeServer) -> None:
+def test_files_roundtrip(client: Client, inproc: InProcessServer) -> None:
     s = client.create_and_wait()
     written = s.files.write("/etc/motd", "héllo", mode=0o600)
     assert written.size_bytes == len("héllo".encode())
-    assert fake.requests_to("PUT", "/files")[0][2] == {"path": "/etc/motd", "mode": str(0o600)}
+    assert inproc.requests.to("PUT", "/files")[0].query == {"path": "/etc/motd", "mode": "384"}
     assert s.files.read("/etc/motd") == "héllo".encode()
     assert s.files.read_text("/etc/motd") == "héllo"
     with pytest.raises(errors.NotFoundError):
         s.files.read("/nope")
 
 
-def test_snapshot_create_wait_restore_delete(client: Client, fake: FakeServer) -> None:
+def test_snapshot_create_wait_restore_delete(
+    client: Client, inproc: InProcessServer, fake_host: FakeHost
+) -> None:
     s = client.create_and_wait(name="orig")
+    s.files.write("/state", "before")
+    gate = fake_host.block("capture")
     snap = client.create_snapshot(s.id, "base", expires_at="2999-01-01T00:00:00Z")
     assert snap.state == models.SnapshotState.CREATING
     assert snap.expires_at is not None and snap.expires_at.year == 2999
+    gate.release()
     ready = client.wait_snapshot_ready(snap.id, timeout=5)
     assert ready.state == models.SnapshotState.READY
     assert [x.id for x in client.list_snapshots(session_id=s.id)] == [snap.id]
@@ -291,27 +304,32 @@ def test_snapshot_create_wait_restore_delete(client: Client, fake: FakeServer) -
     restored = client.restore_snapshot(snap.id, name="copy")
     assert restored.state == models.SessionState.READY
     assert restored.record.snapshot_id == snap.id
+    assert restored.files.read("/state") == b"before"
     # a restore sends only what was given: cpu and memory come from the snapshot
-    assert fake.requests_to("POST", "/v1/sessions")[-1][3] == (
+    assert inproc.requests.to("POST", "/v1/sessions")[-1].body == (
         b'{"name":"copy","snapshot_id":"' + snap.id.encode() + b'"}'
     )
     assert client.delete_snapshot(snap.id).state == models.SnapshotState.DELETING
 
 
-def test_session_snapshot_and_failures(client: Client, fake: FakeServer) -> None:
+def test_session_snapshot_and_failures(client: Client, fake_host: FakeHost) -> None:
     s = client.create_and_wait()
     assert s.snapshot("a").state == models.SnapshotState.READY
-    assert s.snapshot("b", wait=False).state == models.SnapshotState.CREATING
-    fake.snapshot_outcome = "FAILED"
+    gate = fake_host.block("capture")
+    b = s.snapshot("b", wait=False)
+    assert b.state == models.SnapshotState.CREATING
+    gate.release()
+    assert client.wait_snapshot_ready(b.id, timeout=5).state == models.SnapshotState.READY
+    fake_host.fail_next("capture", errors.InternalError("disk capture failed"))
     with pytest.raises(errors.SnapshotFailedError, match="disk capture failed"):
         client.create_snapshot_and_wait(s.id, "c")
-    fake.snapshot_outcome = "CREATING"
+    fake_host.block("capture")
     snap = client.create_snapshot(s.id, "d")
     with pytest.raises(errors.WaitTimeoutError, match=f"snapshot {snap.id} is still CREATING"):
         client.snapshots.wait_ready(snap.id, timeout=0.05)
 
 
-def test_volumes(client: Client, fake: FakeServer) -> None:
+def test_volumes(client: Client) -> None:
     vol = client.create_volume("data", "64MiB")
     assert vol.size_bytes == 64 << 20
     s = client.create_and_wait(volumes=[f"{vol.id}:/mnt/data:ro"])
@@ -336,8 +354,8 @@ def test_images_and_health(client: Client) -> None:
 # -- async ------------------------------------------------------------------------------------
 
 
-async def test_async_client_end_to_end(fake: FakeServer) -> None:
-    async with AsyncClient(endpoint=URL, transport=fake.async_transport()) as c:
+async def test_async_client_end_to_end(inproc: InProcessServer, fake_host: FakeHost) -> None:
+    async with AsyncClient(endpoint=inproc.url) as c:
         async with await c.create_and_wait(name="a") as s:
             r = await s.exec("sh", "-c", "echo hi; exit 3")
             assert (r.stdout, r.exit_code) == ("hi\n", 3)
@@ -361,9 +379,9 @@ async def test_async_client_end_to_end(fake: FakeServer) -> None:
             assert restored.record.snapshot_id == snap.id
             assert len(await c.sessions.list()) == 2
             sid = s.id
-        assert fake.sessions[sid].state == models.SessionState.TERMINATED
+        assert (await c.get(sid)).state == models.SessionState.TERMINATED
         with pytest.raises(errors.SessionNotFoundError):
             await c.get("ses_nope")
-        fake.session_outcome = "FAILED"
-        with pytest.raises(errors.SessionFailedError):
+        fake_host.fail_next("boot", errors.InternalError("the VM could not boot"))
+        with pytest.raises(errors.SessionFailedError, match="the VM could not boot"):
             await c.create_and_wait()

@@ -13,14 +13,21 @@ import pytest
 from click.testing import CliRunner
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.testclient import TestClient
+from support.fake_host import FakeHost
+from support.server import InProcessServer
 
 from tenkibox import Client, limits
 from tenkibox.api.errors import BodyLimitMiddleware, field_of, install_error_handlers
 from tenkibox.cli import _common as c
 from tenkibox.cli._common import CliState
 from tenkibox.cli.main import cli
-from tenkibox.client._fake import FakeServer
-from tenkibox.errors import ERROR_TABLE, SessionNotFoundError, error_from_body
+from tenkibox.errors import (
+    ERROR_TABLE,
+    InternalError,
+    SessionFailedError,
+    SessionNotFoundError,
+    error_from_body,
+)
 from tenkibox.models import (
     ExecRequest,
     SessionCreate,
@@ -423,18 +430,22 @@ def test_print_fields_escapes_user_data(capsys: pytest.CaptureFixture[str]) -> N
     assert out == "name:     a\\x1b[31mb\nmetadata: k=\\x9b1m\n"
 
 
-def test_cli_get_escapes_and_json_stays_exact() -> None:
-    """``tenki sandbox get`` (through the SDK, against the in-memory fake server)."""
-    fake = FakeServer()
-    fake.session_failure_reason = "boot failed: \x1b]0;pwned\x07"
-    client = Client(endpoint="http://fake.test", transport=fake.transport())
+def test_cli_get_escapes_and_json_stays_exact(inproc: InProcessServer,
+                                             fake_host: FakeHost) -> None:
+    """``tenki sandbox get`` (through the SDK, against the real server in-process)."""
+    reason = "boot failed: \x1b]0;pwned\x07"
+    fake_host.fail_next("boot", InternalError(reason))
+    client = Client(endpoint=inproc.url)
     sid = client.create(name="box", metadata={"note": "\x1b[31mred\x1b[0m\nline2"}).id
-    state = CliState(client_factory=lambda: Client(endpoint="http://fake.test",
-                                                   transport=fake.transport()))
+    with pytest.raises(SessionFailedError):
+        client.get(sid).wait_ready(5)
+    state = CliState(client_factory=lambda: Client(endpoint=inproc.url))
     result = CliRunner().invoke(cli, ["sandbox", "get", sid], obj=state)
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "metadata:      note=\\x1b[31mred\\x1b[0m\\nline2\n" in result.stdout
+    assert "boot failed: \\x1b]0;pwned\\x07" in result.stdout
     result = CliRunner().invoke(cli, ["sandbox", "get", sid, "--json"], obj=state)
     record = json.loads(result.stdout)
     assert record["metadata"] == {"note": "\x1b[31mred\x1b[0m\nline2"}
+    assert record["state_reason"] == reason

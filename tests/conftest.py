@@ -1,0 +1,72 @@
+"""Fixtures shared by the unit and component tests (``tests/`` is on ``sys.path``, see
+``pythonpath`` in pyproject's pytest section, so ``support`` imports as a package).
+
+- ``fake_host``: the ``FakeHost`` below ``inproc`` (set faults on it before or during a test).
+- ``inproc``: the real app and control plane over a fresh SQLite database and ``fake_host``,
+  served on 127.0.0.1 (``inproc.url``). One listener thread serves the whole run; every test
+  gets a new data directory, database, control plane, app and host behind it (``reset``).
+- ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="k"``), stopped at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fake_host import FakeHost
+from support.server import InProcessServer
+
+
+class _Shared:
+    """The run's listener, started on first use and again if a test stopped it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.server: InProcessServer | None = None
+
+    def get(self) -> InProcessServer:
+        if self.server is None or not self.server.running:
+            if self.server is not None:
+                self.server.stop()
+            self.server = InProcessServer(self.home).start()
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def _shared_inproc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Shared]:
+    shared = _Shared(tmp_path_factory.mktemp("inproc") / "first")
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def fake_host() -> FakeHost:
+    return FakeHost()
+
+
+@pytest.fixture
+def inproc(_shared_inproc: _Shared, fake_host: FakeHost,
+           tmp_path: Path) -> Iterator[InProcessServer]:
+    server = _shared_inproc.get().reset(tmp_path / "home", host=fake_host)
+    yield server
+    fake_host.release_all()
+
+
+@pytest.fixture
+def make_inproc(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
+    started: list[InProcessServer] = []
+
+    def make(**kw: Any) -> InProcessServer:
+        server = InProcessServer(tmp_path / f"home{len(started)}", **kw).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in reversed(started):
+        server.stop()

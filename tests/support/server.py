@@ -1,0 +1,330 @@
+"""The real server in-process: ``create_app`` over the real ``ControlPlane``, a real ``Store`` on
+SQLite in a temporary directory and a ``FakeHost``, served by uvicorn on 127.0.0.1 (a free port)
+in a background thread. The SDK (``Client(endpoint=server.url)``) and the CLI
+(``TENKI_API_ENDPOINT``) talk to it over real HTTP, streaming included.
+
+    with InProcessServer(tmp_path) as server:
+        client = Client(endpoint=server.url)
+        server.host.fail_next("boot", InternalError("no"))
+        server.requests.to("POST", "/v1/sessions")   # what the SDK sent, as the server got it
+        server.run(server.plane.sessions.sweep_expired())   # a coroutine on the server's loop
+
+The control plane, the app and uvicorn share one event loop in that thread. ``reset(home)``
+replaces everything but the listener (a new database, control plane, app and fake host): the
+fixtures use it to give every test a fresh server without paying for a new thread and socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+import uvicorn
+
+from tenkibox.api.app import create_app
+from tenkibox.config import Layout
+from tenkibox.control.plane import ControlPlane
+from tenkibox.store.db import Store, open_store
+
+from .fake_host import FakeHost
+
+T = TypeVar("T")
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+# -- the request log ----------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    """One HTTP request the server received (body as received, status once answered)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: bytes = b""
+    status: int | None = None
+
+
+class RequestLog(list[Recorded]):
+    def to(self, method: str, suffix: str) -> list[Recorded]:
+        """The requests of ``method`` whose path ends with ``suffix``, in order."""
+        return [r for r in self if r.method == method and r.path.endswith(suffix)]
+
+    def summary(self) -> list[tuple[str, str, int | None]]:
+        return [(r.method, r.path, r.status) for r in self]
+
+
+class RecordRequests:
+    """ASGI middleware: appends every HTTP request to ``log``, then hands it to ``app`` (which
+    ``InProcessServer.reset`` replaces)."""
+
+    def __init__(self, app: ASGIApp | None, log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        app = self.app
+        assert app is not None
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        query = dict(parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True))
+        entry = Recorded(scope["method"], scope["path"], query)
+        self.log.append(entry)
+
+        async def recv() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                entry.body += message.get("body", b"")
+            return message
+
+        async def snd(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                entry.status = message["status"]
+            await send(message)
+
+        await app(scope, recv, snd)
+
+
+# -- data directories -----------------------------------------------------------------------------
+
+_template: Path | None = None
+_template_lock = threading.Lock()
+
+
+def fresh_database(home: Path) -> None:
+    """Put an empty, fully migrated database in ``home`` (a copy: migrating costs more)."""
+    global _template
+    with _template_lock:
+        if _template is None:
+            d = Path(tempfile.mkdtemp(prefix="tenki-db-template-"))
+            atexit.register(shutil.rmtree, d, True)
+            open_store(d).close()
+            _template = d
+    home.mkdir(parents=True, exist_ok=True)
+    if not Layout(home).database.exists():
+        shutil.copyfile(_template / "tenki.db", Layout(home).database)
+
+
+def write_fake_image(home: Path, image_id: str = "sandbox") -> None:
+    """An image directory that ``images.builder.list_images`` accepts (empty files)."""
+    d = Layout(home).image_dir(image_id)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (d / name).touch()
+    (d / "image.json").write_text(json.dumps({
+        "id": image_id, "size_bytes": 268 << 20, "packages": [],
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat()}))
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+
+class _Uvicorn(uvicorn.Server):
+    async def main_loop(self) -> None:
+        # uvicorn polls should_exit every 0.1 s; a test server stops as soon as it is asked
+        await self.on_tick(0)
+        self.exit_now = asyncio.Event()
+        while not self.should_exit:
+            try:
+                await asyncio.wait_for(self.exit_now.wait(), 1.0)
+            except TimeoutError:
+                await self.on_tick(10)
+
+    def stop_soon(self) -> None:
+        self.should_exit = True
+        event: asyncio.Event | None = getattr(self, "exit_now", None)
+        if event is not None:
+            event.set()
+
+
+class InProcessServer:
+    def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str | None = None,
+                 images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0) -> None:
+        self.home = home
+        self.host = host or FakeHost()
+        self.api_key = api_key
+        self.images = images
+        self.start_timeout = start_timeout
+        self.requests = RequestLog()
+        self.url = ""
+        #: set by ``POST /v1/server/shutdown`` (the server then stops)
+        self.stop_requested = threading.Event()
+        self._recorder = RecordRequests(None, self.requests)
+        self._plane: ControlPlane | None = None
+        self._store: Store | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: _Uvicorn | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def plane(self) -> ControlPlane:
+        assert self._plane is not None, "the server is not started"
+        return self._plane
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the server is not started"
+        return self._store
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the server is not started"
+        return self._loop
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- start, reset and stop ------------------------------------------------------------------
+    def start(self) -> InProcessServer:
+        # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on such sockets; without it
+        # every keep-alive response waits ~40 ms (Nagle against delayed ACKs)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._main, args=(sock,), daemon=True,
+                                        name=f"tenki server {self.url}")
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise RuntimeError(f"the in-process server did not start in {self.start_timeout}s")
+        if self._error is not None:
+            raise RuntimeError("the in-process server failed to start") from self._error
+        return self
+
+    def reset(self, home: Path, *, host: FakeHost | None = None,
+              api_key: str | None = None) -> InProcessServer:
+        """A new data directory, database, control plane, app and host behind the same URL."""
+        self.run(self._close())
+        self.home, self.host, self.api_key = home, host or FakeHost(), api_key
+        self.requests.clear()
+        self.stop_requested.clear()
+        self.run(self._open())
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive() and self._loop is not None and self._server is not None:
+            self.host.release_all()  # nothing stays held in a gate
+            try:
+                self._loop.call_soon_threadsafe(self._server.stop_soon)
+            except RuntimeError:  # the loop is closed already
+                pass
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError(f"the in-process server did not stop in {timeout}s")
+        if self._error is not None:
+            raise RuntimeError("the in-process server failed") from self._error
+
+    def wait_stopped(self, timeout: float = 10.0) -> bool:
+        """Wait until the server stopped on its own (``POST /v1/server/shutdown``)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def __enter__(self) -> InProcessServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _main(self, sock: socket.socket) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(sock))
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+            try:
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+                sock.close()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        await self._open()
+        try:
+            config = uvicorn.Config(self._recorder, log_level="warning", lifespan="off",
+                                    timeout_graceful_shutdown=1)
+            self._server = _Uvicorn(config)
+
+            async def announce() -> None:
+                while not self._server.started:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.002)
+                self._ready.set()
+
+            announcer = asyncio.create_task(announce())
+            try:
+                await self._server.serve(sockets=[sock])
+            finally:
+                announcer.cancel()
+        finally:
+            await self._close()
+
+    async def _open(self) -> None:
+        fresh_database(self.home)
+        for image_id in self.images:
+            write_fake_image(self.home, image_id)
+        self._store = open_store(self.home)
+        self._plane = ControlPlane(self._store, self.host)
+        await self._plane.start()
+        app = create_app(self._plane, layout=Layout(self.home), accel="tcg",
+                         api_key=self.api_key, request_stop=self._request_stop)
+        self._recorder.app = app  # type: ignore[assignment]
+
+    async def _close(self) -> None:
+        if self._plane is not None:
+            await self._plane.stop()
+            self._plane = None
+        await self.host.shutdown()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _request_stop(self) -> None:
+        """``POST /v1/server/shutdown``: stop serving once the request is answered."""
+        self.stop_requested.set()
+        server = self._server
+        if server is not None:
+            asyncio.get_running_loop().call_later(0.05, server.stop_soon)
+
+    # -- the server's loop ----------------------------------------------------------------------
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+        """Run ``coro`` on the server's loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 20.0) -> T:
+        """Call ``fn(*args)`` on the server's loop; its result."""
+
+        async def wrapper() -> T:
+            return fn(*args)
+
+        return self.run(wrapper(), timeout)
