@@ -40,7 +40,7 @@ async def peripherals(machine: Machine) -> set[str]:
         "qom-list", {"path": "/machine/peripheral"})}
 
 
-async def _block_nodes(machine: Machine) -> set[str]:
+async def block_nodes(machine: Machine) -> set[str]:
     return {n["node-name"] for n in await machine.execute(
         "query-named-block-nodes", {"flat": True})}
 
@@ -98,7 +98,7 @@ async def unplug(machine: Machine, volume_id: str, timeout: float = UNPLUG_TIMEO
 
 
 async def drop_nodes(machine: Machine, volume_id: str, deadline: float = 0.0) -> None:
-    nodes = await _block_nodes(machine)
+    nodes = await block_nodes(machine)
     for node in (disk_node(volume_id), file_node(volume_id)):
         if node not in nodes:
             continue

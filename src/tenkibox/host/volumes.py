@@ -224,4 +224,10 @@ async def recover_mounts(vm: VM, mounts: list[VolumeMountSpec],
             # an attach cut short: undo it
             with contextlib.suppress(TenkiError):
                 await hotplug.unplug(vm.machine, dev.removeprefix("dev-"))
+    # block nodes left without a device by an attach cut short would keep the file locked
+    for node in await hotplug.block_nodes(vm.machine):
+        vid = node[3:] if node.startswith(("vf-vol_", "vd-vol_")) else None
+        if vid and vid not in wanted:
+            with contextlib.suppress(TenkiError):
+                await hotplug.drop_nodes(vm.machine, vid)
     return lost
