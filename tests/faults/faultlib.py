@@ -443,11 +443,20 @@ def orphan_files(server: Any, sessions: list[dict[str, Any]],
     return kept
 
 
-def snapshot_storage(server: Any, snapshot: dict[str, Any]) -> list[Path]:
-    """The regular files a READY snapshot's restore depends on, found generically: every file
-    in a directory named after the snapshot, every existing file a JSON manifest there names,
-    and every file under ``$TENKI_HOME/artifacts`` modified since its source session began
-    (after the restructure: artifacts by digest)."""
+def snapshot_storage(server: Any, snapshot: dict[str, Any],
+                     since: float | None = None) -> list[Path]:
+    """The regular files a READY snapshot's restore depends on, found generically:
+
+    - every file in a directory named after the snapshot (``snapshots/snp_x/``), and every
+      existing file a JSON manifest there names (the layers, kernel and initrd it references);
+    - every file under ``$TENKI_HOME/artifacts`` (artifacts by digest, and the store's own
+      records) that entered the store between ``since`` (default: when the snapshot's source
+      session was created) and the snapshot's ``ready_at`` (ctime: a hard link into the store
+      keeps the file's old mtime but moves its ctime).
+
+    Callers that need the base image, kernel and initrd included make the snapshot's source the
+    first session of its home, so that these entered the store inside the window too.
+    """
     home = Path(server.home)
     snap_id = snapshot["id"]
     files: dict[str, Path] = {}
@@ -464,11 +473,30 @@ def snapshot_storage(server: Any, snapshot: dict[str, Any]) -> list[Path]:
                         files.setdefault(str(Path(s)), Path(s))
     artifacts = home / "artifacts"
     if artifacts.exists():
-        since = _parse_time(get_session(server, snapshot["session_id"])["created_at"]) - 1
+        if since is None:
+            since = _parse_time(get_session(server, snapshot["session_id"])["created_at"]) - 1
+        until = _parse_time(snapshot["ready_at"]) + 1 if snapshot.get("ready_at") else time.time()
         for p in artifacts.rglob("*"):
-            if p.is_file() and p.stat().st_mtime >= since:
-                files.setdefault(str(p), p)
+            if p.is_file() and not p.is_symlink():
+                st = p.stat()
+                if since <= max(st.st_mtime, st.st_ctime) <= until:
+                    files.setdefault(str(p), p)
     return sorted(files.values())
+
+
+def derived(path: Path) -> bool:
+    """A cache or record derived from other files (a digest record, a hidden file): damage to it
+    may be refused or repaired, but must not harm a restore."""
+    return any(part.startswith(".") for part in path.parts[-3:]) or path.suffix in (
+        ".sha256", ".meta")
+
+
+def names_file(message: str, path: Path) -> bool:
+    """The message names the file: by name, or (artifacts by digest) by its digest's prefix."""
+    name = path.name
+    if name in message:
+        return True
+    return bool(re.fullmatch(r"[0-9a-f]{64}", name)) and name[:12] in message
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -29,7 +29,7 @@ RESTORE_STEPS = ["verify", "overlay", "load-ram", "launch", "launch:after", "loa
                  "resume", "agent", "clock", "identity"]
 CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-ram", "resume", "compress-ram",
                  "checksum", "sync", "sync:after"]
-DELETE_STEPS = ["mark", "remove-files", "remove-files:after"]
+DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
 
 FAULT_WAIT_S = 120.0
