@@ -36,6 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from dataclasses import dataclass, field
 from typing import Any
 
+from tenkibox.artifacts.store import GC_GRACE_S
 from tenkibox.engine.agent import AgentError
 from tenkibox.errors import (
     ConflictError,
@@ -67,7 +68,6 @@ OPERATIONS = frozenset({
     "start_process", "read_file", "write_file",
 })
 CHUNK = 64 << 10
-GC_GRACE_S = 300.0
 
 
 def digest(*parts: object) -> str:
@@ -474,6 +474,11 @@ class FakeHost:
             self._bind_queue().put_nowait(VMGone(session_id, reason))
 
         self._on_loop(kill)
+
+    def age_artifacts(self, seconds: float = GC_GRACE_S) -> None:
+        """Make every stored artifact ``seconds`` older (past the GC's grace by default)."""
+        for d in self.artifacts:
+            self.artifacts[d] -= seconds
 
     def file(self, session_id: str, path: str) -> bytes:
         store, key, _ = self._where(self.vm(session_id), path)

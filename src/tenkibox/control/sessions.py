@@ -56,6 +56,7 @@ class SessionControl:
         self.host = host
         self.volumes = volumes
         self._starts: dict[str, asyncio.Task[None]] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}  # the terminate at work, per session
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -195,12 +196,37 @@ class SessionControl:
             await self.records.transition(SessionRow, session_id, S.TERMINATING,
                                           state_reason=reason)
         except IllegalTransitionError:
-            # another terminate (or the end of the VM) is under way: its result is ours
-            row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
-                                       lambda r: r.state in FINAL, TERMINATE_WAIT_S)
-            return self.to_model(row)
-        await self._finish_terminate(session_id, reason)
+            work = self._stopping.get(session_id)
+            row = self.row(session_id)
+            if work is None and row.state == S.TERMINATING.value:
+                # the terminate that moved it there failed half-way (the host raised): a
+                # terminate again is the retry, and does the work again (host.terminate is
+                # idempotent)
+                work = self._stop(session_id, row.state_reason)
+            if work is None:
+                # it ended meanwhile (its VM died): that is the answer
+                row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
+                                           lambda r: r.state in FINAL, TERMINATE_WAIT_S)
+                return self.to_model(row)
+        else:
+            work = self._stop(session_id, reason)
+        # one terminate does the work, the others wait for it (and share its failure)
+        await asyncio.shield(work)
         return self.get(session_id)
+
+    def _stop(self, session_id: str, reason: str | None) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self._spawn(self._finish_terminate(session_id, reason),
+                                               f"terminate {session_id}")
+        self._stopping[session_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._stopping.get(session_id) is t:
+                del self._stopping[session_id]
+            if not t.cancelled():
+                t.exception()  # retrieved: the callers that waited for it got it
+
+        task.add_done_callback(done)
+        return task
 
     async def _finish_terminate(self, session_id: str, reason: str | None) -> None:
         start = self._starts.get(session_id)

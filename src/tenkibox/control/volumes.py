@@ -139,8 +139,13 @@ class VolumeControl:
 
     async def _finish_delete(self, volume_id: str) -> None:
         await self.host.delete_volume(volume_id)
-        await self.records.transition(VolumeRow, volume_id, V.DELETED, expected=[V.DELETING],
-                                      deleted_at=now())
+        try:
+            await self.records.transition(VolumeRow, volume_id, V.DELETED,
+                                          expected=[V.DELETING], deleted_at=now())
+        except IllegalTransitionError:
+            if self.row(volume_id).state != V.DELETED.value:
+                raise
+            return  # a concurrent delete finished first: deleted is deleted
         log.info("%s: deleted", volume_id)
 
     # -- attach and detach -------------------------------------------------------------------

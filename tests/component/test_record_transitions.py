@@ -1,0 +1,196 @@
+"""``Records.transition`` on a real SQLite store: the tables of ``control.states`` are the law.
+
+Every pair (from, to) of every resource is tried: the pairs of the table are accepted, every
+other pair is refused with ``IllegalTransitionError`` (a 409 ``ConflictError``) and leaves the
+record as it was. Two actors moving one record at once (threads, each with its own loop, over one
+database): exactly one wins, every round, when neither move is allowed after the other (two
+terminates, attach against delete) or when both say which state they saw (``expected``, as the
+control plane does: the boot's READY and a terminate may both happen, one after the other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.helpers import session_row, snapshot_row, volume_row
+from support.server import open_test_store
+
+from tenkibox.control.records import Records
+from tenkibox.control.states import TRANSITIONS, IllegalTransitionError, sources
+from tenkibox.errors import ConflictError, SessionNotFoundError
+from tenkibox.models import SessionState, SnapshotState, VolumeState
+from tenkibox.store.db import Store
+from tenkibox.store.tables import SessionRow, SnapshotRow, VolumeRow
+
+ROWS: dict[str, Any] = {"session": (SessionRow, session_row),
+                        "snapshot": (SnapshotRow, snapshot_row),
+                        "volume": (VolumeRow, volume_row)}
+#: a column each transition may write along with the state (volumes have no state_reason)
+NOTE = {"session": "state_reason", "snapshot": "state_reason", "volume": "name"}
+STATES: dict[str, list[str]] = {"session": [s.value for s in SessionState],
+                                "snapshot": [s.value for s in SnapshotState],
+                                "volume": [s.value for s in VolumeState]}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    s = open_test_store(Path(tmp_path_factory.mktemp("records")))
+    yield s
+    s.close()
+
+
+def _pairs() -> list[tuple[str, str, str]]:
+    return [(kind, a, b) for kind, states in STATES.items()
+            for a, b in itertools.product(states, states)]
+
+
+def test_the_tables_name_every_state() -> None:
+    for kind, states in STATES.items():
+        table = TRANSITIONS[kind]
+        assert sorted(str(getattr(s, "value", s)) for s in table) == sorted(states), kind
+        for targets in table.values():
+            assert {str(getattr(t, "value", t)) for t in targets} <= set(states), kind
+
+
+@pytest.mark.parametrize("kind, source, target", _pairs(),
+                         ids=[f"{k}:{a}->{b}" for k, a, b in _pairs()])
+async def test_every_pair(store: Store, kind: str, source: str, target: str) -> None:
+    cls, make = ROWS[kind]
+    records = Records(store)
+    row = make(source)
+    await records.insert(row)
+    note = {NOTE[kind]: "why"}
+    before = getattr(row, NOTE[kind])
+    allowed = target in TRANSITIONS[kind][source]
+    assert allowed == (source in sources(kind, target))
+    if allowed:
+        moved = await records.transition(cls, row.id, target, **note)
+        assert moved.state == target and getattr(moved, NOTE[kind]) == "why"
+    else:
+        with pytest.raises(IllegalTransitionError) as info:
+            await records.transition(cls, row.id, target, **note)
+        assert isinstance(info.value, ConflictError) and info.value.status == 409
+        assert (info.value.current, info.value.target) == (source, target)
+        assert info.value.message == f"{kind} {row.id} is {source}; it cannot become {target}"
+        after = records.get(cls, row.id)
+        assert (after.state, getattr(after, NOTE[kind])) == (source, before)  # untouched
+
+
+async def test_terminated_never_becomes_ready_again(store: Store) -> None:
+    records = Records(store)
+    row = session_row("TERMINATED")
+    await records.insert(row)
+    with pytest.raises(IllegalTransitionError, match="is TERMINATED; it cannot become READY"):
+        await records.transition(SessionRow, row.id, SessionState.READY)
+
+
+async def test_expected_narrows_the_table(store: Store) -> None:
+    records = Records(store)
+    row = session_row("READY")
+    await records.insert(row)
+    # READY -> FAILED is in the table, but this caller only moves a CREATING record
+    with pytest.raises(IllegalTransitionError):
+        await records.transition(SessionRow, row.id, "FAILED", expected=["CREATING"])
+    assert records.get(SessionRow, row.id).state == "READY"
+    assert (await records.transition(SessionRow, row.id, "FAILED", expected=["READY"])).state \
+        == "FAILED"
+
+
+async def test_unknown_state_and_missing_record(store: Store) -> None:
+    records = Records(store)
+    row = session_row("READY")
+    await records.insert(row)
+    with pytest.raises(ValueError, match="not a session state"):
+        await records.transition(SessionRow, row.id, "EXPLODED")
+    with pytest.raises(SessionNotFoundError):
+        await records.transition(SessionRow, "ses_missing", "TERMINATING")
+    with pytest.raises(ValueError, match="transition"):
+        await records.update(SessionRow, row.id, state="FAILED")
+
+
+async def test_update_guarded_by_state(store: Store) -> None:
+    records = Records(store)
+    row = session_row("TERMINATED")
+    await records.insert(row)
+    assert not await records.update(SessionRow, row.id, when_state=["CREATING"], name="late")
+    assert records.get(SessionRow, row.id).name is None
+    assert await records.update(SessionRow, row.id, name="now")
+
+
+ROUNDS = 30
+
+
+@pytest.mark.parametrize("kind, source, targets, seen", [
+    ("session", "READY", ("TERMINATING", "TERMINATING"), False),  # two terminates
+    ("session", "CREATING", ("TERMINATING", "TERMINATING"), False),
+    ("session", "CREATING", ("READY", "TERMINATING"), True),  # boot done vs terminate
+    ("session", "CREATING", ("READY", "FAILED"), True),  # boot done vs VM died
+    ("session", "RUNNING", ("READY", "FAILED"), True),  # process ended vs VM died
+    ("session", "RUNNING", ("FAILED", "TERMINATING"), True),  # VM died vs terminate
+    ("snapshot", "READY", ("DELETING", "DELETING"), False),  # two deletes
+    ("snapshot", "CREATING", ("READY", "FAILED"), True),  # sealed vs failed
+    ("volume", "AVAILABLE", ("IN_USE", "DELETING"), False),  # attach vs delete
+    ("volume", "AVAILABLE", ("IN_USE", "IN_USE"), False),  # two attaches
+    ("volume", "DELETING", ("DELETED", "DELETED"), False),  # two deletes finishing
+])
+def test_two_concurrent_transitions_one_wins(store: Store, kind: str, source: str,
+                                             targets: tuple[str, str], seen: bool) -> None:
+    """Two threads, each with its own loop and ``Records``, over one database, released at once
+    by a barrier for every round: exactly one transition is written, the other is refused."""
+    cls, make = ROWS[kind]
+    expected = [source] if seen else None
+    rows = [make(source) for _ in range(ROUNDS)]
+    with store.tx() as orm:
+        orm.add_all(rows)
+    barrier = threading.Barrier(2, timeout=30)
+    results: list[list[tuple[str, str]]] = [[] for _ in rows]
+
+    def worker(target: str, tag: str) -> None:
+        records = Records(store)
+        loop = asyncio.new_event_loop()
+        try:
+            for i, row in enumerate(rows):
+                barrier.wait()
+                try:
+                    loop.run_until_complete(records.transition(
+                        cls, row.id, target, expected=expected, **{NOTE[kind]: tag}))
+                    results[i].append(("won", tag))
+                except IllegalTransitionError:
+                    results[i].append(("refused", tag))
+                except Exception as exc:  # e.g. "database is locked": a bug of its own
+                    results[i].append((f"error {type(exc).__name__}: {exc}", tag))
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=worker, args=(t, f"{t}#{i}"))
+               for i, t in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    records = Records(store)
+    for row, result in zip(rows, results, strict=True):
+        assert sorted(r for r, _ in result) == ["refused", "won"], result
+        winner = next(tag for r, tag in result if r == "won")
+        final = records.get(cls, row.id)
+        assert (final.state, getattr(final, NOTE[kind])) == (winner.split("#")[0], winner)
+
+
+async def test_two_concurrent_transitions_in_one_loop(store: Store) -> None:
+    records = Records(store)
+    for _ in range(ROUNDS):
+        row = session_row("CREATING")
+        await records.insert(row)
+        got = await asyncio.gather(
+            records.transition(SessionRow, row.id, "TERMINATING", state_reason="a"),
+            records.transition(SessionRow, row.id, "TERMINATING", state_reason="b"),
+            return_exceptions=True)
+        won = [g for g in got if isinstance(g, SessionRow)]
+        refused = [g for g in got if isinstance(g, IllegalTransitionError)]
+        assert len(won) == 1 and len(refused) == 1, got

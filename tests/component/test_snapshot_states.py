@@ -1,0 +1,192 @@
+"""Every state change of a snapshot through the REST API (the SDK over HTTP), with the real app,
+control plane and SQLite, and the fake host below them (no VMs).
+
+    CREATING ──sealed──> READY ──delete/expiry──> DELETING ──> DELETED
+        └──failed────> FAILED ──delete/expiry──┘
+                  READY ──an artifact found damaged──> FAILED
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from support.fake_host import FakeHost, image_digest
+from support.helpers import eventually
+from support.server import InProcessServer
+
+from tenkibox import Client, errors
+from tenkibox.host.api import Manifest
+from tenkibox.models import SessionState, SnapshotState
+from tenkibox.store.tables import SnapshotRow
+
+P = SnapshotState
+
+
+@pytest.fixture
+def client(inproc: InProcessServer) -> Iterator[Client]:
+    with Client(endpoint=inproc.url) as c:
+        yield c
+
+
+def manifest_of(inproc: InProcessServer, snapshot_id: str) -> Manifest:
+    row = inproc.plane.records.get(SnapshotRow, snapshot_id)
+    return Manifest.from_json(row.files)
+
+
+def test_capture_is_creating_then_ready(client: Client, inproc: InProcessServer,
+                                        fake_host: FakeHost) -> None:
+    s = client.create_and_wait(cpu=1, memory_mb=512)
+    gate = fake_host.block("capture")
+    snap = client.create_snapshot(s.id, "base")
+    assert snap.state == P.CREATING and snap.ready_at is None
+    gate.wait_entered()
+    assert client.get_snapshot(snap.id).state == P.CREATING
+    gate.release()
+    ready = client.wait_snapshot_ready(snap.id, timeout=5)
+    assert ready.state == P.READY and ready.state_reason is None
+    assert ready.ready_at is not None
+    assert (ready.cpu, ready.memory_mb, ready.memory_bytes) == (1, 512, 512 << 20)
+    assert ready.size_bytes == FakeHost.capture_size_bytes
+    assert ready.compressed_bytes == FakeHost.capture_stored_bytes
+    m = manifest_of(inproc, snap.id)  # the record names the manifest, every artifact stored
+    assert set(m.digests()) <= set(fake_host.artifacts)
+    assert m.layers[0] == image_digest("sandbox")
+    assert client.get(s.id).state == SessionState.READY  # the session goes on
+
+
+def test_capture_failure_is_failed_with_the_reason(client: Client,
+                                                  fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    fake_host.fail_next("capture", errors.InternalError("at compress-ram: No space left"))
+    snap = client.create_snapshot(s.id, "x")
+    with pytest.raises(errors.SnapshotFailedError, match="No space left"):
+        client.wait_snapshot_ready(snap.id, timeout=5)
+    failed = client.get_snapshot(snap.id)
+    assert failed.state == P.FAILED
+    assert failed.state_reason == "capture failed: at compress-ram: No space left"
+    assert client.get(s.id).state == SessionState.READY  # the session is not harmed
+    with pytest.raises(errors.SnapshotFailedError, match="only a READY snapshot"):
+        client.restore_snapshot(snap.id)
+
+
+def test_session_ended_during_the_capture(client: Client, fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    gate = fake_host.block("capture")
+    snap = client.create_snapshot(s.id, "x")
+    gate.wait_entered()
+    s.terminate()
+    gate.release()
+    with pytest.raises(errors.SnapshotFailedError, match="ended before the capture"):
+        client.wait_snapshot_ready(snap.id, timeout=5)
+
+
+def test_snapshots_of_one_session_are_taken_one_after_the_other(
+        client: Client, fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    gate = fake_host.block("capture")
+    first = client.create_snapshot(s.id, "1")
+    second = client.create_snapshot(s.id, "2")
+    gate.wait_entered()
+    assert gate.held == 1  # the second waits for the first, not in the host
+    gate.release()
+    for snap in (first, second):
+        assert client.wait_snapshot_ready(snap.id, timeout=5).state == P.READY
+    assert fake_host.calls_to("capture") == [s.id, s.id]
+
+
+def test_snapshot_refused_unless_the_session_runs(client: Client, fake_host: FakeHost) -> None:
+    gate = fake_host.block("boot")
+    s = client.create()
+    with pytest.raises(errors.ConflictError, match="is CREATING; only a running session"):
+        client.create_snapshot(s.id, "x")
+    gate.release()
+    s.wait_ready(5)
+    s.terminate()
+    with pytest.raises(errors.ConflictError, match="is TERMINATED"):
+        client.create_snapshot(s.id, "x")
+    with pytest.raises(errors.SessionNotFoundError):
+        client.create_snapshot("ses_nope", "x")
+
+
+@pytest.mark.parametrize("start", ["READY", "FAILED"])
+def test_delete_is_deleting_then_deleted(client: Client, inproc: InProcessServer,
+                                         fake_host: FakeHost, start: str) -> None:
+    s = client.create_and_wait()
+    keep = s.snapshot("keep")
+    if start == "FAILED":
+        fake_host.fail_next("capture", errors.InternalError("boom"))
+        snap = client.create_snapshot(s.id, "gone")
+        with pytest.raises(errors.SnapshotFailedError):
+            client.wait_snapshot_ready(snap.id, timeout=5)
+        own: set[str] = set()
+    else:
+        snap = s.snapshot("gone")
+        own = set(manifest_of(inproc, snap.id).digests()) - set(
+            manifest_of(inproc, keep.id).digests())
+        assert own and own <= set(fake_host.artifacts)
+    s.terminate()  # nothing else holds the snapshot's artifacts
+    answer = client.delete_snapshot(snap.id)
+    assert answer.state == P.DELETING
+    eventually(lambda: client.get_snapshot(snap.id).state == P.DELETED, what="DELETED")
+    gone = client.get_snapshot(snap.id)
+    assert gone.deleted_at is not None
+    assert [x.id for x in client.list_snapshots()] == [keep.id]  # the list leaves it out
+    fake_host.age_artifacts()  # past the grace that spares a capture's fresh artifacts
+    inproc.run(inproc.plane.snapshots.collect_garbage())
+    assert not own & set(fake_host.artifacts)  # its own artifacts are collected
+    assert set(manifest_of(inproc, keep.id).digests()) <= set(fake_host.artifacts)
+    # deleting again answers the record as it is
+    assert client.delete_snapshot(snap.id).state == P.DELETED
+    with pytest.raises(errors.SnapshotFailedError, match="is DELETED"):
+        client.restore_snapshot(snap.id)
+
+
+def test_delete_while_creating_is_refused(client: Client, fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    gate = fake_host.block("capture")
+    snap = client.create_snapshot(s.id, "x")
+    with pytest.raises(errors.ConflictError, match="is CREATING"):
+        client.delete_snapshot(snap.id)
+    gate.release()
+    client.wait_snapshot_ready(snap.id, timeout=5)
+
+
+def test_concurrent_deletes(client: Client, inproc: InProcessServer) -> None:
+    s = client.create_and_wait()
+    snap = s.snapshot("x")
+    answers: list[object] = []
+
+    def delete() -> None:
+        with Client(endpoint=inproc.url) as c:
+            try:
+                answers.append(c.delete_snapshot(snap.id).state)
+            except Exception as exc:
+                answers.append(exc)
+
+    threads = [threading.Thread(target=delete) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(answers) == 4 and all(a in (P.DELETING, P.DELETED) for a in answers), answers
+    eventually(lambda: client.get_snapshot(snap.id).state == P.DELETED, what="DELETED")
+
+
+def test_damaged_artifact_found_by_verify_is_failed(client: Client, inproc: InProcessServer,
+                                                   fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    snap = s.snapshot("x")
+    ram = manifest_of(inproc, snap.id).ram
+    fake_host.corrupt.add(ram)
+    report = client.verify_store(repair=False)
+    assert not report.ok
+    assert client.get_snapshot(snap.id).state == P.READY  # a report only, without repair
+    client.verify_store(repair=True)
+    damaged = client.get_snapshot(snap.id)
+    assert damaged.state == P.FAILED
+    assert damaged.state_reason == f"damaged in storage: RAM image {ram[:12]} does not match " \
+        "its digest"
+    # a FAILED snapshot is deleted like any other
+    assert client.delete_snapshot(snap.id).state == P.DELETING

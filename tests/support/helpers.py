@@ -1,0 +1,85 @@
+"""Small helpers of the component tests: rows in any state, and waiting for a condition."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from tenkibox.host.api import MachineShape, Manifest
+from tenkibox.ids import new_id
+from tenkibox.store.tables import SessionRow, SnapshotRow, VolumeRow
+
+from .fake_host import INITRD, KERNEL, digest, image_digest
+
+T = TypeVar("T")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def session_row(state: str, **kw: Any) -> SessionRow:
+    values: dict[str, Any] = dict(
+        id=new_id("session"), name=None, state=state, state_reason=None, cpu=2, memory_mb=4096,
+        base_image_id="sandbox", snapshot_id=None, env={}, meta={}, volumes=[], machine=None,
+        disk_chain=[], created_at=now() - timedelta(minutes=1))
+    values.update(kw)
+    return SessionRow(**values)
+
+
+def fake_manifest(owner: str = "x", image_id: str = "sandbox") -> Manifest:
+    shape = MachineShape(cpu=2, memory_mb=4096, cmdline="console=ttyS0 fake", kernel=KERNEL,
+                         initrd=INITRD)
+    return Manifest(shape, [image_digest(image_id), digest("layer", owner)],
+                    digest("ram", owner), digest("state", owner), image_id)
+
+
+def snapshot_row(state: str, session_id: str = "ses_gone", *, manifest: Manifest | None = None,
+                 **kw: Any) -> SnapshotRow:
+    values: dict[str, Any] = dict(
+        id=new_id("snapshot"), session_id=session_id, workspace_id=None, name=None, state=state,
+        state_reason=None, base_image_id="sandbox", cpu=2, memory_mb=4096,
+        machine=manifest.shape.to_json() if manifest else None,
+        disk_chain=list(manifest.layers) if manifest else [],
+        files=manifest.to_json() if manifest else {}, timings={},
+        created_at=now() - timedelta(minutes=1))
+    values.update(kw)
+    return SnapshotRow(**values)
+
+
+def volume_row(state: str, session_id: str | None = None, path: str | None = None,
+               **kw: Any) -> VolumeRow:
+    values: dict[str, Any] = dict(
+        id=new_id("volume"), name="v", size_bytes=1 << 20, state=state, session_id=session_id,
+        path=path, read_only=0, created_at=now() - timedelta(minutes=1))
+    values.update(kw)
+    return VolumeRow(**values)
+
+
+def eventually(fn: Callable[[], T | None], timeout: float = 5.0, interval: float = 0.01,
+               what: str = "the condition") -> T:
+    """Call ``fn`` until it returns something truthy (from a thread); that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen in {timeout}s (last: {value!r})")
+        time.sleep(interval)
+
+
+async def eventually_async(fn: Callable[[], T | None], timeout: float = 5.0,
+                           what: str = "the condition") -> T:
+    """``eventually`` for a coroutine on the loop that does the work."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen in {timeout}s (last: {value!r})")
+        await asyncio.sleep(0.005)
