@@ -98,29 +98,44 @@ def pack(src: Path, dst: Path, level: int = 1) -> tuple[int, int, str]:
     return raw_total, stored, digest.hexdigest()
 
 
-def unpack(src: Path, dst: Path) -> int:
-    """Rebuild a sparse RAM file from ``ram.zst``; returns the bytes written."""
+def frames(src: Path) -> Iterator[tuple[int, int, bytes]]:
+    """``(total size, offset, data)`` of every stored chunk of a RAM image, in offset order."""
     dec = zstandard.ZstdDecompressor()
-    written = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin:
         if fin.read(len(MAGIC)) != MAGIC:
             raise RamFormatError(f"{src.name}: not a tenki RAM image")
         (size,) = SIZE.unpack(fin.read(SIZE.size))
-        fout.truncate(size)
-        fd = fout.fileno()
         while True:
             head = fin.read(FRAME.size)
             if len(head) != FRAME.size:
                 raise RamFormatError(f"{src.name}: truncated")
             off, n, clen = FRAME.unpack(head)
             if off == END:
-                break
+                return
             try:
                 data = dec.decompress(fin.read(clen), max_output_size=n)
             except zstandard.ZstdError as exc:
                 raise RamFormatError(f"{src.name}: corrupt frame at offset {off}: {exc}") from exc
             if len(data) != n or off + n > size:
                 raise RamFormatError(f"{src.name}: corrupt frame at offset {off}")
+            yield size, off, data
+
+
+def image_size(src: Path) -> int:
+    with open(src, "rb") as fin:
+        if fin.read(len(MAGIC)) != MAGIC:
+            raise RamFormatError(f"{src.name}: not a tenki RAM image")
+        (size,) = SIZE.unpack(fin.read(SIZE.size))
+    return int(size)
+
+
+def unpack(src: Path, dst: Path) -> int:
+    """Rebuild a sparse RAM file from a RAM image; returns the bytes written."""
+    written = 0
+    with open(dst, "wb") as fout:
+        fout.truncate(image_size(src))
+        fd = fout.fileno()
+        for _size, off, data in frames(src):
             os.pwrite(fd, data, off)
-            written += n
+            written += len(data)
     return written

@@ -49,6 +49,54 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _ChunkHasher:
+    """``content_digest`` computed while the chunks are written, in one pass."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.digest = hashlib.sha256()
+        self.pos = -1  # the aligned chunk being assembled
+        self.buf = bytearray(CHUNK)
+
+    def _flush(self) -> None:
+        if self.pos < 0:
+            return
+        n = min(CHUNK, self.size - self.pos)
+        if self.buf[:n] != _ZERO[:n]:
+            self.digest.update(self.pos.to_bytes(8, "little"))
+            self.digest.update(self.buf[:n])
+
+    def add(self, off: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            pos = off - off % CHUNK
+            if pos != self.pos:
+                self._flush()
+                self.pos = pos
+                self.buf[:] = _ZERO
+            take = min(len(view), pos + CHUNK - off)
+            self.buf[off - pos:off - pos + take] = view[:take]
+            view, off = view[take:], off + take
+
+    def hexdigest(self) -> str:
+        self._flush()
+        self.pos = -1
+        return self.digest.hexdigest()
+
+
+def unpack_hashing(src: Path, dst: Path) -> str:
+    """Unpack a RAM image into ``dst`` and return the ``content_digest`` of what was written."""
+    size = ramfile.image_size(src)
+    hasher = _ChunkHasher(size)
+    with open(dst, "wb") as fout:
+        fout.truncate(size)
+        fd = fout.fileno()
+        for _size, off, data in ramfile.frames(src):
+            os.pwrite(fd, data, off)
+            hasher.add(off, data)
+    return hasher.hexdigest()
+
+
 class RamCache:
     def __init__(self, root: Path, store: LocalArtifactStore) -> None:
         self.root = root
@@ -90,8 +138,7 @@ class RamCache:
         cache = self.path(digest)
         tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
         try:
-            ramfile.unpack(self.store.local_path(digest), tmp)
-            content = content_digest(tmp)
+            content = unpack_hashing(self.store.local_path(digest), tmp)
             os.replace(tmp, cache)
         finally:
             tmp.unlink(missing_ok=True)
