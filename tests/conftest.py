@@ -5,18 +5,38 @@
 - ``inproc``: the real app and control plane over a fresh SQLite database and ``fake_host``,
   served on 127.0.0.1 (``inproc.url``). One listener thread serves the whole run; every test
   gets a new data directory, database, control plane, app and host behind it (``reset``).
-- ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="k"``), stopped at the end.
+- ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="k"``, or ``home=`` and
+  ``host=`` of a crashed one to restart it), stopped at the end.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from support.fake_host import FakeHost
 from support.server import InProcessServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ssl_context() -> Iterator[None]:
+    """Every ``httpx.Client`` loads the CA bundle into a new SSL context (20-80 ms), even for an
+    http:// endpoint; the SDK makes one client per ``Client`` and the CLI one per command, which
+    is most of the time of the tests that talk to ``inproc``. One context per configuration is
+    shared here (a context is reusable; only the tests' speed changes)."""
+    transports = getattr(httpx, "_transports", None)
+    default = getattr(transports, "default", None)
+    make = getattr(default, "create_ssl_context", None)
+    if make is None:  # another httpx: no shortcut
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(default, "create_ssl_context", functools.lru_cache(maxsize=8)(make))
+        yield
 
 
 class _Shared:
@@ -63,7 +83,8 @@ def make_inproc(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
     started: list[InProcessServer] = []
 
     def make(**kw: Any) -> InProcessServer:
-        server = InProcessServer(tmp_path / f"home{len(started)}", **kw).start()
+        home = kw.pop("home", tmp_path / f"home{len(started)}")
+        server = InProcessServer(home, **kw).start()
         started.append(server)
         return server
 

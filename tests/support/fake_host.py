@@ -738,8 +738,7 @@ class FakeHost:
     async def shutdown(self) -> None:
         """Server stop (not part of ``HostAPI``, as ``LocalHost.shutdown``): the VMs keep
         running, nothing follows their processes any more, and a later server (on another
-        loop) may adopt them."""
-        self.release_all()
+        loop) may adopt them. Gates stay as they are."""
         for session_id, vm in self.vms.items():
             for handle in self.processes.for_session(session_id):
                 await handle.cancel()

@@ -164,8 +164,10 @@ class _Uvicorn(uvicorn.Server):
             except TimeoutError:
                 await self.on_tick(10)
 
-    def stop_soon(self) -> None:
+    def stop_soon(self, force: bool = False) -> None:
         self.should_exit = True
+        if force:  # no wait for the requests in flight: they are cancelled where they stand
+            self.force_exit = True
         event: asyncio.Event | None = getattr(self, "exit_now", None)
         if event is not None:
             event.set()
@@ -238,14 +240,16 @@ class InProcessServer:
         self.run(self._open())
         return self
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, *, release: bool = True) -> None:
+        """Stop (``release``: after letting every call held in a gate of the host go on)."""
         thread = self._thread
         if thread is None:
             return
         if thread.is_alive() and self._loop is not None and self._server is not None:
-            self.host.release_all()  # nothing stays held in a gate
+            if release:
+                self.host.release_all()
             try:
-                self._loop.call_soon_threadsafe(self._server.stop_soon)
+                self._loop.call_soon_threadsafe(self._server.stop_soon, not release)
             except RuntimeError:  # the loop is closed already
                 pass
         thread.join(timeout)
@@ -253,6 +257,15 @@ class InProcessServer:
             raise RuntimeError(f"the in-process server did not stop in {timeout}s")
         if self._error is not None:
             raise RuntimeError("the in-process server failed") from self._error
+
+    def crash(self, timeout: float = 20.0) -> None:
+        """Stop as a killed server would: the work in flight (background or in a request, held
+        in a gate of the host or not) is cancelled where it stands, its records left as they
+        are. The fake host keeps its VMs and its gates (release them before a new server on the
+        same ``home`` recovers)."""
+        if self._plane is not None:
+            self.run(self._plane.stop(), timeout)
+        self.stop(timeout, release=False)
 
     def wait_stopped(self, timeout: float = 10.0) -> bool:
         """Wait until the server stopped on its own (``POST /v1/server/shutdown``)."""
