@@ -112,6 +112,20 @@ def test_a_failed_attach_leaves_the_volume_available(client: Client,
     assert client.get_volume(vol.id).state == V.AVAILABLE
 
 
+def test_terminate_during_the_create_time_attach(client: Client,
+                                                 fake_host: FakeHost) -> None:
+    vol = client.create_volume("data", "1MiB")
+    gate = fake_host.block("attach_volume")
+    s = client.create(volumes=[f"{vol.id}:/data"])
+    gate.wait_entered()
+    assert client.get_volume(vol.id).state == V.IN_USE  # reserved before the hot-plug
+    assert client.terminate(s.id).state == SessionState.TERMINATED
+    assert client.get_volume(vol.id).state == V.AVAILABLE
+    gate.release()
+    assert client.get_volume(vol.id).state == V.AVAILABLE
+    assert not fake_host.has_vm(s.id)
+
+
 def test_delete_is_deleting_then_deleted(client: Client, fake_host: FakeHost) -> None:
     vol = client.create_volume("data", "1MiB")
     gate = fake_host.block("delete_volume")

@@ -283,6 +283,9 @@ class FakeAgentProcess:
                 self._items.put_nowait({"event": "lost-connection"})
                 raise
             code = 128 + self._signal
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # killed: it ends with an exit, not cancelled
         except Exception as exc:  # a program's bug is a test's bug: make it visible
             self.emit("stderr", f"fake host: {type(exc).__name__}: {exc}\n")
             code = 70
