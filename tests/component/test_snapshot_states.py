@@ -190,3 +190,21 @@ def test_damaged_artifact_found_by_verify_is_failed(client: Client, inproc: InPr
         "its digest"
     # a FAILED snapshot is deleted like any other
     assert client.delete_snapshot(snap.id).state == P.DELETING
+
+
+def test_a_restore_in_progress_keeps_the_artifacts_it_reads(
+        client: Client, inproc: InProcessServer, fake_host: FakeHost) -> None:
+    """The snapshot is deleted (and the GC runs) while a restore of it is still starting: the
+    restore's record names every artifact it reads, so none is collected under it."""
+    src = client.create_and_wait()
+    snap = src.snapshot("x")
+    src.terminate()
+    gate = fake_host.block("restore")
+    r = client.create(snapshot_id=snap.id)
+    gate.wait_entered()
+    client.delete_snapshot(snap.id)
+    eventually(lambda: client.get_snapshot(snap.id).state == P.DELETED, what="DELETED")
+    fake_host.age_artifacts()
+    inproc.run(inproc.plane.snapshots.collect_garbage())
+    gate.release()
+    assert r.wait_ready(5).state == SessionState.READY

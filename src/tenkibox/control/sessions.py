@@ -136,7 +136,8 @@ class SessionControl:
             base_image_id=image_id, snapshot_id=snap.id if snap else None, env=env,
             meta=dict(req.metadata), volumes=[],
             # a restore's artifacts are named before the host reads them (so no GC takes them)
-            machine={**manifest.shape.to_json(), "ram": manifest.ram} if manifest else None,
+            machine={**manifest.shape.to_json(), "ram": manifest.ram, "state": manifest.state}
+            if manifest else None,
             disk_chain=list(manifest.layers) if manifest else [], created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None)

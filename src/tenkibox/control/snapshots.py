@@ -168,8 +168,9 @@ class SnapshotControl:
             if s.state in FINAL:
                 continue
             machine = s.machine or {}
+            # "state": the device state a restore in progress is still to load
             for d in [*(s.disk_chain or []), machine.get("kernel"), machine.get("initrd"),
-                      machine.get("ram")]:
+                      machine.get("ram"), machine.get("state")]:
                 if d:
                     refs.setdefault(d, f"session {s.id}")
         for snap in self.records.all(SnapshotRow):
