@@ -45,6 +45,7 @@ from pathlib import Path
 
 from ..config import Layout
 from ..errors import InternalError, ValidationError
+from ..fsync import fsync_path
 from ..models import Image
 
 log = logging.getLogger(__name__)
@@ -387,8 +388,8 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
         (out / "packages.txt").write_text("".join(f"{n}={v}\n" for n, v in packages))
         for p in out.iterdir():
             os.chmod(p, 0o444)
-            _fsync_file(p)
-        _fsync_dir(out)
+            fsync_path(p)
+        fsync_path(out)
         _publish(out, layout.image_dir(image_id))
         log.info("built image %s (kernel %s, %d bytes) in %.0f s", image_id, kernel_version,
                  size, time.monotonic() - started)
@@ -776,20 +777,5 @@ def _publish(new: Path, dest: Path) -> None:
         # ``new`` now holds the previous image. Sessions hard-link the files they use, so
         # removing it cannot pull a disk from under a running VM.
         _rmtree(new)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
