@@ -317,13 +317,19 @@ class ProcessInfo(_Model):
 
 
 class ProcessEvent(_Model):
-    """One line of a process's NDJSON event stream."""
+    """One line of a process's NDJSON event stream: ``stdout``/``stderr`` events, then one
+    ``exit`` or ``error`` (the output is no longer available, or some was lost: ``message`` says
+    why, with the bytes delivered before and, when known, lost, and the exit code)."""
 
     type: Literal["stdout", "stderr", "exit", "error"]
     data: str | None = Field(default=None, description="base64 bytes, for stdout/stderr")
     exit_code: int | None = None
     timed_out: bool = False
     message: str | None = None
+    delivered_bytes: int | None = Field(
+        default=None, description="error: output bytes delivered before the stream ended")
+    lost_bytes: int | None = Field(
+        default=None, description="error: output bytes lost (not delivered) before that")
 
 
 class FileWritten(_Model):

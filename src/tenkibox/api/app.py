@@ -16,7 +16,7 @@ from .._version import __version__
 from ..config import Layout
 from ..control.plane import ControlPlane
 from .errors import install_error_handlers
-from .routes import server, sessions, snapshots, volumes
+from .routes import STREAM_ITEM_MODELS, server, sessions, snapshots, volumes
 
 
 def application() -> FastAPI:
@@ -25,7 +25,25 @@ def application() -> FastAPI:
     install_error_handlers(app)
     for module in (sessions, snapshots, volumes, server):
         app.include_router(module.router)
+    _document_stream_items(app)
     return app
+
+
+def _document_stream_items(app: FastAPI) -> None:
+    """Put the models of streamed items (``routes.stream_of``) in the OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = generate()  # kept as app.openapi_schema: the additions stay
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name, model in STREAM_ITEM_MODELS.items():
+            schemas[name] = model.model_json_schema(
+                mode="serialization", ref_template="#/components/schemas/{model}")
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(plane: ControlPlane, *, layout: Layout, accel: str, api_key: str | None,

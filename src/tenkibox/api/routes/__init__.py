@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from ...models import ErrorBody
 
 #: The error responses a route may give, for the OpenAPI contract (the body is ``ErrorBody``).
@@ -15,3 +17,15 @@ _TEXT = {400: "Bad request", 401: "Missing or wrong API key", 404: "Not found",
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": _TEXT[c]}
             for c in sorted({401, 404, 413, 422, 500, *codes})}
+
+
+#: Models of streamed items (one NDJSON line each), named by ``stream_of``. FastAPI collects only
+#: the models it validates into the OpenAPI components; ``api.app`` adds these.
+STREAM_ITEM_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def stream_of(model: type[BaseModel]) -> dict[str, Any]:
+    """The media type object of a stream whose every line is a ``model`` (the ``schema`` of a
+    sequential media type describes one item, as for event streams before OpenAPI 3.2)."""
+    STREAM_ITEM_MODELS[model.__name__] = model
+    return {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from ...models import (
     ExecRequest,
     FileWritten,
+    ProcessEvent,
     ProcessInfo,
     Session,
     SessionCreate,
@@ -19,7 +20,7 @@ from ...models import (
     VolumeAttach,
 )
 from ..deps import Caller, Plane
-from . import errors
+from . import errors, stream_of
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -70,8 +71,10 @@ async def start_process(session_id: str, body: ExecRequest, plane: Plane,
 
 
 @router.get("/{session_id}/processes/{process_id}/events", operation_id="processEvents",
-            responses={200: {"content": {"application/x-ndjson": {}},
-                             "description": "NDJSON stream of ProcessEvent"}, **errors(404, 409)})
+            response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": stream_of(ProcessEvent)},
+                             "description": "NDJSON stream: one ProcessEvent per line"},
+                       **errors(404, 409)})
 async def process_events(session_id: str, process_id: str, plane: Plane,
                          _: Caller) -> StreamingResponse:
     events = plane.sessions.process_events(session_id, process_id)
@@ -116,7 +119,7 @@ FilePath = Annotated[str, Query(min_length=1, max_length=4096,
                                 description="absolute path in the guest")]
 
 
-@router.get("/{session_id}/files", operation_id="readFile",
+@router.get("/{session_id}/files", operation_id="readFile", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the file's bytes, streamed"}, **errors(404, 409)})
 async def read_file(session_id: str, path: FilePath, plane: Plane,
