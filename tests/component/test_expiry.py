@@ -46,6 +46,19 @@ def test_session_past_its_max_duration_is_terminated(client: Client,
     assert client.get(other.id).state == SessionState.READY
 
 
+def test_a_terminate_that_failed_is_retried_by_the_sweeper(client: Client,
+                                                            fake_host: FakeHost) -> None:
+    from tenkibox import errors
+
+    s = client.create_and_wait(max_duration=0.2)
+    fake_host.fail_next("terminate", errors.InternalError("QEMU did not quit"))
+    eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=5,
+               what="the expiry, retried")
+    assert client.get(s.id).record.state_reason == "max duration reached"
+    assert fake_host.calls_to("terminate") == [s.id, s.id]
+    assert not fake_host.has_vm(s.id)
+
+
 def test_running_session_expires_too(client: Client) -> None:
     s = client.create_and_wait(max_duration=0.3)
     s.start("sleep", "60")
@@ -67,7 +80,7 @@ def test_expiry_waits_for_a_boot_in_progress(client: Client, fake_host: FakeHost
 
 def test_snapshot_past_expires_at_is_deleted(client: Client) -> None:
     s = client.create_and_wait()
-    soon = datetime.now(UTC) + timedelta(seconds=0.4)
+    soon = datetime.now(UTC) + timedelta(seconds=1)  # must still be future when it arrives
     expiring = s.snapshot("soon", expires_at=soon)
     kept = s.snapshot("kept", expires_at=datetime.now(UTC) + timedelta(days=1))
     assert expiring.state == SnapshotState.READY and expiring.expires_at == soon
@@ -83,7 +96,7 @@ def test_failed_snapshot_expires_too(client: Client, fake_host: FakeHost) -> Non
     s = client.create_and_wait()
     fake_host.fail_next("capture", errors.InternalError("boom"))
     snap = client.create_snapshot(s.id, "x", expires_at=datetime.now(UTC)
-                                  + timedelta(seconds=0.3))
+                                  + timedelta(seconds=1))
     with pytest.raises(errors.SnapshotFailedError):
         client.wait_snapshot_ready(snap.id, timeout=5)
     eventually(lambda: client.get_snapshot(snap.id).state == SnapshotState.DELETED, timeout=5,

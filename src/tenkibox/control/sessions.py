@@ -39,7 +39,6 @@ from .volumes import VolumeControl
 log = logging.getLogger(__name__)
 
 S = SessionState
-TERMINATE_WAIT_S = 60.0
 
 
 def now() -> datetime:
@@ -193,30 +192,14 @@ class SessionControl:
         row = self.row(session_id)
         if row.state in FINAL:
             return self.to_model(row)
-        try:
-            await self.records.transition(SessionRow, session_id, S.TERMINATING,
-                                          state_reason=reason)
-        except IllegalTransitionError:
-            work = self._stopping.get(session_id)
-            row = self.row(session_id)
-            if work is None and row.state == S.TERMINATING.value:
-                # the terminate that moved it there failed half-way (the host raised): a
-                # terminate again is the retry, and does the work again (host.terminate is
-                # idempotent)
-                work = self._stop(session_id, row.state_reason)
-            if work is None:
-                # it ended meanwhile (its VM died): that is the answer
-                row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
-                                           lambda r: r.state in FINAL, TERMINATE_WAIT_S)
-                return self.to_model(row)
-        else:
-            work = self._stop(session_id, reason)
-        # one terminate does the work, the others wait for it (and share its failure)
+        # one terminate per session does the work (a task, so that no caller going away cuts
+        # it short); the others wait for it, and share its failure
+        work = self._stopping.get(session_id) or self._stop(session_id, reason)
         await asyncio.shield(work)
         return self.get(session_id)
 
     def _stop(self, session_id: str, reason: str | None) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = self._spawn(self._finish_terminate(session_id, reason),
+        task: asyncio.Task[None] = self._spawn(self._terminate(session_id, reason),
                                                f"terminate {session_id}")
         self._stopping[session_id] = task
 
@@ -228,6 +211,19 @@ class SessionControl:
 
         task.add_done_callback(done)
         return task
+
+    async def _terminate(self, session_id: str, reason: str | None) -> None:
+        try:
+            await self.records.transition(SessionRow, session_id, S.TERMINATING,
+                                          state_reason=reason)
+        except IllegalTransitionError:
+            row = self.row(session_id)
+            if row.state != S.TERMINATING.value:
+                return  # it ended meanwhile (its VM died): that is the answer
+            # an earlier terminate failed half-way (its host call raised): this one is the
+            # retry, and does the work again (host.terminate is idempotent)
+            reason = row.state_reason
+        await self._finish_terminate(session_id, reason)
 
     async def _finish_terminate(self, session_id: str, reason: str | None) -> None:
         start = self._starts.get(session_id)
@@ -348,9 +344,17 @@ class SessionControl:
     async def sweep_expired(self) -> None:
         t = now()
         for row in self.records.all(SessionRow):
-            if row.expires_at and row.expires_at <= t and row.state in LIVE:
-                log.info("session %s: max duration reached", row.id)
-                await self.terminate(row.id, "max duration reached")
+            try:
+                if row.expires_at and row.expires_at <= t and row.state in LIVE:
+                    log.info("session %s: max duration reached", row.id)
+                    await self.terminate(row.id, "max duration reached")
+                elif row.state == S.TERMINATING.value and row.id not in self._stopping:
+                    # a terminate that failed half-way (its host call raised): try again
+                    log.info("session %s: terminating again", row.id)
+                    await self.terminate(row.id)
+            except Exception as exc:  # one session's failure holds up no other
+                log.warning("session %s: terminate failed (tried again at the next sweep): %s",
+                            row.id, exc)
 
     async def shutdown(self) -> None:
         for task in list(self._tasks):
