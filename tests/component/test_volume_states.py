@@ -126,6 +126,18 @@ def test_terminate_during_the_create_time_attach(client: Client,
     assert not fake_host.has_vm(s.id)
 
 
+def test_a_volume_lost_at_a_capture_is_available_again(client: Client,
+                                                       fake_host: FakeHost) -> None:
+    kept = client.create_volume("kept", "1MiB")
+    lost = client.create_volume("lost", "1MiB")
+    s = client.create_and_wait(volumes=[f"{kept.id}:/kept", f"{lost.id}:/lost"])
+    fake_host.lose_at_capture = {lost.id}  # plugged back after the capture: it fails
+    assert s.snapshot("x").state == "READY"
+    assert [a.volume_id for a in client.get(s.id).record.volumes] == [kept.id]
+    assert client.get_volume(lost.id).state == V.AVAILABLE
+    assert client.get_volume(kept.id).state == V.IN_USE
+
+
 def test_delete_is_deleting_then_deleted(client: Client, fake_host: FakeHost) -> None:
     vol = client.create_volume("data", "1MiB")
     gate = fake_host.block("delete_volume")

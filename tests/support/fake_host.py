@@ -369,6 +369,8 @@ class FakeHost:
         self.calls: list[tuple[str, str]] = []
         #: processes of ours that no session owns, killed at the next ``recover``
         self.strays = 0
+        #: volumes that the next capture fails to plug back (the guest loses them)
+        self.lose_at_capture: set[str] = set()
         self._faults: dict[str, collections.deque[BaseException | type[BaseException]]] = {}
         self._gates: dict[str, Gate] = {}
         self._lock = threading.Lock()
@@ -604,8 +606,11 @@ class FakeHost:
         manifest = Manifest(vm.shape, list(vm.layers), self._new_digest("ram", spec.snapshot_id),
                             self._new_digest("state", spec.snapshot_id), spec.base_image_id)
         self.saved[manifest.state] = SavedState(dict(vm.files))
+        lost = sorted(m.volume_id for m in spec.volumes if m.volume_id in self.lose_at_capture)
+        vm.mounts = {p: m for p, m in vm.mounts.items() if m.volume_id not in lost}
+        self.lose_at_capture.clear()
         return Captured(manifest, self.capture_size_bytes, self.capture_stored_bytes,
-                        paused_s=0.001, timings={"pause": 0.001}, lost_volumes=[])
+                        paused_s=0.001, timings={"pause": 0.001}, lost_volumes=lost)
 
     # -- HostAPI: volumes -----------------------------------------------------------------------
     async def create_volume(self, volume_id: str, size_bytes: int) -> None:
