@@ -358,10 +358,18 @@ class LocalHost:
         return self._process(session_id, process_id).stream()
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
-        await self._process(session_id, process_id).agent_proc.write_stdin(data)
+        proc = self._process(session_id, process_id)
+        try:
+            await proc.agent_proc.write_stdin(data)
+        except AgentError as exc:
+            raise _stdin_error(exc, process_id) from exc
 
     async def process_close_stdin(self, session_id: str, process_id: str) -> None:
-        await self._process(session_id, process_id).agent_proc.close_stdin()
+        proc = self._process(session_id, process_id)
+        try:
+            await proc.agent_proc.close_stdin()
+        except AgentError as exc:
+            raise _stdin_error(exc, process_id) from exc
 
     async def process_kill(self, session_id: str, process_id: str, signal: int) -> None:
         await self._process(session_id, process_id).agent_proc.kill(signal)
@@ -454,6 +462,13 @@ class LocalHost:
             if d.name not in owned and not d.name.startswith("cv-"):
                 out.append(str(d))
         return out
+
+
+def _stdin_error(exc: AgentError, process_id: str) -> TenkiError:
+    """The process exited, or its stdin was closed or never opened: the caller's mistake."""
+    if exc.errno in ("ESRCH", "EPIPE", "EBADF"):
+        return ConflictError(f"process {process_id} takes no more input: {exc.message}")
+    return exc
 
 
 def _file_error(exc: AgentError, session_id: str, path: str) -> TenkiError:
