@@ -46,7 +46,8 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def faulty_server(image_layout: Any, request: pytest.FixtureRequest) -> Iterator[Callable[..., FaultServer]]:
+def faulty_server(image_layout: Any,
+                  request: pytest.FixtureRequest) -> Iterator[Callable[..., FaultServer]]:
     made: list[FaultServer] = []
     module = request.module.__name__.rsplit(".", 1)[-1]
 

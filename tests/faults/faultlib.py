@@ -497,8 +497,8 @@ def stored_files(server: Any, since: float, until: float) -> list[Path]:
     seen: dict[tuple[int, int], Path] = {}
     for p in sorted(home.rglob("*")):
         rel = p.relative_to(home)
-        if len(rel.parts) < 2 or rel.parts[0] == "images" or _ID.search(str(rel)) and \
-                any(x.startswith("ses_") for x in _ID.findall(str(rel))):
+        if len(rel.parts) < 2 or rel.parts[0] == "images" or (_ID.search(str(rel)) and \
+                any(x.startswith("ses_") for x in _ID.findall(str(rel)))):
             continue
         if not p.is_file() or p.is_symlink():
             continue
@@ -655,6 +655,8 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
     while (problems := _process_problems(server, sessions)) and time.monotonic() < deadline:
         time.sleep(0.3)
         sessions = list_sessions(server)
+    if problems:
+        reap(server)
     assert not problems, f"processes without a record / records without a VM: {problems}"
     if restore:
         for snap in snapshots:
@@ -669,12 +671,31 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
         orphans = orphan_files(server, sessions, snapshots)
         verdict = admin_verify(server)
         bad = verdict is not None and (verdict.get("ok") is not True or verdict.get("problems"))
-        if not orphans and not bad or time.monotonic() > deadline:
+        if (not orphans and not bad) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
         sessions, snapshots = list_sessions(server), list_snapshots(server)
+    if orphans:
+        reap(server, [o.rsplit(": ", 1)[-1] for o in orphans])
     assert not orphans, f"files without an owner after {timeout:.0f}s: {orphans}"
     assert not bad, f"tenki admin verify after {timeout:.0f}s: {json.dumps(verdict)[:2000]}"
+
+
+def reap(server: Any, paths: Iterable[str] = ()) -> None:
+    """After a failed check: kill the VM processes no live record owns and remove the given
+    files, so that the next case is judged on its own leftovers, not on this one's."""
+    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE}
+    for p in vm_processes(server):
+        if p.owner not in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    for path in paths:
+        target = Path(path)
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                target.unlink()
 
 
 def check_restorable(server: Any, snapshot_id: str, timeout: float = 120.0) -> None:

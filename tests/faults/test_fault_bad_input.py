@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import faultlib as fl
 import httpx
 import pytest
-
-import faultlib as fl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

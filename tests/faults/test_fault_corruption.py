@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faultlib as fl
 import pytest
 
-import faultlib as fl
 from tenkibox import errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -281,7 +281,7 @@ def _read_only_files(pid: int, root: Path) -> list[Path]:
 def test_damaged_layer_under_a_running_session_is_not_sealed(server: fl.FaultServer,
                                                              client: Any, source: Source,
                                                              keep_mtime: bool) -> None:
-    snap_id, new = fresh_snapshot(server, client, source, "lower")
+    snap_id, _ = fresh_snapshot(server, client, source, "lower")
     restored = client.create_and_wait(snapshot_id=snap_id, timeout=120)
     made: list[str] = []
     try:

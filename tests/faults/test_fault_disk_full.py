@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import faultlib as fl
 import pytest
 
-import faultlib as fl
 from tenkibox import errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

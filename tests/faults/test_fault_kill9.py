@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import faultlib as fl
 import httpx
 import pytest
-
-import faultlib as fl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -16,10 +16,9 @@ import threading
 import time
 from typing import Any
 
+import faultlib as fl
 import httpx
 import pytest
-
-import faultlib as fl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

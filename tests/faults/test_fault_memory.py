@@ -17,10 +17,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import faultlib as fl
 import httpx
 import pytest
-
-import faultlib as fl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
