@@ -6,11 +6,16 @@
   every server made is cleaned up at the end of the module.
 - ``server`` / ``client``: one fault-free server per module and its SDK client.
 - The run's leak check (no QEMU/passt process, run file or temp directory left) is the
-  integration suite's; it runs once per run, also when both directories run.
+  integration suite's; it runs once per run, also when both directories run. A check for passt
+  processes (which the integration check cannot see: their command line names no path) follows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,8 +46,17 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         it.RUN_ROOT.mkdir(parents=True, exist_ok=True)
         it.TMP_ROOT.mkdir(parents=True, exist_ok=True)
         yield
-        return
-    yield from _wrapped(it.leak_check)()
+    else:
+        yield from _wrapped(it.leak_check)()
+    # the integration check finds QEMU by its command line; passt names no path in its own
+    deadline = time.monotonic() + 10
+    while faultlib.run_leaks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leaks = faultlib.run_leaks()
+    for line in leaks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert not leaks, f"QEMU/passt processes leaked: {leaks}"
 
 
 @pytest.fixture(scope="module")

@@ -295,6 +295,29 @@ def vm_processes(server: Any) -> list[VmProc]:
     return found
 
 
+def run_leaks() -> list[str]:
+    """QEMU and passt processes of this test run still alive (by the run's tag in their command
+    line, open files or environment: passt's command line names no path)."""
+    tag = it.RUN_TAG
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        prog = os.path.basename(argv[0].decode(errors="replace")) if argv else ""
+        if not prog.startswith(("qemu-system", "passt", "pasta")) or not pid_alive(pid):
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        if tag in text or any(tag in link for link in _links(pid)) \
+                or any(tag in v for v in _environ(pid).values()):
+            out.append(f"{pid} {text[:200]}")
+    return out
+
+
 def qemu_pids(server: Any, session_id: str) -> list[int]:
     return [p.pid for p in vm_processes(server) if p.kind == "qemu" and p.owner == session_id]
 
