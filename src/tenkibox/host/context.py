@@ -42,6 +42,8 @@ class HostContext:
             digest = self.store.keys.digest(src)
             if not self.store.has(digest):
                 self.store.put(src, digest=digest)
+                # the hard link moved the inode's ctime: the content is the one just hashed
+                self.store.keys.remember(src, digest)
             out.append(digest)
         self.image_digests.update(out)
         return out[0], out[1], out[2], builder.BOOT_CMDLINE
