@@ -2,14 +2,14 @@
 the settled-state invariant checked after every case, and the discovery of VM processes and
 stored files without relying on more of the data directory's layout than necessary.
 
-All knowledge of the on-disk layout lives in ``orphan_files`` and ``snapshot_storage`` (the
-layout is being restructured: artifacts move to ``$TENKI_HOME/artifacts/`` by digest). When the
-server grows ``tenki admin verify --json``, ``assert_settled`` uses it as well.
+What little this knows of the on-disk layout lives in ``orphan_files`` (which paths must have an
+owner) and ``stored_files`` (what a snapshot stored, found by time, not by place); processes are
+found by the run root or home they mention. ``assert_settled`` also runs ``tenki admin verify
+--json`` (expected: an object with ``ok``; skipped while the command does not exist).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import importlib.util
 import json
@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -469,47 +468,6 @@ def orphan_files(server: Any, sessions: list[dict[str, Any]],
     return kept
 
 
-def snapshot_storage(server: Any, snapshot: dict[str, Any],
-                     since: float | None = None) -> list[Path]:
-    """The regular files a READY snapshot's restore depends on, found generically:
-
-    - every file in a directory named after the snapshot (``snapshots/snp_x/``), and every
-      existing file a JSON manifest there names (the layers, kernel and initrd it references);
-    - every file under ``$TENKI_HOME/artifacts`` (artifacts by digest, and the store's own
-      records) that entered the store between ``since`` (default: when the snapshot's source
-      session was created) and the snapshot's ``ready_at`` (ctime: a hard link into the store
-      keeps the file's old mtime but moves its ctime).
-
-    Callers that need the base image, kernel and initrd included make the snapshot's source the
-    first session of its home, so that these entered the store inside the window too.
-    """
-    home = Path(server.home)
-    snap_id = snapshot["id"]
-    files: dict[str, Path] = {}
-    for d in home.rglob(snap_id):
-        if d.is_dir():
-            for p in d.rglob("*"):
-                if p.is_file() and not p.is_symlink():
-                    files[str(p)] = p
-    for p in list(files.values()):
-        if p.suffix == ".json":
-            with contextlib.suppress(OSError, ValueError):
-                for s in _strings(json.loads(p.read_text())):
-                    if s.startswith("/") and Path(s).is_file():
-                        files.setdefault(str(Path(s)), Path(s))
-    artifacts = home / "artifacts"
-    if artifacts.exists():
-        if since is None:
-            since = parse_time(get_session(server, snapshot["session_id"])["created_at"]) - 1
-        until = parse_time(snapshot["ready_at"]) + 1 if snapshot.get("ready_at") else time.time()
-        for p in artifacts.rglob("*"):
-            if p.is_file() and not p.is_symlink():
-                st = p.stat()
-                if since <= max(st.st_mtime, st.st_ctime) <= until:
-                    files.setdefault(str(p), p)
-    return sorted(files.values())
-
-
 def stored_files(server: Any, since: float, until: float) -> list[Path]:
     """Regular files of the data directory that entered it between ``since`` and ``until``
     (by ctime: a hard link or a chmod moves it, a copy or write too), outside the image home,
@@ -561,18 +519,6 @@ def names_file(message: str, path: Path, root: Path | None = None) -> bool:
         if re.fullmatch(r"[0-9a-f]{64}", name) and name[:12] in message:
             return True
     return False
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 def parse_time(text: str) -> float:
@@ -777,10 +723,3 @@ def counting(session: Any, wait: float = 1.2) -> bool:
 
 def guest_clock_skew(session: Any) -> float:
     return abs(float(sh(session, "date +%s.%N")) - time.time())
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-__all__ = [name for name in dir() if not name.startswith("_")] + ["tempfile", "signal"]
