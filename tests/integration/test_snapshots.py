@@ -317,17 +317,20 @@ def test_corrupt_or_missing_files_fail_the_restore(client: Client, tenki_server,
     data = bytearray(ram.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ram.write_bytes(bytes(data))
-    with pytest.raises(errors.SessionFailedError, match="corrupt"):
+    before = {x.id for x in client.list()}
+    # refused before any session exists, naming the damaged file; the snapshot is FAILED now
+    with pytest.raises(errors.SnapshotFailedError, match=f"RAM image {ram.name[:12]} is corrupt"):
         client.create_and_wait(snapshot_id=s.id, timeout=120)
+    got = client.get_snapshot(s.id)
+    assert got.state.value == "FAILED" and "damaged in storage" in (got.state_reason or "")
     proc = tenki_server.cli("sandbox", "snapshot", "restore", s.id)
-    assert proc.returncode != 0 and f"RAM image {ram.name[:12]} is corrupt" in _err(proc)
+    assert proc.returncode != 0 and "FAILED" in _err(proc) and _err(proc).count("\n") == 1
     s2 = client.create_snapshot_and_wait(source.id, "to-lose", timeout=300)
     tenki_server.artifacts(s2.id)["state"].unlink()
-    with pytest.raises(errors.SessionFailedError, match=r"device state [0-9a-f]{12} is missing"):
+    with pytest.raises(errors.SnapshotFailedError, match=r"device state [0-9a-f]{12} is missing"):
         client.create_and_wait(snapshot_id=s2.id, timeout=120)
     # nothing half-started is left behind
-    failed = [x for x in client.list(state="FAILED") if x.record.snapshot_id in (s.id, s2.id)]
-    assert failed and all(x.record.state_reason for x in failed)
+    assert {x.id for x in client.list()} == before
     for x in (s, s2):
         client.delete_snapshot(x.id)
 

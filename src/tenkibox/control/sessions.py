@@ -19,7 +19,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import longpoll
-from ..errors import ConflictError, SnapshotFailedError, TenkiError, ValidationError
+from ..errors import (
+    ConflictError,
+    NotFoundError,
+    SnapshotFailedError,
+    TenkiError,
+    ValidationError,
+)
 from ..host.api import (
     BootSpec,
     ExecSpec,
@@ -128,6 +134,7 @@ class SessionControl:
             source = self.records.find(SessionRow, snap.session_id)
             env = {**((source.env or {}) if source else {}), **env}
             manifest = Manifest.from_json(snap.files)
+            await self._refuse_if_damaged(snap.id, manifest)
         created = now()
         row = SessionRow(
             id=new_id("session"), name=req.name, state=S.CREATING.value,
@@ -143,6 +150,34 @@ class SessionControl:
         await self.records.insert(row)
         self._starts[row.id] = self._spawn(self._start(row.id, req, manifest), f"start {row.id}")
         return self.to_model(row)
+
+    async def _refuse_if_damaged(self, snapshot_id: str, manifest: Manifest) -> None:
+        """A restore of a snapshot whose stored artifacts are missing or corrupt is refused
+        before any session exists (cheap: a file is re-read only if it changed since it was
+        last hashed), and the snapshot becomes FAILED naming what is damaged."""
+        bad = await self.host.verify_artifacts(manifest.digests(), deep=False)
+        if not bad:
+            return
+        reason = f"snapshot {snapshot_id} cannot be restored: {next(iter(bad.values()))}"
+        with contextlib.suppress(IllegalTransitionError):
+            await self.records.transition(SnapshotRow, snapshot_id, "FAILED", expected=["READY"],
+                                          state_reason=f"damaged in storage: {reason}")
+        raise SnapshotFailedError(reason)
+
+    async def _while_live(self, session_id: str, call: Any) -> Any:
+        """Run a host call on a session's VM; if the VM went away meanwhile (a terminate or
+        its death won the race), the caller hears that, not the broken connection."""
+        try:
+            return await call
+        except TenkiError as exc:
+            if isinstance(exc, (ConflictError, ValidationError, NotFoundError)):
+                raise
+            row = self.row(session_id)
+            if row.state not in LIVE or not self.host.has_vm(session_id):
+                reason = f" ({row.state_reason})" if row.state_reason else ""
+                raise ConflictError(
+                    f"session {session_id} is {row.state}{reason}, not running") from exc
+            raise
 
     async def _start(self, session_id: str, req: SessionCreate, manifest: Manifest | None) -> None:
         row = self.row(session_id)
@@ -292,12 +327,15 @@ class SessionControl:
                 stdin_data = base64.b64decode(req.stdin_data, validate=True)
             except binascii.Error as exc:
                 raise ValidationError(f"not base64: {exc}", field="stdin_data") from exc
-        ref = await self.host.start_process(session_id, ExecSpec(
-            argv=argv, env={**(row.env or {}), **req.env}, cwd=req.cwd,
-            timeout_s=req.timeout_s, stdin=req.stdin or stdin_data is not None))
+        ref: ProcessRef = await self._while_live(session_id, self.host.start_process(
+            session_id, ExecSpec(argv=argv, env={**(row.env or {}), **req.env}, cwd=req.cwd,
+                                 timeout_s=req.timeout_s,
+                                 stdin=req.stdin or stdin_data is not None)))
         if stdin_data is not None:
-            await self.host.process_stdin(session_id, ref.process_id, stdin_data)
-            await self.host.process_close_stdin(session_id, ref.process_id)
+            await self._while_live(session_id, self.host.process_stdin(
+                session_id, ref.process_id, stdin_data))
+            await self._while_live(session_id, self.host.process_close_stdin(
+                session_id, ref.process_id))
         try:
             await self.records.transition(SessionRow, session_id, S.RUNNING, expected=[S.READY])
         except IllegalTransitionError:
@@ -333,12 +371,25 @@ class SessionControl:
 
     async def read_file(self, session_id: str, path: str) -> AsyncGenerator[bytes, None]:
         self.live_row(session_id)
-        return self.host.read_file(session_id, path)
+        return self._read_while_live(session_id, self.host.read_file(session_id, path))
+
+    async def _read_while_live(self, session_id: str,
+                               chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                chunk = await self._while_live(session_id, anext(chunks, None))
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            await chunks.aclose()
 
     async def write_file(self, session_id: str, path: str, chunks: AsyncIterable[bytes],
                          mode: int) -> int:
         self.live_row(session_id)
-        return await self.host.write_file(session_id, path, chunks, mode)
+        written: int = await self._while_live(
+            session_id, self.host.write_file(session_id, path, chunks, mode))
+        return written
 
     # -- expiry ----------------------------------------------------------------------------------
     async def sweep_expired(self) -> None:
