@@ -47,6 +47,30 @@ async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -
         delay = min(delay * 2, 0.05)
 
 
+async def freeze_disk(machine: Machine, new_top: Path, node_name: str) -> None:
+    """``blockdev-snapshot-sync``: the current top layer becomes read-only and the VM goes on
+    writing to a new overlay at ``new_top`` (the guest may run or be paused)."""
+    top_node, _ = await machine.top_node()
+    await machine.execute("blockdev-snapshot-sync", {
+        "node-name": top_node, "snapshot-file": str(new_top),
+        "snapshot-node-name": node_name, "format": "qcow2",
+    })
+
+
+async def save_state(machine: Machine, target: Path, *, with_ram: bool) -> None:
+    """Write the device state (and guest RAM, if ``with_ram``) to ``target``; waits."""
+    await enable_snapshot_caps(machine, ignore_shared=not with_ram)
+    await machine.execute("migrate", {"uri": f"exec:cat > {target}"})
+    await wait_migration(machine)
+
+
+async def load_state(machine: Machine, source: Path) -> None:
+    """Load a device state written by ``save_state`` into a VM started ``-incoming defer``."""
+    await enable_snapshot_caps(machine)
+    await machine.execute("migrate-incoming", {"uri": f"exec:cat {source}"})
+    await wait_migration(machine)
+
+
 async def convert_stream(cfg: MachineConfig, chain: list[Path], stream: Path, work_dir: Path,
                          ram_out: Path, state_out: Path, steps: Any) -> None:
     """Load a full migration stream into a scratch QEMU that never runs, with its RAM in a

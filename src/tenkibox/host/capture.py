@@ -34,7 +34,7 @@ from pathlib import Path
 from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
-from ..engine.migration import convert_stream, enable_snapshot_caps, wait_migration
+from ..engine.migration import convert_stream, freeze_disk, save_state
 from ..errors import SnapshotFailedError
 from ..steps import Steps
 from . import volumes
@@ -89,20 +89,13 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
         with steps.step("pause"):
             await machine.pause()
         with steps.step("freeze-disk"):
-            top_node, _ = await machine.top_node()
-            await machine.execute("blockdev-snapshot-sync", {
-                "node-name": top_node, "snapshot-file": str(vm.disk_dir / new_top),
-                "snapshot-node-name": f"top-{spec.snapshot_id}", "format": "qcow2",
-            })
+            await freeze_disk(machine, vm.disk_dir / new_top, f"top-{spec.snapshot_id}")
             # from here QEMU writes to the new top: the host's note must say so at once
             vm.record.frozen.append((frozen_name, ""))
             vm.record.top = new_top
             vm.record.save(vm.disk_dir)
         with steps.step("device-state"):
-            await enable_snapshot_caps(machine, ignore_shared=not private)
-            target = stream or staging / "state.bin"
-            await machine.execute("migrate", {"uri": f"exec:cat > {target}"})
-            await wait_migration(machine)
+            await save_state(machine, stream or staging / "state.bin", with_ram=private)
         if not private:
             with steps.step("copy-ram"):
                 await asyncio.to_thread(ramfile.sparse_copy, machine.files.ram, staging / "ram")

@@ -31,7 +31,7 @@ from ..artifacts.store import ArtifactError
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine
-from ..engine.migration import enable_snapshot_caps, wait_migration
+from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
 from ..steps import Steps
 from .api import RestoreSpec, SnapshotDamagedError
@@ -82,10 +82,7 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
             await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
                                                incoming=True))
         with steps.step("load-state"):
-            await enable_snapshot_caps(machine)
-            state = ctx.store.local_path(m.state)
-            await machine.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
-            await wait_migration(machine)
+            await load_state(machine, ctx.store.local_path(m.state))
         with steps.step("resume"):
             await machine.resume()
         with steps.step("agent"):

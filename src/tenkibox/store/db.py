@@ -53,7 +53,8 @@ class Store:
         with self._factory() as orm, orm.begin():
             yield orm
 
-    # small typed helpers used by the services
+    # Reads, and an insert for seeding tests. The server changes rows only through
+    # ``control.records.Records`` (compare-and-set state changes).
     def get_session(self, sid: str) -> SessionRow | None:
         with self._factory() as orm:
             return orm.get(SessionRow, sid)
@@ -69,15 +70,6 @@ class Store:
     def add(self, row: Base) -> None:
         with self.tx() as orm:
             orm.add(row)
-
-    def update(self, cls: type[Base], key: str, **values: Any) -> Any:
-        with self.tx() as orm:
-            row = orm.get(cls, key)
-            if row is None:
-                return None
-            for k, v in values.items():
-                setattr(row, k, v)
-            return row
 
     def all(self, cls: type[Any], *where: Any) -> list[Any]:
         with self._factory() as orm:
