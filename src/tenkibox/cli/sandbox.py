@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from .. import models, units
+from .. import limits, models, units
 from ..client import Process, Session
 from ..errors import TenkiError
 from . import _common as c
@@ -23,7 +23,8 @@ def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
 
     def decorate(f: c.F) -> c.F:
         opts: list[Callable[[Any], Any]] = [
-            click.option("--name", help="A name for the session (up to 128 characters)."),
+            click.option("--name", help=f"A name for the session (up to "
+                                        f"{limits.NAME_MAX_CHARS} characters)."),
             click.option("--cpu", metavar="N", help="vCPUs, 1..16 (default 2)."),
             click.option(
                 "--memory-mb", metavar="MIB", help="Memory in MiB, 512..65536 (default 4096)."
@@ -91,8 +92,9 @@ def run_create(
     max_s = c.parse_duration(max_duration, "--max-duration")
     mounts = c.parse_volumes(volumes)
     timeout = c.parse_duration(wait_timeout, "--wait-timeout")
-    if name is not None and len(name) > 128:
-        raise c.ValidationError(f"must be at most 128 characters, got {len(name)}", field="--name")
+    if name is not None and len(name) > limits.NAME_MAX_CHARS:
+        raise c.ValidationError(f"must be at most {limits.NAME_MAX_CHARS} characters, got "
+                                f"{len(name)}", field="--name")
 
     cl = c.client(ctx)
     session = cl.create(

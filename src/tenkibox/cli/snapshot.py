@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .. import models, units
+from .. import limits, models, units
 from . import _common as c
 from .sandbox import create_options, run_create
 
@@ -66,8 +66,9 @@ def create(
     """Snapshot a session and wait until the snapshot is READY; prints its id."""
     when = c.parse_expires_at(expires_at)
     timeout = c.parse_duration(wait_timeout, "--wait-timeout")
-    if len(name) > 128:
-        raise c.ValidationError(f"must be at most 128 characters, got {len(name)}", field="--name")
+    if len(name) > limits.NAME_MAX_CHARS:
+        raise c.ValidationError(f"must be at most {limits.NAME_MAX_CHARS} characters, got "
+                                f"{len(name)}", field="--name")
     cl = c.client(ctx)
     snap = cl.create_snapshot(session_id, name, when)
     if not no_wait:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import models, units
+from .. import limits, models, units
 from . import _common as c
 
 
@@ -35,8 +35,9 @@ def print_volume(v: models.Volume) -> None:
 def create(ctx: click.Context, name: str, size: str, as_json: bool) -> None:
     """Create a volume; prints its id."""
     size_b = c.parse_size(size, "--size")
-    if len(name) > 128:
-        raise c.ValidationError(f"must be at most 128 characters, got {len(name)}", field="--name")
+    if len(name) > limits.NAME_MAX_CHARS:
+        raise c.ValidationError(f"must be at most {limits.NAME_MAX_CHARS} characters, got "
+                                f"{len(name)}", field="--name")
     vol = c.client(ctx).create_volume(name, size_b)
     if as_json:
         c.print_json(vol)

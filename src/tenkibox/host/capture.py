@@ -98,7 +98,10 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
             await save_state(machine, stream or staging / "state.bin", with_ram=private)
         if not private:
             with steps.step("copy-ram"):
-                await asyncio.to_thread(ramfile.sparse_copy, machine.files.ram, staging / "ram")
+                copied = await asyncio.to_thread(ramfile.sparse_copy, machine.files.ram,
+                                                 staging / "ram")
+            # bounded by the guest's touched RAM; removed when the capture ends, or at recovery
+            log.info("%s: %.1f MiB of RAM staged on tmpfs", spec.snapshot_id, copied / 2**20)
     finally:
         if was_running:
             with steps.step("resume"):
