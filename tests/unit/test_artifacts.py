@@ -17,7 +17,7 @@ from tenkibox.artifacts import digests, ramfile
 from tenkibox.artifacts import store as store_mod
 from tenkibox.artifacts.digests import VerifiedKeys, sha256_file, stat_key
 from tenkibox.artifacts.store import ArtifactCorrupt, ArtifactMissing, LocalArtifactStore
-from tenkibox.host.ramcache import RamCache, content_digest
+from tenkibox.host.ramcache import RamCache, content_digest, image_content_digest
 
 MiB = 1 << 20
 SHM = Path("/dev/shm")
@@ -324,10 +324,19 @@ async def test_ram_cache_is_built_from_the_stored_image(
     assert path == cache.path(d) and path.read_bytes() == content
     assert path.stat().st_blocks * 512 < 8 * MiB  # sparse
     meta = json.loads((cache.root / f"{d}.meta").read_text())
-    assert meta == {"key": stat_key(path), "content": content_digest(path)}
+    assert meta == {"key": stat_key(path)}
     ino = path.stat().st_ino
     assert await cache.ensure(d) == path and path.stat().st_ino == ino  # not rebuilt
     assert cache.scrub() == []
+
+
+async def test_the_image_says_what_its_cache_must_hold(
+        ram: tuple[RamCache, str, bytes]) -> None:
+    cache, d, _ = ram
+    path = await cache.ensure(d)
+    assert image_content_digest(cache.store.local_path(d)) == content_digest(path)
+    flip_byte(path, 5 * MiB + 3)
+    assert image_content_digest(cache.store.local_path(d)) != content_digest(path)
 
 
 async def test_a_damaged_ram_cache_is_rebuilt(ram: tuple[RamCache, str, bytes]) -> None:
@@ -337,11 +346,11 @@ async def test_a_damaged_ram_cache_is_rebuilt(ram: tuple[RamCache, str, bytes]) 
     assert path.read_bytes() != content
     await cache.ensure(d)
     assert path.read_bytes() == content
-    # a rename or a touch moves the key but not the content: checked, kept, key renewed
+    # a touch moves the key: the cache is not trusted, it is built again (a new file)
     ino = path.stat().st_ino
     os.utime(path)
     await cache.ensure(d)
-    assert path.stat().st_ino == ino
+    assert path.stat().st_ino != ino and path.read_bytes() == content
     assert json.loads((cache.root / f"{d}.meta").read_text())["key"] == stat_key(path)
 
 

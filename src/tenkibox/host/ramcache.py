@@ -84,16 +84,11 @@ class _ChunkHasher:
         return self.digest.hexdigest()
 
 
-def unpack_hashing(src: Path, dst: Path) -> str:
-    """Unpack a RAM image into ``dst`` and return the ``content_digest`` of what was written."""
-    size = ramfile.image_size(src)
-    hasher = _ChunkHasher(size)
-    with open(dst, "wb") as fout:
-        fout.truncate(size)
-        fd = fout.fileno()
-        for _size, off, data in ramfile.frames(src):
-            os.pwrite(fd, data, off)
-            hasher.add(off, data)
+def image_content_digest(src: Path) -> str:
+    """The ``content_digest`` that unpacking the RAM image ``src`` yields, without writing."""
+    hasher = _ChunkHasher(ramfile.image_size(src))
+    for _size, off, data in ramfile.frames(src):
+        hasher.add(off, data)
     return hasher.hexdigest()
 
 
@@ -110,27 +105,36 @@ class RamCache:
         return self.root / f"{digest}.meta"
 
     def _check(self, digest: str, *, deep: bool) -> bool:
-        """True when the cache of ``digest`` exists and its content is what was unpacked."""
+        """True when the cache of ``digest`` can be mapped as it is.
+
+        Without ``deep`` (every restore): only if its stat key is the one it had when it was
+        unpacked; any change moves it, and a changed cache is simply rebuilt (as cheap as
+        re-hashing it, and never wrong). With ``deep`` (scrub): its content is compared with
+        what the stored RAM image says it must be, whatever its stat says."""
         cache, meta = self.path(digest), self._meta(digest)
         try:
             info = json.loads(meta.read_text())
             key = stat_key(cache)
         except (OSError, ValueError):
             return False
-        if key == info.get("key") and not deep:
-            return True
-        if content_digest(cache) != info.get("content"):
-            log.warning("RAM cache %s does not match what was unpacked: rebuilding", digest[:12])
+        if not deep:
+            return bool(key == info.get("key"))
+        try:
+            expected = image_content_digest(self.store.local_path(digest))
+        except (OSError, ValueError):
+            expected = None  # the image itself is gone or unreadable: nothing vouches for it
+        if expected is None or content_digest(cache) != expected:
+            log.warning("RAM cache %s does not match its RAM image: rebuilding", digest[:12])
             # never vouched for again, even if the rebuild fails (its key may not have moved)
             meta.unlink(missing_ok=True)
             return False
-        self._write_meta(digest, info["content"])  # the content is right; the key moved
+        self._write_meta(digest)  # the content is right; remember its key as it is now
         return True
 
-    def _write_meta(self, digest: str, content: str) -> None:
+    def _write_meta(self, digest: str) -> None:
         meta = self._meta(digest)
         tmp = meta.with_name(f".{meta.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_text(json.dumps({"key": stat_key(self.path(digest)), "content": content}))
+        tmp.write_text(json.dumps({"key": stat_key(self.path(digest))}))
         os.replace(tmp, meta)
 
     def _build(self, digest: str) -> None:
@@ -138,11 +142,11 @@ class RamCache:
         cache = self.path(digest)
         tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
         try:
-            content = unpack_hashing(self.store.local_path(digest), tmp)
+            ramfile.unpack(self.store.local_path(digest), tmp)
             os.replace(tmp, cache)
         finally:
             tmp.unlink(missing_ok=True)
-        self._write_meta(digest, content)
+        self._write_meta(digest)
 
     async def ensure(self, digest: str) -> Path:
         """The verified cache of RAM image ``digest``, built or rebuilt if needed."""
