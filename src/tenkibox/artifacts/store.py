@@ -72,6 +72,7 @@ class ArtifactStore(Protocol):
     def has(self, digest: str) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
     def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None: ...
+    def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]: ...
     def size(self, digest: str) -> int: ...
     def delete(self, digest: str) -> int: ...
     def entries(self) -> list[ArtifactInfo]: ...
@@ -175,6 +176,17 @@ class LocalArtifactStore:
             raise ArtifactCorrupt(
                 f"{kind} {digest[:12]} is corrupt (its content hashes to {got[:12]})",
                 digest=digest, kind=kind)
+
+    def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]:
+        """digest -> what is wrong, for each of ``digests`` (digest -> kind) that is missing or
+        corrupt, in the order given."""
+        bad: dict[str, str] = {}
+        for digest, kind in digests.items():
+            try:
+                self.verify(digest, kind, deep=deep)
+            except ArtifactError as exc:
+                bad[digest] = exc.message
+        return bad
 
     def delete(self, digest: str) -> int:
         path = self.local_path(digest)

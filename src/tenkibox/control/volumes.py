@@ -15,6 +15,7 @@ from ..errors import ConflictError, TenkiError, ValidationError, VolumeNotFoundE
 from ..host.api import HostAPI, VolumeMountSpec
 from ..ids import new_id
 from ..models import (
+    SessionCreate,
     Volume,
     VolumeAttach,
     VolumeAttachment,
@@ -149,9 +150,9 @@ class VolumeControl:
         log.info("%s: deleted", volume_id)
 
     # -- attach and detach -------------------------------------------------------------------
-    def check_create(self, req: object) -> None:
+    def check_create(self, req: SessionCreate) -> None:
         """Refuse a session create whose volumes cannot be attached, before anything starts."""
-        mounts: list[VolumeMount] = list(getattr(req, "volumes", []))
+        mounts = list(req.volumes)
         if len(mounts) > HOTPLUG_PORTS:
             raise ValidationError(f"a session takes at most {HOTPLUG_PORTS} volumes",
                                   field="volumes")

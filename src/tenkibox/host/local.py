@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ..artifacts.store import GC_GRACE_S, ArtifactError, LocalArtifactStore
+from ..artifacts.store import GC_GRACE_S, LocalArtifactStore
 from ..config import Layout
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError, pid_alive
@@ -263,14 +263,18 @@ class LocalHost:
             killed += 1
         return killed
 
-    def _remove_leftovers(self) -> None:
+    def _orphan_dirs(self, *, conversions: bool) -> list[Path]:
+        """Run and disk directories of VMs this host does not hold (with ``conversions``, also
+        the scratch directories of snapshot conversions, which only a crash leaves behind)."""
+        owned = set(self.vms) | set(self._starting)
         run_root = self.paths.layout.run
-        for d in list(run_root.iterdir()) if run_root.exists() else []:
-            if d.name not in self.vms:
-                shutil.rmtree(d, ignore_errors=True)
-        for d in list(self.paths.disks.iterdir()):
-            if d.name not in self.vms:
-                shutil.rmtree(d, ignore_errors=True)
+        runs = list(run_root.iterdir()) if run_root.exists() else []
+        return [d for d in [*runs, *self.paths.disks.iterdir()]
+                if d.name not in owned and (conversions or not d.name.startswith("cv-"))]
+
+    def _remove_leftovers(self) -> None:
+        for d in self._orphan_dirs(conversions=True):
+            shutil.rmtree(d, ignore_errors=True)
         self.ctx.ram_cache.clear_temporaries()
         for tmp in self.store.strays():
             tmp.unlink(missing_ok=True)
@@ -433,12 +437,7 @@ class LocalHost:
         """digest -> problem, for every artifact of ``digests`` (digest -> kind) that is missing
         or corrupt; with ``deep`` the RAM caches are re-hashed (and rebuilt) too."""
         def run() -> dict[str, str]:
-            bad: dict[str, str] = {}
-            for digest, kind in digests.items():
-                try:
-                    self.store.verify(digest, kind, deep=deep)
-                except ArtifactError as exc:
-                    bad[digest] = exc.message
+            bad = self.store.damaged(digests, deep=deep)
             if deep:
                 for digest in self.ctx.ram_cache.scrub():
                     log.warning("RAM cache %s was damaged and has been rebuilt", digest[:12])
@@ -453,14 +452,7 @@ class LocalHost:
         now = time.time()
         out += [f"artifact {a.digest}" for a in self.store.entries()
                 if a.digest not in keep and now - a.stored_at >= GC_GRACE_S]
-        owned = set(self.vms) | set(self._starting)
-        for d in self.paths.disks.iterdir():
-            if d.name not in owned:
-                out.append(str(d))
-        run_root = self.paths.layout.run
-        for d in run_root.iterdir() if run_root.exists() else []:
-            if d.name not in owned and not d.name.startswith("cv-"):
-                out.append(str(d))
+        out += [str(d) for d in self._orphan_dirs(conversions=False)]
         return out
 
 

@@ -44,13 +44,11 @@ RESTORE_AGENT_TIMEOUT_S = 30.0
 
 
 def verify_manifest(ctx: HostContext, snapshot_id: str, digests: dict[str, str]) -> None:
-    """Raise SnapshotFailedError naming the first missing or corrupt artifact."""
-    for digest, kind in digests.items():
-        try:
-            ctx.store.verify(digest, kind)
-        except ArtifactError as exc:
-            raise SnapshotDamagedError(
-                f"snapshot {snapshot_id} cannot be restored: {exc.message}") from exc
+    """Raise SnapshotDamagedError naming the first missing or corrupt artifact."""
+    bad = ctx.store.damaged(digests)
+    if bad:
+        raise SnapshotDamagedError(
+            f"snapshot {snapshot_id} cannot be restored: {next(iter(bad.values()))}")
 
 
 async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
