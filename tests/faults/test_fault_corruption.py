@@ -56,13 +56,16 @@ def source(server: fl.FaultServer, client: Any) -> Source:
 
 def fresh_snapshot(server: fl.FaultServer, client: Any, source: Source,
                    name: str) -> tuple[str, list[Path]]:
-    """A new READY snapshot of the source and the files stored while it was taken."""
+    """A new READY snapshot of the source and the files stored while it was taken. Files that
+    were already there are left out: the ctime window alone also catches an earlier snapshot's
+    file whose byte a previous case put back just before this capture began."""
+    before = set(fl.stored_files(server, 0, float("inf")))
     snap = client.create_snapshot_and_wait(source.session.id, name, timeout=300)
     rec = fl.get_snapshot(server, snap.id)
     assert rec is not None and rec["ready_at"]
     new = fl.stored_files(server, fl.parse_time(rec["created_at"]) - 0.5,
                           fl.parse_time(rec["ready_at"]) + 0.5)
-    new = [p for p in new if p not in source.boot_files]
+    new = [p for p in new if p not in source.boot_files and p not in before]
     assert [p for p in new if not fl.derived(p)], f"no stored file appeared for {snap.id}"
     return snap.id, new
 
