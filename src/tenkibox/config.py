@@ -56,6 +56,12 @@ class Layout:
         return self.home / "server.log"
 
     @property
+    def admin_key_file(self) -> Path:
+        """The local admin key (``tk_...``, mode 0600), written by the server on first start
+        and read by the CLI and ``Client()`` when they talk to this home's server."""
+        return self.home / "admin.key"
+
+    @property
     def layers(self) -> Path:
         """Immutable disk layers, kernels and initrds, shared by sessions and snapshots."""
         return self.home / "layers"

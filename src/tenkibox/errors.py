@@ -6,13 +6,18 @@
     │   ├── SessionNotFoundError      "session ses_x not found"
     │   ├── SnapshotNotFoundError     (the spec's ErrSnapshotNotFound)
     │   ├── VolumeNotFoundError
-    │   └── ImageNotFoundError
+    │   ├── ImageNotFoundError
+    │   ├── WorkspaceNotFoundError
+    │   └── ApiKeyNotFoundError
     ├── MethodNotAllowedError    405  the route exists, not with this HTTP method
     ├── ConflictError            409  the resource is in a state that forbids the call
     ├── PayloadTooLargeError     413  the request body is over its limit (docs/limits.md)
     ├── SnapshotFailedError      409  (the spec's ErrSnapshotFailed) capture or restore failed
     ├── SessionFailedError       500  the VM could not be started or died
-    ├── AuthenticationError      401
+    ├── AuthenticationError      401  no key, or one that is unknown, revoked or expired
+    ├── PermissionDeniedError    403  the key is valid but may not make this call (admin only)
+    ├── QuotaExceededError       429  a workspace quota: "quota exceeded: NAME=LIMIT, in use N"
+    ├── CapacityUnavailableError 503  the host cannot take the session now (retryable)
     ├── WaitTimeoutError              a client-side wait ran out (the work goes on)
     ├── ConnectionError               the server cannot be reached
     ├── CommandError                  ``ExecResult.check()`` on a non-zero exit
@@ -79,6 +84,14 @@ class ImageNotFoundError(NotFoundError):
     code = "ImageNotFound"
 
 
+class WorkspaceNotFoundError(NotFoundError):
+    code = "WorkspaceNotFound"
+
+
+class ApiKeyNotFoundError(NotFoundError):
+    code = "ApiKeyNotFound"
+
+
 class MethodNotAllowedError(TenkiError):
     code = "MethodNotAllowed"
     status = 405
@@ -107,6 +120,26 @@ class SessionFailedError(TenkiError):
 class AuthenticationError(TenkiError):
     code = "Unauthorized"
     status = 401
+
+
+class PermissionDeniedError(TenkiError):
+    code = "PermissionDenied"
+    status = 403
+
+
+class QuotaExceededError(TenkiError):
+    """``details``: ``{"quota": NAME, "limit": N, "in_use": N}``."""
+
+    code = "QuotaExceeded"
+    status = 429
+
+
+class CapacityUnavailableError(TenkiError):
+    """The host has no room for the session now; retrying later may succeed."""
+
+    code = "CapacityUnavailable"
+    status = 503
+    retryable: ClassVar[bool] = True
 
 
 class WaitTimeoutError(TenkiError):
@@ -144,12 +177,17 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         SnapshotNotFoundError,
         VolumeNotFoundError,
         ImageNotFoundError,
+        WorkspaceNotFoundError,
+        ApiKeyNotFoundError,
         MethodNotAllowedError,
         ConflictError,
         PayloadTooLargeError,
         SnapshotFailedError,
         SessionFailedError,
         AuthenticationError,
+        PermissionDeniedError,
+        QuotaExceededError,
+        CapacityUnavailableError,
         WaitTimeoutError,
         ConnectionError,
         CommandError,

@@ -254,6 +254,7 @@ class SessionCreate(_Model):
 
 class Session(_Model):
     id: str
+    workspace_id: str
     name: str | None = None
     state: SessionState
     state_reason: str | None = None
@@ -274,7 +275,8 @@ class SnapshotCreate(_Model):
     session_id: Id
     name: Name | None = None
     expires_at: datetime | None = None
-    workspace_id: Id | None = None
+    workspace_id: Id | None = Field(
+        default=None, description="set from the API key; if given, it must be the key's")
 
 
 class Snapshot(_Model):
@@ -358,6 +360,7 @@ class VolumeAttach(_Model):
 
 class Volume(_Model):
     id: str
+    workspace_id: str
     name: str
     size_bytes: int
     state: VolumeState
@@ -399,3 +402,105 @@ class StoreReport(_Model):
                                           description="digest -> what is wrong with it")
     unowned: list[str] = Field(default_factory=list, description="files no record owns")
     repaired: bool = False
+
+
+# -- workspaces, API keys, audit, host capacity -------------------------------------------------
+
+#: The quotas a workspace can have; a missing or null value is no limit.
+QUOTA_NAMES = ("max_concurrent_sessions", "max_memory_mib", "max_snapshots", "max_volumes",
+               "max_stored_bytes")
+
+
+class Quotas(_Model):
+    """Per-workspace limits; ``None`` is no limit."""
+
+    max_concurrent_sessions: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_memory_mib: int | None = Field(default=None, ge=0, le=1 << 40)
+    max_snapshots: int | None = Field(default=None, ge=0, le=1_000_000_000)
+    max_volumes: int | None = Field(default=None, ge=0, le=1_000_000_000)
+    max_stored_bytes: int | None = Field(default=None, ge=0, le=1 << 62)
+
+
+class Workspace(_Model):
+    id: str
+    name: str
+    quotas: Quotas = Field(default_factory=Quotas)
+    created_at: datetime
+    updated_at: datetime
+
+
+class WorkspaceCreate(_Model):
+    name: Name
+    quotas: Quotas = Field(default_factory=Quotas)
+
+
+class WorkspaceUpdate(_Model):
+    """Only the fields given change; in ``quotas``, only the quotas given (null removes one)."""
+
+    name: Name | None = None
+    quotas: Quotas | None = None
+
+
+class Usage(_Model):
+    """What a workspace holds now, against its quotas (same names, without ``max_``)."""
+
+    workspace_id: str
+    concurrent_sessions: int
+    memory_mib: int
+    snapshots: int
+    volumes: int
+    stored_bytes: int
+    quotas: Quotas
+
+
+class ApiKeyCreate(_Model):
+    workspace_id: Id
+    name: Name | None = None
+    expires_at: datetime | None = None
+    admin: bool = Field(default=False, description="may manage workspaces, keys and the server")
+
+
+class ApiKey(_Model):
+    """A key's record; the secret itself is shown once, by ``ApiKeyCreated``."""
+
+    id: str
+    workspace_id: str
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    name: str | None = None
+    admin: bool = False
+    created_at: datetime
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="the secret (tk_...): shown only in this answer")
+
+
+class AuditEntry(_Model):
+    id: int
+    at: datetime
+    workspace_id: str | None = None
+    key_prefix: str | None = None
+    action: str = Field(description="the operation, e.g. createSession")
+    method: str
+    path: str
+    object_id: str | None = None
+    status: int = Field(description="the HTTP status of the answer")
+    outcome: str = Field(description="ok, or the error code")
+
+
+class HostStatus(_Model):
+    """This machine's capacity, as the admission check counts it."""
+
+    host_id: str
+    memory_total_mib: int = Field(description="RAM of the host (or as configured)")
+    memory_reserve_mib: int = Field(description="kept for the host itself")
+    overcommit: float = Field(description="promised guest memory is divided by this")
+    memory_capacity_mib: int = Field(description="(total - reserve) * overcommit")
+    memory_promised_mib: int = Field(description="sum of the live guests' memory")
+    memory_used_mib: int = Field(description="what the guests' processes really hold (PSS)")
+    sessions: int
+    cpus: int
+    accelerator: str
