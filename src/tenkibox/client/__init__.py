@@ -9,13 +9,17 @@ with Client() as client, client.create_and_wait(name="box") as session:
 """
 
 from ._async import (
+    AsyncApiKeys,
+    AsyncAudit,
     AsyncClient,
     AsyncFiles,
+    AsyncHost,
     AsyncProcess,
     AsyncSession,
     AsyncSessions,
     AsyncSnapshots,
     AsyncVolumes,
+    AsyncWorkspaces,
 )
 from ._core import (
     DEFAULT_CREATE_TIMEOUT,
@@ -25,23 +29,43 @@ from ._core import (
     Stream,
     parse_volume_spec,
 )
-from ._local import LocalServer, local_server
-from ._sync import Client, Files, Process, Session, Sessions, Snapshots, Volumes
+from ._local import LocalKey, LocalServer, local_key, local_server
+from ._sync import (
+    ApiKeys,
+    Audit,
+    Client,
+    Files,
+    Host,
+    Process,
+    Session,
+    Sessions,
+    Snapshots,
+    Volumes,
+    Workspaces,
+)
 
 __all__ = [
     "DEFAULT_CREATE_TIMEOUT",
     "DEFAULT_SNAPSHOT_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "ApiKeys",
+    "AsyncApiKeys",
+    "AsyncAudit",
     "AsyncClient",
     "AsyncFiles",
+    "AsyncHost",
     "AsyncProcess",
     "AsyncSession",
     "AsyncSessions",
     "AsyncSnapshots",
     "AsyncVolumes",
+    "AsyncWorkspaces",
+    "Audit",
     "Client",
     "ExecResult",
     "Files",
+    "Host",
+    "LocalKey",
     "LocalServer",
     "Process",
     "Session",
@@ -49,6 +73,8 @@ __all__ = [
     "Snapshots",
     "Stream",
     "Volumes",
+    "Workspaces",
+    "local_key",
     "local_server",
     "parse_volume_spec",
 ]

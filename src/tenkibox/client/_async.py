@@ -27,7 +27,8 @@ class AsyncClient:
 
     ``endpoint``: the server URL; default ``$TENKI_API_ENDPOINT``, else the local server of
     ``$TENKI_HOME`` (started in the background when none answers). ``api_key``: sent as
-    ``Authorization: Bearer``; default ``$TENKI_API_KEY``. ``timeout``: seconds per HTTP request
+    ``Authorization: Bearer``; default ``$TENKI_API_KEY``, else, for the local server only, the
+    admin key in ``$TENKI_HOME/admin.key``. ``timeout``: seconds per HTTP request
     (None: no limit). ``transport``: an httpx async transport (tests). ``autostart``: start a
     local server when needed. Use ``async with AsyncClient() as client:`` or ``await close()``.
     """
@@ -52,6 +53,10 @@ class AsyncClient:
         self.sessions = AsyncSessions(self)
         self.snapshots = AsyncSnapshots(self)
         self.volumes = AsyncVolumes(self)
+        self.workspaces = AsyncWorkspaces(self)
+        self.api_keys = AsyncApiKeys(self)
+        self.audit = AsyncAudit(self)
+        self.host = AsyncHost(self)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -71,9 +76,11 @@ class AsyncClient:
             if self._http is None:
                 url = self._endpoint
                 if url is None:
-                    url = await anyio.to_thread.run_sync(
-                        _local.resolve_endpoint, None, self._api_key, self._autostart
+                    # the local server: its key file is read now (it appears on its first start)
+                    local_url, self._api_key = await anyio.to_thread.run_sync(
+                        _local.resolve, None, self._api_key, self._autostart
                     )
+                    url = local_url
                 self._endpoint = url
                 self._http = httpx.AsyncClient(
                     base_url=url,
@@ -373,6 +380,89 @@ class AsyncClient:
         return await self._call(_core.delete_volume(volume_id))
 
 
+    # -- workspaces -----------------------------------------------------------------------
+
+    async def create_workspace(
+        self, name: str, quotas: _core.QuotaValues | None = None
+    ) -> models.Workspace:
+        """Create a workspace (admin key). ``quotas``: limits by name, e.g.
+        ``{"max_concurrent_sessions": 4, "max_stored_bytes": 10 << 30}``; a missing or None
+        quota is no limit (names in :data:`tenkibox.models.QUOTA_NAMES`).
+        """
+        body = _core.workspace_create(name, quotas)
+        return await self._call(_core.create_workspace(body))
+
+    async def list_workspaces(self) -> builtins.list[models.Workspace]:
+        """All workspaces (admin key), or the key's own workspace."""
+        return await self._call(_core.list_workspaces())
+
+    async def get_workspace(self, workspace_id: str) -> models.Workspace:
+        """The workspace ``workspace_id`` (WorkspaceNotFoundError when there is none)."""
+        return await self._call(_core.get_workspace(workspace_id))
+
+    async def update_workspace(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        quotas: _core.QuotaValues | None = None,
+    ) -> models.Workspace:
+        """Rename a workspace and/or change quotas (admin key). Only what is given changes:
+        in ``quotas``, only the names given (None removes that limit).
+        """
+        body = _core.workspace_update(name, quotas)
+        return await self._call(_core.update_workspace(workspace_id, body))
+
+    async def delete_workspace(self, workspace_id: str) -> models.Workspace:
+        """Delete an empty workspace (admin key); ConflictError names what it still holds."""
+        return await self._call(_core.delete_workspace(workspace_id))
+
+    async def workspace_usage(self, workspace_id: str) -> models.Usage:
+        """What the workspace holds now, with its quotas."""
+        return await self._call(_core.workspace_usage(workspace_id))
+
+    # -- API keys -------------------------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        admin: bool = False,
+    ) -> models.ApiKeyCreated:
+        """Create an API key for ``workspace_id`` (admin key). The secret is in ``.key`` of
+        the answer, and only there: the server keeps just a hash. ``expires_at``: an aware
+        datetime or RFC 3339 string; ``admin``: the key may manage workspaces, keys and the
+        server.
+        """
+        body = _core.api_key_create(workspace_id, name, expires_at, admin)
+        return await self._call(_core.create_api_key(body))
+
+    async def list_api_keys(self, workspace_id: str | None = None) -> builtins.list[models.ApiKey]:
+        """The API keys (admin key), or those of ``workspace_id``; secrets are never listed."""
+        return await self._call(_core.list_api_keys(workspace_id))
+
+    async def revoke_api_key(self, key_id: str) -> models.ApiKey:
+        """Revoke an API key (admin key; idempotent): it is refused from now on."""
+        return await self._call(_core.revoke_api_key(key_id))
+
+    # -- audit and host -------------------------------------------------------------------
+
+    async def list_audit(
+        self,
+        workspace_id: str | None = None,
+        limit: int = _core.AUDIT_LIMIT_DEFAULT,
+        before_id: int | None = None,
+    ) -> builtins.list[models.AuditEntry]:
+        """The audit log, newest first: at most ``limit`` (1-1000) entries, those of
+        ``workspace_id`` only if given, older than the entry ``before_id`` if given (to page:
+        pass the last id of the previous page). A workspace key sees its workspace only.
+        """
+        return await self._call(_core.list_audit(workspace_id, limit, before_id))
+
+    async def host_status(self) -> models.HostStatus:
+        """The host's memory capacity as the admission of sessions counts it (admin key)."""
+        return await self._call(_core.host_status())
+
 class AsyncSessions:
     """``client.sessions``: the session calls of :class:`AsyncClient` under short names."""
 
@@ -416,6 +506,50 @@ class AsyncVolumes:
     delete = _core.alias(AsyncClient.delete_volume)
     attach = _core.alias(AsyncClient.attach_volume)
     detach = _core.alias(AsyncClient.detach_volume)
+
+
+
+class AsyncWorkspaces:
+    """``client.workspaces``: the workspace calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create_workspace)
+    list = _core.alias(AsyncClient.list_workspaces)
+    get = _core.alias(AsyncClient.get_workspace)
+    update = _core.alias(AsyncClient.update_workspace)
+    delete = _core.alias(AsyncClient.delete_workspace)
+    usage = _core.alias(AsyncClient.workspace_usage)
+
+
+class AsyncApiKeys:
+    """``client.api_keys``: the API key calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create_api_key)
+    list = _core.alias(AsyncClient.list_api_keys)
+    revoke = _core.alias(AsyncClient.revoke_api_key)
+
+
+class AsyncAudit:
+    """``client.audit``: the audit log of :class:`AsyncClient`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    list = _core.alias(AsyncClient.list_audit)
+
+
+class AsyncHost:
+    """``client.host``: the host's capacity (:meth:`AsyncClient.host_status`)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    status = _core.alias(AsyncClient.host_status)
 
 
 class AsyncSession:

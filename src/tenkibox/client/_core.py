@@ -265,6 +265,89 @@ def session_create(
     )
 
 
+QuotaValues = Mapping[str, int | None] | models.Quotas
+
+
+def quotas(value: QuotaValues | None, *, field: str = "quotas") -> models.Quotas | None:
+    """Quotas by name (``{"max_volumes": 10}``, None: no limit) or a :class:`Quotas`.
+
+    Only the names given are set on the result, so that an update sends just those (an
+    explicit None removes that limit).
+    """
+    if value is None or isinstance(value, models.Quotas):
+        return value
+    if not isinstance(value, Mapping):
+        raise errors.ValidationError(
+            f"expected a mapping of quota names to limits, got {value!r}", field=field
+        )
+    for name, limit in value.items():
+        if name not in models.QUOTA_NAMES:
+            raise errors.ValidationError(
+                f"unknown quota {name!r} (valid: {', '.join(models.QUOTA_NAMES)})", field=field
+            )
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise errors.ValidationError(
+                f"expected an integer or None (no limit), got {limit!r}", field=f"{field}.{name}"
+            )
+    try:
+        return models.Quotas(**dict(value))
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc, field) from None
+
+
+def workspace_create(name: str, quota_values: QuotaValues | None) -> models.WorkspaceCreate:
+    return build(models.WorkspaceCreate, name=name, quotas=quotas(quota_values))
+
+
+def workspace_update(
+    name: str | None, quota_values: QuotaValues | None
+) -> models.WorkspaceUpdate:
+    return build(models.WorkspaceUpdate, name=name, quotas=quotas(quota_values))
+
+
+def api_key_create(
+    workspace_id: str,
+    name: str | None,
+    expires: datetime | str | None,
+    admin: bool,
+) -> models.ApiKeyCreate:
+    if not isinstance(admin, bool):
+        raise errors.ValidationError(f"expected True or False, got {admin!r}", field="admin")
+    return build(
+        models.ApiKeyCreate,
+        workspace_id=workspace_id,
+        name=name,
+        expires_at=expires_at(expires),
+        admin=admin or None,
+    )
+
+
+#: ``GET /v1/audit``: entries per page.
+AUDIT_LIMIT_MIN, AUDIT_LIMIT_MAX, AUDIT_LIMIT_DEFAULT = 1, 1000, 100
+
+
+def audit_params(
+    workspace_id: str | None, limit: int, before_id: int | None
+) -> dict[str, str | int]:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not (
+        AUDIT_LIMIT_MIN <= limit <= AUDIT_LIMIT_MAX
+    ):
+        raise errors.ValidationError(
+            f"must be an integer between {AUDIT_LIMIT_MIN} and {AUDIT_LIMIT_MAX}, got {limit!r}",
+            field="limit",
+        )
+    params: dict[str, str | int] = {"limit": limit}
+    if workspace_id is not None:
+        params["workspace_id"] = workspace_id
+    if before_id is not None:
+        if isinstance(before_id, bool) or not isinstance(before_id, int):
+            raise errors.ValidationError(
+                f"expected an audit entry id (integer), got {before_id!r}", field="before_id"
+            )
+        params["before_id"] = before_id
+    return params
+
+
 def to_bytes(data: str | bytes | bytearray | memoryview) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
@@ -506,6 +589,60 @@ def get_volume(volume_id: str) -> Call[models.Volume]:
 
 def delete_volume(volume_id: str) -> Call[models.Volume]:
     return Call("DELETE", f"/v1/volumes/{seg(volume_id)}", _model(models.Volume))
+
+
+def create_workspace(body: models.WorkspaceCreate) -> Call[models.Workspace]:
+    return Call("POST", "/v1/workspaces", _model(models.Workspace),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def list_workspaces() -> Call[list[models.Workspace]]:
+    return Call("GET", "/v1/workspaces", _model_list(models.Workspace))
+
+
+def get_workspace(workspace_id: str) -> Call[models.Workspace]:
+    return Call("GET", f"/v1/workspaces/{seg(workspace_id)}", _model(models.Workspace))
+
+
+def update_workspace(workspace_id: str, body: models.WorkspaceUpdate) -> Call[models.Workspace]:
+    """``PATCH``: only the fields set on ``body`` are sent (a quota set to None is a null)."""
+    return Call("PATCH", f"/v1/workspaces/{seg(workspace_id)}", _model(models.Workspace),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def delete_workspace(workspace_id: str) -> Call[models.Workspace]:
+    return Call("DELETE", f"/v1/workspaces/{seg(workspace_id)}", _model(models.Workspace))
+
+
+def workspace_usage(workspace_id: str) -> Call[models.Usage]:
+    return Call("GET", f"/v1/workspaces/{seg(workspace_id)}/usage", _model(models.Usage))
+
+
+def create_api_key(body: models.ApiKeyCreate) -> Call[models.ApiKeyCreated]:
+    return Call("POST", "/v1/api-keys", _model(models.ApiKeyCreated),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def list_api_keys(workspace_id: str | None = None) -> Call[list[models.ApiKey]]:
+    params = {"workspace_id": workspace_id} if workspace_id is not None else None
+    return Call("GET", "/v1/api-keys", _model_list(models.ApiKey), params=params)
+
+
+def revoke_api_key(key_id: str) -> Call[models.ApiKey]:
+    return Call("DELETE", f"/v1/api-keys/{seg(key_id)}", _model(models.ApiKey))
+
+
+def list_audit(
+    workspace_id: str | None = None,
+    limit: int = AUDIT_LIMIT_DEFAULT,
+    before_id: int | None = None,
+) -> Call[list[models.AuditEntry]]:
+    return Call("GET", "/v1/audit", _model_list(models.AuditEntry),
+                params=audit_params(workspace_id, limit, before_id))
+
+
+def host_status() -> Call[models.HostStatus]:
+    return Call("GET", "/v1/host", _model(models.HostStatus))
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ class Client:
 
     ``endpoint``: the server URL; default ``$TENKI_API_ENDPOINT``, else the local server of
     ``$TENKI_HOME`` (started in the background when none answers). ``api_key``: sent as
-    ``Authorization: Bearer``; default ``$TENKI_API_KEY``. ``timeout``: seconds per HTTP request
+    ``Authorization: Bearer``; default ``$TENKI_API_KEY``, else, for the local server only, the
+    admin key in ``$TENKI_HOME/admin.key``. ``timeout``: seconds per HTTP request
     (None: no limit); waits and streams extend it as needed. ``transport``: an httpx transport
     (for tests, e.g. ``httpx.MockTransport``). ``autostart``: start a local server when needed.
 
@@ -52,6 +53,10 @@ class Client:
         self.sessions = Sessions(self)
         self.snapshots = Snapshots(self)
         self.volumes = Volumes(self)
+        self.workspaces = Workspaces(self)
+        self.api_keys = ApiKeys(self)
+        self.audit = Audit(self)
+        self.host = Host(self)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -67,9 +72,10 @@ class Client:
             if self._closed:
                 raise errors.ConnectionError("the client is closed")
             if self._http is None:
-                url = self._endpoint or _local.resolve_endpoint(
-                    None, self._api_key, self._autostart
-                )
+                url = self._endpoint
+                if url is None:
+                    # the local server: its key file is read now (it appears on its first start)
+                    url, self._api_key = _local.resolve(None, self._api_key, self._autostart)
                 self._endpoint = url
                 self._http = httpx.Client(
                     base_url=url,
@@ -368,6 +374,89 @@ class Client:
         return self._call(_core.delete_volume(volume_id))
 
 
+    # -- workspaces -----------------------------------------------------------------------
+
+    def create_workspace(
+        self, name: str, quotas: _core.QuotaValues | None = None
+    ) -> models.Workspace:
+        """Create a workspace (admin key). ``quotas``: limits by name, e.g.
+        ``{"max_concurrent_sessions": 4, "max_stored_bytes": 10 << 30}``; a missing or None
+        quota is no limit (names in :data:`tenkibox.models.QUOTA_NAMES`).
+        """
+        body = _core.workspace_create(name, quotas)
+        return self._call(_core.create_workspace(body))
+
+    def list_workspaces(self) -> builtins.list[models.Workspace]:
+        """All workspaces (admin key), or the key's own workspace."""
+        return self._call(_core.list_workspaces())
+
+    def get_workspace(self, workspace_id: str) -> models.Workspace:
+        """The workspace ``workspace_id`` (WorkspaceNotFoundError when there is none)."""
+        return self._call(_core.get_workspace(workspace_id))
+
+    def update_workspace(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        quotas: _core.QuotaValues | None = None,
+    ) -> models.Workspace:
+        """Rename a workspace and/or change quotas (admin key). Only what is given changes:
+        in ``quotas``, only the names given (None removes that limit).
+        """
+        body = _core.workspace_update(name, quotas)
+        return self._call(_core.update_workspace(workspace_id, body))
+
+    def delete_workspace(self, workspace_id: str) -> models.Workspace:
+        """Delete an empty workspace (admin key); ConflictError names what it still holds."""
+        return self._call(_core.delete_workspace(workspace_id))
+
+    def workspace_usage(self, workspace_id: str) -> models.Usage:
+        """What the workspace holds now, with its quotas."""
+        return self._call(_core.workspace_usage(workspace_id))
+
+    # -- API keys -------------------------------------------------------------------------
+
+    def create_api_key(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        admin: bool = False,
+    ) -> models.ApiKeyCreated:
+        """Create an API key for ``workspace_id`` (admin key). The secret is in ``.key`` of
+        the answer, and only there: the server keeps just a hash. ``expires_at``: an aware
+        datetime or RFC 3339 string; ``admin``: the key may manage workspaces, keys and the
+        server.
+        """
+        body = _core.api_key_create(workspace_id, name, expires_at, admin)
+        return self._call(_core.create_api_key(body))
+
+    def list_api_keys(self, workspace_id: str | None = None) -> builtins.list[models.ApiKey]:
+        """The API keys (admin key), or those of ``workspace_id``; secrets are never listed."""
+        return self._call(_core.list_api_keys(workspace_id))
+
+    def revoke_api_key(self, key_id: str) -> models.ApiKey:
+        """Revoke an API key (admin key; idempotent): it is refused from now on."""
+        return self._call(_core.revoke_api_key(key_id))
+
+    # -- audit and host -------------------------------------------------------------------
+
+    def list_audit(
+        self,
+        workspace_id: str | None = None,
+        limit: int = _core.AUDIT_LIMIT_DEFAULT,
+        before_id: int | None = None,
+    ) -> builtins.list[models.AuditEntry]:
+        """The audit log, newest first: at most ``limit`` (1-1000) entries, those of
+        ``workspace_id`` only if given, older than the entry ``before_id`` if given (to page:
+        pass the last id of the previous page). A workspace key sees its workspace only.
+        """
+        return self._call(_core.list_audit(workspace_id, limit, before_id))
+
+    def host_status(self) -> models.HostStatus:
+        """The host's memory capacity as the admission of sessions counts it (admin key)."""
+        return self._call(_core.host_status())
+
 class Sessions:
     """``client.sessions``: the session calls of :class:`Client` under short names."""
 
@@ -411,6 +500,50 @@ class Volumes:
     delete = _core.alias(Client.delete_volume)
     attach = _core.alias(Client.attach_volume)
     detach = _core.alias(Client.detach_volume)
+
+
+
+class Workspaces:
+    """``client.workspaces``: the workspace calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create_workspace)
+    list = _core.alias(Client.list_workspaces)
+    get = _core.alias(Client.get_workspace)
+    update = _core.alias(Client.update_workspace)
+    delete = _core.alias(Client.delete_workspace)
+    usage = _core.alias(Client.workspace_usage)
+
+
+class ApiKeys:
+    """``client.api_keys``: the API key calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create_api_key)
+    list = _core.alias(Client.list_api_keys)
+    revoke = _core.alias(Client.revoke_api_key)
+
+
+class Audit:
+    """``client.audit``: the audit log of :class:`Client`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    list = _core.alias(Client.list_audit)
+
+
+class Host:
+    """``client.host``: the host's capacity (:meth:`Client.host_status`)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    status = _core.alias(Client.host_status)
 
 
 class Session:
