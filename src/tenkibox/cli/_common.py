@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 
 import click
@@ -19,7 +19,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from .. import models, units
+from .. import limits, models, units
 from ..client import Client
 from ..client import _core as core
 from ..errors import ValidationError
@@ -124,6 +124,35 @@ def parse_expires_at(text: str | None, option: str = "--expires-at") -> datetime
         raise ValidationError(
             f"cannot parse {text!r}: must be in the future, as an RFC 3339 time "
             "(example: 2026-03-20T12:00:00Z)",
+            field=option,
+        ) from None
+    assert when is not None
+    if when <= datetime.now(UTC):
+        raise ValidationError(f"must be in the future, got {text}", field=option)
+    return when
+
+
+def parse_expiry(text: str | None, option: str = "--expires-at") -> datetime | None:
+    """A time in the future: RFC 3339 (naive times are UTC) or a duration from now (``30d``,
+    ``12h``, ``1h30m``; at most ten years)."""
+    if text is None:
+        return None
+    try:
+        secs = units.parse_duration(text, field=option)
+    except ValidationError:
+        pass
+    else:
+        if secs > limits.DURATION_MAX_S:
+            raise ValidationError(
+                f"must be at most ten years from now, got {text!r}", field=option
+            )
+        return datetime.now(UTC) + timedelta(seconds=secs)
+    try:
+        when = core.expires_at(text, field=option)
+    except ValidationError:
+        raise ValidationError(
+            f"cannot parse {text!r}: give a time (RFC 3339, e.g. 2026-03-20T12:00:00Z) or a "
+            "duration from now (e.g. 30d, 12h)",
             field=option,
         ) from None
     assert when is not None

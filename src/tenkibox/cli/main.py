@@ -19,10 +19,14 @@ from .._version import __version__
 from ..errors import TenkiError, ValidationError
 from . import _common as c
 from .admin import admin
+from .apikey import apikey
+from .audit import audit
+from .host import host
 from .sandbox import sandbox
 from .server import image, serve, server
 from .snapshot import snapshot
 from .volume import volume
+from .workspace import workspace
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -91,7 +95,12 @@ class TenkiGroup(click.Group):
     metavar="URL",
     help="Server URL (default: $TENKI_API_ENDPOINT, else the local server).",
 )
-@click.option("--api-key", envvar="TENKI_API_KEY", metavar="KEY", help="API key ($TENKI_API_KEY).")
+@click.option(
+    "--api-key",
+    envvar="TENKI_API_KEY",
+    metavar="KEY",
+    help="API key (default: $TENKI_API_KEY, else for the local server $TENKI_HOME/admin.key).",
+)
 @click.version_option(version=__version__, prog_name="tenki")
 @click.pass_context
 def cli(ctx: click.Context, endpoint: str | None, api_key: str | None) -> None:
@@ -108,6 +117,10 @@ cli.add_command(server)
 cli.add_command(image)
 cli.add_command(sandbox)
 cli.add_command(admin)
+cli.add_command(workspace)
+cli.add_command(apikey)
+cli.add_command(audit)
+cli.add_command(host)
 sandbox.add_command(snapshot)
 sandbox.add_command(volume)
 

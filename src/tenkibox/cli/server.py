@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from .. import config, units
 from ..client import local_server
+from ..client._local import refused_error
 from ..errors import ConnectionError
 from . import _common as c
 
@@ -18,9 +20,16 @@ from . import _common as c
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=0, show_default=True, type=int, help="Port (0: any free port).")
-@click.option("--api-key", metavar="KEY", help="Require Authorization: Bearer KEY on every call.")
-def serve(host: str, port: int, api_key: str | None) -> None:
-    """Run the tenki API server for $TENKI_HOME (foreground)."""
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Serve HTTPS with this certificate (PEM; with --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="The certificate's private key (PEM).")
+def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None) -> None:
+    """Run the tenki API server for $TENKI_HOME (foreground).
+
+    Every call needs an API key (Authorization: Bearer tk_...). On first start the server
+    creates the workspace "default" and an admin key in $TENKI_HOME/admin.key (mode 0600),
+    which the CLI and the SDK on this machine use by themselves."""
     try:
         from ..server.daemon import serve as run_server
     except ImportError as exc:
@@ -28,7 +37,7 @@ def serve(host: str, port: int, api_key: str | None) -> None:
             f"the server is not installed ({exc.name} is missing): "
             "pip install 'tenkibox[server]'") from exc
 
-    run_server(host=host, port=port, api_key=api_key)
+    run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @click.group("server")
@@ -47,6 +56,9 @@ def _status(ctx: click.Context) -> dict[str, Any]:
             return {"running": False, "url": cl.endpoint}
         return {"running": True, "url": cl.endpoint, **info.model_dump(mode="json")}
     found = local_server(None, st.api_key)
+    if found is not None and found.refused:
+        # it runs, but the key is refused: say where the key comes from (exit 1)
+        raise refused_error(found, None, st.api_key)
     if found is None or not found.running or found.info is None:
         return {"running": False, "url": found.url if found else None}
     return {
