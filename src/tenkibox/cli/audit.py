@@ -30,7 +30,7 @@ def list_(
 ) -> None:
     """List audit entries, newest first (a workspace key sees its workspace's)."""
     n = c.parse_int_range(limit, "--limit", core.AUDIT_LIMIT_MIN, core.AUDIT_LIMIT_MAX)
-    before = c.parse_int_range(before_id, "--before-id", 0, (1 << 63) - 1)
+    before = c.parse_int_range(before_id, "--before-id", 1, (1 << 63) - 1)
     assert n is not None
     entries = c.client(ctx).list_audit(workspace_id, limit=n, before_id=before)
     if as_json:
