@@ -60,12 +60,13 @@ def _body(server: InProcessServer, method: str, suffix: str) -> Any:
 def test_namespaces_are_client_methods_in_both_clients(
     attr: str, sync_cls: type, async_cls: type, names: list[str]
 ) -> None:
-    sync_ns: Any = getattr(Client(endpoint="http://fake.test"), attr)  # nothing is sent
-    async_ns: Any = getattr(AsyncClient(endpoint="http://fake.test"), attr)
-    assert isinstance(sync_ns, sync_cls) and isinstance(async_ns, async_cls)
+    sync_client = Client(endpoint="http://fake.test")  # nothing is sent
+    async_client = AsyncClient(endpoint="http://fake.test")
+    sync_ns, async_ns = getattr(sync_client, attr), getattr(async_client, attr)
+    assert type(sync_ns) is sync_cls and type(async_ns) is async_cls
     for name in names:
         s, a = getattr(sync_ns, name), getattr(async_ns, name)
-        assert s.__self__ is sync_ns._client and a.__self__ is async_ns._client
+        assert s.__self__ is sync_client and a.__self__ is async_client
         assert inspect.iscoroutinefunction(a) and not inspect.iscoroutinefunction(s)
         assert str(inspect.signature(s)) == str(inspect.signature(a)), name
         assert s.__doc__ and a.__doc__
@@ -260,7 +261,7 @@ def test_host_status(client: Client) -> None:
 def test_health_needs_a_key(inproc: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TENKI_API_KEY", raising=False)
     with Client(endpoint=inproc.url) as anonymous:
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError, match=r"^no API key"):
             anonymous.health()
     with Client(endpoint=inproc.url, api_key="tk_not-a-key") as wrong:
         with pytest.raises(errors.AuthenticationError):
@@ -350,11 +351,11 @@ def test_configured_endpoint_never_gets_the_key_file(
     _write_key(home, inproc.api_key)
     # the very server the file belongs to, named explicitly: no key is sent, so it refuses
     with Client(endpoint=inproc.url) as explicit:
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError, match=r"^no API key"):
             explicit.health()
     monkeypatch.setenv("TENKI_API_ENDPOINT", inproc.url)
     with Client() as configured:
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError, match=r"^no API key"):
             configured.health()
     assert _local.resolve(None, None, autostart=False) == (inproc.url, None)
     monkeypatch.delenv("TENKI_API_ENDPOINT")
