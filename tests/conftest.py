@@ -5,13 +5,14 @@
 - ``inproc``: the real app and control plane over a fresh SQLite database and ``fake_host``,
   served on 127.0.0.1 (``inproc.url``). One listener thread serves the whole run; every test
   gets a new data directory, database, control plane, app and host behind it (``reset``).
-- ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="k"``, or ``home=`` and
+- ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="tk_..."``, or ``home=`` and
   ``host=`` of a crashed one to restart it), stopped at the end.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ from typing import Any
 import httpx
 import pytest
 from support.fake_host import FakeHost
-from support.server import InProcessServer
+from support.server import ADMIN_KEY, InProcessServer
+
+# Every server of the run (in-process or ``tenki serve``) has ADMIN_KEY as its local admin key,
+# and every client (SDK, CLI, subprocess) sends it unless a test says otherwise.
+os.environ["TENKI_API_KEY"] = ADMIN_KEY
 
 
 @pytest.fixture(scope="session", autouse=True)

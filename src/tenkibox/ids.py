@@ -1,10 +1,12 @@
-"""Typed, prefixed identifiers: ``ses_``, ``snp_``, ``vol_``, ``img_``, ``prc_``."""
+"""Typed, prefixed identifiers: ``ses_``, ``snp_``, ``vol_``, ``img_``, ``prc_``, ``ws_``,
+``key_``."""
 
 from __future__ import annotations
 
 import secrets
 
-PREFIXES = {"session": "ses", "snapshot": "snp", "volume": "vol", "image": "img", "process": "prc"}
+PREFIXES = {"session": "ses", "snapshot": "snp", "volume": "vol", "image": "img", "process": "prc",
+            "workspace": "ws", "api_key": "key"}
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 

@@ -140,6 +140,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer
 @pytest.fixture(scope="module")
 def http(server: InProcessServer) -> Iterator[requests.Session]:
     with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
         yield session
 
 
@@ -289,7 +290,7 @@ def test_event_stream_cut_by_the_session_end_matches_the_contract(
                         timeout=REQUEST_TIMEOUT_S)
     assert started.status_code == 201, started.text
     events = f"{base}/{sid}/processes/{started.json()['process_id']}/events"
-    with requests.get(events, stream=True, timeout=REQUEST_TIMEOUT_S) as r:
+    with http.get(events, stream=True, timeout=REQUEST_TIMEOUT_S) as r:
         assert r.status_code == 200, r.text
         media_type = r.headers["content-type"]
         lines = r.iter_lines()

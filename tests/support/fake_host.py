@@ -59,6 +59,7 @@ from tenkibox.host.api import (
     VMGone,
     VolumeMountSpec,
 )
+from tenkibox.host.capacity import HostCapacity
 from tenkibox.host.processes import ProcessHandle, ProcessLostError, ProcessTable
 
 #: Operations that ``fail_next`` and ``block`` accept.
@@ -355,7 +356,11 @@ class FakeHost:
     capture_size_bytes = 300 << 20
     capture_stored_bytes = 120 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, *, memory_total_mib: int = 1 << 20, memory_reserve_mib: int = 0,
+                 overcommit: float = 1.0) -> None:
+        #: what the admission check counts with (ample unless a test gives less)
+        self.capacity = HostCapacity("fake", memory_total_mib, memory_reserve_mib, overcommit,
+                                     cpus=2, accelerator="tcg")
         self.vms: dict[str, FakeVM] = {}
         self.starting: set[str] = set()
         self.volumes: dict[str, int] = {}  # volume id -> size
@@ -592,6 +597,10 @@ class FakeHost:
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
+
+    def memory_used_mib(self) -> int:
+        """A fake guest holds a quarter of its memory (an idle guest touches little)."""
+        return sum(vm.shape.memory_mb for vm in self.vms.values()) // 4
 
     # -- HostAPI: capture -----------------------------------------------------------------------
     async def capture(self, spec: CaptureSpec) -> Captured:

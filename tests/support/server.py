@@ -139,6 +139,18 @@ def open_test_store(home: Path) -> Store:
     return store
 
 
+#: The admin key of every test server (the run's ``TENKI_API_KEY``, set in tests/conftest.py).
+ADMIN_KEY = "tk_test-suite-admin-key-0000000000000000000000"
+
+
+def write_admin_key(layout: Layout, key: str) -> None:
+    """Put ``key`` where the server looks for its local admin key (it registers it)."""
+    layout.home.mkdir(parents=True, exist_ok=True)
+    path = layout.admin_key_file
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+
+
 def write_fake_image(home: Path, image_id: str = "sandbox") -> None:
     """An image directory that ``images.builder.list_images`` accepts (empty files)."""
     d = Layout(home).image_dir(image_id)
@@ -174,10 +186,12 @@ class _Uvicorn(uvicorn.Server):
 
 
 class InProcessServer:
-    def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str | None = None,
+    def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str = ADMIN_KEY,
                  images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0) -> None:
         self.home = home
         self.host = host or FakeHost()
+        #: the local admin key of ``home`` (what a real server would write to admin.key); the
+        #: test run's ``TENKI_API_KEY`` is ``ADMIN_KEY``, so clients use it by default
         self.api_key = api_key
         self.images = images
         self.start_timeout = start_timeout
@@ -231,7 +245,7 @@ class InProcessServer:
         return self
 
     def reset(self, home: Path, *, host: FakeHost | None = None,
-              api_key: str | None = None) -> InProcessServer:
+              api_key: str = ADMIN_KEY) -> InProcessServer:
         """A new data directory, database, control plane, app and host behind the same URL."""
         self.run(self._close())
         self.home, self.host, self.api_key = home, host or FakeHost(), api_key
@@ -326,8 +340,14 @@ class InProcessServer:
         self._store = open_test_store(self.home)
         self._plane = ControlPlane(self._store, self.host)
         await self._plane.start()
-        app = create_app(self._plane, layout=Layout(self.home), accel="tcg",
-                         api_key=self.api_key, request_stop=self._request_stop)
+        # as ServerRuntime.start: the default workspace and the local admin key of this home
+        layout = Layout(self.home)
+        write_admin_key(layout, self.api_key)
+        default = await self._plane.workspaces.ensure_default()
+        await self._plane.keys.ensure_local_admin(layout.admin_key_file, default.id)
+        self.default_workspace = default.id
+        app = create_app(self._plane, layout=layout, accel="tcg",
+                         request_stop=self._request_stop)
         self._recorder.app = app  # type: ignore[assignment]
 
     async def _close(self) -> None:

@@ -33,7 +33,7 @@ def run(inproc: InProcessServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """``tenki ARGS`` with ``TENKI_API_ENDPOINT`` set to the in-process server."""
     monkeypatch.setenv("TENKI_API_ENDPOINT", inproc.url)
     monkeypatch.setenv("TENKI_HOME", str(tmp_path / "cli-home"))  # never the user's
-    monkeypatch.delenv("TENKI_API_KEY", raising=False)
+    monkeypatch.setenv("TENKI_API_KEY", inproc.api_key)
 
     def invoke(*args: str, input: bytes | str | None = None, factory: Any = None) -> Result:
         state = CliState(client_factory=factory)
@@ -501,6 +501,6 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = types.ModuleType("tenkibox.server.daemon")
     mod.serve = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tenkibox.server.daemon", mod)
-    result = CliRunner().invoke(cli, ["serve", "--port", "8080", "--api-key", "k"])
+    result = CliRunner().invoke(cli, ["serve", "--port", "8080"])
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 8080, "api_key": "k"}
+    assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None}

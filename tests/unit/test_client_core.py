@@ -262,6 +262,7 @@ def test_size_bytes() -> None:
 def _session(state: str, reason: str | None = None) -> models.Session:
     return models.Session(
         id="ses_1",
+        workspace_id="ws_1",
         state=models.SessionState(state),
         state_reason=reason,
         cpu=2,

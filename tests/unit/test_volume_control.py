@@ -18,7 +18,7 @@ from tenkibox.control.volumes import VolumeControl, mount_path
 from tenkibox.host.api import VolumeMountSpec
 from tenkibox.models import SessionCreate, VolumeAttach, VolumeCreate, VolumeMount
 from tenkibox.store.db import Store, open_store
-from tenkibox.store.tables import SessionRow, VolumeRow
+from tenkibox.store.tables import SessionRow, VolumeRow, WorkspaceRow
 
 MiB = 1 << 20
 
@@ -65,11 +65,18 @@ class Host:
         return sorted(self.files)
 
 
+#: the workspace of every record here (admission reads its quotas: none)
+WS = "ws_test"
+
+
 class World:
     def __init__(self, home: Path) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(home)
         self.records = Records(self.store)
+        with self.store.tx() as orm:
+            t = datetime.now(UTC)
+            orm.add(WorkspaceRow(id=WS, name="test", quotas={}, created_at=t, updated_at=t))
         self.host = Host()
         self.volumes = VolumeControl(self.records, self.host)  # type: ignore[arg-type]
         self._sessions = 0
@@ -78,14 +85,14 @@ class World:
         self._sessions += 1
         sid = f"ses_{self._sessions:016d}"
         await self.records.insert(SessionRow(
-            id=sid, state=state, cpu=1, memory_mb=512, base_image_id="sandbox", env={}, meta={},
+            id=sid, workspace_id=WS, state=state, cpu=1, memory_mb=512, base_image_id="sandbox", env={}, meta={},
             volumes=[], disk_chain=[], created_at=datetime.now(UTC)))
         if vm:
             self.host.vms[sid] = {}
         return sid
 
     async def volume(self, name: str = "v", size: int = 8 * MiB) -> str:
-        return (await self.volumes.create(VolumeCreate(name=name, size_bytes=size))).id
+        return (await self.volumes.create(VolumeCreate(name=name, size_bytes=size), WS)).id
 
     async def attach(self, sid: str, vid: str, path: str, read_only: bool = False) -> None:
         await self.volumes.attach(sid, VolumeAttach(volume_id=vid, path=path,
@@ -106,16 +113,16 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 async def test_create_and_delete(world: World) -> None:
-    vol = await world.volumes.create(VolumeCreate(name=" data ", size_bytes=3 * MiB + 1))
+    vol = await world.volumes.create(VolumeCreate(name=" data ", size_bytes=3 * MiB + 1), WS)
     assert vol.id.startswith("vol_") and vol.name == "data"
     assert vol.size_bytes == 3 * MiB + 512  # whole sectors
     assert (vol.state.value, vol.session_id, vol.path, vol.read_only) == (
         "AVAILABLE", None, None, False)
     assert world.host.files == {vol.id: vol.size_bytes}
-    assert [v.id for v in world.volumes.query()] == [vol.id]
+    assert [v.id for v in world.volumes.query(WS)] == [vol.id]
     gone = await world.volumes.delete(vol.id)
     assert gone.state.value == "DELETED" and world.host.files == {}
-    assert world.volumes.query() == []
+    assert world.volumes.query(WS) == []
     assert world.state(vol.id) == "DELETED"
     assert world.store.get_volume(vol.id).deleted_at is not None  # type: ignore[union-attr]
     assert (await world.volumes.delete(vol.id)).state.value == "DELETED"
@@ -131,9 +138,9 @@ async def test_a_failed_create_leaves_nothing(world: World,
     world.host.fail["create_volume"] = errors.InternalError("disk full")
     with pytest.raises(errors.InternalError):
         await world.volume()
-    assert world.volumes.query() == [] and world.host.files == {}
+    assert world.volumes.query(WS) == [] and world.host.files == {}
 
-    async def broken(row: Any) -> None:
+    async def broken(row: Any, **_kw: Any) -> None:
         raise RuntimeError("database gone")
 
     monkeypatch.setattr(world.records, "insert", broken)
@@ -145,7 +152,7 @@ async def test_a_failed_create_leaves_nothing(world: World,
 
 async def test_empty_name_is_refused(world: World) -> None:
     with pytest.raises(errors.ValidationError) as info:
-        await world.volumes.create(VolumeCreate(name="  ", size_bytes=MiB))
+        await world.volumes.create(VolumeCreate(name="  ", size_bytes=MiB), WS)
     assert info.value.field == "name"
     assert world.host.calls == []
 
@@ -170,7 +177,9 @@ def test_bad_mount_paths(path: str) -> None:
 
 async def test_create_checks(world: World) -> None:
     a, b = await world.volume("a"), await world.volume("b")
-    check = world.volumes.check_create
+
+    def check(req: SessionCreate) -> None:
+        world.volumes.check_create(req, WS)
 
     def req(*mounts: tuple[str, str]) -> SessionCreate:
         return SessionCreate(volumes=[VolumeMount(volume_id=v, path=p) for v, p in mounts])
@@ -179,6 +188,8 @@ async def test_create_checks(world: World) -> None:
     check(SessionCreate())
     with pytest.raises(errors.VolumeNotFoundError):
         check(req(("vol_nothere", "/a")))
+    with pytest.raises(errors.VolumeNotFoundError):  # another workspace's: not found
+        world.volumes.check_create(req((a, "/a")), "ws_other")
     with pytest.raises(errors.ValidationError) as info:
         check(req((a, "/x"), (b, "/x/")))
     assert info.value.field == "volumes" and "/x" in info.value.message
@@ -274,7 +285,7 @@ async def test_the_reservation_is_compare_and_set(world: World,
     s1, s2 = await world.session(), await world.session()
     stale = world.volumes.row(vid)
     await world.attach(s1, vid, "/d")
-    monkeypatch.setattr(world.volumes, "usable", lambda _vid: stale)
+    monkeypatch.setattr(world.volumes, "usable", lambda _vid, _ws=None: stale)
     with pytest.raises(errors.ConflictError) as info:
         await world.attach(s2, vid, "/d")
     assert s1 in info.value.message

@@ -15,15 +15,21 @@ from fastapi import FastAPI
 from .._version import __version__
 from ..config import Layout
 from ..control.plane import ControlPlane
+from .auth import AccessMiddleware
 from .errors import install_error_handlers
-from .routes import STREAM_ITEM_MODELS, server, sessions, snapshots, volumes
+from .routes import STREAM_ITEM_MODELS, access, server, sessions, snapshots, volumes
 
 
 def application() -> FastAPI:
-    app = FastAPI(title="tenki", version=__version__,
-                  description="Self-hosted sandbox VMs with memory snapshots.")
+    # no /docs or /redoc: every path needs a key, which a browser does not send; the contract
+    # is docs/openapi.json (and /openapi.json, with a key)
+    app = FastAPI(title="tenki", version=__version__, docs_url=None, redoc_url=None,
+                  description="Self-hosted sandbox VMs with memory snapshots. Every call needs "
+                  "Authorization: Bearer tk_<key>.")
     install_error_handlers(app)
-    for module in (sessions, snapshots, volumes, server):
+    # added last, so it runs first: no request reaches anything else without a valid key
+    app.add_middleware(AccessMiddleware)
+    for module in (sessions, snapshots, volumes, access, server):
         app.include_router(module.router)
     _document_stream_items(app)
     return app
@@ -46,13 +52,12 @@ def _document_stream_items(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(plane: ControlPlane, *, layout: Layout, accel: str, api_key: str | None,
+def create_app(plane: ControlPlane, *, layout: Layout, accel: str,
                request_stop: Callable[[], None]) -> FastAPI:
     app = application()
     app.state.plane = plane
     app.state.layout = layout
     app.state.accel = accel
-    app.state.api_key = api_key
     app.state.request_stop = request_stop
     return app
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..control.plane import ControlPlane
-from .auth import Principal, principal
+from .auth import Principal, admin, principal
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -16,4 +16,7 @@ def _plane(request: Request) -> ControlPlane:
 
 
 Plane = Annotated[ControlPlane, Depends(_plane)]
+#: any valid key; its ``workspace_id`` scopes everything the route sees
 Caller = Annotated[Principal, Depends(principal)]
+#: an admin key (403 otherwise)
+Admin = Annotated[Principal, Depends(admin)]

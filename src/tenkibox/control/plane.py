@@ -1,4 +1,5 @@
-"""The control plane of one server: records, the three resource controls, background loops.
+"""The control plane of one server: records, the resource controls, who may call (workspaces,
+keys, the audit trail), background loops.
 
 It is given a host (``HostAPI``); it never reaches into it beyond that interface.
 """
@@ -12,16 +13,22 @@ import os
 import time
 
 from ..host.api import HostAPI
+from ..models import HostStatus
 from ..store.db import Store
+from ..store.tables import SessionRow
+from .audit import AuditLog
+from .keys import KeyControl
 from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
 from .volumes import VolumeControl
+from .workspaces import HOLDING_SESSION, WorkspaceControl
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
 GC_EVERY_TICKS = 30
+AUDIT_PRUNE_EVERY_TICKS = 3600
 #: every stored artifact is re-read against its digest at least this often (bit rot that keeps
 #: a file's stat is found within one period); damaged snapshots become FAILED, naming the file
 SCRUB_INTERVAL_S = float(os.environ.get("TENKI_SCRUB_INTERVAL_S", 6 * 3600))
@@ -32,6 +39,9 @@ class ControlPlane:
         self.store = store
         self.host = host
         self.records = Records(store)
+        self.workspaces = WorkspaceControl(self.records)
+        self.keys = KeyControl(self.records)
+        self.audit = AuditLog(self.records)
         self.volumes = VolumeControl(self.records, host)
         self.sessions = SessionControl(self.records, host, self.volumes)
         self.snapshots = SnapshotControl(self.records, host, self.volumes)
@@ -39,6 +49,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Recover (sessions, then snapshots, then volumes), then run the background loops."""
+        await self.workspaces.ensure_default()
         await self.sessions.recover()
         await self.snapshots.recover()
         await self.volumes.recover()
@@ -58,6 +69,8 @@ class ControlPlane:
                 await self.snapshots.sweep_expired()
                 if ticks % GC_EVERY_TICKS == 0:
                     await self.snapshots.collect_garbage()
+                if ticks % AUDIT_PRUNE_EVERY_TICKS == 1:
+                    self.audit.prune()
                 if time.monotonic() - last_scrub >= SCRUB_INTERVAL_S:
                     last_scrub = time.monotonic()
                     report = await self.snapshots.verify(repair=True)
@@ -66,6 +79,17 @@ class ControlPlane:
                                   "; ".join(bad["problems"]))
             except Exception:  # a sweep must never kill the loop
                 log.exception("sweep failed")
+
+    def host_status(self) -> HostStatus:
+        cap = self.host.capacity
+        live = [r for r in self.records.all(SessionRow) if r.state in HOLDING_SESSION]
+        return HostStatus(
+            host_id=cap.host_id, memory_total_mib=cap.memory_total_mib,
+            memory_reserve_mib=cap.memory_reserve_mib, overcommit=cap.overcommit,
+            memory_capacity_mib=cap.memory_capacity_mib,
+            memory_promised_mib=sum(r.memory_mb for r in live),
+            memory_used_mib=self.host.memory_used_mib(), sessions=len(live), cpus=cap.cpus,
+            accelerator=cap.accelerator)
 
     async def stop(self) -> None:
         for task in self._loops:

@@ -9,28 +9,34 @@ fields change through ``update``, optionally guarded by the state the caller saw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session as OrmSession
 
 from ..errors import (
+    ApiKeyNotFoundError,
     NotFoundError,
     SessionNotFoundError,
     SnapshotNotFoundError,
     VolumeNotFoundError,
+    WorkspaceNotFoundError,
 )
 from ..store.db import Store
-from ..store.tables import Base, SessionRow, SnapshotRow, VolumeRow
+from ..store.tables import ApiKeyRow, Base, SessionRow, SnapshotRow, VolumeRow, WorkspaceRow
 from .states import TRANSITIONS, IllegalTransitionError, sources
 
-R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow)
+R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow)
 
 _KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
-                                VolumeRow: "volume"}
+                                VolumeRow: "volume", WorkspaceRow: "workspace",
+                                ApiKeyRow: "API key"}
 _MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
                                             "snapshot": SnapshotNotFoundError,
-                                            "volume": VolumeNotFoundError}
+                                            "volume": VolumeNotFoundError,
+                                            "workspace": WorkspaceNotFoundError,
+                                            "API key": ApiKeyNotFoundError}
 
 
 def _value(state: Any) -> str:
@@ -52,9 +58,12 @@ class Records:
         with self.store.tx() as orm:
             return orm.get(cls, key)
 
-    def get(self, cls: type[R], key: str) -> R:
+    def get(self, cls: type[R], key: str, *, ws: str | None = None) -> R:
+        """The record ``key``; with ``ws``, only if it belongs to that workspace: another
+        workspace's record answers exactly like one that does not exist (ids cannot be
+        probed)."""
         row = self.find(cls, key)
-        if row is None:
+        if row is None or (ws is not None and getattr(row, "workspace_id", ws) != ws):
             kind = _KIND[cls]
             raise _MISSING[kind](f"{kind} {key} not found")
         return row
@@ -65,10 +74,27 @@ class Records:
             return list(orm.scalars(stmt))
 
     # -- writes ------------------------------------------------------------------------------
-    async def insert(self, row: Base) -> None:
+    async def insert(self, row: Base, *, check: Callable[[OrmSession], None] | None = None,
+                     notify: bool = True) -> None:
+        """Add ``row``; ``check`` runs first in the same transaction (quotas, capacity) and
+        refuses by raising, so that a count and the insert it allows cannot be split."""
         with self.store.tx() as orm:
+            if check is not None:
+                check(orm)
             orm.add(row)
-        await self.notify()
+        if notify:
+            await self.notify()
+
+    async def remove(self, cls: type[R], key: str) -> bool:
+        """Delete a record outright (records without a life cycle: workspaces)."""
+        table: Any = cls
+        with self.store.tx() as orm:
+            result = orm.execute(delete(cls).where(table.id == key)
+                                 .execution_options(synchronize_session=False))
+            gone = result.rowcount == 1  # type: ignore[attr-defined]
+        if gone:
+            await self.notify()
+        return gone
 
     async def transition(self, cls: type[R], key: str, target: Any, *,
                          expected: Iterable[Any] | None = None, **values: Any) -> R:
@@ -88,13 +114,13 @@ class Records:
                 .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
         if not moved:
-            current = self.get(cls, key)
+            current: Any = self.get(cls, key)
             raise IllegalTransitionError(kind, key, current.state, target)
         await self.notify()
         return self.get(cls, key)
 
     async def update(self, cls: type[R], key: str, *, when_state: Iterable[Any] | None = None,
-                     **values: Any) -> bool:
+                     notify: bool = True, **values: Any) -> bool:
         """Change fields other than ``state``; with ``when_state``, only while the record is in
         one of those states. Returns whether a row changed."""
         if "state" in values:
@@ -107,6 +133,6 @@ class Records:
             result = orm.execute(stmt.values(**values)
                                  .execution_options(synchronize_session=False))
             changed = result.rowcount == 1  # type: ignore[attr-defined]
-        if changed:
+        if changed and notify:
             await self.notify()
         return changed

@@ -38,6 +38,7 @@ from ..host.api import (
 from ..ids import new_id
 from ..models import DEFAULT_IMAGE_ID, ExecRequest, Session, SessionCreate, SessionState
 from ..store.tables import SessionRow, SnapshotRow
+from . import admission
 from .records import Records
 from .states import FINAL, LIVE, IllegalTransitionError
 from .volumes import VolumeControl
@@ -72,12 +73,14 @@ class SessionControl:
         return task
 
     # -- reads -------------------------------------------------------------------------------
-    def row(self, session_id: str) -> SessionRow:
-        return self.records.get(SessionRow, session_id)
+    def row(self, session_id: str, ws: str | None = None) -> SessionRow:
+        """``ws``: the caller's workspace (a session of another one is not found)."""
+        return self.records.get(SessionRow, session_id, ws=ws)
 
     def to_model(self, row: SessionRow) -> Session:
         return Session(
-            id=row.id, name=row.name, state=SessionState(row.state),
+            id=row.id, workspace_id=row.workspace_id, name=row.name,
+            state=SessionState(row.state),
             state_reason=row.state_reason, cpu=row.cpu, memory_mb=row.memory_mb,
             base_image_id=row.base_image_id, snapshot_id=row.snapshot_id,
             env_keys=sorted(row.env or {}), metadata=row.meta or {},
@@ -85,34 +88,36 @@ class SessionControl:
             created_at=row.created_at, ready_at=row.ready_at, expires_at=row.expires_at,
             terminated_at=row.terminated_at)
 
-    def get(self, session_id: str) -> Session:
-        return self.to_model(self.row(session_id))
+    def get(self, session_id: str, ws: str | None = None) -> Session:
+        return self.to_model(self.row(session_id, ws))
 
-    def query(self, state: str | None = None) -> list[Session]:
-        rows = self.records.all(SessionRow)
+    def query(self, ws: str, state: str | None = None) -> list[Session]:
+        rows = self.records.all(SessionRow, SessionRow.workspace_id == ws)
         if state:
             rows = [r for r in rows if r.state == state.upper()]
         rows.sort(key=lambda r: r.created_at)
         return [self.to_model(r) for r in rows]
 
-    async def wait(self, session_id: str, timeout_s: float) -> Session:
-        row = await longpoll.until(self.records.changed, lambda: self.row(session_id),
+    async def wait(self, session_id: str, timeout_s: float, ws: str | None = None) -> Session:
+        row = await longpoll.until(self.records.changed, lambda: self.row(session_id, ws),
                                    lambda r: r.state != S.CREATING.value, timeout_s)
         return self.to_model(row)
 
-    def live_row(self, session_id: str) -> SessionRow:
-        row = self.row(session_id)
+    def live_row(self, session_id: str, ws: str | None = None) -> SessionRow:
+        row = self.row(session_id, ws)
         if row.state not in LIVE or not self.host.has_vm(session_id):
             reason = f" ({row.state_reason})" if row.state_reason else ""
             raise ConflictError(f"session {session_id} is {row.state}{reason}, not running")
         return row
 
     # -- create ------------------------------------------------------------------------------
-    async def create(self, req: SessionCreate) -> Session:
+    async def create(self, req: SessionCreate, ws: str) -> Session:
+        """``ws``: the caller's workspace; the session belongs to it, and so must the snapshot
+        and volumes it names."""
         image_id = req.base_image_id or DEFAULT_IMAGE_ID
         snap: SnapshotRow | None = None
         if req.snapshot_id:
-            snap = self.records.get(SnapshotRow, req.snapshot_id)
+            snap = self.records.get(SnapshotRow, req.snapshot_id, ws=ws)
             if snap.state != "READY":
                 why = f": {snap.state_reason}" if snap.state_reason else ""
                 raise SnapshotFailedError(
@@ -126,7 +131,7 @@ class SessionControl:
         if snap and "memory_mb" in fields and req.memory_mb != snap.memory_mb:
             raise ValidationError(f"a restore keeps the snapshot's {snap.memory_mb} MiB",
                                   field="memory_mb")
-        self.volumes.check_create(req)
+        self.volumes.check_create(req, ws)
         env = dict(req.env)
         manifest = None
         if snap is not None:
@@ -137,7 +142,7 @@ class SessionControl:
             await self._refuse_if_damaged(snap.id, manifest)
         created = now()
         row = SessionRow(
-            id=new_id("session"), name=req.name, state=S.CREATING.value,
+            id=new_id("session"), workspace_id=ws, name=req.name, state=S.CREATING.value,
             cpu=snap.cpu if snap else req.cpu, memory_mb=snap.memory_mb if snap else req.memory_mb,
             base_image_id=image_id, snapshot_id=snap.id if snap else None, env=env,
             meta=dict(req.metadata), volumes=[],
@@ -147,7 +152,8 @@ class SessionControl:
             disk_chain=list(manifest.layers) if manifest else [], created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None)
-        await self.records.insert(row)
+        await self.records.insert(row, check=admission.session(ws, row.memory_mb,
+                                                                self.host.capacity))
         self._starts[row.id] = self._spawn(self._start(row.id, req, manifest), f"start {row.id}")
         return self.to_model(row)
 
@@ -223,8 +229,9 @@ class SessionControl:
             self._starts.pop(session_id, None)
 
     # -- terminate ---------------------------------------------------------------------------
-    async def terminate(self, session_id: str, reason: str | None = None) -> Session:
-        row = self.row(session_id)
+    async def terminate(self, session_id: str, reason: str | None = None,
+                        ws: str | None = None) -> Session:
+        row = self.row(session_id, ws)
         if row.state in FINAL:
             return self.to_model(row)
         # one terminate per session does the work (a task, so that no caller going away cuts
@@ -316,10 +323,11 @@ class SessionControl:
             await self.vm_gone(gone.session_id, gone.reason)
 
     # -- exec and files ------------------------------------------------------------------------
-    async def start_process(self, session_id: str, req: ExecRequest) -> ProcessRef:
+    async def start_process(self, session_id: str, req: ExecRequest,
+                            ws: str | None = None) -> ProcessRef:
+        row = self.live_row(session_id, ws)
         if bool(req.argv) == bool(req.command):
             raise ValidationError("give exactly one of argv or command", field="argv")
-        row = self.live_row(session_id)
         argv = list(req.argv) if req.argv else ["/bin/sh", "-c", req.command or ""]
         stdin_data = None
         if req.stdin_data is not None:
@@ -352,25 +360,29 @@ class SessionControl:
             except (IllegalTransitionError, TenkiError):
                 pass
 
-    def process_events(self, session_id: str,
-                       process_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        self.row(session_id)
+    def process_events(self, session_id: str, process_id: str,
+                       ws: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        self.row(session_id, ws)
         return self.host.process_events(session_id, process_id)
 
-    async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
-        self.row(session_id)
+    async def process_stdin(self, session_id: str, process_id: str, data: bytes,
+                            ws: str | None = None) -> None:
+        self.row(session_id, ws)
         await self.host.process_stdin(session_id, process_id, data)
 
-    async def process_close_stdin(self, session_id: str, process_id: str) -> None:
-        self.row(session_id)
+    async def process_close_stdin(self, session_id: str, process_id: str,
+                                  ws: str | None = None) -> None:
+        self.row(session_id, ws)
         await self.host.process_close_stdin(session_id, process_id)
 
-    async def process_kill(self, session_id: str, process_id: str, signal: int) -> None:
-        self.row(session_id)
+    async def process_kill(self, session_id: str, process_id: str, signal: int,
+                           ws: str | None = None) -> None:
+        self.row(session_id, ws)
         await self.host.process_kill(session_id, process_id, signal)
 
-    async def read_file(self, session_id: str, path: str) -> AsyncGenerator[bytes, None]:
-        self.live_row(session_id)
+    async def read_file(self, session_id: str, path: str,
+                        ws: str | None = None) -> AsyncGenerator[bytes, None]:
+        self.live_row(session_id, ws)
         return self._read_while_live(session_id, self.host.read_file(session_id, path))
 
     async def _read_while_live(self, session_id: str,
@@ -385,8 +397,8 @@ class SessionControl:
             await chunks.aclose()
 
     async def write_file(self, session_id: str, path: str, chunks: AsyncIterable[bytes],
-                         mode: int) -> int:
-        self.live_row(session_id)
+                         mode: int, ws: str | None = None) -> int:
+        self.live_row(session_id, ws)
         written: int = await self._while_live(
             session_id, self.host.write_file(session_id, path, chunks, mode))
         return written

@@ -23,6 +23,7 @@ from ..host.api import CaptureSpec, HostAPI, Manifest
 from ..ids import new_id
 from ..models import Snapshot, SnapshotCreate, SnapshotState
 from ..store.tables import SessionRow, SnapshotRow
+from . import admission
 from .records import Records
 from .states import FINAL, LIVE, IllegalTransitionError
 from .volumes import VolumeControl
@@ -61,43 +62,50 @@ class SnapshotControl:
         task.add_done_callback(self._tasks.discard)
 
     # -- reads -------------------------------------------------------------------------------
-    def row(self, snapshot_id: str) -> SnapshotRow:
-        return self.records.get(SnapshotRow, snapshot_id)
+    def row(self, snapshot_id: str, ws: str | None = None) -> SnapshotRow:
+        """``ws``: the caller's workspace (a snapshot of another one is not found)."""
+        return self.records.get(SnapshotRow, snapshot_id, ws=ws)
 
-    def get(self, snapshot_id: str) -> Snapshot:
-        return to_model(self.row(snapshot_id))
+    def get(self, snapshot_id: str, ws: str | None = None) -> Snapshot:
+        return to_model(self.row(snapshot_id, ws))
 
-    def query(self, session_id: str | None = None) -> list[Snapshot]:
-        rows = [r for r in self.records.all(SnapshotRow) if r.state != P.DELETED.value]
+    def query(self, ws: str, session_id: str | None = None) -> list[Snapshot]:
+        rows = [r for r in self.records.all(SnapshotRow, SnapshotRow.workspace_id == ws)
+                if r.state != P.DELETED.value]
         if session_id:
             rows = [r for r in rows if r.session_id == session_id]
         rows.sort(key=lambda r: r.created_at)
         return [to_model(r) for r in rows]
 
-    async def wait(self, snapshot_id: str, timeout_s: float) -> Snapshot:
-        row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id),
+    async def wait(self, snapshot_id: str, timeout_s: float, ws: str | None = None) -> Snapshot:
+        row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id, ws),
                                    lambda r: r.state != P.CREATING.value, timeout_s)
         return to_model(row)
 
     # -- create ------------------------------------------------------------------------------
-    async def create(self, req: SnapshotCreate) -> Snapshot:
+    async def create(self, req: SnapshotCreate, ws: str) -> Snapshot:
+        """``ws``: the caller's workspace, which the session must belong to; the snapshot
+        belongs to it too (a ``workspace_id`` in the request must name it)."""
+        srow = self.records.get(SessionRow, req.session_id, ws=ws)
+        if req.workspace_id is not None and req.workspace_id != ws:
+            raise ValidationError(f"is set from the API key, whose workspace is {ws}; got "
+                                  f"{req.workspace_id}", field="workspace_id")
         if req.expires_at is not None:
             expires = req.expires_at if req.expires_at.tzinfo else req.expires_at.replace(
                 tzinfo=UTC)
             if expires <= now():
                 raise ValidationError(f"must be in the future, got {req.expires_at.isoformat()}",
                                       field="expires_at")
-        srow = self.records.get(SessionRow, req.session_id)
         if srow.state not in LIVE or not self.host.has_vm(srow.id):
             raise ConflictError(f"session {srow.id} is {srow.state}; only a running session "
                                 "can be snapshotted")
         row = SnapshotRow(
-            id=new_id("snapshot"), session_id=srow.id, workspace_id=req.workspace_id,
+            id=new_id("snapshot"), session_id=srow.id, workspace_id=ws,
             name=req.name, state=P.CREATING.value, base_image_id=srow.base_image_id,
             cpu=srow.cpu, memory_mb=srow.memory_mb, memory_bytes=srow.memory_mb << 20,
             machine=None, disk_chain=[], files={}, timings={}, created_at=now(),
             expires_at=req.expires_at)
-        await self.records.insert(row)
+        await self.records.insert(row, check=admission.snapshot(ws))
         self._spawn(self._capture(row.id, srow.id, srow.base_image_id), f"capture {row.id}")
         return to_model(row)
 
@@ -129,8 +137,8 @@ class SnapshotControl:
                 pass
 
     # -- delete and expiry ---------------------------------------------------------------------
-    async def delete(self, snapshot_id: str) -> Snapshot:
-        row = self.row(snapshot_id)
+    async def delete(self, snapshot_id: str, ws: str | None = None) -> Snapshot:
+        row = self.row(snapshot_id, ws)
         if row.state in (P.DELETED.value, P.DELETING.value):
             return to_model(row)
         if row.state == P.CREATING.value:

@@ -24,6 +24,7 @@ from ..models import (
     VolumeState,
 )
 from ..store.tables import SessionRow, VolumeRow
+from . import admission
 from .records import Records
 from .states import LIVE, IllegalTransitionError
 
@@ -44,8 +45,9 @@ def now() -> datetime:
 
 
 def to_model(row: VolumeRow) -> Volume:
-    return Volume(id=row.id, name=row.name, size_bytes=row.size_bytes,
-                  state=VolumeState(row.state), session_id=row.session_id, path=row.path,
+    return Volume(id=row.id, workspace_id=row.workspace_id, name=row.name,
+                  size_bytes=row.size_bytes, state=VolumeState(row.state),
+                  session_id=row.session_id, path=row.path,
                   read_only=bool(row.read_only), created_at=row.created_at)
 
 
@@ -71,20 +73,22 @@ class VolumeControl:
         self.host = host
 
     # -- reads -------------------------------------------------------------------------------
-    def row(self, volume_id: str) -> VolumeRow:
-        return self.records.get(VolumeRow, volume_id)
+    def row(self, volume_id: str, ws: str | None = None) -> VolumeRow:
+        """``ws``: the caller's workspace (a volume of another one is not found)."""
+        return self.records.get(VolumeRow, volume_id, ws=ws)
 
-    def usable(self, volume_id: str) -> VolumeRow:
-        row = self.row(volume_id)
+    def usable(self, volume_id: str, ws: str | None = None) -> VolumeRow:
+        row = self.row(volume_id, ws)
         if row.state in (V.DELETED.value, V.DELETING.value):
             raise VolumeNotFoundError(f"volume {volume_id} not found (it was deleted)")
         return row
 
-    def get(self, volume_id: str) -> Volume:
-        return to_model(self.row(volume_id))
+    def get(self, volume_id: str, ws: str | None = None) -> Volume:
+        return to_model(self.row(volume_id, ws))
 
-    def query(self) -> list[Volume]:
-        rows = [r for r in self.records.all(VolumeRow) if r.state != V.DELETED.value]
+    def query(self, ws: str) -> list[Volume]:
+        rows = [r for r in self.records.all(VolumeRow, VolumeRow.workspace_id == ws)
+                if r.state != V.DELETED.value]
         rows.sort(key=lambda r: r.created_at)
         return [to_model(r) for r in rows]
 
@@ -106,25 +110,25 @@ class VolumeControl:
                 for a in self.attachments(session_id)]
 
     # -- create and delete ---------------------------------------------------------------------
-    async def create(self, req: VolumeCreate) -> Volume:
+    async def create(self, req: VolumeCreate, ws: str) -> Volume:
         name = req.name.strip()
         if not name:
             raise ValidationError("must not be empty", field="name")
         size = -(-req.size_bytes // SECTOR) * SECTOR  # a block device is whole sectors
-        row = VolumeRow(id=new_id("volume"), name=name, size_bytes=size,
+        row = VolumeRow(id=new_id("volume"), workspace_id=ws, name=name, size_bytes=size,
                         state=V.AVAILABLE.value, session_id=None, path=None, read_only=0,
                         created_at=now())
         await self.host.create_volume(row.id, size)
         try:
-            await self.records.insert(row)
+            await self.records.insert(row, check=admission.volume(ws, size))
         except BaseException:
             await self.host.delete_volume(row.id)
             raise
         log.info("%s: created (%d bytes, %s)", row.id, size, name)
         return to_model(row)
 
-    async def delete(self, volume_id: str) -> Volume:
-        row = self.row(volume_id)
+    async def delete(self, volume_id: str, ws: str | None = None) -> Volume:
+        row = self.row(volume_id, ws)
         if row.state == V.DELETED.value:
             return to_model(row)
         if row.state == V.IN_USE.value:
@@ -150,7 +154,7 @@ class VolumeControl:
         log.info("%s: deleted", volume_id)
 
     # -- attach and detach -------------------------------------------------------------------
-    def check_create(self, req: SessionCreate) -> None:
+    def check_create(self, req: SessionCreate, ws: str) -> None:
         """Refuse a session create whose volumes cannot be attached, before anything starts."""
         mounts = list(req.volumes)
         if len(mounts) > HOTPLUG_PORTS:
@@ -166,7 +170,7 @@ class VolumeControl:
                 raise ValidationError(f"volume {mount.volume_id} is given twice",
                                       field="volumes")
             paths[path] = mount.volume_id
-            self._check_free(self.usable(mount.volume_id))
+            self._check_free(self.usable(mount.volume_id, ws))
 
     @staticmethod
     def _check_free(row: VolumeRow) -> None:
@@ -189,8 +193,9 @@ class VolumeControl:
                 failed.append(f"{mount.volume_id}: {type(exc).__name__}: {exc}")
         return f"volume attach failed: {'; '.join(failed)}" if failed else None
 
-    async def attach(self, session_id: str, req: VolumeAttach) -> None:
-        srow = self.records.get(SessionRow, session_id)
+    async def attach(self, session_id: str, req: VolumeAttach, ws: str | None = None) -> None:
+        srow = self.records.get(SessionRow, session_id, ws=ws)
+        self.usable(req.volume_id, ws)
         if srow.state not in LIVE or not self.host.has_vm(session_id):
             raise ConflictError(f"session {session_id} is {srow.state}, not running")
         await self._attach(session_id, req)
@@ -224,8 +229,9 @@ class VolumeControl:
             raise
         log.info("%s: attached to %s at %s", row.id, session_id, path)
 
-    async def detach(self, session_id: str, volume_id: str) -> None:
-        self.row(volume_id)
+    async def detach(self, session_id: str, volume_id: str, ws: str | None = None) -> None:
+        self.records.get(SessionRow, session_id, ws=ws)
+        self.row(volume_id, ws)
         mount = next((m for m in self.mounts_of(session_id) if m.volume_id == volume_id), None)
         if mount is None:
             raise ConflictError(f"volume {volume_id} is not attached to session {session_id}")

@@ -41,6 +41,7 @@ from .api import (
     VolumeMountSpec,
 )
 from .boot import boot
+from .capacity import configured, pss_mib
 from .capture import capture
 from .context import HostContext
 from .processes import ProcessHandle, ProcessTable
@@ -80,6 +81,7 @@ class LocalHost:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         #: digests stored by captures in flight (referenced until their record names them)
         self._producing: dict[str, set[str]] = {}
+        self.capacity = configured("local", accel)
 
     @property
     def store(self) -> LocalArtifactStore:
@@ -155,6 +157,11 @@ class LocalHost:
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
+
+    def memory_used_mib(self) -> int:
+        pids = [pid for vm in self.vms.values()
+                for pid in (vm.machine.pid, vm.machine.net_pid) if pid]
+        return pss_mib(pids)
 
     # -- health ------------------------------------------------------------------------------
     async def _watch(self, vm: VM) -> None:

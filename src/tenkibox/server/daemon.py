@@ -3,6 +3,9 @@
 One server per data directory (an exclusive lock); it listens on 127.0.0.1 by default and
 announces itself in ``$TENKI_HOME/server.json`` (url, pid, version) once it accepts
 connections, which is how the CLI and the SDK find it. VMs keep running when it stops.
+
+Every call needs an API key, on every address (there is no anonymous mode); the local admin
+key is in ``$TENKI_HOME/admin.key``. ``tls_cert``/``tls_key`` serve HTTPS.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -22,7 +26,7 @@ import uvicorn
 from .._version import __version__
 from ..api.app import create_app
 from ..config import layout as make_layout
-from ..errors import ConflictError
+from ..errors import ConflictError, ValidationError
 from .runtime import ServerRuntime
 
 log = logging.getLogger("tenkibox.server")
@@ -34,9 +38,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def serve(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-          home: Path | None = None, database_url: str | None = None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
+          database_url: str | None = None, tls_cert: Path | None = None,
+          tls_key: Path | None = None) -> None:
+    if (tls_cert is None) != (tls_key is None):
+        raise ValidationError("give both --tls-cert and --tls-key, or neither",
+                              field="tls_cert" if tls_cert is None else "tls_key")
+    for path, field in ((tls_cert, "tls_cert"), (tls_key, "tls_key")):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValidationError(f"cannot read {path}", field=field)
     layout = make_layout(home).ensure()
+    with contextlib.suppress(OSError):
+        os.chmod(layout.home, 0o700)  # the key file, the database and the VMs' files
     logging.basicConfig(level=os.environ.get("TENKI_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lock = open(layout.home / "server.lock", "a+")
@@ -46,36 +59,65 @@ def serve(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
         raise ConflictError(f"a tenki server already runs for {layout.home}") from exc
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it every keep-alive request waits ~40 ms for the delayed ACK
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    asyncio.run(_run(layout, sock, host, bound, api_key, database_url))
+    tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    asyncio.run(_run(layout, sock, host, bound, database_url, tls))
+
+
+def _local_url(host: str, port: int, scheme: str) -> str:
+    """The URL a client on this machine uses (a wildcard address is reached on loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
-               api_key: str | None, database_url: str | None) -> None:
-    rt = ServerRuntime(layout, api_key=api_key, database_url=database_url)
+               database_url: str | None, tls: tuple[Path, Path] | None) -> None:
+    rt = ServerRuntime(layout, database_url=database_url)
     await rt.start()
-    app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, api_key=api_key,
-                     request_stop=rt.request_stop)
+    app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, request_stop=rt.request_stop)
     config = uvicorn.Config(app, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=3)
+                            timeout_graceful_shutdown=3,
+                            ssl_certfile=str(tls[0]) if tls else None,
+                            ssl_keyfile=str(tls[1]) if tls else None)
     server = uvicorn.Server(config)
 
     async def stop_when_asked() -> None:
         await rt.stop_requested.wait()
         await asyncio.sleep(0.05)  # the shutdown request gets its answer first
         server.should_exit = True
-    info = {"url": f"http://{host}:{port}", "pid": os.getpid(), "version": __version__,
-            "started_at": datetime.now(UTC).isoformat()}
+    info = {"url": _local_url(host, port, "https" if tls else "http"), "pid": os.getpid(),
+            "version": __version__, "started_at": datetime.now(UTC).isoformat()}
 
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.01)
         _write_atomic(layout.server_file, json.dumps(info))
-        log.info("tenki server %s listening on %s (home %s)", __version__, info["url"],
-                 layout.home)
+        log.info("tenki server %s listening on %s:%d%s (home %s)", __version__, host, port,
+                 " with TLS" if tls else "", layout.home)
+        names = {w.id: w.name for w in rt.plane.workspaces.query()}
+        usable = ", ".join(f"{names.get(w, w)} ({w})" for w in rt.plane.keys.workspaces_with_keys())
+        log.info("every call needs an API key; keys of these workspaces can use it: %s; the "
+                 "local admin key is in %s", usable or "none", layout.admin_key_file)
+        if not _is_loopback(host):
+            log.warning("listening on %s, reachable from other machines%s", host,
+                        "" if tls else " without TLS (keys travel in clear text: give "
+                        "--tls-cert and --tls-key)")
 
     announcer = asyncio.create_task(announce())
     stopper = asyncio.create_task(stop_when_asked())

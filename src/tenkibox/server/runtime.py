@@ -15,10 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class ServerRuntime:
-    def __init__(self, layout: Layout, *, api_key: str | None = None,
-                 database_url: str | None = None) -> None:
+    def __init__(self, layout: Layout, *, database_url: str | None = None) -> None:
         self.layout = layout.ensure()
-        self.api_key = api_key
         self.store: Store = open_store(layout.home, database_url)
         self.accel, self.accel_reason = detect_accel(layout.home / "accel.json")
         log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
@@ -32,6 +30,8 @@ class ServerRuntime:
 
     async def start(self) -> None:
         await self.plane.start()
+        default = await self.plane.workspaces.ensure_default()
+        await self.plane.keys.ensure_local_admin(self.layout.admin_key_file, default.id)
 
     async def stop(self) -> None:
         await self.plane.stop()

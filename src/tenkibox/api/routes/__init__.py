@@ -9,9 +9,12 @@ from pydantic import BaseModel
 from ...models import ErrorBody
 
 #: The error responses a route may give, for the OpenAPI contract (the body is ``ErrorBody``).
-_TEXT = {400: "Bad request", 401: "Missing or wrong API key", 404: "Not found",
+_TEXT = {400: "Bad request", 401: "Missing, unknown, revoked or expired API key",
+         403: "The key may not make this call (admin only)", 404: "Not found",
          409: "Conflict with the resource's state", 413: "Body too large",
-         422: "Invalid input (the field is named)", 500: "Internal error"}
+         422: "Invalid input (the field is named)",
+         429: "A workspace quota is exceeded (named, with its limit and use)",
+         500: "Internal error", 503: "The host has no capacity for it now (retryable)"}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The server itself: health, images, administration."""
+"""The server itself: health, images, this host's capacity, administration."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import os
 from fastapi import APIRouter, Query, Request
 
 from ..._version import __version__
-from ...models import Image, ServerInfo, StoreReport
-from ..deps import Caller, Plane
+from ...models import HostStatus, Image, ServerInfo, StoreReport
+from ..deps import Admin, Caller, Plane
 from . import errors
 
 router = APIRouter(prefix="/v1", tags=["server"])
 
 
 @router.get("/health", response_model=ServerInfo, operation_id="health", responses=errors())
-async def health(request: Request) -> ServerInfo:
+async def health(request: Request, _: Caller) -> ServerInfo:
     state = request.app.state
     return ServerInfo(version=__version__, pid=os.getpid(), home=str(state.layout.home),
                       accelerator=state.accel)
@@ -29,16 +29,23 @@ async def list_images(request: Request, _: Caller) -> list[Image]:
     return _list(request.app.state.layout)
 
 
+@router.get("/host", response_model=HostStatus, operation_id="hostStatus",
+            responses=errors(403))
+async def host_status(plane: Plane, _: Admin) -> HostStatus:
+    """Memory this host may promise to guests, has promised, and what they really hold."""
+    return plane.host_status()
+
+
 @router.post("/server/shutdown", status_code=202, operation_id="shutdownServer",
-             responses=errors())
-async def shutdown(request: Request, _: Caller) -> dict[str, str]:
+             responses=errors(403))
+async def shutdown(request: Request, _: Admin) -> dict[str, str]:
     request.app.state.request_stop()
     return {"status": "stopping"}
 
 
 @router.post("/admin/verify", response_model=StoreReport, operation_id="verifyStore",
-             responses=errors())
-async def verify(plane: Plane, _: Caller, repair: bool = Query(default=False)) -> StoreReport:
+             responses=errors(403))
+async def verify(plane: Plane, _: Admin, repair: bool = Query(default=False)) -> StoreReport:
     """Re-read every stored artifact of every READY snapshot against its digest, re-hash the
     derived RAM caches (rebuilding damaged ones), and list files no record owns. ``repair``
     marks snapshots with damaged artifacts FAILED and removes unowned files."""

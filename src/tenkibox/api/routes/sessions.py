@@ -29,45 +29,45 @@ SessionId = Annotated[str, Query(max_length=64)]
 
 
 @router.post("", response_model=Session, status_code=201, operation_id="createSession",
-             responses=errors(404, 409, 413))
-async def create_session(body: SessionCreate, plane: Plane, _: Caller) -> Session:
+             responses=errors(404, 409, 413, 429, 503))
+async def create_session(body: SessionCreate, plane: Plane, caller: Caller) -> Session:
     """Boot a session, or restore one from a snapshot (``snapshot_id``); answers CREATING."""
-    return await plane.sessions.create(body)
+    return await plane.sessions.create(body, caller.workspace_id)
 
 
 @router.get("", response_model=list[Session], operation_id="listSessions",
             responses=errors())
-async def list_sessions(plane: Plane, _: Caller, state: SessionState | None = None,
+async def list_sessions(plane: Plane, caller: Caller, state: SessionState | None = None,
                         ) -> list[Session]:
-    return plane.sessions.query(state.value if state else None)
+    return plane.sessions.query(caller.workspace_id, state.value if state else None)
 
 
 @router.get("/{session_id}", response_model=Session, operation_id="getSession",
             responses=errors(404))
-async def get_session(session_id: str, plane: Plane, _: Caller) -> Session:
-    return plane.sessions.get(session_id)
+async def get_session(session_id: str, plane: Plane, caller: Caller) -> Session:
+    return plane.sessions.get(session_id, caller.workspace_id)
 
 
 @router.get("/{session_id}/wait", response_model=Session, operation_id="waitSession",
             responses=errors(404))
-async def wait_session(session_id: str, plane: Plane, _: Caller,
+async def wait_session(session_id: str, plane: Plane, caller: Caller,
                        timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Session:
     """Answers as soon as the session leaves CREATING, or as it is when the time is up."""
-    return await plane.sessions.wait(session_id, timeout_s)
+    return await plane.sessions.wait(session_id, timeout_s, caller.workspace_id)
 
 
 @router.delete("/{session_id}", response_model=Session, operation_id="terminateSession",
                responses=errors(404))
-async def terminate_session(session_id: str, plane: Plane, _: Caller) -> Session:
+async def terminate_session(session_id: str, plane: Plane, caller: Caller) -> Session:
     """Idempotent; wins over a boot or restore in progress."""
-    return await plane.sessions.terminate(session_id)
+    return await plane.sessions.terminate(session_id, ws=caller.workspace_id)
 
 
 @router.post("/{session_id}/processes", response_model=ProcessInfo, status_code=201,
              operation_id="startProcess", responses=errors(404, 409))
 async def start_process(session_id: str, body: ExecRequest, plane: Plane,
-                        _: Caller) -> ProcessInfo:
-    ref = await plane.sessions.start_process(session_id, body)
+                        caller: Caller) -> ProcessInfo:
+    ref = await plane.sessions.start_process(session_id, body, caller.workspace_id)
     return ProcessInfo(process_id=ref.process_id, session_id=session_id, pid=ref.pid)
 
 
@@ -77,8 +77,8 @@ async def start_process(session_id: str, body: ExecRequest, plane: Plane,
                              "description": "NDJSON stream: one ProcessEvent per line"},
                        **errors(404, 409)})
 async def process_events(session_id: str, process_id: str, plane: Plane,
-                         _: Caller) -> StreamingResponse:
-    events = plane.sessions.process_events(session_id, process_id)
+                         caller: Caller) -> StreamingResponse:
+    events = plane.sessions.process_events(session_id, process_id, caller.workspace_id)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -93,26 +93,27 @@ async def process_events(session_id: str, process_id: str, plane: Plane,
 @router.post("/{session_id}/processes/{process_id}/stdin", status_code=204,
              operation_id="writeProcessStdin", responses=errors(404, 409))
 async def process_stdin(session_id: str, process_id: str, request: Request, plane: Plane,
-                        _: Caller) -> Response:
+                        caller: Caller) -> Response:
     async for chunk in request.stream():
         if chunk:
-            await plane.sessions.process_stdin(session_id, process_id, chunk)
+            await plane.sessions.process_stdin(session_id, process_id, chunk,
+                                               caller.workspace_id)
     return Response(status_code=204)
 
 
 @router.post("/{session_id}/processes/{process_id}/stdin/close", status_code=204,
              operation_id="closeProcessStdin", responses=errors(404, 409))
 async def process_stdin_close(session_id: str, process_id: str, plane: Plane,
-                              _: Caller) -> Response:
-    await plane.sessions.process_close_stdin(session_id, process_id)
+                              caller: Caller) -> Response:
+    await plane.sessions.process_close_stdin(session_id, process_id, caller.workspace_id)
     return Response(status_code=204)
 
 
 @router.post("/{session_id}/processes/{process_id}/kill", status_code=204,
              operation_id="killProcess", responses=errors(404, 409))
-async def process_kill(session_id: str, process_id: str, plane: Plane, _: Caller,
+async def process_kill(session_id: str, process_id: str, plane: Plane, caller: Caller,
                        signal: Annotated[int, Query(ge=1, le=64)] = 9) -> Response:
-    await plane.sessions.process_kill(session_id, process_id, signal)
+    await plane.sessions.process_kill(session_id, process_id, signal, caller.workspace_id)
     return Response(status_code=204)
 
 
@@ -124,10 +125,10 @@ FilePath = Annotated[str, Query(min_length=1, max_length=4096,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the file's bytes, streamed"}, **errors(404, 409)})
 async def read_file(session_id: str, path: FilePath, plane: Plane,
-                    _: Caller) -> StreamingResponse:
+                    caller: Caller) -> StreamingResponse:
     """Streamed: the server holds one chunk at a time; a client that goes away stops it."""
     _check_path(path)
-    chunks = await plane.sessions.read_file(session_id, path)
+    chunks = await plane.sessions.read_file(session_id, path, caller.workspace_id)
     first = await anext(chunks, b"")  # a missing file answers 404 before any byte is sent
 
     async def body() -> AsyncIterator[bytes]:
@@ -147,11 +148,12 @@ async def read_file(session_id: str, path: FilePath, plane: Plane,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}},
                                            "required": True}})
 async def write_file(session_id: str, path: FilePath, request: Request, plane: Plane,
-                     _: Caller, mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+                     caller: Caller, mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
                      ) -> FileWritten:
     """Streamed into the guest; the file appears whole (renamed into place) or not at all."""
     _check_path(path)
-    size = await plane.sessions.write_file(session_id, path, request.stream(), mode)
+    size = await plane.sessions.write_file(session_id, path, request.stream(), mode,
+                                           caller.workspace_id)
     return FileWritten(path=path, size_bytes=size)
 
 
@@ -164,13 +166,14 @@ def _check_path(path: str) -> None:
 @router.post("/{session_id}/volumes", response_model=Session, operation_id="attachVolume",
              responses=errors(404, 409))
 async def attach_volume(session_id: str, body: VolumeAttach, plane: Plane,
-                        _: Caller) -> Session:
-    await plane.volumes.attach(session_id, body)
-    return plane.sessions.get(session_id)
+                        caller: Caller) -> Session:
+    await plane.volumes.attach(session_id, body, caller.workspace_id)
+    return plane.sessions.get(session_id, caller.workspace_id)
 
 
 @router.delete("/{session_id}/volumes/{volume_id}", response_model=Session,
                operation_id="detachVolume", responses=errors(404, 409))
-async def detach_volume(session_id: str, volume_id: str, plane: Plane, _: Caller) -> Session:
-    await plane.volumes.detach(session_id, volume_id)
-    return plane.sessions.get(session_id)
+async def detach_volume(session_id: str, volume_id: str, plane: Plane,
+                        caller: Caller) -> Session:
+    await plane.volumes.detach(session_id, volume_id, caller.workspace_id)
+    return plane.sessions.get(session_id, caller.workspace_id)

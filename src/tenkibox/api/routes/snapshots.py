@@ -15,35 +15,35 @@ router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
 
 
 @router.post("", response_model=Snapshot, status_code=202, operation_id="createSnapshot",
-             responses=errors(404, 409))
-async def create_snapshot(body: SnapshotCreate, plane: Plane, _: Caller) -> Snapshot:
+             responses=errors(404, 409, 429))
+async def create_snapshot(body: SnapshotCreate, plane: Plane, caller: Caller) -> Snapshot:
     """Starts a capture; answers CREATING. READY once memory, device state and disk are stored
     and verified; FAILED with the reason otherwise."""
-    return await plane.snapshots.create(body)
+    return await plane.snapshots.create(body, caller.workspace_id)
 
 
 @router.get("", response_model=list[Snapshot], operation_id="listSnapshots",
             responses=errors())
-async def list_snapshots(plane: Plane, _: Caller,
+async def list_snapshots(plane: Plane, caller: Caller,
                          session_id: Annotated[str | None, Query(max_length=64)] = None,
                          ) -> list[Snapshot]:
-    return plane.snapshots.query(session_id)
+    return plane.snapshots.query(caller.workspace_id, session_id)
 
 
 @router.get("/{snapshot_id}", response_model=Snapshot, operation_id="getSnapshot",
             responses=errors(404))
-async def get_snapshot(snapshot_id: str, plane: Plane, _: Caller) -> Snapshot:
-    return plane.snapshots.get(snapshot_id)
+async def get_snapshot(snapshot_id: str, plane: Plane, caller: Caller) -> Snapshot:
+    return plane.snapshots.get(snapshot_id, caller.workspace_id)
 
 
 @router.get("/{snapshot_id}/wait", response_model=Snapshot, operation_id="waitSnapshot",
             responses=errors(404))
-async def wait_snapshot(snapshot_id: str, plane: Plane, _: Caller,
+async def wait_snapshot(snapshot_id: str, plane: Plane, caller: Caller,
                         timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Snapshot:
-    return await plane.snapshots.wait(snapshot_id, timeout_s)
+    return await plane.snapshots.wait(snapshot_id, timeout_s, caller.workspace_id)
 
 
 @router.delete("/{snapshot_id}", response_model=Snapshot, operation_id="deleteSnapshot",
                responses=errors(404, 409))
-async def delete_snapshot(snapshot_id: str, plane: Plane, _: Caller) -> Snapshot:
-    return await plane.snapshots.delete(snapshot_id)
+async def delete_snapshot(snapshot_id: str, plane: Plane, caller: Caller) -> Snapshot:
+    return await plane.snapshots.delete(snapshot_id, caller.workspace_id)
