@@ -26,7 +26,9 @@ from .client import (
     Session,
 )
 from .errors import (
+    ApiKeyNotFoundError,
     AuthenticationError,
+    CapacityUnavailableError,
     CommandError,
     ConflictError,
     ConnectionError,
@@ -35,6 +37,8 @@ from .errors import (
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
+    QuotaExceededError,
     SessionFailedError,
     SessionNotFoundError,
     SnapshotFailedError,
@@ -43,6 +47,7 @@ from .errors import (
     ValidationError,
     VolumeNotFoundError,
     WaitTimeoutError,
+    WorkspaceNotFoundError,
 )
 from .models import (
     ErrorBody,
@@ -72,7 +77,9 @@ __all__ = [
     "AsyncFiles",
     "AsyncProcess",
     "AsyncSession",
+    "ApiKeyNotFoundError",
     "AuthenticationError",
+    "CapacityUnavailableError",
     "Client",
     "CommandError",
     "ConflictError",
@@ -89,6 +96,8 @@ __all__ = [
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
     "Process",
     "ProcessEvent",
     "ProcessInfo",
@@ -114,6 +123,7 @@ __all__ = [
     "VolumeNotFoundError",
     "VolumeState",
     "WaitTimeoutError",
+    "WorkspaceNotFoundError",
     "__version__",
     "errors",
     "models",

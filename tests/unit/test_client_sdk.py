@@ -69,6 +69,7 @@ def test_sync_async_parity(sync_obj: str, async_obj: str) -> None:
     aclient = AsyncClient(endpoint=URL)
     record = models.Session(
         id="ses_1",
+        workspace_id="ws_1",
         state=models.SessionState.READY,
         cpu=1,
         memory_mb=512,
@@ -170,20 +171,23 @@ def test_local_validation_never_calls_the_server(
     assert inproc.requests == []
 
 
+SECRET = "tk_another-admin-key-of-its-own-00000000000000"
+
+
 def test_api_key_is_sent(make_inproc: MakeServer) -> None:
-    server = make_inproc(api_key="sekret")
-    with Client(endpoint=server.url, api_key="wrong") as c:
-        with pytest.raises(errors.AuthenticationError):
+    server = make_inproc(api_key=SECRET)
+    with Client(endpoint=server.url, api_key="tk_wrong") as c:
+        with pytest.raises(errors.AuthenticationError, match="unknown API key tk_wrong"):
             c.list()
-    with Client(endpoint=server.url, api_key="sekret") as c:
+    with Client(endpoint=server.url, api_key=SECRET) as c:
         assert c.list() == []
     assert [r.status for r in server.requests] == [401, 200]
 
 
 def test_env_configuration(make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = make_inproc(api_key="k")
+    server = make_inproc(api_key=SECRET)
     monkeypatch.setenv("TENKI_API_ENDPOINT", server.url.removeprefix("http://") + "/")
-    monkeypatch.setenv("TENKI_API_KEY", "k")
+    monkeypatch.setenv("TENKI_API_KEY", SECRET)
     with Client() as c:
         assert c.endpoint == server.url
         assert c.list() == []
