@@ -45,6 +45,7 @@ def _load_integration() -> Any:
 
 
 it = _load_integration()
+AUTH = it.AUTH
 
 MARKER_PATH = "/root/fault-marker.txt"
 MARKER = "written before the capture\n"
@@ -117,7 +118,8 @@ class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
             with contextlib.suppress(httpx.HTTPError):
                 for s in list_sessions(self):
                     if s["state"] not in ("TERMINATED", "FAILED"):
-                        httpx.delete(f"{self.url}/v1/sessions/{s['id']}", timeout=30)
+                        httpx.delete(f"{self.url}/v1/sessions/{s['id']}", headers=it.AUTH,
+                                     timeout=30)
         self.stop()
         for p in vm_processes(self):
             with contextlib.suppress(ProcessLookupError):
@@ -125,7 +127,7 @@ class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
         super().cleanup()
 
     def http(self, timeout: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+        return httpx.Client(base_url=self.url, headers=it.AUTH, timeout=timeout)
 
     def rss_kib(self) -> int:
         return rss_kib(self.pid)
@@ -148,25 +150,25 @@ def new_home(image_layout: Any, name: str, copy_images: bool = False) -> Path:
 
 
 def list_sessions(server: Any) -> list[dict[str, Any]]:
-    r = httpx.get(f"{server.url}/v1/sessions", timeout=30)
+    r = httpx.get(f"{server.url}/v1/sessions", headers=it.AUTH, timeout=30)
     r.raise_for_status()
     return list(r.json())
 
 
 def list_snapshots(server: Any) -> list[dict[str, Any]]:
-    r = httpx.get(f"{server.url}/v1/snapshots", timeout=30)
+    r = httpx.get(f"{server.url}/v1/snapshots", headers=it.AUTH, timeout=30)
     r.raise_for_status()
     return list(r.json())
 
 
 def get_session(server: Any, session_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{server.url}/v1/sessions/{session_id}", timeout=30)
+    r = httpx.get(f"{server.url}/v1/sessions/{session_id}", timeout=30, headers=it.AUTH)
     r.raise_for_status()
     return dict(r.json())
 
 
 def get_snapshot(server: Any, snapshot_id: str) -> dict[str, Any] | None:
-    r = httpx.get(f"{server.url}/v1/snapshots/{snapshot_id}", timeout=30)
+    r = httpx.get(f"{server.url}/v1/snapshots/{snapshot_id}", timeout=30, headers=it.AUTH)
     if r.status_code == 404:
         return None
     r.raise_for_status()

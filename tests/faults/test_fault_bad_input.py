@@ -129,7 +129,7 @@ def _undo(server: fl.FaultServer, r: httpx.Response) -> None:
         return
     if kind == "snapshots":
         fl.wait_snapshot_state(server, rid, {"READY", "FAILED"}, 300)
-    httpx.delete(f"{server.url}/v1/{kind}/{rid}", timeout=60)
+    httpx.delete(f"{server.url}/v1/{kind}/{rid}", timeout=60, headers=fl.AUTH)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -170,7 +170,7 @@ def test_bad_input_is_a_4xx_in_the_error_format(server: fl.FaultServer, box: str
 
 def test_server_survives_the_table(server: fl.FaultServer, box: str) -> None:
     assert server.alive(), server.log_tail()
-    assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/v1/health", timeout=10, headers=fl.AUTH).status_code == 200
     with server.client() as c:
         assert c.get(box).files.read_text(fl.MARKER_PATH) == fl.MARKER
     fl.assert_settled(server)
@@ -186,10 +186,11 @@ def test_cli_prints_no_raw_escape_from_a_record(server: fl.FaultServer) -> None:
     made: list[str] = []
     try:
         for key, value in ESC_TEXTS.items():
-            r = httpx.post(f"{server.url}/v1/sessions", json={**SMALL, key: value}, timeout=60)
+            r = httpx.post(f"{server.url}/v1/sessions", json={**SMALL, key: value},
+                           timeout=60, headers=fl.AUTH)
             if r.status_code == 201:
                 made.append(r.json()["id"])
-                httpx.delete(f"{server.url}/v1/sessions/{made[-1]}", timeout=60)
+                httpx.delete(f"{server.url}/v1/sessions/{made[-1]}", timeout=60, headers=fl.AUTH)
             else:
                 assert 400 <= r.status_code < 500 and r.json()["error"].get("field", "") \
                     .startswith(key), r.text[:300]
@@ -203,4 +204,4 @@ def test_cli_prints_no_raw_escape_from_a_record(server: fl.FaultServer) -> None:
                 assert b"\x1b" not in out.stderr, out.stderr[:400]
     finally:
         for sid in made:
-            httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60)
+            httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60, headers=fl.AUTH)

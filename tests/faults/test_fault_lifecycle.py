@@ -65,7 +65,8 @@ def test_double_terminate_while_creating(server: fl.FaultServer, baseline: str, 
         time.sleep(delay)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(
-                lambda _: httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60),
+                lambda _: httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60,
+                                       headers=fl.AUTH),
                 range(2)))
         returned = time.monotonic()
         for a in answers:
@@ -80,7 +81,7 @@ def test_double_terminate_while_creating(server: fl.FaultServer, baseline: str, 
     assert not fl.qemu_pids(server, sid)
     # further terminates are harmless
     for _ in range(2):
-        again = httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60)
+        again = httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60, headers=fl.AUTH)
         assert again.status_code == 200 and again.json()["state"] == "TERMINATED", again.text
     time.sleep(1.0)  # a boot that was not really stopped would come back now
     assert fl.get_session(server, sid)["state"] == "TERMINATED"
@@ -109,7 +110,7 @@ def test_concurrent_terminates_snapshots_restores(server: fl.FaultServer, baseli
 
     def call(op: tuple[str, str, dict[str, Any] | None]) -> httpx.Response:
         method, path, body = op
-        with httpx.Client(base_url=server.url, timeout=120) as api:
+        with httpx.Client(base_url=server.url, timeout=120, headers=fl.AUTH) as api:
             barrier.wait(30)
             time.sleep(rng.random() * 0.3)
             return api.request(method, path, json=body)
@@ -190,5 +191,5 @@ def test_network_helper_killed_under_a_ready_session(server: fl.FaultServer,
             s = c.get(sid)
             assert s.shell("getent hosts deb.debian.org", timeout=30).exit_code == 0, \
                 "the network helper was restarted but the network does not work"
-        httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60)
+        httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=60, headers=fl.AUTH)
     fl.assert_settled(server)

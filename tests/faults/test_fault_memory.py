@@ -125,7 +125,7 @@ def test_reading_dev_zero_is_bounded_and_stops_with_the_client(fresh: fl.FaultSe
     nonzero = 0
     timeout = httpx.Timeout(60.0, read=60.0)
     with RssWatch(fresh.pid) as w:
-        with httpx.Client(base_url=fresh.url, timeout=timeout) as api, \
+        with httpx.Client(base_url=fresh.url, timeout=timeout, headers=fl.AUTH) as api, \
                 api.stream("GET", f"/v1/sessions/{box}/files",
                            params={"path": "/dev/zero"}) as r:
             assert r.status_code == 200, r.read()[:500]
@@ -158,7 +158,8 @@ def test_uploading_512mib_is_bounded(fresh: fl.FaultServer, box: str) -> None:
                 sent += len(chunk)
 
         try:
-            with httpx.Client(base_url=fresh.url, timeout=httpx.Timeout(300.0)) as api:
+            with httpx.Client(base_url=fresh.url, timeout=httpx.Timeout(300.0),
+                              headers=fl.AUTH) as api:
                 r = api.put(f"/v1/sessions/{box}/files", params={"path": "/root/big"},
                             content=body())
         except (RuntimeError, httpx.TransportError) as exc:
@@ -184,7 +185,7 @@ def test_exec_output_of_500mb_is_delivered_in_bounded_memory(fresh: fl.FaultServ
     exit_event: dict[str, Any] | None = None
     errors: list[dict[str, Any]] = []
     with RssWatch(fresh.pid) as w, \
-            httpx.Client(base_url=fresh.url, timeout=httpx.Timeout(120.0)) as api:
+            httpx.Client(base_url=fresh.url, timeout=httpx.Timeout(120.0), headers=fl.AUTH) as api:
         r = api.post(f"/v1/sessions/{box}/processes",
                      json={"argv": ["head", "-c", str(total), "/dev/zero"]})
         assert r.status_code == 201, r.text

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.server import ADMIN_KEY, AUTH, write_admin_key
 
-from tenkibox.config import layout
+from tenkibox.config import Layout, layout
 
 RUN_TAG = f"tenki-it-{os.getpid()}"
 RUN_ROOT = Path("/dev/shm") / RUN_TAG
@@ -86,12 +87,14 @@ class TenkiServer:
         env.update(TENKI_HOME=str(self.home), TENKI_RUN_ROOT=str(self.run_root),
                    TENKI_LOG_LEVEL="INFO")
         env.pop("TENKI_API_ENDPOINT", None)
-        env.pop("TENKI_API_KEY", None)
+        env["TENKI_API_KEY"] = ADMIN_KEY  # the CLI's key (the server reads admin.key)
         return env
 
     def start(self, timeout: float = 60.0) -> None:
         server_file = self.home / "server.json"
         server_file.unlink(missing_ok=True)
+        if not (self.home / "admin.key").exists():
+            write_admin_key(Layout(self.home), ADMIN_KEY)
         log = open(self.home / "server.log", "ab")
         # a restarted server keeps its port, so clients made earlier still reach it
         port = self.url.rsplit(":", 1)[1] if self.url else "0"
@@ -159,9 +162,11 @@ class TenkiServer:
         """Terminate every session of this home, stop the server, remove its files."""
         if self.proc and self.proc.poll() is None:
             try:
-                for s in httpx.get(f"{self.url}/v1/sessions", timeout=10).json():
+                for s in httpx.get(f"{self.url}/v1/sessions", headers=AUTH,
+                                   timeout=10).json():
                     if s["state"] not in ("TERMINATED", "FAILED"):
-                        httpx.delete(f"{self.url}/v1/sessions/{s['id']}", timeout=30)
+                        httpx.delete(f"{self.url}/v1/sessions/{s['id']}", headers=AUTH,
+                                     timeout=30)
             except httpx.HTTPError:
                 pass
         self.stop()

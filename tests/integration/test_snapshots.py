@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.server import AUTH
 
 from tenkibox import Client, errors
 
@@ -261,7 +262,7 @@ def test_unknown_ids_are_not_found(tenki_server, client: Client) -> None:
         assert "snapshot snp_x not found" in _err(proc)
     proc = tenki_server.cli("sandbox", "snapshot", "create", "--session", "ses_x", "--name", "n")
     assert proc.returncode != 0 and "session ses_x not found" in _err(proc)
-    resp = httpx.get(f"{tenki_server.url}/v1/snapshots/snp_x")
+    resp = httpx.get(f"{tenki_server.url}/v1/snapshots/snp_x", headers=AUTH)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "SnapshotNotFound"
     with pytest.raises(errors.SnapshotNotFoundError):
         client.get_snapshot("snp_x")
@@ -283,7 +284,7 @@ def test_expiry(client: Client, tenki_server, source) -> None:
                             "--name", "old", "--expires-at", past)
     assert proc.returncode == 2 and "expires-at" in _err(proc)
     resp = httpx.post(f"{tenki_server.url}/v1/snapshots",
-                      json={"session_id": source.id, "expires_at": past})
+                      json={"session_id": source.id, "expires_at": past}, headers=AUTH)
     assert resp.status_code == 422 and resp.json()["error"]["field"] == "expires_at"
     soon = datetime.now(UTC) + timedelta(seconds=8)
     s = client.create_snapshot_and_wait(source.id, "short-lived", expires_at=soon, timeout=300)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.server import AUTH
 
 from tenkibox import errors
 
@@ -132,7 +133,7 @@ def test_sizes_out_of_range(tenki_server: Any, client: Any) -> None:
     # the server refuses them too, naming the field
     for size in ((1 << 20) - 1, (100 << 30) + 1):
         resp = httpx.post(f"{tenki_server.url}/v1/volumes",
-                          json={"name": "x", "size_bytes": size})
+                          json={"name": "x", "size_bytes": size}, headers=AUTH)
         err = raw_error(resp)
         assert resp.status_code == 422 and isinstance(err, errors.ValidationError)
         assert err.field == "size_bytes"
@@ -156,7 +157,7 @@ def test_create_refuses_bad_volumes_before_booting(tenki_server: Any, client: An
         client.create(volumes=[f"{vol_a.id}:/one", f"{vol_a.id}:/two"])
     # the server's own check of a relative path (the SDK refuses it before sending)
     resp = httpx.post(f"{tenki_server.url}/v1/sessions",
-                      json={"volumes": [{"volume_id": vol_a.id, "path": "data"}]})
+                      json={"volumes": [{"volume_id": vol_a.id, "path": "data"}]}, headers=AUTH)
     err = raw_error(resp)
     assert isinstance(err, errors.ValidationError) and "absolute" in err.message
     assert (err.field or "").startswith("volumes.0")
@@ -233,7 +234,7 @@ def test_bad_live_attach(tenki_server: Any, client: Any, box: Any, vol_a: Any,
     with pytest.raises(errors.ValidationError):
         box.attach_volume(vol_b.id, "relative")
     resp = httpx.post(f"{tenki_server.url}/v1/sessions/{box.id}/volumes",
-                      json={"volume_id": vol_b.id, "path": "relative"})
+                      json={"volume_id": vol_b.id, "path": "relative"}, headers=AUTH)
     err = raw_error(resp)
     assert isinstance(err, errors.ValidationError) and "absolute" in err.message
     with pytest.raises(errors.ValidationError) as info:

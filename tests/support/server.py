@@ -141,6 +141,8 @@ def open_test_store(home: Path) -> Store:
 
 #: The admin key of every test server (the run's ``TENKI_API_KEY``, set in tests/conftest.py).
 ADMIN_KEY = "tk_test-suite-admin-key-0000000000000000000000"
+#: the header of a raw HTTP call made with it
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def write_admin_key(layout: Layout, key: str) -> None:

@@ -85,8 +85,8 @@ class World:
         self._sessions += 1
         sid = f"ses_{self._sessions:016d}"
         await self.records.insert(SessionRow(
-            id=sid, workspace_id=WS, state=state, cpu=1, memory_mb=512, base_image_id="sandbox", env={}, meta={},
-            volumes=[], disk_chain=[], created_at=datetime.now(UTC)))
+            id=sid, workspace_id=WS, state=state, cpu=1, memory_mb=512, base_image_id="sandbox",
+            env={}, meta={}, volumes=[], disk_chain=[], created_at=datetime.now(UTC)))
         if vm:
             self.host.vms[sid] = {}
         return sid
