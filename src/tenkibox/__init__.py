@@ -73,11 +73,11 @@ from .models import (
 from .models import Session as SessionRecord
 
 __all__ = [
+    "ApiKeyNotFoundError",
     "AsyncClient",
     "AsyncFiles",
     "AsyncProcess",
     "AsyncSession",
-    "ApiKeyNotFoundError",
     "AuthenticationError",
     "CapacityUnavailableError",
     "Client",
@@ -97,10 +97,10 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
-    "QuotaExceededError",
     "Process",
     "ProcessEvent",
     "ProcessInfo",
+    "QuotaExceededError",
     "ServerInfo",
     "Session",
     "SessionCreate",
