@@ -202,6 +202,15 @@ def tenki_server(image_layout, request) -> Iterator[TenkiServer]:  # type: ignor
         server.cleanup()
 
 
+@pytest.fixture
+def fresh_home(image_layout, request):  # type: ignore[no-untyped-def]
+    """(home, run root) of a data directory with the built image and nothing else (no key):
+    what a user who configured nothing has. Removing it is the test's job (both are below the
+    run's roots, which the leak check inspects)."""
+    home = new_home(image_layout, "fresh")
+    return home, RUN_ROOT / home.name
+
+
 @pytest.fixture(scope="module")
 def client(tenki_server):  # type: ignore[no-untyped-def]
     c = tenki_server.client()
