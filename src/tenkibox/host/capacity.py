@@ -8,7 +8,7 @@ so that the kernel's OOM killer never has to choose a victim. ``overcommit`` is 
 promised to touched memory this product counts on: an idle guest touches far less than its
 size (a restored clone shares its RAM image copy-on-write), but any guest may touch all of it,
 so the default stays conservative (``DEFAULT_OVERCOMMIT``, measured and explained in
-``docs/capacity.md``). All three are configurable:
+``docs/access.md``). All three are configurable:
 
 - ``TENKI_HOST_MEMORY_MIB``: the RAM to count with (default: ``MemTotal`` of /proc/meminfo);
 - ``TENKI_MEMORY_RESERVE_MIB``: kept for the host (default: 10% of RAM, at least 1 GiB, at
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import ValidationError
 
-DEFAULT_OVERCOMMIT = 1.5
+DEFAULT_OVERCOMMIT = 2.0
 RESERVE_MIN_MIB = 1024
 RESERVE_MAX_MIB = 4096
 
