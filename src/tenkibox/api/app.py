@@ -43,6 +43,11 @@ def _document_stream_items(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = generate()  # kept as app.openapi_schema: the additions stay
+        # every operation needs a key (api/auth.py enforces it before any route)
+        doc.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+            "type": "http", "scheme": "bearer", "bearerFormat": "tk_<43 characters>",
+            "description": "A workspace API key (tenki apikey create)"}
+        doc["security"] = [{"apiKey": []}]
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         for name, model in STREAM_ITEM_MODELS.items():
             schemas[name] = model.model_json_schema(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import Request
@@ -31,6 +32,9 @@ _OBJECT_PARAMS = ("process_id", "volume_id", "snapshot_id", "session_id", "key_i
                   "workspace_id")
 #: a create's answer is read for the new object's id up to this size
 _BODY_PEEK_BYTES = 64 * 1024
+#: refused mutating calls without a valid key are audited up to this many a minute: anyone can
+#: send them, and the trail must not become a way to fill the disk
+UNAUTHENTICATED_AUDITS_PER_MINUTE = 120
 
 __all__ = ["AccessMiddleware", "Principal", "admin", "principal"]
 
@@ -62,6 +66,23 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class AccessMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._window = 0  # the minute being counted
+        self._refused = 0  # refused calls audited in it
+        self._dropped = 0  # refused calls not audited in it
+
+    def _audit_refusal(self) -> bool:
+        """Whether this refused call is audited (a bounded number a minute)."""
+        minute = int(time.monotonic() // 60)
+        if minute != self._window:
+            if self._dropped:
+                log.warning("%d refused calls without a valid key were not audited (over %d a "
+                            "minute)", self._dropped, UNAUTHENTICATED_AUDITS_PER_MINUTE)
+            self._window, self._refused, self._dropped = minute, 0, 0
+        if self._refused >= UNAUTHENTICATED_AUDITS_PER_MINUTE:
+            self._dropped += 1
+            return False
+        self._refused += 1
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +93,7 @@ class AccessMiddleware:
         try:
             caller = await plane.keys.authenticate(_header(scope, b"authorization"))
         except TenkiError as exc:
-            if method in MUTATING:
+            if method in MUTATING and self._audit_refusal():
                 await _audit(plane, scope, None, exc.status, exc.code, None)
             await error_response(exc)(scope, receive, send)
             return
