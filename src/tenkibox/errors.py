@@ -8,7 +8,8 @@
     │   ├── VolumeNotFoundError
     │   ├── ImageNotFoundError
     │   ├── WorkspaceNotFoundError
-    │   └── ApiKeyNotFoundError
+    │   ├── ApiKeyNotFoundError
+    │   └── TemplateNotFoundError
     ├── MethodNotAllowedError    405  the route exists, not with this HTTP method
     ├── ConflictError            409  the resource is in a state that forbids the call
     ├── PayloadTooLargeError     413  the request body is over its limit (docs/limits.md)
@@ -90,6 +91,10 @@ class WorkspaceNotFoundError(NotFoundError):
 
 class ApiKeyNotFoundError(NotFoundError):
     code = "ApiKeyNotFound"
+
+
+class TemplateNotFoundError(NotFoundError):
+    code = "TemplateNotFound"
 
 
 class MethodNotAllowedError(TenkiError):
@@ -179,6 +184,7 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         ImageNotFoundError,
         WorkspaceNotFoundError,
         ApiKeyNotFoundError,
+        TemplateNotFoundError,
         MethodNotAllowedError,
         ConflictError,
         PayloadTooLargeError,

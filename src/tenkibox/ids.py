@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 
 PREFIXES = {"session": "ses", "snapshot": "snp", "volume": "vol", "image": "img", "process": "prc",
-            "workspace": "ws", "api_key": "key"}
+            "workspace": "ws", "api_key": "key", "template": "tpl", "build": "bld"}
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 

@@ -193,7 +193,15 @@ Duration = Annotated[float, Field(gt=0, le=limits.DURATION_MAX_S, allow_inf_nan=
 
 
 class _Model(BaseModel):
+    """A request: unknown fields are refused (a typo is named, not ignored)."""
+
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+class _Answer(BaseModel):
+    """An answer: fields a newer server adds are ignored, so older clients keep working."""
+
+    model_config = ConfigDict(extra="ignore", use_enum_values=False)
 
 
 class SessionState(str, Enum):
@@ -234,7 +242,7 @@ class VolumeMount(_Model):
     read_only: bool = False
 
 
-class VolumeAttachment(_Model):
+class VolumeAttachment(_Answer):
     volume_id: str
     path: str
     read_only: bool = False
@@ -242,6 +250,8 @@ class VolumeAttachment(_Model):
 
 class SessionCreate(_Model):
     name: Name | None = None
+    template_id: Id | None = Field(
+        default=None, description="restore the template's latest READY build (golden snapshot)")
     cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
     memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
     env: Env = Field(default_factory=dict)
@@ -252,10 +262,11 @@ class SessionCreate(_Model):
     volumes: list[VolumeMount] = Field(default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX)
 
 
-class Session(_Model):
+class Session(_Answer):
     id: str
     workspace_id: str
     name: str | None = None
+    template_id: str | None = None
     state: SessionState
     state_reason: str | None = None
     cpu: int
@@ -279,7 +290,7 @@ class SnapshotCreate(_Model):
         default=None, description="set from the API key; if given, it must be the key's")
 
 
-class Snapshot(_Model):
+class Snapshot(_Answer):
     id: str
     session_id: str
     workspace_id: str | None = None
@@ -312,13 +323,13 @@ class ExecRequest(_Model):
     )
 
 
-class ProcessInfo(_Model):
+class ProcessInfo(_Answer):
     process_id: str
     session_id: str
     pid: int | None = None
 
 
-class ProcessEvent(_Model):
+class ProcessEvent(_Answer):
     """One line of a process's NDJSON event stream: ``stdout``/``stderr`` events, then one
     ``exit`` or ``error`` (the output is no longer available, or some was lost: ``message`` says
     why, with the bytes delivered before and, when known, lost, and the exit code)."""
@@ -334,12 +345,12 @@ class ProcessEvent(_Model):
         default=None, description="error: output bytes lost (not delivered) before that")
 
 
-class FileWritten(_Model):
+class FileWritten(_Answer):
     path: str
     size_bytes: int
 
 
-class Image(_Model):
+class Image(_Answer):
     id: str
     size_bytes: int
     created_at: datetime
@@ -358,7 +369,7 @@ class VolumeAttach(_Model):
     read_only: bool = False
 
 
-class Volume(_Model):
+class Volume(_Answer):
     id: str
     workspace_id: str
     name: str
@@ -370,29 +381,29 @@ class Volume(_Model):
     created_at: datetime
 
 
-class ServerInfo(_Model):
+class ServerInfo(_Answer):
     version: str
     pid: int
     home: str
     accelerator: str
 
 
-class ErrorInfo(_Model):
+class ErrorInfo(_Answer):
     code: str
     message: str
     field: str | None = None
 
 
-class ErrorBody(_Model):
+class ErrorBody(_Answer):
     error: ErrorInfo
 
 
-class DamagedSnapshot(_Model):
+class DamagedSnapshot(_Answer):
     snapshot_id: str
     problems: list[str]
 
 
-class StoreReport(_Model):
+class StoreReport(_Answer):
     """``tenki admin verify``: every stored artifact re-read against its digest."""
 
     ok: bool
@@ -421,7 +432,7 @@ class Quotas(_Model):
     max_stored_bytes: int | None = Field(default=None, ge=0, le=1 << 62)
 
 
-class Workspace(_Model):
+class Workspace(_Answer):
     id: str
     name: str
     quotas: Quotas = Field(default_factory=Quotas)
@@ -441,7 +452,7 @@ class WorkspaceUpdate(_Model):
     quotas: Quotas | None = None
 
 
-class Usage(_Model):
+class Usage(_Answer):
     """What a workspace holds now, against its quotas (same names, without ``max_``)."""
 
     workspace_id: str
@@ -460,7 +471,7 @@ class ApiKeyCreate(_Model):
     admin: bool = Field(default=False, description="may manage workspaces, keys and the server")
 
 
-class ApiKey(_Model):
+class ApiKey(_Answer):
     """A key's record; the secret itself is shown once, by ``ApiKeyCreated``."""
 
     id: str
@@ -478,7 +489,7 @@ class ApiKeyCreated(ApiKey):
     key: str = Field(description="the secret (tk_...): shown only in this answer")
 
 
-class AuditEntry(_Model):
+class AuditEntry(_Answer):
     id: int
     at: datetime
     workspace_id: str | None = None
@@ -491,7 +502,7 @@ class AuditEntry(_Model):
     outcome: str = Field(description="ok, or the error code")
 
 
-class HostStatus(_Model):
+class HostStatus(_Answer):
     """This machine's capacity, as the admission check counts it."""
 
     host_id: str
@@ -504,3 +515,103 @@ class HostStatus(_Model):
     sessions: int
     cpus: int
     accelerator: str
+
+
+# -- templates ------------------------------------------------------------------------------------
+
+#: a setup script: at most 1 MiB
+SETUP_SCRIPT_MAX_BYTES = 1 << 20
+Script = Annotated[str, AfterValidator(_no_nul), AfterValidator(_max_bytes(SETUP_SCRIPT_MAX_BYTES))]
+Tag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_controls)]
+
+
+class ReadyCheck(_Model):
+    """When the started command is ready: exactly one of ``port`` (a TCP port on the guest's
+    localhost accepts), ``http_url`` (a URL on the guest answers ``http_status``) or
+    ``command`` (exits 0); tried until ``timeout_s``."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    http_url: Annotated[str, Field(max_length=2048)] | None = None
+    http_status: int = Field(default=200, ge=100, le=599)
+    command: Command | None = None
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class TemplateBase(_Model):
+    """What a build starts from: an image (default ``sandbox``), another template's latest
+    READY build, or a snapshot."""
+
+    image: Id | None = None
+    template_id: Id | None = None
+    snapshot_id: Id | None = None
+
+
+class TemplateCreate(_Model):
+    name: Name
+    base: TemplateBase = Field(default_factory=TemplateBase)
+    setup_script: Script | None = None
+    start_cmd: Command | None = None
+    ready_when: ReadyCheck | None = None
+    env: Env = Field(default_factory=dict)
+    build_env: Env = Field(default_factory=dict,
+                           description="for the build only (secrets): never in a session")
+    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
+    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+
+
+class TemplateUpdate(_Model):
+    """Only the fields given change; a build picks the change up."""
+
+    name: Name | None = None
+    base: TemplateBase | None = None
+    setup_script: Script | None = None
+    start_cmd: Command | None = None
+    ready_when: ReadyCheck | None = None
+    env: Env | None = None
+    build_env: Env | None = None
+    cpu: int | None = Field(default=None, ge=CPU_MIN, le=CPU_MAX)
+    memory_mb: int | None = Field(default=None, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
+    tags: list[Tag] | None = Field(default=None, max_length=32)
+
+
+class BuildState(str, Enum):
+    PENDING = "PENDING"
+    BUILDING = "BUILDING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+class TemplateBuild(_Answer):
+    id: str
+    template_id: str
+    workspace_id: str
+    version: int
+    state: BuildState
+    error: str | None = Field(default=None, description="FAILED: the step and the reason")
+    failed_step: str | None = None
+    log_tail: str = ""
+    log_bytes: int = 0
+    snapshot_id: str | None = Field(default=None, description="READY: the golden snapshot")
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class Template(_Answer):
+    id: str
+    workspace_id: str
+    name: str
+    base: TemplateBase
+    setup_script: str | None = None
+    start_cmd: str | None = None
+    ready_when: ReadyCheck | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    build_env_keys: list[str] = Field(default_factory=list)
+    cpu: int
+    memory_mb: int
+    tags: list[str] = Field(default_factory=list)
+    latest_build: TemplateBuild | None = Field(
+        default=None, description="the latest READY build (what a session starts from)")
+    created_at: datetime
+    updated_at: datetime

@@ -17,7 +17,15 @@ from ..config import Layout
 from ..control.plane import ControlPlane
 from .auth import AccessMiddleware
 from .errors import install_error_handlers
-from .routes import STREAM_ITEM_MODELS, access, server, sessions, snapshots, volumes
+from .routes import (
+    STREAM_ITEM_MODELS,
+    access,
+    server,
+    sessions,
+    snapshots,
+    templates,
+    volumes,
+)
 
 
 def application() -> FastAPI:
@@ -29,7 +37,7 @@ def application() -> FastAPI:
     install_error_handlers(app)
     # added last, so it runs first: no request reaches anything else without a valid key
     app.add_middleware(AccessMiddleware)
-    for module in (sessions, snapshots, volumes, access, server):
+    for module in (sessions, snapshots, volumes, templates, access, server):
         app.include_router(module.router)
     _document_stream_items(app)
     return app

@@ -28,8 +28,8 @@ log = logging.getLogger("tenkibox.api")
 SCOPE_KEY = "tenki.principal"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: path parameters that name the object of a call, in order of preference
-_OBJECT_PARAMS = ("process_id", "volume_id", "snapshot_id", "session_id", "key_id",
-                  "workspace_id")
+_OBJECT_PARAMS = ("process_id", "volume_id", "snapshot_id", "session_id", "build_id",
+                  "template_id", "key_id", "workspace_id")
 #: a create's answer is read for the new object's id up to this size
 _BODY_PEEK_BYTES = 64 * 1024
 #: refused mutating calls without a valid key are audited up to this many a minute: anyone can

@@ -12,8 +12,9 @@ import logging
 import os
 import time
 
+from ..errors import ValidationError
 from ..host.api import HostAPI
-from ..models import HostStatus
+from ..models import HostStatus, Session, SessionCreate
 from ..store.db import Store
 from ..store.tables import SessionRow
 from .audit import AuditLog
@@ -21,6 +22,7 @@ from .keys import KeyControl
 from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
+from .templates import TemplateControl
 from .volumes import VolumeControl
 from .workspaces import HOLDING_SESSION, WorkspaceControl
 
@@ -45,6 +47,7 @@ class ControlPlane:
         self.volumes = VolumeControl(self.records, host)
         self.sessions = SessionControl(self.records, host, self.volumes)
         self.snapshots = SnapshotControl(self.records, host, self.volumes)
+        self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -53,6 +56,7 @@ class ControlPlane:
         await self.sessions.recover()
         await self.snapshots.recover()
         await self.volumes.recover()
+        await self.templates.recover()
         # nothing is in flight yet: whatever no record references goes now
         await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
@@ -80,6 +84,18 @@ class ControlPlane:
             except Exception:  # a sweep must never kill the loop
                 log.exception("sweep failed")
 
+    async def create_session(self, req: SessionCreate, ws: str) -> Session:
+        """A session: booted, restored from a snapshot, or from a template (a restore of its
+        latest READY build's golden snapshot)."""
+        if req.template_id is None:
+            return await self.sessions.create(req, ws)
+        if req.snapshot_id is not None:
+            raise ValidationError("give snapshot_id or template_id, not both",
+                                  field="template_id")
+        template_id, snapshot_id = self.templates.golden_snapshot(req.template_id, ws)
+        return await self.sessions.create(req.model_copy(update={"snapshot_id": snapshot_id}),
+                                          ws, template_id=template_id)
+
     def host_status(self) -> HostStatus:
         cap = self.host.capacity
         live = [r for r in self.records.all(SessionRow) if r.state in HOLDING_SESSION]
@@ -96,5 +112,6 @@ class ControlPlane:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await self.templates.shutdown()
         await self.snapshots.shutdown()
         await self.sessions.shutdown()

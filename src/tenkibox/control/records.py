@@ -20,23 +20,36 @@ from ..errors import (
     NotFoundError,
     SessionNotFoundError,
     SnapshotNotFoundError,
+    TemplateNotFoundError,
     VolumeNotFoundError,
     WorkspaceNotFoundError,
 )
 from ..store.db import Store
-from ..store.tables import ApiKeyRow, Base, SessionRow, SnapshotRow, VolumeRow, WorkspaceRow
+from ..store.tables import (
+    ApiKeyRow,
+    Base,
+    BuildRow,
+    SessionRow,
+    SnapshotRow,
+    TemplateRow,
+    VolumeRow,
+    WorkspaceRow,
+)
 from .states import TRANSITIONS, IllegalTransitionError, sources
 
-R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow)
+R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
+            BuildRow)
 
 _KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
                                 VolumeRow: "volume", WorkspaceRow: "workspace",
-                                ApiKeyRow: "API key"}
+                                ApiKeyRow: "API key", TemplateRow: "template", BuildRow: "build"}
 _MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
                                             "snapshot": SnapshotNotFoundError,
                                             "volume": VolumeNotFoundError,
                                             "workspace": WorkspaceNotFoundError,
-                                            "API key": ApiKeyNotFoundError}
+                                            "API key": ApiKeyNotFoundError,
+                                            "template": TemplateNotFoundError,
+                                            "build": TemplateNotFoundError}
 
 
 def _value(state: Any) -> str:

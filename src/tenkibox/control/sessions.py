@@ -80,7 +80,7 @@ class SessionControl:
     def to_model(self, row: SessionRow) -> Session:
         return Session(
             id=row.id, workspace_id=row.workspace_id, name=row.name,
-            state=SessionState(row.state),
+            template_id=row.template_id, state=SessionState(row.state),
             state_reason=row.state_reason, cpu=row.cpu, memory_mb=row.memory_mb,
             base_image_id=row.base_image_id, snapshot_id=row.snapshot_id,
             env_keys=sorted(row.env or {}), metadata=row.meta or {},
@@ -111,9 +111,12 @@ class SessionControl:
         return row
 
     # -- create ------------------------------------------------------------------------------
-    async def create(self, req: SessionCreate, ws: str) -> Session:
+    async def create(self, req: SessionCreate, ws: str, *,
+                     template_id: str | None = None) -> Session:
         """``ws``: the caller's workspace; the session belongs to it, and so must the snapshot
-        and volumes it names."""
+        and volumes it names. A session from a template is a restore of the template's golden
+        snapshot (``req.snapshot_id``, resolved by ``TemplateControl``), recorded with
+        ``template_id``."""
         image_id = req.base_image_id or DEFAULT_IMAGE_ID
         snap: SnapshotRow | None = None
         if req.snapshot_id:
@@ -143,6 +146,7 @@ class SessionControl:
         created = now()
         row = SessionRow(
             id=new_id("session"), workspace_id=ws, name=req.name, state=S.CREATING.value,
+            template_id=template_id,
             cpu=snap.cpu if snap else req.cpu, memory_mb=snap.memory_mb if snap else req.memory_mb,
             base_image_id=image_id, snapshot_id=snap.id if snap else None, env=env,
             meta=dict(req.metadata), volumes=[],

@@ -70,8 +70,9 @@ class SnapshotControl:
         return to_model(self.row(snapshot_id, ws))
 
     def query(self, ws: str, session_id: str | None = None) -> list[Snapshot]:
+        # a template's golden snapshots are the template's, not listed among the user's
         rows = [r for r in self.records.all(SnapshotRow, SnapshotRow.workspace_id == ws)
-                if r.state != P.DELETED.value]
+                if r.state != P.DELETED.value and r.template_id is None]
         if session_id:
             rows = [r for r in rows if r.session_id == session_id]
         rows.sort(key=lambda r: r.created_at)
@@ -83,7 +84,8 @@ class SnapshotControl:
         return to_model(row)
 
     # -- create ------------------------------------------------------------------------------
-    async def create(self, req: SnapshotCreate, ws: str) -> Snapshot:
+    async def create(self, req: SnapshotCreate, ws: str, *,
+                     template_id: str | None = None) -> Snapshot:
         """``ws``: the caller's workspace, which the session must belong to; the snapshot
         belongs to it too (a ``workspace_id`` in the request must name it)."""
         srow = self.records.get(SessionRow, req.session_id, ws=ws)
@@ -100,7 +102,7 @@ class SnapshotControl:
             raise ConflictError(f"session {srow.id} is {srow.state}; only a running session "
                                 "can be snapshotted")
         row = SnapshotRow(
-            id=new_id("snapshot"), session_id=srow.id, workspace_id=ws,
+            id=new_id("snapshot"), session_id=srow.id, workspace_id=ws, template_id=template_id,
             name=req.name, state=P.CREATING.value, base_image_id=srow.base_image_id,
             cpu=srow.cpu, memory_mb=srow.memory_mb, memory_bytes=srow.memory_mb << 20,
             machine=None, disk_chain=[], files={}, timings={}, created_at=now(),
@@ -137,8 +139,14 @@ class SnapshotControl:
                 pass
 
     # -- delete and expiry ---------------------------------------------------------------------
-    async def delete(self, snapshot_id: str, ws: str | None = None) -> Snapshot:
+    async def delete(self, snapshot_id: str, ws: str | None = None, *,
+                     owner: str | None = None) -> Snapshot:
+        """``owner``: the template deleting its own golden snapshot (nobody else may)."""
         row = self.row(snapshot_id, ws)
+        if row.template_id is not None and row.template_id != owner:
+            raise ConflictError(f"snapshot {snapshot_id} is the golden snapshot of template "
+                                f"{row.template_id}; it goes with the template's next build "
+                                "or its deletion")
         if row.state in (P.DELETED.value, P.DELETING.value):
             return to_model(row)
         if row.state == P.CREATING.value:

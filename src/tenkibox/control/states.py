@@ -21,6 +21,11 @@ Snapshots (states never lie: READY only once every artifact is stored and verifi
         └──failed────> FAILED ──delete/expiry──┘
                   READY ──an artifact found damaged (admin verify --repair)──> FAILED
 
+Template builds (READY only once the golden snapshot is READY)::
+
+    PENDING ──> BUILDING ──golden snapshot READY──> READY
+       └────────────┴──a step failed / the server stopped──> FAILED
+
 Volumes::
 
     AVAILABLE ──attach──> IN_USE ──detach / its session ended──> AVAILABLE
@@ -30,6 +35,7 @@ Volumes::
 from __future__ import annotations
 
 from ..errors import ConflictError
+from ..models import BuildState as B
 from ..models import SessionState as S
 from ..models import SnapshotState as P
 from ..models import VolumeState as V
@@ -59,7 +65,14 @@ VOLUME: dict[str, frozenset[str]] = {
     V.DELETED: frozenset(),
 }
 
-TRANSITIONS = {"session": SESSION, "snapshot": SNAPSHOT, "volume": VOLUME}
+BUILD: dict[str, frozenset[str]] = {
+    B.PENDING: frozenset({B.BUILDING, B.FAILED}),
+    B.BUILDING: frozenset({B.READY, B.FAILED}),
+    B.READY: frozenset(),
+    B.FAILED: frozenset(),
+}
+
+TRANSITIONS = {"session": SESSION, "snapshot": SNAPSHOT, "volume": VOLUME, "build": BUILD}
 
 #: Sessions whose VM exists and can be driven.
 LIVE = frozenset({S.READY.value, S.RUNNING.value})

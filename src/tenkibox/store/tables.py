@@ -51,6 +51,7 @@ class SessionRow(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     base_image_id: Mapped[str] = mapped_column(String(64))
     snapshot_id: Mapped[str | None] = mapped_column(String(40))
+    template_id: Mapped[str | None] = mapped_column(String(40))
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     meta: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
     volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
@@ -68,6 +69,8 @@ class SnapshotRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     session_id: Mapped[str] = mapped_column(String(40), index=True)
     workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+    #: a template's golden snapshot: the template owns it (not listed, not deleted by users)
+    template_id: Mapped[str | None] = mapped_column(String(40))
     name: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)
@@ -142,3 +145,33 @@ class AuditRow(Base):
     object_id: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(64))
+
+
+class TemplateRow(Base):
+    __tablename__ = "templates"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    build_env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BuildRow(Base):
+    __tablename__ = "template_builds"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    template_id: Mapped[str] = mapped_column(String(40), index=True)
+    workspace_id: Mapped[str] = mapped_column(String(40), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    failed_step: Mapped[str | None] = mapped_column(String(32))
+    log: Mapped[str] = mapped_column(Text, default="")
+    session_id: Mapped[str | None] = mapped_column(String(40))
+    snapshot_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -31,8 +31,9 @@ SessionId = Annotated[str, Query(max_length=64)]
 @router.post("", response_model=Session, status_code=201, operation_id="createSession",
              responses=errors(404, 409, 413, 429, 503))
 async def create_session(body: SessionCreate, plane: Plane, caller: Caller) -> Session:
-    """Boot a session, or restore one from a snapshot (``snapshot_id``); answers CREATING."""
-    return await plane.sessions.create(body, caller.workspace_id)
+    """Boot a session, or restore one from a snapshot (``snapshot_id``) or a template's latest
+    READY build (``template_id``); answers CREATING."""
+    return await plane.create_session(body, caller.workspace_id)
 
 
 @router.get("", response_model=list[Session], operation_id="listSessions",
