@@ -397,7 +397,10 @@ class TenkiServer:
         self.client: Client | None = None
         cleanup.push("stop the tenki server", self.stop)
         url = self._wait_announced(60.0)
-        self.client = Client(endpoint=url, autostart=False, timeout=120.0)
+        # the server's local admin key (an explicit endpoint never reads the key file)
+        self.key = tconfig.layout(self.home).admin_key_file.read_text().strip()
+        self.url = url
+        self.client = Client(endpoint=url, api_key=self.key, autostart=False, timeout=120.0)
         log(f"tenki server pid {self.proc.pid} at {url}, home {self.home}")
 
     def _wait_announced(self, timeout: float) -> str:

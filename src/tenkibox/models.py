@@ -392,6 +392,9 @@ class ErrorInfo(_Answer):
     code: str
     message: str
     field: str | None = None
+    details: Any = Field(
+        default=None, description="facts of some errors: a quota's name, limit and use; a "
+        "host's promised and capacity memory; what a workspace still holds")
 
 
 class ErrorBody(_Answer):

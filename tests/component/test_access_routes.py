@@ -260,10 +260,6 @@ def test_every_mutating_call_is_audited(inproc: InProcessServer,
     assert page + rest == seen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: a call refused 401 is audited with action 'METHOD /path' and no object id "
-    "(api/auth.py _audit: the route is not resolved before the refusal), not the operationId "
-    "and the id its path names"))
 def test_a_call_without_a_key_is_audited_with_its_operation(inproc: InProcessServer,
                                                             audited: dict[str, Any]) -> None:
     entries = ok(audited["admin"].get("/v1/audit", params={"limit": 2}))

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..control.keys import Principal
 from ..control.plane import ControlPlane
 from ..errors import ERROR_TABLE, PermissionDeniedError, TenkiError
-from .errors import error_response
+from .errors import error_response, route_of
 
 log = logging.getLogger("tenkibox.api")
 
@@ -94,8 +94,12 @@ class AccessMiddleware:
             caller = await plane.keys.authenticate(_header(scope, b"authorization"))
         except TenkiError as exc:
             if method in MUTATING and self._audit_refusal():
-                await _audit(plane, scope, None, exc.status, exc.code, None)
-            await error_response(exc)(scope, receive, send)
+                route, params = route_of(scope)  # routing has not run: find the operation
+                await _audit(plane, {**scope, "route": route, "path_params": params}, None,
+                             exc.status, exc.code, None)
+            # RFC 9110: a 401 names the scheme it expects
+            await error_response(exc, headers={"WWW-Authenticate": 'Bearer realm="tenki"'})(
+                scope, receive, send)
             return
         scope[SCOPE_KEY] = caller
         if method not in MUTATING:

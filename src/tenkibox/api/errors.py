@@ -424,6 +424,25 @@ class ParamCheckMiddleware:
         return {}
 
 
+def route_of(scope: Scope) -> tuple[Any, dict[str, Any]]:
+    """The route a request will reach and its path parameters, before routing ran (None and
+    {} when no route has this path and method)."""
+    router = getattr(scope.get("app"), "router", None)
+    partial: tuple[Any, dict[str, Any]] = (None, {})
+    for route in _leaf_routes(getattr(router, "routes", ())):
+        try:
+            match, child = route.matches(scope)
+        except Exception:  # a route type that cannot match this scope
+            continue
+        params = child.get("path_params")
+        found = (route, dict(params) if isinstance(params, dict) else {})
+        if match == Match.FULL:
+            return found
+        if match == Match.PARTIAL and partial[0] is None:
+            partial = found
+    return partial if partial[0] is None else (None, partial[1])
+
+
 def _leaf_routes(routes: Iterable[Any], depth: int = 0) -> Iterator[Any]:
     """The routes of a router, those of included routers inlined (FastAPI keeps an included
     ``APIRouter`` as one route holding ``original_router``, whose routes have full paths)."""
