@@ -14,6 +14,10 @@ QEMU's built-in user network instead of passt), timed from process start until t
 answers a ping on its socket (init is up), and until its first ``exec true``; exec round trips
 straight over the agent socket (the floor under tenki's API).
 
+Then (issue 12) create -> first exec answered for a session from a template (a build that
+writes files and starts an HTTP server, waited for on its port) and for a restore of a plain
+snapshot, against the cold boots above, in the same run.
+
 Runs alternate (baseline, tenki, baseline, ...) so that load from other VMs on the host hits both;
 compare ratios within one run. Nothing is asserted: it prints markdown tables and a summary line.
 """
@@ -21,6 +25,7 @@ compare ratios within one run. Nothing is asserted: it prints markdown tables an
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -96,6 +101,50 @@ def baseline_run(cleanup: Cleanup, srv: TenkiServer, work: Path, i: int,
     log(f"plain QEMU: exec-ready {out['exec_ready'][-1]:.2f}s (ping {out['ready'][-1]:.2f}s)")
 
 
+def from_template_runs(srv: TenkiServer, args: argparse.Namespace,
+                       out: dict[str, list[float]]) -> None:
+    """create -> first exec for: a session from a template, a snapshot restore."""
+    import httpx
+
+    with httpx.Client(base_url=srv.url, timeout=600,
+                      headers={"Authorization": f"Bearer {srv.key}"}) as api:
+        tpl = api.post("/v1/templates", json={
+            "name": "bench-web", "cpu": args.cpu, "memory_mb": args.memory_mb,
+            "setup_script": "mkdir -p /srv/www && echo ok > /srv/www/index.html\n",
+            "start_cmd": "cd /srv/www && exec python3 -m http.server 8080",
+            "ready_when": {"port": 8080, "timeout_s": 120}}).json()
+        t = time.monotonic()
+        build = api.post(f"/v1/templates/{tpl['id']}/builds").json()
+        while build["state"] not in ("READY", "FAILED"):
+            build = api.get(f"/v1/templates/{tpl['id']}/builds/{build['id']}/wait",
+                            params={"timeout_s": 30}).json()
+        if build["state"] != "READY":
+            raise RuntimeError(f"template build failed: {json.dumps(build)[:2000]}")
+        out["build"].append(time.monotonic() - t)
+    sdk = srv.sdk
+    source = sdk.create_and_wait(memory_mb=args.memory_mb, cpu=args.cpu, name="bench-src",
+                                 timeout=300)
+    snap = sdk.create_snapshot_and_wait(source.id, "bench-restore", timeout=600)
+    source.terminate()
+    for i in range(args.runs):
+        for kind, fields in (("template", {"template_id": tpl["id"]}),
+                             ("restore", {"snapshot_id": snap.id})):
+            t0 = time.monotonic()
+            with httpx.Client(base_url=srv.url, timeout=600,
+                              headers={"Authorization": f"Bearer {srv.key}"}) as api:
+                made = api.post("/v1/sessions", json={"name": f"bench-{kind}-{i}", **fields})
+            made.raise_for_status()
+            s = sdk.get(made.json()["id"])
+            try:
+                s.wait_ready(timeout=300)
+                s.exec("true").check()
+                out[kind].append(time.monotonic() - t0)
+            finally:
+                s.terminate()
+        log(f"template {out['template'][-1]:.2f}s, restore {out['restore'][-1]:.2f}s")
+    sdk.delete_snapshot(snap.id)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="cold boots of each kind (default 3)")
@@ -120,6 +169,8 @@ def main() -> int:
             log(f"run {i + 1}/{args.runs}")
             baseline_run(cleanup, srv, work, i, args, base)
             tenki_run(srv, args, tenki)
+        fast: dict[str, list[float]] = {"build": [], "template": [], "restore": []}
+        from_template_runs(srv, args, fast)
 
     print(f"\n## Session boot and exec ({args.runs} cold boots each, {args.execs} execs per "
           f"boot; {args.cpu} vCPU, {args.memory_mb} MiB, TCG; median (min-max))\n")
@@ -140,6 +191,18 @@ def main() -> int:
                       secs(median(tenki["exec_ready"]) - accounted)))
     print("\n### tenki boot steps (server log, medians)\n")
     print(md_table(["step", "time"], step_rows))
+    cold = median(tenki["exec_ready"])
+    print("\n### create -> first exec: from a template, from a snapshot, cold boot (same run)\n")
+    print(md_table(["path", "time", "vs cold boot", "vs snapshot restore"], [
+        ("template (golden snapshot; an HTTP server already runs)", spread(fast["template"]),
+         ratio(median(fast["template"]), cold),
+         ratio(median(fast["template"]), median(fast["restore"]))),
+        ("snapshot restore", spread(fast["restore"]), ratio(median(fast["restore"]), cold),
+         "1.00x"),
+        ("cold boot", spread(tenki["exec_ready"]), "1.00x",
+         ratio(cold, median(fast["restore"]))),
+        ("(the template's build, once)", spread(fast["build"]), "", ""),
+    ]))
     print(f"\nSummary: tenki/plain-QEMU boot-to-exec-ready "
           f"{ratio(median(tenki['exec_ready']), median(base['exec_ready']))} (fastest runs "
           f"{ratio(min(tenki['exec_ready']), min(base['exec_ready']))}), exec round trip "
