@@ -18,10 +18,12 @@ from ._async import (
     AsyncSession,
     AsyncSessions,
     AsyncSnapshots,
+    AsyncTemplates,
     AsyncVolumes,
     AsyncWorkspaces,
 )
 from ._core import (
+    DEFAULT_BUILD_TIMEOUT,
     DEFAULT_CREATE_TIMEOUT,
     DEFAULT_SNAPSHOT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -40,11 +42,13 @@ from ._sync import (
     Session,
     Sessions,
     Snapshots,
+    Templates,
     Volumes,
     Workspaces,
 )
 
 __all__ = [
+    "DEFAULT_BUILD_TIMEOUT",
     "DEFAULT_CREATE_TIMEOUT",
     "DEFAULT_SNAPSHOT_TIMEOUT",
     "DEFAULT_TIMEOUT",
@@ -58,6 +62,7 @@ __all__ = [
     "AsyncSession",
     "AsyncSessions",
     "AsyncSnapshots",
+    "AsyncTemplates",
     "AsyncVolumes",
     "AsyncWorkspaces",
     "Audit",
@@ -72,6 +77,7 @@ __all__ = [
     "Sessions",
     "Snapshots",
     "Stream",
+    "Templates",
     "Volumes",
     "Workspaces",
     "local_key",

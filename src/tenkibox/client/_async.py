@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import builtins
+import inspect
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -57,6 +58,7 @@ class AsyncClient:
         self.api_keys = AsyncApiKeys(self)
         self.audit = AsyncAudit(self)
         self.host = AsyncHost(self)
+        self.templates = AsyncTemplates(self)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -113,10 +115,17 @@ class AsyncClient:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    async def _stream(self, path: str) -> httpx.Response:
+    async def _stream(
+        self,
+        path: str,
+        params: Mapping[str, str | int] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         http = await self._client()
         try:
-            request = http.build_request("GET", path, timeout=_core.stream_timeout(self._timeout))
+            request = http.build_request(
+                "GET", path, params=params, timeout=timeout or _core.stream_timeout(self._timeout)
+            )
             resp = await http.send(request, stream=True)
             if not resp.is_success:
                 await resp.aread()
@@ -199,6 +208,8 @@ class AsyncClient:
         volumes: Iterable[models.VolumeMount | str] | None = None,
         max_duration: float | str | None = None,
         base_image_id: str | None = None,
+        *,
+        template_id: str | None = None,
     ) -> AsyncSession:
         """Start creating a session and return at once (state CREATING).
 
@@ -206,7 +217,8 @@ class AsyncClient:
         ``env``/``metadata``: string maps; ``volumes``: :class:`VolumeMount` or
         ``"vol_x:/path[:ro]"``; ``max_duration``: seconds or ``"30m"``, after which the session
         is terminated; ``snapshot_id``: restore that snapshot instead of booting;
-        ``base_image_id``: the image to boot (default ``sandbox``). Unset values take the
+        ``base_image_id``: the image to boot (default ``sandbox``); ``template_id``: start from
+        the template's latest READY build (its golden snapshot). Unset values take the
         server's defaults (a restore takes the snapshot's cpu and memory).
         """
         body = _core.session_create(
@@ -219,6 +231,7 @@ class AsyncClient:
             volumes=volumes,
             max_duration=max_duration,
             base_image_id=base_image_id,
+            template_id=template_id,
         )
         return AsyncSession(self, await self._call(_core.create_session(body)))
 
@@ -234,6 +247,8 @@ class AsyncClient:
         max_duration: float | str | None = None,
         base_image_id: str | None = None,
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+        *,
+        template_id: str | None = None,
     ) -> AsyncSession:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -250,6 +265,7 @@ class AsyncClient:
             volumes=volumes,
             max_duration=max_duration,
             base_image_id=base_image_id,
+            template_id=template_id,
         )
         return AsyncSession(self, await self._run(_core.create_and_wait_flow(body, timeout)))
 
@@ -445,6 +461,132 @@ class AsyncClient:
         """Revoke an API key (admin key; idempotent): it is refused from now on."""
         return await self._call(_core.revoke_api_key(key_id))
 
+
+    # -- templates ------------------------------------------------------------------------
+
+    async def create_template(
+        self,
+        name: str,
+        *,
+        base_image: str | None = None,
+        from_template: str | None = None,
+        from_snapshot: str | None = None,
+        setup_script: str | None = None,
+        start_cmd: str | None = None,
+        ready_when: models.ReadyCheck | Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        build_env: Mapping[str, str] | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> models.Template:
+        """Create a template (a recipe; :meth:`build_template` makes it usable). See
+        :meth:`tenkibox.Client.create_template`."""
+        body = _core.template_create(
+            name, base_image=base_image, from_template=from_template,
+            from_snapshot=from_snapshot, setup_script=setup_script, start_cmd=start_cmd,
+            ready_when=ready_when, env=env, build_env=build_env, cpu=cpu, memory_mb=memory_mb,
+            tags=tags,
+        )
+        return await self._call(_core.create_template(body))
+
+    async def list_templates(self) -> builtins.list[models.Template]:
+        """All templates of the workspace."""
+        return await self._call(_core.list_templates())
+
+    async def get_template(self, template_id: str) -> models.Template:
+        """The template ``template_id`` (TemplateNotFoundError when there is none); its
+        ``latest_build`` is the READY build sessions start from."""
+        return await self._call(_core.get_template(template_id))
+
+    async def update_template(self, template_id: str, **fields: Any) -> models.Template:
+        """Change the fields given (those of :meth:`create_template`, ``name`` included); the
+        next build uses them. None removes ``setup_script``, ``start_cmd``, ``ready_when``,
+        ``env``, ``build_env`` or ``tags``; a base given as None returns to the default image.
+        """
+        body = _core.template_update(fields)
+        return await self._call(_core.update_template(template_id, body))
+
+    async def delete_template(self, template_id: str, force: bool = False) -> models.Template:
+        """Delete a template and its golden snapshots (sessions started from them go on).
+        ConflictError while a build runs, unless ``force`` (which cancels it)."""
+        return await self._call(_core.delete_template(template_id, force))
+
+    async def build_template(self, template_id: str) -> models.TemplateBuild:
+        """Start a build (PENDING) and return at once; ConflictError while one runs."""
+        return await self._call(_core.build_template(template_id))
+
+    async def list_builds(self, template_id: str) -> builtins.list[models.TemplateBuild]:
+        """The builds of a template, oldest first."""
+        return await self._call(_core.list_builds(template_id))
+
+    async def get_build(self, template_id: str, build_id: str) -> models.TemplateBuild:
+        """One build of a template."""
+        return await self._call(_core.get_build(template_id, build_id))
+
+    async def wait_build(
+        self,
+        template_id: str,
+        build_id: str,
+        timeout: float | None = _core.DEFAULT_BUILD_TIMEOUT,
+    ) -> models.TemplateBuild:
+        """Wait up to ``timeout`` seconds (None: no limit) until the build is READY or FAILED,
+        and return it either way (a FAILED build names its ``failed_step`` and ``error``).
+        WaitTimeoutError when it is still going after ``timeout`` (it goes on).
+        """
+        return await self._run(_core.wait_build_flow(template_id, build_id, timeout))
+
+    async def build_template_and_wait(
+        self,
+        template_id: str,
+        timeout: float | None = _core.DEFAULT_BUILD_TIMEOUT,
+        on_log: Callable[[str], Any] | None = None,
+    ) -> models.TemplateBuild:
+        """:meth:`build_template`, then follow its log until it ends: ``on_log(text)`` (a
+        function or a coroutine function) gets each piece of the log as it is written.
+        Returns the final build, READY or FAILED (check ``.state``); WaitTimeoutError when it
+        is still going after ``timeout`` seconds.
+        """
+        build = await self._call(_core.build_template(template_id))
+        follow = _core.BuildFollower(build, timeout)
+        while follow.reading:
+            resp = await self._stream(
+                follow.path, follow.params, follow.stream_timeout(self._timeout)
+            )
+            try:
+                async for text in resp.aiter_text():
+                    follow.feed(text)
+                    if on_log is not None and text:
+                        result = on_log(text)
+                        if inspect.isawaitable(result):
+                            await result
+                    if follow.expired:
+                        break
+                else:
+                    follow.ended = True
+            except httpx.ReadTimeout:
+                pass  # silent for a while: open it again (from what was read), time permitting
+            except httpx.HTTPError as exc:
+                raise _core.transport_error(exc, str(self.endpoint)) from exc
+            finally:
+                await resp.aclose()
+        return await self._run(follow.finish())
+
+    async def build_log(
+        self, template_id: str, build_id: str, offset: int = 0
+    ) -> AsyncIterator[str]:
+        """The build's log as it is written, from character ``offset``: yields pieces of text
+        until the build ends (at once for an ended build)."""
+        params = {"offset": _core.build_offset(offset)}
+        resp = await self._stream(_core.build_log_path(template_id, build_id), params)
+        try:
+            async for text in resp.aiter_text():
+                yield text
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(self.endpoint)) from exc
+        finally:
+            await resp.aclose()
+
     # -- audit and host -------------------------------------------------------------------
 
     async def list_audit(
@@ -550,6 +692,25 @@ class AsyncHost:
         self._client = client
 
     status = _core.alias(AsyncClient.host_status)
+
+
+class AsyncTemplates:
+    """``client.templates``: the template calls of :class:`AsyncClient` under short names."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    create = _core.alias(AsyncClient.create_template)
+    list = _core.alias(AsyncClient.list_templates)
+    get = _core.alias(AsyncClient.get_template)
+    update = _core.alias(AsyncClient.update_template)
+    delete = _core.alias(AsyncClient.delete_template)
+    build = _core.alias(AsyncClient.build_template)
+    build_and_wait = _core.alias(AsyncClient.build_template_and_wait)
+    builds = _core.alias(AsyncClient.list_builds)
+    get_build = _core.alias(AsyncClient.get_build)
+    wait_build = _core.alias(AsyncClient.wait_build)
+    log = _core.alias(AsyncClient.build_log)
 
 
 class AsyncSession:

@@ -35,6 +35,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_CREATE_TIMEOUT = 180.0
 #: Seconds ``create_snapshot_and_wait`` / ``wait_snapshot_ready`` wait for READY.
 DEFAULT_SNAPSHOT_TIMEOUT = 300.0
+#: Seconds ``build_template_and_wait`` / ``wait_build`` wait for a template build to end.
+DEFAULT_BUILD_TIMEOUT = 900.0
 #: Longest single long-poll request of a wait loop (seconds); a wait is a chain of these.
 LONG_POLL_S = 30.0
 
@@ -250,11 +252,13 @@ def session_create(
     volumes: Iterable[models.VolumeMount | str] | None = None,
     max_duration: float | str | None = None,
     base_image_id: str | None = None,
+    template_id: str | None = None,
 ) -> models.SessionCreate:
     return build(
         models.SessionCreate,
         name=name,
         snapshot_id=snapshot_id,
+        template_id=template_id,
         cpu=cpu,
         memory_mb=memory_mb,
         env=dict(env) if env is not None else None,
@@ -263,6 +267,149 @@ def session_create(
         max_duration_s=seconds(max_duration, field="max_duration"),
         base_image_id=base_image_id,
     )
+
+
+# -- templates --------------------------------------------------------------------------------
+
+#: The fields of ``create_template`` / ``update_template`` (besides the name).
+TEMPLATE_FIELDS = (
+    "name",
+    "base_image",
+    "from_template",
+    "from_snapshot",
+    "setup_script",
+    "start_cmd",
+    "ready_when",
+    "env",
+    "build_env",
+    "cpu",
+    "memory_mb",
+    "tags",
+)
+_BASE_FIELDS = {"base_image": "image", "from_template": "template_id",
+                "from_snapshot": "snapshot_id"}
+_READY_KINDS = ("port", "http_url", "command")
+#: ``update_template``: fields that cannot be removed (only changed)
+_REQUIRED_FIELDS = ("name", "cpu", "memory_mb")
+
+ReadyWhen = models.ReadyCheck | Mapping[str, Any]
+
+
+def ready_check(value: ReadyWhen | None, *, field: str = "ready_when") -> models.ReadyCheck | None:
+    """A :class:`ReadyCheck`, or a mapping of its fields (``{"port": 8080}``); exactly one of
+    ``port``, ``http_url`` and ``command``."""
+    if value is None:
+        return None
+    if isinstance(value, models.ReadyCheck):
+        check = value
+    elif isinstance(value, Mapping):
+        check = build(models.ReadyCheck, field, **dict(value))
+    else:
+        raise errors.ValidationError(
+            f"expected a ReadyCheck or a mapping such as {{'port': 8080}}, got {value!r}",
+            field=field,
+        )
+    given = [k for k in _READY_KINDS if getattr(check, k) is not None]
+    if len(given) != 1:
+        got = f"got {', '.join(given)}" if given else "got none"
+        raise errors.ValidationError(
+            f"give exactly one of port, http_url, command; {got}", field=field
+        )
+    return check
+
+
+def template_base(values: Mapping[str, str | None]) -> models.TemplateBase | None:
+    """``base_image`` / ``from_template`` / ``from_snapshot`` (at most one) -> the base; None
+    when none is given (the server's default image)."""
+    given = {k: v for k, v in values.items() if k in _BASE_FIELDS and v is not None}
+    if len(given) > 1:
+        raise errors.ValidationError(
+            f"give one of base_image, from_template, from_snapshot; got {', '.join(given)}",
+            field="base",
+        )
+    if not given:
+        return None
+    key, value = next(iter(given.items()))
+    return build(models.TemplateBase, "base", **{_BASE_FIELDS[key]: value})
+
+
+def _tags(value: Iterable[str] | str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable):
+        raise errors.ValidationError(f"expected a list of strings, got {value!r}", field="tags")
+    return list(value)
+
+
+def _map(value: Mapping[str, str] | None, field: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise errors.ValidationError(f"expected a mapping of strings, got {value!r}", field=field)
+    return dict(value)
+
+
+def template_create(name: str, **values: Any) -> models.TemplateCreate:
+    """The body of ``POST /v1/templates``; ``values`` are :data:`TEMPLATE_FIELDS`."""
+    unknown = sorted(set(values) - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise errors.ValidationError(f"unknown field {unknown[0]!r}", field=unknown[0])
+    return build(
+        models.TemplateCreate,
+        name=name,
+        base=template_base(values),
+        setup_script=values.get("setup_script"),
+        start_cmd=values.get("start_cmd"),
+        ready_when=ready_check(values.get("ready_when")),
+        env=_map(values.get("env"), "env"),
+        build_env=_map(values.get("build_env"), "build_env"),
+        cpu=values.get("cpu"),
+        memory_mb=values.get("memory_mb"),
+        tags=_tags(values.get("tags")),
+    )
+
+
+def template_update(fields: Mapping[str, Any]) -> models.TemplateUpdate:
+    """The body of ``PATCH /v1/templates/{id}``: only the fields given, where None removes
+    ``setup_script``, ``start_cmd``, ``ready_when``, ``env``, ``build_env`` or ``tags``, and a
+    base given as None (only) goes back to the default image."""
+    unknown = sorted(set(fields) - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise errors.ValidationError(
+            f"unknown field {unknown[0]!r} (valid: {', '.join(TEMPLATE_FIELDS)})",
+            field=unknown[0],
+        )
+    for name in _REQUIRED_FIELDS:
+        if name in fields and fields[name] is None:
+            raise errors.ValidationError("cannot be removed, only changed", field=name)
+    values: dict[str, Any] = {}
+    if any(k in fields for k in _BASE_FIELDS):
+        values["base"] = template_base(fields)
+    converters: dict[str, Callable[[Any], Any]] = {
+        "ready_when": ready_check,
+        "env": lambda v: _map(v, "env"),
+        "build_env": lambda v: _map(v, "build_env"),
+        "tags": _tags,
+    }
+    for name, value in fields.items():
+        if name in _BASE_FIELDS:
+            continue
+        convert = converters.get(name)
+        values[name] = convert(value) if convert is not None and value is not None else value
+    try:
+        return models.TemplateUpdate(**values)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def build_offset(offset: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise errors.ValidationError(
+            f"must be a character offset >= 0, got {offset!r}", field="offset"
+        )
+    return offset
 
 
 QuotaValues = Mapping[str, int | None] | models.Quotas
@@ -645,6 +792,60 @@ def host_status() -> Call[models.HostStatus]:
     return Call("GET", "/v1/host", _model(models.HostStatus))
 
 
+def create_template(body: models.TemplateCreate) -> Call[models.Template]:
+    return Call("POST", "/v1/templates", _model(models.Template),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def list_templates() -> Call[list[models.Template]]:
+    return Call("GET", "/v1/templates", _model_list(models.Template))
+
+
+def get_template(template_id: str) -> Call[models.Template]:
+    return Call("GET", f"/v1/templates/{seg(template_id)}", _model(models.Template))
+
+
+def update_template(template_id: str, body: models.TemplateUpdate) -> Call[models.Template]:
+    """``PATCH``: only the fields set on ``body`` are sent (None is a null: removed)."""
+    return Call("PATCH", f"/v1/templates/{seg(template_id)}", _model(models.Template),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def delete_template(template_id: str, force: bool = False) -> Call[models.Template]:
+    if not isinstance(force, bool):
+        raise errors.ValidationError(f"expected True or False, got {force!r}", field="force")
+    return Call("DELETE", f"/v1/templates/{seg(template_id)}", _model(models.Template),
+                params={"force": "true"} if force else None)
+
+
+def build_template(template_id: str) -> Call[models.TemplateBuild]:
+    return Call("POST", f"/v1/templates/{seg(template_id)}/builds", _model(models.TemplateBuild))
+
+
+def list_builds(template_id: str) -> Call[list[models.TemplateBuild]]:
+    return Call("GET", f"/v1/templates/{seg(template_id)}/builds",
+                _model_list(models.TemplateBuild))
+
+
+def get_build(template_id: str, build_id: str) -> Call[models.TemplateBuild]:
+    return Call("GET", f"/v1/templates/{seg(template_id)}/builds/{seg(build_id)}",
+                _model(models.TemplateBuild))
+
+
+def wait_build(template_id: str, build_id: str, timeout_s: float) -> Call[models.TemplateBuild]:
+    return Call(
+        "GET",
+        f"/v1/templates/{seg(template_id)}/builds/{seg(build_id)}/wait",
+        _model(models.TemplateBuild),
+        params={"timeout_s": round(timeout_s, 3)},
+        extra_timeout=timeout_s,
+    )
+
+
+def build_log_path(template_id: str, build_id: str) -> str:
+    return f"/v1/templates/{seg(template_id)}/builds/{seg(build_id)}/log"
+
+
 # --------------------------------------------------------------------------------------------
 # Flows: multi-step operations as generators of calls, driven by either client.
 # Each ``yield call`` receives the parsed answer; the generator's return value is the result.
@@ -741,6 +942,91 @@ def create_snapshot_flow(
     if not wait:
         return record
     return (yield from wait_snapshot_flow(record.id, timeout, record))
+
+
+def build_ended(record: models.TemplateBuild) -> bool:
+    return record.state in (models.BuildState.READY, models.BuildState.FAILED)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def wait_build_flow(
+    template_id: str,
+    build_id: str,
+    timeout: float | None,
+    record: models.TemplateBuild | None = None,
+    *,
+    deadline: float | None = None,
+) -> Flow[models.TemplateBuild]:
+    """Long polls until the build is READY or FAILED (returned either way); WaitTimeoutError
+    after ``timeout`` seconds (or at ``deadline``, a ``time.monotonic()``, when given)."""
+    _check_timeout(timeout)
+    if deadline is None:
+        deadline = _deadline(timeout)
+    while True:
+        if record is not None and build_ended(record):
+            return record
+        remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+        if remaining <= 0 and record is not None:
+            raise _still("build", build_id, record.state.value, timeout or 0.0, record)
+        record = yield wait_build(template_id, build_id, max(0.0, min(LONG_POLL_S, remaining)))
+
+
+class BuildFollower:
+    """Following a build's log until the build ends (or the time is up), across reconnects:
+    each connection asks for the log from the characters already seen."""
+
+    def __init__(self, build: models.TemplateBuild, timeout: float | None) -> None:
+        _check_timeout(timeout)
+        self.build = build
+        self.timeout = timeout
+        self.deadline = _deadline(timeout)
+        self.offset = 0
+        #: the server closed the stream: the build has ended
+        self.ended = False
+
+    @property
+    def path(self) -> str:
+        return build_log_path(self.build.template_id, self.build.id)
+
+    @property
+    def params(self) -> dict[str, int]:
+        return {"offset": self.offset}
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    @property
+    def reading(self) -> bool:
+        """Read (again): the build has not ended and there is time left."""
+        return not self.ended and not self.expired
+
+    def stream_timeout(self, base: float | None) -> httpx.Timeout:
+        """A silent stream is re-opened after at most LONG_POLL_S (a dead connection is
+        noticed), and never read past the deadline."""
+        left = self.remaining()
+        read = LONG_POLL_S if left is None else max(0.01, min(LONG_POLL_S, left))
+        return httpx.Timeout(base, read=read)
+
+    def feed(self, text: str) -> None:
+        self.offset += len(text)
+
+    def finish(self) -> Flow[models.TemplateBuild]:
+        """The build's final record (WaitTimeoutError when the time ran out first)."""
+        b = self.build
+        if self.ended:  # it has ended: one answer at once (a grace if the clock ran out)
+            record = yield wait_build(b.template_id, b.id, 5.0)
+            return (yield from wait_build_flow(b.template_id, b.id, self.timeout, record,
+                                               deadline=time.monotonic()))
+        return (yield from wait_build_flow(b.template_id, b.id, self.timeout,
+                                           deadline=self.deadline or time.monotonic()))
 
 
 def snapshot_create(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -57,6 +57,7 @@ class Client:
         self.api_keys = ApiKeys(self)
         self.audit = Audit(self)
         self.host = Host(self)
+        self.templates = Templates(self)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -108,10 +109,17 @@ class Client:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    def _stream(self, path: str) -> httpx.Response:
+    def _stream(
+        self,
+        path: str,
+        params: Mapping[str, str | int] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         http = self._client()
         try:
-            request = http.build_request("GET", path, timeout=_core.stream_timeout(self._timeout))
+            request = http.build_request(
+                "GET", path, params=params, timeout=timeout or _core.stream_timeout(self._timeout)
+            )
             resp = http.send(request, stream=True)
             if not resp.is_success:
                 resp.read()
@@ -195,6 +203,8 @@ class Client:
         volumes: Iterable[models.VolumeMount | str] | None = None,
         max_duration: float | str | None = None,
         base_image_id: str | None = None,
+        *,
+        template_id: str | None = None,
     ) -> Session:
         """Start creating a session and return at once (state CREATING).
 
@@ -202,7 +212,8 @@ class Client:
         ``env``/``metadata``: string maps; ``volumes``: :class:`VolumeMount` or
         ``"vol_x:/path[:ro]"``; ``max_duration``: seconds or ``"30m"``, after which the session
         is terminated; ``snapshot_id``: restore that snapshot instead of booting;
-        ``base_image_id``: the image to boot (default ``sandbox``). Unset values take the
+        ``base_image_id``: the image to boot (default ``sandbox``); ``template_id``: start from
+        the template's latest READY build (its golden snapshot). Unset values take the
         server's defaults (a restore takes the snapshot's cpu and memory).
         """
         body = _core.session_create(
@@ -215,6 +226,7 @@ class Client:
             volumes=volumes,
             max_duration=max_duration,
             base_image_id=base_image_id,
+            template_id=template_id,
         )
         return Session(self, self._call(_core.create_session(body)))
 
@@ -230,6 +242,8 @@ class Client:
         max_duration: float | str | None = None,
         base_image_id: str | None = None,
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+        *,
+        template_id: str | None = None,
     ) -> Session:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -246,6 +260,7 @@ class Client:
             volumes=volumes,
             max_duration=max_duration,
             base_image_id=base_image_id,
+            template_id=template_id,
         )
         return Session(self, self._run(_core.create_and_wait_flow(body, timeout)))
 
@@ -439,6 +454,134 @@ class Client:
         """Revoke an API key (admin key; idempotent): it is refused from now on."""
         return self._call(_core.revoke_api_key(key_id))
 
+
+    # -- templates ------------------------------------------------------------------------
+
+    def create_template(
+        self,
+        name: str,
+        *,
+        base_image: str | None = None,
+        from_template: str | None = None,
+        from_snapshot: str | None = None,
+        setup_script: str | None = None,
+        start_cmd: str | None = None,
+        ready_when: models.ReadyCheck | Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        build_env: Mapping[str, str] | None = None,
+        cpu: int | None = None,
+        memory_mb: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> models.Template:
+        """Create a template (a recipe; :meth:`build_template` makes it usable).
+
+        It starts from one of ``base_image`` (an image id, default ``sandbox``),
+        ``from_template`` (another template's latest READY build) or ``from_snapshot``; a build
+        runs ``setup_script`` (``/bin/sh -se``, as root in ``/root``, with ``env`` and
+        ``build_env``), starts ``start_cmd`` detached, waits for ``ready_when`` (a
+        :class:`~tenkibox.models.ReadyCheck` or a mapping with one of ``port``, ``http_url``
+        [+ ``http_status``] or ``command``, and ``timeout_s``), then captures the golden
+        snapshot sessions start from. ``build_env`` is for the build only (secrets: never in a
+        session; only its keys are shown). ConflictError when the name is taken.
+        """
+        body = _core.template_create(
+            name, base_image=base_image, from_template=from_template,
+            from_snapshot=from_snapshot, setup_script=setup_script, start_cmd=start_cmd,
+            ready_when=ready_when, env=env, build_env=build_env, cpu=cpu, memory_mb=memory_mb,
+            tags=tags,
+        )
+        return self._call(_core.create_template(body))
+
+    def list_templates(self) -> builtins.list[models.Template]:
+        """All templates of the workspace."""
+        return self._call(_core.list_templates())
+
+    def get_template(self, template_id: str) -> models.Template:
+        """The template ``template_id`` (TemplateNotFoundError when there is none); its
+        ``latest_build`` is the READY build sessions start from."""
+        return self._call(_core.get_template(template_id))
+
+    def update_template(self, template_id: str, **fields: Any) -> models.Template:
+        """Change the fields given (those of :meth:`create_template`, ``name`` included); the
+        next build uses them. None removes ``setup_script``, ``start_cmd``, ``ready_when``,
+        ``env``, ``build_env`` or ``tags``; a base given as None returns to the default image.
+        """
+        body = _core.template_update(fields)
+        return self._call(_core.update_template(template_id, body))
+
+    def delete_template(self, template_id: str, force: bool = False) -> models.Template:
+        """Delete a template and its golden snapshots (sessions started from them go on).
+        ConflictError while a build runs, unless ``force`` (which cancels it)."""
+        return self._call(_core.delete_template(template_id, force))
+
+    def build_template(self, template_id: str) -> models.TemplateBuild:
+        """Start a build (PENDING) and return at once; ConflictError while one runs."""
+        return self._call(_core.build_template(template_id))
+
+    def list_builds(self, template_id: str) -> builtins.list[models.TemplateBuild]:
+        """The builds of a template, oldest first."""
+        return self._call(_core.list_builds(template_id))
+
+    def get_build(self, template_id: str, build_id: str) -> models.TemplateBuild:
+        """One build of a template."""
+        return self._call(_core.get_build(template_id, build_id))
+
+    def wait_build(
+        self,
+        template_id: str,
+        build_id: str,
+        timeout: float | None = _core.DEFAULT_BUILD_TIMEOUT,
+    ) -> models.TemplateBuild:
+        """Wait up to ``timeout`` seconds (None: no limit) until the build is READY or FAILED,
+        and return it either way (a FAILED build names its ``failed_step`` and ``error``).
+        WaitTimeoutError when it is still going after ``timeout`` (it goes on).
+        """
+        return self._run(_core.wait_build_flow(template_id, build_id, timeout))
+
+    def build_template_and_wait(
+        self,
+        template_id: str,
+        timeout: float | None = _core.DEFAULT_BUILD_TIMEOUT,
+        on_log: Callable[[str], Any] | None = None,
+    ) -> models.TemplateBuild:
+        """:meth:`build_template`, then follow its log until it ends: ``on_log(text)`` gets
+        each piece of the log as it is written. Returns the final build, READY or FAILED
+        (check ``.state``); WaitTimeoutError when it is still going after ``timeout`` seconds.
+        """
+        follow = _core.BuildFollower(self._call(_core.build_template(template_id)), timeout)
+        while follow.reading:
+            resp = self._stream(follow.path, follow.params, follow.stream_timeout(self._timeout))
+            try:
+                for text in resp.iter_text():
+                    follow.feed(text)
+                    if on_log is not None and text:
+                        on_log(text)
+                    if follow.expired:
+                        break
+                else:
+                    follow.ended = True
+            except httpx.ReadTimeout:
+                pass  # silent for a while: open it again (from what was read), time permitting
+            except httpx.HTTPError as exc:
+                raise _core.transport_error(exc, str(self.endpoint)) from exc
+            finally:
+                resp.close()
+        return self._run(follow.finish())
+
+    def build_log(
+        self, template_id: str, build_id: str, offset: int = 0
+    ) -> Iterator[str]:
+        """The build's log as it is written, from character ``offset``: yields pieces of text
+        until the build ends (at once for an ended build)."""
+        params = {"offset": _core.build_offset(offset)}
+        resp = self._stream(_core.build_log_path(template_id, build_id), params)
+        try:
+            yield from resp.iter_text()
+        except httpx.HTTPError as exc:
+            raise _core.transport_error(exc, str(self.endpoint)) from exc
+        finally:
+            resp.close()
+
     # -- audit and host -------------------------------------------------------------------
 
     def list_audit(
@@ -544,6 +687,25 @@ class Host:
         self._client = client
 
     status = _core.alias(Client.host_status)
+
+
+class Templates:
+    """``client.templates``: the template calls of :class:`Client` under short names."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    create = _core.alias(Client.create_template)
+    list = _core.alias(Client.list_templates)
+    get = _core.alias(Client.get_template)
+    update = _core.alias(Client.update_template)
+    delete = _core.alias(Client.delete_template)
+    build = _core.alias(Client.build_template)
+    build_and_wait = _core.alias(Client.build_template_and_wait)
+    builds = _core.alias(Client.list_builds)
+    get_build = _core.alias(Client.get_build)
+    wait_build = _core.alias(Client.wait_build)
+    log = _core.alias(Client.build_log)
 
 
 class Session:
