@@ -209,6 +209,15 @@ def escape_text(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+_LOG_ESCAPES = {k: v for k, v in _ESCAPES.items() if k not in (ord("\n"), ord("\t"))}
+
+
+def escape_log(text: str) -> str:
+    """Output (a log) safe to print on a terminal: as :func:`escape_text`, but newlines and
+    tabs stay (and ``\\r\\n`` line ends become ``\\n``)."""
+    return text.replace("\r\n", "\n").translate(_LOG_ESCAPES)
+
+
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, pydantic.BaseModel):
         return value.model_dump(mode="json")
@@ -285,9 +294,21 @@ class Spinner:
         self._progress = progress
         self._task = task
 
+    @property
+    def live(self) -> bool:
+        """The spinner is shown (stderr is a terminal)."""
+        return self._progress is not None
+
     def update(self, text: str) -> None:
         if self._progress is not None:
             self._progress.update(self._task, description=text)
+
+    def print(self, line: str) -> None:
+        """A line on stderr, above the spinner (the caller escapes it)."""
+        if self._progress is not None:
+            self._progress.console.print(Text(line), soft_wrap=True, highlight=False)
+        else:
+            click.echo(line, err=True)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from .host import host
 from .sandbox import sandbox
 from .server import image, serve, server
 from .snapshot import snapshot
+from .template import template
 from .volume import volume
 from .workspace import workspace
 
@@ -123,6 +124,7 @@ cli.add_command(audit)
 cli.add_command(host)
 sandbox.add_command(snapshot)
 sandbox.add_command(volume)
+sandbox.add_command(template)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

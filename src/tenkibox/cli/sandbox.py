@@ -62,6 +62,15 @@ def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
                     "--snapshot", "snapshot_id", metavar="SNP", help="Restore this snapshot."
                 ),
             )
+            opts.insert(
+                7,
+                click.option(
+                    "--template",
+                    "template_id",
+                    metavar="TPL",
+                    help="Start from this template's latest READY build.",
+                ),
+            )
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -83,8 +92,11 @@ def run_create(
     no_wait: bool,
     wait_timeout: str,
     as_json: bool,
+    template_id: str | None = None,
 ) -> None:
     """The one code path of ``sandbox create`` and ``snapshot restore``."""
+    if snapshot_id is not None and template_id is not None:
+        raise c.ValidationError("give --snapshot or --template, not both", field="--template")
     cpu_n = c.parse_int_range(cpu, "--cpu", models.CPU_MIN, models.CPU_MAX)
     mem_n = c.parse_int_range(memory_mb, "--memory-mb", models.MEMORY_MB_MIN, models.MEMORY_MB_MAX)
     env_d = c.parse_pairs(env, "--env", env_names=True)
@@ -106,11 +118,15 @@ def run_create(
         metadata=meta_d or None,
         volumes=mounts or None,
         max_duration=max_s,
+        template_id=template_id,
     )
     if not no_wait:
-        what = (
-            f"Restoring {snapshot_id} as {session.id}" if snapshot_id else f"Creating {session.id}"
-        )
+        if snapshot_id:
+            what = f"Restoring {snapshot_id} as {session.id}"
+        elif template_id:
+            what = f"Creating {session.id} from template {template_id}"
+        else:
+            what = f"Creating {session.id}"
         with c.spinner(f"{what} (CREATING)"):
             session.wait_ready(timeout)
     if as_json:
@@ -146,7 +162,7 @@ def session_rows(sessions: Sequence[Session]) -> list[list[str]]:
                 r.state.value,
                 str(r.cpu),
                 units.format_size(r.memory_mb << 20),
-                r.snapshot_id or r.base_image_id,
+                r.template_id or r.snapshot_id or r.base_image_id,
                 c.fmt_time(r.created_at),
             ]
         )
@@ -177,6 +193,7 @@ def print_session(r: models.Session) -> None:
             ("cpu", str(r.cpu)),
             ("memory", units.format_size(r.memory_mb << 20)),
             ("image", r.base_image_id),
+            ("template", r.template_id or "-"),
             ("snapshot", r.snapshot_id or "-"),
             ("env", ", ".join(r.env_keys) or "-"),
             ("metadata", ", ".join(f"{k}={v}" for k, v in r.metadata.items()) or "-"),
