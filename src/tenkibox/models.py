@@ -12,7 +12,14 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from . import limits
 
@@ -539,6 +546,14 @@ class ReadyCheck(_Model):
     command: Command | None = None
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReadyCheck:
+        given = [k for k in ("port", "http_url", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of port, http_url, command; got "
+                             + (", ".join(given) or "none"))
+        return self
+
 
 class TemplateBase(_Model):
     """What a build starts from: an image (default ``sandbox``), another template's latest
@@ -564,7 +579,8 @@ class TemplateCreate(_Model):
 
 
 class TemplateUpdate(_Model):
-    """Only the fields given change; a build picks the change up."""
+    """Only the fields given change; a build picks the change up. ``name``, ``cpu`` and
+    ``memory_mb`` cannot be removed (null is refused); null removes any other field."""
 
     name: Name | None = None
     base: TemplateBase | None = None
@@ -576,6 +592,13 @@ class TemplateUpdate(_Model):
     cpu: int | None = Field(default=None, ge=CPU_MIN, le=CPU_MAX)
     memory_mb: int | None = Field(default=None, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
     tags: list[Tag] | None = Field(default=None, max_length=32)
+
+    @model_validator(mode="after")
+    def _required_stay(self) -> TemplateUpdate:
+        for name in ("name", "cpu", "memory_mb"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed (null); give a value")
+        return self
 
 
 class BuildState(str, Enum):

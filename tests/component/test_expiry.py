@@ -31,12 +31,13 @@ def client(monkeypatch: pytest.MonkeyPatch, inproc: InProcessServer, fake_host: 
 
 def test_session_past_its_max_duration_is_terminated(client: Client,
                                                      fake_host: FakeHost) -> None:
-    s = client.create_and_wait(max_duration=0.3)
+    # long enough that a loaded machine still sees it READY first (the wait would fail)
+    s = client.create_and_wait(max_duration=1.5)
     record = s.record
     assert record.expires_at is not None
-    assert record.expires_at - record.created_at == timedelta(seconds=0.3)
+    assert record.expires_at - record.created_at == timedelta(seconds=1.5)
     other = client.create_and_wait()  # without a limit
-    eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=5,
+    eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=10,
                what="the expiry")
     ended = client.get(s.id).record
     assert ended.state_reason == "max duration reached"
@@ -60,9 +61,9 @@ def test_a_terminate_that_failed_is_retried_by_the_sweeper(client: Client,
 
 
 def test_running_session_expires_too(client: Client) -> None:
-    s = client.create_and_wait(max_duration=0.3)
+    s = client.create_and_wait(max_duration=1.5)
     s.start("sleep", "60")
-    eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=5,
+    eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=10,
                what="the expiry")
 
 
