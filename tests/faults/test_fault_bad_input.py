@@ -140,7 +140,8 @@ def test_bad_input_is_a_4xx_in_the_error_format(server: fl.FaultServer, box: str
     path = case.path.replace("{sid}", box)
     try:
         r = httpx.request(case.method, f"{server.url}{path}", json=body, content=case.content,
-                          params=case.params or None, headers=case.headers or None, timeout=120)
+                          params=case.params or None,
+                          headers={**fl.AUTH, **(case.headers or {})}, timeout=120)
     except httpx.TransportError as exc:
         pytest.fail(f"the server dropped the connection: {exc!r}; alive: {server.alive()}")
     try:

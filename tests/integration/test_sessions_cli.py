@@ -22,9 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import pytest
+from support.server import AUTH
 
 pytestmark = pytest.mark.integration
 
@@ -385,7 +386,7 @@ def test_guest_cannot_reach_host_loopback(tenki_server: Any, box: str,
     # both services answer on the host itself: the guest failing to reach them means something
     with urlopen(f"http://127.0.0.1:{host_http_server}/secret.txt", timeout=5) as resp:
         assert resp.read() == b"host secret"
-    with urlopen(f"{tenki_server.url}/v1/health", timeout=5) as resp:
+    with urlopen(Request(f"{tenki_server.url}/v1/health", headers=AUTH), timeout=5) as resp:
         assert resp.status == 200
     ok(cli(tenki_server, "sandbox", "files", "write", "--session", box, "/root/probe.py", "-",
            input=PROBE.encode()))
