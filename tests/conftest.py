@@ -25,6 +25,9 @@ from support.server import ADMIN_KEY, InProcessServer
 # Every server of the run (in-process or ``tenki serve``) has ADMIN_KEY as its local admin key,
 # and every client (SDK, CLI, subprocess) sends it unless a test says otherwise.
 os.environ["TENKI_API_KEY"] = ADMIN_KEY
+# Plain creates boot unless a test turns golden snapshots on (tests/component/test_golden.py;
+# the real-VM servers of tests/integration turn them on: the product's default there).
+os.environ["TENKI_GOLDEN"] = "off"
 
 
 @pytest.fixture(scope="session", autouse=True)

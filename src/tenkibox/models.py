@@ -267,6 +267,8 @@ class SessionCreate(_Model):
     snapshot_id: Id | None = None
     base_image_id: Id | None = None
     volumes: list[VolumeMount] = Field(default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX)
+    cold_boot: bool = Field(
+        default=False, description="boot the image instead of restoring its golden snapshot")
 
 
 class Session(_Answer):

@@ -73,6 +73,9 @@ class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
     def env(self) -> dict[str, str]:
         env = super().env
         env.pop("TENKI_FAULT", None)
+        # plain creates boot here: a fault point must be reached by the test's own boot or
+        # capture, never by a golden snapshot build in the background
+        env["TENKI_GOLDEN"] = "off"
         env.update(self.extra_env)
         return env
 

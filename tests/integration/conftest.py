@@ -88,6 +88,7 @@ class TenkiServer:
                    TENKI_LOG_LEVEL="INFO")
         env.pop("TENKI_API_ENDPOINT", None)
         env["TENKI_API_KEY"] = ADMIN_KEY  # the CLI's key (the server reads admin.key)
+        env["TENKI_GOLDEN"] = "on"  # the product's default: plain creates restore golden ones
         return env
 
     def start(self, timeout: float = 60.0) -> None:

@@ -598,6 +598,9 @@ class FakeHost:
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
 
+    async def image_digest(self, image_id: str) -> str:
+        return image_digest(image_id)
+
     def memory_used_mib(self) -> int:
         """A fake guest holds a quarter of its memory (an idle guest touches little)."""
         return sum(vm.shape.memory_mb for vm in self.vms.values()) // 4

@@ -71,6 +71,14 @@ def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
                     help="Start from this template's latest READY build.",
                 ),
             )
+            opts.insert(
+                8,
+                click.option(
+                    "--cold-boot",
+                    is_flag=True,
+                    help="Boot the image instead of restoring its golden snapshot.",
+                ),
+            )
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -93,6 +101,7 @@ def run_create(
     wait_timeout: str,
     as_json: bool,
     template_id: str | None = None,
+    cold_boot: bool = False,
 ) -> None:
     """The one code path of ``sandbox create`` and ``snapshot restore``."""
     if snapshot_id is not None and template_id is not None:
@@ -119,6 +128,7 @@ def run_create(
         volumes=mounts or None,
         max_duration=max_s,
         template_id=template_id,
+        cold_boot=cold_boot,
     )
     if not no_wait:
         if snapshot_id:
@@ -127,6 +137,8 @@ def run_create(
             what = f"Creating {session.id} from template {template_id}"
         else:
             what = f"Creating {session.id}"
+            if session.record.state_reason:  # the first create of a size boots: it says so
+                what += f" ({c.escape_text(session.record.state_reason)})"
         with c.spinner(f"{what} (CREATING)"):
             session.wait_ready(timeout)
     if as_json:

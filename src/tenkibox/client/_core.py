@@ -253,12 +253,14 @@ def session_create(
     max_duration: float | str | None = None,
     base_image_id: str | None = None,
     template_id: str | None = None,
+    cold_boot: bool = False,
 ) -> models.SessionCreate:
     return build(
         models.SessionCreate,
         name=name,
         snapshot_id=snapshot_id,
         template_id=template_id,
+        cold_boot=cold_boot or None,
         cpu=cpu,
         memory_mb=memory_mb,
         env=dict(env) if env is not None else None,

@@ -205,6 +205,7 @@ class Client:
         base_image_id: str | None = None,
         *,
         template_id: str | None = None,
+        cold_boot: bool = False,
     ) -> Session:
         """Start creating a session and return at once (state CREATING).
 
@@ -213,8 +214,10 @@ class Client:
         ``"vol_x:/path[:ro]"``; ``max_duration``: seconds or ``"30m"``, after which the session
         is terminated; ``snapshot_id``: restore that snapshot instead of booting;
         ``base_image_id``: the image to boot (default ``sandbox``); ``template_id``: start from
-        the template's latest READY build (its golden snapshot). Unset values take the
-        server's defaults (a restore takes the snapshot's cpu and memory).
+        the template's latest READY build (its golden snapshot); ``cold_boot``: boot the image
+        instead of restoring its golden snapshot (the server's default for a plain create).
+        Unset values take the server's defaults (a restore takes the snapshot's cpu and
+        memory).
         """
         body = _core.session_create(
             name=name,
@@ -227,6 +230,7 @@ class Client:
             max_duration=max_duration,
             base_image_id=base_image_id,
             template_id=template_id,
+            cold_boot=cold_boot,
         )
         return Session(self, self._call(_core.create_session(body)))
 
@@ -244,6 +248,7 @@ class Client:
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
         *,
         template_id: str | None = None,
+        cold_boot: bool = False,
     ) -> Session:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -261,6 +266,7 @@ class Client:
             max_duration=max_duration,
             base_image_id=base_image_id,
             template_id=template_id,
+            cold_boot=cold_boot,
         )
         return Session(self, self._run(_core.create_and_wait_flow(body, timeout)))
 

@@ -38,6 +38,7 @@ def _refuse(name: str, limit: int, in_use: int, unit: str = "") -> None:
 def session(ws: str, memory_mib: int, capacity: HostCapacity) -> Check:
     """A new session of ``memory_mib``: the workspace's session and memory quotas, then the
     host's memory."""
+    fits = host_memory(memory_mib, capacity)
 
     def check(orm: OrmSession) -> None:
         quotas = _quotas(orm, ws)
@@ -48,6 +49,15 @@ def session(ws: str, memory_mib: int, capacity: HostCapacity) -> Check:
         limit = quotas.get("max_memory_mib")
         if limit is not None and used["memory_mib"] + memory_mib > limit:
             _refuse("max_memory_mib", limit, used["memory_mib"])
+        fits(orm)
+
+    return check
+
+
+def host_memory(memory_mib: int, capacity: HostCapacity) -> Check:
+    """The host's memory alone (the server's own sessions: golden snapshot builds)."""
+
+    def check(orm: OrmSession) -> None:
         promised = int(orm.execute(
             select(func.coalesce(func.sum(SessionRow.memory_mb), 0))
             .where(SessionRow.state.in_(HOLDING_SESSION))).scalar_one())

@@ -18,6 +18,7 @@ from ..models import HostStatus, Session, SessionCreate
 from ..store.db import Store
 from ..store.tables import SessionRow
 from .audit import AuditLog
+from .golden import GoldenControl, enabled
 from .keys import KeyControl
 from .records import Records
 from .sessions import SessionControl
@@ -48,6 +49,7 @@ class ControlPlane:
         self.sessions = SessionControl(self.records, host, self.volumes)
         self.snapshots = SnapshotControl(self.records, host, self.volumes)
         self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
+        self.golden = GoldenControl(self.records, self.sessions, self.snapshots)
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -57,6 +59,7 @@ class ControlPlane:
         await self.snapshots.recover()
         await self.volumes.recover()
         await self.templates.recover()
+        await self.golden.recover()
         # nothing is in flight yet: whatever no record references goes now
         await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
@@ -88,6 +91,14 @@ class ControlPlane:
         """A session: booted, restored from a snapshot, or from a template (a restore of its
         latest READY build's golden snapshot)."""
         if req.template_id is None:
+            if req.snapshot_id is None and not req.cold_boot:
+                golden = await self.golden.find(req)
+                if golden is not None:
+                    return await self.sessions.create(req, ws, golden=golden)
+                if enabled():
+                    return await self.sessions.create(req, ws, note=(
+                        "booting: the golden snapshot of this image and size is being made; "
+                        "the next creates restore it"))
             return await self.sessions.create(req, ws)
         if req.snapshot_id is not None:
             raise ValidationError("give snapshot_id or template_id, not both",
@@ -112,6 +123,7 @@ class ControlPlane:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await self.golden.shutdown()
         await self.templates.shutdown()
         await self.snapshots.shutdown()
         await self.sessions.shutdown()

@@ -112,14 +112,19 @@ class SessionControl:
 
     # -- create ------------------------------------------------------------------------------
     async def create(self, req: SessionCreate, ws: str, *,
-                     template_id: str | None = None) -> Session:
+                     template_id: str | None = None, golden: str | None = None,
+                     system: bool = False, note: str | None = None) -> Session:
         """``ws``: the caller's workspace; the session belongs to it, and so must the snapshot
         and volumes it names. A session from a template is a restore of the template's golden
         snapshot (``req.snapshot_id``, resolved by ``TemplateControl``), recorded with
-        ``template_id``."""
+        ``template_id``. ``golden``: restore this golden snapshot of the image instead of
+        booting (``GoldenControl``), falling back to a boot if that fails. ``system``: a
+        session of the server's own (a golden build): the host's capacity applies, no quota."""
         image_id = req.base_image_id or DEFAULT_IMAGE_ID
         snap: SnapshotRow | None = None
-        if req.snapshot_id:
+        if golden:
+            snap = self.records.get(SnapshotRow, golden)
+        elif req.snapshot_id:
             snap = self.records.get(SnapshotRow, req.snapshot_id, ws=ws)
             if snap.state != "READY":
                 why = f": {snap.state_reason}" if snap.state_reason else ""
@@ -127,7 +132,7 @@ class SessionControl:
                     f"snapshot {snap.id} is {snap.state}{why}; only a READY snapshot "
                     "can be restored")
             image_id = snap.base_image_id
-        fields = req.model_fields_set
+        fields = req.model_fields_set if not golden else set()
         if snap and "cpu" in fields and req.cpu != snap.cpu:
             raise ValidationError(f"a restore keeps the snapshot's {snap.cpu} vCPUs",
                                   field="cpu")
@@ -142,13 +147,15 @@ class SessionControl:
             source = self.records.find(SessionRow, snap.session_id)
             env = {**((source.env or {}) if source else {}), **env}
             manifest = Manifest.from_json(snap.files)
-            await self._refuse_if_damaged(snap.id, manifest)
+            if golden is None:  # (GoldenControl checked its own)
+                await self._refuse_if_damaged(snap.id, manifest)
         created = now()
         row = SessionRow(
             id=new_id("session"), workspace_id=ws, name=req.name, state=S.CREATING.value,
-            template_id=template_id,
+            template_id=template_id, state_reason=note,
             cpu=snap.cpu if snap else req.cpu, memory_mb=snap.memory_mb if snap else req.memory_mb,
-            base_image_id=image_id, snapshot_id=snap.id if snap else None, env=env,
+            base_image_id=image_id, snapshot_id=snap.id if snap and not golden else None,
+            env=env,
             meta=dict(req.metadata), volumes=[],
             # a restore's artifacts are named before the host reads them (so no GC takes them)
             machine={**manifest.shape.to_json(), "ram": manifest.ram, "state": manifest.state}
@@ -156,9 +163,12 @@ class SessionControl:
             disk_chain=list(manifest.layers) if manifest else [], created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None)
-        await self.records.insert(row, check=admission.session(ws, row.memory_mb,
-                                                                self.host.capacity))
-        self._starts[row.id] = self._spawn(self._start(row.id, req, manifest), f"start {row.id}")
+        check = (admission.host_memory(row.memory_mb, self.host.capacity) if system
+                 else admission.session(ws, row.memory_mb, self.host.capacity))
+        await self.records.insert(row, check=check)
+        source_id = snap.id if snap is not None else None
+        self._starts[row.id] = self._spawn(self._start(row.id, req, manifest, source_id),
+                                           f"start {row.id}")
         return self.to_model(row)
 
     async def _refuse_if_damaged(self, snapshot_id: str, manifest: Manifest) -> None:
@@ -189,13 +199,12 @@ class SessionControl:
                     f"session {session_id} is {row.state}{reason}, not running") from exc
             raise
 
-    async def _start(self, session_id: str, req: SessionCreate, manifest: Manifest | None) -> None:
+    async def _start(self, session_id: str, req: SessionCreate, manifest: Manifest | None,
+                     source_id: str | None) -> None:
         row = self.row(session_id)
         try:
-            if manifest is not None:
-                assert row.snapshot_id is not None
-                started = await self.host.restore(RestoreSpec(
-                    session_id, row.snapshot_id, manifest, hostname_for(session_id)))
+            if manifest is not None and source_id is not None:
+                started = await self._restore_or_boot(row, manifest, source_id)
             else:
                 started = await self.host.boot(BootSpec(
                     session_id, row.cpu, row.memory_mb, row.base_image_id,
@@ -231,6 +240,30 @@ class SessionControl:
             await self.volumes.release_session(session_id)
         finally:
             self._starts.pop(session_id, None)
+
+    async def _restore_or_boot(self, row: SessionRow, manifest: Manifest,
+                               source_id: str) -> Any:
+        """Restore ``source_id``; for a golden snapshot (the record names no snapshot), a
+        restore that fails is not the user's problem: the golden snapshot becomes FAILED and
+        the session boots instead."""
+        spec = RestoreSpec(row.id, source_id, manifest, hostname_for(row.id))
+        if row.snapshot_id is not None:
+            return await self.host.restore(spec)
+        try:
+            return await self.host.restore(spec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("session %s: golden snapshot %s did not restore (%s); booting instead",
+                        row.id, source_id, exc)
+            with contextlib.suppress(IllegalTransitionError, TenkiError):
+                await self.records.transition(SnapshotRow, source_id, "FAILED",
+                                              expected=["READY"],
+                                              state_reason=f"restore failed: {exc}")
+            await self.records.update(SessionRow, row.id, when_state=[S.CREATING],
+                                      machine=None, disk_chain=[])
+            return await self.host.boot(BootSpec(row.id, row.cpu, row.memory_mb,
+                                                 row.base_image_id, hostname_for(row.id)))
 
     # -- terminate ---------------------------------------------------------------------------
     async def terminate(self, session_id: str, reason: str | None = None,

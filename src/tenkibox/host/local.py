@@ -158,6 +158,12 @@ class LocalHost:
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
 
+    async def image_digest(self, image_id: str) -> str:
+        """The digest of an image's disk as it is now (a rebuilt image has a new one)."""
+        disk, _kernel, _initrd, _cmdline = await asyncio.to_thread(self.ctx.image_artifacts,
+                                                                   image_id)
+        return disk
+
     def memory_used_mib(self) -> int:
         pids = [pid for vm in self.vms.values()
                 for pid in (vm.machine.pid, vm.machine.net_pid) if pid]
