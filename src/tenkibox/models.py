@@ -566,8 +566,91 @@ class TemplateBase(_Model):
     snapshot_id: Id | None = None
 
 
+#: a package name for apt, pip or npm: no blanks, no shell syntax, not an option
+Package = Annotated[str, Field(min_length=1, max_length=214,
+                               pattern=r"^[A-Za-z0-9@][A-Za-z0-9@._+:/<>=!~^*-]*$")]
+
+
+class AptStep(_Model):
+    packages: list[Package] = Field(min_length=1, max_length=256)
+
+
+class PipStep(_Model):
+    packages: list[Package] = Field(min_length=1, max_length=256)
+
+
+class NpmStep(_Model):
+    packages: list[Package] = Field(min_length=1, max_length=256)
+
+
+class WriteFileStep(_Model):
+    path: MountPath
+    content: Script
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+
+
+class MkdirStep(_Model):
+    path: MountPath
+
+
+class Step(_Model):
+    """One step of a template spec: exactly one of ``run``, ``apt``, ``pip``, ``npm``,
+    ``write_file``, ``mkdir``; optionally named."""
+
+    name: Name | None = None
+    run: Command | None = None
+    apt: AptStep | None = None
+    pip: PipStep | None = None
+    npm: NpmStep | None = None
+    write_file: WriteFileStep | None = None
+    mkdir: MkdirStep | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Step:
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(STEP_KINDS)}; got "
+                             + (", ".join(given) or "none"))
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
+
+
+STEP_KINDS = ("run", "apt", "pip", "npm", "write_file", "mkdir")
+
+
+class Runtime(_Model):
+    start_cmd: Command | None = None
+    ready_when: ReadyCheck | None = None
+    env: Env = Field(default_factory=dict)
+
+
+class Resources(_Model):
+    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
+    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
+
+
+class TemplateSpec(_Model):
+    """A declarative template (``tenki sandbox template create --spec FILE``, JSON or YAML):
+    the steps become the setup script, ``runtime`` the start command, its readiness check and
+    env. Unknown fields are refused, naming their path."""
+
+    spec_version: Literal["tenki.template.v1"]
+    base: TemplateBase = Field(default_factory=TemplateBase)
+    env: Env = Field(default_factory=dict)
+    build_env: Env = Field(default_factory=dict)
+    steps: list[Step] = Field(default_factory=list, max_length=256)
+    runtime: Runtime = Field(default_factory=Runtime)
+    resources: Resources = Field(default_factory=Resources)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+
+
 class TemplateCreate(_Model):
     name: Name
+    spec: TemplateSpec | None = Field(
+        default=None, description="a declarative spec instead of the fields below")
     base: TemplateBase = Field(default_factory=TemplateBase)
     setup_script: Script | None = None
     start_cmd: Command | None = None
@@ -641,5 +724,8 @@ class Template(_Answer):
     tags: list[str] = Field(default_factory=list)
     latest_build: TemplateBuild | None = Field(
         default=None, description="the latest READY build (what a session starts from)")
+    spec: TemplateSpec | None = Field(
+        default=None, description="the declarative spec it was created from, if any (an "
+        "update of its fields drops it)")
     created_at: datetime
     updated_at: datetime

@@ -352,13 +352,40 @@ def _output(value: Any, as_json: bool, line: str) -> None:
 # -- records ----------------------------------------------------------------------------------
 
 
+def read_spec(source: str) -> models.TemplateSpec:
+    """A spec file (JSON or YAML; ``-``: standard input), checked: an error names the field
+    path in the file (``steps[3].apt.packages: must not be empty``)."""
+    import yaml  # type: ignore[import-untyped]
+
+    text = read_script(source, "--spec")
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not JSON or YAML"
+        raise ValidationError(f"{source}: {problem}{where}", field="--spec") from None
+    try:
+        return core.template_spec(data)
+    except ValidationError as exc:
+        raise ValidationError(f"{source}: {exc.message}", field="--spec") from None
+
+
 @template.command("create")
 @spec_options(update=False)
+@click.option("--spec", "spec_file", metavar="FILE|-",
+              help="A declarative spec (JSON or YAML, spec_version: tenki.template.v1) "
+                   "instead of the options above (but --name).")
 @click.pass_context
-def create(ctx: click.Context, as_json: bool, **opts: Any) -> None:
+def create(ctx: click.Context, as_json: bool, spec_file: str | None, **opts: Any) -> None:
     """Create a template; prints its id. Build it with: tenki sandbox template build ID"""
     fields = spec_fields(opts)
     name = fields.pop("name")
+    if spec_file is not None:
+        if fields:
+            raise ValidationError(f"give --spec or the options, not both (also given: "
+                                  f"{', '.join(sorted(fields))})", field="--spec")
+        fields = {"spec": read_spec(spec_file)}
     with options_named():
         t = c.client(ctx).create_template(name, **fields)
     _output(t, as_json, t.id)

@@ -485,6 +485,7 @@ class AsyncClient:
         cpu: int | None = None,
         memory_mb: int | None = None,
         tags: Iterable[str] | None = None,
+        spec: models.TemplateSpec | Mapping[str, Any] | None = None,
     ) -> models.Template:
         """Create a template (a recipe; :meth:`build_template` makes it usable). See
         :meth:`tenkibox.Client.create_template`."""
@@ -492,7 +493,7 @@ class AsyncClient:
             name, base_image=base_image, from_template=from_template,
             from_snapshot=from_snapshot, setup_script=setup_script, start_cmd=start_cmd,
             ready_when=ready_when, env=env, build_env=build_env, cpu=cpu, memory_mb=memory_mb,
-            tags=tags,
+            tags=tags, spec=spec,
         )
         return await self._call(_core.create_template(body))
 

@@ -353,8 +353,49 @@ def _map(value: Mapping[str, str] | None, field: str) -> dict[str, str] | None:
     return dict(value)
 
 
+#: pydantic's words for the commonest problems of a spec, in the spec's own words
+_SPEC_WORDS = {"too_short": "must not be empty", "extra_forbidden": "unknown field",
+               "missing": "is required"}
+
+
+def spec_path(loc: Iterable[Any]) -> str:
+    """``("steps", 3, "apt", "packages")`` -> ``steps[3].apt.packages``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def template_spec(data: Any) -> models.TemplateSpec:
+    """A spec (a mapping, as read from JSON or YAML) checked; the error names the field path
+    and the reason (``steps[3].apt.packages: must not be empty``)."""
+    if isinstance(data, models.TemplateSpec):
+        return data
+    if not isinstance(data, Mapping):
+        raise errors.ValidationError(f"must be a mapping, got {type(data).__name__}",
+                                     field="spec")
+    try:
+        return models.TemplateSpec.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        msg = _SPEC_WORDS.get(str(first.get("type")), str(first.get("msg", "invalid value")))
+        for lead in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(lead)
+        msg = msg[:1].lower() + msg[1:]
+        path = spec_path(first.get("loc", ()))
+        raise errors.ValidationError(f"{path}: {msg}", field=path or "spec") from None
+
+
 def template_create(name: str, **values: Any) -> models.TemplateCreate:
-    """The body of ``POST /v1/templates``; ``values`` are :data:`TEMPLATE_FIELDS`."""
+    """The body of ``POST /v1/templates``; ``values`` are :data:`TEMPLATE_FIELDS`, or ``spec``
+    (a :class:`~tenkibox.models.TemplateSpec` or a mapping) alone."""
+    if values.get("spec") is not None:
+        others = sorted(k for k, v in values.items() if k != "spec" and v is not None)
+        if others:
+            raise errors.ValidationError(f"give a spec or the fields, not both (also given: "
+                                         f"{', '.join(others)})", field="spec")
+        return models.TemplateCreate(name=name, spec=template_spec(values["spec"]))
+    values.pop("spec", None)
     unknown = sorted(set(values) - set(TEMPLATE_FIELDS))
     if unknown:
         raise errors.ValidationError(f"unknown field {unknown[0]!r}", field=unknown[0])

@@ -478,8 +478,12 @@ class Client:
         cpu: int | None = None,
         memory_mb: int | None = None,
         tags: Iterable[str] | None = None,
+        spec: models.TemplateSpec | Mapping[str, Any] | None = None,
     ) -> models.Template:
         """Create a template (a recipe; :meth:`build_template` makes it usable).
+
+        ``spec``: a declarative spec (``tenki.template.v1``: base, env, steps, runtime,
+        resources) instead of the other fields.
 
         It starts from one of ``base_image`` (an image id, default ``sandbox``),
         ``from_template`` (another template's latest READY build) or ``from_snapshot``; a build
@@ -494,7 +498,7 @@ class Client:
             name, base_image=base_image, from_template=from_template,
             from_snapshot=from_snapshot, setup_script=setup_script, start_cmd=start_cmd,
             ready_when=ready_when, env=env, build_env=build_env, cpu=cpu, memory_mb=memory_mb,
-            tags=tags,
+            tags=tags, spec=spec,
         )
         return self._call(_core.create_template(body))
 

@@ -35,6 +35,7 @@ from .. import longpoll
 from ..errors import ConflictError, TemplateNotFoundError, TenkiError, ValidationError
 from ..ids import new_id
 from ..models import (
+    DEFAULT_IMAGE_ID,
     BuildState,
     ExecRequest,
     ReadyCheck,
@@ -44,6 +45,7 @@ from ..models import (
     TemplateBase,
     TemplateBuild,
     TemplateCreate,
+    TemplateSpec,
     TemplateUpdate,
 )
 from ..store.tables import BuildRow, SessionRow, TemplateRow
@@ -51,6 +53,7 @@ from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
 from .states import IllegalTransitionError
+from .template_spec import compile_spec, failed_step, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +148,9 @@ class TemplateControl:
             ready_when=ReadyCheck(**spec["ready_when"]) if spec.get("ready_when") else None,
             env=spec.get("env", {}), build_env_keys=sorted(row.build_env or {}),
             cpu=spec["cpu"], memory_mb=spec["memory_mb"], tags=spec.get("tags", []),
-            latest_build=build_model(latest) if latest else None, created_at=row.created_at,
-            updated_at=row.updated_at)
+            latest_build=build_model(latest) if latest else None,
+            spec=TemplateSpec(**spec["declared"]) if spec.get("declared") else None,
+            created_at=row.created_at, updated_at=row.updated_at)
 
     def get(self, template_id: str, ws: str) -> Template:
         return self.to_model(self.row(template_id, ws))
@@ -225,9 +229,20 @@ class TemplateControl:
             self.snapshots.row(base.snapshot_id, ws)
 
     async def create(self, req: TemplateCreate, ws: str) -> Template:
+        declared = None
+        if req.spec is not None:
+            extra = sorted(req.model_fields_set - {"name", "spec"})
+            if extra:
+                raise ValidationError(f"give a spec or the fields, not both (also given: "
+                                      f"{', '.join(extra)})", field="spec")
+            declared = req.spec.model_dump(mode="json", exclude_none=True)
+            req = TemplateCreate(name=req.name, **compile_spec(req.spec))
         self._check_base(req.base, ws)
         t = now()
-        spec = req.model_dump(mode="json", exclude={"name", "build_env"}, exclude_none=True)
+        spec = req.model_dump(mode="json", exclude={"name", "build_env", "spec"},
+                              exclude_none=True)
+        if declared is not None:
+            spec["declared"] = declared
         row = TemplateRow(id=new_id("template"), workspace_id=ws, name=req.name, spec=spec,
                           build_env=dict(req.build_env), created_at=t, updated_at=t)
         try:
@@ -257,6 +272,8 @@ class TemplateControl:
             else:
                 spec[name] = value.model_dump(mode="json", exclude_none=True) \
                     if hasattr(value, "model_dump") else value
+        if req.model_fields_set - {"name"}:
+            spec.pop("declared", None)  # the fields rule now, not the spec they came from
         values["spec"] = spec
         try:
             await self.records.update(TemplateRow, template_id, **values)
@@ -292,8 +309,31 @@ class TemplateControl:
                 await self.snapshots.delete(build.snapshot_id, owner=build.template_id)
 
     # -- builds ------------------------------------------------------------------------------
+    async def _base_ref(self, row: TemplateRow) -> str:
+        """What the base of ``row`` is now: a rebuilt image, a new build of the base template
+        or another snapshot changes it."""
+        base = TemplateBase(**(row.spec or {}).get("base", {}))
+        if base.template_id:
+            latest = self.latest_ready(base.template_id)
+            return f"template:{latest.id if latest else '-'}"
+        if base.snapshot_id:
+            return f"snapshot:{base.snapshot_id}"
+        image = base.image or DEFAULT_IMAGE_ID
+        return f"image:{image}@{await self.sessions.host.image_digest(image)}"
+
+    def _fields_hash(self, row: TemplateRow) -> str:
+        fields = {k: v for k, v in (row.spec or {}).items() if k != "declared"}
+        return spec_hash(fields, dict(row.build_env or {}))
+
     async def build(self, template_id: str, ws: str) -> TemplateBuild:
+        """A new build, or the latest READY one when neither the template's fields nor its
+        base changed since it was made (it is answered as it is: READY)."""
         row = self.row(template_id, ws)
+        digest, base_ref = self._fields_hash(row), await self._base_ref(row)
+        latest = self.latest_ready(template_id)
+        if latest is not None and (latest.spec_hash, latest.base_ref) == (digest, base_ref):
+            log.info("%s: unchanged since build %s; reused", template_id, latest.id)
+            return build_model(latest)
 
         def one_at_a_time(orm: Any) -> None:
             busy = orm.execute(select(func.count()).where(
@@ -306,7 +346,7 @@ class TemplateControl:
                                                         BuildRow.template_id == template_id)]
         build = BuildRow(id=new_id("build"), template_id=row.id, workspace_id=ws,
                          version=max(versions, default=0) + 1, state=B.PENDING.value, log="",
-                         created_at=now())
+                         spec_hash=digest, base_ref=base_ref, created_at=now())
         await self.records.insert(build, check=one_at_a_time)
         task = asyncio.ensure_future(self._run(build.id))
         task.set_name(f"build {build.id}")
@@ -446,7 +486,9 @@ class TemplateControl:
                                                            cwd="/root", stdin=True),
                                    blog, stdin=script.encode())
         if code != 0:
-            raise StepFailed("setup", f"the setup script exited with {code}")
+            where = failed_step(blog.text)
+            raise StepFailed("setup", f"the setup script exited with {code}"
+                             + (f" at step {where}" if where else ""))
 
     async def _start(self, session_id: str, command: str, env: dict[str, str],
                      blog: BuildLog) -> None:

@@ -172,6 +172,10 @@ class BuildRow(Base):
     log: Mapped[str] = mapped_column(Text, default="")
     session_id: Mapped[str | None] = mapped_column(String(40))
     snapshot_id: Mapped[str | None] = mapped_column(String(40))
+    #: what it was made from: the template's fields (hash) and its base (image digest, base
+    #: template build or snapshot id)
+    spec_hash: Mapped[str | None] = mapped_column(String(64))
+    base_ref: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
