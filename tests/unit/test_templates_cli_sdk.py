@@ -214,7 +214,10 @@ def test_build_and_wait_follows_the_log(client: Client, inproc: InProcessServer)
     assert client.get_build(t.id, b.id) == b
     assert client.list_builds(t.id) == [b]
     assert client.get_template(t.id).latest_build == b
-    # a second build gets the next version; the newer one is what sessions start from
+    # unchanged: the build is reused; changed: a second build gets the next version, and the
+    # newer one is what sessions start from
+    assert client.templates.build_and_wait(t.id) == b
+    client.update_template(t.id, env={"CHANGED": "1"})
     b2 = client.templates.build_and_wait(t.id)
     assert b2.version == 2 and client.get_template(t.id).latest_build == b2
 
@@ -533,6 +536,7 @@ def test_cli_build_streams_the_log(run: Run, client: Client) -> None:
     assert "step boot: started" in result.stderr and "step capture: done" in result.stderr
     assert result.stderr == "".join(client.build_log(t.id, b.id))  # as written, nothing else
 
+    client.update_template(t.id, env={"CHANGED": "1"})  # unchanged, the build is reused
     result = _ok(run("sandbox", "template", "build", t.id, "--json"))
     b2 = models.TemplateBuild.model_validate_json(result.stdout)
     assert b2.version == 2 and b2.state == models.BuildState.READY
@@ -597,6 +601,7 @@ def test_cli_second_build_is_refused(run: Run, client: Client, fake_host: FakeHo
     assert line.startswith("error: --wait-timeout: cannot parse 'soon'")
     gate.release()
     assert client.wait_build(t.id, b.id).state == models.BuildState.READY
+    client.update_template(t.id, env={"CHANGED": "1"})  # unchanged, the build is reused
     out = _ok(run("sandbox", "template", "build", t.id, "--no-wait"))
     assert out.stdout.endswith(f"PENDING (version 2, template {t.id})\n")
 
