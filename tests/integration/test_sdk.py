@@ -23,6 +23,7 @@ import pytest
 import tenkibox
 from tenkibox import (
     AsyncClient,
+    AuthenticationError,
     Client,
     CommandError,
     ConflictError,
@@ -276,11 +277,15 @@ def test_connection_error_for_a_dead_endpoint(monkeypatch: pytest.MonkeyPatch) -
 
 def test_client_from_environment(tenki_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TENKI_API_ENDPOINT", tenki_server.url)
-    monkeypatch.delenv("TENKI_API_KEY", raising=False)
+    monkeypatch.setenv("TENKI_API_KEY", (tenki_server.home / "admin.key").read_text().strip())
     with Client() as c:
         info = c.health()
         assert c.endpoint == tenki_server.url
     assert tenki_server.proc is not None and info.pid == tenki_server.proc.pid
+    # without a key an explicit endpoint is refused (the local key file is not sent to it)
+    monkeypatch.delenv("TENKI_API_KEY")
+    with Client() as c, pytest.raises(AuthenticationError, match="no API key"):
+        c.health()
 
 
 # -- commands -------------------------------------------------------------------------------

@@ -124,3 +124,57 @@ def test_a_failing_setup_fails_the_build_naming_the_step(tenki_server: Any) -> N
         r = c.post("/v1/sessions", json={"template_id": tpl["id"]})
         assert r.status_code == 409 and "has no READY build" in r.text
         assert c.delete(f"/v1/templates/{tpl['id']}").status_code == 200
+
+
+SPEC = """\
+spec_version: tenki.template.v1
+env:
+  GREETING: hi
+steps:
+  - name: tools
+    apt:
+      packages: [curl]
+  - mkdir:
+      path: /srv/www
+  - write_file:
+      path: /srv/www/index.html
+      content: "hello from a spec\\n"
+runtime:
+  start_cmd: cd /srv/www && exec python3 -m http.server 8080
+  ready_when:
+    http_url: http://127.0.0.1:8080/index.html
+    timeout_s: 60
+resources:
+  cpu: 2
+  memory_mb: 1024
+"""
+
+
+def test_a_spec_that_installs_a_package(tenki_server: Any, tmp_path: Any) -> None:
+    """As a new user would: a spec file that installs a package (from Debian's mirror) and
+    starts a server; the build streams its log and ends READY; a session from it answers
+    ``curl localhost:8080`` at once. Building again, unchanged, reuses the build."""
+    import json
+
+    spec = tmp_path / "web.yaml"
+    spec.write_text(SPEC)
+    made = tenki_server.cli("sandbox", "template", "create", "--name", "spec-web", "--spec",
+                            str(spec), "--json")
+    assert made.returncode == 0, made.stderr
+    tid = json.loads(made.stdout)["id"]
+    built = tenki_server.cli("sandbox", "template", "build", tid, "--json", timeout=900)
+    log = built.stderr.decode()
+    assert built.returncode == 0, log[-3000:]
+    build = json.loads(built.stdout)
+    assert build["state"] == "READY" and "--- step 1/3: apt (tools)" in log
+    assert "Setting up curl" in log, log[-3000:]
+    made = tenki_server.cli("sandbox", "create", "--template", tid, "--json")
+    assert made.returncode == 0, made.stderr
+    sid = json.loads(made.stdout)["id"]
+    got = tenki_server.cli("sandbox", "exec", "--session", sid, "curl", "-s",
+                           "http://localhost:8080/index.html")
+    assert got.returncode == 0 and got.stdout == b"hello from a spec\n", got.stderr
+    assert tenki_server.cli("sandbox", "terminate", "--session", sid).returncode == 0
+    again = tenki_server.cli("sandbox", "template", "build", tid, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["id"] == build["id"]
+    assert tenki_server.cli("sandbox", "template", "delete", tid).returncode == 0
