@@ -68,6 +68,14 @@ PACKAGES = [
     "util-linux",
     "ca-certificates",
     "netbase",  # /etc/services and /etc/protocols: getservbyname() and many tools need them
+    # what users expect in a sandbox (the product's base ships Python, Node, git and curl)
+    "python3-pip",
+    "python3-venv",
+    "nodejs",
+    "npm",
+    "git",
+    "curl",
+    "build-essential",
 ]
 DEFAULT_DISK_SIZE = 2 << 30
 # Bump when the recipe changes in a way the hashed sources below do not show.
