@@ -26,6 +26,7 @@ compare ratios within one run. Nothing is asserted: it prints markdown tables an
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import shutil
@@ -166,7 +167,45 @@ def from_template_runs(srv: TenkiServer, args: argparse.Namespace,
                 s.terminate()
         log(f"template {out['template'][-1]:.2f}s, restore {out['restore'][-1]:.2f}s, "
             f"default {out['default'][-1]:.2f}s")
+    if args.parallel > 1:
+        for kind, fields in (("template", {"template_id": tpl["id"]}),
+                             ("restore", {"snapshot_id": snap.id}),
+                             ("cold boot", {"cpu": args.cpu, "memory_mb": args.memory_mb,
+                                            "cold_boot": True})):
+            wall, mib = _at_once(srv, args.parallel, fields)
+            out[f"{kind} x{args.parallel}"].append(wall)
+            out[f"{kind} x{args.parallel} MiB"].append(mib)
+            log(f"{args.parallel} x {kind} at once: {wall:.2f}s, {mib:.0f} MiB of host memory")
     sdk.delete_snapshot(snap.id)
+
+
+def _at_once(srv: TenkiServer, n: int, fields: dict[str, object]) -> tuple[float, float]:
+    """``n`` creates at once, each until its first exec answered: the wall time, then the host
+    memory (PSS of QEMU and its network helper) of the ``n`` idle sessions."""
+    import concurrent.futures
+
+    import httpx
+
+    def one(i: int) -> str:
+        with httpx.Client(base_url=srv.url, timeout=600,
+                          headers={"Authorization": f"Bearer {srv.key}"}) as api:
+            made = api.post("/v1/sessions", json={"name": f"bench-n{i}", **fields})
+        made.raise_for_status()
+        s = srv.sdk.get(made.json()["id"])
+        s.wait_ready(timeout=600)
+        s.exec("true").check()
+        return s.id
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        ids = list(pool.map(one, range(n)))
+    wall = time.monotonic() - t0
+    time.sleep(5)  # idle
+    mem = srv.memory(ids)
+    mib = mem.total / (1 << 20)  # private memory + each guest RAM file once + helpers
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda sid: srv.sdk.terminate(sid), ids))
+    return wall, mib
 
 
 def main() -> int:
@@ -176,6 +215,9 @@ def main() -> int:
                     help="exec round trips per booted VM (default 10)")
     ap.add_argument("--memory-mb", type=int, default=4096, help="guest memory (default 4096)")
     ap.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
+    ap.add_argument("--parallel", type=int, default=10,
+                    help="creates at once from a template, a snapshot and cold (default 10; "
+                    "1: none)")
     args = ap.parse_args()
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -193,8 +235,7 @@ def main() -> int:
             log(f"run {i + 1}/{args.runs}")
             baseline_run(cleanup, srv, work, i, args, base)
             tenki_run(srv, args, tenki)
-        fast: dict[str, list[float]] = {"build": [], "template": [], "restore": [],
-                                        "default": []}
+        fast: dict[str, list[float]] = collections.defaultdict(list)
         from_template_runs(srv, args, fast)
 
     print(f"\n## Session boot and exec ({args.runs} cold boots each, {args.execs} execs per "
@@ -231,6 +272,19 @@ def main() -> int:
          ratio(cold, median(fast["restore"]))),
         ("(the template's build, once)", spread(fast["build"]), "", ""),
     ]))
+    if args.parallel > 1:
+        n = args.parallel
+        print(f"\n### {n} creates at once, until each answered its first exec; then the host "
+              f"memory of the {n} idle sessions (PSS of QEMU and its network helper)\n")
+        par_rows = []
+        for kind in ("template", "restore", "cold boot"):
+            par_rows.append((kind, secs(median(fast[f"{kind} x{n}"])),
+                             ratio(median(fast[f"{kind} x{n}"]), median(fast[f"restore x{n}"])),
+                             f"{median(fast[f'{kind} x{n} MiB']):.0f} MiB",
+                             ratio(median(fast[f"{kind} x{n} MiB"]),
+                                   median(fast[f"cold boot x{n} MiB"]))))
+        print(md_table(["path", "wall time", "vs restore", "host memory", "vs cold boot"],
+                       par_rows))
     print(f"\nSummary: tenki/plain-QEMU boot-to-exec-ready "
           f"{ratio(median(tenki['exec_ready']), median(base['exec_ready']))} (fastest runs "
           f"{ratio(min(tenki['exec_ready']), min(base['exec_ready']))}), exec round trip "
