@@ -15,9 +15,9 @@ from support.server import AUTH
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 SETUP = """\
-echo "setup runs as $(id -un) with GREETING=$GREETING"
+echo "setup runs as $(id -un) in $PWD with GREETING=$GREETING"
 echo "the build secret has ${#BUILD_SECRET} characters"
-mkdir -p /srv/www
+sudo install -d -o tenki -g tenki /srv/www
 echo "hello from the template" > /srv/www/index.html
 """
 
@@ -74,7 +74,7 @@ def test_build_and_start_from_a_template(tenki_server: Any) -> None:
         assert done["state"] == "READY", (done, text)
         for step in ("boot", "setup", "start", "ready", "capture"):
             assert f"step {step}: done" in text, text
-        assert "setup runs as root with GREETING=hi" in text
+        assert "setup runs as tenki in /home/tenki with GREETING=hi" in text
         assert "the build secret has 6 characters" in text and "s3cret" not in text
         assert done["snapshot_id"] and done["completed_at"]
         # the golden snapshot is the template's: not among the user's snapshots
@@ -100,7 +100,11 @@ def test_build_and_start_from_a_template(tenki_server: Any) -> None:
         assert lines[3] == f"tenki-{sid.split('_', 1)[1][:8]}"  # its own identity
         assert c.delete(f"/v1/sessions/{sid}").json()["state"] == "TERMINATED"
 
-        # a second build replaces the first; the template can then go
+        # unchanged, a build is reused; changed, a second build replaces the first; the
+        # template can then go
+        assert c.post(f"/v1/templates/{tpl['id']}/builds").json()["id"] == build["id"]
+        assert c.patch(f"/v1/templates/{tpl['id']}",
+                       json={"env": {"GREETING": "hello"}}).status_code == 200
         b2 = c.post(f"/v1/templates/{tpl['id']}/builds").json()
         assert wait_build(c, tpl["id"], b2["id"])["state"] == "READY"
         got = c.get(f"/v1/templates/{tpl['id']}").json()
@@ -133,7 +137,7 @@ env:
 steps:
   - name: tools
     apt:
-      packages: [curl]
+      packages: [jq]
   - mkdir:
       path: /srv/www
   - write_file:
@@ -167,12 +171,12 @@ def test_a_spec_that_installs_a_package(tenki_server: Any, tmp_path: Any) -> Non
     assert built.returncode == 0, log[-3000:]
     build = json.loads(built.stdout)
     assert build["state"] == "READY" and "--- step 1/3: apt (tools)" in log
-    assert "Setting up curl" in log, log[-3000:]
+    assert "Setting up jq" in log, log[-3000:]
     made = tenki_server.cli("sandbox", "create", "--template", tid, "--json")
     assert made.returncode == 0, made.stderr
     sid = json.loads(made.stdout)["id"]
-    got = tenki_server.cli("sandbox", "exec", "--session", sid, "curl", "-s",
-                           "http://localhost:8080/index.html")
+    got = tenki_server.cli("sandbox", "exec", "--session", sid, "sh", "-c",
+                           "jq --version >&2 && curl -s http://localhost:8080/index.html")
     assert got.returncode == 0 and got.stdout == b"hello from a spec\n", got.stderr
     assert tenki_server.cli("sandbox", "terminate", "--session", sid).returncode == 0
     again = tenki_server.cli("sandbox", "template", "build", tid, "--json")

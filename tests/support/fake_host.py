@@ -234,9 +234,19 @@ async def _sh(io: FakeIO) -> int:
     return status
 
 
+async def _runuser(io: FakeIO) -> int:
+    """``runuser -u USER -- PROGRAM ARGS...``: runs PROGRAM (there is one user here)."""
+    argv = io.argv[io.argv.index("--") + 1:] if "--" in io.argv else []
+    program = io.proc.host.program(argv[0]) if argv else None
+    if program is None:
+        io.err(f"runuser: {argv[0] if argv else '(nothing)'}: not found\n")
+        return 127
+    return await program(io.with_argv(argv))
+
+
 def builtin_programs() -> dict[str, Program]:
     return {"echo": _echo, "cat": _cat, "true": _true, "false": _false, "sleep": _sleep,
-            "env": _env, "sh": _sh, "bash": _sh}
+            "env": _env, "sh": _sh, "bash": _sh, "runuser": _runuser}
 
 
 class FakeAgentProcess:

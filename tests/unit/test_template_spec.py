@@ -44,6 +44,20 @@ def test_errors_name_the_field_path(data: dict[str, Any], message: str) -> None:
     assert info.value.message.startswith(message), info.value.message
 
 
+def shell(script: str, tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
+    """``/bin/sh -se`` with the script; ``sudo`` (which the guest has and this machine may not)
+    runs its command as is: the test is of the script, the guest's sudo is the integration
+    test's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    sudo = bin_dir / "sudo"
+    sudo.write_text('#!/bin/sh\nexec env "$@"\n')
+    sudo.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return subprocess.run(["/bin/sh", "-se"], input=script.encode(), capture_output=True,
+                          env=env)
+
+
 def test_the_compiled_script_runs_in_a_real_shell(tmp_path: Path) -> None:
     s = spec(
         env={"A": "1"},
@@ -57,8 +71,9 @@ def test_the_compiled_script_runs_in_a_real_shell(tmp_path: Path) -> None:
     assert fields["env"] == {"A": "1", "B": "2"} and (fields["cpu"], fields["memory_mb"]) == (1,
                                                                                           512)
     script = fields["setup_script"]
-    out = subprocess.run(["/bin/sh", "-se"], input=script.encode(), capture_output=True,
-                         check=True).stdout.decode()
+    done = shell(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
     assert out.splitlines() == ["--- step 1/3: mkdir (dirs)", "--- step 2/3: write_file",
                                 "--- step 3/3: run"]
     f = tmp_path / "a b" / "c" / "f.txt"
@@ -66,11 +81,11 @@ def test_the_compiled_script_runs_in_a_real_shell(tmp_path: Path) -> None:
     assert (tmp_path / "ran").read_text() == "ran\n"
 
 
-def test_a_failing_step_is_named() -> None:
+def test_a_failing_step_is_named(tmp_path: Path) -> None:
     script = setup_script(spec(steps=[{"run": "true"}, {"name": "boom", "run": "exit 3"},
                                       {"run": "echo never"}]))
     assert script is not None
-    r = subprocess.run(["/bin/sh", "-se"], input=script.encode(), capture_output=True)
+    r = shell(script, tmp_path)
     assert r.returncode == 3 and b"never" not in r.stdout
     assert failed_step(r.stdout.decode()) == "2/3: run (boom)"
 
@@ -80,9 +95,11 @@ def test_package_steps_quote_their_names() -> None:
                                       {"pip": {"packages": ["requests==2.32.3"]}},
                                       {"npm": {"packages": ["@scope/pkg@1.2.3"]}}]))
     assert script is not None
-    assert "apt-get install -y -q --no-install-recommends curl python3-venv" in script
-    assert "pip install --no-input --break-system-packages requests==2.32.3" in script
-    assert "npm install --global --no-fund --no-audit @scope/pkg@1.2.3" in script
+    assert ("sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+            "curl python3-venv") in script
+    assert "sudo python3 -m pip install --no-input --break-system-packages requests==2.32.3" \
+        in script
+    assert "sudo npm install --global --no-fund --no-audit @scope/pkg@1.2.3" in script
 
 
 def test_the_hash_follows_the_fields() -> None:

@@ -231,8 +231,8 @@ def spec_options(update: bool) -> Callable[[c.F], c.F]:
                          help="Start from this template's latest READY build."),
             click.option("--from-snapshot", metavar="ID", help="Start from this snapshot."),
             click.option("--setup-script", metavar="FILE|-",
-                         help="A script run once by the build (/bin/sh -se, as root, in /root); "
-                              "- reads it from standard input."),
+                         help="A script run once by the build (/bin/sh -se, as the user tenki "
+                              "with sudo, in /home/tenki); - reads it from standard input."),
             click.option("--start-cmd", metavar="CMD",
                          help="A command started by the build and left running (a service)."),
             click.option("--ready-port", metavar="PORT",

@@ -487,7 +487,7 @@ class Client:
 
         It starts from one of ``base_image`` (an image id, default ``sandbox``),
         ``from_template`` (another template's latest READY build) or ``from_snapshot``; a build
-        runs ``setup_script`` (``/bin/sh -se``, as root in ``/root``, with ``env`` and
+        runs ``setup_script`` (``/bin/sh -se``, as the user ``tenki`` with sudo, with ``env`` and
         ``build_env``), starts ``start_cmd`` detached, waits for ``ready_when`` (a
         :class:`~tenkibox.models.ReadyCheck` or a mapping with one of ``port``, ``http_url``
         [+ ``http_status``] or ``command``, and ``timeout_s``), then captures the golden

@@ -1,5 +1,8 @@
 """A declarative template spec (``tenki.template.v1``) compiled to a template's fields.
 
+The script runs as the sandbox user (``tenki``, passwordless sudo): package steps install
+system-wide with sudo; directories and files made outside its home belong to it.
+
 The steps become one setup script (run by ``/bin/sh -se``, so the first failing step stops the
 build); before each step a marker line (``--- step 3/5: apt (deps)``) goes to the build log, and
 the failed step is named from the last marker. Every value reaches the shell quoted.
@@ -25,24 +28,32 @@ def _script_of(step: Step) -> str:
         return step.run
     if step.apt is not None:
         pkgs = " ".join(q(p) for p in step.apt.packages)
-        return ("export DEBIAN_FRONTEND=noninteractive\n"
-                "apt-get update -q\n"
-                f"apt-get install -y -q --no-install-recommends {pkgs}")
+        return ("sudo DEBIAN_FRONTEND=noninteractive apt-get update -q\n"
+                "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                f"--no-install-recommends {pkgs}")
     if step.pip is not None:
         pkgs = " ".join(q(p) for p in step.pip.packages)
-        return f"python3 -m pip install --no-input --break-system-packages {pkgs}"
+        return f"sudo python3 -m pip install --no-input --break-system-packages {pkgs}"
     if step.npm is not None:
         pkgs = " ".join(q(p) for p in step.npm.packages)
-        return f"npm install --global --no-fund --no-audit {pkgs}"
+        return f"sudo npm install --global --no-fund --no-audit {pkgs}"
     if step.write_file is not None:
         w = step.write_file
         data = base64.b64encode(w.content.encode()).decode()
-        return (f"mkdir -p {q(posixpath.dirname(w.path) or '/')}\n"
-                f"printf %s {q(data)} | base64 -d > {q(w.path)}\n"
-                f"chmod {w.mode:o} {q(w.path)}")
+        return (f"{_mkdir(posixpath.dirname(w.path) or '/')}\n"
+                f"printf %s {q(data)} | base64 -d | sudo tee {q(w.path)} >/dev/null\n"
+                f"sudo chown \"$(id -u):$(id -g)\" {q(w.path)}\n"
+                f"sudo chmod {w.mode:o} {q(w.path)}")
     if step.mkdir is not None:
-        return f"mkdir -p {q(step.mkdir.path)}"
+        return _mkdir(step.mkdir.path)
     raise ValueError("a step without an action")  # the model refuses it before
+
+
+def _mkdir(path: str) -> str:
+    """The directory and its missing parents, made for the user running the script (existing
+    ones keep their owner: /etc stays root's)."""
+    q = shlex.quote(path)
+    return f'[ -d {q} ] || sudo install -d -o "$(id -u)" -g "$(id -g)" {q}'
 
 
 def setup_script(spec: TemplateSpec) -> str | None:

@@ -3,9 +3,11 @@
 A build is one job of ordered, named, timed steps, each writing to the build's log:
 
     boot     a build session from the base (image, another template's build, or a snapshot)
-    setup    the setup script (``/bin/sh -s``, fed on stdin) with the template's env and the
-             build-only env (secrets: never stored in a session record)
-    start    ``start_cmd``, detached (it keeps running in the golden snapshot)
+    setup    the setup script (``/bin/sh -se``, fed on stdin) as the sandbox user ``tenki``
+             (passwordless sudo) in its home, with the template's env and the build-only env
+             (secrets: never stored in a session record)
+    start    ``start_cmd`` as the sandbox user, detached (it keeps running in the golden
+             snapshot)
     ready    the ``ready_when`` check, tried until its timeout
     capture  a snapshot of the build session: the golden snapshot, owned by the template
     cleanup  the build session is terminated (always)
@@ -65,6 +67,13 @@ LOG_FLUSH_S = 0.25
 BOOT_TIMEOUT_S = 600.0
 CAPTURE_TIMEOUT_S = 900.0
 START_LOG = "/var/log/tenki-start.log"
+#: builds run their setup and start command as the sandbox user (sudo allowed), as the product
+SANDBOX_USER = "tenki"
+SANDBOX_HOME = "/home/tenki"
+
+
+def as_sandbox_user(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "HOME": SANDBOX_HOME, "USER": SANDBOX_USER, "LOGNAME": SANDBOX_USER}
 
 
 def now() -> datetime:
@@ -482,9 +491,9 @@ class TemplateControl:
 
     async def _setup(self, session_id: str, script: str, env: dict[str, str],
                      blog: BuildLog) -> None:
-        code, _ = await self._exec(session_id, ExecRequest(argv=["/bin/sh", "-se"], env=env,
-                                                           cwd="/root", stdin=True),
-                                   blog, stdin=script.encode())
+        code, _ = await self._exec(session_id, ExecRequest(
+            argv=["runuser", "-u", SANDBOX_USER, "--", "/bin/sh", "-se"],
+            env=as_sandbox_user(env), cwd=SANDBOX_HOME, stdin=True), blog, stdin=script.encode())
         if code != 0:
             where = failed_step(blog.text)
             raise StepFailed("setup", f"the setup script exited with {code}"
@@ -492,10 +501,11 @@ class TemplateControl:
 
     async def _start(self, session_id: str, command: str, env: dict[str, str],
                      blog: BuildLog) -> None:
-        detached = (f"setsid -f /bin/sh -c {shlex.quote(command)} "
-                    f">>{START_LOG} 2>&1 </dev/null")
-        code, _ = await self._exec(session_id, ExecRequest(argv=["/bin/sh", "-c", detached],
-                                                           env=env, cwd="/root"), blog)
+        # the log file is opened here, as root; the command runs as the sandbox user
+        detached = (f"runuser -u {SANDBOX_USER} -- setsid -f /bin/sh -c "
+                    f"{shlex.quote(command)} >>{START_LOG} 2>&1 </dev/null")
+        code, _ = await self._exec(session_id, ExecRequest(
+            argv=["/bin/sh", "-c", detached], env=as_sandbox_user(env), cwd=SANDBOX_HOME), blog)
         if code != 0:
             raise StepFailed("start", f"could not start {command!r} (exit {code})")
         await blog.line(f"started {command!r} (output in {START_LOG} in the guest)")

@@ -76,10 +76,15 @@ PACKAGES = [
     "git",
     "curl",
     "build-essential",
+    "sudo",  # the sandbox user ``tenki`` may do anything, as in the product
 ]
 DEFAULT_DISK_SIZE = 2 << 30
 # Bump when the recipe changes in a way the hashed sources below do not show.
-BUILD_REVISION = "1"
+BUILD_REVISION = "2"  # 2: the sandbox user tenki
+
+SANDBOX_USER = "tenki"
+SANDBOX_UID = 1000
+SANDBOX_HOME = f"/home/{SANDBOX_USER}"
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 AGENT_SOURCE = GUEST_DIR / "agent.py"
@@ -594,6 +599,13 @@ def _customize(rootfs: Path) -> None:
     mtab = etc / "mtab"
     if not (mtab.exists() or mtab.is_symlink()):
         mtab.symlink_to("../proc/self/mounts")
+    # the sandbox user, as in the product: HOME /home/tenki, passwordless sudo (template builds
+    # run their setup as it)
+    _run(["chroot", str(rootfs), "useradd", "--create-home", "--shell", "/bin/bash",
+          "--uid", str(SANDBOX_UID), "--user-group", SANDBOX_USER])
+    sudoers = etc / "sudoers.d" / SANDBOX_USER
+    sudoers.write_text(f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    os.chmod(sudoers, 0o440)
 
 
 def _installed_packages(rootfs: Path) -> list[tuple[str, str]]:
