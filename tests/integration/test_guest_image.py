@@ -280,7 +280,7 @@ def test_image_record_and_files(layout: Layout) -> None:
         p.stat().st_size for p in (paths.disk, paths.kernel, paths.initrd))
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(paths.disk)],
                                      capture_output=True, check=True).stdout)
-    assert info["format"] == "qcow2" and info["virtual-size"] == 2 << 30
+    assert info["format"] == "qcow2" and info["virtual-size"] == builder.DEFAULT_DISK_SIZE
     assert paths.initrd.stat().st_size < 4 << 20
     assert [i.id for i in list_images(layout)] == [IMAGE_ID]
     assert get_image(layout, "other") is None

@@ -78,9 +78,9 @@ PACKAGES = [
     "build-essential",
     "sudo",  # the sandbox user ``tenki`` may do anything, as in the product
 ]
-DEFAULT_DISK_SIZE = 2 << 30
+DEFAULT_DISK_SIZE = 4 << 30  # room for installs: the packages take ~0.9 GiB of it
 # Bump when the recipe changes in a way the hashed sources below do not show.
-BUILD_REVISION = "2"  # 2: the sandbox user tenki
+BUILD_REVISION = "3"  # 2: the sandbox user tenki; 3: a 4 GiB disk
 
 SANDBOX_USER = "tenki"
 SANDBOX_UID = 1000
