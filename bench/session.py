@@ -124,7 +124,7 @@ def from_template_runs(srv: TenkiServer, args: argparse.Namespace,
                       headers={"Authorization": f"Bearer {srv.key}"}) as api:
         tpl = api.post("/v1/templates", json={
             "name": "bench-web", "cpu": args.cpu, "memory_mb": args.memory_mb,
-            "setup_script": "mkdir -p /srv/www && echo ok > /srv/www/index.html\n",
+            "setup_script": "sudo install -d -o tenki /srv/www && echo ok > /srv/www/index.html\n",
             "start_cmd": "cd /srv/www && exec python3 -m http.server 8080",
             "ready_when": {"port": 8080, "timeout_s": 120}}).json()
         t = time.monotonic()
