@@ -363,9 +363,11 @@ def test_async_client(inproc: InProcessServer, scripts: FakeHost) -> None:
             assert u.tags == ["a"] and (await client.get_template(t.id)).tags == ["a"]
             assert [x.id for x in await client.list_templates()] == [t.id]
             assert (await client.get_build(t.id, b.id)).id == b.id
+            gate = scripts.block("capture")  # held: the build is in progress for sure
             b2 = await client.build_template(t.id)
             with pytest.raises(errors.ConflictError):
                 await client.build_template(t.id)
+            gate.release()
             assert (await client.wait_build(t.id, b2.id)).state == models.BuildState.READY
             await client.delete_template(t.id)
 
