@@ -14,10 +14,12 @@ MAX_POLL_S = 60.0
 
 
 async def until(changed: asyncio.Condition, read: Callable[[], T], done: Callable[[T], bool],
-                timeout_s: float) -> T:
-    """Re-read on every notification of ``changed`` (and at least each second)."""
+                timeout_s: float, *, cap_s: float | None = MAX_POLL_S) -> T:
+    """Re-read on every notification of ``changed`` (and at least each second). ``cap_s``
+    bounds an HTTP long poll; the server's own waits pass None."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + max(0.0, min(timeout_s, MAX_POLL_S))
+    limit = timeout_s if cap_s is None else min(timeout_s, cap_s)
+    deadline = loop.time() + max(0.0, limit)
     while True:
         value = read()
         left = deadline - loop.time()

@@ -4,10 +4,11 @@ size, made on first use; the real app and control plane over the fake host."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from support.fake_host import FakeHost
+from support.helpers import eventually
 from support.server import InProcessServer
 
 from tenkibox import Client, SessionState
@@ -24,13 +25,6 @@ def golden_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def client(inproc: InProcessServer) -> Iterator[Client]:
     with Client(endpoint=inproc.url) as c:
         yield c
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def goldens(server: InProcessServer) -> list[str]:
@@ -50,7 +44,7 @@ def test_first_create_boots_and_the_next_restore(client: Client, inproc: InProce
         first.record.state_reason
     first.wait_ready()
     assert first.record.state_reason is None  # READY clears the note
-    eventually(lambda: len(goldens(inproc)) == 1, what="the golden snapshot")
+    eventually(lambda: len(goldens(inproc)) == 1, timeout=10, what="the golden snapshot")
     golden = goldens(inproc)[0]
     assert golden not in [s.id for s in client.list_snapshots()]
     # the build session is gone and was never the user's
@@ -63,7 +57,7 @@ def test_first_create_boots_and_the_next_restore(client: Client, inproc: InProce
     # another size: booted, and its own golden snapshot follows
     other = client.create_and_wait(cpu=1, memory_mb=512)
     assert other.id in ops(fake_host, "boot")
-    eventually(lambda: len(goldens(inproc)) == 2, what="the second golden snapshot")
+    eventually(lambda: len(goldens(inproc)) == 2, timeout=10, what="the second golden snapshot")
     # asked for: a cold boot
     cold = client.create_and_wait(cpu=2, memory_mb=1024, cold_boot=True)
     assert cold.id in ops(fake_host, "boot")
@@ -72,7 +66,7 @@ def test_first_create_boots_and_the_next_restore(client: Client, inproc: InProce
 def test_a_damaged_golden_snapshot_is_dropped_and_the_create_boots(
         client: Client, inproc: InProcessServer, fake_host: FakeHost) -> None:
     client.create_and_wait(memory_mb=1024)
-    eventually(lambda: len(goldens(inproc)) == 1, what="the golden snapshot")
+    eventually(lambda: len(goldens(inproc)) == 1, timeout=10, what="the golden snapshot")
     golden = goldens(inproc)[0]
     row = inproc.store.get_snapshot(golden)
     assert row is not None
@@ -82,7 +76,7 @@ def test_a_damaged_golden_snapshot_is_dropped_and_the_create_boots(
     assert inproc.store.get_snapshot(golden).state == "FAILED"  # type: ignore[union-attr]
     # and a new one is made for the next creates
     eventually(lambda: len(goldens(inproc)) == 1 and goldens(inproc)[0] != golden,
-               what="a new golden snapshot")
+               timeout=10, what="a new golden snapshot")
 
 
 def test_golden_snapshots_are_bounded(client: Client, inproc: InProcessServer,
@@ -92,7 +86,7 @@ def test_golden_snapshots_are_bounded(client: Client, inproc: InProcessServer,
     monkeypatch.setattr(g, "GOLDEN_MAX", 2)
     for mib in (512, 768, 1024):
         client.create_and_wait(memory_mb=mib)
-        eventually(lambda: not inproc.plane.golden.building(), what="the build")
+        eventually(lambda: not inproc.plane.golden.building(), timeout=10, what="the build")
     assert len(goldens(inproc)) == 2
 
 

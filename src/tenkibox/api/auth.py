@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..control.keys import Principal
 from ..control.plane import ControlPlane
 from ..errors import ERROR_TABLE, PermissionDeniedError, TenkiError
-from .errors import error_response, route_of
+from .errors import _header, error_response, route_of
 
 log = logging.getLogger("tenkibox.api")
 
@@ -54,13 +54,6 @@ def admin(request: Request) -> Principal:
             f"this call needs an admin key; key {caller.key_prefix}… ({caller.key_id}) is a "
             f"key of workspace {caller.workspace_id}")
     return caller
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 class AccessMiddleware:

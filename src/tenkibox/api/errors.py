@@ -412,16 +412,7 @@ class ParamCheckMiddleware:
     @staticmethod
     def _path_params(scope: Scope) -> dict[str, Any]:
         """The path parameters of the route the request will reach (none if no route)."""
-        router = getattr(scope.get("app"), "router", None)
-        for route in _leaf_routes(getattr(router, "routes", ())):
-            try:
-                match, child = route.matches(scope)
-            except Exception:  # a route type that cannot match this scope
-                continue
-            if match != Match.NONE:
-                params = child.get("path_params")
-                return dict(params) if isinstance(params, dict) else {}
-        return {}
+        return route_of(scope)[1]
 
 
 def route_of(scope: Scope) -> tuple[Any, dict[str, Any]]:

@@ -23,7 +23,6 @@ import logging
 import os
 import time
 
-from .. import longpoll
 from ..errors import TenkiError
 from ..host.api import Manifest
 from ..models import DEFAULT_IMAGE_ID, SessionCreate, SnapshotCreate
@@ -108,17 +107,13 @@ class GoldenControl:
                 s = await self.sessions.create(shape.model_copy(update={"name": "golden"}),
                                                SYSTEM, system=True)
                 session_id = s.id
-                row = await longpoll.until(self.records.changed,
-                                           lambda: self.sessions.row(s.id),
-                                           lambda r: r.state != "CREATING", BUILD_TIMEOUT_S)
+                row = await self.records.settled(SessionRow, s.id, BUILD_TIMEOUT_S)
                 if row.state not in ("READY", "RUNNING"):
                     raise RuntimeError(f"the build session is {row.state}: {row.state_reason}")
                 snap = await self.snapshots.create(
                     SnapshotCreate(session_id=s.id, name=f"golden {key}"[:64]), SYSTEM,
                     template_id=PREFIX + key, system=True)
-                done = await longpoll.until(self.records.changed,
-                                            lambda: self.snapshots.row(snap.id),
-                                            lambda r: r.state != "CREATING", BUILD_TIMEOUT_S)
+                done = await self.records.settled(SnapshotRow, snap.id, BUILD_TIMEOUT_S)
                 if done.state != "READY":
                     raise RuntimeError(f"the capture is {done.state}: {done.state_reason}")
                 log.info("golden snapshot %s of %s ready in %.1fs", snap.id, key,

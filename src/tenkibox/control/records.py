@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session as OrmSession
 
+from .. import longpoll
 from ..errors import (
     ApiKeyNotFoundError,
     NotFoundError,
@@ -85,6 +86,14 @@ class Records:
         with self.store.tx() as orm:
             stmt = select(cls).where(*where) if where else select(cls)
             return list(orm.scalars(stmt))
+
+    async def settled(self, cls: type[R], key: str, timeout_s: float,
+                      busy: str = "CREATING") -> R:
+        """The record once it left ``busy`` (or as it is after ``timeout_s``): the server's
+        own waits for the boot, restore or capture it started (no long-poll cap)."""
+        return await longpoll.until(self.changed, lambda: self.get(cls, key),
+                                    lambda r: getattr(r, "state", None) != busy, timeout_s,
+                                    cap_s=None)
 
     # -- writes ------------------------------------------------------------------------------
     async def insert(self, row: Base, *, check: Callable[[OrmSession], None] | None = None,

@@ -50,7 +50,7 @@ from ..models import (
     TemplateSpec,
     TemplateUpdate,
 )
-from ..store.tables import BuildRow, SessionRow, TemplateRow
+from ..store.tables import BuildRow, SessionRow, SnapshotRow, TemplateRow
 from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
@@ -451,8 +451,7 @@ class TemplateControl:
         session = await self.sessions.create(req, ws, template_id=template_id)
         await blog.line(f"build session {session.id} "
                         f"({'restoring ' + req.snapshot_id if req.snapshot_id else 'booting'})")
-        row = await longpoll.until(self.records.changed, lambda: self.sessions.row(session.id),
-                                   lambda r: r.state != "CREATING", BOOT_TIMEOUT_S)
+        row = await self.records.settled(SessionRow, session.id, BOOT_TIMEOUT_S)
         if row.state not in ("READY", "RUNNING"):
             raise StepFailed("boot", f"build session {session.id} is {row.state}"
                              + (f": {row.state_reason}" if row.state_reason else ""))
@@ -544,12 +543,11 @@ class TemplateControl:
         snap = await self.snapshots.create(
             SnapshotCreate(session_id=session_id, name=f"{tpl.name} v{version}"[:64]), ws,
             template_id=tpl.id)
-        row = await longpoll.until(self.records.changed, lambda: self.snapshots.row(snap.id),
-                                   lambda r: r.state != "CREATING", CAPTURE_TIMEOUT_S)
-        if row.state != "READY":
-            raise StepFailed("capture", f"snapshot {snap.id} is {row.state}"
-                             + (f": {row.state_reason}" if row.state_reason else ""))
-        await blog.line(f"golden snapshot {snap.id}: {row.compressed_bytes} bytes stored")
+        srow = await self.records.settled(SnapshotRow, snap.id, CAPTURE_TIMEOUT_S)
+        if srow.state != "READY":
+            raise StepFailed("capture", f"snapshot {snap.id} is {srow.state}"
+                             + (f": {srow.state_reason}" if srow.state_reason else ""))
+        await blog.line(f"golden snapshot {snap.id}: {srow.compressed_bytes} bytes stored")
         return snap.id
 
     async def _terminate(self, session_id: str, blog: BuildLog) -> None:
