@@ -395,6 +395,8 @@ class ServerInfo(_Answer):
     pid: int
     home: str
     accelerator: str
+    grpc_endpoint: str | None = Field(
+        default=None, description="Tenki's gRPC wire (the official SDKs' TENKI_API_ENDPOINT)")
 
 
 class ErrorInfo(_Answer):

@@ -235,7 +235,8 @@ async def _sh(io: FakeIO) -> int:
 
 
 async def _runuser(io: FakeIO) -> int:
-    """``runuser -u USER -- PROGRAM ARGS...``: runs PROGRAM (there is one user here)."""
+    """``runuser -u USER -- PROGRAM ARGS...`` (or ``setpriv ... -- PROGRAM ARGS...``): runs
+    PROGRAM (there is one user here)."""
     argv = io.argv[io.argv.index("--") + 1:] if "--" in io.argv else []
     program = io.proc.host.program(argv[0]) if argv else None
     if program is None:
@@ -244,9 +245,15 @@ async def _runuser(io: FakeIO) -> int:
     return await program(io.with_argv(argv))
 
 
+async def _chown(io: FakeIO) -> int:
+    """``chown OWNER -- PATH``: there is one user here, so nothing changes."""
+    return 0
+
+
 def builtin_programs() -> dict[str, Program]:
     return {"echo": _echo, "cat": _cat, "true": _true, "false": _false, "sleep": _sleep,
-            "env": _env, "sh": _sh, "bash": _sh, "runuser": _runuser}
+            "env": _env, "sh": _sh, "bash": _sh, "runuser": _runuser,
+            "setpriv": _runuser, "chown": _chown}
 
 
 class FakeAgentProcess:
@@ -503,7 +510,7 @@ class FakeHost:
     def file(self, session_id: str, path: str) -> bytes:
         store, key, _ = self._where(self.vm(session_id), path)
         if key not in store:
-            raise NotFoundError(f"file {path} not found in session {session_id}")
+            raise NotFoundError(f"{path}: no such file or directory (session {session_id})")
         return store[key]
 
     def _bind_queue(self) -> asyncio.Queue[VMGone]:

@@ -189,8 +189,13 @@ class _Uvicorn(uvicorn.Server):
 
 class InProcessServer:
     def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str = ADMIN_KEY,
-                 images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0) -> None:
+                 images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0,
+                 grpc: bool = False) -> None:
         self.home = home
+        #: also serve Tenki's gRPC wire (``grpc_endpoint``), as ``tenki serve`` does
+        self.grpc = grpc
+        self.grpc_endpoint = ""
+        self._wire: Any = None
         self.host = host or FakeHost()
         #: the local admin key of ``home`` (what a real server would write to admin.key); the
         #: test run's ``TENKI_API_KEY`` is ``ADMIN_KEY``, so clients use it by default
@@ -348,11 +353,22 @@ class InProcessServer:
         default = await self._plane.workspaces.ensure_default()
         await self._plane.keys.ensure_local_admin(layout.admin_key_file, default.id)
         self.default_workspace = default.id
+        if self.grpc:
+            from tenkibox.rpc.credentials import Credentials
+            from tenkibox.rpc.server import GrpcServer
+            credentials = Credentials.from_file(layout.home / "dataplane.key")
+            self._wire = GrpcServer(self._plane, credentials, "127.0.0.1", 0)
+            await self._wire.start()
+            self.grpc_endpoint = self._wire.endpoint
         app = create_app(self._plane, layout=layout, accel="tcg",
-                         request_stop=self._request_stop)
+                         request_stop=self._request_stop,
+                         grpc_endpoint=self.grpc_endpoint or None)
         self._recorder.app = app  # type: ignore[assignment]
 
     async def _close(self) -> None:
+        if self._wire is not None:
+            await self._wire.stop(0)
+            self._wire = None
         if self._plane is not None:
             await self._plane.stop()
             self._plane = None

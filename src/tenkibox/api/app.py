@@ -66,8 +66,10 @@ def _document_stream_items(app: FastAPI) -> None:
 
 
 def create_app(plane: ControlPlane, *, layout: Layout, accel: str,
-               request_stop: Callable[[], None]) -> FastAPI:
+               request_stop: Callable[[], None], grpc_endpoint: str | None = None) -> FastAPI:
+    """``grpc_endpoint``: where the server's gRPC wire listens (``tenki server status``)."""
     app = application()
+    app.state.grpc_endpoint = grpc_endpoint
     app.state.plane = plane
     app.state.layout = layout
     app.state.accel = accel

@@ -24,7 +24,13 @@ from . import _common as c
               help="Serve HTTPS with this certificate (PEM; with --tls-key).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="The certificate's private key (PEM).")
-def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None) -> None:
+@click.option("--grpc-port", default=0, show_default=True, type=click.IntRange(-1, 65535),
+              help="Port of Tenki's gRPC wire for the official SDKs (0: any free port; "
+              "-1: none). tenki server status shows it as grpc_endpoint.")
+@click.option("--grpc-advertise", metavar="URL",
+              help="The data plane URL told to SDK clients (default: this machine's address).")
+def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grpc_port: int,
+          grpc_advertise: str | None) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground).
 
     Every call needs an API key (Authorization: Bearer tk_...). On first start the server
@@ -37,7 +43,8 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None) -> 
             f"the server is not installed ({exc.name} is missing): "
             "pip install 'tenkibox[server]'") from exc
 
-    run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key)
+    run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
+               grpc_port=None if grpc_port < 0 else grpc_port, grpc_advertise=grpc_advertise)
 
 
 @click.group("server")
@@ -81,7 +88,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         c.print_fields(
             [
                 (k, str(info[k]))
-                for k in ("url", "pid", "version", "home", "accelerator", "started_at")
+                for k in ("url", "grpc_endpoint", "pid", "version", "home", "accelerator",
+                          "started_at")
                 if info.get(k) is not None
             ]
         )

@@ -478,7 +478,7 @@ def _stdin_error(exc: AgentError, process_id: str) -> TenkiError:
 
 def _file_error(exc: AgentError, session_id: str, path: str) -> TenkiError:
     if exc.errno == "ENOENT":
-        return NotFoundError(f"file {path} not found in session {session_id}")
+        return NotFoundError(f"{path}: no such file or directory (session {session_id})")
     if exc.errno in ("EISDIR", "ENOTDIR", "EACCES", "EPERM", "EROFS", "ENOSPC", "EFBIG"):
         return ValidationError(f"{path}: {exc.message}", field="path")
     return InternalError(f"{path}: {exc.message}")

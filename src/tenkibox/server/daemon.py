@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from .._version import __version__
 from ..api.app import create_app
 from ..config import layout as make_layout
 from ..errors import ConflictError, ValidationError
+from ..urls import is_loopback, local_url
 from .runtime import ServerRuntime
 
 log = logging.getLogger("tenkibox.server")
@@ -40,7 +40,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
           database_url: str | None = None, tls_cert: Path | None = None,
-          tls_key: Path | None = None) -> None:
+          tls_key: Path | None = None, grpc_port: int | None = 0,
+          grpc_advertise: str | None = None) -> None:
+    """``grpc_port``: where Tenki's gRPC wire listens (0: any free port; None: not at all);
+    ``grpc_advertise``: the data plane URL told to clients (default: the local address)."""
     if (tls_cert is None) != (tls_key is None):
         raise ValidationError("give both --tls-cert and --tls-key, or neither",
                               field="tls_cert" if tls_cert is None else "tls_key")
@@ -65,32 +68,23 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
-    asyncio.run(_run(layout, sock, host, bound, database_url, tls))
-
-
-def _local_url(host: str, port: int, scheme: str) -> str:
-    """The URL a client on this machine uses (a wildcard address is reached on loopback)."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    asyncio.run(_run(layout, sock, host, bound, database_url, tls, grpc_port, grpc_advertise))
 
 
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
-               database_url: str | None, tls: tuple[Path, Path] | None) -> None:
+               database_url: str | None, tls: tuple[Path, Path] | None,
+               grpc_port: int | None, grpc_advertise: str | None) -> None:
     rt = ServerRuntime(layout, database_url=database_url)
     await rt.start()
-    app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, request_stop=rt.request_stop)
+    wire = None
+    if grpc_port is not None:
+        from ..rpc.credentials import Credentials
+        from ..rpc.server import GrpcServer
+        wire = GrpcServer(rt.plane, Credentials.from_file(layout.home / "dataplane.key"), host,
+                          grpc_port, tls=tls, advertise=grpc_advertise)
+        await wire.start()
+    app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, request_stop=rt.request_stop,
+                     grpc_endpoint=wire.endpoint if wire else None)
     config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=3,
                             ssl_certfile=str(tls[0]) if tls else None,
@@ -101,8 +95,9 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
         await rt.stop_requested.wait()
         await asyncio.sleep(0.05)  # the shutdown request gets its answer first
         server.should_exit = True
-    info = {"url": _local_url(host, port, "https" if tls else "http"), "pid": os.getpid(),
-            "version": __version__, "started_at": datetime.now(UTC).isoformat()}
+    info = {"url": local_url(host, port, "https" if tls else "http"), "pid": os.getpid(),
+            "version": __version__, "started_at": datetime.now(UTC).isoformat(),
+            "grpc_endpoint": wire.endpoint if wire else None}
 
     async def announce() -> None:
         while not server.started:
@@ -110,11 +105,14 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
         _write_atomic(layout.server_file, json.dumps(info))
         log.info("tenki server %s listening on %s:%d%s (home %s)", __version__, host, port,
                  " with TLS" if tls else "", layout.home)
+        if wire:
+            log.info("Tenki's gRPC wire (official SDKs: TENKI_API_ENDPOINT=%s) on port %d",
+                     wire.endpoint, wire.port)
         names = {w.id: w.name for w in rt.plane.workspaces.query()}
         usable = ", ".join(f"{names.get(w, w)} ({w})" for w in rt.plane.keys.workspaces_with_keys())
         log.info("every call needs an API key; keys of these workspaces can use it: %s; the "
                  "local admin key is in %s", usable or "none", layout.admin_key_file)
-        if not _is_loopback(host):
+        if not is_loopback(host):
             log.warning("listening on %s, reachable from other machines%s", host,
                         "" if tls else " without TLS (keys travel in clear text: give "
                         "--tls-cert and --tls-key)")
@@ -129,4 +127,6 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
         with contextlib.suppress(OSError, ValueError):
             if json.loads(layout.server_file.read_text()).get("pid") == os.getpid():
                 layout.server_file.unlink()
+        if wire:
+            await wire.stop()
         await rt.stop()

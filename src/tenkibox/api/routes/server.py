@@ -18,7 +18,8 @@ router = APIRouter(prefix="/v1", tags=["server"])
 async def health(request: Request, _: Caller) -> ServerInfo:
     state = request.app.state
     return ServerInfo(version=__version__, pid=os.getpid(), home=str(state.layout.home),
-                      accelerator=state.accel)
+                      accelerator=state.accel,
+                      grpc_endpoint=getattr(state, "grpc_endpoint", None))
 
 
 @router.get("/images", response_model=list[Image], operation_id="listImages",

@@ -1,0 +1,385 @@
+"""``tenki.sandbox.v1.SandboxSessionDataPlaneService``: exec and files of one session.
+
+Callers present a session credential (``credentials.py``), not an API key. As in the product,
+commands run as the guest user ``tenki`` in ``/home/tenki`` unless ``privileged``; file paths
+are resolved under ``/home/tenki`` and may not leave it (``control/workdir.py``). Everything is
+streamed through the control plane's process and file calls, so a request holds one chunk at a
+time; the unary ReadFile is bounded by the gRPC message size (larger files: ReadFileStream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..control.plane import ControlPlane
+from ..control.workdir import AS_USER, UID, USER_ENV, WORKDIR, resolve
+from ..errors import (
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    TenkiError,
+    ValidationError,
+)
+from ..models import ExecRequest
+from . import proto
+from .credentials import Grant
+
+#: the largest ReadFile answer: below the 4 MiB a gRPC client accepts by default
+READ_FILE_MAX = 4 * 1024 * 1024 - 64 * 1024
+STREAM_CHUNK_DEFAULT, STREAM_CHUNK_MAX = 256 * 1024, 1024 * 1024
+SIGNALS = {1: 15, 2: 9, 3: 2, 4: 1, 5: 10, 6: 12}  # RunSignal.Sig -> POSIX number
+#: a signal's name as the guest's Go agent in the product reports it (the SDKs compare these)
+SIGNAL_NAMES = {1: "hangup", 2: "interrupt", 6: "aborted", 9: "killed", 10: "user defined signal 1",
+                11: "segmentation fault", 12: "user defined signal 2", 13: "broken pipe",
+                15: "terminated"}
+
+# One small program for the metadata calls (stat, list, mkdir, remove), run as the guest user:
+# one exec each, answering one JSON line.
+_FS_SCRIPT = r"""
+import json, os, shutil, stat, sys
+op, path = sys.argv[1], sys.argv[2]
+def info(p, st):
+    return {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns,
+            "is_dir": stat.S_ISDIR(st.st_mode)}
+try:
+    if op == "stat":
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            print(json.dumps({"exists": False})); sys.exit(0)
+        out = info(path, st); out["exists"] = True
+        out["is_symlink"] = stat.S_ISLNK(st.st_mode)
+        if out["is_symlink"]:
+            out["target"] = os.readlink(path)
+            try:
+                t = os.stat(path); out.update(info(path, t)); out["is_symlink"] = True
+            except OSError:
+                pass
+        print(json.dumps(out))
+    elif op == "list":
+        hidden = sys.argv[3] == "1"
+        entries = []
+        with os.scandir(path) as it:
+            for e in it:
+                if not hidden and e.name.startswith("."):
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:
+                    st = e.stat(follow_symlinks=False)
+                d = info(e.path, st); d["name"] = e.name; entries.append(d)
+        entries.sort(key=lambda d: d["name"])
+        print(json.dumps({"entries": entries}))
+    elif op == "mkdir":
+        mode = int(sys.argv[3]) or 0o755
+        if sys.argv[4] == "1":
+            os.makedirs(path, mode=mode, exist_ok=True)
+        else:
+            os.mkdir(path, mode)
+        print(json.dumps({"mtime_ns": os.stat(path).st_mtime_ns}))
+    elif op == "remove":
+        recursive = sys.argv[3] == "1"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            print(json.dumps({"removed": False, "count": 0})); sys.exit(0)
+        count = 1
+        if stat.S_ISDIR(st.st_mode):
+            if recursive:
+                for _, dirs, files in os.walk(path):
+                    count += len(dirs) + len(files)
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+        print(json.dumps({"removed": True, "count": count}))
+except OSError as exc:
+    print(json.dumps({"errno": exc.errno, "error": exc.strerror or str(exc)})); sys.exit(0)
+"""
+
+
+def M(name: str) -> Any:
+    return proto.message(name)
+
+
+def _os_error(path: str, errno: int, text: str) -> TenkiError:
+    if errno == 2:
+        return NotFoundError(f"{path}: no such file or directory")
+    return ValidationError(f"{path}: {text}", field="path")
+
+
+class DataPlane:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    @staticmethod
+    def _session(grant: Grant, asked: str) -> str:
+        if asked and asked != grant.session_id:
+            raise PermissionDeniedError(f"the session credential is for session "
+                                        f"{grant.session_id}, not {asked}")
+        return grant.session_id
+
+    async def _collect(self, grant: Grant, argv: list[str], limit: int = 8 << 20) -> bytes:
+        """Run ``argv`` as the guest user to its end; its stdout (stderr goes to the error)."""
+        ref = await self.plane.sessions.start_process(
+            grant.session_id, ExecRequest(argv=[*AS_USER, *argv], env=dict(USER_ENV),
+                                          cwd=WORKDIR), grant.workspace_id)
+        out, err = bytearray(), bytearray()
+        code: int | None = None
+        async for ev in self.plane.sessions.process_events(grant.session_id, ref.process_id,
+                                                           grant.workspace_id):
+            kind = ev.get("type")
+            if kind in ("stdout", "stderr"):
+                buf = out if kind == "stdout" else err
+                if len(buf) < limit:
+                    buf += base64.b64decode(ev.get("data") or "")
+            elif kind == "exit":
+                code = ev.get("exit_code")
+            elif kind == "error":
+                raise TenkiError(str(ev.get("message") or ev.get("reason") or "process lost"))
+        if code != 0:
+            raise ValidationError(f"{argv[0]} exited {code}: {err.decode(errors='replace')[:300]}")
+        return bytes(out)
+
+    async def _fs(self, grant: Grant, *args: str) -> dict[str, Any]:
+        raw = await self._collect(grant, ["python3", "-c", _FS_SCRIPT, *args])
+        answer: dict[str, Any] = json.loads(raw.decode().strip().splitlines()[-1])
+        if "errno" in answer:
+            raise _os_error(args[1], int(answer["errno"]), str(answer["error"]))
+        return answer
+
+    async def _chown(self, grant: Grant, path: str) -> None:
+        """Files written into the workdir belong to the guest user, as if it wrote them."""
+        ref = await self.plane.sessions.start_process(
+            grant.session_id, ExecRequest(argv=["chown", f"{UID}:{UID}", "--", path]),
+            grant.workspace_id)
+        async for _ in self.plane.sessions.process_events(grant.session_id, ref.process_id,
+                                                          grant.workspace_id):
+            pass
+
+    # -- exec --------------------------------------------------------------------------------
+    async def Run(self, frames: AsyncIterator[Any], grant: Grant,
+                  ctx: Any) -> AsyncIterator[Any]:
+        first = await anext(aiter(frames), None)
+        if first is None or first.frame.WhichOneof("payload") != "start":
+            raise ValidationError("the first Run frame must be start", field="start")
+        start = first.frame.start
+        session_id = self._session(grant, start.session_id)
+        argv = list(start.cmd)
+        if not argv or not argv[0]:
+            raise ValidationError("command must not be empty", field="cmd")
+        cwd = resolve(start.cwd or WORKDIR, confined=False, field="cwd")  # exec is not confined
+        if start.privileged:
+            env = dict(start.env)
+        else:
+            argv, env = [*AS_USER, *argv], {**USER_ENV, **start.env}
+        req = ExecRequest(argv=argv, env=env, cwd=cwd, stdin=True,
+                          timeout_s=start.timeout_ms / 1000 if start.timeout_ms else None)
+        began = time.monotonic()
+        ref = await self.plane.sessions.start_process(session_id, req, grant.workspace_id)
+        sessions, pid, ws = self.plane.sessions, ref.process_id, grant.workspace_id
+        out = M("SandboxSessionDataPlaneServiceRunResponse")()
+        out.frame.started.pid = ref.pid or 0
+        yield out
+        if not start.stream_stdin:
+            await sessions.process_close_stdin(session_id, pid, ws)
+
+        async def pump() -> None:  # the client's frames, while the output flows back
+            async for fr in frames:
+                kind = fr.frame.WhichOneof("payload")
+                if kind == "stdin":
+                    await sessions.process_stdin(session_id, pid, fr.frame.stdin, ws)
+                elif kind == "stdin_close":
+                    await sessions.process_close_stdin(session_id, pid, ws)
+                elif kind == "signal":
+                    num = SIGNALS.get(int(fr.frame.signal.signal))
+                    if num:
+                        await sessions.process_kill(session_id, pid, num, ws)
+
+        pumping = asyncio.ensure_future(pump())
+        finished = False
+        try:
+            async for ev in sessions.process_events(session_id, pid, ws):
+                kind = ev.get("type")
+                msg = M("SandboxSessionDataPlaneServiceRunResponse")()
+                if kind in ("stdout", "stderr"):
+                    setattr(msg.frame, kind, base64.b64decode(ev.get("data") or ""))
+                    yield msg
+                    continue
+                finished = True
+                code = ev.get("exit_code")
+                ex = msg.frame.exit
+                ex.duration_ms = int((time.monotonic() - began) * 1000)
+                ex.timed_out = bool(ev.get("timed_out"))
+                if isinstance(code, int) and code < 0:
+                    ex.signal = SIGNAL_NAMES.get(-code, f"signal {-code}")
+                    ex.exit_code = 128 - code
+                elif isinstance(code, int):
+                    ex.exit_code = code
+                else:
+                    ex.exit_code = -1
+                if kind == "error":
+                    state = self.plane.sessions.get(session_id, ws).state.value
+                    why = str(ev.get("message") or ev.get("reason") or "process lost")
+                    ex.reason = (f"session_terminated:{why}" if state in ("TERMINATED", "FAILED",
+                                                                           "TERMINATING")
+                                 else f"output_lost:{why}")
+                yield msg
+                return
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TenkiError, Exception):
+                await pumping
+            if not finished:  # the client went away: so does its command
+                with contextlib.suppress(TenkiError):
+                    await sessions.process_kill(session_id, pid, 9, ws)
+
+    # -- files -------------------------------------------------------------------------------
+    async def ReadFile(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        path = resolve(inner.path, confined=True)
+        chunks = await self.plane.sessions.read_file(grant.session_id, path, grant.workspace_id)
+        data = bytearray()
+        try:
+            async for chunk in chunks:
+                data += chunk
+                if len(data) > READ_FILE_MAX:
+                    raise PayloadTooLargeError(
+                        f"{inner.path} is larger than {READ_FILE_MAX} bytes: read it with "
+                        "ReadFileStream")
+        finally:
+            await chunks.aclose()
+        out = M("SandboxSessionDataPlaneServiceReadFileResponse")()
+        out.response.path = inner.path
+        out.response.content = bytes(data)
+        return out
+
+    async def ReadFileStream(self, req: Any, grant: Grant,
+                             ctx: Any) -> AsyncIterator[Any]:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        path = resolve(inner.path, confined=True)
+        if inner.offset < 0 or inner.length < 0:
+            raise ValidationError("offset and length must not be negative", field="offset")
+        size = min(inner.chunk_bytes or STREAM_CHUNK_DEFAULT, STREAM_CHUNK_MAX)
+        skip, left = inner.offset, inner.length or None
+        total = 0
+        chunks = await self.plane.sessions.read_file(grant.session_id, path, grant.workspace_id)
+        pending = bytearray()
+        try:
+            async for chunk in chunks:
+                total += len(chunk)
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+                if left is not None:
+                    chunk = chunk[:left]
+                    left -= len(chunk)
+                pending += chunk
+                while len(pending) >= size:
+                    msg = M("SandboxSessionDataPlaneServiceReadFileStreamResponse")()
+                    msg.response.data = bytes(pending[:size])
+                    del pending[:size]
+                    yield msg
+                if left == 0:
+                    break
+        finally:
+            await chunks.aclose()
+        msg = M("SandboxSessionDataPlaneServiceReadFileStreamResponse")()
+        msg.response.data = bytes(pending)
+        msg.response.eof = True
+        msg.response.total_size = total
+        yield msg
+
+    async def WriteFile(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        path = resolve(inner.path, confined=True)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield bytes(inner.content)
+
+        size = await self.plane.sessions.write_file(grant.session_id, path, body(), 0o644,
+                                                    grant.workspace_id)
+        await self._chown(grant, path)
+        out = M("SandboxSessionDataPlaneServiceWriteFileResponse")()
+        out.response.path = inner.path
+        out.response.size_bytes = size
+        return out
+
+    async def WriteFileStream(self, frames: AsyncIterator[Any], grant: Grant,
+                              ctx: Any) -> Any:
+        it = aiter(frames)
+        first = await anext(it, None)
+        if first is None or first.frame.WhichOneof("payload") != "start":
+            raise ValidationError("the first WriteFileStream frame must be start", field="start")
+        start = first.frame.start
+        self._session(grant, start.session_id)
+        path = resolve(start.path, confined=True)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for fr in it:
+                if fr.frame.WhichOneof("payload") == "data":
+                    yield bytes(fr.frame.data)
+
+        size = await self.plane.sessions.write_file(grant.session_id, path, body(),
+                                                    start.mode or 0o644, grant.workspace_id)
+        await self._chown(grant, path)
+        out = M("SandboxSessionDataPlaneServiceWriteFileStreamResponse")()
+        out.response.bytes_written = size
+        out.response.path = start.path
+        return out
+
+    async def Stat(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        info = await self._fs(grant, "stat", resolve(inner.path, confined=True))
+        out = M("SandboxSessionDataPlaneServiceStatResponse")()
+        r = out.response
+        r.exists = bool(info.get("exists"))
+        if r.exists:
+            r.size, r.mode, r.modified_unix_ns = info["size"], info["mode"], info["mtime_ns"]
+            r.is_dir, r.is_symlink = info["is_dir"], info.get("is_symlink", False)
+            r.symlink_target = info.get("target", "")
+        return out
+
+    async def Mkdir(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        info = await self._fs(grant, "mkdir", resolve(inner.path, confined=True),
+                              str(inner.mode), "1" if inner.recursive else "0")
+        out = M("SandboxSessionDataPlaneServiceMkdirResponse")()
+        out.response.modified_unix_ns = info["mtime_ns"]
+        return out
+
+    async def Remove(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        path = resolve(inner.path, confined=True)
+        if path == WORKDIR:
+            raise ValidationError(f"refusing to remove the workdir {WORKDIR}", field="path")
+        info = await self._fs(grant, "remove", path, "1" if inner.recursive else "0")
+        out = M("SandboxSessionDataPlaneServiceRemoveResponse")()
+        out.response.removed = info["removed"]
+        out.response.entries_removed = info["count"]
+        return out
+
+    async def List(self, req: Any, grant: Grant, ctx: Any) -> Any:
+        inner = req.request
+        self._session(grant, inner.session_id)
+        info = await self._fs(grant, "list", resolve(inner.path, confined=True),
+                              "1" if inner.include_hidden else "0")
+        out = M("SandboxSessionDataPlaneServiceListResponse")()
+        for e in info["entries"]:
+            out.response.entries.add(name=e["name"], is_dir=e["is_dir"], size=e["size"],
+                                     mode=e["mode"], modified_unix_ns=e["mtime_ns"])
+        return out

@@ -1,0 +1,331 @@
+"""``tenki.sandbox.v1.SandboxService``: the official SDKs' control plane over our own.
+
+Every method takes the wire request, the caller (``Principal``, from the API key) and the
+gRPC context, and answers through the control plane exactly as the REST routes do: the same
+checks, the same records, the same errors (translated once, by ``status.TABLE``). Methods that
+are not here answer UNIMPLEMENTED naming themselves (``server.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC
+from typing import Any
+
+import pydantic
+
+from .. import longpoll
+from ..control.keys import Principal
+from ..control.plane import ControlPlane
+from ..errors import ConflictError, PermissionDeniedError, ValidationError
+from ..models import (
+    Session,
+    SessionCreate,
+    SnapshotCreate,
+    VolumeAttach,
+    VolumeCreate,
+    VolumeMount,
+)
+from ..store.tables import SnapshotRow
+from . import convert, proto
+from .credentials import Credentials
+
+#: states a session passes through on its own; a wait ends at any other
+MOVING = frozenset({"CREATING", "PAUSING", "RESUMING", "TERMINATING"})
+FINAL = frozenset({"TERMINATED", "FAILED"})
+PAGE_DEFAULT, PAGE_MAX = 50, 100
+WAIT_MAX_S = 3600.0
+#: our model's field names as the wire spells them, for error messages
+WIRE_FIELDS = {"cpu": "cpu_cores", "max_duration_s": "max_duration", "path": "mount_path",
+               "read_only": "readonly"}
+
+
+def M(name: str) -> Any:
+    return proto.message(name)
+
+
+def model(cls: type[pydantic.BaseModel], **fields: Any) -> Any:
+    """Our request model from wire fields; a refusal names the wire's field."""
+    try:
+        return cls(**fields)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ())]
+        field = ".".join(WIRE_FIELDS.get(p, p) for p in loc) or None
+        raise ValidationError(err.get("msg", "invalid"), field=field) from exc
+
+
+def page(items: list[Any], size: int, token: str) -> tuple[list[Any], str]:
+    if size < 0 or size > PAGE_MAX:
+        raise ValidationError(f"must be 0..{PAGE_MAX}, got {size}", field="page_size")
+    try:
+        start = int(token) if token else 0
+    except ValueError as exc:
+        raise ValidationError("not a page token of this server", field="page_token") from exc
+    size = size or PAGE_DEFAULT
+    chunk = items[start:start + size]
+    return chunk, str(start + size) if start + size < len(items) else ""
+
+
+class SandboxService:
+    def __init__(self, plane: ControlPlane, credentials: Credentials, endpoint: str) -> None:
+        self.plane = plane
+        self.credentials = credentials
+        self.endpoint = endpoint  # the data plane's address, as clients reach it
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _ws(self, caller: Principal, asked: str = "") -> str:
+        if asked and asked != caller.workspace_id and not caller.admin:
+            raise PermissionDeniedError(f"workspace {asked} is not the API key's workspace")
+        return asked or caller.workspace_id
+
+    def _route(self, msg: Any, s: Session) -> None:
+        """Endpoint, credential and route status, on a CreateSession/WaitSession answer."""
+        msg.session.CopyFrom(convert.session(s))
+        if s.state.value in FINAL:
+            return
+        msg.data_plane_endpoint = self.endpoint
+        self._credential(msg.credential, s)
+        running = s.state.value in ("READY", "RUNNING")
+        msg.route_status = proto.enum_value(
+            "DataPlaneRouteStatus",
+            "DATA_PLANE_ROUTE_STATUS_VERIFIED" if running else "DATA_PLANE_ROUTE_STATUS_NOT_READY")
+
+    def _credential(self, into: Any, s: Session) -> None:
+        grant = self.credentials.issue(s.id, s.workspace_id)
+        into.credential = self.credentials.encode(grant)
+        into.expires_at.FromSeconds(int(grant.expires_at))
+
+    async def _next(self, session_id: str, ws: str, before: str, timeout_s: float) -> Session:
+        """The session once its state is no longer ``before`` (or as it is after the time)."""
+        return await longpoll.until(self.plane.records.changed,
+                                    lambda: self.plane.sessions.get(session_id, ws),
+                                    lambda x: x.state.value != before, timeout_s, cap_s=None)
+
+    async def _settle(self, session_id: str, ws: str, timeout_s: float) -> Session:
+        s = self.plane.sessions.get(session_id, ws)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while s.state.value in MOVING and loop.time() < deadline:
+            s = await self._next(session_id, ws, s.state.value, deadline - loop.time())
+        return s
+
+    # -- sessions ----------------------------------------------------------------------------
+    async def CreateSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id if req.HasField("workspace_id") else "")
+        fields: dict[str, Any] = {"env": dict(req.env), "metadata": dict(req.metadata)}
+        if req.name:
+            fields["name"] = req.name
+        if req.tags:
+            fields["metadata"][convert.TAGS_KEY] = ",".join(t.lower() for t in req.tags)
+        if req.HasField("cpu_cores"):
+            fields["cpu"] = req.cpu_cores
+        if req.HasField("memory_mb"):
+            fields["memory_mb"] = req.memory_mb
+        if req.HasField("snapshot_id") and req.snapshot_id:
+            fields["snapshot_id"] = req.snapshot_id
+        if req.template_spec_id:
+            fields["template_id"] = req.template_spec_id
+        if req.HasField("max_duration") and req.max_duration.ToTimedelta():
+            fields["max_duration_s"] = req.max_duration.ToTimedelta().total_seconds()
+        fields["volumes"] = [model(VolumeMount, volume_id=v.volume_id, path=v.mount_path,
+                                   read_only=v.readonly) for v in req.volumes]
+        body = model(SessionCreate, **fields)
+        s = await self.plane.create_session(body, ws)
+        if req.wait_ready or req.wait_for_runtime:
+            s = await self._settle(s.id, ws, WAIT_MAX_S)
+        out = M("CreateSessionResponse")()
+        self._route(out, s)
+        return out
+
+    async def WaitSession(self, req: Any, caller: Principal,
+                          ctx: Any) -> AsyncIterator[Any]:
+        ws = caller.workspace_id
+        s = self.plane.sessions.get(req.session_id, ws)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_MAX_S
+        while True:
+            out = M("WaitSessionResponse")()
+            self._route(out, s)
+            yield out
+            if s.state.value not in MOVING or loop.time() >= deadline:
+                return
+            s = await self._next(req.session_id, ws, s.state.value, deadline - loop.time())
+
+    async def GetSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        return M("GetSessionResponse")(
+            session=convert.session(self.plane.sessions.get(req.session_id, caller.workspace_id)))
+
+    def _sessions(self, ws: str, include_terminated: bool, tags: list[str],
+                  states: set[str]) -> list[Any]:
+        rows = self.plane.sessions.query(ws)
+        out = []
+        for s in reversed(rows):  # newest first
+            if not include_terminated and not states and s.state.value in FINAL:
+                continue
+            if states and s.state.value not in states:
+                continue
+            if tags and not set(tags) <= set(convert.tags_of(s.metadata)):
+                continue
+            out.append(convert.session(s))
+        return out
+
+    async def ListSessions(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        items = self._sessions(caller.workspace_id, req.include_terminated, list(req.tags), set())
+        chunk, token = page(items, req.page_size, req.page_token)
+        return M("ListSessionsResponse")(sessions=chunk, next_page_token=token)
+
+    async def ListWorkspaceSandboxes(self, req: Any, caller: Principal,
+                                     ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id)
+        states: set[str] = set()
+        for wire in ([req.state] if req.state else []) + list(req.states):
+            states |= convert.session_states_of(wire)
+        items = self._sessions(ws, req.include_terminated, list(req.tags), states)
+        if req.search:
+            needle = req.search.lower()
+            items = [s for s in items if needle in s.name.lower() or needle in s.id]
+        chunk, token = page(items, req.page_size, req.page_token)
+        return M("ListWorkspaceSandboxesResponse")(sessions=chunk, next_page_token=token)
+
+    async def TerminateSession(self, req: Any, caller: Principal,
+                               ctx: Any) -> Any:
+        s = await self.plane.sessions.terminate(req.session_id, ws=caller.workspace_id)
+        return M("TerminateSessionResponse")(session=convert.session(s))
+
+    async def TerminateSessions(self, req: Any, caller: Principal,
+                                ctx: Any) -> Any:
+        from ..errors import TenkiError
+        if not 1 <= len(req.session_ids) <= 100:
+            raise ValidationError("give 1..100 session ids", field="session_ids")
+        out = M("TerminateSessionsResponse")()
+        for sid in req.session_ids:
+            try:
+                s = await self.plane.sessions.terminate(sid, ws=caller.workspace_id)
+                out.sessions.append(convert.session(s))
+            except TenkiError as exc:
+                out.failures.add(session_id=sid, message=str(exc))
+        return out
+
+    async def CreateSessionCredential(self, req: Any, caller: Principal,
+                                      ctx: Any) -> Any:
+        s = self.plane.sessions.get(req.session_id, caller.workspace_id)
+        if s.state.value in FINAL:
+            raise ConflictError(f"session {s.id} is {s.state.value}"
+                                + (" (terminated)" if s.state.value == "FAILED" else ""))
+        out = M("CreateSessionCredentialResponse")()
+        self._credential(out.credential, s)
+        out.data_plane_endpoint = self.endpoint
+        out.route_status = proto.enum_value(
+            "DataPlaneRouteStatus", "DATA_PLANE_ROUTE_STATUS_VERIFIED"
+            if s.state.value in ("READY", "RUNNING") else "DATA_PLANE_ROUTE_STATUS_NOT_READY")
+        return out
+
+    async def PauseSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        pause = getattr(self.plane.sessions, "pause", None)
+        if pause is None:
+            raise ConflictError("pause is not available on this server")
+        s = await pause(req.session_id, caller.workspace_id, wait=not getattr(req, "async"))
+        return M("PauseSessionResponse")(session=convert.session(s))
+
+    async def ResumeSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        resume = getattr(self.plane.sessions, "resume", None)
+        if resume is None:
+            raise ConflictError("resume is not available on this server")
+        s = await resume(req.session_id, caller.workspace_id, wait=True)
+        return M("ResumeSessionResponse")(session=convert.session(s))
+
+    # -- snapshots ---------------------------------------------------------------------------
+    async def CreateSnapshot(self, req: Any, caller: Principal,
+                             ctx: Any) -> Any:
+        fields: dict[str, Any] = {"session_id": req.session_id}
+        if req.HasField("name") and req.name:
+            fields["name"] = req.name
+        if req.HasField("expires_at"):
+            fields["expires_at"] = req.expires_at.ToDatetime(tzinfo=UTC)
+        snap = await self.plane.snapshots.create(model(SnapshotCreate, **fields),
+                                                 caller.workspace_id)
+        if not getattr(req, "async"):  # the TypeScript SDK expects the finished snapshot
+            await self.plane.records.settled(SnapshotRow, snap.id, WAIT_MAX_S)
+            snap = self.plane.snapshots.get(snap.id, caller.workspace_id)
+        return M("CreateSnapshotResponse")(snapshot=convert.snapshot(snap))
+
+    async def GetSnapshot(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        snap = self.plane.snapshots.get(req.snapshot_id, caller.workspace_id)
+        return M("GetSnapshotResponse")(snapshot=convert.snapshot(snap))
+
+    def _snapshots(self, ws: str, session_id: str | None = None) -> list[Any]:
+        snaps = self.plane.snapshots.query(ws, session_id)
+        return [convert.snapshot(s) for s in reversed(snaps)]
+
+    async def ListSnapshots(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        chunk, token = page(self._snapshots(caller.workspace_id), req.page_size, req.page_token)
+        return M("ListSnapshotsResponse")(snapshots=chunk, next_page_token=token)
+
+    async def ListWorkspaceSnapshots(self, req: Any, caller: Principal,
+                                     ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id)
+        chunk, token = page(self._snapshots(ws), req.page_size, req.page_token)
+        return M("ListWorkspaceSnapshotsResponse")(snapshots=chunk, next_page_token=token)
+
+    async def ListSessionSnapshots(self, req: Any, caller: Principal,
+                                   ctx: Any) -> Any:
+        self.plane.sessions.get(req.session_id, caller.workspace_id)  # not found: say so
+        chunk, token = page(self._snapshots(caller.workspace_id, req.session_id),
+                            req.page_size, req.page_token)
+        return M("ListSessionSnapshotsResponse")(snapshots=chunk, next_page_token=token)
+
+    async def DeleteSnapshot(self, req: Any, caller: Principal,
+                             ctx: Any) -> Any:
+        snap = await self.plane.snapshots.delete(req.snapshot_id, caller.workspace_id)
+        return M("DeleteSnapshotResponse")(snapshot=convert.snapshot(snap))
+
+    # -- volumes -----------------------------------------------------------------------------
+    async def CreateVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id)
+        vol = await self.plane.volumes.create(
+            model(VolumeCreate, name=req.name, size_bytes=req.size_bytes), ws)
+        return M("CreateVolumeResponse")(volume=convert.volume(vol))
+
+    async def GetVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        vol = self.plane.volumes.get(req.volume_id, caller.workspace_id)
+        out = M("GetVolumeResponse")(volume=convert.volume(vol))
+        if vol.session_id:
+            out.active_attachments.append(convert.attachment(vol))
+        return out
+
+    async def ListVolumes(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id)
+        vols = [v for v in reversed(self.plane.volumes.query(ws)) if v.state.value != "DELETED"]
+        if req.search:
+            vols = [v for v in vols if req.search.lower() in v.name.lower()]
+        if req.states:
+            wanted = {proto.pool().FindEnumTypeByName(f"{proto.PACKAGE}.VolumeState")
+                      .values_by_number[n].name.removeprefix("VOLUME_STATE_") for n in req.states}
+            vols = [v for v in vols if v.state.value in wanted]
+        chunk, token = page([convert.volume(v) for v in vols], req.page_size, req.page_token)
+        return M("ListVolumesResponse")(volumes=chunk, next_page_token=token)
+
+    async def DeleteVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        await self.plane.volumes.delete(req.volume_id, caller.workspace_id)
+        return M("DeleteVolumeResponse")()
+
+    async def AttachVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        body = model(VolumeAttach, volume_id=req.volume.volume_id, path=req.volume.mount_path,
+                     read_only=req.volume.readonly)
+        await self.plane.volumes.attach(req.session_id, body, caller.workspace_id)
+        vol = self.plane.volumes.get(body.volume_id, caller.workspace_id)
+        return M("AttachVolumeResponse")(attachment=convert.attachment(vol))
+
+    async def DetachVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        await self.plane.volumes.detach(req.session_id, req.volume_id, caller.workspace_id)
+        return M("DetachVolumeResponse")()
+
+    # -- who ---------------------------------------------------------------------------------
+    async def WhoAmI(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        ws = self.plane.workspaces.get(caller.workspace_id)
+        out = M("WhoAmIResponse")(owner_type="SERVICE", owner_id=caller.key_id)
+        out.workspaces.add(workspace_id=ws.id, name=ws.name)
+        return out
+
