@@ -132,8 +132,10 @@ class VolumeControl:
         if row.state == V.DELETED.value:
             return to_model(row)
         if row.state == V.IN_USE.value:
-            raise ConflictError(f"volume {volume_id} is attached to session {row.session_id} "
-                                f"at {row.path}; detach it (or terminate the session) first")
+            # "volume is attached": the words the official SDKs read as VolumeInUse
+            raise ConflictError(f"cannot delete {volume_id}: the volume is attached to session "
+                                f"{row.session_id} at {row.path}; detach it (or terminate the "
+                                "session) first")
         if row.state == V.AVAILABLE.value:
             try:
                 await self.records.transition(VolumeRow, volume_id, V.DELETING)
@@ -176,8 +178,9 @@ class VolumeControl:
     def _check_free(row: VolumeRow) -> None:
         if row.state == V.IN_USE.value:
             where = f" at {row.path}" if row.path else ""
-            raise ConflictError(f"volume {row.id} is in use by session {row.session_id}{where}; "
-                                "a volume is attached to one session at a time")
+            raise ConflictError(f"{row.id}: the volume is in use by session "
+                                f"{row.session_id}{where}; a volume is attached to one session "
+                                "at a time")
 
     async def attach_at_start(self, session_id: str, mounts: list[VolumeMount]) -> str | None:
         """The ``--volume`` mounts of a create, once its VM runs; a warning if any failed."""

@@ -191,6 +191,8 @@ class DataPlane:
         if not start.stream_stdin:
             await sessions.process_close_stdin(session_id, pid, ws)
 
+        sent: set[int] = set()  # signals the client sent (the agent reports 128+n for them)
+
         async def pump() -> None:  # the client's frames, while the output flows back
             async for fr in frames:
                 kind = fr.frame.WhichOneof("payload")
@@ -201,6 +203,7 @@ class DataPlane:
                 elif kind == "signal":
                     num = SIGNALS.get(int(fr.frame.signal.signal))
                     if num:
+                        sent.add(num)
                         await sessions.process_kill(session_id, pid, num, ws)
 
         pumping = asyncio.ensure_future(pump())
@@ -223,6 +226,8 @@ class DataPlane:
                     ex.exit_code = 128 - code
                 elif isinstance(code, int):
                     ex.exit_code = code
+                    if code - 128 in sent and not ex.timed_out:  # it died of the signal sent
+                        ex.signal = SIGNAL_NAMES.get(code - 128, f"signal {code - 128}")
                 else:
                     ex.exit_code = -1
                 if kind == "error":

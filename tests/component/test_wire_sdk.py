@@ -1,0 +1,236 @@
+"""Tenki's gRPC wire, driven by the official Python SDK (PyPI ``tenki`` 1.4.1, unmodified).
+
+The real app, control plane and gRPC server (``InProcessServer(grpc=True)``) over the fake
+host: every flow the SDK offers for sessions, exec, files, snapshots and volumes, and each
+error the SDK turns into its own exception from our status code and message. The same flows
+run against real VMs in ``tests/conformance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import tenki_sandbox.errors as sdk_errors
+from support.fake_host import FakeHost
+from support.server import ADMIN_KEY, InProcessServer
+from tenki import Client, Sandbox
+
+from tenkibox.errors import InternalError
+from tenkibox.rpc import proto
+
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    server = InProcessServer(tmp_path_factory.mktemp("wire") / "home", grpc=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(wire: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> InProcessServer:
+    """Only what a user sets: the endpoint and the key."""
+    monkeypatch.setenv("TENKI_API_ENDPOINT", wire.grpc_endpoint)
+    monkeypatch.setenv("TENKI_API_KEY", ADMIN_KEY)
+    monkeypatch.delenv("TENKI_AUTH_TOKEN", raising=False)
+    return wire
+
+
+@pytest.fixture
+def sandbox(env: InProcessServer) -> Iterator[Sandbox]:
+    sb = Sandbox.create(name="wire-test")
+    yield sb
+    sb.terminate()
+
+
+def host(server: InProcessServer) -> FakeHost:
+    return server.host
+
+
+def test_create_waits_until_running_and_reports_the_session(sandbox: Sandbox,
+                                                            env: InProcessServer) -> None:
+    assert sandbox.id.startswith("ses_")
+    assert sandbox.info.state == "RUNNING"
+    assert sandbox.info.name == "wire-test"
+    assert env.plane.sessions.get(sandbox.id).state.value in ("READY", "RUNNING")
+
+
+def test_exec_gives_stdout_stderr_and_the_exit_code(sandbox: Sandbox) -> None:
+    r = sandbox.exec("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.stdout_text, r.stderr_text, r.exit_code) == ("out\n", "err\n", 3)
+    assert sandbox.exec("echo", "hello world").stdout_text == "hello world\n"
+
+
+def test_exec_runs_as_the_guest_user_in_its_workdir(sandbox: Sandbox,
+                                                    env: InProcessServer) -> None:
+    out = sandbox.exec("env").stdout_text
+    assert "HOME=/home/tenki" in out and "USER=tenki" in out
+
+
+def test_stdin_streams_to_the_command_while_it_runs(sandbox: Sandbox) -> None:
+    proc = sandbox.start("cat")
+    proc.write_stdin(b"one\n")
+    proc.write_stdin(b"two\n")
+    proc.close_stdin()
+    result = proc.wait()
+    assert (result.stdout_text, result.exit_code) == ("one\ntwo\n", 0)
+
+
+def test_files_are_relative_to_the_workdir_and_confined_to_it(sandbox: Sandbox,
+                                                              env: InProcessServer) -> None:
+    sandbox.fs.write_text("notes/a.txt", "data")
+    assert sandbox.fs.read_text("notes/a.txt") == "data"
+    assert sandbox.fs.read_text("/home/tenki/notes/a.txt") == "data"
+    assert host(env).file(sandbox.id, "/home/tenki/notes/a.txt") == b"data"
+    for outside in ("/etc/passwd", "../../etc/passwd"):
+        with pytest.raises(sdk_errors.SandboxError, match="path outside workdir"):
+            sandbox.fs.read_text(outside)
+    with pytest.raises(sdk_errors.FileNotFoundError):
+        sandbox.fs.read_text("missing.txt")
+
+
+def test_snapshot_create_get_list_restore_delete(sandbox: Sandbox, env: InProcessServer) -> None:
+    client = Client()
+    sandbox.fs.write_text("before.txt", "kept")
+    snap = sandbox.snapshot(name="baseline")
+    assert (snap.state, snap.name, snap.session_id) == ("READY", "baseline", sandbox.id)
+    assert client.snapshots.get(snap.id).state == "READY"
+    assert snap.id in [s.id for s in client.snapshots.list()]
+    restored = Sandbox.create(snapshot_id=snap.id)
+    try:
+        assert restored.id != sandbox.id
+        assert restored.fs.read_text("before.txt") == "kept"
+    finally:
+        restored.terminate()
+    client.snapshots.delete(snap.id)
+    with pytest.raises(sdk_errors.SnapshotNotFoundError):
+        client.snapshots.get("snp_doesnotexist0000")
+
+
+def test_a_failed_capture_is_snapshot_failed_with_its_reason(sandbox: Sandbox,
+                                                             env: InProcessServer) -> None:
+    host(env).fail_next("capture", InternalError("disk full while copying RAM"))
+    with pytest.raises(sdk_errors.SnapshotFailedError) as caught:
+        sandbox.snapshot(name="doomed")
+    assert "disk full" in (caught.value.failure_reason or str(caught.value))
+    assert sandbox.exec("true").exit_code == 0  # the session is unhurt
+
+
+def test_unknown_and_terminated_sessions(env: InProcessServer) -> None:
+    client = Client()
+    with pytest.raises(sdk_errors.SessionNotFoundError):
+        client.get("ses_doesnotexist0000")
+    sb = Sandbox.create()
+    sb.terminate()
+    with pytest.raises(sdk_errors.SessionTerminatedError):
+        sb.exec("true")
+
+
+def test_volumes_create_attach_in_use_delete(env: InProcessServer) -> None:
+    client = Client()
+    vol = client.volumes.create(name="cache", size_bytes=64 << 20)
+    assert client.volumes.get(vol.id).name == "cache"
+    assert vol.id in [v.id for v in client.volumes.list()]
+    sb = Sandbox.create(volumes=[{"volume_id": vol.id, "mount_path": "/mnt/cache"}])
+    try:
+        with pytest.raises(sdk_errors.VolumeInUseError):
+            client.volumes.delete(vol.id)
+    finally:
+        sb.terminate()
+    client.volumes.delete(vol.id)
+    with pytest.raises(sdk_errors.VolumeNotFoundError):
+        client.volumes.get("vol_doesnotexist0000")
+
+
+def test_a_wrong_key_is_unauthorized(env: InProcessServer, monkeypatch: pytest.MonkeyPatch,
+                                     ) -> None:
+    monkeypatch.setenv("TENKI_API_KEY", "tk_not-a-key-of-this-server")
+    with pytest.raises(sdk_errors.UnauthorizedError):
+        Client().get("ses_doesnotexist0000")
+
+
+def test_who_am_i_names_the_keys_workspace(env: InProcessServer) -> None:
+    me = Client().who_am_i()
+    assert [w.id for w in me.workspaces] == [env.default_workspace]
+
+
+def _raw(server: InProcessServer, method: str, request: Any,
+         metadata: tuple[tuple[str, str], ...]) -> Any:
+    target = server.grpc_endpoint.removeprefix("http://")
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=lambda raw: raw)
+        return call(request, metadata=metadata, timeout=10)
+
+
+def test_methods_we_do_not_serve_say_their_name(env: InProcessServer) -> None:
+    auth = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    for method in ("/tenki.sandbox.v1.SandboxService/GetSessionMetrics",
+                   "/tenki.other.v9.Nothing/AtAll"):
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw(env, method, proto.message("GetSessionRequest")(), auth)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert method.rsplit("/", 1)[1] in (caught.value.details() or "")
+
+
+def test_the_data_plane_takes_only_a_session_credential(env: InProcessServer) -> None:
+    stat = proto.message("SandboxSessionDataPlaneServiceStatRequest")()
+    stat.request.path = "/home/tenki"
+    path = "/tenki.sandbox.v1.SandboxSessionDataPlaneService/Stat"
+    for md in ((("authorization", f"Bearer {ADMIN_KEY}"),),
+               (("x-tenki-session-cert", "tkdp1.forged.signature"),)):
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw(env, path, stat, md)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_credential_reaches_only_its_own_session(env: InProcessServer) -> None:
+    a, b = Sandbox.create(), Sandbox.create()
+    try:
+        cred = env.run(_credential(env, a.id))
+        req = proto.message("SandboxSessionDataPlaneServiceReadFileRequest")()
+        req.request.session_id, req.request.path = b.id, "x.txt"
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw(env, "/tenki.sandbox.v1.SandboxSessionDataPlaneService/ReadFile", req,
+                 (("x-tenki-session-cert", cred),))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        a.terminate()
+        b.terminate()
+
+
+async def _credential(server: InProcessServer, session_id: str) -> str:
+    from tenkibox.rpc.credentials import Credentials
+    creds = Credentials.from_file(Path(server.home) / "dataplane.key")
+    s = server.plane.sessions.get(session_id)
+    return creds.encode(creds.issue(session_id, s.workspace_id))
+
+
+def test_lists_page_with_a_token(env: InProcessServer) -> None:
+    made = [Sandbox.create(wait=False) for _ in range(3)]
+    try:
+        req = proto.message("ListWorkspaceSandboxesRequest")(page_size=2)
+        auth = (("authorization", f"Bearer {ADMIN_KEY}"),)
+        cls = proto.message("ListWorkspaceSandboxesResponse")
+        first = cls.FromString(_raw(env, "/tenki.sandbox.v1.SandboxService/"
+                                    "ListWorkspaceSandboxes", req, auth))
+        assert len(first.sessions) == 2 and first.next_page_token
+        req.page_token = first.next_page_token
+        rest = cls.FromString(_raw(env, "/tenki.sandbox.v1.SandboxService/"
+                                   "ListWorkspaceSandboxes", req, auth))
+        ids = {s.id for s in first.sessions} | {s.id for s in rest.sessions}
+        assert {m.id for m in made} <= ids
+    finally:
+        for m in made:
+            m.terminate()
+
+
+def test_mutating_calls_are_audited(env: InProcessServer) -> None:
+    sb = Sandbox.create(name="audited")
+    sb.terminate()
+    actions = [(e.action, e.object_id, e.method) for e in env.plane.audit.query(None, 50)]
+    assert ("TerminateSession", sb.id, "GRPC") in actions
+    assert any(a == "CreateSession" for a, _, _ in actions)
