@@ -234,3 +234,15 @@ def test_mutating_calls_are_audited(env: InProcessServer) -> None:
     actions = [(e.action, e.object_id, e.method) for e in env.plane.audit.query(None, 50)]
     assert ("TerminateSession", sb.id, "GRPC") in actions
     assert any(a == "CreateSession" for a, _, _ in actions)
+
+
+def test_rest_and_the_wire_agree_on_relative_paths(sandbox: Sandbox,
+                                                   env: InProcessServer) -> None:
+    from tenkibox.client import Client as OurClient
+    ours = OurClient(endpoint=env.url, api_key=ADMIN_KEY).sessions.get(sandbox.id)
+    ours.files.write("shared/from-rest.txt", "rest")
+    assert host(env).file(sandbox.id, "/home/tenki/shared/from-rest.txt") == b"rest"
+    assert sandbox.fs.read_text("shared/from-rest.txt") == "rest"
+    sandbox.fs.write_text("from-wire.txt", "wire")
+    assert ours.files.read_text("/home/tenki/from-wire.txt") == "wire"
+    assert ours.files.read_text("from-wire.txt") == "wire"

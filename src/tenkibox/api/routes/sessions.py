@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ...errors import ValidationError
+from ...control.workdir import resolve
 from ...models import (
     ExecRequest,
     FileWritten,
@@ -119,7 +119,8 @@ async def process_kill(session_id: str, process_id: str, plane: Plane, caller: C
 
 
 FilePath = Annotated[str, Query(min_length=1, max_length=4096,
-                                description="absolute path in the guest")]
+                                description="path in the guest; a relative one is relative "
+                                "to /home/tenki")]
 
 
 @router.get("/{session_id}/files", operation_id="readFile", response_class=StreamingResponse,
@@ -128,7 +129,7 @@ FilePath = Annotated[str, Query(min_length=1, max_length=4096,
 async def read_file(session_id: str, path: FilePath, plane: Plane,
                     caller: Caller) -> StreamingResponse:
     """Streamed: the server holds one chunk at a time; a client that goes away stops it."""
-    _check_path(path)
+    path = _guest_path(path)
     chunks = await plane.sessions.read_file(session_id, path, caller.workspace_id)
     first = await anext(chunks, b"")  # a missing file answers 404 before any byte is sent
 
@@ -152,16 +153,17 @@ async def write_file(session_id: str, path: FilePath, request: Request, plane: P
                      caller: Caller, mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
                      ) -> FileWritten:
     """Streamed into the guest; the file appears whole (renamed into place) or not at all."""
-    _check_path(path)
+    path = _guest_path(path)
     size = await plane.sessions.write_file(session_id, path, request.stream(), mode,
                                            caller.workspace_id)
     return FileWritten(path=path, size_bytes=size)
 
 
-def _check_path(path: str) -> None:
-    # NUL, bad UTF-8 and length are refused for every parameter by api/errors.py
-    if not path.startswith("/"):
-        raise ValidationError(f"must be an absolute path, got {path[:200]!r}", field="path")
+def _guest_path(path: str) -> str:
+    """A relative path is relative to the guest user's home, /home/tenki, as on Tenki's wire;
+    this surface also reaches absolute paths anywhere (control/workdir.py). NUL, bad UTF-8 and
+    length are refused for every parameter by api/errors.py."""
+    return resolve(path, confined=False)
 
 
 @router.post("/{session_id}/volumes", response_model=Session, operation_id="attachVolume",
