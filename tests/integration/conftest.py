@@ -80,6 +80,8 @@ class TenkiServer:
         self.run_root = RUN_ROOT / home.name
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        #: Tenki's gRPC wire (what the official SDKs take as TENKI_API_ENDPOINT)
+        self.grpc_endpoint = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -99,7 +101,9 @@ class TenkiServer:
         log = open(self.home / "server.log", "ab")
         # a restarted server keeps its port, so clients made earlier still reach it
         port = self.url.rsplit(":", 1)[1] if self.url else "0"
-        self.proc = subprocess.Popen([*TENKI, "serve", "--port", port], env=self.env,
+        grpc_port = self.grpc_endpoint.rsplit(":", 1)[1] if self.grpc_endpoint else "0"
+        self.proc = subprocess.Popen([*TENKI, "serve", "--port", port, "--grpc-port", grpc_port],
+                                     env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -107,7 +111,8 @@ class TenkiServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_tail()}")
             if server_file.exists():
-                self.url = json.loads(server_file.read_text())["url"]
+                info = json.loads(server_file.read_text())
+                self.url, self.grpc_endpoint = info["url"], info.get("grpc_endpoint") or ""
                 return
             time.sleep(0.05)
         raise RuntimeError(f"server did not start: {self.log_tail()}")
