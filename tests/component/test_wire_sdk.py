@@ -246,3 +246,9 @@ def test_rest_and_the_wire_agree_on_relative_paths(sandbox: Sandbox,
     sandbox.fs.write_text("from-wire.txt", "wire")
     assert ours.files.read_text("/home/tenki/from-wire.txt") == "wire"
     assert ours.files.read_text("from-wire.txt") == "wire"
+
+
+def test_usage_counts_what_the_workspace_holds(sandbox: Sandbox, env: InProcessServer) -> None:
+    limits = {item.key: item for item in Client().get_usage()}
+    assert limits["max_concurrent_sessions"].current >= 1
+    assert limits["max_stored_bytes"].unit == "bytes"

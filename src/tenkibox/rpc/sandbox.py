@@ -322,6 +322,28 @@ class SandboxService:
         await self.plane.volumes.detach(req.session_id, req.volume_id, caller.workspace_id)
         return M("DetachVolumeResponse")()
 
+    async def GetWorkspaceSandboxUsage(self, req: Any, caller: Principal,
+                                       ctx: Any) -> Any:
+        ws = self._ws(caller, req.workspace_id)
+        usage = self.plane.workspaces.usage(ws)
+        quotas = usage.quotas
+        count = proto.enum_value("SandboxUsageUnit", "SANDBOX_USAGE_UNIT_COUNT")
+        size = proto.enum_value("SandboxUsageUnit", "SANDBOX_USAGE_UNIT_BYTES")
+        out = M("GetWorkspaceSandboxUsageResponse")()
+        for key, label, unit, current, limit in (
+                ("max_concurrent_sessions", "Concurrent sandboxes", count,
+                 usage.concurrent_sessions, quotas.max_concurrent_sessions),
+                ("max_memory_mib", "Memory of running sandboxes (MiB)", count, usage.memory_mib,
+                 quotas.max_memory_mib),
+                ("max_snapshots", "Snapshots", count, usage.snapshots, quotas.max_snapshots),
+                ("max_volumes", "Volumes", count, usage.volumes, quotas.max_volumes),
+                ("max_stored_bytes", "Stored snapshot and volume bytes", size,
+                 usage.stored_bytes, quotas.max_stored_bytes)):
+            item = out.limits.add(key=key, label=label, unit=unit, current=current)
+            if limit is not None:
+                item.max = limit
+        return out
+
     # -- who ---------------------------------------------------------------------------------
     async def WhoAmI(self, req: Any, caller: Principal, ctx: Any) -> Any:
         ws = self.plane.workspaces.get(caller.workspace_id)
