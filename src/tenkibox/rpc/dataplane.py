@@ -105,6 +105,16 @@ except OSError as exc:
 """
 
 
+# "1|size|mode (hex)|mtime with ns|file type|symlink target" (of what a symlink points to), or
+# "0" when nothing is there
+_STAT_SH = (
+    'p="$1"; [ -e "$p" ] || [ -L "$p" ] || { echo 0; exit 0; }; '
+    't=""; [ -L "$p" ] && t=$(readlink -- "$p"); '
+    'printf "1|%s|%s\\n" "$(stat -L -c "%s|%f|%.9Y|%F" -- "$p" 2>/dev/null '
+    '|| stat -c "%s|%f|%.9Y|%F" -- "$p")" "$t"'
+)
+
+
 def M(name: str) -> Any:
     return proto.message(name)
 
@@ -347,14 +357,24 @@ class DataPlane:
     async def Stat(self, req: Any, grant: Grant, ctx: Any) -> Any:
         inner = req.request
         self._session(grant, inner.session_id)
-        info = await self._fs(grant, "stat", resolve(inner.path, confined=True))
+        path = resolve(inner.path, confined=True)
+        # coreutils' stat, not the Python helper: the SDKs probe with Stat, so it is the one
+        # metadata call on a hot path (about 4x faster to start under TCG)
+        raw = await self._collect(grant, ["sh", "-c", _STAT_SH, "stat", path])
         out = M("SandboxSessionDataPlaneServiceStatResponse")()
         r = out.response
-        r.exists = bool(info.get("exists"))
-        if r.exists:
-            r.size, r.mode, r.modified_unix_ns = info["size"], info["mode"], info["mtime_ns"]
-            r.is_dir, r.is_symlink = info["is_dir"], info.get("is_symlink", False)
-            r.symlink_target = info.get("target", "")
+        fields = raw.decode(errors="replace").rstrip("\n").split("|", 5)
+        if fields[0] != "1":
+            return out  # exists = false: the SDKs raise their FileNotFoundError
+        size, mode_hex, mtime, kind, target = fields[1:6]
+        seconds, _, frac = mtime.partition(".")
+        r.exists = True
+        r.size = int(size)
+        r.mode = int(mode_hex, 16) & 0o7777
+        r.modified_unix_ns = int(seconds) * 1_000_000_000 + int((frac + "000000000")[:9])
+        r.is_symlink = bool(target)
+        r.symlink_target = target
+        r.is_dir = kind == "directory"
         return out
 
     async def Mkdir(self, req: Any, grant: Grant, ctx: Any) -> Any:
