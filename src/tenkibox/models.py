@@ -215,7 +215,9 @@ class SessionState(str, Enum):
     CREATING = "CREATING"
     READY = "READY"
     RUNNING = "RUNNING"
+    PAUSING = "PAUSING"
     PAUSED = "PAUSED"
+    RESUMING = "RESUMING"
     TERMINATING = "TERMINATING"
     TERMINATED = "TERMINATED"
     FAILED = "FAILED"
@@ -232,6 +234,16 @@ class SnapshotState(str, Enum):
     FAILED = "FAILED"
     DELETING = "DELETING"
     DELETED = "DELETED"
+
+
+class SnapshotType(str, Enum):
+    """USER: taken by a user; PAUSE: a paused session's memory and disk (owned by that session,
+    released when it is resumed or terminated); TEMPLATE: a template's or an image's golden
+    snapshot (owned by the server)."""
+
+    USER = "USER"
+    PAUSE = "PAUSE"
+    TEMPLATE = "TEMPLATE"
 
 
 class VolumeState(str, Enum):
@@ -304,6 +316,7 @@ class Snapshot(_Answer):
     session_id: str
     workspace_id: str | None = None
     name: str | None = None
+    type: SnapshotType = SnapshotType.USER
     state: SnapshotState
     state_reason: str | None = None
     size_bytes: int = 0

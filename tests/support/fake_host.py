@@ -16,6 +16,8 @@ It stands in for ``LocalHost`` under the real control plane, so that everything 
   raise; ``gate = fake.block("capture")`` holds every call of it until ``gate.release()``
   (``gate.wait_entered()`` waits until a call is held); ``fake.kill_vm(session_id, reason)``
   makes a VM die on its own (``watch()`` reports it).
+- A pause's capture (``leave_paused``) marks the VM ``frozen``; ``fake.restores`` keeps every
+  restore's spec (a resume has ``keep_identity``).
 - ``fake.calls`` lists every operation with its main argument, in order.
 
 The fake's own state is touched on the event loop that drives it; ``kill_vm`` and the gates may
@@ -359,6 +361,8 @@ class FakeVM:
     mounts: dict[str, VolumeMountSpec] = field(default_factory=dict)  # guest path -> mount
     procs: list[FakeAgentProcess] = field(default_factory=list)
     captures: int = 0
+    #: a capture for a pause left the guest paused (``CaptureSpec.leave_paused``)
+    frozen: bool = False
 
 
 @dataclass
@@ -389,6 +393,8 @@ class FakeHost:
         self.programs: dict[str, Program] = builtin_programs()
         self.processes = ProcessTable()
         self.calls: list[tuple[str, str]] = []
+        #: every restore's spec, in order (``keep_identity`` tells a resume from a clone)
+        self.restores: list[RestoreSpec] = []
         #: processes of ours that no session owns, killed at the next ``recover``
         self.strays = 0
         #: volumes that the next capture fails to plug back (the guest loses them)
@@ -568,6 +574,7 @@ class FakeHost:
         m = spec.manifest
         try:
             await self._enter("restore", spec.session_id)
+            self.restores.append(spec)
             for d, kind in m.digests().items():
                 if d not in self.artifacts or d in self.corrupt:
                     what = "is missing" if d not in self.artifacts else "is damaged"
@@ -635,6 +642,7 @@ class FakeHost:
         manifest = Manifest(vm.shape, list(vm.layers), self._new_digest("ram", spec.snapshot_id),
                             self._new_digest("state", spec.snapshot_id), spec.base_image_id)
         self.saved[manifest.state] = SavedState(dict(vm.files))
+        vm.frozen = spec.leave_paused
         lost = sorted(m.volume_id for m in spec.volumes if m.volume_id in self.lose_at_capture)
         vm.mounts = {p: m for p, m in vm.mounts.items() if m.volume_id not in lost}
         self.lose_at_capture.clear()

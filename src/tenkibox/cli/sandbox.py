@@ -253,6 +253,86 @@ def terminate(
         click.echo(f"{record.id} {record.state.value}")
 
 
+def _pause_or_resume(
+    ctx: click.Context,
+    pause: bool,
+    session_arg: str | None,
+    session_opt: str | None,
+    no_wait: bool,
+    wait_timeout: str,
+    as_json: bool,
+) -> None:
+    sid = c.one_id(session_arg, session_opt, "session id", "--session")
+    timeout = c.parse_duration(wait_timeout, "--wait-timeout")
+    cl = c.client(ctx)
+    if pause:
+        with c.spinner(f"Pausing {sid} (PAUSING)", enabled=not no_wait):
+            record = cl.pause(sid, wait=not no_wait, timeout=timeout).record
+    else:
+        with c.spinner(f"Resuming {sid} (RESUMING)", enabled=not no_wait):
+            record = cl.resume(sid, wait=not no_wait, timeout=timeout).record
+    if as_json:
+        c.print_json(record)
+    else:
+        click.echo(f"{record.id} {record.state.value}")
+
+
+def _pause_options(what: str, default_timeout: str) -> Callable[[c.F], c.F]:
+    def decorate(f: c.F) -> c.F:
+        opts: list[Callable[[Any], Any]] = [
+            click.argument("session_arg", metavar="[ID]", required=False),
+            click.option(
+                "--session", "session_opt", metavar="ID", help="The session (instead of ID)."
+            ),
+            click.option("--no-wait", is_flag=True, help=f"Return at once (state {what})."),
+            click.option(
+                "--wait-timeout",
+                default=default_timeout,
+                show_default=True,
+                metavar="DURATION",
+                help="How long to wait.",
+            ),
+            c.json_option,
+        ]
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+@sandbox.command("pause")
+@_pause_options("PAUSING", "5m")
+@click.pass_context
+def pause(
+    ctx: click.Context,
+    session_arg: str | None,
+    session_opt: str | None,
+    no_wait: bool,
+    wait_timeout: str,
+    as_json: bool,
+) -> None:
+    """Pause a session: its memory and disk are kept in a snapshot of type PAUSE and its VM
+    stops (a paused session counts against no session or memory quota). Idempotent."""
+    _pause_or_resume(ctx, True, session_arg, session_opt, no_wait, wait_timeout, as_json)
+
+
+@sandbox.command("resume")
+@_pause_options("RESUMING", "3m")
+@click.pass_context
+def resume(
+    ctx: click.Context,
+    session_arg: str | None,
+    session_opt: str | None,
+    no_wait: bool,
+    wait_timeout: str,
+    as_json: bool,
+) -> None:
+    """Resume a paused session under the same id: its processes go on with their PIDs and its
+    clock is set. Quotas are checked again. Idempotent."""
+    _pause_or_resume(ctx, False, session_arg, session_opt, no_wait, wait_timeout, as_json)
+
+
 # -- exec -----------------------------------------------------------------------------------
 
 

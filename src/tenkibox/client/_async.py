@@ -295,6 +295,36 @@ class AsyncClient:
         """Terminate the session (idempotent); its VM is stopped and its disk removed."""
         return AsyncSession(self, await self._call(_core.terminate_session(session_id)))
 
+    async def pause(
+        self,
+        session_id: str,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> AsyncSession:
+        """Pause the session: its memory and disk go into a snapshot of type PAUSE and its VM
+        is stopped (a paused session counts against no session or memory quota). Idempotent.
+
+        With ``wait``, wait up to ``timeout`` seconds until it is PAUSED: SnapshotFailedError
+        if the capture failed (the session runs on, READY, the reason in ``state_reason``),
+        WaitTimeoutError if it is still PAUSING (it goes on). ``wait=False``: returns PAUSING.
+        """
+        return AsyncSession(self, await self._run(_core.pause_flow(session_id, wait, timeout)))
+
+    async def resume(
+        self,
+        session_id: str,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> AsyncSession:
+        """Resume a PAUSED session under the same id: its processes keep their PIDs, its clock
+        is set. Quotas and the host's capacity are checked again (QuotaExceededError,
+        CapacityUnavailableError: it stays PAUSED). Idempotent.
+
+        With ``wait``, wait up to ``timeout`` seconds until it runs: SessionFailedError if the
+        restore failed (the session is FAILED). ``wait=False``: returns RESUMING.
+        """
+        return AsyncSession(self, await self._run(_core.resume_flow(session_id, wait, timeout)))
+
     async def attach_volume(
         self, session_id: str, volume_id: str, path: str, read_only: bool = False
     ) -> AsyncSession:
@@ -624,6 +654,8 @@ class AsyncSessions:
     list = _core.alias(AsyncClient.list)
     wait_ready = _core.alias(AsyncClient.wait_session_ready)
     terminate = _core.alias(AsyncClient.terminate)
+    pause = _core.alias(AsyncClient.pause)
+    resume = _core.alias(AsyncClient.resume)
     attach_volume = _core.alias(AsyncClient.attach_volume)
     detach_volume = _core.alias(AsyncClient.detach_volume)
 
@@ -834,6 +866,20 @@ class AsyncSession:
     async def detach_volume(self, volume_id: str) -> AsyncSession:
         """Detach a volume; returns ``self`` (record updated)."""
         self._record = (await self._client.detach_volume(self.id, volume_id)).record
+        return self
+
+    async def pause(
+        self, wait: bool = True, timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT
+    ) -> AsyncSession:
+        """Pause this session (see :meth:`AsyncClient.pause`); returns ``self`` (record updated)."""
+        self._record = await self._client._run(_core.pause_flow(self.id, wait, timeout))
+        return self
+
+    async def resume(
+        self, wait: bool = True, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT
+    ) -> AsyncSession:
+        """Resume this session (see :meth:`AsyncClient.resume`); returns ``self`` (updated)."""
+        self._record = await self._client._run(_core.resume_flow(self.id, wait, timeout))
         return self
 
     async def terminate(self) -> AsyncSession:

@@ -667,6 +667,14 @@ def terminate_session(session_id: str) -> Call[models.Session]:
     return Call("DELETE", f"/v1/sessions/{seg(session_id)}", _model(models.Session))
 
 
+def pause_session(session_id: str) -> Call[models.Session]:
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/pause", _model(models.Session))
+
+
+def resume_session(session_id: str) -> Call[models.Session]:
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/resume", _model(models.Session))
+
+
 def start_process(session_id: str, body: models.ExecRequest) -> Call[models.ProcessInfo]:
     return Call(
         "POST",
@@ -911,10 +919,42 @@ def _still(
     )
 
 
+_SESSION_BUSY = (
+    models.SessionState.CREATING,
+    models.SessionState.PAUSING,
+    models.SessionState.RESUMING,
+)
+_SESSION_OVER = (
+    models.SessionState.FAILED,
+    models.SessionState.TERMINATING,
+    models.SessionState.TERMINATED,
+)
+
+
+def session_paused(record: models.Session) -> models.Session | None:
+    """The end of a pause wait: the PAUSED record, None to keep waiting; raise when the pause
+    failed (the session runs on: SnapshotFailedError) or the session ended."""
+    state = record.state
+    if state in _SESSION_BUSY:
+        return None
+    reason = record.state_reason or "no reason given"
+    if state in _SESSION_OVER:
+        raise errors.SessionFailedError(
+            f"session {record.id} is {state.value}: {reason}",
+            details=record.model_dump(mode="json"),
+        )
+    if state != models.SessionState.PAUSED and reason.startswith("pause failed"):
+        raise errors.SnapshotFailedError(
+            f"session {record.id} was not paused (it is {state.value}): {reason}",
+            details=record.model_dump(mode="json"),
+        )
+    return record
+
+
 def session_ready(record: models.Session) -> models.Session | None:
     """The record when the wait is over, None to keep waiting; raise when it failed."""
     state = record.state
-    if state == models.SessionState.CREATING:
+    if state in _SESSION_BUSY:
         return None
     if state in (
         models.SessionState.FAILED,
@@ -930,17 +970,39 @@ def session_ready(record: models.Session) -> models.Session | None:
 
 
 def wait_session_flow(
-    session_id: str, timeout: float | None, record: models.Session | None = None
+    session_id: str,
+    timeout: float | None,
+    record: models.Session | None = None,
+    done: Callable[[models.Session], models.Session | None] = session_ready,
 ) -> Flow[models.Session]:
     _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        if record is not None and session_ready(record) is not None:
+        if record is not None and done(record) is not None:
             return record
         remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
         if remaining <= 0 and record is not None:
             raise _still("session", session_id, record.state.value, timeout or 0.0, record)
         record = yield wait_session(session_id, max(0.0, min(LONG_POLL_S, remaining)))
+
+
+def pause_flow(session_id: str, wait: bool, timeout: float | None) -> Flow[models.Session]:
+    """Pause; with ``wait``, until PAUSED (SnapshotFailedError if the capture failed and the
+    session runs on; WaitTimeoutError after ``timeout`` seconds, the pause goes on)."""
+    _check_timeout(timeout)
+    record = yield pause_session(session_id)
+    if not wait:
+        return record
+    return (yield from wait_session_flow(session_id, timeout, record, session_paused))
+
+
+def resume_flow(session_id: str, wait: bool, timeout: float | None) -> Flow[models.Session]:
+    """Resume; with ``wait``, until it runs (SessionFailedError if the restore failed)."""
+    _check_timeout(timeout)
+    record = yield resume_session(session_id)
+    if not wait:
+        return record
+    return (yield from wait_session_flow(session_id, timeout, record))
 
 
 def create_and_wait_flow(body: models.SessionCreate, timeout: float | None) -> Flow[models.Session]:

@@ -288,6 +288,36 @@ class Client:
         """Terminate the session (idempotent); its VM is stopped and its disk removed."""
         return Session(self, self._call(_core.terminate_session(session_id)))
 
+    def pause(
+        self,
+        session_id: str,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> Session:
+        """Pause the session: its memory and disk go into a snapshot of type PAUSE and its VM
+        is stopped (a paused session counts against no session or memory quota). Idempotent.
+
+        With ``wait``, wait up to ``timeout`` seconds until it is PAUSED: SnapshotFailedError
+        if the capture failed (the session runs on, READY, the reason in ``state_reason``),
+        WaitTimeoutError if it is still PAUSING (it goes on). ``wait=False``: returns PAUSING.
+        """
+        return Session(self, self._run(_core.pause_flow(session_id, wait, timeout)))
+
+    def resume(
+        self,
+        session_id: str,
+        wait: bool = True,
+        timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+    ) -> Session:
+        """Resume a PAUSED session under the same id: its processes keep their PIDs, its clock
+        is set. Quotas and the host's capacity are checked again (QuotaExceededError,
+        CapacityUnavailableError: it stays PAUSED). Idempotent.
+
+        With ``wait``, wait up to ``timeout`` seconds until it runs: SessionFailedError if the
+        restore failed (the session is FAILED). ``wait=False``: returns RESUMING.
+        """
+        return Session(self, self._run(_core.resume_flow(session_id, wait, timeout)))
+
     def attach_volume(
         self, session_id: str, volume_id: str, path: str, read_only: bool = False
     ) -> Session:
@@ -622,6 +652,8 @@ class Sessions:
     list = _core.alias(Client.list)
     wait_ready = _core.alias(Client.wait_session_ready)
     terminate = _core.alias(Client.terminate)
+    pause = _core.alias(Client.pause)
+    resume = _core.alias(Client.resume)
     attach_volume = _core.alias(Client.attach_volume)
     detach_volume = _core.alias(Client.detach_volume)
 
@@ -823,6 +855,20 @@ class Session:
     def detach_volume(self, volume_id: str) -> Session:
         """Detach a volume; returns ``self`` (record updated)."""
         self._record = self._client.detach_volume(self.id, volume_id).record
+        return self
+
+    def pause(
+        self, wait: bool = True, timeout: float | None = _core.DEFAULT_SNAPSHOT_TIMEOUT
+    ) -> Session:
+        """Pause this session (see :meth:`Client.pause`); returns ``self`` (record updated)."""
+        self._record = self._client._run(_core.pause_flow(self.id, wait, timeout))
+        return self
+
+    def resume(
+        self, wait: bool = True, timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT
+    ) -> Session:
+        """Resume this session (see :meth:`Client.resume`); returns ``self`` (record updated)."""
+        self._record = self._client._run(_core.resume_flow(self.id, wait, timeout))
         return self
 
     def terminate(self) -> Session:

@@ -46,8 +46,8 @@ class ControlPlane:
         self.keys = KeyControl(self.records)
         self.audit = AuditLog(self.records)
         self.volumes = VolumeControl(self.records, host)
-        self.sessions = SessionControl(self.records, host, self.volumes)
         self.snapshots = SnapshotControl(self.records, host, self.volumes)
+        self.sessions = SessionControl(self.records, host, self.volumes, self.snapshots)
         self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
         self.golden = GoldenControl(self.records, self.sessions, self.snapshots)
         self._loops: list[asyncio.Task[None]] = []

@@ -119,8 +119,11 @@ class Records:
         return gone
 
     async def transition(self, cls: type[R], key: str, target: Any, *,
-                         expected: Iterable[Any] | None = None, **values: Any) -> R:
-        """Move a record to ``target`` (compare-and-set); returns the updated row."""
+                         expected: Iterable[Any] | None = None,
+                         check: Callable[[OrmSession], None] | None = None,
+                         **values: Any) -> R:
+        """Move a record to ``target`` (compare-and-set); returns the updated row. ``check``
+        runs first in the same transaction and refuses by raising (quotas, as ``insert``)."""
         kind = _KIND[cls]
         target = _value(target)
         if target not in TRANSITIONS[kind]:
@@ -130,6 +133,8 @@ class Records:
             allowed = allowed & {_value(s) for s in expected}
         table: Any = cls
         with self.store.tx() as orm:
+            if check is not None:
+                check(orm)
             result = orm.execute(
                 update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
                 .values(state=target, **values)

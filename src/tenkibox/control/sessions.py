@@ -4,7 +4,8 @@ A create writes a CREATING record and starts one task that asks the host to boot
 the task ends the record READY or FAILED. Terminate wins over that task: it moves the record to
 TERMINATING first (compare-and-set, so one terminate acts and the others wait for it), cancels
 the task (the host stops whatever it launched), asks the host to stop the VM, and only then
-writes TERMINATED.
+writes TERMINATED. Pause and resume are ``pausing.PauseControl``'s (their tasks are start tasks
+here: a terminate cancels them the same way).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import longpoll
 from ..errors import (
@@ -39,9 +40,13 @@ from ..ids import new_id
 from ..models import DEFAULT_IMAGE_ID, ExecRequest, Session, SessionCreate, SessionState
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
+from .pausing import PauseControl
 from .records import Records
-from .states import FINAL, LIVE, IllegalTransitionError
+from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
+
+if TYPE_CHECKING:
+    from .snapshots import SnapshotControl
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,31 @@ def hostname_for(session_id: str) -> str:
     return f"tenki-{session_id.split('_', 1)[-1][:8]}"
 
 
+#: states a wait waits through
+_BUSY = frozenset({S.CREATING.value, S.PAUSING.value, S.RESUMING.value})
+_PAUSE_WORDS = {S.PAUSING.value: "is being paused (PAUSING)",
+                S.PAUSED.value: "is paused (PAUSED): resume it first",
+                S.RESUMING.value: "is being resumed (RESUMING): wait until it is READY"}
+
+
+def not_running(row: SessionRow) -> ConflictError:
+    """The 409 of a call that needs the session's VM."""
+    if row.state in _PAUSE_WORDS:
+        return ConflictError(f"session {row.id} {_PAUSE_WORDS[row.state]}")
+    reason = f" ({row.state_reason})" if row.state_reason else ""
+    return ConflictError(f"session {row.id} is {row.state}{reason}, not running")
+
+
 class SessionControl:
-    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl) -> None:
+    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl,
+                 snapshots: SnapshotControl | None = None) -> None:
         self.records = records
         self.host = host
         self.volumes = volumes
-        self._starts: dict[str, asyncio.Task[None]] = {}
+        #: pause and resume (they capture and release PAUSE snapshots)
+        self.pausing = PauseControl(self, snapshots) if snapshots is not None else None
+        #: the task bringing a session's VM up or down: its create, pause or resume
+        self._starts: dict[str, asyncio.Task[Any]] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}  # the terminate at work, per session
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -99,15 +123,15 @@ class SessionControl:
         return [self.to_model(r) for r in rows]
 
     async def wait(self, session_id: str, timeout_s: float, ws: str | None = None) -> Session:
+        """As soon as the session is out of CREATING, PAUSING and RESUMING."""
         row = await longpoll.until(self.records.changed, lambda: self.row(session_id, ws),
-                                   lambda r: r.state != S.CREATING.value, timeout_s)
+                                   lambda r: r.state not in _BUSY, timeout_s)
         return self.to_model(row)
 
     def live_row(self, session_id: str, ws: str | None = None) -> SessionRow:
         row = self.row(session_id, ws)
         if row.state not in LIVE or not self.host.has_vm(session_id):
-            reason = f" ({row.state_reason})" if row.state_reason else ""
-            raise ConflictError(f"session {session_id} is {row.state}{reason}, not running")
+            raise not_running(row)
         return row
 
     # -- create ------------------------------------------------------------------------------
@@ -132,6 +156,12 @@ class SessionControl:
                     f"snapshot {snap.id} is {snap.state}{why}; only a READY snapshot "
                     "can be restored")
             image_id = snap.base_image_id
+            if snap.type == "PAUSE":
+                owner = self.records.find(SessionRow, snap.session_id)
+                if owner is not None and owner.state in PAUSE_STATES:
+                    raise ConflictError(
+                        f"snapshot {snap.id} holds paused session {owner.id} ({owner.state}); "
+                        f"resume that session instead")
         fields = req.model_fields_set if not golden else set()
         if snap and "cpu" in fields and req.cpu != snap.cpu:
             raise ValidationError(f"a restore keeps the snapshot's {snap.cpu} vCPUs",
@@ -194,9 +224,7 @@ class SessionControl:
                 raise
             row = self.row(session_id)
             if row.state not in LIVE or not self.host.has_vm(session_id):
-                reason = f" ({row.state_reason})" if row.state_reason else ""
-                raise ConflictError(
-                    f"session {session_id} is {row.state}{reason}, not running") from exc
+                raise not_running(row) from exc
             raise
 
     async def _start(self, session_id: str, req: SessionCreate, manifest: Manifest | None,
@@ -265,6 +293,34 @@ class SessionControl:
             return await self.host.boot(BootSpec(row.id, row.cpu, row.memory_mb,
                                                  row.base_image_id, hostname_for(row.id)))
 
+    # -- pause and resume ----------------------------------------------------------------------
+    async def pause(self, session_id: str, ws: str | None = None, *,
+                    wait: bool = True) -> Session:
+        """Capture the session into a PAUSE snapshot and stop its VM: READY/RUNNING ->
+        PAUSING -> PAUSED. Idempotent (a PAUSED session is answered as it is; a pause in
+        flight is joined). ``wait=False``: returns once PAUSING is written (the work goes on in
+        a task). ``wait=True``: returns the PAUSED session, or raises ``SnapshotFailedError``
+        (the capture failed: the session runs on, READY, the reason in ``state_reason``),
+        ``SessionFailedError`` (its VM was lost) or ``ConflictError`` (terminated meanwhile,
+        or not running)."""
+        return await self._pause_control().pause(session_id, ws, wait)
+
+    async def resume(self, session_id: str, ws: str | None = None, *,
+                     wait: bool = True) -> Session:
+        """Restore the PAUSE snapshot under the same session id: PAUSED -> RESUMING -> READY
+        (the workspace's quotas and the host's capacity are checked again: ``QuotaExceeded``,
+        ``CapacityUnavailable``, and the session stays PAUSED). Idempotent (a READY/RUNNING
+        session is answered as it is; a resume in flight is joined). ``wait=False``: returns
+        once RESUMING is written. ``wait=True``: returns the READY session, or raises
+        ``SessionFailedError`` (the restore failed: the session is FAILED with the reason) or
+        ``ConflictError``."""
+        return await self._pause_control().resume(session_id, ws, wait)
+
+    def _pause_control(self) -> PauseControl:
+        if self.pausing is None:
+            raise ConflictError("pause and resume are not available on this server")
+        return self.pausing
+
     # -- terminate ---------------------------------------------------------------------------
     async def terminate(self, session_id: str, reason: str | None = None,
                         ws: str | None = None) -> Session:
@@ -311,6 +367,8 @@ class SessionControl:
             await asyncio.wait({start})
         await self.host.terminate(session_id, self.volumes.mounts_of(session_id))
         await self.volumes.release_session(session_id)
+        if self.pausing is not None:
+            await self.pausing.release_all(session_id, "the session was terminated")
         await self.records.transition(SessionRow, session_id, S.TERMINATED,
                                       expected=[S.TERMINATING], state_reason=reason,
                                       terminated_at=now())
@@ -319,7 +377,8 @@ class SessionControl:
         """The host says the VM stopped on its own."""
         try:
             await self.records.transition(SessionRow, session_id, S.FAILED,
-                                          expected=[S.READY, S.RUNNING, S.CREATING],
+                                          expected=[S.READY, S.RUNNING, S.CREATING,
+                                                    S.RESUMING],
                                           state_reason=reason, terminated_at=now())
         except (IllegalTransitionError, TenkiError):
             return
@@ -330,7 +389,8 @@ class SessionControl:
         """After a (re)start: find the VMs of live sessions again; settle everything else."""
         live: dict[str, Any] = {}
         for row in self.records.all(SessionRow):
-            if row.state in LIVE:
+            # a pause cut short may have left its VM running: found again, it runs on
+            if row.state in LIVE or (row.state == S.PAUSING.value and self.pausing):
                 live[row.id] = self.volumes.mounts_of(row.id)
         for row in self.records.all(SessionRow):
             if row.state == S.CREATING.value:
@@ -341,13 +401,22 @@ class SessionControl:
         found = await self.host.recover(live)
         for sid, why in found.lost.items():
             log.warning("session %s: %s", sid, why)
+            if self.pausing is not None and self.row(sid).state == S.PAUSING.value:
+                await self.pausing.recover_pausing(sid, vm_found=False)
+                continue
             await self.records.transition(SessionRow, sid, S.TERMINATING, state_reason=why)
         for row in self.records.all(SessionRow):
             if row.state == S.TERMINATING.value:
                 await self.host.terminate(row.id, [])
                 await self.volumes.release_session(row.id)
+                if self.pausing is not None:
+                    await self.pausing.release_all(row.id, "the session was terminated")
                 await self.records.transition(SessionRow, row.id, S.TERMINATED,
                                               terminated_at=now())
+            elif row.state == S.PAUSING.value and self.pausing is not None:
+                await self.pausing.recover_pausing(row.id, vm_found=True)
+            elif row.state == S.RESUMING.value and self.pausing is not None:
+                self.pausing.recover_resuming(row.id)
             elif row.state == S.RUNNING.value:
                 # no process of an earlier server is followed any more
                 await self.records.transition(SessionRow, row.id, S.READY, expected=[S.RUNNING])
@@ -445,7 +514,8 @@ class SessionControl:
         t = now()
         for row in self.records.all(SessionRow):
             try:
-                if row.expires_at and row.expires_at <= t and row.state in LIVE:
+                if row.expires_at and row.expires_at <= t and (
+                        row.state in LIVE or row.state == S.PAUSED.value):
                     log.info("session %s: max duration reached", row.id)
                     await self.terminate(row.id, "max duration reached")
                 elif row.state == S.TERMINATING.value and row.id not in self._stopping:

@@ -8,11 +8,17 @@ and the step. A restore is a session create (``SessionControl.create``) that rea
 Artifacts are shared by content (the base image by every snapshot, a lineage's older layers by
 the younger snapshots), so deleting a snapshot marks it DELETED and lets the garbage collector
 remove what nothing references any more: no live session, no other snapshot.
+
+Types (``SnapshotType``): USER (``create``), TEMPLATE (a template's or an image's golden snapshot,
+``template_id`` set: owned by it), PAUSE (``begin_pause``: a paused session's memory and disk,
+owned by that session: no user deletes it while the session is paused; ``release`` removes it
+once the session is resumed or terminated).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -21,16 +27,17 @@ from .. import longpoll
 from ..errors import ConflictError, TenkiError, ValidationError
 from ..host.api import CaptureSpec, HostAPI, Manifest
 from ..ids import new_id
-from ..models import Snapshot, SnapshotCreate, SnapshotState
+from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
 from .records import Records
-from .states import FINAL, LIVE, IllegalTransitionError
+from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
 log = logging.getLogger(__name__)
 
 P = SnapshotState
+T = SnapshotType
 
 
 def now() -> datetime:
@@ -40,7 +47,8 @@ def now() -> datetime:
 def to_model(row: SnapshotRow) -> Snapshot:
     return Snapshot(
         id=row.id, session_id=row.session_id, workspace_id=row.workspace_id, name=row.name,
-        state=SnapshotState(row.state), state_reason=row.state_reason,
+        type=SnapshotType(row.type or T.USER.value), state=SnapshotState(row.state),
+        state_reason=row.state_reason,
         size_bytes=row.size_bytes or 0, compressed_bytes=row.compressed_bytes or 0,
         memory_bytes=row.memory_bytes or 0, base_image_id=row.base_image_id, cpu=row.cpu,
         memory_mb=row.memory_mb, created_at=row.created_at, ready_at=row.ready_at,
@@ -103,6 +111,7 @@ class SnapshotControl:
                                 "can be snapshotted")
         row = SnapshotRow(
             id=new_id("snapshot"), session_id=srow.id, workspace_id=ws, template_id=template_id,
+            type=(T.TEMPLATE if template_id is not None else T.USER).value,
             name=req.name, state=P.CREATING.value, base_image_id=srow.base_image_id,
             cpu=srow.cpu, memory_mb=srow.memory_mb, memory_bytes=srow.memory_mb << 20,
             machine=None, disk_chain=[], files={}, timings={}, created_at=now(),
@@ -113,11 +122,19 @@ class SnapshotControl:
         return to_model(row)
 
     async def _capture(self, snapshot_id: str, session_id: str, base_image_id: str) -> None:
+        with contextlib.suppress(Exception):  # the record says how it ended
+            await self.capture(snapshot_id, session_id, base_image_id)
+
+    async def capture(self, snapshot_id: str, session_id: str, base_image_id: str, *,
+                      leave_paused: bool = False) -> None:
+        """Capture the CREATING record ``snapshot_id``: READY with its manifest, or FAILED
+        with the reason (and the error raised). ``leave_paused``: a pause (``CaptureSpec``)."""
         try:
             # two snapshots of one session are taken one after the other
             async with self._capturing.setdefault(session_id, asyncio.Lock()):
+                mounts = [] if leave_paused else self.volumes.mounts_of(session_id)
                 got = await self.host.capture(CaptureSpec(
-                    session_id, snapshot_id, base_image_id, self.volumes.mounts_of(session_id)))
+                    session_id, snapshot_id, base_image_id, mounts, leave_paused=leave_paused))
             m = got.manifest
             # written before anything else yields to the loop: until the record names the
             # manifest, only the host's note of the capture in flight keeps it from the GC
@@ -138,16 +155,58 @@ class SnapshotControl:
                                               state_reason=f"capture failed: {reason}")
             except IllegalTransitionError:
                 pass
+            raise
+
+    # -- the PAUSE snapshots of paused sessions ----------------------------------------------
+    async def begin_pause(self, srow: SessionRow) -> SnapshotRow:
+        """The CREATING record of a pause of ``srow`` (no snapshot quota: it is not the
+        user's; its stored bytes count as any snapshot's). The caller runs ``capture``."""
+        row = SnapshotRow(
+            id=new_id("snapshot"), session_id=srow.id, workspace_id=srow.workspace_id,
+            template_id=None, type=T.PAUSE.value, name=f"pause of {srow.id}"[:64],
+            state=P.CREATING.value, base_image_id=srow.base_image_id, cpu=srow.cpu,
+            memory_mb=srow.memory_mb, memory_bytes=srow.memory_mb << 20, machine=None,
+            disk_chain=[], files={}, timings={}, created_at=now(), expires_at=None)
+        await self.records.insert(row)
+        return row
+
+    def pause_snapshots(self, session_id: str, *states: str) -> list[SnapshotRow]:
+        """The PAUSE snapshots of a session in ``states`` (every kept one by default), oldest
+        first."""
+        wanted = set(states or (P.CREATING.value, P.READY.value, P.FAILED.value))
+        rows = [r for r in self.records.all(SnapshotRow, SnapshotRow.session_id == session_id)
+                if r.type == T.PAUSE.value and r.state in wanted]
+        rows.sort(key=lambda r: r.created_at)
+        return rows
+
+    async def release(self, snapshot_id: str, reason: str) -> None:
+        """The owning session lets its PAUSE snapshot go (resumed, terminated, or the pause
+        failed): one still CREATING becomes FAILED (its capture is over: the caller's), then
+        it is deleted. Idempotent."""
+        with contextlib.suppress(IllegalTransitionError):
+            await self.records.transition(SnapshotRow, snapshot_id, P.FAILED,
+                                          expected=[P.CREATING], state_reason=reason)
+        row = self.row(snapshot_id)
+        if row.state in (P.READY.value, P.FAILED.value):
+            await self.delete(snapshot_id, owner=row.session_id)
 
     # -- delete and expiry ---------------------------------------------------------------------
     async def delete(self, snapshot_id: str, ws: str | None = None, *,
                      owner: str | None = None) -> Snapshot:
-        """``owner``: the template deleting its own golden snapshot (nobody else may)."""
+        """``owner``: the template deleting its own golden snapshot, or the session releasing
+        its PAUSE snapshot (nobody else may, while that session is paused)."""
         row = self.row(snapshot_id, ws)
         if row.template_id is not None and row.template_id != owner:
             raise ConflictError(f"snapshot {snapshot_id} is the golden snapshot of template "
                                 f"{row.template_id}; it goes with the template's next build "
                                 "or its deletion")
+        if row.type == T.PAUSE.value and owner != row.session_id:
+            srow = self.records.find(SessionRow, row.session_id)
+            if srow is not None and srow.state in PAUSE_STATES:
+                raise ConflictError(
+                    f"snapshot {snapshot_id} holds the memory and disk of session "
+                    f"{row.session_id}, which is {srow.state}; it is released when the session "
+                    "is resumed or terminated")
         if row.state in (P.DELETED.value, P.DELETING.value):
             return to_model(row)
         if row.state == P.CREATING.value:

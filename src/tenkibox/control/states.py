@@ -12,8 +12,23 @@ Sessions::
        └──terminate──> TERMINATING <──terminate/expiry── READY/RUNNING
                            └──VM gone, files removed──> TERMINATED
 
-(``PAUSED`` is part of the wire model for pause/resume, which no surface offers yet: no
-transition reaches it.)
+    READY/RUNNING ──pause──> PAUSING ──PAUSE snapshot READY, VM stopped──> PAUSED
+                               └──capture failed, VM still runs──> READY/RUNNING (reason kept)
+                               └──capture failed, VM gone──> FAILED
+    PAUSED ──resume (quota and capacity checked again)──> RESUMING ──restored──> READY
+                                                              └──restore failed──> FAILED
+    PAUSING/PAUSED/RESUMING ──terminate/expiry──> TERMINATING (the PAUSE snapshot is released)
+
+A PAUSED session has no VM: it holds its PAUSE snapshot (``SnapshotType.PAUSE``, owned by the
+session: it cannot be deleted while the session is paused, and is released once the session is
+resumed or terminated; a failed resume keeps it, to be restored as a new session or deleted).
+It counts against no session or memory quota and no host capacity.
+
+Recovery after a server crash (``SessionControl.recover``): PAUSING whose VM still runs ->
+READY (the host resumes a guest a capture left frozen; the PAUSE snapshot, finished or not, is
+released); PAUSING with no VM -> PAUSED if its PAUSE snapshot is READY, else
+FAILED; PAUSED stays PAUSED; RESUMING -> the restore is tried again from the PAUSE snapshot
+(whatever VM the crashed restore left is killed first), FAILED if that snapshot is not READY.
 
 Snapshots (states never lie: READY only once every artifact is stored and verified)::
 
@@ -42,10 +57,12 @@ from ..models import VolumeState as V
 
 SESSION: dict[str, frozenset[str]] = {
     S.CREATING: frozenset({S.READY, S.FAILED, S.TERMINATING}),
-    S.READY: frozenset({S.RUNNING, S.TERMINATING, S.FAILED}),
-    S.RUNNING: frozenset({S.READY, S.TERMINATING, S.FAILED}),
+    S.READY: frozenset({S.RUNNING, S.TERMINATING, S.FAILED, S.PAUSING}),
+    S.RUNNING: frozenset({S.READY, S.TERMINATING, S.FAILED, S.PAUSING}),
+    S.PAUSING: frozenset({S.PAUSED, S.READY, S.RUNNING, S.FAILED, S.TERMINATING}),
+    S.PAUSED: frozenset({S.RESUMING, S.TERMINATING}),
+    S.RESUMING: frozenset({S.READY, S.FAILED, S.TERMINATING}),
     S.TERMINATING: frozenset({S.TERMINATED}),
-    S.PAUSED: frozenset(),
     S.TERMINATED: frozenset(),
     S.FAILED: frozenset(),
 }
@@ -76,6 +93,8 @@ TRANSITIONS = {"session": SESSION, "snapshot": SNAPSHOT, "volume": VOLUME, "buil
 
 #: Sessions whose VM exists and can be driven.
 LIVE = frozenset({S.READY.value, S.RUNNING.value})
+#: Sessions that are being paused, are paused, or are being resumed.
+PAUSE_STATES = frozenset({S.PAUSING.value, S.PAUSED.value, S.RESUMING.value})
 #: Sessions that are over.
 FINAL = frozenset({S.TERMINATED.value, S.FAILED.value})
 

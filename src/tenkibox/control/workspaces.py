@@ -21,6 +21,7 @@ from ..models import (
     Quotas,
     SessionState,
     SnapshotState,
+    SnapshotType,
     Usage,
     VolumeState,
     Workspace,
@@ -34,10 +35,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "default"
 
-#: Sessions that hold a VM (or are about to, or are still letting it go).
+#: Sessions that hold a VM (or are about to, or are still letting it go): what the session and
+#: memory quotas and the host's capacity count. A PAUSED session holds no VM (its memory is in
+#: its PAUSE snapshot): it counts against none of them, and its resume is admitted again.
 HOLDING_SESSION = (SessionState.CREATING.value, SessionState.READY.value,
-                   SessionState.RUNNING.value, SessionState.PAUSED.value,
-                   SessionState.TERMINATING.value)
+                   SessionState.RUNNING.value, SessionState.PAUSING.value,
+                   SessionState.RESUMING.value, SessionState.TERMINATING.value)
+#: Sessions that still exist (a workspace holding one cannot be deleted).
+EXISTING_SESSION = (*HOLDING_SESSION, SessionState.PAUSED.value)
 #: Snapshots that hold stored bytes a restore can use.
 HOLDING_SNAPSHOT = (SnapshotState.CREATING.value, SnapshotState.READY.value)
 #: Volumes that exist.
@@ -59,8 +64,11 @@ def usage_of(orm: OrmSession, ws: str) -> dict[str, int]:
     sessions = orm.execute(
         select(func.count(), func.coalesce(func.sum(SessionRow.memory_mb), 0))
         .where(SessionRow.workspace_id == ws, SessionRow.state.in_(HOLDING_SESSION))).one()
+    # a paused session's PAUSE snapshot is no snapshot of the user's (the count), but its bytes
+    # are stored like any other's
     snapshots = orm.execute(
-        select(func.count(), func.coalesce(func.sum(SnapshotRow.compressed_bytes), 0))
+        select(func.count().filter(SnapshotRow.type != SnapshotType.PAUSE.value),
+               func.coalesce(func.sum(SnapshotRow.compressed_bytes), 0))
         .where(SnapshotRow.workspace_id == ws, SnapshotRow.state.in_(HOLDING_SNAPSHOT))).one()
     volumes = orm.execute(
         select(func.count(), func.coalesce(func.sum(VolumeRow.size_bytes), 0))
@@ -163,7 +171,7 @@ class WorkspaceControl:
         """The objects ``workspace_id`` still holds, named (a few of each kind)."""
         parts = []
         kinds: list[tuple[Any, str, tuple[str, ...]]] = [
-            (SessionRow, "session", HOLDING_SESSION),
+            (SessionRow, "session", EXISTING_SESSION),
             (SnapshotRow, "snapshot", (*HOLDING_SNAPSHOT, "FAILED", "DELETING")),
             (VolumeRow, "volume", HOLDING_VOLUME)]
         for cls, kind, states in kinds:

@@ -92,6 +92,9 @@ class RestoreSpec:
     snapshot_id: str
     manifest: Manifest
     hostname: str
+    #: a resume of a paused session: the guest keeps its hostname, machine-id and entropy
+    #: (the clock is still set)
+    keep_identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ class CaptureSpec:
     snapshot_id: str
     base_image_id: str
     volumes: list[VolumeMountSpec]  # unplugged for the capture, plugged back after
+    #: a pause: once captured, the guest stays paused (its VM is stopped next, so nothing it
+    #: would do after the captured instant is lost); resumed if the capture fails. No volumes.
+    leave_paused: bool = False
 
 
 @dataclass(frozen=True)

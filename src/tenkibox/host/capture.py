@@ -20,12 +20,15 @@ then sealed into the artifact store. One ordered list of named, timed steps:
 The disk layer and the memory come from the same pause: pairing memory with an older disk
 layer looks fine at first (the page cache hides it) and corrupts the filesystem later.
 Volumes are unplugged before the pause and plugged back after (snapshots hold no volume data).
+A pause of the session (``spec.leave_paused``) skips step 5: the guest stays paused for the VM to
+be stopped, and is resumed only if a later step fails.
 Staging files live in the VM's run directory and are removed whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -50,12 +53,15 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
     stored, so that the host counts it as referenced until the record names it."""
     steps = Steps(log, spec.snapshot_id, plan="capture")
     staging = ctx.layout.staging(vm.session_id) / spec.snapshot_id
+    if spec.leave_paused and spec.volumes:
+        raise SnapshotFailedError("a pause takes no volumes (they would stay unplugged)")
     staging.mkdir(parents=True, exist_ok=True)
+    held = False  # the guest is left paused (a pause): resumed if anything below fails
     try:
         unplugged = await volumes.unplug_for_capture(vm, list(spec.volumes),
                                                      ctx.layout.volume_file)
         try:
-            paused_s, stream = await _pause_and_copy(vm, steps, staging, spec)
+            paused_s, stream, held = await _pause_and_copy(vm, steps, staging, spec)
         finally:
             lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
@@ -70,6 +76,11 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
                 shutil.rmtree(work, ignore_errors=True)
         manifest, size, stored = await asyncio.to_thread(
             _seal, ctx, vm, staging, steps, spec.base_image_id, produced)
+    except BaseException:
+        if held:  # the original error is the one to report
+            with contextlib.suppress(Exception), steps.step("resume"):
+                await asyncio.shield(vm.machine.resume())
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     steps.timings["paused"] = paused_s
@@ -77,7 +88,9 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
 
 
 async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
-                          spec: CaptureSpec) -> tuple[float, Path | None]:
+                          spec: CaptureSpec) -> tuple[float, Path | None, bool]:
+    """Returns the seconds paused, the stream to convert (or None), and whether the guest was
+    left paused (``spec.leave_paused``, and it was running)."""
     machine = vm.machine
     private = machine.cfg.ram_base is not None
     stream = staging / "stream" if private else None
@@ -85,6 +98,7 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
     paused_at = time.monotonic()
     frozen_name = vm.record.top
     new_top = f"top-{spec.snapshot_id}.qcow2"  # unique: a crashed capture's file is never reused
+    done = False
     try:
         with steps.step("pause"):
             await machine.pause()
@@ -102,11 +116,12 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
                                                  staging / "ram")
             # bounded by the guest's touched RAM; removed when the capture ends, or at recovery
             log.info("%s: %.1f MiB of RAM staged on tmpfs", spec.snapshot_id, copied / 2**20)
+        done = True
     finally:
-        if was_running:
+        if was_running and not (done and spec.leave_paused):
             with steps.step("resume"):
                 await machine.resume()
-    return time.monotonic() - paused_at, stream
+    return time.monotonic() - paused_at, stream, was_running and spec.leave_paused
 
 
 def _seal(ctx: HostContext, vm: VM, staging: Path, steps: Steps, base_image_id: str,

@@ -12,7 +12,8 @@ One ordered list of named, timed steps:
 6. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
 7. ``agent``       the guest's agent, still running from before, answers the new socket
 8. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
-9. ``identity``    new hostname, machine-id and entropy, so clones do not share them
+9. ``identity``    new hostname, machine-id and entropy, so clones do not share them (not for
+                   the resume of a paused session: it is the same guest)
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
@@ -87,8 +88,9 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
             await connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S)
         with steps.step("clock"):
             await agent.set_time(time.time_ns())
-        with steps.step("identity"):
-            await agent.reidentify(spec.hostname, secrets.token_hex(16), os.urandom(64))
+        if not spec.keep_identity:  # a resume carries on the same guest
+            with steps.step("identity"):
+                await agent.reidentify(spec.hostname, secrets.token_hex(16), os.urandom(64))
     except TenkiError as exc:
         if isinstance(exc, SnapshotFailedError):
             raise

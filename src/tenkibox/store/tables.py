@@ -71,6 +71,8 @@ class SnapshotRow(Base):
     workspace_id: Mapped[str] = mapped_column(String(64), index=True)
     #: a template's golden snapshot: the template owns it (not listed, not deleted by users)
     template_id: Mapped[str | None] = mapped_column(String(40))
+    #: USER, PAUSE (owned by its session while it is paused) or TEMPLATE (``models.SnapshotType``)
+    type: Mapped[str] = mapped_column(String(16), default="USER")
     name: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)

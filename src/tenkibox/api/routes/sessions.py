@@ -1,4 +1,5 @@
-"""Sessions: create (boot or restore), read, wait, terminate; processes; files; volumes."""
+"""Sessions: create (boot or restore), read, wait, terminate, pause, resume; processes; files;
+volumes."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ async def get_session(session_id: str, plane: Plane, caller: Caller) -> Session:
             responses=errors(404))
 async def wait_session(session_id: str, plane: Plane, caller: Caller,
                        timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Session:
-    """Answers as soon as the session leaves CREATING, or as it is when the time is up."""
+    """Answers as soon as the session is out of CREATING, PAUSING and RESUMING, or as it is
+    when the time is up."""
     return await plane.sessions.wait(session_id, timeout_s, caller.workspace_id)
 
 
@@ -62,6 +64,24 @@ async def wait_session(session_id: str, plane: Plane, caller: Caller,
 async def terminate_session(session_id: str, plane: Plane, caller: Caller) -> Session:
     """Idempotent; wins over a boot or restore in progress."""
     return await plane.sessions.terminate(session_id, ws=caller.workspace_id)
+
+
+@router.post("/{session_id}/pause", response_model=Session, operation_id="pauseSession",
+             responses=errors(404, 409))
+async def pause_session(session_id: str, plane: Plane, caller: Caller) -> Session:
+    """Capture the session's memory and disk into a PAUSE snapshot and stop its VM (it then
+    counts against no quota). Answers PAUSING (follow it with ``wait``: PAUSED, or back to READY
+    with the reason if the capture failed); a PAUSED session is answered as it is."""
+    return await plane.sessions.pause(session_id, caller.workspace_id, wait=False)
+
+
+@router.post("/{session_id}/resume", response_model=Session, operation_id="resumeSession",
+             responses=errors(404, 409, 429, 503))
+async def resume_session(session_id: str, plane: Plane, caller: Caller) -> Session:
+    """Restore a PAUSED session under its id (its processes keep their PIDs; its clock is
+    set); quotas and the host's capacity are checked again. Answers RESUMING (follow it with
+    ``wait``: READY, or FAILED with the reason); a running session is answered as it is."""
+    return await plane.sessions.resume(session_id, caller.workspace_id, wait=False)
 
 
 @router.post("/{session_id}/processes", response_model=ProcessInfo, status_code=201,
