@@ -252,3 +252,17 @@ def test_usage_counts_what_the_workspace_holds(sandbox: Sandbox, env: InProcessS
     limits = {item.key: item for item in Client().get_usage()}
     assert limits["max_concurrent_sessions"].current >= 1
     assert limits["max_stored_bytes"].unit == "bytes"
+
+
+def test_one_endpoint_serves_the_official_sdk_and_ours(sandbox: Sandbox,
+                                                       env: InProcessServer) -> None:
+    """TENKI_API_ENDPOINT set for the official SDKs also serves our SDK (REST behind the same
+    port): nobody has to keep two variables apart."""
+    from tenkibox.client import Client as OurClient
+    ours = OurClient(endpoint=env.grpc_endpoint, api_key=ADMIN_KEY)
+    session = ours.sessions.get(sandbox.id)
+    assert session.id == sandbox.id
+    result = session.exec("sh", "-c", "echo via-front; echo e >&2; exit 4")
+    assert (result.stdout, result.exit_code) == ("via-front\n", 4)
+    sandbox.fs.write_text("front.txt", "x" * 300_000)
+    assert session.files.read_text("front.txt") == "x" * 300_000

@@ -355,9 +355,10 @@ class InProcessServer:
         self.default_workspace = default.id
         if self.grpc:
             from tenkibox.rpc.credentials import Credentials
-            from tenkibox.rpc.server import GrpcServer
+            from tenkibox.rpc.server import Wire
             credentials = Credentials.from_file(layout.home / "dataplane.key")
-            self._wire = GrpcServer(self._plane, credentials, "127.0.0.1", 0)
+            port = int(self.url.rsplit(":", 1)[1])
+            self._wire = Wire(self._plane, credentials, "127.0.0.1", 0, rest=("127.0.0.1", port))
             await self._wire.start()
             self.grpc_endpoint = self._wire.endpoint
         app = create_app(self._plane, layout=layout, accel="tcg",

@@ -1,17 +1,20 @@
-"""The gRPC listener of ``tenki serve``: Tenki's wire, beside the REST API, on its own port.
+"""The gRPC side of ``tenki serve``: Tenki's wire, for the official SDKs.
 
-One ``grpc.aio`` server on the control plane's event loop serves both services over h2c (or
-TLS with the REST API's certificate). Each method of the descriptors is registered: the ones
-``SandboxService``/``DataPlane`` implement run behind authentication and one error boundary;
-every other one answers UNIMPLEMENTED naming itself, and so does any unknown path.
-Authentication: the control plane takes ``authorization: Bearer tk_…`` (the keys of the REST
-API); the data plane takes ``x-tenki-session-cert`` (a session credential) and nothing else.
-Every mutating control-plane call is written to the audit log, as REST calls are.
+``Wire`` is what the daemon starts: a public port (``front.Front``) that answers gRPC and REST
+alike, and behind it one ``grpc.aio`` server on the control plane's event loop serving both
+services (h2c on loopback; the front terminates TLS when the server has a certificate).
+Each method of the descriptors is registered: the ones ``SandboxService``/``DataPlane``
+implement run behind authentication and one error boundary; every other one answers
+UNIMPLEMENTED naming itself, and so does any unknown path. Authentication: the control plane
+takes ``authorization: Bearer tk_…`` (the keys of the REST API); the data plane takes
+``x-tenki-session-cert`` (a session credential) and nothing else. Every mutating
+control-plane call is written to the audit log, as REST calls are.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from ..urls import local_url
 from . import proto
 from .credentials import HEADER, Credentials
 from .dataplane import DataPlane
+from .front import Front, tls_context
 from .sandbox import SandboxService
 from .status import status_of
 
@@ -51,29 +55,22 @@ async def _abort(ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 class GrpcServer:
-    """Bound at construction (so the data plane's address is known), started by ``start``.
-    ``advertise``: the URL clients are told for the data plane (default: this listener as a
-    client on this machine reaches it)."""
+    """The gRPC server, on a loopback port of its own behind the ``Front``; ``endpoint`` is the
+    public address clients are told for the data plane."""
 
-    def __init__(self, plane: ControlPlane, credentials: Credentials, host: str, port: int, *,
-                 tls: tuple[Path, Path] | None = None, advertise: str | None = None) -> None:
+    def __init__(self, plane: ControlPlane, credentials: Credentials, endpoint: str) -> None:
         self.plane = plane
         self.credentials = credentials
+        self.endpoint = endpoint
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if tls:
-            creds = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
-            self.port = int(self.server.add_secure_port(address, creds))
-        else:
-            self.port = int(self.server.add_insecure_port(address))
+        self.port = int(self.server.add_insecure_port("127.0.0.1:0"))
         if not self.port:
-            raise ConflictError(f"cannot listen for gRPC on {address}", field="grpc_port")
-        self.endpoint = advertise or local_url(host, self.port, "https" if tls else "http")
-        self.control = SandboxService(plane, credentials, self.endpoint)
+            raise ConflictError("cannot listen for gRPC on loopback")
+        self.control = SandboxService(plane, credentials, endpoint)
         self.data = DataPlane(plane)
         for name, impl in ((proto.CONTROL, self.control), (proto.DATA_PLANE, self.data)):
             handlers = {m.name: self._handler(name, m, impl) for m in proto.methods(name)}
@@ -162,6 +159,39 @@ class GrpcServer:
                 path=path, object_id=object_id, status=status, outcome=outcome)
         except Exception:  # the answer goes out: a failed audit write is logged, not raised
             log.exception("could not write the audit record of %s", path)
+
+
+class Wire:
+    """What ``tenki serve`` adds for the official SDKs: the public address (``Front``: gRPC and
+    REST on one port, so one ``TENKI_API_ENDPOINT`` serves every client) and the gRPC server
+    behind it. ``rest``: where the REST server listens (loopback reaches it)."""
+
+    def __init__(self, plane: ControlPlane, credentials: Credentials, host: str, port: int, *,
+                 rest: tuple[str, int], tls: tuple[Path, Path] | None = None,
+                 advertise: str | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConflictError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                field="grpc_port") from exc
+        self.port = int(sock.getsockname()[1])
+        self.endpoint = advertise or local_url(host, self.port, "https" if tls else "http")
+        self.grpc = GrpcServer(plane, credentials, self.endpoint)
+        ctx = tls_context(str(tls[0]), str(tls[1])) if tls else None
+        self.front = Front(sock, grpc=("127.0.0.1", self.grpc.port), rest=rest, tls=ctx,
+                           rest_tls=tls is not None)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.front.start()
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.front.stop()
+        await self.grpc.stop(grace_s)
 
 
 def _serialize(msg: Any) -> bytes:

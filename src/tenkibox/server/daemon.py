@@ -79,9 +79,10 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
     wire = None
     if grpc_port is not None:
         from ..rpc.credentials import Credentials
-        from ..rpc.server import GrpcServer
-        wire = GrpcServer(rt.plane, Credentials.from_file(layout.home / "dataplane.key"), host,
-                          grpc_port, tls=tls, advertise=grpc_advertise)
+        from ..rpc.server import Wire
+        rest_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        wire = Wire(rt.plane, Credentials.from_file(layout.home / "dataplane.key"), host,
+                    grpc_port, rest=(rest_host, port), tls=tls, advertise=grpc_advertise)
         await wire.start()
     app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, request_stop=rt.request_stop,
                      grpc_endpoint=wire.endpoint if wire else None)
@@ -106,8 +107,8 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
         log.info("tenki server %s listening on %s:%d%s (home %s)", __version__, host, port,
                  " with TLS" if tls else "", layout.home)
         if wire:
-            log.info("Tenki's gRPC wire (official SDKs: TENKI_API_ENDPOINT=%s) on port %d",
-                     wire.endpoint, wire.port)
+            log.info("official Tenki SDKs and tenki clients alike: TENKI_API_ENDPOINT=%s",
+                     wire.endpoint)
         names = {w.id: w.name for w in rt.plane.workspaces.query()}
         usable = ", ".join(f"{names.get(w, w)} ({w})" for w in rt.plane.keys.workspaces_with_keys())
         log.info("every call needs an API key; keys of these workspaces can use it: %s; the "
