@@ -92,6 +92,10 @@ class PauseControl:
         if row.state == want or (want == S.READY.value and row.state in LIVE):
             return None
         why = f": {row.state_reason}" if row.state_reason else ""
+        if row.state == S.FAILED.value:
+            return SessionFailedError(f"session {session_id} is FAILED{why}")
+        if busy == S.PAUSING and row.state in LIVE:
+            return SnapshotFailedError(f"session {session_id} was not paused (it runs on){why}")
         return ConflictError(f"session {session_id} is {row.state}{why}")
 
     # -- pause -------------------------------------------------------------------------------

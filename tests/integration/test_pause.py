@@ -1,0 +1,72 @@
+"""Pause and resume with a real VM under TCG (issue 11): the VM is gone while paused, and the
+resumed guest carries on: same processes (same PIDs), same tmpfs, the clock set to the host's.
+
+One session (cold-booted: no golden snapshot build runs beside it), terminated at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tenkibox import Client, errors
+from tenkibox.models import SessionState, SnapshotType
+
+
+def _sh(session, cmd: str) -> str:  # type: ignore[no-untyped-def]
+    return session.shell(cmd, timeout=60).check().stdout.strip()
+
+
+def qemu_pids(session_id: str) -> list[int]:
+    """Live (non-zombie) QEMU processes of one session, found by their ``-name``."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True,
+                         text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and "qemu-system" in parts[2] and f"-name {session_id} " in parts[2] \
+                and not parts[1].startswith("Z"):
+            pids.append(int(parts[0]))
+    return pids
+
+
+def test_pause_releases_the_vm_and_resume_carries_on(client: Client) -> None:
+    s = client.create_and_wait(name="pause", memory_mb=1024, cold_boot=True, timeout=300)
+    try:
+        pid = _sh(s, "nohup sleep 1000 >/dev/null 2>&1 & echo $!")
+        _sh(s, "echo shm-payload > /dev/shm/pause-test")
+        hostname = _sh(s, "hostname")
+        machine_id = _sh(s, "cat /etc/machine-id")
+        before = qemu_pids(s.id)
+        assert len(before) == 1
+
+        assert s.pause(timeout=600).state == SessionState.PAUSED
+        deadline = time.monotonic() + 15
+        while qemu_pids(s.id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert qemu_pids(s.id) == []  # its memory went back to the host
+        [snap] = [x for x in client.list_snapshots(s.id) if x.type == SnapshotType.PAUSE]
+        assert snap.state.value == "READY" and snap.compressed_bytes > 0
+        with pytest.raises(errors.ConflictError, match="paused"):
+            s.exec("true")
+        time.sleep(3)  # the guest's clock stands still meanwhile
+
+        assert s.resume(timeout=300).state == SessionState.READY
+        after = qemu_pids(s.id)
+        assert len(after) == 1 and after != before  # a new QEMU, the same session id
+        cmdline = _sh(s, f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+        assert cmdline.startswith("sleep 1000")
+        assert _sh(s, "cat /dev/shm/pause-test") == "shm-payload"
+        guest = float(_sh(s, "date +%s.%N"))
+        assert abs(guest - time.time()) < 3  # corrected, not 3 s and a capture behind
+        assert _sh(s, "hostname") == hostname  # the same guest, not a clone
+        assert _sh(s, "cat /etc/machine-id") == machine_id
+        deadline = time.monotonic() + 30
+        while client.get_snapshot(snap.id).state.value != "DELETED" \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get_snapshot(snap.id).state.value == "DELETED"  # released
+    finally:
+        s.terminate()
