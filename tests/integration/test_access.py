@@ -185,6 +185,16 @@ def test_tls(fresh: Home, tmp_path: Path) -> None:
            "SSL_CERT_FILE": str(cert)}
     listed = fresh.cli("sandbox", "list", "--json", env=env)
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+    # the wire's endpoint is TLS too: the official SDK (gRPC, ALPN h2) and our CLI (HTTP/1.1)
+    grpc_endpoint = json.loads((fresh.home / "server.json").read_text())["grpc_endpoint"]
+    assert grpc_endpoint.startswith("https://127.0.0.1:")
+    env.update(TENKI_API_ENDPOINT=grpc_endpoint, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(cert))
+    listed = fresh.cli("sandbox", "list", "--json", env=env)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+    who = subprocess.run([sys.executable, "-c", "import tenki; print(tenki.Client().who_am_i()"
+                          ".workspaces[0].name)"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert (who.returncode, who.stdout) == (0, "default\n"), who.stderr
 
 
 def test_another_workspace_cannot_see_a_real_snapshot(fresh: Home) -> None:
