@@ -303,12 +303,31 @@ class Session(_Answer):
     terminated_at: datetime | None = None
 
 
+class SessionUpdate(_Model):
+    """Fields left out stay as they are. ``metadata`` replaces the whole map."""
+
+    name: Name | None = None
+    metadata: Metadata | None = None
+
+
+class SessionExtend(_Model):
+    seconds: Duration = Field(description="added to the session's expiry (from now if it has "
+                              "none, so an unbounded session gets one)")
+
+
 class SnapshotCreate(_Model):
     session_id: Id
     name: Name | None = None
     expires_at: datetime | None = None
     workspace_id: Id | None = Field(
         default=None, description="set from the API key; if given, it must be the key's")
+
+
+class SnapshotUpdate(_Model):
+    """Fields left out stay as they are; ``expires_at: null`` removes the expiry."""
+
+    name: Name | None = None
+    expires_at: datetime | None = None
 
 
 class Snapshot(_Answer):

@@ -266,3 +266,34 @@ def test_one_endpoint_serves_the_official_sdk_and_ours(sandbox: Sandbox,
     assert (result.stdout, result.exit_code) == ("via-front\n", 4)
     sandbox.fs.write_text("front.txt", "x" * 300_000)
     assert session.files.read_text("front.txt") == "x" * 300_000
+
+
+def test_update_and_extend_a_session(sandbox: Sandbox, env: InProcessServer) -> None:
+    sandbox.update(name="renamed", tags=["Blue", "team:a"])
+    assert (sandbox.info.name, sorted(sandbox.info.tags)) == ("renamed", ["blue", "team:a"])
+    record = env.plane.sessions.get(sandbox.id)
+    assert record.name == "renamed" and record.expires_at is None
+    sandbox.extend(600)
+    after = env.plane.sessions.get(sandbox.id).expires_at
+    assert after is not None
+    sandbox.extend(60)
+    assert (env.plane.sessions.get(sandbox.id).expires_at - after).total_seconds() == 60
+    sandbox.update(tags=[])
+    assert list(Client().get(sandbox.id).info.tags) == []
+
+
+def test_update_a_snapshot(sandbox: Sandbox, env: InProcessServer) -> None:
+    from datetime import UTC, datetime, timedelta
+    client = Client()
+    snap = sandbox.snapshot(name="first")
+    later = datetime.now(UTC) + timedelta(days=2)
+    updated = client.snapshots.update(snap.id, name="second", expires_at=later)
+    assert updated.name == "second"
+    assert abs((updated.expires_at - later).total_seconds()) < 1
+    cleared = client.snapshots.update(snap.id, clear_expires_at=True)
+    assert cleared.expires_at is None
+    with pytest.raises(sdk_errors.SandboxError, match="tags"):
+        client.snapshots.update(snap.id, tags=["x"])
+    with pytest.raises(sdk_errors.SandboxError, match="must be in the future"):
+        client.snapshots.update(snap.id, expires_at=datetime(2020, 1, 1, tzinfo=UTC))
+    client.snapshots.delete(snap.id)

@@ -37,7 +37,14 @@ from ..host.api import (
     SnapshotDamagedError,
 )
 from ..ids import new_id
-from ..models import DEFAULT_IMAGE_ID, ExecRequest, Session, SessionCreate, SessionState
+from ..models import (
+    DEFAULT_IMAGE_ID,
+    ExecRequest,
+    Session,
+    SessionCreate,
+    SessionState,
+    SessionUpdate,
+)
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
 from .pausing import PauseControl
@@ -49,6 +56,9 @@ if TYPE_CHECKING:
     from .snapshots import SnapshotControl
 
 log = logging.getLogger(__name__)
+
+#: states in which a session's name, metadata and expiry may still change
+_NOT_OVER = ("CREATING", "READY", "RUNNING", "PAUSING", "PAUSED", "RESUMING")
 
 S = SessionState
 
@@ -320,6 +330,31 @@ class SessionControl:
         if self.pausing is None:
             raise ConflictError("pause and resume are not available on this server")
         return self.pausing
+
+    # -- name, metadata, expiry ----------------------------------------------------------------
+    async def update(self, session_id: str, req: SessionUpdate, ws: str | None = None) -> Session:
+        """Rename, or replace the metadata of, a session that is not over."""
+        self.row(session_id, ws)  # not found (or another workspace's): say so
+        values: dict[str, Any] = {}
+        if "name" in req.model_fields_set:
+            values["name"] = req.name
+        if req.metadata is not None:
+            values["meta"] = dict(req.metadata)
+        if values and not await self.records.update(SessionRow, session_id,
+                                                    when_state=_NOT_OVER, **values):
+            raise ConflictError(f"session {session_id} is {self.row(session_id).state}; "
+                                "it can no longer be changed")
+        return self.get(session_id, ws)
+
+    async def extend(self, session_id: str, seconds: float, ws: str | None = None) -> Session:
+        """Move the expiry ``seconds`` later (from now, for a session without one)."""
+        row = self.row(session_id, ws)
+        base = row.expires_at if row.expires_at and row.expires_at > now() else now()
+        if not await self.records.update(SessionRow, session_id, when_state=_NOT_OVER,
+                                         expires_at=base + timedelta(seconds=seconds)):
+            raise ConflictError(f"session {session_id} is {self.row(session_id).state}; "
+                                "it can no longer be extended")
+        return self.get(session_id, ws)
 
     # -- terminate ---------------------------------------------------------------------------
     async def terminate(self, session_id: str, reason: str | None = None,

@@ -27,7 +27,7 @@ from .. import longpoll
 from ..errors import ConflictError, TenkiError, ValidationError
 from ..host.api import CaptureSpec, HostAPI, Manifest
 from ..ids import new_id
-from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType
+from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType, SnapshotUpdate
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
 from .records import Records
@@ -191,6 +191,30 @@ class SnapshotControl:
             await self.delete(snapshot_id, owner=row.session_id)
 
     # -- delete and expiry ---------------------------------------------------------------------
+    async def update(self, snapshot_id: str, req: SnapshotUpdate,
+                     ws: str | None = None) -> Snapshot:
+        """Rename, or change the expiry of, a user's snapshot that is not being deleted."""
+        row = self.row(snapshot_id, ws)
+        if (row.type or T.USER.value) != T.USER.value:
+            raise ConflictError(f"snapshot {snapshot_id} is a {row.type} snapshot; its owner "
+                                "manages it")
+        values: dict[str, Any] = {}
+        if "name" in req.model_fields_set:
+            values["name"] = req.name
+        if "expires_at" in req.model_fields_set:
+            expires = req.expires_at
+            if expires is not None:
+                expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+                if expires <= now():
+                    raise ValidationError(f"must be in the future, got {expires.isoformat()}",
+                                          field="expires_at")
+            values["expires_at"] = expires
+        if values and not await self.records.update(
+                SnapshotRow, snapshot_id, when_state=[P.CREATING, P.READY, P.FAILED], **values):
+            raise ConflictError(f"snapshot {snapshot_id} is {self.row(snapshot_id).state}; "
+                                "it can no longer be changed")
+        return self.get(snapshot_id, ws)
+
     async def delete(self, snapshot_id: str, ws: str | None = None, *,
                      owner: str | None = None) -> Snapshot:
         """``owner``: the template deleting its own golden snapshot, or the session releasing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import pydantic
@@ -22,7 +22,10 @@ from ..errors import ConflictError, PermissionDeniedError, ValidationError
 from ..models import (
     Session,
     SessionCreate,
+    SessionExtend,
+    SessionUpdate,
     SnapshotCreate,
+    SnapshotUpdate,
     VolumeAttach,
     VolumeCreate,
     VolumeMount,
@@ -189,6 +192,33 @@ class SandboxService:
         chunk, token = page(items, req.page_size, req.page_token)
         return M("ListWorkspaceSandboxesResponse")(sessions=chunk, next_page_token=token)
 
+    async def UpdateSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        ws = caller.workspace_id
+        current = self.plane.sessions.get(req.session_id, ws)
+        fields: dict[str, Any] = {}
+        if req.HasField("name"):
+            fields["name"] = req.name or None
+        if req.tags or req.clear_tags:
+            meta = dict(current.metadata)
+            meta.pop(convert.TAGS_KEY, None)
+            if req.tags and not req.clear_tags:
+                meta[convert.TAGS_KEY] = ",".join(t.lower() for t in req.tags)
+            fields["metadata"] = meta
+        s = await self.plane.sessions.update(req.session_id, model(SessionUpdate, **fields), ws)
+        if req.HasField("max_duration") and req.max_duration.ToTimedelta().total_seconds() > 0:
+            # a new limit counted from the session's start, as the product's max_duration is
+            wanted = s.created_at + req.max_duration.ToTimedelta()
+            if s.expires_at is None or wanted > s.expires_at:
+                more = (wanted - (s.expires_at or datetime.now(UTC))).total_seconds()
+                s = await self.plane.sessions.extend(req.session_id, max(more, 1.0), ws)
+        return M("UpdateSessionResponse")(session=convert.session(s))
+
+    async def ExtendSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        seconds = req.additional_duration.ToTimedelta().total_seconds()
+        body = model(SessionExtend, seconds=seconds)
+        s = await self.plane.sessions.extend(req.session_id, body.seconds, caller.workspace_id)
+        return M("ExtendSessionResponse")(session=convert.session(s))
+
     async def TerminateSession(self, req: Any, caller: Principal,
                                ctx: Any) -> Any:
         s = await self.plane.sessions.terminate(req.session_id, ws=caller.workspace_id)
@@ -275,6 +305,20 @@ class SandboxService:
         chunk, token = page(self._snapshots(caller.workspace_id, req.session_id),
                             req.page_size, req.page_token)
         return M("ListSessionSnapshotsResponse")(snapshots=chunk, next_page_token=token)
+
+    async def UpdateSnapshot(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        if req.tags or req.clear_tags:
+            raise ValidationError("snapshots have no tags on this server", field="tags")
+        fields: dict[str, Any] = {}
+        if req.HasField("name"):
+            fields["name"] = req.name or None
+        if req.clear_expires_at:
+            fields["expires_at"] = None
+        elif req.HasField("expires_at"):
+            fields["expires_at"] = req.expires_at.ToDatetime(tzinfo=UTC)
+        snap = await self.plane.snapshots.update(req.snapshot_id, model(SnapshotUpdate, **fields),
+                                                 caller.workspace_id)
+        return M("UpdateSnapshotResponse")(snapshot=convert.snapshot(snap))
 
     async def DeleteSnapshot(self, req: Any, caller: Principal,
                              ctx: Any) -> Any:

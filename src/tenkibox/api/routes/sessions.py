@@ -18,7 +18,9 @@ from ...models import (
     ProcessInfo,
     Session,
     SessionCreate,
+    SessionExtend,
     SessionState,
+    SessionUpdate,
     VolumeAttach,
 )
 from ..deps import Caller, Plane
@@ -57,6 +59,22 @@ async def wait_session(session_id: str, plane: Plane, caller: Caller,
     """Answers as soon as the session is out of CREATING, PAUSING and RESUMING, or as it is
     when the time is up."""
     return await plane.sessions.wait(session_id, timeout_s, caller.workspace_id)
+
+
+@router.patch("/{session_id}", response_model=Session, operation_id="updateSession",
+              responses=errors(404, 409))
+async def update_session(session_id: str, body: SessionUpdate, plane: Plane,
+                         caller: Caller) -> Session:
+    """Rename a session or replace its metadata (fields left out stay as they are)."""
+    return await plane.sessions.update(session_id, body, caller.workspace_id)
+
+
+@router.post("/{session_id}/extend", response_model=Session, operation_id="extendSession",
+             responses=errors(404, 409))
+async def extend_session(session_id: str, body: SessionExtend, plane: Plane,
+                         caller: Caller) -> Session:
+    """Move the session's expiry later by ``seconds`` (from now if it has none)."""
+    return await plane.sessions.extend(session_id, body.seconds, caller.workspace_id)
 
 
 @router.delete("/{session_id}", response_model=Session, operation_id="terminateSession",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ...models import Snapshot, SnapshotCreate
+from ...models import Snapshot, SnapshotCreate, SnapshotUpdate
 from ..deps import Caller, Plane
 from . import errors
 
@@ -41,6 +41,14 @@ async def get_snapshot(snapshot_id: str, plane: Plane, caller: Caller) -> Snapsh
 async def wait_snapshot(snapshot_id: str, plane: Plane, caller: Caller,
                         timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Snapshot:
     return await plane.snapshots.wait(snapshot_id, timeout_s, caller.workspace_id)
+
+
+@router.patch("/{snapshot_id}", response_model=Snapshot, operation_id="updateSnapshot",
+              responses=errors(404, 409))
+async def update_snapshot(snapshot_id: str, body: SnapshotUpdate, plane: Plane,
+                          caller: Caller) -> Snapshot:
+    """Rename a snapshot or change its expiry (``expires_at: null`` removes it)."""
+    return await plane.snapshots.update(snapshot_id, body, caller.workspace_id)
 
 
 @router.delete("/{snapshot_id}", response_model=Snapshot, operation_id="deleteSnapshot",
