@@ -297,3 +297,20 @@ def test_update_a_snapshot(sandbox: Sandbox, env: InProcessServer) -> None:
     with pytest.raises(sdk_errors.SandboxError, match="must be in the future"):
         client.snapshots.update(snap.id, expires_at=datetime(2020, 1, 1, tzinfo=UTC))
     client.snapshots.delete(snap.id)
+
+
+def test_pause_and_resume_keep_the_session_id(sandbox: Sandbox, env: InProcessServer) -> None:
+    sandbox.fs.write_text("kept.txt", "across a pause")
+    sandbox.pause()
+    assert sandbox.info.state == "PAUSED"
+    assert not host(env).has_vm(sandbox.id)  # the VM is gone while paused
+    with pytest.raises(sdk_errors.SandboxError, match="PAUSED"):
+        sandbox.exec("true")
+    sandbox.resume()
+    assert sandbox.info.state == "RUNNING"
+    assert sandbox.fs.read_text("kept.txt") == "across a pause"
+    sandbox.pause_async()
+    assert sandbox.info.state in ("PAUSING", "PAUSED")
+    sandbox.wait_paused(timeout=30)
+    sandbox.resume()
+    assert sandbox.exec("true").exit_code == 0

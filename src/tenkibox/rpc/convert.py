@@ -87,9 +87,6 @@ def session(s: Session) -> Any:
         a.mount_path = v.path
         a.readonly = v.read_only
         a.state = "ATTACHED"
-    pause_snapshot = getattr(s, "pause_snapshot_id", None)
-    if pause_snapshot:
-        msg.pause_snapshot_id = pause_snapshot
     return msg
 
 
@@ -109,7 +106,7 @@ def snapshot(s: Snapshot) -> Any:
     msg.cpu_cores = s.cpu
     msg.memory_mb = s.memory_mb
     msg.disk_size_gb = DISK_SIZE_GB
-    msg.type = _SNAPSHOT_TYPES.get(str(getattr(s, "type", "USER")), 1)
+    msg.type = _SNAPSHOT_TYPES[s.type.value]
     stamp(msg, "created_at", s.created_at)
     stamp(msg, "expires_at", s.expires_at)
     if s.state.value == "READY":

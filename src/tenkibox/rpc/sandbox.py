@@ -253,17 +253,12 @@ class SandboxService:
         return out
 
     async def PauseSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
-        pause = getattr(self.plane.sessions, "pause", None)
-        if pause is None:
-            raise ConflictError("pause is not available on this server")
-        s = await pause(req.session_id, caller.workspace_id, wait=not getattr(req, "async"))
+        s = await self.plane.sessions.pause(req.session_id, caller.workspace_id,
+                                            wait=not getattr(req, "async"))
         return M("PauseSessionResponse")(session=convert.session(s))
 
     async def ResumeSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
-        resume = getattr(self.plane.sessions, "resume", None)
-        if resume is None:
-            raise ConflictError("resume is not available on this server")
-        s = await resume(req.session_id, caller.workspace_id, wait=True)
+        s = await self.plane.sessions.resume(req.session_id, caller.workspace_id, wait=True)
         return M("ResumeSessionResponse")(session=convert.session(s))
 
     # -- snapshots ---------------------------------------------------------------------------
