@@ -11,6 +11,8 @@ snapshot, no volume.
 - ``conformance/ts/flows.mjs``: npm ``@tenkicloud/sandbox`` 0.5.4 (``package-lock.json``), the
   snapshots spec's TypeScript calls as written.
 - ``conformance/python/flows.py``: PyPI ``tenki`` 1.4.1 (the ``dev`` extra).
+- ``conformance/go/run.sh``: builds and runs ``conformance/go`` (the Go SDK of ``sdk/go``, the
+  spec's Go calls); the Go toolchain's own settings (``GO*``, ``TMPDIR``) pass through too.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ def grpc_endpoint(server: TenkiServer) -> str:
     return str(url)
 
 
-def run_program(server: TenkiServer, argv: list[str], cwd: Path) -> None:
+def run_program(server: TenkiServer, argv: list[str], cwd: Path,
+                toolchain: dict[str, str] | None = None) -> None:
     from support.server import ADMIN_KEY
 
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    env = {**(toolchain or {}),
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "HOME": os.environ.get("HOME", "/root"),
            "TENKI_API_ENDPOINT": grpc_endpoint(server),
            "TENKI_API_KEY": ADMIN_KEY}
@@ -103,3 +107,13 @@ def test_python_sdk(official_server: TenkiServer) -> None:
     assert metadata.version("tenki") == "1.4.1", "the dev extra pins tenki==1.4.1"
     run_program(official_server, [sys.executable, str(CONFORMANCE / "python" / "flows.py")],
                 REPO)
+
+
+def test_go_sdk(official_server: TenkiServer) -> None:
+    """The Go SDK (sdk/go) through conformance/go/run.sh: the spec's Go calls."""
+    run_sh = CONFORMANCE / "go" / "run.sh"
+    assert run_sh.is_file(), f"{run_sh} is missing"
+    assert shutil.which("go"), "go is not on PATH (Go: see scripts/setup)"
+    toolchain = {k: v for k, v in os.environ.items()
+                 if k.startswith("GO") or k in ("TMPDIR", "CGO_ENABLED")}
+    run_program(official_server, ["sh", str(run_sh)], REPO, toolchain)
