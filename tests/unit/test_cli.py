@@ -503,4 +503,9 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tenkibox.server.daemon", mod)
     result = CliRunner().invoke(cli, ["serve", "--port", "8080"])
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None}
+    assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None,
+                    "grpc_port": 0, "grpc_advertise": None}
+    result = CliRunner().invoke(cli, ["serve", "--grpc-port", "-1"])
+    assert result.exit_code == 0 and seen["grpc_port"] is None  # no gRPC wire at all
+    result = CliRunner().invoke(cli, ["serve", "--grpc-port", "70000"])
+    assert result.exit_code == 2 and "--grpc-port" in result.output
