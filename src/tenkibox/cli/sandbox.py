@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import click
 
 from .. import limits, models, units
 from ..client import Process, Session
-from ..errors import TenkiError
+from ..errors import TenkiError, ValidationError
 from . import _common as c
 
 # -- create (shared with `snapshot restore`) ------------------------------------------------
@@ -331,6 +331,94 @@ def resume(
     """Resume a paused session under the same id: its processes go on with their PIDs and its
     clock is set. Quotas are checked again. Idempotent."""
     _pause_or_resume(ctx, False, session_arg, session_opt, no_wait, wait_timeout, as_json)
+
+
+# -- update and extend ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def options_named(names: Mapping[str, str]) -> Iterator[None]:
+    """A ValidationError about an SDK or API field (``name``, ``metadata.k``) names the
+    command's option instead (``--name``)."""
+    try:
+        yield
+    except ValidationError as exc:
+        field = exc.field or ""
+        for name, option in names.items():
+            if field == name or field.startswith(name + "."):
+                message = exc.message.removeprefix(f"{field}: ")
+                raise ValidationError(message, field=option) from None
+        raise
+
+
+def check_name(name: str | None, option: str = "--name") -> None:
+    if name is not None and len(name) > limits.NAME_MAX_CHARS:
+        raise c.ValidationError(f"must be at most {limits.NAME_MAX_CHARS} characters, got "
+                                f"{len(name)}", field=option)
+
+
+@sandbox.command("update")
+@click.argument("session_arg", metavar="[ID]", required=False)
+@click.option("--session", "session_opt", metavar="ID", help="The session (instead of ID).")
+@click.option("--name", help=f"A new name (up to {limits.NAME_MAX_CHARS} characters).")
+@click.option(
+    "--metadata",
+    multiple=True,
+    metavar="K=V",
+    help="Metadata entry (repeatable); the entries given replace all the session's metadata.",
+)
+@c.json_option
+@click.pass_context
+def update(
+    ctx: click.Context,
+    session_arg: str | None,
+    session_opt: str | None,
+    name: str | None,
+    metadata: Sequence[str],
+    as_json: bool,
+) -> None:
+    """Rename a session and/or replace its metadata; what is not given stays."""
+    sid = c.one_id(session_arg, session_opt, "session id", "--session")
+    check_name(name)
+    meta_d = c.parse_pairs(metadata, "--metadata")
+    if name is None and not metadata:
+        raise click.UsageError("nothing to change: give --name and/or --metadata")
+    with options_named({"name": "--name", "metadata": "--metadata"}):
+        record = c.client(ctx).update_session(sid, name=name,
+                                              metadata=meta_d if metadata else None).record
+    if as_json:
+        c.print_json(record)
+    else:
+        print_session(record)
+
+
+@sandbox.command("extend")
+@click.argument("session_arg", metavar="[ID]", required=False)
+@click.option("--session", "session_opt", metavar="ID", help="The session (instead of ID).")
+@click.option(
+    "--by",
+    required=True,
+    metavar="DURATION",
+    help="How much later it expires (e.g. 30m, 2h); a session without an expiry gets one "
+    "this long from now.",
+)
+@c.json_option
+@click.pass_context
+def extend(
+    ctx: click.Context, session_arg: str | None, session_opt: str | None, by: str, as_json: bool
+) -> None:
+    """Move a session's expiry later; prints the new expiry."""
+    sid = c.one_id(session_arg, session_opt, "session id", "--session")
+    secs = c.parse_duration(by, "--by")
+    assert secs is not None
+    if secs > limits.DURATION_MAX_S:
+        raise c.ValidationError(f"must be at most ten years, got {by!r}", field="--by")
+    with options_named({"seconds": "--by"}):
+        record = c.client(ctx).extend_session(sid, secs).record
+    if as_json:
+        c.print_json(record)
+    else:
+        click.echo(f"{record.id} expires_at {c.fmt_time(record.expires_at)}")
 
 
 # -- exec -----------------------------------------------------------------------------------

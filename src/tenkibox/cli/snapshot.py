@@ -1,4 +1,4 @@
-"""``tenki sandbox snapshot ...``: capture, list, inspect, delete and restore snapshots."""
+"""``tenki sandbox snapshot ...``: capture, list, inspect, update, delete and restore snapshots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 
 from .. import limits, models, units
 from . import _common as c
-from .sandbox import create_options, run_create
+from .sandbox import check_name, create_options, options_named, run_create
 
 
 @click.group("snapshot")
@@ -113,6 +113,43 @@ def list_(ctx: click.Context, session_id: str | None, as_json: bool) -> None:
 def get(ctx: click.Context, snapshot_id: str, as_json: bool) -> None:
     """Show one snapshot."""
     snap = c.client(ctx).get_snapshot(snapshot_id)
+    if as_json:
+        c.print_json(snap)
+    else:
+        print_snapshot(snap)
+
+
+@snapshot.command("update")
+@click.argument("snapshot_id", metavar="ID")
+@click.option("--name", help=f"A new name (up to {limits.NAME_MAX_CHARS} characters).")
+@click.option(
+    "--expires-at",
+    metavar="WHEN",
+    help="Delete it after this time: RFC 3339 (UTC if no offset) or a duration from now "
+    "(e.g. 30d, 12h).",
+)
+@click.option("--no-expiry", is_flag=True, help="Remove its expiry: it is kept until deleted.")
+@c.json_option
+@click.pass_context
+def update(
+    ctx: click.Context,
+    snapshot_id: str,
+    name: str | None,
+    expires_at: str | None,
+    no_expiry: bool,
+    as_json: bool,
+) -> None:
+    """Rename a snapshot and/or change its expiry; what is not given stays."""
+    if expires_at is not None and no_expiry:
+        raise c.ValidationError("give --expires-at or --no-expiry, not both", field="--no-expiry")
+    check_name(name)
+    when = c.parse_expiry(expires_at, "--expires-at")
+    if name is None and when is None and not no_expiry:
+        raise click.UsageError("nothing to change: give --name, --expires-at or --no-expiry")
+    with options_named({"name": "--name", "expires_at": "--expires-at",
+                        "clear_expiry": "--no-expiry"}):
+        snap = c.client(ctx).update_snapshot(snapshot_id, name=name, expires_at=when,
+                                             clear_expiry=no_expiry)
     if as_json:
         c.print_json(snap)
     else:

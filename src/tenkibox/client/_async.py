@@ -336,6 +336,27 @@ class AsyncClient:
         """Unmount and detach a volume from a session; its data stays in the volume."""
         return AsyncSession(self, await self._call(_core.detach_volume(session_id, volume_id)))
 
+    async def update_session(
+        self,
+        session_id: str,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AsyncSession:
+        """Rename a session and/or replace its metadata (the whole map; ``{}`` empties it).
+        Only what is given changes. ConflictError once the session is over (FAILED,
+        TERMINATING, TERMINATED).
+        """
+        body = _core.session_update(name, metadata)
+        return AsyncSession(self, await self._call(_core.update_session(session_id, body)))
+
+    async def extend_session(self, session_id: str, seconds: float | str) -> AsyncSession:
+        """Move the session's expiry ``seconds`` later (a number, or a duration such as
+        ``"1h"``); a session without an expiry gets one ``seconds`` from now. ConflictError
+        once the session is over.
+        """
+        body = _core.session_extend(seconds)
+        return AsyncSession(self, await self._call(_core.extend_session(session_id, body)))
+
     # -- snapshots ------------------------------------------------------------------------
 
     async def create_snapshot(
@@ -376,6 +397,22 @@ class AsyncClient:
         WaitTimeoutError when it is still CREATING after ``timeout`` (capture goes on).
         """
         return await self._run(_core.wait_snapshot_flow(snapshot_id, timeout))
+
+    async def update_snapshot(
+        self,
+        snapshot_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        clear_expiry: bool = False,
+    ) -> models.Snapshot:
+        """Rename a snapshot and/or change its expiry; only what is given changes.
+
+        ``expires_at``: an aware datetime or RFC 3339 string in the future; ``clear_expiry``:
+        the snapshot no longer expires (not with ``expires_at``). ConflictError for a snapshot
+        of type PAUSE or TEMPLATE (its owner manages it) or one being deleted.
+        """
+        body = _core.snapshot_update(name, expires_at, clear_expiry)
+        return await self._call(_core.update_snapshot(snapshot_id, body))
 
     async def delete_snapshot(self, snapshot_id: str) -> models.Snapshot:
         """Delete a snapshot; returns it DELETING. Sessions restored from it are unaffected."""
@@ -654,6 +691,8 @@ class AsyncSessions:
     list = _core.alias(AsyncClient.list)
     wait_ready = _core.alias(AsyncClient.wait_session_ready)
     terminate = _core.alias(AsyncClient.terminate)
+    update = _core.alias(AsyncClient.update_session)
+    extend = _core.alias(AsyncClient.extend_session)
     pause = _core.alias(AsyncClient.pause)
     resume = _core.alias(AsyncClient.resume)
     attach_volume = _core.alias(AsyncClient.attach_volume)
@@ -671,6 +710,7 @@ class AsyncSnapshots:
     get = _core.alias(AsyncClient.get_snapshot)
     list = _core.alias(AsyncClient.list_snapshots)
     wait_ready = _core.alias(AsyncClient.wait_snapshot_ready)
+    update = _core.alias(AsyncClient.update_snapshot)
     delete = _core.alias(AsyncClient.delete_snapshot)
     restore = _core.alias(AsyncClient.restore_snapshot)
 
@@ -880,6 +920,22 @@ class AsyncSession:
     ) -> AsyncSession:
         """Resume this session (see :meth:`AsyncClient.resume`); returns ``self`` (updated)."""
         self._record = await self._client._run(_core.resume_flow(self.id, wait, timeout))
+        return self
+
+    async def update(
+        self, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> AsyncSession:
+        """Rename this session and/or replace its metadata (see :meth:`AsyncClient.update_session`);
+        returns ``self`` (record updated)."""
+        body = _core.session_update(name, metadata)
+        self._record = await self._client._call(_core.update_session(self.id, body))
+        return self
+
+    async def extend(self, seconds: float | str) -> AsyncSession:
+        """Move this session's expiry ``seconds`` later (see :meth:`AsyncClient.extend_session`);
+        returns ``self`` (record updated)."""
+        body = _core.session_extend(seconds)
+        self._record = await self._client._call(_core.extend_session(self.id, body))
         return self
 
     async def terminate(self) -> AsyncSession:

@@ -271,6 +271,49 @@ def session_create(
     )
 
 
+def session_update(
+    name: str | None = None, metadata: Mapping[str, str] | None = None
+) -> models.SessionUpdate:
+    """The body of ``PATCH /v1/sessions/{id}``: only what is given (``metadata`` replaces the
+    whole map; ``{}`` empties it)."""
+    return build(models.SessionUpdate, name=name, metadata=_map(metadata, "metadata"))
+
+
+def session_extend(value: float | str) -> models.SessionExtend:
+    """The body of ``POST /v1/sessions/{id}/extend``: seconds, or a duration such as ``"1h"``."""
+    if value is None:
+        raise errors.ValidationError("give the seconds to add, e.g. 3600 or '1h'",
+                                     field="seconds")
+    return build(models.SessionExtend, seconds=seconds(value, field="seconds"))
+
+
+def snapshot_update(
+    name: str | None = None,
+    expires: datetime | str | None = None,
+    clear_expiry: bool = False,
+) -> models.SnapshotUpdate:
+    """The body of ``PATCH /v1/snapshots/{id}``: only what is given; ``clear_expiry`` sends
+    ``expires_at: null`` (the snapshot no longer expires), which an ``expires`` of None (not
+    given) does not."""
+    if not isinstance(clear_expiry, bool):
+        raise errors.ValidationError(f"expected True or False, got {clear_expiry!r}",
+                                     field="clear_expiry")
+    if clear_expiry and expires is not None:
+        raise errors.ValidationError("give expires_at or clear_expiry, not both",
+                                     field="clear_expiry")
+    values: dict[str, Any] = {}
+    if name is not None:
+        values["name"] = name
+    if clear_expiry:
+        values["expires_at"] = None
+    elif expires is not None:
+        values["expires_at"] = expires_at(expires)
+    try:
+        return models.SnapshotUpdate(**values)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc) from None
+
+
 # -- templates --------------------------------------------------------------------------------
 
 #: The fields of ``create_template`` / ``update_template`` (besides the name).
@@ -667,6 +710,17 @@ def terminate_session(session_id: str) -> Call[models.Session]:
     return Call("DELETE", f"/v1/sessions/{seg(session_id)}", _model(models.Session))
 
 
+def update_session(session_id: str, body: models.SessionUpdate) -> Call[models.Session]:
+    """``PATCH``: only the fields set on ``body`` are sent."""
+    return Call("PATCH", f"/v1/sessions/{seg(session_id)}", _model(models.Session),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def extend_session(session_id: str, body: models.SessionExtend) -> Call[models.Session]:
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/extend", _model(models.Session),
+                json=body.model_dump(mode="json"))
+
+
 def pause_session(session_id: str) -> Call[models.Session]:
     return Call("POST", f"/v1/sessions/{seg(session_id)}/pause", _model(models.Session))
 
@@ -763,6 +817,13 @@ def wait_snapshot(snapshot_id: str, timeout_s: float) -> Call[models.Snapshot]:
         params={"timeout_s": round(timeout_s, 3)},
         extra_timeout=timeout_s,
     )
+
+
+def update_snapshot(snapshot_id: str, body: models.SnapshotUpdate) -> Call[models.Snapshot]:
+    """``PATCH``: only the fields set on ``body`` are sent (``expires_at`` None is a null:
+    the expiry is removed)."""
+    return Call("PATCH", f"/v1/snapshots/{seg(snapshot_id)}", _model(models.Snapshot),
+                json=body.model_dump(mode="json", exclude_unset=True))
 
 
 def delete_snapshot(snapshot_id: str) -> Call[models.Snapshot]:

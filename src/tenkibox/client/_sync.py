@@ -329,6 +329,27 @@ class Client:
         """Unmount and detach a volume from a session; its data stays in the volume."""
         return Session(self, self._call(_core.detach_volume(session_id, volume_id)))
 
+    def update_session(
+        self,
+        session_id: str,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Session:
+        """Rename a session and/or replace its metadata (the whole map; ``{}`` empties it).
+        Only what is given changes. ConflictError once the session is over (FAILED,
+        TERMINATING, TERMINATED).
+        """
+        body = _core.session_update(name, metadata)
+        return Session(self, self._call(_core.update_session(session_id, body)))
+
+    def extend_session(self, session_id: str, seconds: float | str) -> Session:
+        """Move the session's expiry ``seconds`` later (a number, or a duration such as
+        ``"1h"``); a session without an expiry gets one ``seconds`` from now. ConflictError
+        once the session is over.
+        """
+        body = _core.session_extend(seconds)
+        return Session(self, self._call(_core.extend_session(session_id, body)))
+
     # -- snapshots ------------------------------------------------------------------------
 
     def create_snapshot(
@@ -369,6 +390,22 @@ class Client:
         WaitTimeoutError when it is still CREATING after ``timeout`` (capture goes on).
         """
         return self._run(_core.wait_snapshot_flow(snapshot_id, timeout))
+
+    def update_snapshot(
+        self,
+        snapshot_id: str,
+        name: str | None = None,
+        expires_at: datetime | str | None = None,
+        clear_expiry: bool = False,
+    ) -> models.Snapshot:
+        """Rename a snapshot and/or change its expiry; only what is given changes.
+
+        ``expires_at``: an aware datetime or RFC 3339 string in the future; ``clear_expiry``:
+        the snapshot no longer expires (not with ``expires_at``). ConflictError for a snapshot
+        of type PAUSE or TEMPLATE (its owner manages it) or one being deleted.
+        """
+        body = _core.snapshot_update(name, expires_at, clear_expiry)
+        return self._call(_core.update_snapshot(snapshot_id, body))
 
     def delete_snapshot(self, snapshot_id: str) -> models.Snapshot:
         """Delete a snapshot; returns it DELETING. Sessions restored from it are unaffected."""
@@ -652,6 +689,8 @@ class Sessions:
     list = _core.alias(Client.list)
     wait_ready = _core.alias(Client.wait_session_ready)
     terminate = _core.alias(Client.terminate)
+    update = _core.alias(Client.update_session)
+    extend = _core.alias(Client.extend_session)
     pause = _core.alias(Client.pause)
     resume = _core.alias(Client.resume)
     attach_volume = _core.alias(Client.attach_volume)
@@ -669,6 +708,7 @@ class Snapshots:
     get = _core.alias(Client.get_snapshot)
     list = _core.alias(Client.list_snapshots)
     wait_ready = _core.alias(Client.wait_snapshot_ready)
+    update = _core.alias(Client.update_snapshot)
     delete = _core.alias(Client.delete_snapshot)
     restore = _core.alias(Client.restore_snapshot)
 
@@ -869,6 +909,22 @@ class Session:
     ) -> Session:
         """Resume this session (see :meth:`Client.resume`); returns ``self`` (record updated)."""
         self._record = self._client._run(_core.resume_flow(self.id, wait, timeout))
+        return self
+
+    def update(
+        self, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> Session:
+        """Rename this session and/or replace its metadata (see :meth:`Client.update_session`);
+        returns ``self`` (record updated)."""
+        body = _core.session_update(name, metadata)
+        self._record = self._client._call(_core.update_session(self.id, body))
+        return self
+
+    def extend(self, seconds: float | str) -> Session:
+        """Move this session's expiry ``seconds`` later (see :meth:`Client.extend_session`);
+        returns ``self`` (record updated)."""
+        body = _core.session_extend(seconds)
+        self._record = self._client._call(_core.extend_session(self.id, body))
         return self
 
     def terminate(self) -> Session:
