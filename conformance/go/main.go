@@ -272,27 +272,48 @@ func run() (code int) {
 		check(errors.Is(err, tenkisandbox.ErrFileNotFound), "errors.Is(err, ErrFileNotFound) is false for %v", err)
 		return err.Error()
 	})
-	step("snapshot of a terminated session", func() string {
-		_, err := client.Terminate(ctx, restored.ID)
+	// a FAILED snapshot: terminate the session while its snapshot is being captured
+	step("ErrSnapshotFailed: a snapshot whose session is terminated mid-capture", func() string {
+		res, err := client.Exec(ctx, restored.ID, []string{"sh", "-c", "head -c 64M /dev/urandom > /dev/shm/noise"}, nil)
+		must(err, "Exec (memory noise)")
+		check(res.OK(), "noise: exit %d %s", res.ExitCode, res.Stderr)
+		doomed, err := client.CreateSnapshot(ctx, restored.ID, "doomed", nil)
+		must(err, "CreateSnapshot")
+		m.snapshots = append(m.snapshots, doomed.ID)
+		_, err = client.Terminate(ctx, restored.ID) // while the capture runs
 		must(err, "Terminate")
 		m.sessions = remove(m.sessions, restored.ID)
+		got, err := client.WaitSnapshotReady(ctx, doomed.ID, tenkisandbox.DefaultSnapshotCreateTimeout)
+		check(err != nil, "the capture outlived its terminated session: %s", stateOf(got))
+		check(errors.Is(err, tenkisandbox.ErrSnapshotFailed), "errors.Is(err, ErrSnapshotFailed) is false for %v", err)
+		var e *tenkisandbox.Error
+		check(errors.As(err, &e) && e.FailureReason != "", "ErrSnapshotFailed without a failure reason: %v", err)
+		wrapped := fmt.Errorf("restoring the save-point: %w", err)
+		check(errors.Is(wrapped, tenkisandbox.ErrSnapshotFailed), "errors.Is through a caller's wrap")
+		rec, err := client.GetSnapshot(ctx, doomed.ID)
+		must(err, "GetSnapshot")
+		check(rec.State == tenkisandbox.SnapshotStateFailed && rec.FailureReason == e.FailureReason,
+			"the record: state %s, failure_reason %q", rec.State, rec.FailureReason)
+		return fmt.Sprintf("failure_reason=%q", e.FailureReason)
+	})
+	step("snapshot of a terminated session is refused", func() string {
 		s, err := client.CreateSnapshotAndWait(ctx, restored.ID, "after-terminate", nil, time.Minute)
 		if s != nil {
 			m.snapshots = append(m.snapshots, s.ID)
 		}
-		check(err != nil, "a snapshot of a terminated session succeeded")
-		var e *tenkisandbox.Error
-		check(errors.As(err, &e), "not a *tenkisandbox.Error: %T %v", err, err)
-		// refused on create (FAILED_PRECONDITION "... TERMINATED ...") or FAILED while waiting
-		check(errors.Is(err, tenkisandbox.ErrSessionTerminated) || errors.Is(err, tenkisandbox.ErrSnapshotFailed) ||
-			errors.Is(err, tenkisandbox.ErrInvalidState),
-			"want ErrSessionTerminated, ErrSnapshotFailed or ErrInvalidState, got %v", err)
-		if errors.Is(err, tenkisandbox.ErrSnapshotFailed) {
-			check(e.FailureReason != "", "ErrSnapshotFailed without a failure reason")
-		}
+		check(err != nil, "a snapshot of a terminated session succeeded: %s", stateOf(s))
+		// refused on create: FAILED_PRECONDITION "session ... is TERMINATED; ..."
+		check(errors.Is(err, tenkisandbox.ErrSessionTerminated), "errors.Is(err, ErrSessionTerminated) is false for %v", err)
 		return err.Error()
 	})
 	return 0
+}
+
+func stateOf(s *tenkisandbox.Snapshot) string {
+	if s == nil {
+		return "no snapshot"
+	}
+	return string(s.State)
 }
 
 func remove(xs []string, x string) []string {

@@ -10,5 +10,5 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${TENKI_GO_CONFORMANCE_BIN:-"${TMPDIR:-/tmp}/tenki-go-conformance.$$"}
 cleanup() { [ -n "${TENKI_GO_CONFORMANCE_BIN:-}" ] || rm -f "$out"; }
 trap cleanup EXIT
-(cd "$here" && go build -o "$out" .)
+(cd "$here" && go build -buildvcs=false -o "$out" .)
 "$out" "$@"
