@@ -53,3 +53,23 @@ def test_snapshot_rename_and_expiry(inproc: InProcessServer) -> None:
         r = c.patch(f"/v1/snapshots/{snap['id']}", json={"expires_at": "2020-01-01T00:00:00Z"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "expires_at"
         c.delete(f"/v1/sessions/{sid}")
+
+
+def test_an_update_on_a_stale_read_changes_nothing(inproc: InProcessServer) -> None:
+    """``Records.update(when=...)``: the compare-and-set under ``extend`` (two control-plane
+    processes extending at once must both count)."""
+    from tenkibox.store.tables import SessionRow
+
+    with httpx.Client(base_url=inproc.url, headers=AUTH, timeout=20) as c:
+        sid = _ready(c)
+        first = inproc.run(inproc.plane.sessions.extend(sid, 100)).expires_at
+        assert first is not None
+        stale = inproc.run(inproc.plane.records.update(
+            SessionRow, sid, when={"expires_at": None}, expires_at=first))
+        assert stale is False  # another actor set an expiry since: nothing is overwritten
+        fresh = inproc.run(inproc.plane.records.update(
+            SessionRow, sid, when={"expires_at": first}, expires_at=first + timedelta(seconds=5)))
+        assert fresh is True
+        after = inproc.run(inproc.plane.sessions.extend(sid, 10)).expires_at
+        assert after is not None and (after - first).total_seconds() == 15
+        c.delete(f"/v1/sessions/{sid}")

@@ -147,15 +147,20 @@ class Records:
         return self.get(cls, key)
 
     async def update(self, cls: type[R], key: str, *, when_state: Iterable[Any] | None = None,
-                     notify: bool = True, **values: Any) -> bool:
+                     when: dict[str, Any] | None = None, notify: bool = True,
+                     **values: Any) -> bool:
         """Change fields other than ``state``; with ``when_state``, only while the record is in
-        one of those states. Returns whether a row changed."""
+        one of those states; with ``when``, only while those fields still hold those values
+        (compare-and-set of a read-modify-write). Returns whether a row changed."""
         if "state" in values:
             raise ValueError("state changes go through transition()")
         table: Any = cls
         stmt = update(cls).where(table.id == key)
         if when_state is not None:
             stmt = stmt.where(table.state.in_(sorted(_value(s) for s in when_state)))
+        for field, expected in (when or {}).items():
+            column = getattr(table, field)
+            stmt = stmt.where(column.is_(None) if expected is None else column == expected)
         with self.store.tx() as orm:
             result = orm.execute(stmt.values(**values)
                                  .execution_options(synchronize_session=False))

@@ -347,14 +347,19 @@ class SessionControl:
         return self.get(session_id, ws)
 
     async def extend(self, session_id: str, seconds: float, ws: str | None = None) -> Session:
-        """Move the expiry ``seconds`` later (from now, for a session without one)."""
-        row = self.row(session_id, ws)
-        base = row.expires_at if row.expires_at and row.expires_at > now() else now()
-        if not await self.records.update(SessionRow, session_id, when_state=_NOT_OVER,
+        """Move the expiry ``seconds`` later (from now, for a session without one or past it).
+        Compare-and-set on the expiry read, so two extends at once both count."""
+        for _ in range(20):
+            row = self.row(session_id, ws)
+            if row.state not in _NOT_OVER:
+                break
+            base = row.expires_at if row.expires_at and row.expires_at > now() else now()
+            if await self.records.update(SessionRow, session_id, when_state=_NOT_OVER,
+                                         when={"expires_at": row.expires_at},
                                          expires_at=base + timedelta(seconds=seconds)):
-            raise ConflictError(f"session {session_id} is {self.row(session_id).state}; "
-                                "it can no longer be extended")
-        return self.get(session_id, ws)
+                return self.get(session_id, ws)
+        raise ConflictError(f"session {session_id} is {self.row(session_id).state}; "
+                            "it can no longer be extended")
 
     # -- terminate ---------------------------------------------------------------------------
     async def terminate(self, session_id: str, reason: str | None = None,
