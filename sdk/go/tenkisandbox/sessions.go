@@ -304,7 +304,10 @@ func (c *Client) waitRunning(ctx context.Context, s *Session, timeout time.Durat
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	last, err := c.waitStream(wctx, s)
-	if errors.Is(err, ErrUnimplemented) || (err == nil && last != nil && !last.State.Ready() && !last.State.Terminal()) {
+	var e *Error
+	streamBroke := errors.As(err, &e) && e.Retryable && wctx.Err() == nil
+	if errors.Is(err, ErrUnimplemented) || streamBroke ||
+		(err == nil && (last == nil || (!last.State.Ready() && !last.State.Terminal()))) {
 		last, err = c.waitPoll(wctx, s.ID)
 	}
 	if last == nil {
@@ -326,7 +329,6 @@ func (c *Client) waitRunning(ctx context.Context, s *Session, timeout time.Durat
 			Message: "session " + last.ID + " not RUNNING after " + timeout.String() + " (state " + string(last.State) + ")",
 			Session: last, cause: context.DeadlineExceeded}
 	default:
-		var e *Error
 		if errors.As(err, &e) && e.Session == nil {
 			e.Session = last
 		}
