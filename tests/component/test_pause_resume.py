@@ -25,6 +25,7 @@ from support.helpers import (
     now,
     session_row,
     snapshot_row,
+    volume_row,
 )
 from support.server import InProcessServer, open_test_store
 
@@ -327,14 +328,34 @@ def test_a_pause_snapshot_is_owned_by_its_session(client: Client) -> None:
     assert other.snapshot().type == SnapshotType.USER
 
 
-def test_volumes_are_detached_before_a_pause(client: Client) -> None:
+def test_volumes_stay_attached_across_a_pause(client: Client, fake_host: FakeHost) -> None:
     vol = client.create_volume("data", "1MiB")
     s = client.create_and_wait(volumes=[f"{vol.id}:/data"], timeout=5)
-    with pytest.raises(errors.ConflictError, match="detach them before pausing"):
-        s.pause()
-    assert client.get(s.id).state == S.READY
-    s.detach_volume(vol.id)
+    s.files.write("/data/kept.txt", "on the volume")
     assert s.pause().state == S.PAUSED
+    held = client.get_volume(vol.id)  # still the paused session's: nobody else may take it
+    assert (held.state.value, held.session_id, held.path) == ("IN_USE", s.id, "/data")
+    other = client.create_and_wait(timeout=5)
+    with pytest.raises(errors.ConflictError, match="in use"):
+        other.attach_volume(vol.id, "/data")
+    resumed = s.resume()
+    assert resumed.state == S.READY and resumed.record.state_reason is None
+    assert [v.volume_id for v in resumed.record.volumes] == [vol.id]
+    assert s.files.read_text("/data/kept.txt") == "on the volume"  # plugged in again
+    s.terminate()
+    assert client.get_volume(vol.id).state.value == "AVAILABLE"
+
+
+def test_a_volume_that_fails_to_come_back_is_released_with_a_warning(
+        client: Client, fake_host: FakeHost) -> None:
+    vol = client.create_volume("data", "1MiB")
+    s = client.create_and_wait(volumes=[f"{vol.id}:/data"], timeout=5)
+    s.pause()
+    fake_host.fail_next("attach_volume", errors.InternalError("the device did not appear"))
+    resumed = s.resume()
+    assert resumed.state == S.READY
+    assert "volume attach failed" in (resumed.record.state_reason or "")
+    assert client.get_volume(vol.id).state.value == "AVAILABLE"
 
 
 def test_a_paused_session_counts_against_no_quota(client: Client) -> None:
@@ -413,6 +434,12 @@ async def test_recovery_of_pauses_and_resumes_cut_short(tmp_path: Path) -> None:
     }
     for snap in snaps.values():
         store.add(snap)
+    # volumes: a paused session keeps its own; a session that ends FAILED frees its own
+    held = volume_row("IN_USE", rows["paused"].id, "/data", workspace_id=ws)
+    freed = volume_row("IN_USE", rows["lost"].id, "/data", workspace_id=ws)
+    for vol in (held, freed):
+        store.add(vol)
+        host.volumes[vol.id] = 1 << 20
     plane = ControlPlane(store, host)
     await plane.start()
     try:
@@ -432,6 +459,9 @@ async def test_recovery_of_pauses_and_resumes_cut_short(tmp_path: Path) -> None:
         assert "no READY PAUSE snapshot" in (
             store.get_session(rows["no_snapshot"].id).state_reason or "")  # type: ignore[union-attr]
         assert state("paused") == "PAUSED"
+        assert plane.volumes.get(held.id).state.value == "IN_USE"
+        assert plane.volumes.get(held.id).session_id == rows["paused"].id
+        assert plane.volumes.get(freed.id).state.value == "AVAILABLE"
         assert host.restores[-1].keep_identity
         await eventually_async(lambda: all(
             (store.get_snapshot(snaps[k].id) or SnapshotRow()).state == "DELETED"

@@ -1,5 +1,6 @@
 """Pause and resume with a real VM under TCG (issue 11): the VM is gone while paused, and the
-resumed guest carries on: same processes (same PIDs), same tmpfs, the clock set to the host's.
+resumed guest carries on: same processes (same PIDs), same tmpfs, the clock set to the host's,
+its volume mounted again.
 
 One session (cold-booted: no golden snapshot build runs beside it), terminated at the end.
 """
@@ -33,8 +34,11 @@ def qemu_pids(session_id: str) -> list[int]:
 
 
 def test_pause_releases_the_vm_and_resume_carries_on(client: Client) -> None:
-    s = client.create_and_wait(name="pause", memory_mb=1024, cold_boot=True, timeout=300)
+    vol = client.create_volume("pause-data", "16MiB")
+    s = client.create_and_wait(name="pause", memory_mb=1024, cold_boot=True, timeout=300,
+                               volumes=[f"{vol.id}:/data"])
     try:
+        _sh(s, "echo on-the-volume > /data/kept && sync")
         pid = _sh(s, "nohup sleep 1000 >/dev/null 2>&1 & echo $!")
         _sh(s, "echo shm-payload > /dev/shm/pause-test")
         hostname = _sh(s, "hostname")
@@ -63,6 +67,9 @@ def test_pause_releases_the_vm_and_resume_carries_on(client: Client) -> None:
         assert abs(guest - time.time()) < 3  # corrected, not 3 s and a capture behind
         assert _sh(s, "hostname") == hostname  # the same guest, not a clone
         assert _sh(s, "cat /etc/machine-id") == machine_id
+        # the volume stayed the session's while paused and is mounted again
+        assert _sh(s, "cat /data/kept") == "on-the-volume"
+        _sh(s, "echo after-resume > /data/more && sync")
         deadline = time.monotonic() + 30
         while client.get_snapshot(snap.id).state.value != "DELETED" \
                 and time.monotonic() < deadline:
@@ -70,3 +77,4 @@ def test_pause_releases_the_vm_and_resume_carries_on(client: Client) -> None:
         assert client.get_snapshot(snap.id).state.value == "DELETED"  # released
     finally:
         s.terminate()
+        client.delete_volume(vol.id)

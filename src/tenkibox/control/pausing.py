@@ -8,7 +8,8 @@ goes back to READY (RUNNING if a process still runs) with the reason, and the fa
 released. A resume moves PAUSED -> RESUMING, checking the workspace's quotas and the host's
 capacity in the same transaction (a paused session counts against neither), and starts one task:
 it restores the PAUSE snapshot under the same session id (the guest keeps its identity; its clock
-is set), writes READY and releases the snapshot; a failed restore ends the session FAILED (the
+is set), plugs its volumes in again (they stay attached to it while it is paused; they are not in
+the snapshot), writes READY and releases the snapshot; a failed restore ends the session FAILED (the
 snapshot is kept: it can be restored as a new session, or deleted).
 
 The tasks are the session's start task (``SessionControl._starts``): a terminate cancels them
@@ -109,12 +110,6 @@ class PauseControl:
                     why = f" ({row.state_reason})" if row.state_reason else ""
                     raise ConflictError(f"session {session_id} is {row.state}{why}; only a "
                                         "running session can be paused")
-                mounts = self.sessions.volumes.mounts_of(session_id)
-                if mounts:
-                    names = ", ".join(f"{m.volume_id} at {m.path}" for m in mounts)
-                    raise ConflictError(f"session {session_id} has volumes attached ({names}); "
-                                        "detach them before pausing (volumes are not part of "
-                                        "a pause)")
                 try:
                     await self.records.transition(SessionRow, session_id, S.PAUSING,
                                                   expected=[S.READY, S.RUNNING],
@@ -249,8 +244,10 @@ class PauseControl:
             await self.records.update(SessionRow, session_id, when_state=[S.RESUMING],
                                       machine={**started.shape.to_json(), "ram": started.ram},
                                       disk_chain=list(started.layers))
+            # its volumes stayed attached (IN_USE) while paused: plugged in again
+            warning = await self.sessions.volumes.reattach(session_id)
             await self.records.transition(SessionRow, session_id, S.READY,
-                                          expected=[S.RESUMING], state_reason=None)
+                                          expected=[S.RESUMING], state_reason=warning)
         except asyncio.CancelledError:
             raise  # a terminate: it finishes the record (the host stops what it launched)
         except IllegalTransitionError as exc:  # the VM died meanwhile, or a terminate won

@@ -132,7 +132,7 @@ class SnapshotControl:
         try:
             # two snapshots of one session are taken one after the other
             async with self._capturing.setdefault(session_id, asyncio.Lock()):
-                mounts = [] if leave_paused else self.volumes.mounts_of(session_id)
+                mounts = self.volumes.mounts_of(session_id)
                 got = await self.host.capture(CaptureSpec(
                     session_id, snapshot_id, base_image_id, mounts, leave_paused=leave_paused))
             m = got.manifest

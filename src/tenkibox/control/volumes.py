@@ -30,6 +30,9 @@ from .states import LIVE, IllegalTransitionError
 
 log = logging.getLogger(__name__)
 
+#: a session in these states keeps its volumes without a VM (pausing.py)
+_HELD_WHILE_PAUSED = frozenset({"PAUSING", "PAUSED", "RESUMING"})
+
 V = VolumeState
 SECTOR = 512
 HOTPLUG_PORTS = 4
@@ -196,6 +199,19 @@ class VolumeControl:
                 failed.append(f"{mount.volume_id}: {type(exc).__name__}: {exc}")
         return f"volume attach failed: {'; '.join(failed)}" if failed else None
 
+    async def reattach(self, session_id: str) -> str | None:
+        """A resumed session's volumes (attached to it while it was paused), plugged into its
+        new VM; the ones that fail are released. A warning naming those, or None."""
+        failed: list[str] = []
+        for mount in self.mounts_of(session_id):
+            try:
+                await self.host.attach_volume(session_id, mount)
+            except Exception as exc:
+                why = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
+                failed.append(f"{mount.volume_id}: {why}")
+                await self._release(mount.volume_id, session_id)
+        return f"volume attach failed: {'; '.join(failed)}" if failed else None
+
     async def attach(self, session_id: str, req: VolumeAttach, ws: str | None = None) -> None:
         srow = self.records.get(SessionRow, session_id, ws=ws)
         self.usable(req.volume_id, ws)
@@ -276,6 +292,8 @@ class VolumeControl:
                 await self._finish_delete(row.id)
             elif row.state == V.IN_USE.value and row.session_id is not None:
                 srow = self.records.find(SessionRow, row.session_id)
+                if srow is not None and srow.state in _HELD_WHILE_PAUSED:
+                    continue  # attached to a paused session: plugged in again at its resume
                 if srow is None or srow.state not in LIVE \
                         or not self.host.has_vm(row.session_id):
                     await self._release(row.id, row.session_id)

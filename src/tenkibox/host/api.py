@@ -114,7 +114,8 @@ class CaptureSpec:
     base_image_id: str
     volumes: list[VolumeMountSpec]  # unplugged for the capture, plugged back after
     #: a pause: once captured, the guest stays paused (its VM is stopped next, so nothing it
-    #: would do after the captured instant is lost); resumed if the capture fails. No volumes.
+    #: would do after the captured instant is lost) and its volumes unplugged; both come back
+    #: if the capture fails.
     leave_paused: bool = False
 
 

@@ -21,7 +21,8 @@ The disk layer and the memory come from the same pause: pairing memory with an o
 layer looks fine at first (the page cache hides it) and corrupts the filesystem later.
 Volumes are unplugged before the pause and plugged back after (snapshots hold no volume data).
 A pause of the session (``spec.leave_paused``) skips step 5: the guest stays paused for the VM to
-be stopped, and is resumed only if a later step fails.
+be stopped, and is resumed only if a later step fails; its volumes stay unplugged (the resume
+plugs them in again), and go back at once if it fails.
 Staging files live in the VM's run directory and are removed whatever happens.
 """
 
@@ -41,7 +42,7 @@ from ..engine.migration import convert_stream, freeze_disk, save_state
 from ..errors import SnapshotFailedError
 from ..steps import Steps
 from . import volumes
-from .api import Captured, CaptureSpec, Manifest
+from .api import Captured, CaptureSpec, Manifest, VolumeMountSpec
 from .context import HostContext
 from .vm import VM
 
@@ -53,17 +54,20 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
     stored, so that the host counts it as referenced until the record names it."""
     steps = Steps(log, spec.snapshot_id, plan="capture")
     staging = ctx.layout.staging(vm.session_id) / spec.snapshot_id
-    if spec.leave_paused and spec.volumes:
-        raise SnapshotFailedError("a pause takes no volumes (they would stay unplugged)")
     staging.mkdir(parents=True, exist_ok=True)
     held = False  # the guest is left paused (a pause): resumed if anything below fails
+    unplugged: list[VolumeMountSpec] = []
+    out = False  # volumes kept unplugged for a pause: plugged back if it fails after all
     try:
         unplugged = await volumes.unplug_for_capture(vm, list(spec.volumes),
                                                      ctx.layout.volume_file)
         try:
             paused_s, stream, held = await _pause_and_copy(vm, steps, staging, spec)
         finally:
-            lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
+            if held:  # a pause: they stay out (the VM stops next; the resume plugs them in)
+                lost, out = [], bool(unplugged)
+            else:  # the guest runs on: its volumes go back at once
+                lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
         if stream is not None:
             # short: the scratch VM's socket paths must fit in 108 bytes
@@ -80,6 +84,9 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
         if held:  # the original error is the one to report
             with contextlib.suppress(Exception), steps.step("resume"):
                 await asyncio.shield(vm.machine.resume())
+            if out:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(volumes.replug(vm, unplugged, ctx.layout.volume_file))
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
