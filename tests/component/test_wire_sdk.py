@@ -314,3 +314,13 @@ def test_pause_and_resume_keep_the_session_id(sandbox: Sandbox, env: InProcessSe
     sandbox.wait_paused(timeout=30)
     sandbox.resume()
     assert sandbox.exec("true").exit_code == 0
+
+
+def test_a_disk_size_we_do_not_give_is_a_warning(env: InProcessServer) -> None:
+    with pytest.warns(Warning, match="disk_size_gb 20 was asked"):
+        sb = Sandbox.create(disk_size_gb=20)
+    try:
+        assert sb.info.disk_size_gb == 4
+        assert any("disk_size_gb 20" in w.message for w in sb.warnings)
+    finally:
+        sb.terminate()

@@ -140,6 +140,10 @@ class SandboxService:
             s = await self._settle(s.id, ws, WAIT_MAX_S)
         out = M("CreateSessionResponse")()
         self._route(out, s)
+        if req.HasField("disk_size_gb") and req.disk_size_gb != convert.DISK_SIZE_GB:
+            # answered, not refused (the TypeScript SDK asks for 5 by default), and not hidden
+            out.warnings.add(message=f"disk_size_gb {req.disk_size_gb} was asked; sessions on "
+                             f"this server have the image's {convert.DISK_SIZE_GB} GB disk")
         return out
 
     async def WaitSession(self, req: Any, caller: Principal,
