@@ -78,7 +78,8 @@ def test_session_ended_during_the_capture(client: Client, fake_host: FakeHost) -
     gate.wait_entered()
     s.terminate()
     gate.release()
-    with pytest.raises(errors.SnapshotFailedError, match="ended before the capture"):
+    with pytest.raises(errors.SnapshotFailedError,
+                       match=r"the session ended during the capture \(terminated\)"):
         client.wait_snapshot_ready(snap.id, timeout=5)
 
 

@@ -149,6 +149,12 @@ class SnapshotControl:
         except Exception as exc:
             reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
             log.warning("%s: capture failed: %s", snapshot_id, reason)
+            srow = self.records.find(SessionRow, session_id)
+            if srow is not None and srow.state in ("TERMINATING", "TERMINATED", "FAILED"):
+                # what the user did (or what happened to the VM) says more than the QMP error
+                # its stop caused; that error stays in the server's log
+                why = srow.state_reason or srow.state.lower()
+                reason = f"the session ended during the capture ({why})"
             try:
                 await self.records.transition(SnapshotRow, snapshot_id, P.FAILED,
                                               expected=[P.CREATING],
