@@ -362,6 +362,9 @@ class ExecRequest(_Model):
     stdin_data: Base64Data | None = Field(
         default=None, description="base64 bytes written then closed"
     )
+    user: Literal["root", "tenki"] = Field(
+        default="root", description="who runs it: root, or the guest user tenki (HOME "
+        "/home/tenki, where it also starts unless cwd says otherwise)")
 
 
 class ProcessInfo(_Answer):

@@ -68,6 +68,17 @@ def test_exec_runs_as_the_guest_user_in_its_workdir(sandbox: Sandbox,
                                                     env: InProcessServer) -> None:
     out = sandbox.exec("env").stdout_text
     assert "HOME=/home/tenki" in out and "USER=tenki" in out
+    [proc] = [p for p in host(env).vm(sandbox.id).procs if p.spec.argv == ["env"]]
+    assert (proc.spec.user, proc.spec.cwd) == (1000, "/home/tenki")
+    sandbox.exec("true", privileged=True)
+    assert host(env).vm(sandbox.id).procs[-1].spec.user is None  # root
+    assert host(env).vm(sandbox.id).procs[-1].spec.argv == ["true"]
+
+
+def test_a_command_that_cannot_start_is_an_exit_127(sandbox: Sandbox) -> None:
+    result = sandbox.exec("no-such-program")
+    assert (result.exit_code, result.errno) == (127, 2)
+    assert result.reason is not None and "no-such-program" in result.reason
 
 
 def test_stdin_streams_to_the_command_while_it_runs(sandbox: Sandbox) -> None:

@@ -139,7 +139,21 @@ async def test_exec_missing_program_and_cwd(client: AgentClient) -> None:
     assert ei.value.errno == "ENOENT"
     with pytest.raises(AgentError) as ei:
         await client.exec(["true"], cwd="/nonexistent/dir")
-    assert ei.value.errno == "ENOENT"
+    assert ei.value.errno == "ENOTDIR" and "cwd /nonexistent/dir" in ei.value.message
+
+
+async def test_exec_as_another_user(client: AgentClient) -> None:
+    """``user``: the agent switches in the child (what the official SDKs' commands need)."""
+    if os.getuid() != 0:
+        pytest.fail("the agent runs as root in a guest; this test must too")
+    nobody = 65534
+    proc = await client.exec(["sh", "-c", "id -u; id -g"], user=nobody)
+    out, _, ev = await collect(proc)
+    assert ev["exit_code"] == 0 and out.split() == [b"65534", b"65534"]
+    with pytest.raises(AgentError) as ei:
+        await client.exec(["true"], user=-1)
+    assert ei.value.errno == "EINVAL"
+    assert await client.version() == tuple(int(p) for p in guest.VERSION.split("."))
 
 
 async def test_stdin_roundtrip(client: AgentClient) -> None:

@@ -46,7 +46,7 @@ from ..models import (
     SessionUpdate,
 )
 from ..store.tables import SessionRow, SnapshotRow
-from . import admission
+from . import admission, workdir
 from .pausing import PauseControl
 from .records import Records
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
@@ -481,10 +481,12 @@ class SessionControl:
                 stdin_data = base64.b64decode(req.stdin_data, validate=True)
             except binascii.Error as exc:
                 raise ValidationError(f"not base64: {exc}", field="stdin_data") from exc
+        env, cwd, uid = {**(row.env or {}), **req.env}, req.cwd, None
+        if req.user == workdir.USER:  # the guest user, as the official SDKs' commands run
+            env, cwd, uid = {**workdir.USER_ENV, **env}, cwd or workdir.WORKDIR, workdir.UID
         ref: ProcessRef = await self._while_live(session_id, self.host.start_process(
-            session_id, ExecSpec(argv=argv, env={**(row.env or {}), **req.env}, cwd=req.cwd,
-                                 timeout_s=req.timeout_s,
-                                 stdin=req.stdin or stdin_data is not None)))
+            session_id, ExecSpec(argv=argv, env=env, cwd=cwd, timeout_s=req.timeout_s,
+                                 stdin=req.stdin or stdin_data is not None, user=uid)))
         if stdin_data is not None:
             await self._while_live(session_id, self.host.process_stdin(
                 session_id, ref.process_id, stdin_data))

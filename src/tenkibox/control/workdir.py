@@ -10,14 +10,13 @@ already run commands as root, also accept absolute paths anywhere (``confined=Fa
 from __future__ import annotations
 
 import posixpath
+from typing import Final
 
 from ..errors import ValidationError
 
-USER = "tenki"
+USER: Final = "tenki"
 UID = GID = 1000
 WORKDIR = "/home/tenki"
-#: how a command runs as the guest user (util-linux's setpriv: no PAM, no login shell)
-AS_USER = ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--init-groups", "--"]
 USER_ENV = {"HOME": WORKDIR, "USER": USER, "LOGNAME": USER}
 
 

@@ -258,6 +258,7 @@ class AgentClient:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._procs: dict[int, AgentProcess] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._version: tuple[int, ...] | None = None  # the agent's, once asked (ping)
         # Ids start at a random point: a restarted host must not reuse the ids of processes the
         # agent is still reporting on for its predecessor.
         self._ids = itertools.count(secrets.randbelow(1 << 40) + 1)
@@ -444,11 +445,24 @@ class AgentClient:
         msg = await self._call("ping", timeout)
         return {k: msg.get(k) for k in ("boot_id", "pid", "uptime_s", "version")}
 
+    async def version(self) -> tuple[int, ...]:
+        """The agent's version (asked once: a connection is to one agent; a restored guest's
+        agent is the one of its snapshot, which may be older than the image's)."""
+        if self._version is None:
+            raw = str((await self.ping()).get("version") or "0")
+            try:
+                self._version = tuple(int(p) for p in raw.split("."))
+            except ValueError:
+                self._version = (0,)
+        return self._version
+
     async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, timeout_s: float | None = None, stdin: bool = False,
-                   timeout: float | None = None, flow_control: bool = True) -> AgentProcess:
+                   timeout: float | None = None, flow_control: bool = True,
+                   user: int | None = None) -> AgentProcess:
         """Start a process; ``timeout_s`` bounds the process (the agent kills its group, exit
-        124), ``timeout`` bounds the wait for the agent's answer.
+        124), ``timeout`` bounds the wait for the agent's answer. ``user``: the uid it runs as
+        (agents from 0.3.0; an older one would ignore it: ask ``version()`` first).
 
         Read its output with ``events()`` (or let ``wait()`` discard it): with flow control
         (asked for unless ``flow_control`` is False; ``proc.window`` says whether the agent
@@ -467,6 +481,8 @@ class AgentClient:
             args["cwd"] = cwd
         if timeout_s is not None:
             args["timeout_s"] = timeout_s
+        if user is not None:
+            args["user"] = user
         try:
             msg = await self._call("exec", timeout, rid=rid, **args)
         except BaseException:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     # An op answers with its result, or with None when it answers by itself (exec, stdin).
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"  # 0.3.0: exec as another user (``user``)
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
@@ -64,6 +64,8 @@ HOST_WAIT_S = 1.0
 DEVICE_WAIT_S = 10.0
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SANDBOX_UID = 1000  # the image's user ``tenki``
+
 DEFAULT_ENV = {
     "PATH": DEFAULT_PATH,
     "HOME": "/root",
@@ -773,6 +775,21 @@ class Agent:
             raise OpError("cwd must be a string", "EINVAL")
         if cwd is None:
             cwd = env["HOME"] if os.path.isdir(env.get("HOME", "")) else "/"
+        elif not os.path.isdir(cwd):  # else Popen's error names the program, not the directory
+            raise OpError(f"cwd {cwd}: no such directory", "ENOTDIR")
+        # ``user``: a uid to run as, switched to in the child (no setpriv/su program to start)
+        ids: dict[str, Any] = {}
+        uid = req.get("user")
+        if uid is not None:
+            if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+                raise OpError("user must be a uid", "EINVAL")
+            import pwd
+            try:
+                entry = pwd.getpwuid(uid)
+            except KeyError as exc:
+                raise OpError(f"no user with uid {uid}", "EINVAL") from exc
+            ids = {"user": uid, "group": entry.pw_gid,
+                   "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
         timeout_s = req.get("timeout_s")
         if timeout_s is not None and (not isinstance(timeout_s, int | float) or timeout_s <= 0):
             raise OpError("timeout_s must be a positive number", "EINVAL")
@@ -791,6 +808,7 @@ class Agent:
             env=env,
             cwd=cwd,
             start_new_session=True,
+            **ids,
         )
         proc = Proc(self, rid, popen, float(timeout_s) if timeout_s else None, window)
         with self.procs_lock:
@@ -1036,7 +1054,9 @@ class Agent:
                               "refusing to format it", "EINVAL")
             if not req.get("mkfs") or read_only:
                 raise OpError(f"{dev} has no filesystem", "EINVAL")
-            r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", dev],
+            # the root of a new volume belongs to the sandbox user (root may write anyway)
+            r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                                f"nodiscard,root_owner={SANDBOX_UID}:{SANDBOX_UID}", dev],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise OpError(f"mkfs.ext4 {dev} failed: {r.stderr.strip()}", "EIO")

@@ -136,6 +136,7 @@ class ExecSpec:
     cwd: str | None = None
     timeout_s: float | None = None
     stdin: bool = False
+    user: int | None = None  # the uid to run as (None: root)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ from .vm import VM, HostLayout, VMRecord
 
 log = logging.getLogger(__name__)
 
+#: the guest agent switches user itself from this version on
+AGENT_USER_SINCE = (0, 3, 0)
+
 WATCH_INTERVAL_S = 0.5
 RECOVER_AGENT_TIMEOUT_S = 15.0
 
@@ -351,9 +354,17 @@ class LocalHost:
     # -- processes and files ---------------------------------------------------------------------
     async def start_process(self, session_id: str, spec: ExecSpec) -> ProcessRef:
         vm = self._vm(session_id)
+        argv, user = spec.argv, spec.user
+        if user is not None and await vm.agent.version() < AGENT_USER_SINCE:
+            # a guest restored from a snapshot taken with an older agent: switch user with
+            # util-linux's setpriv instead (one program start more)
+            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--",
+                    *argv]
+            user = None
         try:
-            agent_proc = await vm.agent.exec(spec.argv, env=spec.env, cwd=spec.cwd,
-                                             timeout_s=spec.timeout_s, stdin=spec.stdin)
+            agent_proc = await vm.agent.exec(argv, env=spec.env, cwd=spec.cwd,
+                                             timeout_s=spec.timeout_s, stdin=spec.stdin,
+                                             user=user)
         except AgentError as exc:
             if exc.errno in ("ENOENT", "EACCES", "ENOTDIR"):
                 field = "cwd" if exc.errno == "ENOTDIR" else "argv"

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..control.plane import ControlPlane
-from ..control.workdir import AS_USER, UID, USER_ENV, WORKDIR, resolve
+from ..control.workdir import UID, USER, WORKDIR, resolve
 from ..errors import (
     NotFoundError,
     PayloadTooLargeError,
@@ -139,8 +139,7 @@ class DataPlane:
     async def _collect(self, grant: Grant, argv: list[str], limit: int = 8 << 20) -> bytes:
         """Run ``argv`` as the guest user to its end; its stdout (stderr goes to the error)."""
         ref = await self.plane.sessions.start_process(
-            grant.session_id, ExecRequest(argv=[*AS_USER, *argv], env=dict(USER_ENV),
-                                          cwd=WORKDIR), grant.workspace_id)
+            grant.session_id, ExecRequest(argv=argv, user=USER), grant.workspace_id)
         out, err = bytearray(), bytearray()
         code: int | None = None
         async for ev in self.plane.sessions.process_events(grant.session_id, ref.process_id,
@@ -186,14 +185,25 @@ class DataPlane:
         if not argv or not argv[0]:
             raise ValidationError("command must not be empty", field="cmd")
         cwd = resolve(start.cwd or WORKDIR, confined=False, field="cwd")  # exec is not confined
-        if start.privileged:
-            env = dict(start.env)
-        else:
-            argv, env = [*AS_USER, *argv], {**USER_ENV, **start.env}
-        req = ExecRequest(argv=argv, env=env, cwd=cwd, stdin=True,
+        req = ExecRequest(argv=argv, env=dict(start.env), cwd=cwd, stdin=True,
+                          user="root" if start.privileged else USER,
                           timeout_s=start.timeout_ms / 1000 if start.timeout_ms else None)
         began = time.monotonic()
-        ref = await self.plane.sessions.start_process(session_id, req, grant.workspace_id)
+        try:
+            ref = await self.plane.sessions.start_process(session_id, req, grant.workspace_id)
+        except ValidationError as exc:
+            if exc.field not in ("argv", "cwd"):
+                raise
+            # the product's answer to a command that cannot start: an exit, as a shell's
+            # (127 not found, 126 not executable), with the errno and the reason
+            missing = "no such file" in exc.message.lower() or exc.field == "cwd"
+            msg = M("SandboxSessionDataPlaneServiceRunResponse")()
+            msg.frame.exit.exit_code = 127 if missing else 126
+            msg.frame.exit.errno = 2 if missing else 13
+            msg.frame.exit.reason = exc.message
+            msg.frame.exit.duration_ms = int((time.monotonic() - began) * 1000)
+            yield msg
+            return
         sessions, pid, ws = self.plane.sessions, ref.process_id, grant.workspace_id
         out = M("SandboxSessionDataPlaneServiceRunResponse")()
         out.frame.started.pid = ref.pid or 0
