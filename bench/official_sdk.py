@@ -7,8 +7,8 @@ One private server (a temporary TENKI_HOME), one session, two clients in this pr
 - official: PyPI ``tenki`` 1.4.1 (``tenki.Client``), over the server's gRPC wire
   (``grpc_endpoint``: control plane ``SandboxService``, exec over the data plane's bidi ``Run``
   with a session credential), ``sandbox.exec("echo", "hi")``. As in the product, that command
-  runs as the guest user ``tenki`` (the server wraps it in ``setpriv``: one more exec in the
-  guest); ``privileged=True`` runs it as root, as our SDK does, and is measured too;
+  runs as the guest user ``tenki`` (the guest agent switches user in the child);
+  ``privileged=True`` runs it as root, as our SDK does, and is measured too;
 - ours: ``tenkibox.Client`` over the REST API (process start + NDJSON event stream),
   ``session.exec("echo", "hi")`` (as root).
 
