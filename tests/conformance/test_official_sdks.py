@@ -117,3 +117,12 @@ def test_go_sdk(official_server: TenkiServer) -> None:
     toolchain = {k: v for k, v in os.environ.items()
                  if k.startswith("GO") or k in ("TMPDIR", "CGO_ENABLED")}
     run_program(official_server, ["sh", str(run_sh)], REPO, toolchain)
+
+
+def test_go_sdk_unit_tests() -> None:
+    """``go test ./...`` of sdk/go: the client's own logic (error table, paging, waits,
+    credentials, exec framing) against an in-process fake built on the same descriptors."""
+    assert shutil.which("go"), "go is not on PATH (Go: see scripts/setup)"
+    done = subprocess.run(["go", "test", "-count=1", "./..."], cwd=REPO / "sdk" / "go",
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"go test failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
