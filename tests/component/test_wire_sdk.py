@@ -335,3 +335,13 @@ def test_a_disk_size_we_do_not_give_is_a_warning(env: InProcessServer) -> None:
         assert any("disk_size_gb 20" in w.message for w in sb.warnings)
     finally:
         sb.terminate()
+
+
+def test_what_this_server_cannot_do_is_refused_not_ignored(env: InProcessServer) -> None:
+    with pytest.raises(sdk_errors.SandboxError, match="allow_outbound"):
+        Sandbox.create(allow_outbound=False)
+    with pytest.raises(sdk_errors.SandboxError, match="egress"):
+        Sandbox.create(allow_domains=["pypi.org"])
+    with pytest.raises(sdk_errors.SandboxError, match="ssh_authorized_keys"):
+        Sandbox.create(ssh_authorized_keys=["ssh-ed25519 AAAA test"])
+    assert env.plane.sessions.query(env.default_workspace, "CREATING") == []

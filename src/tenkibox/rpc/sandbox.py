@@ -71,6 +71,26 @@ def page(items: list[Any], size: int, token: str) -> tuple[list[Any], str]:
     return chunk, str(start + size) if start + size < len(items) else ""
 
 
+#: CreateSession fields this server acts on (or that change nothing here: ``sticky``, as no
+#: session is ever stopped for idling). Any other field set is refused, naming it, rather than
+#: ignored: a sandbox must not silently lack what its creator asked for.
+CREATE_FIELDS = frozenset({
+    "owner_id", "owner_type", "allow_inbound", "allow_outbound", "max_duration", "cpu_cores",
+    "memory_mb", "metadata", "env", "name", "volumes", "snapshot_id", "workspace_id",
+    "disk_size_gb", "tags", "wait_ready", "wait_for_runtime", "template_spec_id", "sticky",
+})
+
+
+def _refuse_unsupported(req: Any) -> None:
+    for field, _value in req.ListFields():
+        if field.name not in CREATE_FIELDS:
+            raise ValidationError("is not supported by this tenki server", field=field.name)
+    if req.HasField("allow_outbound") and not req.allow_outbound:
+        # the SDKs send true by default; turning the network off is issue 14's egress policy
+        raise ValidationError("false is not supported yet: sandboxes here always have "
+                              "outbound access", field="allow_outbound")
+
+
 class SandboxService:
     def __init__(self, plane: ControlPlane, credentials: Credentials, endpoint: str) -> None:
         self.plane = plane
@@ -116,6 +136,7 @@ class SandboxService:
 
     # -- sessions ----------------------------------------------------------------------------
     async def CreateSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        _refuse_unsupported(req)
         ws = self._ws(caller, req.workspace_id if req.HasField("workspace_id") else "")
         fields: dict[str, Any] = {"env": dict(req.env), "metadata": dict(req.metadata)}
         if req.name:
