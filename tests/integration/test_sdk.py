@@ -223,7 +223,7 @@ def test_validation_error_names_the_field(client: Client, kwargs: dict[str, Any]
 
 def test_validation_errors_from_the_server(client: Client, src: Session, snap: Any) -> None:
     with pytest.raises(ValidationError) as exc:
-        src.files.write("relative/path.txt", "x")
+        src.files.write("/root", "x")  # a directory
     assert exc.value.field == "path"
     with pytest.raises(ValidationError) as exc:
         client.create(snapshot_id=snap.id, cpu=snap.cpu + 1)
