@@ -253,8 +253,13 @@ class SnapshotControl:
         from ..steps import fault_point
 
         fault_point("delete", "mark")
-        await self.records.transition(SnapshotRow, snapshot_id, P.DELETED,
-                                      expected=[P.DELETING], deleted_at=now())
+        try:
+            await self.records.transition(SnapshotRow, snapshot_id, P.DELETED,
+                                          expected=[P.DELETING], deleted_at=now())
+        except IllegalTransitionError as exc:
+            if exc.current != P.DELETED.value:
+                raise
+            return  # another finisher (recovery, or a second release) got there first
         fault_point("delete", "remove-files")
         await self.collect_garbage()
 
