@@ -345,3 +345,26 @@ def test_what_this_server_cannot_do_is_refused_not_ignored(env: InProcessServer)
     with pytest.raises(sdk_errors.SandboxError, match="ssh_authorized_keys"):
         Sandbox.create(ssh_authorized_keys=["ssh-ed25519 AAAA test"])
     assert env.plane.sessions.query(env.default_workspace, "CREATING") == []
+
+
+def test_a_blocking_create_snapshot_answers_the_finished_snapshot(sandbox: Sandbox,
+                                                                 env: InProcessServer) -> None:
+    """``async=false`` (the TypeScript SDK's createSnapshotAndWait): the call returns once the
+    capture is done, held here at the host until released."""
+    import threading
+
+    gate = host(env).block("capture")
+    req = proto.message("CreateSnapshotRequest")(session_id=sandbox.id, name="blocking")
+    answer: dict[str, Any] = {}
+    call = threading.Thread(target=lambda: answer.update(raw=_raw(
+        env, "/tenki.sandbox.v1.SandboxService/CreateSnapshot", req,
+        (("authorization", f"Bearer {ADMIN_KEY}"),))))
+    call.start()
+    gate.wait_entered()
+    call.join(0.5)
+    assert call.is_alive()  # still waiting for the capture
+    gate.release()
+    call.join(10)
+    snap = proto.message("CreateSnapshotResponse").FromString(answer["raw"]).snapshot
+    assert snap.state == proto.enum_value("SnapshotState", "SNAPSHOT_STATE_READY")
+    Client().snapshots.delete(snap.id)

@@ -86,9 +86,14 @@ class SnapshotControl:
         rows.sort(key=lambda r: r.created_at)
         return [to_model(r) for r in rows]
 
-    async def wait(self, snapshot_id: str, timeout_s: float, ws: str | None = None) -> Snapshot:
+    async def wait(self, snapshot_id: str, timeout_s: float, ws: str | None = None, *,
+                   long_poll: bool = True) -> Snapshot:
+        """The snapshot once it left CREATING, or as it is when the time is up.
+        ``long_poll``: an HTTP long poll (capped, the client asks again); False for a caller
+        that holds its call open for the whole wait (the wire's blocking CreateSnapshot)."""
         row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id, ws),
-                                   lambda r: r.state != P.CREATING.value, timeout_s)
+                                   lambda r: r.state != P.CREATING.value, timeout_s,
+                                   **({} if long_poll else {"cap_s": None}))
         return to_model(row)
 
     # -- create ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pydantic
 from .. import longpoll
 from ..control.keys import Principal
 from ..control.plane import ControlPlane
-from ..errors import ConflictError, PermissionDeniedError, ValidationError
+from ..errors import ConflictError, PermissionDeniedError, TenkiError, ValidationError
 from ..models import (
     Session,
     SessionCreate,
@@ -30,7 +30,6 @@ from ..models import (
     VolumeCreate,
     VolumeMount,
 )
-from ..store.tables import SnapshotRow
 from . import convert, proto
 from .credentials import Credentials
 
@@ -251,7 +250,6 @@ class SandboxService:
 
     async def TerminateSessions(self, req: Any, caller: Principal,
                                 ctx: Any) -> Any:
-        from ..errors import TenkiError
         if not 1 <= len(req.session_ids) <= 100:
             raise ValidationError("give 1..100 session ids", field="session_ids")
         out = M("TerminateSessionsResponse")()
@@ -297,8 +295,8 @@ class SandboxService:
         snap = await self.plane.snapshots.create(model(SnapshotCreate, **fields),
                                                  caller.workspace_id)
         if not getattr(req, "async"):  # the TypeScript SDK expects the finished snapshot
-            await self.plane.records.settled(SnapshotRow, snap.id, WAIT_MAX_S)
-            snap = self.plane.snapshots.get(snap.id, caller.workspace_id)
+            snap = await self.plane.snapshots.wait(snap.id, WAIT_MAX_S, caller.workspace_id,
+                                                   long_poll=False)
         return M("CreateSnapshotResponse")(snapshot=convert.snapshot(snap))
 
     async def GetSnapshot(self, req: Any, caller: Principal, ctx: Any) -> Any:
