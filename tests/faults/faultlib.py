@@ -52,7 +52,7 @@ MARKER = "written before the capture\n"
 SHM_PATH = "/dev/shm/fault-blob"
 
 LIVE = frozenset({"READY", "RUNNING"})
-SESSION_MOVING = frozenset({"CREATING", "TERMINATING"})
+SESSION_MOVING = frozenset({"CREATING", "TERMINATING", "PAUSING", "RESUMING"})
 SNAPSHOT_MOVING = frozenset({"CREATING", "DELETING"})
 SETTLE_S = 30.0
 
@@ -634,7 +634,11 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
     assert not problems, f"processes without a record / records without a VM: {problems}"
     if restore:
         for snap in snapshots:
-            if snap["state"] == "READY":
+            if snap["state"] != "READY":
+                continue
+            if snap.get("type") == "PAUSE":  # restorable only as its own session's resume
+                check_resumable(server, snap["session_id"], timeout=restore_timeout)
+            else:
                 check_restorable(server, snap["id"], timeout=restore_timeout)
         sessions, snapshots = _wait_steady(server, timeout)
         problems = _process_problems(server, sessions)
@@ -670,6 +674,19 @@ def reap(server: Any, paths: Iterable[str] = ()) -> None:
         else:
             with contextlib.suppress(OSError):
                 target.unlink()
+
+
+def check_resumable(server: Any, session_id: str, timeout: float = 120.0) -> None:
+    """Resume the PAUSED ``session_id`` and read the marker file back (it stays running)."""
+    with server.http() as api:
+        r = api.post(f"/v1/sessions/{session_id}/resume")
+        assert r.status_code in (200, 202), f"resume of {session_id} refused: {r.text}"
+        rec = wait_session_state(server, session_id, LIVE | {"FAILED", "TERMINATED"}, timeout)
+        assert rec["state"] in LIVE, \
+            f"PAUSED {session_id} did not resume: {rec['state']} {rec['state_reason']}"
+        got = api.get(f"/v1/sessions/{session_id}/files", params={"path": MARKER_PATH})
+        assert got.status_code == 200 and got.content == MARKER.encode(), \
+            f"resumed {session_id}: marker {got.status_code} {got.content[:200]!r}"
 
 
 def check_restorable(server: Any, snapshot_id: str, timeout: float = 120.0) -> None:

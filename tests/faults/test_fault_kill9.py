@@ -1,4 +1,4 @@
-"""kill -9 of the server at every named step of boot, restore, capture, delete and terminate.
+"""kill -9 of the server at every named step of boot, restore, capture, delete, terminate and pause.
 
 Each case restarts the module's server with ``TENKI_FAULT=plan.step[:after]`` (the server
 SIGKILLs itself when that step starts, or ends with ``:after``), starts the operation, waits
@@ -30,6 +30,9 @@ CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-ram", "resume", "
                  "checksum", "sync", "sync:after"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
+# a pause is a capture (the guest left paused), then the VM's stop
+PAUSE_STEPS = ["capture.copy-ram", "capture.sync:after", "terminate.stop-vm",
+               "terminate.stop-vm:after"]
 
 FAULT_WAIT_S = 120.0
 MIN_SNAPSHOT_AGE_S = 45.0  # a restored guest's clock is this far behind until corrected
@@ -303,5 +306,37 @@ def test_kill_during_capture(server: fl.FaultServer, live: World, step: str) -> 
             assert fl.sh(s, "echo ok") == "ok"
             assert fl.counting(s), "the source was left paused"
         fl.assert_settled(server)  # a READY snapshot made by the case is restored there
+    finally:
+        _tidy(server, live)
+
+
+# -- pause (a session of its own per case) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", PAUSE_STEPS)
+def test_kill_during_pause(server: fl.FaultServer, client: Any, live: World, fault: str) -> None:
+    """Whatever the step, the session ends READY with its VM running on (the capture or the stop
+    cut short) or PAUSED with a READY PAUSE snapshot and no VM; either way it goes on: a
+    resume brings back its marker and its counter (``assert_settled``)."""
+    victim = fl.new_source(client, f"pause-{fault.replace(':', '-').replace('.', '-')}")
+    try:
+        def start(api: httpx.Client) -> None:
+            r = api.post(f"/v1/sessions/{victim.id}/pause")
+            assert r.status_code in (200, 202), r.text
+
+        def finished() -> bool:
+            return fl.get_session(server, victim.id)["state"] not in fl.SESSION_MOVING
+
+        inject(server, fault, start, finished)
+        rec = fl.wait_session_state(server, victim.id, fl.LIVE | {"PAUSED", "FAILED"},
+                                    fl.SETTLE_S)
+        assert rec["state"] in fl.LIVE | {"PAUSED"}, f"the paused session was lost: {rec}"
+        if rec["state"] in fl.LIVE:
+            with server.client() as c:
+                s = c.get(victim.id)
+                assert fl.sh(s, f"cat {fl.MARKER_PATH}") == fl.MARKER.strip()
+                assert fl.counting(s), "the session was left paused"
+        fl.assert_settled(server)  # a PAUSED one is resumed there, its marker read back
+        assert fl.get_session(server, victim.id)["state"] in fl.LIVE
     finally:
         _tidy(server, live)
