@@ -13,3 +13,8 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 def new_id(kind: str) -> str:
     body = "".join(secrets.choice(_ALPHABET) for _ in range(16))
     return f"{PREFIXES[kind]}_{body}"
+
+
+def hostname_for(session_id: str) -> str:
+    """The guest hostname of a session (a booted or restored one gets its own)."""
+    return f"tenki-{session_id.split('_', 1)[-1][:8]}"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConflictError, SessionFailedError, SnapshotFailedError, TenkiError
 from ..host.api import Manifest, RestoreSpec, SnapshotDamagedError
+from ..ids import hostname_for
 from ..models import Session, SessionState, SnapshotState
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
@@ -225,8 +226,6 @@ class PauseControl:
         return self.sessions.get(session_id)
 
     async def _resume(self, session_id: str) -> TenkiError | None:
-        from .sessions import hostname_for  # (sessions imports this module)
-
         snap: SnapshotRow | None = None
         try:
             ready = self.snapshots.pause_snapshots(session_id, P.READY.value)

@@ -36,7 +36,7 @@ from ..host.api import (
     RestoreSpec,
     SnapshotDamagedError,
 )
-from ..ids import new_id
+from ..ids import hostname_for, new_id
 from ..models import (
     DEFAULT_IMAGE_ID,
     ExecRequest,
@@ -65,10 +65,6 @@ S = SessionState
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def hostname_for(session_id: str) -> str:
-    return f"tenki-{session_id.split('_', 1)[-1][:8]}"
 
 
 #: states a wait waits through
