@@ -407,6 +407,10 @@ class VolumeCreate(_Model):
     size_bytes: int = Field(ge=VOLUME_MIN_BYTES, le=VOLUME_MAX_BYTES)
 
 
+class VolumeUpdate(_Model):
+    name: Name
+
+
 class VolumeAttach(_Model):
     volume_id: Id
     path: MountPath

@@ -368,3 +368,19 @@ def test_a_blocking_create_snapshot_answers_the_finished_snapshot(sandbox: Sandb
     snap = proto.message("CreateSnapshotResponse").FromString(answer["raw"]).snapshot
     assert snap.state == proto.enum_value("SnapshotState", "SNAPSHOT_STATE_READY")
     Client().snapshots.delete(snap.id)
+
+
+def test_rename_a_volume(env: InProcessServer) -> None:
+    client = Client()
+    vol = client.volumes.create(name="before", size_bytes=1 << 20)
+    try:
+        assert client.volumes.update(vol.id, name="after").name == "after"
+        assert client.volumes.get(vol.id).name == "after"
+        with pytest.raises(sdk_errors.SandboxError, match="tags"):
+            client.volumes.update(vol.id, tags=["x"])
+        with pytest.raises(sdk_errors.SandboxError, match="name"):
+            client.volumes.update(vol.id, name="x" * 200)
+        with pytest.raises(sdk_errors.VolumeNotFoundError):
+            client.volumes.update("vol_doesnotexist0000", name="n")
+    finally:
+        client.volumes.delete(vol.id)

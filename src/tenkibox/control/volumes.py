@@ -22,6 +22,7 @@ from ..models import (
     VolumeCreate,
     VolumeMount,
     VolumeState,
+    VolumeUpdate,
 )
 from ..store.tables import SessionRow, VolumeRow
 from . import admission
@@ -129,6 +130,18 @@ class VolumeControl:
             raise
         log.info("%s: created (%d bytes, %s)", row.id, size, name)
         return to_model(row)
+
+    async def rename(self, volume_id: str, req: VolumeUpdate, ws: str | None = None) -> Volume:
+        """A new name for a volume that is not being deleted."""
+        self.row(volume_id, ws)  # not found (or another workspace's): say so
+        name = req.name.strip()
+        if not name:
+            raise ValidationError("must not be empty", field="name")
+        if not await self.records.update(VolumeRow, volume_id,
+                                         when_state=[V.AVAILABLE, V.IN_USE], name=name):
+            raise ConflictError(f"volume {volume_id} is {self.row(volume_id).state}; it can no "
+                                "longer be renamed")
+        return self.get(volume_id, ws)
 
     async def delete(self, volume_id: str, ws: str | None = None) -> Volume:
         row = self.row(volume_id, ws)

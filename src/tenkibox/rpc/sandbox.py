@@ -29,6 +29,7 @@ from ..models import (
     VolumeAttach,
     VolumeCreate,
     VolumeMount,
+    VolumeUpdate,
 )
 from . import convert, proto
 from .credentials import Credentials
@@ -368,6 +369,16 @@ class SandboxService:
             vols = [v for v in vols if v.state.value in wanted]
         chunk, token = page([convert.volume(v) for v in vols], req.page_size, req.page_token)
         return M("ListVolumesResponse")(volumes=chunk, next_page_token=token)
+
+    async def UpdateVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        if req.tags or req.clear_tags:
+            raise ValidationError("volumes have no tags on this server", field="tags")
+        if req.HasField("name"):
+            vol = await self.plane.volumes.rename(req.volume_id, model(VolumeUpdate, name=req.name),
+                                                  caller.workspace_id)
+        else:
+            vol = self.plane.volumes.get(req.volume_id, caller.workspace_id)
+        return M("UpdateVolumeResponse")(volume=convert.volume(vol))
 
     async def DeleteVolume(self, req: Any, caller: Principal, ctx: Any) -> Any:
         await self.plane.volumes.delete(req.volume_id, caller.workspace_id)
