@@ -274,3 +274,31 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return nil
 	}
 }
+
+// eachPage calls a list RPC page after page (page_size 100, following next_page_token until it
+// is empty) and hands every item of the repeated field to each; a token that does not change
+// is ErrPaginationStalled.
+func (c *Client) eachPage(ctx context.Context, method string, newReq func() msg, field string, each func(msg)) error {
+	token := ""
+	for {
+		req := newReq().set("page_size", pageSize)
+		if token != "" {
+			req.set("page_token", token)
+		}
+		resp, err := c.call(ctx, method, req)
+		if err != nil {
+			return err
+		}
+		for _, m := range resp.msgs(field) {
+			each(m)
+		}
+		next := resp.str("next_page_token")
+		if next == "" {
+			return nil
+		}
+		if next == token {
+			return clientError(method, ErrPaginationStalled, "token %q", next)
+		}
+		token = next
+	}
+}

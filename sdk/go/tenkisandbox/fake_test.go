@@ -55,15 +55,15 @@ type fake struct {
 	seq       int
 
 	// knobs
-	pageSize          int                            // ListSnapshots page size (default 2)
-	stallToken        bool                           // ListSnapshots returns the same token forever
-	waitUnimplemented bool                           // WaitSession answers UNIMPLEMENTED
-	sessionStates     []string                       // states a new session goes through (default CREATING, RUNNING)
-	snapshotStates    []string                       // states a new snapshot goes through (default CREATING, READY)
-	failureReason     string                         // failure_reason on FAILED snapshots
-	credInResponse    bool                           // Create/Wait answers carry the credential (default true)
-	errs              map[string]error               // method → error to answer (once per entry)
-	dataUnauthOnce    bool                           // the first data-plane call is UNAUTHENTICATED
+	pageSize          int              // ListSnapshots page size (default 2)
+	stallToken        bool             // ListSnapshots returns the same token forever
+	waitUnimplemented bool             // WaitSession answers UNIMPLEMENTED
+	sessionStates     []string         // states a new session goes through (default CREATING, RUNNING)
+	snapshotStates    []string         // states a new snapshot goes through (default CREATING, READY)
+	failureReason     string           // failure_reason on FAILED snapshots
+	credInResponse    bool             // Create/Wait answers carry the credential (default true)
+	errs              map[string]error // method → error to answer (once per entry)
+	dataUnauthOnce    bool             // the first data-plane call is UNAUTHENTICATED
 	credSerial        int
 }
 
@@ -390,7 +390,9 @@ func (f *fake) run(stream grpc.ServerStream, in metadata.MD) error {
 		return stream.SendMsg(out.proto())
 	}
 	const window = 8
-	if err := send(func(fr msg) { fr.mutable("started").set("pid", uint64ToInt(42)).set("stdin_window_bytes", uint32(window)) }); err != nil {
+	if err := send(func(fr msg) {
+		fr.mutable("started").set("pid", uint64ToInt(42)).set("stdin_window_bytes", uint32(window))
+	}); err != nil {
 		return err
 	}
 	var stdin []byte
@@ -435,4 +437,3 @@ done:
 }
 
 func uint64ToInt(v uint64) int { return int(v) }
-

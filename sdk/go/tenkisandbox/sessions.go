@@ -418,26 +418,12 @@ func (c *Client) Terminate(ctx context.Context, sessionID string) (*Session, err
 // ListSessions lists the caller's sessions (ListSessions RPC, every page).
 func (c *Client) ListSessions(ctx context.Context, includeTerminated bool) ([]*Session, error) {
 	var out []*Session
-	token := ""
-	for {
-		req := newMsg("ListSessionsRequest").set("page_size", pageSize).set("include_terminated", includeTerminated)
-		if token != "" {
-			req.set("page_token", token)
-		}
-		resp, err := c.call(ctx, "ListSessions", req)
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range resp.msgs("sessions") {
-			out = append(out, sessionFrom(m))
-		}
-		next := resp.str("next_page_token")
-		if next == "" {
-			return out, nil
-		}
-		if next == token {
-			return nil, clientError("ListSessions", ErrPaginationStalled, "token %q", next)
-		}
-		token = next
+	newReq := func() msg {
+		return newMsg("ListSessionsRequest").set("include_terminated", includeTerminated)
 	}
+	err := c.eachPage(ctx, "ListSessions", newReq, "sessions", func(m msg) { out = append(out, sessionFrom(m)) })
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }

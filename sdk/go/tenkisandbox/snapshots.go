@@ -138,28 +138,11 @@ func (c *Client) ListSessionSnapshots(ctx context.Context, sessionID string) ([]
 
 func (c *Client) listSnapshots(ctx context.Context, method string, newReq func() msg) ([]*Snapshot, error) {
 	out := []*Snapshot{}
-	token := ""
-	for {
-		req := newReq().set("page_size", pageSize)
-		if token != "" {
-			req.set("page_token", token)
-		}
-		resp, err := c.call(ctx, method, req)
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range resp.msgs("snapshots") {
-			out = append(out, snapshotFrom(m))
-		}
-		next := resp.str("next_page_token")
-		if next == "" {
-			return out, nil
-		}
-		if next == token {
-			return nil, clientError(method, ErrPaginationStalled, "token %q", next)
-		}
-		token = next
+	err := c.eachPage(ctx, method, newReq, "snapshots", func(m msg) { out = append(out, snapshotFrom(m)) })
+	if err != nil {
+		return nil, err
 	}
+	return out, nil
 }
 
 // WaitSnapshotReady polls GetSnapshot every 0.5 s until the snapshot is READY (timeout <= 0:

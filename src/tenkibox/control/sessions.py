@@ -57,10 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: states in which a session's name, metadata and expiry may still change
-_NOT_OVER = ("CREATING", "READY", "RUNNING", "PAUSING", "PAUSED", "RESUMING")
-
 S = SessionState
+
+#: states in which a session's name, metadata and expiry may still change
+_NOT_OVER = frozenset(s.value for s in S) - FINAL - {S.TERMINATING.value}
 
 
 def now() -> datetime:
@@ -84,12 +84,12 @@ def not_running(row: SessionRow) -> ConflictError:
 
 class SessionControl:
     def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl,
-                 snapshots: SnapshotControl | None = None) -> None:
+                 snapshots: SnapshotControl) -> None:
         self.records = records
         self.host = host
         self.volumes = volumes
         #: pause and resume (they capture and release PAUSE snapshots)
-        self.pausing = PauseControl(self, snapshots) if snapshots is not None else None
+        self.pausing = PauseControl(self, snapshots)
         #: the task bringing a session's VM up or down: its create, pause or resume
         self._starts: dict[str, asyncio.Task[Any]] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}  # the terminate at work, per session
@@ -309,7 +309,7 @@ class SessionControl:
         (the capture failed: the session runs on, READY, the reason in ``state_reason``),
         ``SessionFailedError`` (its VM was lost) or ``ConflictError`` (terminated meanwhile,
         or not running)."""
-        return await self._pause_control().pause(session_id, ws, wait)
+        return await self.pausing.pause(session_id, ws, wait)
 
     async def resume(self, session_id: str, ws: str | None = None, *,
                      wait: bool = True) -> Session:
@@ -320,12 +320,7 @@ class SessionControl:
         once RESUMING is written. ``wait=True``: returns the READY session, or raises
         ``SessionFailedError`` (the restore failed: the session is FAILED with the reason) or
         ``ConflictError``."""
-        return await self._pause_control().resume(session_id, ws, wait)
-
-    def _pause_control(self) -> PauseControl:
-        if self.pausing is None:
-            raise ConflictError("pause and resume are not available on this server")
-        return self.pausing
+        return await self.pausing.resume(session_id, ws, wait)
 
     # -- name, metadata, expiry ----------------------------------------------------------------
     async def update(self, session_id: str, req: SessionUpdate, ws: str | None = None) -> Session:
@@ -403,8 +398,7 @@ class SessionControl:
             await asyncio.wait({start})
         await self.host.terminate(session_id, self.volumes.mounts_of(session_id))
         await self.volumes.release_session(session_id)
-        if self.pausing is not None:
-            await self.pausing.release_all(session_id, "the session was terminated")
+        await self.pausing.release_all(session_id, "the session was terminated")
         await self.records.transition(SessionRow, session_id, S.TERMINATED,
                                       expected=[S.TERMINATING], state_reason=reason,
                                       terminated_at=now())
@@ -426,7 +420,7 @@ class SessionControl:
         live: dict[str, Any] = {}
         for row in self.records.all(SessionRow):
             # a pause cut short may have left its VM running: found again, it runs on
-            if row.state in LIVE or (row.state == S.PAUSING.value and self.pausing):
+            if row.state in LIVE or row.state == S.PAUSING.value:
                 live[row.id] = self.volumes.mounts_of(row.id)
         for row in self.records.all(SessionRow):
             if row.state == S.CREATING.value:
@@ -437,7 +431,7 @@ class SessionControl:
         found = await self.host.recover(live)
         for sid, why in found.lost.items():
             log.warning("session %s: %s", sid, why)
-            if self.pausing is not None and self.row(sid).state == S.PAUSING.value:
+            if self.row(sid).state == S.PAUSING.value:
                 await self.pausing.recover_pausing(sid, vm_found=False)
                 continue
             await self.records.transition(SessionRow, sid, S.TERMINATING, state_reason=why)
@@ -445,13 +439,12 @@ class SessionControl:
             if row.state == S.TERMINATING.value:
                 await self.host.terminate(row.id, [])
                 await self.volumes.release_session(row.id)
-                if self.pausing is not None:
-                    await self.pausing.release_all(row.id, "the session was terminated")
+                await self.pausing.release_all(row.id, "the session was terminated")
                 await self.records.transition(SessionRow, row.id, S.TERMINATED,
                                               terminated_at=now())
-            elif row.state == S.PAUSING.value and self.pausing is not None:
+            elif row.state == S.PAUSING.value:
                 await self.pausing.recover_pausing(row.id, vm_found=True)
-            elif row.state == S.RESUMING.value and self.pausing is not None:
+            elif row.state == S.RESUMING.value:
                 self.pausing.recover_resuming(row.id)
             elif row.state == S.RUNNING.value:
                 # no process of an earlier server is followed any more

@@ -155,7 +155,7 @@ class SnapshotControl:
             reason = exc.message if isinstance(exc, TenkiError) else f"{type(exc).__name__}: {exc}"
             log.warning("%s: capture failed: %s", snapshot_id, reason)
             srow = self.records.find(SessionRow, session_id)
-            if srow is not None and srow.state in ("TERMINATING", "TERMINATED", "FAILED"):
+            if srow is not None and (srow.state in FINAL or srow.state == "TERMINATING"):
                 # what the user did (or what happened to the VM) says more than the QMP error
                 # its stop caused; that error stays in the server's log
                 why = srow.state_reason or srow.state.lower()

@@ -27,12 +27,9 @@ from ..models import (
 from ..store.tables import SessionRow, VolumeRow
 from . import admission
 from .records import Records
-from .states import LIVE, IllegalTransitionError
+from .states import LIVE, PAUSE_STATES, IllegalTransitionError
 
 log = logging.getLogger(__name__)
-
-#: a session in these states keeps its volumes without a VM (pausing.py)
-_HELD_WHILE_PAUSED = frozenset({"PAUSING", "PAUSED", "RESUMING"})
 
 V = VolumeState
 SECTOR = 512
@@ -305,7 +302,7 @@ class VolumeControl:
                 await self._finish_delete(row.id)
             elif row.state == V.IN_USE.value and row.session_id is not None:
                 srow = self.records.find(SessionRow, row.session_id)
-                if srow is not None and srow.state in _HELD_WHILE_PAUSED:
+                if srow is not None and srow.state in PAUSE_STATES:
                     continue  # attached to a paused session: plugged in again at its resume
                 if srow is None or srow.state not in LIVE \
                         or not self.host.has_vm(row.session_id):

@@ -39,7 +39,7 @@ SIGNAL_NAMES = {1: "hangup", 2: "interrupt", 6: "aborted", 9: "killed", 10: "use
                 11: "segmentation fault", 12: "user defined signal 2", 13: "broken pipe",
                 15: "terminated"}
 
-# One small program for the metadata calls (stat, list, mkdir, remove), run as the guest user:
+# One small program for the metadata calls (list, mkdir, remove), run as the guest user:
 # one exec each, answering one JSON line.
 _FS_SCRIPT = r"""
 import json, os, shutil, stat, sys
@@ -48,21 +48,7 @@ def info(p, st):
     return {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns,
             "is_dir": stat.S_ISDIR(st.st_mode)}
 try:
-    if op == "stat":
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            print(json.dumps({"exists": False})); sys.exit(0)
-        out = info(path, st); out["exists"] = True
-        out["is_symlink"] = stat.S_ISLNK(st.st_mode)
-        if out["is_symlink"]:
-            out["target"] = os.readlink(path)
-            try:
-                t = os.stat(path); out.update(info(path, t)); out["is_symlink"] = True
-            except OSError:
-                pass
-        print(json.dumps(out))
-    elif op == "list":
+    if op == "list":
         hidden = sys.argv[3] == "1"
         entries = []
         with os.scandir(path) as it:
@@ -136,10 +122,13 @@ class DataPlane:
                                         f"{grant.session_id}, not {asked}")
         return grant.session_id
 
-    async def _collect(self, grant: Grant, argv: list[str], limit: int = 8 << 20) -> bytes:
-        """Run ``argv`` as the guest user to its end; its stdout (stderr goes to the error)."""
+    async def _collect(self, grant: Grant, argv: list[str], *, as_root: bool = False,
+                       limit: int = 8 << 20) -> bytes:
+        """Run ``argv`` as the guest user (or root) to its end; its stdout, or the error with
+        its stderr. More than ``limit`` bytes of output is refused, not cut."""
         ref = await self.plane.sessions.start_process(
-            grant.session_id, ExecRequest(argv=argv, user=USER), grant.workspace_id)
+            grant.session_id, ExecRequest(argv=argv, user="root" if as_root else USER),
+            grant.workspace_id)
         out, err = bytearray(), bytearray()
         code: int | None = None
         async for ev in self.plane.sessions.process_events(grant.session_id, ref.process_id,
@@ -147,8 +136,11 @@ class DataPlane:
             kind = ev.get("type")
             if kind in ("stdout", "stderr"):
                 buf = out if kind == "stdout" else err
-                if len(buf) < limit:
-                    buf += base64.b64decode(ev.get("data") or "")
+                buf += base64.b64decode(ev.get("data") or "")
+                if len(buf) > limit:
+                    await self.plane.sessions.process_kill(grant.session_id, ref.process_id, 9,
+                                                           grant.workspace_id)
+                    raise PayloadTooLargeError(f"{argv[0]} printed more than {limit} bytes")
             elif kind == "exit":
                 code = ev.get("exit_code")
             elif kind == "error":
@@ -166,12 +158,7 @@ class DataPlane:
 
     async def _chown(self, grant: Grant, path: str) -> None:
         """Files written into the workdir belong to the guest user, as if it wrote them."""
-        ref = await self.plane.sessions.start_process(
-            grant.session_id, ExecRequest(argv=["chown", f"{UID}:{UID}", "--", path]),
-            grant.workspace_id)
-        async for _ in self.plane.sessions.process_events(grant.session_id, ref.process_id,
-                                                          grant.workspace_id):
-            pass
+        await self._collect(grant, ["chown", f"{UID}:{UID}", "--", path], as_root=True)
 
     # -- exec --------------------------------------------------------------------------------
     async def Run(self, frames: AsyncIterator[Any], grant: Grant,

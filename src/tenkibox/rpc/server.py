@@ -96,24 +96,17 @@ class GrpcServer:
                 request_deserializer=des, response_serializer=ser)
         auth = self._caller if service == proto.CONTROL else self._grant
         audit = service == proto.CONTROL and not m.name.startswith(_READ_ONLY)
-        if m.client_streaming and m.server_streaming:
-            async def bidi(requests: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if m.server_streaming:  # Run (bidi) and the server streams: answers as they come
+            async def stream(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     who = await auth(ctx)
-                    async for out in fn(requests, who, ctx):
+                    async for out in fn(request, who, ctx):
                         yield out
                 except Exception as exc:
                     await _abort(ctx, exc)
-            return grpc.stream_stream_rpc_method_handler(bidi, des, ser)
-        if m.server_streaming:
-            async def stream(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    who = await auth(ctx)
-                    async for out in fn(req, who, ctx):
-                        yield out
-                except Exception as exc:
-                    await _abort(ctx, exc)
-            return grpc.unary_stream_rpc_method_handler(stream, des, ser)
+            make = (grpc.stream_stream_rpc_method_handler if m.client_streaming
+                    else grpc.unary_stream_rpc_method_handler)
+            return make(stream, des, ser)
         if m.client_streaming:
             async def upload(requests: Any, ctx: grpc.aio.ServicerContext) -> Any:
                 try:
