@@ -53,6 +53,7 @@ from tenkibox.host.api import (
     ExecSpec,
     MachineShape,
     Manifest,
+    NetworkSpec,
     ProcessRef,
     Recovered,
     RestoreSpec,
@@ -363,6 +364,7 @@ class FakeVM:
     captures: int = 0
     #: a capture for a pause left the guest paused (``CaptureSpec.leave_paused``)
     frozen: bool = False
+    network: NetworkSpec = field(default_factory=NetworkSpec)
 
 
 @dataclass
@@ -393,6 +395,8 @@ class FakeHost:
         self.programs: dict[str, Program] = builtin_programs()
         self.processes = ProcessTable()
         self.calls: list[tuple[str, str]] = []
+        #: (session id, guest port) -> a local address standing in for that port of the guest
+        self.guest_ports: dict[tuple[str, int], tuple[str, int]] = {}
         #: every restore's spec, in order (``keep_identity`` tells a resume from a clone)
         self.restores: list[RestoreSpec] = []
         #: processes of ours that no session owns, killed at the next ``recover``
@@ -563,7 +567,8 @@ class FakeHost:
             await self._enter("boot", spec.session_id)
             self.image_ids.add(spec.image_id)
             vm = FakeVM(spec.session_id, self._shape(spec.cpu, spec.memory_mb, spec.hostname),
-                        [self._store(image_digest(spec.image_id))], None)
+                        [self._store(image_digest(spec.image_id))], None,
+                        network=spec.network)
         finally:
             self.starting.discard(spec.session_id)
         self.vms[spec.session_id] = vm
@@ -581,7 +586,8 @@ class FakeHost:
                     raise SnapshotDamagedError(f"snapshot {spec.snapshot_id} cannot be "
                                                f"restored: {kind} {d[:12]} {what}")
             saved = self.saved.get(m.state, SavedState({}))
-            vm = FakeVM(spec.session_id, m.shape, list(m.layers), m.ram, dict(saved.files))
+            vm = FakeVM(spec.session_id, m.shape, list(m.layers), m.ram, dict(saved.files),
+                        network=spec.network)
         finally:
             self.starting.discard(spec.session_id)
         self.vms[spec.session_id] = vm
@@ -621,6 +627,18 @@ class FakeHost:
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
+
+    # -- HostAPI: network -----------------------------------------------------------------------
+    #: this fake enforces nothing, but says it can (as a root host with nftables would)
+    network_enforced = True
+
+    async def port_address(self, session_id: str, port: int) -> tuple[str, int]:
+        """Where a test's own server stands in for the guest's ``port``
+        (``self.guest_ports[(session_id, port)]``); a real host answers for any port."""
+        vm = self.vm(session_id)
+        if not vm.network.inbound:
+            raise ConflictError(f"session {session_id}: inbound access is disabled")
+        return self.guest_ports.get((session_id, port), ("127.0.0.1", 9))
 
     async def image_digest(self, image_id: str) -> str:
         return image_digest(image_id)

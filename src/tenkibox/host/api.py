@@ -78,12 +78,61 @@ class VolumeMountSpec:
 
 
 @dataclass(frozen=True)
+class EgressPolicy:
+    """Where a guest may open connections, fixed when its session is created.
+
+    ``outbound`` off: nowhere. Otherwise, with neither list: any public address (never the
+    host's own addresses, other guests, private, loopback, link-local, multicast or reserved
+    ranges). With ``allow_domains`` (exact names or ``*.suffix`` wildcards) and/or
+    ``allow_cidrs``: only the addresses those name (then even private ones), DNS included: a
+    name outside the list does not resolve. The host enforces it outside the guest.
+    """
+
+    outbound: bool = True
+    allow_domains: tuple[str, ...] = ()
+    allow_cidrs: tuple[str, ...] = ()
+
+    @property
+    def allow_listed(self) -> bool:
+        return bool(self.allow_domains or self.allow_cidrs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outbound": self.outbound, "allow_domains": list(self.allow_domains),
+                "allow_cidrs": list(self.allow_cidrs)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> EgressPolicy:
+        if not data:
+            return cls()
+        return cls(bool(data.get("outbound", True)), tuple(data.get("allow_domains") or ()),
+                   tuple(data.get("allow_cidrs") or ()))
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A VM's network: its egress policy and whether ports of it may be exposed."""
+
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    inbound: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"egress": self.egress.to_json(), "inbound": self.inbound}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> NetworkSpec:
+        if not data:
+            return cls()
+        return cls(EgressPolicy.from_json(data.get("egress")), bool(data.get("inbound")))
+
+
+@dataclass(frozen=True)
 class BootSpec:
     session_id: str
     cpu: int
     memory_mb: int
     image_id: str
     hostname: str
+    network: NetworkSpec = field(default_factory=NetworkSpec)
 
 
 @dataclass(frozen=True)
@@ -95,6 +144,7 @@ class RestoreSpec:
     #: a resume of a paused session: the guest keeps its hostname, machine-id and entropy
     #: (the clock is still set)
     keep_identity: bool = False
+    network: NetworkSpec = field(default_factory=NetworkSpec)
 
 
 @dataclass(frozen=True)
@@ -173,6 +223,14 @@ class HostAPI(Protocol):
     def has_vm(self, session_id: str) -> bool: ...
     def memory_used_mib(self) -> int: ...
     async def image_digest(self, image_id: str) -> str: ...
+
+    # network
+    #: whether this host can enforce egress policies and expose ports (root, nftables)
+    network_enforced: bool
+    async def port_address(self, session_id: str, port: int) -> tuple[str, int]:
+        """A TCP address on this host that reaches ``port`` of the session's guest (for the
+        exposed-port proxy); ConflictError when the VM is not running or has no inbound."""
+        ...
 
     # volumes (their files stay on this host)
     async def create_volume(self, volume_id: str, size_bytes: int) -> None: ...

@@ -161,6 +161,13 @@ class LocalHost:
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
 
+    # -- network -----------------------------------------------------------------------------
+    network_enforced = False  # set by the network layer (tap + nftables) when it can work
+
+    async def port_address(self, session_id: str, port: int) -> tuple[str, int]:
+        self._vm(session_id)
+        raise ConflictError(f"session {session_id}: this host cannot expose guest ports")
+
     async def image_digest(self, image_id: str) -> str:
         """The digest of an image's disk as it is now (a rebuilt image has a new one)."""
         disk, _kernel, _initrd, _cmdline = await asyncio.to_thread(self.ctx.image_artifacts,

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -57,10 +58,31 @@ class SessionRow(Base):
     volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     machine: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     disk_chain: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: egress policy and inbound (``host.api.NetworkSpec`` JSON; None: the defaults)
+    network: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     terminated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PortExposureRow(Base):
+    """A port of a session's guest reachable through the host's preview proxy."""
+
+    __tablename__ = "port_exposures"
+    __table_args__ = (UniqueConstraint("session_id", "port",
+                                       name="uq_port_exposures_session_port"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(40), index=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+    port: Mapped[int] = mapped_column(Integer)
+    #: the unguessable part of the URL (a capability for this one port, revoked with it)
+    token: Mapped[str] = mapped_column(String(64))
+    #: the host's listening port that serves this exposure (None until it listens)
+    host_port: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class SnapshotRow(Base):
