@@ -46,6 +46,15 @@ def image_layout():
     return lay
 
 
+def _networks() -> set[str]:
+    """Guest network namespaces and nftables tables (by session id) on this machine."""
+    spaces = {p.name.removeprefix("tenki-") for p in Path("/run/netns").glob("tenki-*")}
+    out = subprocess.run(["nft", "list", "tables", "ip"], capture_output=True, text=True).stdout
+    tables = {line.split()[-1].removeprefix("tenki_") for line in out.splitlines()
+              if line.strip().startswith("table ip tenki_")}
+    return spaces | tables
+
+
 def _qemu_leaks() -> list[str]:
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines()
@@ -56,6 +65,7 @@ def _qemu_leaks() -> list[str]:
 def leak_check() -> Iterator[None]:
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
     TMP_ROOT.mkdir(parents=True, exist_ok=True)
+    networks_before = _networks()
     yield
     deadline = time.monotonic() + 10
     while _qemu_leaks() and time.monotonic() < deadline:
@@ -67,7 +77,9 @@ def leak_check() -> Iterator[None]:
     shutil.rmtree(RUN_ROOT, ignore_errors=True)
     tmp_left = [str(p) for p in TMP_ROOT.iterdir()] if TMP_ROOT.exists() else []
     shutil.rmtree(TMP_ROOT, ignore_errors=True)
+    net_left = sorted(_networks() - networks_before)
     assert not leaks, f"QEMU processes leaked: {leaks}"
+    assert not net_left, f"guest networks leaked (namespaces or tables): {net_left}"
     assert not left, f"run files leaked: {left[:10]}"
     assert not tmp_left, f"temp directories leaked: {tmp_left[:10]}"
 
@@ -82,6 +94,8 @@ class TenkiServer:
         self.url = ""
         #: Tenki's gRPC wire (what the official SDKs take as TENKI_API_ENDPOINT)
         self.grpc_endpoint = ""
+        #: more environment for the server (a test module's ``SERVER_ENV``)
+        self.extra_env: dict[str, str] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -91,6 +105,7 @@ class TenkiServer:
         env.pop("TENKI_API_ENDPOINT", None)
         env["TENKI_API_KEY"] = ADMIN_KEY  # the CLI's key (the server reads admin.key)
         env["TENKI_GOLDEN"] = "on"  # the product's default: plain creates restore golden ones
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 60.0) -> None:
@@ -201,6 +216,7 @@ def new_home(image_layout, name: str) -> Path:  # type: ignore[no-untyped-def]
 def tenki_server(image_layout, request) -> Iterator[TenkiServer]:  # type: ignore[no-untyped-def]
     """One server per test module (module-scoped: VMs are expensive under TCG)."""
     server = TenkiServer(new_home(image_layout, request.module.__name__.rsplit(".", 1)[-1]))
+    server.extra_env = dict(getattr(request.module, "SERVER_ENV", {}))
     server.start()
     try:
         yield server

@@ -118,6 +118,7 @@ class LaunchOptions:
     disk_chain: list[Path]  # base first, writable top last
     incoming: bool = False  # start paused, waiting for migrate-incoming
     network: str | None = None  # engine.net mode; None: the default
+    netns: str | None = None  # a network namespace with the VM's tap device (host/network)
     mac: str = "52:54:00:12:34:56"
     extra_devices: list[str] = field(default_factory=list)
 
@@ -228,9 +229,9 @@ class Machine:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         self.state = RunState.LAUNCHING
-        backend = net.start(self.files.run_dir, opts.network)
+        backend = net.start(self.files.run_dir, opts.network, opts.netns)
         self.net_pid = backend.helper.pid if backend.helper else None
-        self.argv = build_argv(self.cfg, self.files, opts, backend.netdev)
+        self.argv = [*backend.prefix, *build_argv(self.cfg, self.files, opts, backend.netdev)]
         # on disk before QEMU starts: a server killed right here leaves a helper that a
         # restarted one can still find and stop
         self._write_info()

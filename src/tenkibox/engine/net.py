@@ -9,6 +9,12 @@ through a socket pair (no socket file), running as ``nobody``; it exits when QEM
 (``--dns`` is deliberately not given: with it, passt stops reading the host's resolv.conf and
 then has nowhere to forward the guest's DNS queries.)
 
+Where the host can (root, nftables), the host gives each VM a tap device in a network namespace
+of its own instead (``host/network``): then QEMU is started inside that namespace (``nsenter``)
+and opens the tap there; no helper process runs, and the host's rules enforce the VM's egress
+policy. The tap has no virtio-net header, so that the guest sees the same device features as
+with passt: a snapshot taken on either restores on the other.
+
 The guest sees the addresses slirp would have given it (10.0.2.15/24, gateway 10.0.2.2, DNS
 10.0.2.3, forwarded to the host's resolver), so its configuration does not depend on the host.
 """
@@ -39,6 +45,8 @@ class NetBackend:
     pass_fds: tuple[int, ...] = ()
     helper: subprocess.Popen[bytes] | None = None
     _qemu_end: socket.socket | None = None
+    #: what QEMU's command line is run under (entering the VM's network namespace)
+    prefix: tuple[str, ...] = ()
 
     def after_launch(self) -> None:
         """QEMU holds its own copy of the socket now; ours must go."""
@@ -47,7 +55,15 @@ class NetBackend:
             self._qemu_end = None
 
 
-def start(run_dir: Path, net_mode: str | None = None) -> NetBackend:
+def tap(netns: str, ifname: str = "tap0") -> NetBackend:
+    """The tap device ``ifname`` that the host created in the namespace ``netns``."""
+    return NetBackend(f"tap,id=net0,ifname={ifname},script=no,downscript=no,vnet_hdr=off",
+                      prefix=("nsenter", f"--net=/run/netns/{netns}", "--"))
+
+
+def start(run_dir: Path, net_mode: str | None = None, netns: str | None = None) -> NetBackend:
+    if netns is not None:
+        return tap(netns)
     chosen = net_mode or mode()
     if chosen == "none":
         return NetBackend("user,id=net0,restrict=on")

@@ -225,8 +225,11 @@ class HostAPI(Protocol):
     async def image_digest(self, image_id: str) -> str: ...
 
     # network
-    #: whether this host can enforce egress policies and expose ports (root, nftables)
-    network_enforced: bool
+    @property
+    def network_enforced(self) -> bool:
+        """Whether this host can enforce egress policies and expose ports (root, nftables)."""
+        ...
+
     async def port_address(self, session_id: str, port: int) -> tuple[str, int]:
         """A TCP address on this host that reaches ``port`` of the session's guest (for the
         exposed-port proxy); ConflictError when the VM is not running or has no inbound."""

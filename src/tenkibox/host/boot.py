@@ -2,9 +2,10 @@
 
 1. ``image``    the image's disk, kernel and initrd, as stored artifacts (by digest)
 2. ``overlay``  the VM's own writable qcow2 on top of the base
-3. ``launch``   QEMU (and its network helper), owned by the host from before it starts
-4. ``agent``    the guest agent answers (the guest has booted and configured its network)
-5. ``clock``    the guest clock is set from the host's
+3. ``network``  the VM's namespace, tap device, rules and DNS forwarder (``host/network``)
+4. ``launch``   QEMU, inside that namespace, owned by the host from before it starts
+5. ``agent``    the guest agent answers (the guest has booted and configured its network)
+6. ``clock``    the guest clock is set from the host's
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine
 from ..steps import Steps
-from .api import BootSpec, MachineShape
+from .api import BootSpec, MachineShape, NetworkSpec
 from .context import HostContext
 from .vm import VM, VMRecord
 
 log = logging.getLogger(__name__)
 
 BOOT_AGENT_TIMEOUT_S = 180.0
+
+
+async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec) -> str | None:
+    """Build the VM's network and note it in its record; the namespace QEMU must run in."""
+    net = await ctx.network.setup(vm.session_id, spec)
+    if net is None:
+        return None
+    vm.record.net = {"slot": net.slot, "spec": spec.to_json()}
+    await asyncio.to_thread(vm.record.save, vm.disk_dir)
+    return net.netns
 
 
 async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
@@ -46,8 +57,11 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
     agent = AgentClient(files.agent)
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)
+    with steps.step("network"):
+        netns = await vm_network(ctx, vm, spec.network)
     with steps.step("launch"):
-        await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path)))
+        await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
+                                           netns=netns))
     with steps.step("agent"):
         await connect_agent(machine, agent, BOOT_AGENT_TIMEOUT_S)
     with steps.step("clock"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..artifacts.store import LocalArtifactStore
 from ..engine.machine import MachineConfig
 from .api import MachineShape
+from .network import HostNetwork
 from .ramcache import RamCache
 from .vm import HostLayout
 
@@ -18,6 +19,7 @@ class HostContext:
     store: LocalArtifactStore
     ram_cache: RamCache
     accel: str
+    network: HostNetwork
     #: digests of the current images' files: never collected, the next boot uses them
     image_digests: set[str] = field(default_factory=set)
 

@@ -33,6 +33,7 @@ from .api import (
     Captured,
     CaptureSpec,
     ExecSpec,
+    NetworkSpec,
     ProcessRef,
     Recovered,
     RestoreSpec,
@@ -44,6 +45,7 @@ from .boot import boot
 from .capacity import configured, pss_mib
 from .capture import capture
 from .context import HostContext
+from .network import HostNetwork, VMNet
 from .processes import ProcessHandle, ProcessTable
 from .ramcache import RamCache
 from .restore import restore
@@ -76,7 +78,9 @@ class LocalHost:
     def __init__(self, layout: Layout, accel: str) -> None:
         self.paths = HostLayout(layout).ensure()
         store = LocalArtifactStore(self.paths.artifacts)
-        self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel)
+        self.network = HostNetwork()
+        self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel,
+                               self.network)
         self.vms: dict[str, VM] = {}
         self._starting: dict[str, list[VM]] = {}
         self.processes = ProcessTable()
@@ -152,6 +156,7 @@ class LocalHost:
                 await vm.agent.close()
                 await vm.machine.quit(timeout=3.0)
         with steps.step("cleanup"):
+            await self.network.teardown(session_id)
             await asyncio.to_thread(self._remove_files, session_id)
 
     def _remove_files(self, session_id: str) -> None:
@@ -162,11 +167,16 @@ class LocalHost:
         return session_id in self.vms
 
     # -- network -----------------------------------------------------------------------------
-    network_enforced = False  # set by the network layer (tap + nftables) when it can work
+    @property
+    def network_enforced(self) -> bool:
+        return self.network.enforced
 
     async def port_address(self, session_id: str, port: int) -> tuple[str, int]:
         self._vm(session_id)
-        raise ConflictError(f"session {session_id}: this host cannot expose guest ports")
+        address = self.network.port_address(session_id, port)
+        if address is None:
+            raise ConflictError(f"session {session_id}: inbound access is disabled")
+        return address
 
     async def image_digest(self, image_id: str) -> str:
         """The digest of an image's disk as it is now (a rebuilt image has a new one)."""
@@ -223,6 +233,7 @@ class LocalHost:
             log.info("session %s: VM (pid %s) found again", session_id, vm.machine.pid)
         killed = await asyncio.to_thread(self._kill_strays)
         await asyncio.to_thread(self._remove_leftovers)
+        await self.network.remove_strays()
         return Recovered(found, lost, killed)
 
     async def _attach(self, session_id: str) -> VM:
@@ -243,6 +254,9 @@ class LocalHost:
             await machine.kill()
             raise
         await self._follow_qemu_chain(machine, record, disk_dir)
+        if record.net is not None:
+            await self.network.adopt(VMNet(session_id, int(record.net["slot"])),
+                                     NetworkSpec.from_json(record.net.get("spec")))
         shutil.rmtree(self.paths.staging(session_id), ignore_errors=True)
         return VM(record, machine, agent, disk_dir)
 
@@ -311,6 +325,7 @@ class LocalHost:
             await vm.agent.close()
             await vm.machine.disconnect()
         self.vms.clear()
+        await self.network.close()
 
     # -- capture -------------------------------------------------------------------------------
     def _vm(self, session_id: str) -> VM:

@@ -7,12 +7,15 @@ One ordered list of named, timed steps:
 2. ``overlay``     the VM's own writable qcow2 on top of the snapshot's frozen chain
 3. ``load-ram``    the RAM image, unpacked once per image into a verified cache that every
                    restored VM maps copy-on-write (clones share its pages)
-4. ``launch``      QEMU with exactly the captured device set, ``-incoming defer``
-5. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
-6. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
-7. ``agent``       the guest's agent, still running from before, answers the new socket
-8. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
-9. ``identity``    new hostname, machine-id and entropy, so clones do not share them (not for
+4. ``network``     a namespace, tap device, rules and DNS forwarder of its own: the clone's
+                   traffic leaves with its own address, under its own session's policy, and a
+                   connection the source had open is answered with a reset
+5. ``launch``      QEMU with exactly the captured device set, ``-incoming defer``
+6. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
+7. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
+8. ``agent``       the guest's agent, still running from before, answers the new socket
+9. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
+10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest)
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
@@ -36,6 +39,7 @@ from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
 from ..steps import Steps
 from .api import RestoreSpec, SnapshotDamagedError
+from .boot import vm_network
 from .context import HostContext
 from .vm import VM, VMRecord
 
@@ -77,9 +81,11 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)
     try:
+        with steps.step("network"):
+            netns = await vm_network(ctx, vm, spec.network)
         with steps.step("launch"):
             await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                               incoming=True))
+                                               incoming=True, netns=netns))
         with steps.step("load-state"):
             await load_state(machine, ctx.store.local_path(m.state))
         with steps.step("resume"):

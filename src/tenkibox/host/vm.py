@@ -79,17 +79,19 @@ class VMRecord:
     frozen: list[tuple[str, str]] = field(default_factory=list)  # (file name, digest)
     top: str = "top-0.qcow2"
     ram: str | None = None  # RAM image digest mapped copy-on-write, if restored
+    #: its network: {"slot": n, "spec": NetworkSpec JSON} (None: the user-mode helper's)
+    net: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "shape": self.shape.to_json(),
                 "layers": self.layers, "frozen": [list(f) for f in self.frozen],
-                "top": self.top, "ram": self.ram}
+                "top": self.top, "ram": self.ram, "net": self.net}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VMRecord:
         return cls(data["session_id"], MachineShape.from_json(data["shape"]),
                    list(data["layers"]), [(a, b) for a, b in data.get("frozen", [])],
-                   data.get("top", "top-0.qcow2"), data.get("ram"))
+                   data.get("top", "top-0.qcow2"), data.get("ram"), data.get("net"))
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,117 @@
+"""The guest networks of this host: one namespace, tap device and rule set per VM.
+
+``HostNetwork`` owns them from ``setup`` (before QEMU starts) to ``teardown`` (after it is
+gone). What a VM may reach is its ``NetworkSpec``, enforced by nftables outside the guest
+(``rules``); names resolve through the VM's own DNS forwarder (``dns``). A VM's slot and spec
+are kept in its ``vm.json`` (``VMRecord.net``), so a restarted server finds its network again;
+namespaces and tables that no live VM owns are removed at recovery.
+
+Where the host cannot do this (not root, no nftables), ``enforced`` is False: VMs get the
+user-mode helper (``engine.net``), which keeps the host's loopback out of reach but enforces no
+policy; the control plane refuses policies on such a host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from ..api import NetworkSpec
+from . import links
+from .addressing import VMNet, max_slots
+from .dns import DnsProxy
+from .rules import allow_elements
+
+log = logging.getLogger(__name__)
+
+
+class HostNetwork:
+    def __init__(self) -> None:
+        forced = os.environ.get("TENKI_NET", "").strip().lower()
+        why = links.why_unavailable() if forced in ("", "tap") else f"TENKI_NET={forced}"
+        #: why guest networks are not built here (None: they are)
+        self.unavailable: str | None = why
+        self.enforced = why is None
+        if forced == "tap" and why is not None:
+            raise links.NetworkError(f"TENKI_NET=tap, but this host cannot: {why}")
+        self._nets: dict[str, VMNet] = {}
+        self._specs: dict[str, NetworkSpec] = {}
+        self._dns = DnsProxy(self._allow)
+        self._lock = asyncio.Lock()
+        self._prepared = False
+
+    async def _prepare(self) -> None:
+        if not self._prepared:
+            await asyncio.to_thread(links.prepare_host)
+            self._prepared = True
+
+    def _free_slot(self) -> int:
+        used = {n.slot for n in self._nets.values()}
+        for slot in range(max_slots()):
+            if slot not in used:
+                return slot
+        raise links.NetworkError("no free network slot on this host")
+
+    async def setup(self, session_id: str, spec: NetworkSpec) -> VMNet | None:
+        """The VM's network, ready for QEMU (None where the host builds none)."""
+        if not self.enforced:
+            return None
+        async with self._lock:  # slots are handed out one at a time
+            await self._prepare()
+            net = VMNet(session_id, self._free_slot())
+            self._nets[session_id] = net
+        self._specs[session_id] = spec
+        try:
+            await asyncio.to_thread(links.create, net, spec)
+            await self._dns.start(net, spec.egress)
+        except BaseException:
+            await self.teardown(session_id)
+            raise
+        return net
+
+    async def teardown(self, session_id: str) -> None:
+        """Remove the VM's network (idempotent; after its QEMU is gone)."""
+        await self._dns.stop(session_id)
+        net = self._nets.pop(session_id, None)
+        self._specs.pop(session_id, None)
+        if self.enforced:
+            await asyncio.to_thread(links.remove, net or VMNet(session_id, 0))
+
+    async def adopt(self, net: VMNet, spec: NetworkSpec) -> None:
+        """A VM found again after a server restart: its namespace and tables are still there
+        (the kernel kept them); its DNS forwarder runs again."""
+        async with self._lock:
+            await self._prepare()
+            self._nets[net.session_id] = net
+        self._specs[net.session_id] = spec
+        await self._dns.start(net, spec.egress)
+
+    async def remove_strays(self) -> int:
+        """Namespaces and tables of ours that no VM of this host owns."""
+        if not self.enforced:
+            return 0
+        spaces, tables = await asyncio.to_thread(links.ours)
+        strays = sorted({*spaces, *tables} - set(self._nets))
+        for session_id in strays:
+            log.warning("removing the network of %s: no VM owns it", session_id)
+            await asyncio.to_thread(links.remove_by_session, session_id)
+        return len(strays)
+
+    def port_address(self, session_id: str, port: int) -> tuple[str, int] | None:
+        """Where the host reaches ``port`` of the guest; None when inbound is off."""
+        net, spec = self._nets.get(session_id), self._specs.get(session_id)
+        if net is None or spec is None or not spec.inbound:
+            return None
+        return (net.ns_ip, port)
+
+    async def _allow(self, net: VMNet, addresses: list[str]) -> None:
+        await asyncio.to_thread(links.apply, allow_elements(net, addresses))
+
+    async def close(self) -> None:
+        """Server stop: the VMs and their networks stay; the DNS forwarders stop (a restarted
+        server starts them again)."""
+        await self._dns.close()
+
+
+__all__ = ["HostNetwork", "VMNet"]

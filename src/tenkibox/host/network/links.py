@@ -1,0 +1,131 @@
+"""Creating and removing a VM's namespace, veth pair, tap device and tables (iproute2, nft).
+
+Every step is a command of Debian's iproute2 or nftables, run as root; a failing command raises
+``NetworkError`` carrying the command and what it printed. ``remove`` is idempotent and never
+raises: deleting the namespace takes the veth pair, the tap device and the namespace's table
+with it; the host's table of the VM goes separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ...errors import InternalError
+from ..api import NetworkSpec
+from .addressing import DNS, GATEWAY, GUEST_PREFIX, TAP, VMNet, pool
+from .rules import namespace_table, shared_table, vm_table
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")
+TOOLS = ("ip", "nft", "nsenter")
+
+
+class NetworkError(InternalError):
+    """A network command failed (the command and its output are in the message)."""
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetworkError(f"{' '.join(argv)}: {exc}") from exc
+    if done.returncode != 0:
+        raise NetworkError(f"{' '.join(argv)} failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()[-500:]}")
+    return done.stdout
+
+
+def why_unavailable() -> str | None:
+    """None when this host can build guest networks (root, the tools, /dev/net/tun)."""
+    if os.geteuid() != 0:
+        return "not running as root"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not Path("/dev/net/tun").exists():
+        return "no /dev/net/tun"
+    try:
+        _run(["nft", "list", "tables"])
+    except NetworkError as exc:
+        return exc.message
+    return None
+
+
+def prepare_host() -> None:
+    """Forwarding on, and the shared table (idempotent; at every host start)."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    _run(["nft", "-f", "-"], shared_table(str(pool())))
+
+
+def create(net: VMNet, spec: NetworkSpec) -> None:
+    """The VM's namespace with its tap device and rules, and the host's table of it."""
+    ns = net.netns
+    host_batch = "\n".join([
+        f"netns add {ns}",
+        f"link add {net.host_if} type veth peer name {net.ns_if} netns {ns}",
+        f"addr add {net.host_ip}/30 dev {net.host_if}",
+        f"link set {net.host_if} up",
+    ]) + "\n"
+    ns_batch = "\n".join([
+        "link set lo up",
+        f"addr add {net.ns_ip}/30 dev {net.ns_if}",
+        f"link set {net.ns_if} up",
+        f"tuntap add dev {TAP} mode tap",
+        f"addr add {GATEWAY}/{GUEST_PREFIX} dev {TAP}",
+        f"addr add {DNS}/32 dev {TAP}",
+        f"link set {TAP} up",
+        f"route add default via {net.host_ip}",
+    ]) + "\n"
+    try:
+        # the host's table first: from the moment the pair exists, its rules hold
+        _run(["nft", "-f", "-"], vm_table(net, spec.egress))
+        _run(["ip", "-batch", "-"], host_batch)
+        # before the tap exists, so that it never gets an IPv6 address
+        _run(["ip", "netns", "exec", ns, "sh", "-c",
+              "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+              "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 && "
+              "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+        _run(["ip", "-n", ns, "-batch", "-"], ns_batch)
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], namespace_table(net, spec.inbound))
+    except NetworkError:
+        remove(net)
+        raise
+
+
+def remove(net: VMNet) -> None:
+    for argv in (["ip", "netns", "delete", net.netns],
+                 ["nft", "delete", "table", "ip", net.table]):
+        try:
+            _run(argv)
+        except NetworkError as exc:
+            if "No such file" not in exc.message and "not exist" not in exc.message.lower():
+                log.warning("%s", exc.message)
+
+
+def apply(script: str) -> None:
+    _run(["nft", "-f", "-"], script)
+
+
+def ours() -> tuple[list[str], list[str]]:
+    """Session ids that have a namespace here, and session ids that have a host table."""
+    spaces = [p.name.removeprefix("tenki-") for p in NETNS_DIR.glob("tenki-*")] \
+        if NETNS_DIR.exists() else []
+    tables: list[str] = []
+    try:
+        for line in _run(["nft", "list", "tables", "ip"]).splitlines():
+            name = line.split()[-1] if line.strip() else ""
+            if name.startswith("tenki_"):
+                tables.append(name.removeprefix("tenki_"))
+    except NetworkError as exc:
+        log.warning("%s", exc.message)
+    return spaces, tables
+
+
+def remove_by_session(session_id: str) -> None:
+    """A stray's namespace and table, when its slot is unknown."""
+    remove(VMNet(session_id, 0))

@@ -1,0 +1,256 @@
+"""Guest networks with real VMs (issue 14): what a guest can reach, under which policy, DNS
+allow-lists, and clones that carry no connection of their source.
+
+The reachable world is a lab the test builds (``support.netlab``): services in a network
+namespace on a private address (10.77.0.2) and on public-looking documentation addresses
+(203.0.113.2 and .3), and the lab's DNS server, which the server under test uses upstream.
+Plus a listener on every address of the host itself. Each probe runs inside the guest and says
+``open``, ``refused`` (a reset or ICMP error: fast) or ``timeout``; a refusal must never be a
+timeout. Four sessions (restored from the golden snapshot) are shared by the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from support.netlab import HOST_SIDE, PRIVATE, PUBLIC_A, PUBLIC_B, NetLab, host_address
+
+from tenkibox import Client
+
+#: the server under test resolves through the lab's DNS server
+SERVER_ENV = {"TENKI_DNS_UPSTREAM": f"{PRIVATE}:53"}
+
+PROBE = r'''
+import json, socket, sys
+out = {}
+for target in sys.argv[1:]:
+    kind, _, rest = target.partition(":")
+    try:
+        if kind == "dns":
+            out[target] = sorted({a[4][0] for a in socket.getaddrinfo(rest, 80, socket.AF_INET)})
+            continue
+        host, port = rest.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=8)
+        if kind == "http":
+            s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            out[target] = s.recv(4096).decode(errors="replace").split("\r\n\r\n", 1)[-1].strip()
+        else:
+            out[target] = "open"
+        s.close()
+    except socket.gaierror as exc:
+        out[target] = "no-such-name" if exc.errno in (socket.EAI_NONAME, -5) else f"dns-error {exc}"
+    except TimeoutError:
+        out[target] = "timeout"
+    except (ConnectionRefusedError, ConnectionResetError):
+        out[target] = "refused"
+    except OSError as exc:
+        out[target] = f"refused ({exc.strerror})" if exc.errno in (101, 113) else f"error {exc}"
+print(json.dumps(out))
+'''
+
+
+class HostListener:
+    """A TCP listener on every address of the host (as a careless host service would be)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lab() -> Iterator[NetLab]:
+    lab = NetLab().open()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def host_listener() -> Iterator[HostListener]:
+    listener = HostListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def _session(client: Client, **kw):  # type: ignore[no-untyped-def]
+    s = client.create_and_wait(memory_mb=1024, timeout=300, **kw)
+    s.files.write("/tmp/probe.py", PROBE.encode())
+    return s
+
+
+@pytest.fixture(scope="module")
+def open_session(client: Client):  # type: ignore[no-untyped-def]
+    s = _session(client, name="net-open", allow_inbound=True)
+    yield s
+    s.terminate()
+
+
+@pytest.fixture(scope="module")
+def closed_session(client: Client):  # type: ignore[no-untyped-def]
+    s = _session(client, name="net-closed", allow_outbound=False)
+    yield s
+    s.terminate()
+
+
+@pytest.fixture(scope="module")
+def listed_session(client: Client):  # type: ignore[no-untyped-def]
+    s = _session(client, name="net-listed", allow_domains=["allowed.test", "*.svc.test"],
+                 allow_cidrs=[f"{PRIVATE}/32"])
+    yield s
+    s.terminate()
+
+
+def probe(session, *targets: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    result = session.exec(["python3", "/tmp/probe.py", *targets], timeout=120).check()
+    return json.loads(result.stdout)
+
+
+# -- nothing of the host, no other guest, no private range -------------------------------------
+def test_open_session_reaches_public_services_only(open_session, host_listener) -> None:  # type: ignore[no-untyped-def]
+    host = host_address()
+    port = host_listener.port
+    got = probe(open_session,
+                f"http:{PUBLIC_A}:8000", f"http:{PUBLIC_B}:8000",  # public: open
+                f"tcp:{PRIVATE}:8000",  # a private range
+                f"tcp:{host}:{port}", f"tcp:{HOST_SIDE}:{port}",  # the host, two interfaces
+                "tcp:10.201.0.1:" + str(port),  # the host end of (some) guest's own link
+                "tcp:10.201.0.2:22", "tcp:10.201.0.6:22",  # guests' namespace addresses
+                "tcp:10.0.2.2:22",  # its own gateway
+                "tcp:169.254.169.254:80",  # link-local metadata
+                "tcp:100.64.0.1:80", "tcp:192.168.1.1:80", "tcp:172.16.0.1:80")
+    assert got.pop(f"http:{PUBLIC_A}:8000") == f"svc {PUBLIC_A}"
+    assert got.pop(f"http:{PUBLIC_B}:8000") == f"svc {PUBLIC_B}"
+    for target, outcome in got.items():
+        assert str(outcome).startswith("refused"), (target, outcome)
+    assert host_listener.accepted == 0
+
+
+def test_open_session_resolves_names(open_session) -> None:  # type: ignore[no-untyped-def]
+    got = probe(open_session, "dns:other.test", "dns:nothing.test", f"http:{PUBLIC_B}:8000")
+    assert got == {"dns:other.test": [PUBLIC_B], "dns:nothing.test": "no-such-name",
+                   f"http:{PUBLIC_B}:8000": f"svc {PUBLIC_B}"}
+
+
+def test_guests_do_not_reach_each_other(open_session, closed_session, listed_session) -> None:  # type: ignore[no-untyped-def]
+    # every guest is 10.0.2.15 on a link of its own; the other guests' namespaces are the
+    # pool's /30s: none answers
+    targets = [f"tcp:10.201.0.{4 * n + 2}:22" for n in range(4)]
+    targets += [f"tcp:10.201.0.{4 * n + 1}:53" for n in range(4)]  # their DNS forwarders
+    got = probe(open_session, *targets)
+    own_dns = [t for t, o in got.items() if o == "open"]
+    # only its own DNS forwarder answers (on the host end of its own link)
+    assert len(own_dns) <= 1 and all(t.endswith(":53") for t in own_dns), got
+    assert all(str(o).startswith("refused") for t, o in got.items() if t not in own_dns), got
+
+
+# -- egress policies -------------------------------------------------------------------------------
+def test_no_outbound_refuses_everything(closed_session, host_listener) -> None:  # type: ignore[no-untyped-def]
+    assert closed_session.record.egress.outbound is False
+    got = probe(closed_session, f"tcp:{PUBLIC_A}:8000", f"tcp:{PRIVATE}:8000",
+                f"tcp:{host_address()}:{host_listener.port}", "dns:allowed.test")
+    assert got.pop("dns:allowed.test") != [PUBLIC_A]
+    assert all(str(o).startswith("refused") for o in got.values()), got
+
+
+def test_allow_list_by_name_and_cidr(listed_session) -> None:  # type: ignore[no-untyped-def]
+    egress = listed_session.record.egress
+    assert egress.allow_domains == ["allowed.test", "*.svc.test"]
+    assert egress.allow_cidrs == [f"{PRIVATE}/32"]
+    # an allowed name's address is refused until the name was resolved...
+    before = probe(listed_session, f"tcp:{PUBLIC_A}:8000")
+    assert str(before[f"tcp:{PUBLIC_A}:8000"]).startswith("refused")
+    got = probe(listed_session,
+                "dns:allowed.test", "dns:api.svc.test", "dns:deep.api.svc.test",
+                "dns:svc.test",  # the wildcard's own suffix is not below it
+                "dns:other.test",  # not listed: does not exist for this guest
+                f"http:{PUBLIC_A}:8000",  # ...and open after it
+                f"http:{PRIVATE}:8000",  # private, but named by the CIDR
+                f"tcp:{PUBLIC_B}:8000")  # public, but not listed
+    assert got == {
+        "dns:allowed.test": [PUBLIC_A], "dns:api.svc.test": [PUBLIC_A],
+        "dns:deep.api.svc.test": [PUBLIC_A], "dns:svc.test": "no-such-name",
+        "dns:other.test": "no-such-name", f"http:{PUBLIC_A}:8000": f"svc {PUBLIC_A}",
+        f"http:{PRIVATE}:8000": f"svc {PRIVATE}", f"tcp:{PUBLIC_B}:8000": "refused",
+    }
+
+
+def test_direct_dns_to_another_resolver_is_refused(listed_session) -> None:  # type: ignore[no-untyped-def]
+    # the lab's DNS server answers other.test; the guest may not ask it directly
+    got = probe(listed_session, f"tcp:{PRIVATE}:53", f"tcp:{PUBLIC_B}:53")
+    assert got == {f"tcp:{PRIVATE}:53": "open", f"tcp:{PUBLIC_B}:53": "refused"} or \
+        all(str(o).startswith("refused") for o in got.values()), got
+
+
+# -- clones ------------------------------------------------------------------------------------
+def test_a_clone_carries_no_connection_and_has_its_own_policy(client: Client, open_session,  # type: ignore[no-untyped-def]
+                                                              lab) -> None:
+    s = open_session
+    # a connection held open by a guest process across the snapshot
+    s.files.write("/tmp/hold.py", HOLD.encode())
+    s.exec(["sh", "-c", f"nohup python3 /tmp/hold.py {PUBLIC_A} >/tmp/hold.out 2>&1 &"]).check()
+    s.shell("for i in $(seq 100); do grep -q first /tmp/hold.out && break; sleep 0.1; done",
+            timeout=60).check()
+    snap = s.snapshot(timeout=600)
+    clone = client.create_and_wait(snapshot_id=snap.id, allow_outbound=False, timeout=300)
+    try:
+        assert clone.record.egress.outbound is False
+        assert s.record.egress.outbound is True
+        # the clone's copy of the connection is dead: its next line is answered by a reset
+        clone.shell("touch /tmp/go; for i in $(seq 100); do grep -q done /tmp/hold.out && "
+                    "break; sleep 0.1; done", timeout=60).check()
+        clone_out = clone.shell("cat /tmp/hold.out", timeout=30).check().stdout
+        assert "ack second" not in clone_out and "error" in clone_out, clone_out
+        # the source's connection goes on
+        s.shell("touch /tmp/go; for i in $(seq 100); do grep -q done /tmp/hold.out && "
+                "break; sleep 0.1; done", timeout=60).check()
+        assert "ack second" in s.shell("cat /tmp/hold.out", timeout=30).check().stdout
+        # the service saw one connection, and the second line only from the source
+        assert [text for _, text in lab.lines()] == ["first", "second"]
+        assert len({number for number, _ in lab.lines()}) == 1
+        # the clone's own policy: nothing goes out
+        got = probe(clone, f"tcp:{PUBLIC_A}:8000")
+        assert str(got[f"tcp:{PUBLIC_A}:8000"]).startswith("refused")
+    finally:
+        clone.terminate()
+        client.delete_snapshot(snap.id)
+
+
+HOLD = r'''
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 8100), timeout=10)
+s.sendall(b"first\n"); print(s.recv(100).decode().strip(), "first", flush=True)
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+try:
+    s.settimeout(10)
+    s.sendall(b"second\n")
+    data = s.recv(100)
+    print(data.decode().strip() or "error: closed", flush=True)
+except OSError as exc:
+    print("error", type(exc).__name__, flush=True)
+print("done", flush=True)
+'''
