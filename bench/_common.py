@@ -379,7 +379,8 @@ def agent_exec_ready(sock: Path, timeout: float = 120.0) -> Agent:
 class TenkiServer:
     """``tenki serve`` on a temporary TENKI_HOME holding hard links of the image."""
 
-    def __init__(self, cleanup: Cleanup, image_dir: Path, label: str) -> None:
+    def __init__(self, cleanup: Cleanup, image_dir: Path, label: str,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix=f"tenki-bench-{label}-"))
         cleanup.push(f"remove {self.home}", lambda: shutil.rmtree(self.home, ignore_errors=True))
         self.run_dir = tconfig.run_dir(self.home)
@@ -389,6 +390,7 @@ class TenkiServer:
         self.log_path = self.home / "server.log"
         env = {k: v for k, v in project_env().items() if k != tconfig.ENV_ENDPOINT}
         env[tconfig.ENV_HOME] = str(self.home)
+        env.update(extra_env or {})
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tenkibox", "serve", "--host", "127.0.0.1", "--port", "0"],

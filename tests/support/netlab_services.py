@@ -3,6 +3,8 @@
 - HTTP on port 8000 of every address given: answers ``svc <address>``.
 - A line service on port 8100 of the first public address: answers ``ack <line>`` and appends
   ``<connection number> <line>`` to the log file (which connection carried what).
+- A download service on port 8200 of the first public address: reads a byte count N (a line)
+  and sends N bytes (for throughput measurements).
 - DNS on port 53 of the private address: the names of ``ZONE``; anything else NXDOMAIN.
 
 Usage: python netlab_services.py LOG PRIVATE PUBLIC_A PUBLIC_B
@@ -55,6 +57,19 @@ async def main(log: str, private: str, public_a: str, public_b: str) -> None:
         finally:
             writer.close()
 
+    async def download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        block = bytes(1 << 20)
+        try:
+            left = int((await reader.readline()).strip() or 0)
+            while left > 0:
+                writer.write(block[:min(left, len(block))])
+                left -= len(block)
+                await writer.drain()
+        except (OSError, ValueError):
+            pass
+        finally:
+            writer.close()
+
     def answer(wire: bytes) -> bytes:
         query = dns.message.from_wire(wire)
         out = dns.message.make_response(query)
@@ -86,6 +101,7 @@ async def main(log: str, private: str, public_a: str, public_b: str) -> None:
     servers = [await asyncio.start_server(http, addr, 8000)
                for addr in (private, public_a, public_b)]
     servers.append(await asyncio.start_server(lines, public_a, 8100))
+    servers.append(await asyncio.start_server(download, public_a, 8200))
     servers.append(await asyncio.start_server(dns_tcp, private, 53))
     await asyncio.get_running_loop().create_datagram_endpoint(Udp, local_addr=(private, 53))
     print("ready", flush=True)
