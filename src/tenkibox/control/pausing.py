@@ -30,6 +30,7 @@ from ..ids import hostname_for
 from ..models import Session, SessionState, SnapshotState
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
+from .network import network_of, refuse_unenforceable
 from .states import LIVE, IllegalTransitionError
 
 if TYPE_CHECKING:
@@ -208,6 +209,10 @@ class PauseControl:
                     why = f" ({row.state_reason})" if row.state_reason else ""
                     raise ConflictError(f"session {session_id} is {row.state}{why}; only a "
                                         "PAUSED session can be resumed")
+                # its policy is enforced again by this host, or it does not run (a server
+                # restarted without root or nftables keeps it PAUSED)
+                refuse_unenforceable(self.host, network_of(row),
+                                     f"session {session_id} cannot be resumed: ")
                 # a paused session counts against nothing: the resume is admitted again
                 check = (admission.host_memory(row.memory_mb, self.host.capacity)
                          if row.workspace_id == SYSTEM else
@@ -235,11 +240,14 @@ class PauseControl:
                 raise SnapshotFailedError(f"no READY PAUSE snapshot to resume from{why}")
             snap = ready[-1]
             manifest = Manifest.from_json(snap.files)
+            net = network_of(self.sessions.row(session_id))
+            # checked by ``resume`` already; again for a resume tried again after a restart
+            refuse_unenforceable(self.host, net)
             if self.host.has_vm(session_id):  # a VM a pause did not stop: fully gone first
                 await self.host.terminate(session_id, [])
             started = await self.host.restore(RestoreSpec(
                 session_id, snap.id, manifest, hostname_for(session_id),
-                keep_identity=True))
+                keep_identity=True, network=net))
             await self.records.update(SessionRow, session_id, when_state=[S.RESUMING],
                                       machine={**started.shape.to_json(), "ram": started.ram},
                                       disk_chain=list(started.layers))
