@@ -453,10 +453,16 @@ class AsyncClient:
         max_duration: float | str | None = None,
         wait: bool = True,
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+        *,
+        allow_outbound: bool = True,
+        allow_inbound: bool = False,
+        allow_domains: Iterable[str] | None = None,
+        allow_cidrs: Iterable[str] | None = None,
     ) -> AsyncSession:
         """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
         ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
-        given in ``volumes``.
+        given in ``volumes``. The network policy is this call's (as :meth:`create`), not the
+        snapshot's session's.
         """
         kwargs: dict[str, Any] = dict(
             name=name,
@@ -467,6 +473,10 @@ class AsyncClient:
             metadata=metadata,
             volumes=volumes,
             max_duration=max_duration,
+            allow_outbound=allow_outbound,
+            allow_inbound=allow_inbound,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
         )
         if wait:
             return await self.create_and_wait(**kwargs, timeout=timeout)

@@ -446,10 +446,16 @@ class Client:
         max_duration: float | str | None = None,
         wait: bool = True,
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+        *,
+        allow_outbound: bool = True,
+        allow_inbound: bool = False,
+        allow_domains: Iterable[str] | None = None,
+        allow_cidrs: Iterable[str] | None = None,
     ) -> Session:
         """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
         ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
-        given in ``volumes``.
+        given in ``volumes``. The network policy is this call's (as :meth:`create`), not the
+        snapshot's session's.
         """
         kwargs: dict[str, Any] = dict(
             name=name,
@@ -460,6 +466,10 @@ class Client:
             metadata=metadata,
             volumes=volumes,
             max_duration=max_duration,
+            allow_outbound=allow_outbound,
+            allow_inbound=allow_inbound,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
         )
         if wait:
             return self.create_and_wait(**kwargs, timeout=timeout)
