@@ -7,10 +7,13 @@ goes back to the host) and writes PAUSED. A failed capture leaves the VM running
 goes back to READY (RUNNING if a process still runs) with the reason, and the failed snapshot is
 released. A resume moves PAUSED -> RESUMING, checking the workspace's quotas and the host's
 capacity in the same transaction (a paused session counts against neither), and starts one task:
-it restores the PAUSE snapshot under the same session id (the guest keeps its identity; its clock
-is set), plugs its volumes in again (they stay attached to it while it is paused; they are not in
-the snapshot), writes READY and releases the snapshot; a failed restore ends the session FAILED (the
-snapshot is kept: it can be restored as a new session, or deleted).
+it restores the PAUSE snapshot under the same session id (the guest keeps its identity and its
+network policy, ``control/network.py``; its clock is set), plugs its volumes in again (they stay
+attached to it while it is paused; they are not in the snapshot), writes READY and releases the
+snapshot; a failed restore ends the session FAILED (the snapshot is kept: it can be restored as
+a new session, or deleted). A session whose policy this host cannot enforce (not root, no
+nftables) is not resumed: ``NetworkPolicyUnsupportedError``, and it stays PAUSED (a resume tried
+again after a restart fails it instead, keeping the snapshot).
 
 The tasks are the session's start task (``SessionControl._starts``): a terminate cancels them
 and finishes the record, and releases the PAUSE snapshot.
