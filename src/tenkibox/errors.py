@@ -2,6 +2,7 @@
 
     TenkiError
     ├── ValidationError          422  bad input; ``.field`` names the offending field
+    │   └── NetworkPolicyUnsupportedError  a network policy this host cannot enforce
     ├── NotFoundError            404
     │   ├── SessionNotFoundError      "session ses_x not found"
     │   ├── SnapshotNotFoundError     (the spec's ErrSnapshotNotFound)
@@ -62,6 +63,13 @@ class ValidationError(TenkiError):
         if field and not message.startswith(field):
             message = f"{field}: {message}"
         super().__init__(message, field=field, details=details)
+
+
+class NetworkPolicyUnsupportedError(ValidationError):
+    """A create asks for a network policy (no outbound, an allow-list, inbound) on a host that
+    cannot enforce one (the server needs root and nftables); ``.field`` names what asked."""
+
+    code = "NetworkPolicyUnsupported"
 
 
 class NotFoundError(TenkiError):
@@ -177,6 +185,7 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
     cls.code: cls
     for cls in (
         ValidationError,
+        NetworkPolicyUnsupportedError,
         NotFoundError,
         SessionNotFoundError,
         SnapshotNotFoundError,

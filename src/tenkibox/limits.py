@@ -55,6 +55,15 @@ DURATION_MAX_S = 10 * 365 * 86400.0
 #: Volumes attached at create time.
 VOLUME_MOUNTS_MAX = 16
 
+# -- network policy (``tenkibox.control.egress``) ---------------------------------------------
+
+#: ``egress.allow_domains``: names or ``*.`` wildcards, each at most 253 characters (DNS).
+EGRESS_DOMAINS_MAX = 256
+EGRESS_DOMAIN_MAX_CHARS = 253
+#: ``egress.allow_cidrs``: IPv4 networks (``a.b.c.d/n``, at most 18 characters).
+EGRESS_CIDRS_MAX = 64
+EGRESS_CIDR_MAX_CHARS = 18
+
 # -- HTTP -------------------------------------------------------------------------------------
 
 #: Any JSON request body (and any request body but the file upload's, unless listed below).

@@ -18,10 +18,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from . import limits
+from .control import egress as _egress
 
 CPU_MIN, CPU_MAX = 1, 16
 MEMORY_MB_MIN, MEMORY_MB_MAX = 512, 65536
@@ -199,6 +202,22 @@ Base64Data = Annotated[str, AfterValidator(_base64)]
 Duration = Annotated[float, Field(gt=0, le=limits.DURATION_MAX_S, allow_inf_nan=False)]
 
 
+def _at_most(n: int, what: str) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, list):
+            _egress.count(v, n, what)
+        return v
+
+    return check
+
+
+#: One entry of ``egress.allow_domains`` (``control.egress.domain``): ``pypi.org``,
+#: ``*.example.org``; lower-cased, a trailing dot dropped.
+AllowDomain = Annotated[str, AfterValidator(_egress.domain)]
+#: One entry of ``egress.allow_cidrs`` (``control.egress.cidr``): an IPv4 network.
+AllowCidr = Annotated[str, AfterValidator(_egress.cidr)]
+
+
 class _Model(BaseModel):
     """A request: unknown fields are refused (a typo is named, not ignored)."""
 
@@ -267,6 +286,34 @@ class VolumeAttachment(_Answer):
     read_only: bool = False
 
 
+class EgressAllowList(_Model):
+    """Where a session may open connections: only these names and networks (DNS included: a
+    name outside the list does not resolve), and nothing else. Rules: ``control/egress.py``."""
+
+    allow_domains: Annotated[
+        list[AllowDomain], BeforeValidator(_at_most(limits.EGRESS_DOMAINS_MAX, "names")),
+        AfterValidator(_egress.dedupe),
+    ] = Field(default_factory=list, description=(
+        f"at most {limits.EGRESS_DOMAINS_MAX}: exact names (pypi.org) or *. wildcards "
+        "(*.example.org: any name below it); lower-cased"))
+    allow_cidrs: Annotated[
+        list[AllowCidr], BeforeValidator(_at_most(limits.EGRESS_CIDRS_MAX, "networks")),
+        AfterValidator(_egress.dedupe),
+    ] = Field(default_factory=list, description=(
+        f"at most {limits.EGRESS_CIDRS_MAX} IPv4 networks (10.0.0.0/8; an address alone is "
+        "/32); no host bits set, no IPv6"))
+
+
+class SessionEgress(_Answer):
+    """A session's egress policy, fixed at create: ``outbound`` false, no connection out at
+    all; else with neither list any public address (never the host's, other guests', private,
+    loopback or link-local ones), with a list only what it names."""
+
+    outbound: bool = True
+    allow_domains: list[str] = Field(default_factory=list)
+    allow_cidrs: list[str] = Field(default_factory=list)
+
+
 class SessionCreate(_Model):
     name: Name | None = None
     template_id: Id | None = Field(
@@ -281,6 +328,25 @@ class SessionCreate(_Model):
     volumes: list[VolumeMount] = Field(default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX)
     cold_boot: bool = Field(
         default=False, description="boot the image instead of restoring its golden snapshot")
+    allow_inbound: bool = Field(
+        default=False, description="ports of the session may be exposed (needs a host that "
+        "enforces network policies)")
+    allow_outbound: bool = Field(
+        default=True, description="false: the session opens no connection out at all")
+    egress: EgressAllowList | None = Field(
+        default=None, description="an outbound allow-list (with allow_outbound true); a "
+        "restore or a template's session gets the policy of its own create, not its source's")
+
+    @field_validator("egress")
+    @classmethod
+    def _egress_needs_outbound(cls, v: EgressAllowList | None,
+                               info: ValidationInfo) -> EgressAllowList | None:
+        if v is not None:
+            why = _egress.contradiction(info.data.get("allow_outbound", True),
+                                        v.allow_domains, v.allow_cidrs)
+            if why:
+                raise ValueError(why)
+        return v
 
 
 class Session(_Answer):
@@ -297,6 +363,8 @@ class Session(_Answer):
     env_keys: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
     volumes: list[VolumeAttachment] = Field(default_factory=list)
+    allow_inbound: bool = False
+    egress: SessionEgress = Field(default_factory=SessionEgress)
     created_at: datetime
     ready_at: datetime | None = None
     expires_at: datetime | None = None

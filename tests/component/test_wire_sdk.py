@@ -20,6 +20,7 @@ from support.server import ADMIN_KEY, InProcessServer
 from tenki import Client, Sandbox
 
 from tenkibox.errors import InternalError
+from tenkibox.host.api import EgressPolicy, NetworkSpec
 from tenkibox.rpc import proto
 
 
@@ -338,12 +339,154 @@ def test_a_disk_size_we_do_not_give_is_a_warning(env: InProcessServer) -> None:
 
 
 def test_what_this_server_cannot_do_is_refused_not_ignored(env: InProcessServer) -> None:
-    with pytest.raises(sdk_errors.SandboxError, match="allow_outbound"):
-        Sandbox.create(allow_outbound=False)
-    with pytest.raises(sdk_errors.SandboxError, match="egress"):
-        Sandbox.create(allow_domains=["pypi.org"])
     with pytest.raises(sdk_errors.SandboxError, match="ssh_authorized_keys"):
         Sandbox.create(ssh_authorized_keys=["ssh-ed25519 AAAA test"])
+    assert env.plane.sessions.query(env.default_workspace, "CREATING") == []
+
+
+# -- the network policy (allow_inbound 3, allow_outbound 4, egress 33; the session's 9, 10, 39) --
+
+
+def test_the_sdks_default_create_has_outbound_and_inbound(sandbox: Sandbox,
+                                                          env: InProcessServer) -> None:
+    """The SDK sends allow_inbound and allow_outbound true unless told otherwise; this host
+    enforces policies (the fake says so), so the session has both."""
+    assert (sandbox.info.outbound_enabled, sandbox.info.inbound_enabled) == (True, True)
+    assert sandbox.egress.allow_domains == () and sandbox.egress.allow_cidrs == ()
+    vm = host(env).vm(sandbox.id)
+    assert vm.network == NetworkSpec(EgressPolicy(), inbound=True)
+    assert sandbox.warnings == ()
+
+
+def test_an_allow_list_reaches_the_host_and_comes_back(env: InProcessServer) -> None:
+    sb = Sandbox.create(allow_domains=["PyPI.org", "*.example.org"],
+                        allow_cidrs=["10.0.0.0/8", "203.0.113.7"], allow_inbound=False)
+    try:
+        want = NetworkSpec(EgressPolicy(True, ("pypi.org", "*.example.org"),
+                                        ("10.0.0.0/8", "203.0.113.7/32")), inbound=False)
+        assert host(env).vm(sb.id).network == want
+        for info in (sb.info, Client().get(sb.id).info):
+            assert info.egress.allow_domains == ("pypi.org", "*.example.org")
+            assert info.egress.allow_cidrs == ("10.0.0.0/8", "203.0.113.7/32")
+            assert (info.outbound_enabled, info.inbound_enabled) == (True, False)
+        assert env.plane.sessions.get(sb.id).egress.allow_cidrs == ["10.0.0.0/8",
+                                                                    "203.0.113.7/32"]
+    finally:
+        sb.terminate()
+
+
+def test_no_outbound(env: InProcessServer) -> None:
+    sb = Sandbox.create(allow_outbound=False)
+    try:
+        assert sb.info.outbound_enabled is False
+        assert host(env).vm(sb.id).network.egress == EgressPolicy(outbound=False)
+    finally:
+        sb.terminate()
+
+
+def test_no_outbound_ignores_the_lists_as_the_sdk_documents(env: InProcessServer) -> None:
+    """The SDK says allow_domains/allow_cidrs are "ignored when allow_outbound is false", and
+    sends them anyway: the session has no outbound at all (stricter than any list), and the
+    answer says the lists were ignored."""
+    with pytest.warns(Warning, match="egress allow-lists were ignored"):
+        sb = Sandbox.create(allow_outbound=False, allow_domains=["pypi.org"])
+    try:
+        assert sb.info.outbound_enabled is False and sb.info.egress.allow_domains == ()
+        assert host(env).vm(sb.id).network.egress == EgressPolicy(outbound=False)
+    finally:
+        sb.terminate()
+
+
+@pytest.mark.parametrize(("kw", "words"), [
+    ({"allow_domains": ["*.*.example.org"]},
+     "egress.allow_domains.0: '*.*.example.org': a wildcard is allowed only as a leading '*.'"),
+    ({"allow_domains": ["pypi.org", "203.0.113.7"]},
+     "egress.allow_domains.1: '203.0.113.7' is an IP address"),
+    ({"allow_cidrs": ["10.0.0.1/8"]}, "egress.allow_cidrs.0: '10.0.0.1/8' has host bits set"),
+    ({"allow_cidrs": ["fd00::/8"]}, "egress.allow_cidrs.0: 'fd00::/8' is IPv6"),
+    ({"allow_cidrs": [f"10.0.{i}.0/24" for i in range(65)]},
+     "egress.allow_cidrs: must have at most 64 networks"),
+    # checked even when the lists would be ignored: a mistake is said, not dropped
+    ({"allow_outbound": False, "allow_domains": ["bad*.org"]}, "egress.allow_domains.0"),
+])
+def test_bad_policies_are_invalid_argument_naming_the_field(env: InProcessServer,
+                                                            kw: dict[str, Any],
+                                                            words: str) -> None:
+    with pytest.raises(sdk_errors.SandboxError) as caught:
+        Sandbox.create(**kw)
+    assert type(caught.value) is sdk_errors.SandboxError  # INVALID_ARGUMENT: no subclass
+    assert words in str(caught.value)
+    assert env.plane.sessions.query(env.default_workspace, "CREATING") == []
+
+
+def test_a_restore_gets_its_own_policy(sandbox: Sandbox, env: InProcessServer) -> None:
+    snap = sandbox.snapshot(name="net")
+    clone = Sandbox.create(snapshot_id=snap.id, allow_cidrs=["192.168.0.0/16"],
+                           allow_inbound=False)
+    try:
+        want = NetworkSpec(EgressPolicy(True, (), ("192.168.0.0/16",)), inbound=False)
+        spec = [r for r in host(env).restores if r.session_id == clone.id][-1]
+        assert spec.snapshot_id == snap.id and spec.network == want
+        assert clone.info.egress.allow_cidrs == ("192.168.0.0/16",)
+        assert host(env).vm(sandbox.id).network == NetworkSpec(EgressPolicy(), inbound=True)
+    finally:
+        clone.terminate()
+        Client().snapshots.delete(snap.id)
+
+
+def test_a_resume_keeps_the_sessions_policy(env: InProcessServer) -> None:
+    sb = Sandbox.create(allow_domains=["pypi.org"])
+    try:
+        sb.pause()
+        sb.resume()
+        spec = [r for r in host(env).restores if r.session_id == sb.id][-1]
+        assert spec.keep_identity
+        assert spec.network == NetworkSpec(EgressPolicy(True, ("pypi.org",)), inbound=True)
+        assert sb.info.egress.allow_domains == ("pypi.org",)
+    finally:
+        sb.terminate()
+
+
+@pytest.fixture
+def unenforcing(env: InProcessServer) -> Iterator[FakeHost]:
+    """The server's host as one without root or nftables, for one test."""
+    h = host(env)
+    h.network_enforced = False
+    try:
+        yield h
+    finally:
+        h.network_enforced = True
+
+
+def test_an_unenforcing_host_runs_the_sdks_default_create_without_inbound(
+        env: InProcessServer, unenforcing: FakeHost) -> None:
+    """The SDKs ask for inbound by default; where ports cannot be exposed the session is made
+    without it, as the answer and a warning say, rather than refusing every default create."""
+    with pytest.warns(Warning, match="allow_inbound was asked, but this host cannot enforce"):
+        sb = Sandbox.create()
+    try:
+        assert (sb.info.outbound_enabled, sb.info.inbound_enabled) == (True, False)
+        assert unenforcing.vm(sb.id).network == NetworkSpec()
+    finally:
+        sb.terminate()
+    quiet = Sandbox.create(allow_inbound=False)  # nothing asked that is not given: no warning
+    try:
+        assert quiet.warnings == ()
+    finally:
+        quiet.terminate()
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"allow_outbound": False}, "allow_outbound"),
+    ({"allow_domains": ["pypi.org"]}, "egress.allow_domains"),
+    ({"allow_cidrs": ["10.0.0.0/8"]}, "egress.allow_cidrs"),
+])
+def test_an_unenforcing_host_refuses_what_would_restrict_the_guest(
+        env: InProcessServer, unenforcing: FakeHost, kw: dict[str, Any], field: str) -> None:
+    with pytest.raises(sdk_errors.InvalidStateError) as caught:  # FAILED_PRECONDITION
+        Sandbox.create(**kw)
+    assert f"{field}: this host cannot enforce network policies" in str(caught.value)
+    assert "root and nftables" in str(caught.value)
     assert env.plane.sessions.query(env.default_workspace, "CREATING") == []
 
 

@@ -12,6 +12,7 @@ import click
 
 from .. import limits, models, units
 from ..client import Process, Session
+from ..control import egress
 from ..errors import TenkiError, ValidationError
 from . import _common as c
 
@@ -44,6 +45,33 @@ def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
                 multiple=True,
                 metavar="VOL:/path[:ro]",
                 help="Attach a volume at create time (repeatable).",
+            ),
+            click.option(
+                "--no-outbound",
+                is_flag=True,
+                help="No outbound connections at all (needs a server that enforces network "
+                "policies).",
+            ),
+            click.option(
+                "--allow-domain",
+                "allow_domains",
+                multiple=True,
+                metavar="PATTERN",
+                help="Outbound only to this name, or to the names below a '*.' wildcard such "
+                "as *.example.org (repeatable; DNS of other names fails).",
+            ),
+            click.option(
+                "--allow-cidr",
+                "allow_cidrs",
+                multiple=True,
+                metavar="CIDR",
+                help="Outbound only to this IPv4 network, e.g. 10.0.0.0/8 (repeatable; with "
+                "--allow-domain, to either).",
+            ),
+            click.option(
+                "--allow-inbound",
+                is_flag=True,
+                help="Ports of the session may be exposed.",
             ),
             click.option("--no-wait", is_flag=True, help="Return at once (state CREATING)."),
             click.option(
@@ -102,10 +130,19 @@ def run_create(
     as_json: bool,
     template_id: str | None = None,
     cold_boot: bool = False,
+    no_outbound: bool = False,
+    allow_domains: Sequence[str] = (),
+    allow_cidrs: Sequence[str] = (),
+    allow_inbound: bool = False,
 ) -> None:
     """The one code path of ``sandbox create`` and ``snapshot restore``."""
     if snapshot_id is not None and template_id is not None:
         raise c.ValidationError("give --snapshot or --template, not both", field="--template")
+    domains = egress.domains(allow_domains, "--allow-domain", index=False)
+    cidrs = egress.cidrs(allow_cidrs, "--allow-cidr", index=False)
+    if egress.contradiction(not no_outbound, domains, cidrs):
+        raise c.ValidationError("an allow-list (--allow-domain, --allow-cidr) needs outbound "
+                                "access: give one or the other", field="--no-outbound")
     cpu_n = c.parse_int_range(cpu, "--cpu", models.CPU_MIN, models.CPU_MAX)
     mem_n = c.parse_int_range(memory_mb, "--memory-mb", models.MEMORY_MB_MIN, models.MEMORY_MB_MAX)
     env_d = c.parse_pairs(env, "--env", env_names=True)
@@ -129,6 +166,10 @@ def run_create(
         max_duration=max_s,
         template_id=template_id,
         cold_boot=cold_boot,
+        allow_outbound=not no_outbound,
+        allow_inbound=allow_inbound,
+        allow_domains=domains,
+        allow_cidrs=cidrs,
     )
     if not no_wait:
         if snapshot_id:
@@ -163,6 +204,25 @@ def create(ctx: click.Context, **opts: Any) -> None:
     run_create(ctx, **opts)
 
 
+def fmt_egress(e: models.SessionEgress) -> str:
+    """A session's egress policy in words."""
+    if not e.outbound:
+        return "none (no outbound connections)"
+    if e.allow_domains or e.allow_cidrs:
+        return "only " + ", ".join([*e.allow_domains, *e.allow_cidrs])
+    return "public addresses"
+
+
+def fmt_network(r: models.Session) -> str:
+    """The network column of ``sandbox list``: ``open``, ``none`` or ``allow:N`` (N names and
+    networks), then ``+in`` with inbound."""
+    e = r.egress
+    out = "none" if not e.outbound else (
+        f"allow:{len(e.allow_domains) + len(e.allow_cidrs)}"
+        if e.allow_domains or e.allow_cidrs else "open")
+    return out + ("+in" if r.allow_inbound else "")
+
+
 def session_rows(sessions: Sequence[Session]) -> list[list[str]]:
     rows = []
     for s in sessions:
@@ -175,6 +235,7 @@ def session_rows(sessions: Sequence[Session]) -> list[list[str]]:
                 str(r.cpu),
                 units.format_size(r.memory_mb << 20),
                 r.template_id or r.snapshot_id or r.base_image_id,
+                fmt_network(r),
                 c.fmt_time(r.created_at),
             ]
         )
@@ -191,7 +252,7 @@ def list_(ctx: click.Context, state: str | None, as_json: bool) -> None:
     if as_json:
         c.print_json([s.record for s in sessions])
         return
-    cols = ["ID", "NAME", "STATE", "CPU", "MEMORY", "FROM", "CREATED"]
+    cols = ["ID", "NAME", "STATE", "CPU", "MEMORY", "FROM", "NETWORK", "CREATED"]
     c.print_table(cols, session_rows(sessions), "no sessions")
 
 
@@ -210,6 +271,8 @@ def print_session(r: models.Session) -> None:
             ("env", ", ".join(r.env_keys) or "-"),
             ("metadata", ", ".join(f"{k}={v}" for k, v in r.metadata.items()) or "-"),
             ("volumes", vols or "-"),
+            ("egress", fmt_egress(r.egress)),
+            ("inbound", "allowed" if r.allow_inbound else "off"),
             ("created_at", c.fmt_time(r.created_at)),
             ("ready_at", c.fmt_time(r.ready_at)),
             ("expires_at", c.fmt_time(r.expires_at)),

@@ -254,13 +254,26 @@ def session_create(
     base_image_id: str | None = None,
     template_id: str | None = None,
     cold_boot: bool = False,
+    allow_outbound: bool = True,
+    allow_inbound: bool = False,
+    allow_domains: Iterable[str] | None = None,
+    allow_cidrs: Iterable[str] | None = None,
 ) -> models.SessionCreate:
+    for flag, value in (("allow_outbound", allow_outbound), ("allow_inbound", allow_inbound)):
+        if not isinstance(value, bool):
+            raise errors.ValidationError(f"expected True or False, got {value!r}", field=flag)
+    domains = _names(allow_domains)
+    cidrs = _names(allow_cidrs)
     return build(
         models.SessionCreate,
         name=name,
         snapshot_id=snapshot_id,
         template_id=template_id,
         cold_boot=cold_boot or None,
+        # only what differs from the server's defaults is sent
+        allow_outbound=False if not allow_outbound else None,
+        allow_inbound=True if allow_inbound else None,
+        egress={"allow_domains": domains, "allow_cidrs": cidrs} if domains or cidrs else None,
         cpu=cpu,
         memory_mb=memory_mb,
         env=dict(env) if env is not None else None,
@@ -269,6 +282,15 @@ def session_create(
         max_duration_s=seconds(max_duration, field="max_duration"),
         base_image_id=base_image_id,
     )
+
+
+def _names(values: Iterable[str] | None) -> list[str]:
+    """A list argument of strings (one string alone is one item, not its characters)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return [values]
+    return list(values)
 
 
 def session_update(

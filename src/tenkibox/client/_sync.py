@@ -206,6 +206,10 @@ class Client:
         *,
         template_id: str | None = None,
         cold_boot: bool = False,
+        allow_outbound: bool = True,
+        allow_inbound: bool = False,
+        allow_domains: Iterable[str] | None = None,
+        allow_cidrs: Iterable[str] | None = None,
     ) -> Session:
         """Start creating a session and return at once (state CREATING).
 
@@ -218,6 +222,13 @@ class Client:
         instead of restoring its golden snapshot (the server's default for a plain create).
         Unset values take the server's defaults (a restore takes the snapshot's cpu and
         memory).
+
+        The network policy, fixed at create (a restore gets this create's, not the
+        snapshot's): ``allow_outbound=False``: no connection out at all; ``allow_domains``
+        (``"pypi.org"``, ``"*.example.org"``) and/or ``allow_cidrs`` (IPv4, ``"10.0.0.0/8"``):
+        only these, DNS included; ``allow_inbound``: ports may be exposed. Anything but the
+        default needs a server that enforces policies (else NetworkPolicyUnsupportedError).
+        The record shows it: ``session.egress``, ``session.allow_inbound``.
         """
         body = _core.session_create(
             name=name,
@@ -231,6 +242,10 @@ class Client:
             base_image_id=base_image_id,
             template_id=template_id,
             cold_boot=cold_boot,
+            allow_outbound=allow_outbound,
+            allow_inbound=allow_inbound,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
         )
         return Session(self, self._call(_core.create_session(body)))
 
@@ -249,6 +264,10 @@ class Client:
         *,
         template_id: str | None = None,
         cold_boot: bool = False,
+        allow_outbound: bool = True,
+        allow_inbound: bool = False,
+        allow_domains: Iterable[str] | None = None,
+        allow_cidrs: Iterable[str] | None = None,
     ) -> Session:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -267,6 +286,10 @@ class Client:
             base_image_id=base_image_id,
             template_id=template_id,
             cold_boot=cold_boot,
+            allow_outbound=allow_outbound,
+            allow_inbound=allow_inbound,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
         )
         return Session(self, self._run(_core.create_and_wait_flow(body, timeout)))
 
@@ -423,10 +446,16 @@ class Client:
         max_duration: float | str | None = None,
         wait: bool = True,
         timeout: float | None = _core.DEFAULT_CREATE_TIMEOUT,
+        *,
+        allow_outbound: bool = True,
+        allow_inbound: bool = False,
+        allow_domains: Iterable[str] | None = None,
+        allow_cidrs: Iterable[str] | None = None,
     ) -> Session:
         """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
         ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
-        given in ``volumes``.
+        given in ``volumes``. The network policy is this call's (as :meth:`create`), not the
+        snapshot's session's.
         """
         kwargs: dict[str, Any] = dict(
             name=name,
@@ -437,6 +466,10 @@ class Client:
             metadata=metadata,
             volumes=volumes,
             max_duration=max_duration,
+            allow_outbound=allow_outbound,
+            allow_inbound=allow_inbound,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
         )
         if wait:
             return self.create_and_wait(**kwargs, timeout=timeout)
@@ -815,6 +848,17 @@ class Session:
     def state(self) -> models.SessionState:
         """The state as last seen; :meth:`refresh` to update."""
         return self._record.state
+
+    @property
+    def egress(self) -> models.SessionEgress:
+        """The egress policy fixed at create: ``outbound``, ``allow_domains``,
+        ``allow_cidrs``."""
+        return self._record.egress
+
+    @property
+    def allow_inbound(self) -> bool:
+        """Whether ports of the session may be exposed (fixed at create)."""
+        return self._record.allow_inbound
 
     @property
     def record(self) -> models.Session:

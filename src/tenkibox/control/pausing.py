@@ -7,10 +7,13 @@ goes back to the host) and writes PAUSED. A failed capture leaves the VM running
 goes back to READY (RUNNING if a process still runs) with the reason, and the failed snapshot is
 released. A resume moves PAUSED -> RESUMING, checking the workspace's quotas and the host's
 capacity in the same transaction (a paused session counts against neither), and starts one task:
-it restores the PAUSE snapshot under the same session id (the guest keeps its identity; its clock
-is set), plugs its volumes in again (they stay attached to it while it is paused; they are not in
-the snapshot), writes READY and releases the snapshot; a failed restore ends the session FAILED (the
-snapshot is kept: it can be restored as a new session, or deleted).
+it restores the PAUSE snapshot under the same session id (the guest keeps its identity and its
+network policy, ``control/network.py``; its clock is set), plugs its volumes in again (they stay
+attached to it while it is paused; they are not in the snapshot), writes READY and releases the
+snapshot; a failed restore ends the session FAILED (the snapshot is kept: it can be restored as
+a new session, or deleted). A session whose policy this host cannot enforce (not root, no
+nftables) is not resumed: ``NetworkPolicyUnsupportedError``, and it stays PAUSED (a resume tried
+again after a restart fails it instead, keeping the snapshot).
 
 The tasks are the session's start task (``SessionControl._starts``): a terminate cancels them
 and finishes the record, and releases the PAUSE snapshot.
@@ -30,6 +33,7 @@ from ..ids import hostname_for
 from ..models import Session, SessionState, SnapshotState
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
+from .network import network_of, refuse_unenforceable
 from .states import LIVE, IllegalTransitionError
 
 if TYPE_CHECKING:
@@ -208,6 +212,10 @@ class PauseControl:
                     why = f" ({row.state_reason})" if row.state_reason else ""
                     raise ConflictError(f"session {session_id} is {row.state}{why}; only a "
                                         "PAUSED session can be resumed")
+                # its policy is enforced again by this host, or it does not run (a server
+                # restarted without root or nftables keeps it PAUSED)
+                refuse_unenforceable(self.host, network_of(row),
+                                     f"session {session_id} cannot be resumed: ")
                 # a paused session counts against nothing: the resume is admitted again
                 check = (admission.host_memory(row.memory_mb, self.host.capacity)
                          if row.workspace_id == SYSTEM else
@@ -235,11 +243,14 @@ class PauseControl:
                 raise SnapshotFailedError(f"no READY PAUSE snapshot to resume from{why}")
             snap = ready[-1]
             manifest = Manifest.from_json(snap.files)
+            net = network_of(self.sessions.row(session_id))
+            # checked by ``resume`` already; again for a resume tried again after a restart
+            refuse_unenforceable(self.host, net)
             if self.host.has_vm(session_id):  # a VM a pause did not stop: fully gone first
                 await self.host.terminate(session_id, [])
             started = await self.host.restore(RestoreSpec(
                 session_id, snap.id, manifest, hostname_for(session_id),
-                keep_identity=True))
+                keep_identity=True, network=net))
             await self.records.update(SessionRow, session_id, when_state=[S.RESUMING],
                                       machine={**started.shape.to_json(), "ram": started.ram},
                                       disk_chain=list(started.layers))

@@ -90,6 +90,7 @@ class ControlPlane:
     async def create_session(self, req: SessionCreate, ws: str) -> Session:
         """A session: booted, restored from a snapshot, or from a template (a restore of its
         latest READY build's golden snapshot)."""
+        self.sessions.network(req)  # a policy this host cannot enforce: refused before anything
         if req.template_id is None:
             if req.snapshot_id is None and not req.cold_boot:
                 golden = await self.golden.find(req)

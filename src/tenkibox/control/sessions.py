@@ -32,6 +32,7 @@ from ..host.api import (
     ExecSpec,
     HostAPI,
     Manifest,
+    NetworkSpec,
     ProcessRef,
     RestoreSpec,
     SnapshotDamagedError,
@@ -46,7 +47,8 @@ from ..models import (
     SessionUpdate,
 )
 from ..store.tables import SessionRow, SnapshotRow
-from . import admission, workdir
+from . import admission, network, workdir
+from .network import network_of
 from .pausing import PauseControl
 from .records import Records
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
@@ -115,6 +117,7 @@ class SessionControl:
             base_image_id=row.base_image_id, snapshot_id=row.snapshot_id,
             env_keys=sorted(row.env or {}), metadata=row.meta or {},
             volumes=self.volumes.attachments(row.id) if row.state not in FINAL else [],
+            **network.answer(network_of(row)),
             created_at=row.created_at, ready_at=row.ready_at, expires_at=row.expires_at,
             terminated_at=row.terminated_at)
 
@@ -141,6 +144,18 @@ class SessionControl:
         return row
 
     # -- create ------------------------------------------------------------------------------
+    def network(self, req: SessionCreate) -> NetworkSpec:
+        """The network a create asks for (``network.asked``), refused with
+        ``NetworkPolicyUnsupportedError`` when this host cannot enforce it."""
+        spec = network.asked(req)
+        network.refuse_unenforceable(self.host, spec)
+        return spec
+
+    @property
+    def network_enforced(self) -> bool:
+        """Whether this host enforces network policies (else only the default policy runs)."""
+        return bool(self.host.network_enforced)
+
     async def create(self, req: SessionCreate, ws: str, *,
                      template_id: str | None = None, golden: str | None = None,
                      system: bool = False, note: str | None = None) -> Session:
@@ -149,7 +164,9 @@ class SessionControl:
         snapshot (``req.snapshot_id``, resolved by ``TemplateControl``), recorded with
         ``template_id``. ``golden``: restore this golden snapshot of the image instead of
         booting (``GoldenControl``), falling back to a boot if that fails. ``system``: a
-        session of the server's own (a golden build): the host's capacity applies, no quota."""
+        session of the server's own (a golden build): the host's capacity applies, no quota.
+        The session's network is its request's (:meth:`network`), never its source's."""
+        net = self.network(req)
         image_id = req.base_image_id or DEFAULT_IMAGE_ID
         snap: SnapshotRow | None = None
         if golden:
@@ -196,7 +213,8 @@ class SessionControl:
             # a restore's artifacts are named before the host reads them (so no GC takes them)
             machine={**manifest.shape.to_json(), "ram": manifest.ram, "state": manifest.state}
             if manifest else None,
-            disk_chain=list(manifest.layers) if manifest else [], created_at=created,
+            disk_chain=list(manifest.layers) if manifest else [], network=net.to_json(),
+            created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None)
         check = (admission.host_memory(row.memory_mb, self.host.capacity) if system
@@ -242,7 +260,7 @@ class SessionControl:
             else:
                 started = await self.host.boot(BootSpec(
                     session_id, row.cpu, row.memory_mb, row.base_image_id,
-                    hostname_for(session_id)))
+                    hostname_for(session_id), network=network_of(row)))
             await self.records.update(
                 SessionRow, session_id, when_state=[S.CREATING],
                 machine={**started.shape.to_json(), "ram": started.ram},
@@ -280,7 +298,8 @@ class SessionControl:
         """Restore ``source_id``; for a golden snapshot (the record names no snapshot), a
         restore that fails is not the user's problem: the golden snapshot becomes FAILED and
         the session boots instead."""
-        spec = RestoreSpec(row.id, source_id, manifest, hostname_for(row.id))
+        spec = RestoreSpec(row.id, source_id, manifest, hostname_for(row.id),
+                           network=network_of(row))
         if row.snapshot_id is not None:
             return await self.host.restore(spec)
         try:
@@ -297,7 +316,8 @@ class SessionControl:
             await self.records.update(SessionRow, row.id, when_state=[S.CREATING],
                                       machine=None, disk_chain=[])
             return await self.host.boot(BootSpec(row.id, row.cpu, row.memory_mb,
-                                                 row.base_image_id, hostname_for(row.id)))
+                                                 row.base_image_id, hostname_for(row.id),
+                                                 network=network_of(row)))
 
     # -- pause and resume ----------------------------------------------------------------------
     async def pause(self, session_id: str, ws: str | None = None, *,

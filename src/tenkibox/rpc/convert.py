@@ -8,6 +8,8 @@ The wire differs from our REST models in a few places, each decided here once:
   separated), which our REST surface shows as they are.
 - Disk: every session has the image's disk (``DISK_SIZE_GB``); a request for another size is
   answered with the size it really has, never silently pretended.
+- Network: ``inbound_enabled`` and ``outbound_enabled`` are the session's policy; ``egress``
+  is set only when the session has an allow-list (unset: no list).
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ def session(s: Session) -> Any:
     msg.cpu_cores = s.cpu
     msg.memory_mb = s.memory_mb
     msg.disk_size_gb = DISK_SIZE_GB
-    msg.inbound_enabled = False  # no inbound path into a guest exists yet
-    msg.outbound_enabled = True
+    msg.inbound_enabled = s.allow_inbound
+    msg.outbound_enabled = s.egress.outbound
+    if s.egress.allow_domains or s.egress.allow_cidrs:  # else unset: no allow-list
+        msg.egress.allow_domains.extend(s.egress.allow_domains)
+        msg.egress.allow_cidrs.extend(s.egress.allow_cidrs)
     meta = dict(s.metadata)
     msg.tags.extend(tags_of(meta))
     meta.pop(TAGS_KEY, None)

@@ -16,6 +16,7 @@ from typing import Any
 import pydantic
 
 from .. import longpoll
+from ..control import egress
 from ..control.keys import Principal
 from ..control.plane import ControlPlane
 from ..errors import ConflictError, PermissionDeniedError, TenkiError, ValidationError
@@ -75,9 +76,10 @@ def page(items: list[Any], size: int, token: str) -> tuple[list[Any], str]:
 #: session is ever stopped for idling). Any other field set is refused, naming it, rather than
 #: ignored: a sandbox must not silently lack what its creator asked for.
 CREATE_FIELDS = frozenset({
-    "owner_id", "owner_type", "allow_inbound", "allow_outbound", "max_duration", "cpu_cores",
-    "memory_mb", "metadata", "env", "name", "volumes", "snapshot_id", "workspace_id",
-    "disk_size_gb", "tags", "wait_ready", "wait_for_runtime", "template_spec_id", "sticky",
+    "owner_id", "owner_type", "allow_inbound", "allow_outbound", "egress", "max_duration",
+    "cpu_cores", "memory_mb", "metadata", "env", "name", "volumes", "snapshot_id",
+    "workspace_id", "disk_size_gb", "tags", "wait_ready", "wait_for_runtime",
+    "template_spec_id", "sticky",
 })
 
 
@@ -85,10 +87,41 @@ def _refuse_unsupported(req: Any) -> None:
     for field, _value in req.ListFields():
         if field.name not in CREATE_FIELDS:
             raise ValidationError("is not supported by this tenki server", field=field.name)
-    if req.HasField("allow_outbound") and not req.allow_outbound:
-        # the SDKs send true by default; turning the network off is issue 14's egress policy
-        raise ValidationError("false is not supported yet: sandboxes here always have "
-                              "outbound access", field="allow_outbound")
+
+
+def network_fields(req: Any, enforced: bool) -> tuple[dict[str, Any], list[str]]:
+    """CreateSession's network fields as our ``SessionCreate`` fields, and warnings.
+
+    - ``egress`` (33): its lists checked by ``control/egress.py`` (INVALID_ARGUMENT naming
+      ``egress.allow_domains.N``). With ``allow_outbound`` false they are ignored, as the
+      SDKs document ("ignored when allow_outbound is false"): no outbound at all is stricter
+      than any list; the answer says so in a warning.
+    - ``allow_inbound`` (3): the SDKs send true unless told otherwise. On a host that cannot
+      enforce network policies (so cannot expose ports) the session is made without inbound,
+      shown as ``inbound_enabled: false`` and said in a warning, instead of refusing every
+      SDK's default create. Anything that would restrict the guest (``allow_outbound`` false,
+      an allow-list) is never dropped: on such a host it is refused (FAILED_PRECONDITION).
+    Unset optional fields take our defaults (outbound on, inbound off)."""
+    fields: dict[str, Any] = {}
+    warnings: list[str] = []
+    outbound = req.allow_outbound if req.HasField("allow_outbound") else True
+    fields["allow_outbound"] = outbound
+    if req.HasField("egress"):
+        domains = egress.domains(list(req.egress.allow_domains), "egress.allow_domains")
+        cidrs = egress.cidrs(list(req.egress.allow_cidrs), "egress.allow_cidrs")
+        if outbound and (domains or cidrs):
+            fields["egress"] = {"allow_domains": domains, "allow_cidrs": cidrs}
+        elif domains or cidrs:
+            warnings.append("egress allow-lists were ignored: allow_outbound is false, so the "
+                            "sandbox opens no outbound connection at all")
+    if req.HasField("allow_inbound") and req.allow_inbound:
+        if enforced:
+            fields["allow_inbound"] = True
+        else:
+            warnings.append("allow_inbound was asked, but this host cannot enforce network "
+                            "policies (the server needs root and nftables): the sandbox has "
+                            "no inbound access (inbound_enabled false)")
+    return fields, warnings
 
 
 class SandboxService:
@@ -155,12 +188,16 @@ class SandboxService:
             fields["max_duration_s"] = req.max_duration.ToTimedelta().total_seconds()
         fields["volumes"] = [model(VolumeMount, volume_id=v.volume_id, path=v.mount_path,
                                    read_only=v.readonly) for v in req.volumes]
+        network, warnings = network_fields(req, self.plane.sessions.network_enforced)
+        fields.update(network)
         body = model(SessionCreate, **fields)
         s = await self.plane.create_session(body, ws)
         if req.wait_ready or req.wait_for_runtime:
             s = await self._settle(s.id, ws, WAIT_MAX_S)
         out = M("CreateSessionResponse")()
         self._route(out, s)
+        for text in warnings:
+            out.warnings.add(message=text)
         if req.HasField("disk_size_gb") and req.disk_size_gb != convert.DISK_SIZE_GB:
             # answered, not refused (the TypeScript SDK asks for 5 by default), and not hidden
             out.warnings.add(message=f"disk_size_gb {req.disk_size_gb} was asked; sessions on "

@@ -18,6 +18,8 @@ TABLE: tuple[tuple[type[e.TenkiError], grpc.StatusCode], ...] = (
     (e.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    # the request is well formed; this server cannot do it as it runs (not root, no nftables)
+    (e.NetworkPolicyUnsupportedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.PayloadTooLargeError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.MethodNotAllowedError, grpc.StatusCode.UNIMPLEMENTED),
