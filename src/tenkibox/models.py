@@ -636,6 +636,10 @@ class HostStatus(_Answer):
     sessions: int
     cpus: int
     accelerator: str
+    network_enforced: bool = Field(
+        default=False, description="whether this host enforces egress policies and exposes "
+        "ports (root and nftables: guest networks in namespaces); otherwise only the default "
+        "policy is accepted")
 
 
 # -- templates ------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         [
             ("host_id", h.host_id),
             ("accelerator", h.accelerator),
+            ("network", "enforced (namespaces, nftables)" if h.network_enforced
+             else "not enforced (default policy only)"),
             ("cpus", str(h.cpus)),
             ("sessions", str(h.sessions)),
             ("memory_total", fmt_mib(h.memory_total_mib)),

@@ -117,7 +117,7 @@ class ControlPlane:
             memory_capacity_mib=cap.memory_capacity_mib,
             memory_promised_mib=sum(r.memory_mb for r in live),
             memory_used_mib=self.host.memory_used_mib(), sessions=len(live), cpus=cap.cpus,
-            accelerator=cap.accelerator)
+            accelerator=cap.accelerator, network_enforced=self.host.network_enforced)
 
     async def stop(self) -> None:
         for task in self._loops:

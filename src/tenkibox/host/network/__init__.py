@@ -35,6 +35,9 @@ class HostNetwork:
         self.enforced = why is None
         if forced == "tap" and why is not None:
             raise links.NetworkError(f"TENKI_NET=tap, but this host cannot: {why}")
+        if why is not None:
+            log.warning("guest networks: the user-mode helper, no egress policy or exposed "
+                        "ports on this host (%s)", why)
         self._nets: dict[str, VMNet] = {}
         self._specs: dict[str, NetworkSpec] = {}
         self._dns = DnsProxy(self._allow)
