@@ -102,7 +102,7 @@ def measure(mode: str, image: Path, args: argparse.Namespace, cleanup: Cleanup) 
     s.files.write("/tmp/download.py", DOWNLOAD.encode())
     rates = []
     for _ in range(3):
-        got, secs = s.exec(["python3", "/tmp/download.py", PUBLIC_A, str(64 << 20)],
+        got, secs = s.exec("python3", "/tmp/download.py", PUBLIC_A, str(64 << 20),
                            timeout=300).check().stdout.split()
         assert int(got) == 64 << 20, got
         rates.append(int(got) / float(secs) / (1 << 20))

@@ -125,7 +125,7 @@ def listed_session(client: Client):  # type: ignore[no-untyped-def]
 
 
 def probe(session, *targets: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    result = session.exec(["python3", "/tmp/probe.py", *targets], timeout=120).check()
+    result = session.exec("python3", "/tmp/probe.py", *targets, timeout=120).check()
     return json.loads(result.stdout)
 
 
@@ -211,7 +211,7 @@ def test_a_clone_carries_no_connection_and_has_its_own_policy(client: Client, op
     s = open_session
     # a connection held open by a guest process across the snapshot
     s.files.write("/tmp/hold.py", HOLD.encode())
-    s.exec(["sh", "-c", f"nohup python3 /tmp/hold.py {PUBLIC_A} >/tmp/hold.out 2>&1 &"]).check()
+    s.exec("sh", "-c", f"nohup python3 /tmp/hold.py {PUBLIC_A} >/tmp/hold.out 2>&1 &").check()
     s.shell("for i in $(seq 100); do grep -q first /tmp/hold.out && break; sleep 0.1; done",
             timeout=60).check()
     snap = s.snapshot(timeout=600)

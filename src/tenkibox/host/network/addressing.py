@@ -17,6 +17,10 @@ from dataclasses import dataclass
 GUEST_IP, GUEST_PREFIX, GATEWAY, DNS = "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
 GUEST_NET = "10.0.2.0/24"
 TAP = "tap0"
+#: the gateway's MAC address, the same in every namespace (and passt's own): a restored guest
+#: keeps its ARP cache, and a gateway address that moved to another MAC would leave it talking
+#: to nobody until the entry went stale
+GATEWAY_MAC = "9a:55:9a:55:9a:55"
 DEFAULT_POOL = "10.201.0.0/16"
 
 

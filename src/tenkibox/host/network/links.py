@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ...errors import InternalError
 from ..api import NetworkSpec
-from .addressing import DNS, GATEWAY, GUEST_PREFIX, TAP, VMNet, pool
+from .addressing import DNS, GATEWAY, GATEWAY_MAC, GUEST_PREFIX, TAP, VMNet, pool
 from .rules import namespace_table, shared_table, vm_table
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def create(net: VMNet, spec: NetworkSpec) -> None:
         f"addr add {net.ns_ip}/30 dev {net.ns_if}",
         f"link set {net.ns_if} up",
         f"tuntap add dev {TAP} mode tap",
+        f"link set {TAP} address {GATEWAY_MAC}",
         f"addr add {GATEWAY}/{GUEST_PREFIX} dev {TAP}",
         f"addr add {DNS}/32 dev {TAP}",
         f"link set {TAP} up",
