@@ -9,6 +9,7 @@ record and on the fake host's VM.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -28,7 +29,7 @@ from support.helpers import eventually
 from support.server import ADMIN_KEY, AUTH, InProcessServer
 from tenki import Sandbox
 
-from tenkibox import Client, errors
+from tenkibox import AsyncClient, Client, PortExposure, errors
 from tenkibox.cli._common import CliState
 from tenkibox.cli.main import cli
 from tenkibox.control.ports import MAX_PER_SESSION
@@ -45,7 +46,11 @@ class Guest:
     """HTTP/1.1 with keep-alive, a thread per connection. ``GET /hold`` answers a head and the
     start of a long body, then holds the connection until the other side goes away
     (``held_closed``); a request with ``Upgrade`` gets 101 and then every byte back upper-cased.
-    Anything else: 200 "guest saw PATH". Every request is recorded (``requests``)."""
+    ``GET /big`` answers ``BIG`` bytes as fast as it may (``sent`` counts them); ``POST /sink``
+    reads nothing of its body until ``drain`` is set. Anything else: 200 "guest saw PATH".
+    Every request is recorded (``requests``)."""
+
+    BIG = 64 << 20
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -53,6 +58,8 @@ class Guest:
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
         self.held_closed = threading.Event()
+        self.sent = 0
+        self.drain = threading.Event()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="stand-in guest").start()
 
@@ -84,8 +91,10 @@ class Guest:
             k, _, v = h.decode("latin-1").partition(":")
             headers.append((k.strip(), v.strip()))
         lower = {k.lower(): v for k, v in headers}
-        body = f.read(int(lower.get("content-length", 0)))
         method, target, _ = line.decode("latin-1").split(" ", 2)
+        if target == "/sink":
+            self.drain.wait(30)
+        body = f.read(int(lower.get("content-length", 0)))
         self.requests.append({"method": method, "target": target, "headers": headers,
                               "body": body, "connection": n})
         if "upgrade" in lower:
@@ -94,6 +103,13 @@ class Guest:
             while data := f.read1(4096):
                 conn.sendall(data.upper())
             return False
+        if target == "/big":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.BIG)
+            chunk = b"x" * 65536
+            for _ in range(self.BIG // len(chunk)):
+                conn.sendall(chunk)
+                self.sent += len(chunk)
+            return True
         if target.startswith("/hold"):
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial")
             try:
@@ -352,6 +368,50 @@ def test_a_websocket_style_upgrade_is_relayed_both_ways(
         assert got == word.upper()
     sock.close()
     assert guest.requests[0]["target"] == "/ws"
+
+
+def test_a_client_that_does_not_read_holds_the_guest_back(
+        inproc: InProcessServer, client: Client, guest: Guest) -> None:
+    """Backpressure: the proxy holds a bounded amount; the rest waits in the guest."""
+    sid = open_session(inproc, client, guest)
+    url = client.expose_port(sid, GUEST_PORT).url
+    sock = raw_connect(url)
+    sock.sendall(f"GET /big?{parts(url)[1]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert read_head(sock).startswith(b"HTTP/1.1 200 OK")
+    time.sleep(1.0)  # the client reads nothing: only socket buffers and the proxy's fill
+    assert guest.sent < Guest.BIG // 2, guest.sent
+    received = 0
+    while received < Guest.BIG - 65536:  # (the head's read took the body's first bytes)
+        chunk = sock.recv(1 << 20)
+        assert chunk
+        received += len(chunk)
+    assert guest.sent == Guest.BIG
+    sock.close()
+
+
+def test_a_guest_that_does_not_read_holds_the_client_back(
+        inproc: InProcessServer, client: Client, guest: Guest) -> None:
+    sid = open_session(inproc, client, guest)
+    url = client.expose_port(sid, GUEST_PORT).url
+    sock = raw_connect(url)
+    sock.sendall(f"POST /sink?{parts(url)[1]} HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Length: {Guest.BIG}\r\n\r\n".encode())
+    sent = 0
+    sock.settimeout(1.0)
+    chunk = b"y" * 65536
+    try:
+        while sent < Guest.BIG:
+            sent += sock.send(chunk)
+    except TimeoutError:
+        pass  # the proxy stopped taking bytes: the guest has not read them
+    assert sent < Guest.BIG // 2, sent
+    guest.drain.set()
+    sock.settimeout(10)
+    while sent < Guest.BIG:
+        sent += sock.send(chunk[:min(len(chunk), Guest.BIG - sent)])
+    assert read_head(sock).startswith(b"HTTP/1.1 200 OK")
+    assert guest.requests[0]["body"] == b"y" * Guest.BIG
+    sock.close()
 
 
 def test_a_guest_port_that_refuses_is_a_502(inproc: InProcessServer, client: Client) -> None:
@@ -631,6 +691,23 @@ def test_expose_and_unexpose_are_audited(inproc: InProcessServer, client: Client
     assert ("exposePort", sid, "ok") in entries and ("unexposePort", sid, "ok") in entries
 
 
+def test_the_async_sdk(inproc: InProcessServer, client: Client, guest: Guest) -> None:
+    sid = open_session(inproc, client, guest)
+
+    async def flow() -> tuple[Any, ...]:
+        async with AsyncClient(endpoint=inproc.url) as ac:
+            s = await ac.get(sid)
+            exposed = await s.expose_port(GUEST_PORT, ttl="10m")
+            listed = await ac.sessions.list_ports(sid)
+            status = (await asyncio.to_thread(httpx.get, exposed.url, timeout=5)).status_code
+            await ac.unexpose_port(sid, GUEST_PORT)
+            return exposed, listed, status, await s.list_ports()
+
+    exposed, listed, status, after = asyncio.run(flow())
+    assert isinstance(exposed, PortExposure) and exposed.expires_at is not None
+    assert listed == [exposed] and status == 200 and after == []
+
+
 # -- the CLI ---------------------------------------------------------------------------------------
 
 
@@ -709,6 +786,11 @@ def test_the_official_sdk_exposes_lists_and_unexposes(wire: InProcessServer,
             sb.expose_port(9300 + _)
         with pytest.raises(sdk_errors.PortLimitExceededError):
             sb.expose_port(9999)
+        audited = {(e.action, e.method, e.object_id, e.outcome)
+                   for e in wire.plane.audit.query(None, limit=100)}
+        assert ("ExposePort", "GRPC", sb.id, "ok") in audited
+        assert ("UnexposePort", "GRPC", sb.id, "ok") in audited
+        assert ("ExposePort", "GRPC", sb.id, "QuotaExceeded") in audited
     finally:
         sb.terminate()
 
