@@ -154,8 +154,12 @@ class PreviewProxy:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve(listener, reader, writer)
 
-        listener.server = await asyncio.start_server(
-            serve, sock=sock, limit=http.HEAD_MAX_BYTES, ssl=self.settings.tls)
+        try:
+            listener.server = await asyncio.start_server(
+                serve, sock=sock, limit=http.HEAD_MAX_BYTES, ssl=self.settings.tls)
+        except BaseException:
+            sock.close()
+            raise
         listener.port = int(sock.getsockname()[1])
         self._listeners[exposure.id] = listener
         log.info("preview of %s port %d listening on %s", exposure.session_id, exposure.port,
@@ -275,6 +279,11 @@ class PreviewProxy:
         except TenkiError as exc:
             await _refuse(writer, 502, f"the sandbox cannot be reached: {_short(exc.message)}")
             return
+        except Exception:
+            log.exception("port_address of %s port %d failed", exposure.session_id,
+                          exposure.port)
+            await _refuse(writer, 502, "the sandbox cannot be reached")
+            return
         try:
             g_reader, g_writer = await asyncio.wait_for(
                 asyncio.open_connection(address[0], address[1], limit=CHUNK_BYTES),
@@ -316,7 +325,7 @@ def _short(text: str, n: int = 200) -> str:
 
 async def _refuse(writer: asyncio.StreamWriter, status: int, text: str,
                   headers: tuple[tuple[str, str], ...] = ()) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
         writer.write(http.answer(status, text, headers=headers))
         await asyncio.wait_for(writer.drain(), 5.0)
 
