@@ -1,12 +1,13 @@
 """Typed, prefixed identifiers: ``ses_``, ``snp_``, ``vol_``, ``img_``, ``prc_``, ``ws_``,
-``key_``."""
+``key_``, ``tpl_``, ``bld_``, ``prt_`` (an exposed port)."""
 
 from __future__ import annotations
 
 import secrets
 
 PREFIXES = {"session": "ses", "snapshot": "snp", "volume": "vol", "image": "img", "process": "prc",
-            "workspace": "ws", "api_key": "key", "template": "tpl", "build": "bld"}
+            "workspace": "ws", "api_key": "key", "template": "tpl", "build": "bld",
+            "port": "prt"}
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 

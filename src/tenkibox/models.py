@@ -383,6 +383,29 @@ class SessionExtend(_Model):
                               "none, so an unbounded session gets one)")
 
 
+PORT_MIN, PORT_MAX = 1, 65535
+
+
+class PortExpose(_Model):
+    port: int = Field(ge=PORT_MIN, le=PORT_MAX, description="the guest's TCP port")
+    ttl_s: Duration | None = Field(
+        default=None, description="seconds until the exposure ends (none: until it is "
+        "unexposed or the session stops running); exposing an exposed port again with a ttl "
+        "moves its expiry")
+
+
+class PortExposure(_Answer):
+    """A port of a session's guest reachable through the server's preview proxy. ``url``
+    carries the port's token (``?tenki_token=``); an API key of the workspace
+    (``Authorization: Bearer tk_...``) also lets a request in."""
+
+    session_id: str
+    port: int
+    url: str
+    expires_at: datetime | None = None
+    created_at: datetime
+
+
 class SnapshotCreate(_Model):
     session_id: Id
     name: Name | None = None

@@ -504,7 +504,13 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(cli, ["serve", "--port", "8080"])
     assert result.exit_code == 0, result.output
     assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None,
-                    "grpc_port": 0, "grpc_advertise": None}
+                    "grpc_port": 0, "grpc_advertise": None, "preview_host": None,
+                    "preview_bind": None}
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--preview-host",
+                                      "box.example.org", "--preview-bind", "10.0.0.5"])
+    assert result.exit_code == 0, result.output
+    assert (seen["host"], seen["preview_host"], seen["preview_bind"]) == (
+        "0.0.0.0", "box.example.org", "10.0.0.5")
     result = CliRunner().invoke(cli, ["serve", "--grpc-port", "-1"])
     assert result.exit_code == 0 and seen["grpc_port"] is None  # no gRPC wire at all
     result = CliRunner().invoke(cli, ["serve", "--grpc-port", "70000"])

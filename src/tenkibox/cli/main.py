@@ -22,6 +22,7 @@ from .admin import admin
 from .apikey import apikey
 from .audit import audit
 from .host import host
+from .port import port
 from .sandbox import sandbox
 from .server import image, serve, server
 from .snapshot import snapshot
@@ -125,6 +126,7 @@ cli.add_command(host)
 sandbox.add_command(snapshot)
 sandbox.add_command(volume)
 sandbox.add_command(template)
+sandbox.add_command(port)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -29,8 +29,14 @@ from . import _common as c
               "-1: none). tenki server status shows it as grpc_endpoint.")
 @click.option("--grpc-advertise", metavar="URL",
               help="The data plane URL told to SDK clients (default: this machine's address).")
+@click.option("--preview-host", metavar="HOST",
+              help="The host written into the preview URLs of exposed ports (default: the "
+              "address clients on this machine reach --preview-bind at).")
+@click.option("--preview-bind", metavar="ADDRESS",
+              help="The address the listeners of exposed ports bind (default: --host).")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grpc_port: int,
-          grpc_advertise: str | None) -> None:
+          grpc_advertise: str | None, preview_host: str | None,
+          preview_bind: str | None) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground).
 
     Every call needs an API key (Authorization: Bearer tk_...). On first start the server
@@ -44,7 +50,8 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grp
             "pip install 'tenkibox[server]'") from exc
 
     run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
-               grpc_port=None if grpc_port < 0 else grpc_port, grpc_advertise=grpc_advertise)
+               grpc_port=None if grpc_port < 0 else grpc_port, grpc_advertise=grpc_advertise,
+               preview_host=preview_host, preview_bind=preview_bind)
 
 
 @click.group("server")

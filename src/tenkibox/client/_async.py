@@ -380,6 +380,30 @@ class AsyncClient:
         body = _core.session_extend(seconds)
         return AsyncSession(self, await self._call(_core.extend_session(session_id, body)))
 
+    # -- exposed ports --------------------------------------------------------------------
+
+    async def expose_port(
+        self, session_id: str, port: int, ttl: float | str | None = None
+    ) -> models.PortExposure:
+        """Make ``port`` of a running session's guest reachable at the returned ``url``
+        (served by the server's preview proxy; the URL's token, or an API key of the
+        workspace, lets requests in). ``ttl``: seconds or a duration such as ``"1h"`` (none:
+        until unexposed or the session stops running). An exposed port is answered as it is
+        (its expiry moved if ``ttl`` is given). ConflictError "inbound access is disabled"
+        for a session created without inbound access; QuotaExceededError past 16 ports.
+        """
+        body = _core.port_expose(port, ttl)
+        return await self._call(_core.expose_port(session_id, body))
+
+    async def list_ports(self, session_id: str) -> builtins.list[models.PortExposure]:
+        """The session's exposed ports."""
+        return await self._call(_core.list_ports(session_id))
+
+    async def unexpose_port(self, session_id: str, port: int) -> None:
+        """Close an exposed port: its URL stops working and live connections are cut
+        (NotFoundError if it is not exposed)."""
+        await self._call(_core.unexpose_port(session_id, port))
+
     # -- snapshots ------------------------------------------------------------------------
 
     async def create_snapshot(
@@ -730,6 +754,9 @@ class AsyncSessions:
     resume = _core.alias(AsyncClient.resume)
     attach_volume = _core.alias(AsyncClient.attach_volume)
     detach_volume = _core.alias(AsyncClient.detach_volume)
+    expose_port = _core.alias(AsyncClient.expose_port)
+    list_ports = _core.alias(AsyncClient.list_ports)
+    unexpose_port = _core.alias(AsyncClient.unexpose_port)
 
 
 class AsyncSnapshots:
@@ -981,6 +1008,18 @@ class AsyncSession:
         body = _core.session_extend(seconds)
         self._record = await self._client._call(_core.extend_session(self.id, body))
         return self
+
+    async def expose_port(self, port: int, ttl: float | str | None = None) -> models.PortExposure:
+        """Expose ``port`` of this session (see :meth:`AsyncClient.expose_port`)."""
+        return await self._client.expose_port(self.id, port, ttl)
+
+    async def list_ports(self) -> builtins.list[models.PortExposure]:
+        """This session's exposed ports."""
+        return await self._client.list_ports(self.id)
+
+    async def unexpose_port(self, port: int) -> None:
+        """Close an exposed port of this session (see :meth:`AsyncClient.unexpose_port`)."""
+        await self._client.unexpose_port(self.id, port)
 
     async def terminate(self) -> AsyncSession:
         """Terminate this session (idempotent); returns ``self`` (record updated)."""

@@ -301,6 +301,22 @@ def session_update(
     return build(models.SessionUpdate, name=name, metadata=_map(metadata, "metadata"))
 
 
+def port_expose(port: int, ttl: float | str | None = None) -> models.PortExpose:
+    """The body of ``POST /v1/sessions/{id}/ports``: the guest port and, optionally, how long
+    it stays exposed (seconds, or a duration such as ``"1h"``)."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise errors.ValidationError(f"expected a port number, got {port!r}", field="port")
+    return build(models.PortExpose, port=port, ttl_s=seconds(ttl, field="ttl"))
+
+
+def guest_port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not (
+            models.PORT_MIN <= port <= models.PORT_MAX):
+        raise errors.ValidationError(
+            f"must be {models.PORT_MIN}..{models.PORT_MAX}, got {port!r}", field="port")
+    return port
+
+
 def session_extend(value: float | str) -> models.SessionExtend:
     """The body of ``POST /v1/sessions/{id}/extend``: seconds, or a duration such as ``"1h"``."""
     if value is None:
@@ -749,6 +765,20 @@ def pause_session(session_id: str) -> Call[models.Session]:
 
 def resume_session(session_id: str) -> Call[models.Session]:
     return Call("POST", f"/v1/sessions/{seg(session_id)}/resume", _model(models.Session))
+
+
+def expose_port(session_id: str, body: models.PortExpose) -> Call[models.PortExposure]:
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/ports", _model(models.PortExposure),
+                json=body.model_dump(mode="json", exclude_unset=True))
+
+
+def list_ports(session_id: str) -> Call[list[models.PortExposure]]:
+    return Call("GET", f"/v1/sessions/{seg(session_id)}/ports",
+                _model_list(models.PortExposure))
+
+
+def unexpose_port(session_id: str, port: int) -> Call[None]:
+    return Call("DELETE", f"/v1/sessions/{seg(session_id)}/ports/{guest_port(port)}", _none)
 
 
 def start_process(session_id: str, body: models.ExecRequest) -> Call[models.ProcessInfo]:

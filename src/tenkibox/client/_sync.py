@@ -373,6 +373,30 @@ class Client:
         body = _core.session_extend(seconds)
         return Session(self, self._call(_core.extend_session(session_id, body)))
 
+    # -- exposed ports --------------------------------------------------------------------
+
+    def expose_port(
+        self, session_id: str, port: int, ttl: float | str | None = None
+    ) -> models.PortExposure:
+        """Make ``port`` of a running session's guest reachable at the returned ``url``
+        (served by the server's preview proxy; the URL's token, or an API key of the
+        workspace, lets requests in). ``ttl``: seconds or a duration such as ``"1h"`` (none:
+        until unexposed or the session stops running). An exposed port is answered as it is
+        (its expiry moved if ``ttl`` is given). ConflictError "inbound access is disabled"
+        for a session created without inbound access; QuotaExceededError past 16 ports.
+        """
+        body = _core.port_expose(port, ttl)
+        return self._call(_core.expose_port(session_id, body))
+
+    def list_ports(self, session_id: str) -> builtins.list[models.PortExposure]:
+        """The session's exposed ports."""
+        return self._call(_core.list_ports(session_id))
+
+    def unexpose_port(self, session_id: str, port: int) -> None:
+        """Close an exposed port: its URL stops working and live connections are cut
+        (NotFoundError if it is not exposed)."""
+        self._call(_core.unexpose_port(session_id, port))
+
     # -- snapshots ------------------------------------------------------------------------
 
     def create_snapshot(
@@ -728,6 +752,9 @@ class Sessions:
     resume = _core.alias(Client.resume)
     attach_volume = _core.alias(Client.attach_volume)
     detach_volume = _core.alias(Client.detach_volume)
+    expose_port = _core.alias(Client.expose_port)
+    list_ports = _core.alias(Client.list_ports)
+    unexpose_port = _core.alias(Client.unexpose_port)
 
 
 class Snapshots:
@@ -970,6 +997,18 @@ class Session:
         body = _core.session_extend(seconds)
         self._record = self._client._call(_core.extend_session(self.id, body))
         return self
+
+    def expose_port(self, port: int, ttl: float | str | None = None) -> models.PortExposure:
+        """Expose ``port`` of this session (see :meth:`Client.expose_port`)."""
+        return self._client.expose_port(self.id, port, ttl)
+
+    def list_ports(self) -> builtins.list[models.PortExposure]:
+        """This session's exposed ports."""
+        return self._client.list_ports(self.id)
+
+    def unexpose_port(self, port: int) -> None:
+        """Close an exposed port of this session (see :meth:`Client.unexpose_port`)."""
+        self._client.unexpose_port(self.id, port)
 
     def terminate(self) -> Session:
         """Terminate this session (idempotent); returns ``self`` (record updated)."""

@@ -122,6 +122,9 @@ class PauseControl:
                 except IllegalTransitionError as exc:
                     raise ConflictError(f"session {session_id} is {exc.current}; only a "
                                         "running session can be paused") from exc
+                # its exposed ports close now (not kept for the resume: it gets new URLs)
+                await self.sessions.ports.close_session(session_id, "the session is being "
+                                                        "paused")
                 self._begin(session_id, self._pause(session_id), "pause")
         if wait:
             error = await self._outcome(session_id, S.PAUSING, "pause")

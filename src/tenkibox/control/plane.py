@@ -15,11 +15,13 @@ import time
 from ..errors import ValidationError
 from ..host.api import HostAPI
 from ..models import HostStatus, Session, SessionCreate
+from ..preview import PreviewProxy, PreviewSettings
 from ..store.db import Store
 from ..store.tables import SessionRow
 from .audit import AuditLog
 from .golden import GoldenControl, enabled
 from .keys import KeyControl
+from .ports import PortControl
 from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
@@ -38,7 +40,10 @@ SCRUB_INTERVAL_S = float(os.environ.get("TENKI_SCRUB_INTERVAL_S", 6 * 3600))
 
 
 class ControlPlane:
-    def __init__(self, store: Store, host: HostAPI) -> None:
+    def __init__(self, store: Store, host: HostAPI, *,
+                 preview: PreviewSettings | None = None) -> None:
+        """``preview``: where the preview proxy of exposed ports listens and what its URLs
+        say (default: loopback)."""
         self.store = store
         self.host = host
         self.records = Records(store)
@@ -47,7 +52,11 @@ class ControlPlane:
         self.audit = AuditLog(self.records)
         self.volumes = VolumeControl(self.records, host)
         self.snapshots = SnapshotControl(self.records, host, self.volumes)
-        self.sessions = SessionControl(self.records, host, self.volumes, self.snapshots)
+        #: the listeners of exposed ports (no socket until ``ports`` opens one)
+        self.preview = PreviewProxy(host, self.keys, preview)
+        self.ports = PortControl(self.records, host, self.preview)
+        self.sessions = SessionControl(self.records, host, self.volumes, self.snapshots,
+                                       self.ports)
         self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
         self.golden = GoldenControl(self.records, self.sessions, self.snapshots)
         self._loops: list[asyncio.Task[None]] = []
@@ -60,6 +69,7 @@ class ControlPlane:
         await self.volumes.recover()
         await self.templates.recover()
         await self.golden.recover()
+        await self.ports.recover()  # after the sessions: only running ones keep their ports
         # nothing is in flight yet: whatever no record references goes now
         await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
@@ -73,6 +83,7 @@ class ControlPlane:
             ticks += 1
             try:
                 await self.sessions.sweep_expired()
+                await self.ports.sweep()
                 await self.snapshots.sweep_expired()
                 if ticks % GC_EVERY_TICKS == 0:
                     await self.snapshots.collect_garbage()
@@ -128,3 +139,4 @@ class ControlPlane:
         await self.templates.shutdown()
         await self.snapshots.shutdown()
         await self.sessions.shutdown()
+        await self.ports.shutdown()

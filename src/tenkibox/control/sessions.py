@@ -5,7 +5,9 @@ the task ends the record READY or FAILED. Terminate wins over that task: it move
 TERMINATING first (compare-and-set, so one terminate acts and the others wait for it), cancels
 the task (the host stops whatever it launched), asks the host to stop the VM, and only then
 writes TERMINATED. Pause and resume are ``pausing.PauseControl``'s (their tasks are start tasks
-here: a terminate cancels them the same way).
+here: a terminate cancels them the same way). A session that stops running (pause, terminate,
+its VM's death) closes its exposed ports (``ports.PortControl.close_session``) right after its
+record left READY/RUNNING.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
 if TYPE_CHECKING:
+    from .ports import PortControl
     from .snapshots import SnapshotControl
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,12 @@ def not_running(row: SessionRow) -> ConflictError:
 
 class SessionControl:
     def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl,
-                 snapshots: SnapshotControl) -> None:
+                 snapshots: SnapshotControl, ports: PortControl) -> None:
         self.records = records
         self.host = host
         self.volumes = volumes
+        #: exposed ports: closed when the session stops running
+        self.ports = ports
         #: pause and resume (they capture and release PAUSE snapshots)
         self.pausing = PauseControl(self, snapshots)
         #: the task bringing a session's VM up or down: its create, pause or resume
@@ -416,6 +421,7 @@ class SessionControl:
         if start is not None and not start.done():
             start.cancel()
             await asyncio.wait({start})
+        await self.ports.close_session(session_id, "the session was terminated")
         await self.host.terminate(session_id, self.volumes.mounts_of(session_id))
         await self.volumes.release_session(session_id)
         await self.pausing.release_all(session_id, "the session was terminated")
@@ -432,6 +438,7 @@ class SessionControl:
                                           state_reason=reason, terminated_at=now())
         except (IllegalTransitionError, TenkiError):
             return
+        await self.ports.close_session(session_id, f"the VM stopped: {reason}")
         await self.volumes.release_session(session_id)
 
     # -- recovery ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydantic
 
@@ -321,6 +322,33 @@ class SandboxService:
     async def ResumeSession(self, req: Any, caller: Principal, ctx: Any) -> Any:
         s = await self.plane.sessions.resume(req.session_id, caller.workspace_id, wait=True)
         return M("ResumeSessionResponse")(session=convert.session(s))
+
+    # -- exposed ports -----------------------------------------------------------------------
+    async def ExposePort(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        """The preview URL of a guest port (``host_address``: the listener's ``host:port``).
+        Slugs and wildcard domains are not served here: a slug is refused, not ignored."""
+        if req.HasField("slug") and req.slug:
+            raise ValidationError("is not supported by this tenki server (previews are served "
+                                  "on a port of their own, with a token)", field="slug")
+        expires_at = req.expires_at.ToDatetime(tzinfo=UTC) if req.HasField("expires_at") \
+            else None
+        exposed = await self.plane.ports.expose(req.session_id, req.port, caller.workspace_id,
+                                                expires_at=expires_at)
+        out = M("ExposePortResponse")(host_address=urlsplit(exposed.url).netloc,
+                                      port=exposed.port, preview_url=exposed.url)
+        convert.stamp(out, "expires_at", exposed.expires_at)
+        return out
+
+    async def UnexposePort(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        await self.plane.ports.unexpose(req.session_id, req.port, caller.workspace_id)
+        return M("UnexposePortResponse")()
+
+    async def ListExposedPorts(self, req: Any, caller: Principal, ctx: Any) -> Any:
+        out = M("ListExposedPortsResponse")()
+        for exposed in self.plane.ports.list(req.session_id, caller.workspace_id):
+            item = out.ports.add(port=exposed.port, preview_url=exposed.url)
+            convert.stamp(item, "expires_at", exposed.expires_at)
+        return out
 
     # -- snapshots ---------------------------------------------------------------------------
     async def CreateSnapshot(self, req: Any, caller: Principal,

@@ -26,6 +26,7 @@ from .._version import __version__
 from ..api.app import create_app
 from ..config import layout as make_layout
 from ..errors import ConflictError, ValidationError
+from ..preview import PreviewSettings, tls_context
 from ..urls import is_loopback, local_url
 from .runtime import ServerRuntime
 
@@ -41,9 +42,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
           database_url: str | None = None, tls_cert: Path | None = None,
           tls_key: Path | None = None, grpc_port: int | None = 0,
-          grpc_advertise: str | None = None) -> None:
+          grpc_advertise: str | None = None, preview_host: str | None = None,
+          preview_bind: str | None = None) -> None:
     """``grpc_port``: where Tenki's gRPC wire listens (0: any free port; None: not at all);
-    ``grpc_advertise``: the data plane URL told to clients (default: the local address)."""
+    ``grpc_advertise``: the data plane URL told to clients (default: the local address).
+    ``preview_bind``: the address the listeners of exposed ports bind (default: ``host``);
+    ``preview_host``: the host their URLs name (default: the local address of that)."""
     if (tls_cert is None) != (tls_key is None):
         raise ValidationError("give both --tls-cert and --tls-key, or neither",
                               field="tls_cert" if tls_cert is None else "tls_key")
@@ -68,13 +72,18 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
-    asyncio.run(_run(layout, sock, host, bound, database_url, tls, grpc_port, grpc_advertise))
+    preview = PreviewSettings(
+        bind=preview_bind or host or "0.0.0.0", public_host=preview_host or None,
+        tls=tls_context(str(tls[0]), str(tls[1])) if tls else None)
+    asyncio.run(_run(layout, sock, host, bound, database_url, tls, grpc_port, grpc_advertise,
+                     preview))
 
 
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
                database_url: str | None, tls: tuple[Path, Path] | None,
-               grpc_port: int | None, grpc_advertise: str | None) -> None:
-    rt = ServerRuntime(layout, database_url=database_url)
+               grpc_port: int | None, grpc_advertise: str | None,
+               preview: PreviewSettings) -> None:
+    rt = ServerRuntime(layout, database_url=database_url, preview=preview)
     await rt.start()
     wire = None
     if grpc_port is not None:
@@ -113,6 +122,8 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
         usable = ", ".join(f"{names.get(w, w)} ({w})" for w in rt.plane.keys.workspaces_with_keys())
         log.info("every call needs an API key; keys of these workspaces can use it: %s; the "
                  "local admin key is in %s", usable or "none", layout.admin_key_file)
+        log.info("exposed ports (tenki sandbox port expose) listen on %s; their URLs name %s",
+                 preview.bind, rt.plane.preview.url_host)
         if not is_loopback(host):
             log.warning("listening on %s, reachable from other machines%s", host,
                         "" if tls else " without TLS (keys travel in clear text: give "

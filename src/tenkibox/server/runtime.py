@@ -9,19 +9,22 @@ from ..config import Layout
 from ..control.plane import ControlPlane
 from ..engine.accel import detect_accel
 from ..host.local import LocalHost
+from ..preview import PreviewSettings
 from ..store.db import Store, open_store
 
 log = logging.getLogger(__name__)
 
 
 class ServerRuntime:
-    def __init__(self, layout: Layout, *, database_url: str | None = None) -> None:
+    def __init__(self, layout: Layout, *, database_url: str | None = None,
+                 preview: PreviewSettings | None = None) -> None:
+        """``preview``: the preview proxy's address and URLs (exposed ports)."""
         self.layout = layout.ensure()
         self.store: Store = open_store(layout.home, database_url)
         self.accel, self.accel_reason = detect_accel(layout.home / "accel.json")
         log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
         self.host = LocalHost(layout, self.accel)
-        self.plane = ControlPlane(self.store, self.host)
+        self.plane = ControlPlane(self.store, self.host, preview=preview)
         #: set when a client asked the server to stop (``POST /v1/server/shutdown``)
         self.stop_requested = asyncio.Event()
 
