@@ -796,7 +796,7 @@ def test_the_official_sdk_exposes_lists_and_unexposes(wire: InProcessServer,
 
 
 def test_the_wire_refuses_inbound_disabled_and_bad_ports(wire: InProcessServer) -> None:
-    sb = Sandbox.create(name="closed")
+    sb = Sandbox.create(name="closed", allow_inbound=False)
     try:
         with pytest.raises(sdk_errors.InboundDisabledError, match="inbound access is disabled"):
             sb.expose_port(8080)
