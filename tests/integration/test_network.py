@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from support.netlab import HOST_SIDE, PRIVATE, PUBLIC_A, PUBLIC_B, NetLab, host_address
 
-from tenkibox import Client
+from tenkibox import Client, errors
 
 #: the server under test resolves through the lab's DNS server
 SERVER_ENV = {"TENKI_DNS_UPSTREAM": f"{PRIVATE}:53"}
@@ -214,9 +216,15 @@ def test_a_clone_carries_no_connection_and_has_its_own_policy(client: Client, op
     s.exec("sh", "-c", f"nohup python3 /tmp/hold.py {PUBLIC_A} >/tmp/hold.out 2>&1 &").check()
     s.shell("for i in $(seq 100); do grep -q first /tmp/hold.out && break; sleep 0.1; done",
             timeout=60).check()
+    _serve_in_guest(s, 8090, "source")
+    exposed = s.expose_port(8090)
     snap = s.snapshot(timeout=600)
     clone = client.create_and_wait(snapshot_id=snap.id, allow_outbound=False, timeout=300)
     try:
+        # exposures are the source's alone
+        assert clone.list_ports() == []
+        assert _get(exposed.url) == (200, "source\n")
+        s.unexpose_port(8090)
         assert clone.record.egress.outbound is False
         assert s.record.egress.outbound is True
         # the clone's copy of the connection is dead: its next line is answered by a reset
@@ -254,3 +262,68 @@ except OSError as exc:
     print("error", type(exc).__name__, flush=True)
 print("done", flush=True)
 '''
+
+
+# -- exposed ports ---------------------------------------------------------------------------------
+def _get(url: str, **headers: str) -> tuple[int, str]:
+    """(status, body) of a GET; (0, reason) when nothing answers."""
+    try:
+        resp = httpx.get(url, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        return 0, type(exc).__name__
+    return resp.status_code, resp.text
+
+
+def _serve_in_guest(session, port: int, text: str) -> None:  # type: ignore[no-untyped-def]
+    session.shell(f"mkdir -p /tmp/www{port} && echo {text} > /tmp/www{port}/index.html && "
+                  f"cd /tmp/www{port} && (nohup python3 -m http.server {port} "
+                  f">/dev/null 2>&1 &) && for i in $(seq 100); do "
+                  f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))'"
+                  " 2>/dev/null && break; sleep 0.1; done", timeout=60).check()
+
+
+def test_exposed_port_needs_its_token_or_the_key(open_session, closed_session,  # type: ignore[no-untyped-def]
+                                                 tenki_server) -> None:
+    from support.server import ADMIN_KEY
+
+    _serve_in_guest(open_session, 8080, "hello-from-the-guest")
+    exposed = open_session.expose_port(8080)
+    assert exposed.port == 8080 and "tenki_token=" in exposed.url
+    assert _get(exposed.url) == (200, "hello-from-the-guest\n")
+    bare = exposed.url.split("?", 1)[0]
+    status, _ = _get(bare)
+    assert status == 401
+    assert _get(bare.replace("/?", "/"), Authorization=f"Bearer {ADMIN_KEY}")[0] == 200
+    assert _get(exposed.url.replace("tenki_token=", "tenki_token=x"))[0] == 401
+    assert [p.port for p in open_session.list_ports()] == [8080]
+    # a session created without inbound cannot expose anything
+    with pytest.raises(errors.ConflictError, match="inbound access is disabled"):
+        closed_session.expose_port(8080)
+    # unexpose: the URL stops working at once
+    open_session.unexpose_port(8080)
+    assert _get(exposed.url)[0] in (0, 404)
+    assert open_session.list_ports() == []
+
+
+def test_an_exposed_port_expires(open_session) -> None:  # type: ignore[no-untyped-def]
+    _serve_in_guest(open_session, 8081, "short-lived")
+    exposed = open_session.expose_port(8081, ttl=3)
+    assert _get(exposed.url) == (200, "short-lived\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _get(exposed.url)[0] == 200:
+        time.sleep(0.5)
+    assert _get(exposed.url)[0] in (0, 404)
+
+
+def test_pause_closes_exposed_ports_and_resume_does_not_reopen_them(open_session) -> None:  # type: ignore[no-untyped-def]
+    # the module's last test: the open session is paused and resumed here
+    _serve_in_guest(open_session, 8082, "before-pause")
+    exposed = open_session.expose_port(8082)
+    assert _get(exposed.url) == (200, "before-pause\n")
+    open_session.pause(timeout=600)
+    assert _get(exposed.url)[0] in (0, 404)
+    open_session.resume(timeout=300)
+    assert open_session.list_ports() == []
+    assert _get(exposed.url)[0] in (0, 404)
+    # exposed again, the guest's server (resumed with it) answers
+    assert _get(open_session.expose_port(8082).url) == (200, "before-pause\n")

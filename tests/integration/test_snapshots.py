@@ -180,7 +180,12 @@ def test_a_restored_session_can_be_snapshotted_and_restored_again(client: Client
         before = int(_sh(first, "cat /tmp/count"))
         time.sleep(1.2)
         assert int(_sh(first, "cat /tmp/count")) > before  # it runs on after the capture
-        second = client.create_and_wait(snapshot_id=again.id, timeout=120)
+        # a second snapshot of the same session stands alone: its newest layer's header still
+        # names the file it was frozen over, in the session's directory, which goes with it
+        later = client.create_snapshot_and_wait(first.id, "second-generation-later",
+                                                timeout=300)
+        first.terminate()
+        second = client.create_and_wait(snapshot_id=later.id, timeout=120)
         try:
             assert second.files.read_text("/root/second.txt") == "from the restored session"
             assert _sh(second, "md5sum /dev/shm/blob") == _sh(second, "cat /root/sum")
@@ -188,6 +193,7 @@ def test_a_restored_session_can_be_snapshotted_and_restored_again(client: Client
             assert _sh(second, "cat /root/d.txt") == "disk-payload"
         finally:
             second.terminate()
+        client.delete_snapshot(later.id)
         client.delete_snapshot(again.id)
     finally:
         first.terminate()

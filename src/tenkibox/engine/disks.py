@@ -25,8 +25,27 @@ def run(argv: list[str], what: str) -> str:
     return proc.stdout
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def virtual_size(image: Path) -> int:
+    """The virtual size in a qcow2 header (bytes 24-31, big-endian), read without opening the
+    image's backing chain."""
+    try:
+        with open(image, "rb") as f:
+            head = f.read(32)
+    except OSError as exc:
+        raise InternalError(f"cannot read the disk layer {image.name}: {exc}") from exc
+    if len(head) < 32 or head[:4] != QCOW2_MAGIC:
+        raise InternalError(f"the disk layer {image.name} is not a qcow2 image")
+    return int.from_bytes(head[24:32], "big")
+
+
 def create_overlay(path: Path, backing: Path) -> Path:
+    """A new qcow2 over ``backing``. The backing chain is not opened (``-u``): a frozen
+    layer's header still names the file it was frozen over (a path in some VM's disk
+    directory, long gone); QEMU is always given the whole chain explicitly (``-blockdev``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(path)],
-        "creating the disk overlay")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), "-u",
+         str(path), str(virtual_size(backing))], "creating the disk overlay")
     return path
