@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -313,6 +315,29 @@ def test_an_exposed_port_expires(open_session) -> None:  # type: ignore[no-untyp
     while time.monotonic() < deadline and _get(exposed.url)[0] == 200:
         time.sleep(0.5)
     assert _get(exposed.url)[0] in (0, 404)
+
+
+def test_networks_survive_a_server_restart_and_strays_are_removed(open_session, listed_session,  # type: ignore[no-untyped-def]
+                                                                   tenki_server) -> None:
+    _serve_in_guest(open_session, 8083, "across-restart")
+    exposed = open_session.expose_port(8083)
+    # what a server killed in the middle of building a network would leave behind
+    stray = "ses_straynetwork0001"
+    subprocess.run(["ip", "netns", "add", f"tenki-{stray}"], check=True)
+    subprocess.run(["nft", "-f", "-"], input=f"table ip tenki_{stray} {{}}\n", text=True,
+                   check=True)
+    tenki_server.kill9()
+    tenki_server.start()
+    assert not Path(f"/run/netns/tenki-{stray}").exists()
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert f"tenki_{stray}" not in tables
+    # the VMs' networks are still there, their DNS forwarders run again, the URL works
+    assert probe(listed_session, "dns:allowed.test", f"tcp:{PUBLIC_B}:8000") == {
+        "dns:allowed.test": [PUBLIC_A], f"tcp:{PUBLIC_B}:8000": "refused"}
+    assert probe(open_session, f"http:{PUBLIC_B}:8000") == {
+        f"http:{PUBLIC_B}:8000": f"svc {PUBLIC_B}"}
+    assert _get(exposed.url) == (200, "across-restart\n")
+    open_session.unexpose_port(8083)
 
 
 def test_pause_closes_exposed_ports_and_resume_does_not_reopen_them(open_session) -> None:  # type: ignore[no-untyped-def]
