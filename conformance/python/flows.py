@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from importlib import metadata
@@ -133,6 +135,35 @@ def flows(client: Client, made: Made) -> None:
         check(r.stdout_text == "hi there\n", f"env: {r.stdout_text!r}")
 
     step("exec: stdout, stderr, exit code, cwd, env", exec_plain)
+
+    def exposed_port() -> str:
+        # a web server in the sandbox, reached through the preview URL (inbound is the SDK's
+        # default): with the URL's token it answers, without it the proxy refuses
+        sb.exec("sh", "-c", "mkdir -p /home/tenki/www && echo hello-preview > "
+                "/home/tenki/www/index.html && cd /home/tenki/www && (setsid python3 -m "
+                "http.server 8080 >/dev/null 2>&1 < /dev/null &) && for i in $(seq 100); do "
+                "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8080))' "
+                "2>/dev/null && exit 0; sleep 0.1; done; exit 1", check=True)
+        exposed = sb.expose_port(8080, ttl=600)
+        check(exposed.port == 8080 and exposed.url.startswith("http"), f"exposed: {exposed}")
+        # straight to the host's proxy, whatever proxy the environment names
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(exposed.url, timeout=30) as resp:
+            body = resp.read()
+        check(body == b"hello-preview\n", f"through the URL: {body!r}")
+        try:
+            direct.open(exposed.url.split("?", 1)[0], timeout=30)
+            raise Failed("the URL without its token answered")
+        except urllib.error.HTTPError as exc:
+            check(exc.code == 401, f"without the token: {exc.code}")
+        listed = [p.port for p in sb.list_exposed_ports()]
+        check(listed == [8080], f"list_exposed_ports: {listed}")
+        sb.unexpose_port(8080)
+        check(sb.list_exposed_ports() == [], "still listed after unexpose_port")
+        return exposed.url.split("?", 1)[0]
+
+    step("expose_port: a web server reached through its URL, 401 without the token",
+         exposed_port)
 
     def exec_stdin() -> None:
         r = sb.exec("cat", input=b"from stdin\n")
