@@ -26,11 +26,16 @@ def home() -> Path:
     return path.expanduser().absolute()
 
 
+def home_tag(home_dir: Path | None = None) -> str:
+    """A short name of a data directory: what names its machine-wide things (run directory,
+    guest network namespaces and tables), so that two servers on one machine never touch
+    each other's."""
+    return hashlib.sha256(str(home_dir or home()).encode()).hexdigest()[:10]
+
+
 def run_dir(home_dir: Path | None = None) -> Path:
-    h = home_dir or home()
-    digest = hashlib.sha256(str(h).encode()).hexdigest()[:10]
     root = Path(os.environ.get(ENV_RUN_ROOT) or "/dev/shm")
-    return root / f"tenki-{digest}"
+    return root / f"tenki-{home_tag(home_dir)}"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def image_layout():
 
 
 def _networks() -> set[str]:
-    """Guest network namespaces and nftables tables (by session id) on this machine."""
+    """Guest network namespaces and nftables tables (named by owner and session) here."""
     spaces = {p.name.removeprefix("tenki-") for p in Path("/run/netns").glob("tenki-*")}
     out = subprocess.run(["nft", "list", "tables", "ip"], capture_output=True, text=True).stdout
     tables = {line.split()[-1].removeprefix("tenki_") for line in out.splitlines()

@@ -24,6 +24,7 @@ import pytest
 from support.netlab import HOST_SIDE, PRIVATE, PUBLIC_A, PUBLIC_B, NetLab, host_address
 
 from tenkibox import Client, errors
+from tenkibox.config import home_tag
 
 #: the server under test resolves through the lab's DNS server
 SERVER_ENV = {"TENKI_DNS_UPSTREAM": f"{PRIVATE}:53"}
@@ -322,15 +323,17 @@ def test_networks_survive_a_server_restart_and_strays_are_removed(open_session, 
     _serve_in_guest(open_session, 8083, "across-restart")
     exposed = open_session.expose_port(8083)
     # what a server killed in the middle of building a network would leave behind
-    stray = "ses_straynetwork0001"
+    tag = home_tag(tenki_server.home)
+    stray = f"{tag}-ses_straynetwork0001"
+    stray_table = f"tenki_{tag}_ses_straynetwork0001"
     subprocess.run(["ip", "netns", "add", f"tenki-{stray}"], check=True)
-    subprocess.run(["nft", "-f", "-"], input=f"table ip tenki_{stray} {{}}\n", text=True,
+    subprocess.run(["nft", "-f", "-"], input=f"table ip {stray_table} {{}}\n", text=True,
                    check=True)
     tenki_server.kill9()
     tenki_server.start()
     assert not Path(f"/run/netns/tenki-{stray}").exists()
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    assert f"tenki_{stray}" not in tables
+    assert stray_table not in tables
     # the VMs' networks are still there, their DNS forwarders run again, the URL works
     assert probe(listed_session, "dns:allowed.test", f"tcp:{PUBLIC_B}:8000") == {
         "dns:allowed.test": [PUBLIC_A], f"tcp:{PUBLIC_B}:8000": "refused"}

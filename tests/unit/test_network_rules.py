@@ -12,15 +12,15 @@ from tenkibox.host.network import rules
 from tenkibox.host.network.addressing import VMNet
 from tenkibox.host.network.dns import addresses_in, name_allowed
 
-NET = VMNet("ses_abc", 5)
+NET = VMNet("0123456789", "ses_abc", 5)
 
 
 def test_addresses_come_from_the_slot() -> None:
     assert (NET.host_ip, NET.ns_ip) == ("10.201.0.21", "10.201.0.22")
     assert (NET.host_if, NET.ns_if, NET.netns, NET.table) == (
-        "tkh5", "tkn5", "tenki-ses_abc", "tenki_ses_abc")
+        "tkh5", "tkn5", "tenki-0123456789-ses_abc", "tenki_0123456789_ses_abc")
     with pytest.raises(ValueError, match="outside the pool"):
-        _ = VMNet("ses_x", 1 << 20).host_ip
+        _ = VMNet("0123456789", "ses_x", 1 << 20).host_ip
 
 
 def test_open_policy_refuses_private_ranges_then_accepts() -> None:
@@ -85,4 +85,4 @@ def test_addresses_of_an_answer() -> None:
                                              "203.0.113.8"))
     assert addresses_in(answer) == ["203.0.113.8", "203.0.113.9"]
     assert rules.allow_elements(NET, ["203.0.113.8"]) == \
-        "add element ip tenki_ses_abc dns4 { 203.0.113.8 }\n"
+        "add element ip tenki_0123456789_ses_abc dns4 { 203.0.113.8 }\n"

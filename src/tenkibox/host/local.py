@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts.store import GC_GRACE_S, LocalArtifactStore
-from ..config import Layout
+from ..config import Layout, home_tag
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError, pid_alive
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
@@ -78,7 +78,7 @@ class LocalHost:
     def __init__(self, layout: Layout, accel: str) -> None:
         self.paths = HostLayout(layout).ensure()
         store = LocalArtifactStore(self.paths.artifacts)
-        self.network = HostNetwork()
+        self.network = HostNetwork(home_tag(layout.home))
         self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel,
                                self.network)
         self.vms: dict[str, VM] = {}
@@ -255,7 +255,8 @@ class LocalHost:
             raise
         await self._follow_qemu_chain(machine, record, disk_dir)
         if record.net is not None:
-            await self.network.adopt(VMNet(session_id, int(record.net["slot"])),
+            await self.network.adopt(VMNet(self.network.owner, session_id,
+                                           int(record.net["slot"])),
                                      NetworkSpec.from_json(record.net.get("spec")))
         shutil.rmtree(self.paths.staging(session_id), ignore_errors=True)
         return VM(record, machine, agent, disk_dir)

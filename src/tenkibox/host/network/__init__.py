@@ -26,8 +26,13 @@ from .rules import allow_elements
 log = logging.getLogger(__name__)
 
 
+#: attempts at a free slot when another server on the machine takes the same one meanwhile
+SLOT_TRIES = 8
+
+
 class HostNetwork:
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         forced = os.environ.get("TENKI_NET", "").strip().lower()
         why = links.why_unavailable() if forced in ("", "tap") else f"TENKI_NET={forced}"
         #: why guest networks are not built here (None: they are)
@@ -49,10 +54,10 @@ class HostNetwork:
             await asyncio.to_thread(links.prepare_host)
             self._prepared = True
 
-    def _free_slot(self) -> int:
-        used = {n.slot for n in self._nets.values()}
+    def _free_slot(self, skip: set[int]) -> int:
+        used = {n.slot for n in self._nets.values()} | skip
         for slot in range(max_slots()):
-            if slot not in used:
+            if slot not in used and not links.slot_taken(slot):
                 return slot
         raise links.NetworkError("no free network slot on this host")
 
@@ -60,13 +65,22 @@ class HostNetwork:
         """The VM's network, ready for QEMU (None where the host builds none)."""
         if not self.enforced:
             return None
-        async with self._lock:  # slots are handed out one at a time
-            await self._prepare()
-            net = VMNet(session_id, self._free_slot())
-            self._nets[session_id] = net
         self._specs[session_id] = spec
+        tried: set[int] = set()
         try:
-            await asyncio.to_thread(links.create, net, spec)
+            while True:
+                async with self._lock:  # this server hands out slots one at a time
+                    await self._prepare()
+                    net = VMNet(self.owner, session_id, self._free_slot(tried))
+                    self._nets[session_id] = net
+                try:
+                    await asyncio.to_thread(links.create, net, spec)
+                    break
+                except links.NetworkError as exc:
+                    # another server on the machine took the slot between look and create
+                    tried.add(net.slot)
+                    if "File exists" not in exc.message or len(tried) >= SLOT_TRIES:
+                        raise
             await self._dns.start(net, spec.egress)
         except BaseException:
             await self.teardown(session_id)
@@ -79,7 +93,7 @@ class HostNetwork:
         net = self._nets.pop(session_id, None)
         self._specs.pop(session_id, None)
         if self.enforced:
-            await asyncio.to_thread(links.remove, net or VMNet(session_id, 0))
+            await asyncio.to_thread(links.remove, net or VMNet(self.owner, session_id, 0))
 
     async def adopt(self, net: VMNet, spec: NetworkSpec) -> None:
         """A VM found again after a server restart: its namespace and tables are still there
@@ -94,11 +108,11 @@ class HostNetwork:
         """Namespaces and tables of ours that no VM of this host owns."""
         if not self.enforced:
             return 0
-        spaces, tables = await asyncio.to_thread(links.ours)
+        spaces, tables = await asyncio.to_thread(links.ours, self.owner)
         strays = sorted({*spaces, *tables} - set(self._nets))
         for session_id in strays:
             log.warning("removing the network of %s: no VM owns it", session_id)
-            await asyncio.to_thread(links.remove_by_session, session_id)
+            await asyncio.to_thread(links.remove_by_session, self.owner, session_id)
         return len(strays)
 
     def port_address(self, session_id: str, port: int) -> tuple[str, int] | None:

@@ -2,9 +2,11 @@
 
 Every guest sees the same private link (10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3, as QEMU's
 user networking would give it), so a restored guest needs no reconfiguration: the link lives in
-a network namespace of its own (``tenki-<session id>``), where QEMU's tap device is. The
-namespace reaches the host through a veth pair on a /30 of the pool (10.201.0.0/16 by default,
-``TENKI_NET_POOL``): ``tkh<slot>`` on the host, ``tkn<slot>`` in the namespace. The host's
+a network namespace of its own (``tenki-<owner>-<session id>``, the owner being the data
+directory's tag, so that two servers on one machine never touch each other's), where QEMU's tap
+device is. The namespace reaches the host through a veth pair on a /30 of the pool
+(10.201.0.0/16 by default, ``TENKI_NET_POOL``): ``tkh<slot>`` on the host, ``tkn<slot>`` in the
+namespace; a slot is free when no interface of that name exists on the machine. The host's
 rules key on the host-side interface, so they know which session a packet comes from.
 """
 
@@ -37,12 +39,13 @@ def max_slots() -> int:
 
 @dataclass(frozen=True)
 class VMNet:
+    owner: str  # the data directory's tag (``config.home_tag``)
     session_id: str
     slot: int
 
     @property
     def netns(self) -> str:
-        return f"tenki-{self.session_id}"
+        return f"tenki-{self.owner}-{self.session_id}"
 
     @property
     def host_if(self) -> str:
@@ -55,7 +58,7 @@ class VMNet:
     @property
     def table(self) -> str:
         """The host's nftables table of this VM (its egress policy and its DNS set)."""
-        return f"tenki_{self.session_id}"
+        return f"tenki_{self.owner}_{self.session_id}"
 
     def _addr(self, offset: int) -> str:
         if not 0 <= self.slot < max_slots():

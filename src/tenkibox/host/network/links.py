@@ -112,21 +112,27 @@ def apply(script: str) -> None:
     _run(["nft", "-f", "-"], script)
 
 
-def ours() -> tuple[list[str], list[str]]:
-    """Session ids that have a namespace here, and session ids that have a host table."""
-    spaces = [p.name.removeprefix("tenki-") for p in NETNS_DIR.glob("tenki-*")] \
+def ours(owner: str) -> tuple[list[str], list[str]]:
+    """Session ids that have a namespace of ``owner`` here, and those that have a host table."""
+    prefix = f"tenki-{owner}-"
+    spaces = [p.name.removeprefix(prefix) for p in NETNS_DIR.glob(f"{prefix}*")] \
         if NETNS_DIR.exists() else []
     tables: list[str] = []
     try:
         for line in _run(["nft", "list", "tables", "ip"]).splitlines():
             name = line.split()[-1] if line.strip() else ""
-            if name.startswith("tenki_"):
-                tables.append(name.removeprefix("tenki_"))
+            if name.startswith(f"tenki_{owner}_"):
+                tables.append(name.removeprefix(f"tenki_{owner}_"))
     except NetworkError as exc:
         log.warning("%s", exc.message)
     return spaces, tables
 
 
-def remove_by_session(session_id: str) -> None:
+def slot_taken(slot: int) -> bool:
+    """Whether the machine has the host-side interface of ``slot`` (any server's)."""
+    return Path(f"/sys/class/net/tkh{slot}").exists()
+
+
+def remove_by_session(owner: str, session_id: str) -> None:
     """A stray's namespace and table, when its slot is unknown."""
-    remove(VMNet(session_id, 0))
+    remove(VMNet(owner, session_id, 0))
