@@ -81,9 +81,10 @@ def measure(mode: str, image: Path, args: argparse.Namespace, cleanup: Cleanup) 
     warm.terminate()
     before = slab_kib()
     sessions = []
+    alive = sessions  # terminated ones leave it; cleanup terminates the rest
     for i in range(args.sessions):
         s = srv.client.create_and_wait(memory_mb=1024, name=f"net-{mode}-{i}", timeout=300)
-        cleanup.push(f"terminate {s.id}", s.terminate)
+        cleanup.push(f"terminate {s.id}", lambda s=s: s.terminate() if s in alive else None)
         sessions.append(s)
     helpers = [p for s in sessions for p in pids_of("passt", "")] if mode == "passt" else []
     helpers = sorted(set(helpers))
@@ -106,8 +107,9 @@ def measure(mode: str, image: Path, args: argparse.Namespace, cleanup: Cleanup) 
     log(f"{mode}: helper {helper_pss:.1f} MiB/session, other {other_mib:.1f} MiB/session, "
         f"helper cpu {helper_cpu:.2f}%/session, server cpu {srv_cpu:.2f}%, "
         f"download {statistics.median(rates):.1f} MiB/s {rates}")
-    for s in sessions:
-        s.terminate()
+    for s in list(sessions):
+        s.terminate()  # the next mode is measured without these
+        alive.remove(s)
     srv.stop()
     return {"helper_mib": helper_pss, "other_mib": other_mib, "helper_cpu": helper_cpu,
             "server_cpu": srv_cpu, "mib_s": statistics.median(rates)}
