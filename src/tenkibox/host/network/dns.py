@@ -88,6 +88,7 @@ class _Resolver:
     udp: asyncio.DatagramTransport | None = None
     tcp: asyncio.Server | None = None
     inflight: int = 0
+    connections: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def answer(self, wire: bytes, *, tcp: bool) -> bytes | None:
@@ -167,8 +168,9 @@ class _Resolver:
 
     async def on_connection(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
-            if len(self.tasks) >= MAX_TCP_CONNECTIONS + MAX_INFLIGHT:
+            if self.connections > MAX_TCP_CONNECTIONS:
                 return
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
@@ -182,6 +184,7 @@ class _Resolver:
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             return
         finally:
+            self.connections -= 1
             writer.close()
 
     def close(self) -> None:
