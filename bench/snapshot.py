@@ -72,8 +72,8 @@ from _common import (
 
 CAPTURE_STEPS = ("pause", "freeze-disk", "device-state", "copy-ram", "resume", "compress-ram",
                  "checksum", "sync")
-RESTORE_STEPS = ("verify", "overlay", "load-ram", "launch", "load-state", "resume", "agent",
-                 "clock", "identity")
+RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "load-state", "resume",
+                 "agent", "clock", "identity")
 
 
 def dirty_command(mb: int) -> str:
