@@ -17,9 +17,12 @@ Format of ``ram.zst``: ``MAGIC``, then a little-endian u64 total size, then fram
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,29 +71,62 @@ def sparse_copy(src: Path, dst: Path) -> int:
     return copied
 
 
-def pack(src: Path, dst: Path, level: int = 1) -> tuple[int, int, str]:
-    """Compress sparse ``src`` into ``dst``; returns (non-zero bytes, stored bytes, sha256)."""
-    comp = zstandard.ZstdCompressor(level=level, threads=-1)
+def _chunks(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of every chunk of the data extents, at most ``CHUNK`` long."""
+    for off, length in data_extents(fd, size):
+        pos = off
+        while pos < off + length:
+            n = min(CHUNK, off + length - pos)
+            yield pos, n
+            pos += n
+
+
+def pack(src: Path, dst: Path, level: int = 1,
+         workers: int | None = None) -> tuple[int, int, str]:
+    """Compress sparse ``src`` into ``dst``; returns (non-zero bytes, stored bytes, sha256).
+
+    Chunks are read and compressed by ``workers`` threads (zstd releases the GIL), a bounded
+    number ahead of the one thread that writes them in offset order and hashes what it writes:
+    a capture's compression uses every core instead of one."""
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    local = threading.local()
     digest = hashlib.sha256()
     raw_total = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
+
+    def compress(fd: int, pos: int, n: int) -> tuple[int, int, bytes | None]:
+        chunk = os.pread(fd, n, pos)
+        if chunk == _ZERO[:n]:
+            return pos, n, None
+        comp = getattr(local, "comp", None)
+        if comp is None:
+            comp = local.comp = zstandard.ZstdCompressor(level=level)
+        return pos, n, comp.compress(chunk)
+
+    with open(src, "rb") as fin, open(dst, "wb") as fout, \
+            concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
+        fd = fin.fileno()
+        size = os.fstat(fd).st_size
 
         def emit(buf: bytes) -> None:
             fout.write(buf)
             digest.update(buf)
 
         emit(MAGIC + SIZE.pack(size))
-        for off, length in data_extents(fin.fileno(), size):
-            pos = off
-            while pos < off + length:
-                n = min(CHUNK, off + length - pos)
-                chunk = os.pread(fin.fileno(), n, pos)
-                if chunk != _ZERO[:n]:
-                    packed = comp.compress(chunk)
-                    emit(FRAME.pack(pos, n, len(packed)) + packed)
-                    raw_total += n
-                pos += n
+        ahead: collections.deque[concurrent.futures.Future[tuple[int, int, bytes | None]]] = \
+            collections.deque()
+        todo = _chunks(fd, size)
+        while True:
+            while len(ahead) < 4 * workers:
+                nxt = next(todo, None)
+                if nxt is None:
+                    break
+                ahead.append(pool.submit(compress, fd, *nxt))
+            if not ahead:
+                break
+            pos, n, packed = ahead.popleft().result()
+            if packed is not None:
+                emit(FRAME.pack(pos, n, len(packed)) + packed)
+                raw_total += n
         emit(FRAME.pack(END, 0, 0))
         fout.flush()
         os.fsync(fout.fileno())
