@@ -12,8 +12,11 @@ import concurrent.futures
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import faultlib as fl
@@ -160,9 +163,30 @@ def test_qemu_killed_under_a_ready_session(server: fl.FaultServer, baseline: str
     fl.assert_settled(server)
 
 
-def test_network_helper_killed_under_a_ready_session(server: fl.FaultServer,
-                                                     baseline: str) -> None:
-    sid = _restore(server, baseline, "passt-victim")
+def test_network_namespace_removed_under_a_ready_session(server: fl.FaultServer,
+                                                         baseline: str) -> None:
+    """The guest network of a VM is its namespace (host/network): removed from outside, the
+    guest has no network left, so the session must not stay READY."""
+    sid = _restore(server, baseline, "netns-victim")
+    [netns] = [p for p in Path("/run/netns").glob(f"tenki-*-{sid}")]
+    qemu = fl.qemu_pids(server, sid)
+    subprocess.run(["ip", "netns", "delete", netns.name], check=True)
+    rec = fl.wait_session_state(server, sid, {"FAILED", "TERMINATED"}, QUICK_S)
+    assert rec["state"] == "FAILED", rec
+    assert "network" in (rec["state_reason"] or ""), rec
+    assert not fl.wait_gone(qemu, QUICK_S), "a FAILED session's QEMU still runs"
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert sid not in tables, "the VM's host table outlived it"
+    fl.assert_settled(server)
+
+
+def test_network_helper_killed_under_a_ready_session(
+        faulty_server: Callable[..., fl.FaultServer]) -> None:
+    """Where a host cannot build namespaces, VMs get the user-mode helper passt; if it dies,
+    the session must not stay READY either (a server of its own, forced to passt)."""
+    server = faulty_server({"TENKI_NET": "passt"}, name="passt")
+    with server.client() as c:
+        sid = c.create_and_wait(name="passt-victim", memory_mb=512, cpu=1, timeout=300).id
     helpers = fl.passt_pids(server, sid)
     assert len(helpers) == 1, [p.line() for p in fl.vm_processes(server)]
     os.kill(helpers[0], signal.SIGKILL)

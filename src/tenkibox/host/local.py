@@ -200,6 +200,8 @@ class LocalHost:
                 reason = f"the VM stopped unexpectedly: {vm.machine.exit_reason()}"
             elif vm.machine.net_pid and not pid_alive(vm.machine.net_pid):
                 reason = "the network helper (passt) of the VM exited; the VM was stopped"
+            elif not self.network.intact(vm.session_id):
+                reason = "the network namespace of the VM was removed; the VM was stopped"
             if reason is not None:
                 log.warning("session %s: %s", vm.session_id, reason)
                 await self._destroy(vm.session_id, vm)

@@ -115,6 +115,11 @@ class HostNetwork:
             await asyncio.to_thread(links.remove_by_session, self.owner, session_id)
         return len(strays)
 
+    def intact(self, session_id: str) -> bool:
+        """False when the VM's namespace is gone under it (its guest has no network left)."""
+        net = self._nets.get(session_id)
+        return net is None or (links.NETNS_DIR / net.netns).exists()
+
     def port_address(self, session_id: str, port: int) -> tuple[str, int] | None:
         """Where the host reaches ``port`` of the guest; None when inbound is off."""
         net, spec = self._nets.get(session_id), self._specs.get(session_id)
