@@ -35,8 +35,6 @@ class HostNetwork:
         self.owner = owner
         forced = os.environ.get("TENKI_NET", "").strip().lower()
         why = links.why_unavailable() if forced in ("", "tap") else f"TENKI_NET={forced}"
-        #: why guest networks are not built here (None: they are)
-        self.unavailable: str | None = why
         self.enforced = why is None
         if forced == "tap" and why is not None:
             raise links.NetworkError(f"TENKI_NET=tap, but this host cannot: {why}")
@@ -112,7 +110,7 @@ class HostNetwork:
         strays = sorted({*spaces, *tables} - set(self._nets))
         for session_id in strays:
             log.warning("removing the network of %s: no VM owns it", session_id)
-            await asyncio.to_thread(links.remove_by_session, self.owner, session_id)
+            await asyncio.to_thread(links.remove, VMNet(self.owner, session_id, 0))
         return len(strays)
 
     def intact(self, session_id: str) -> bool:

@@ -99,6 +99,7 @@ def create(net: VMNet, spec: NetworkSpec) -> None:
 
 
 def remove(net: VMNet) -> None:
+    """The VM's namespace and host table (both named by owner and session: any slot will do)."""
     for argv in (["ip", "netns", "delete", net.netns],
                  ["nft", "delete", "table", "ip", net.table]):
         try:
@@ -132,7 +133,3 @@ def slot_taken(slot: int) -> bool:
     """Whether the machine has the host-side interface of ``slot`` (any server's)."""
     return Path(f"/sys/class/net/tkh{slot}").exists()
 
-
-def remove_by_session(owner: str, session_id: str) -> None:
-    """A stray's namespace and table, when its slot is unknown."""
-    remove(VMNet(owner, session_id, 0))
