@@ -27,6 +27,7 @@ from support.helpers import (
     eventually_async,
     fake_manifest,
     now,
+    seed,
     session_row,
     snapshot_row,
 )
@@ -113,7 +114,7 @@ def test_a_record_from_before_the_policy_shows_the_defaults(client: Client,
                                                             inproc: InProcessServer) -> None:
     row = session_row("READY", workspace_id=inproc.default_workspace)
     assert row.network is None
-    inproc.store.add(row)
+    seed(inproc.store, row)
     got = client.get(row.id).record
     assert got.egress == SessionEgress(outbound=True, allow_domains=[], allow_cidrs=[])
     assert got.allow_inbound is False
@@ -305,12 +306,12 @@ async def test_a_resume_tried_again_after_a_restart_checks_the_policy_too(
     for d in m.digests():
         host.artifacts[d] = time.monotonic()
     ws = "ws_test"
-    store.add(WorkspaceRow(id=ws, name="test", quotas={}, created_at=now(), updated_at=now()))
+    seed(store, WorkspaceRow(id=ws, name="test", quotas={}, created_at=now(), updated_at=now()))
     listed = session_row("RESUMING", workspace_id=ws, network=LISTED.to_json())
     plain = session_row("RESUMING", workspace_id=ws, network=DEFAULT.to_json())
     for row in (listed, plain):
-        store.add(row)
-        store.add(snapshot_row("READY", row.id, manifest=m, type="PAUSE", workspace_id=ws))
+        seed(store, row)
+        seed(store, snapshot_row("READY", row.id, manifest=m, type="PAUSE", workspace_id=ws))
     plane = ControlPlane(store, host)
     await plane.start()
     try:

@@ -23,6 +23,7 @@ from support.helpers import (
     eventually_async,
     fake_manifest,
     now,
+    seed,
     session_row,
     snapshot_row,
     volume_row,
@@ -405,7 +406,7 @@ async def test_recovery_of_pauses_and_resumes_cut_short(tmp_path: Path) -> None:
     for d in m.digests():
         host.artifacts[d] = time.monotonic()
     ws = "ws_test"
-    store.add(WorkspaceRow(id=ws, name="test", quotas={}, created_at=now(), updated_at=now()))
+    seed(store, WorkspaceRow(id=ws, name="test", quotas={}, created_at=now(), updated_at=now()))
     rows = {
         # PAUSING, VM still there (captured or not): runs on
         "vm_left": session_row("PAUSING", workspace_id=ws),
@@ -420,7 +421,7 @@ async def test_recovery_of_pauses_and_resumes_cut_short(tmp_path: Path) -> None:
         "paused": session_row("PAUSED", workspace_id=ws),
     }
     for row in rows.values():
-        store.add(row)
+        seed(store, row)
     host.seed_vm(rows["vm_left"].id)
     snaps = {
         "vm_left": snapshot_row("CREATING", rows["vm_left"].id, type="PAUSE", workspace_id=ws),
@@ -433,12 +434,12 @@ async def test_recovery_of_pauses_and_resumes_cut_short(tmp_path: Path) -> None:
                                workspace_id=ws),
     }
     for snap in snaps.values():
-        store.add(snap)
+        seed(store, snap)
     # volumes: a paused session keeps its own; a session that ends FAILED frees its own
     held = volume_row("IN_USE", rows["paused"].id, "/data", workspace_id=ws)
     freed = volume_row("IN_USE", rows["lost"].id, "/data", workspace_id=ws)
     for vol in (held, freed):
-        store.add(vol)
+        seed(store, vol)
         host.volumes[vol.id] = 1 << 20
     plane = ControlPlane(store, host)
     await plane.start()

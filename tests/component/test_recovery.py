@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.fake_host import FakeHost, image_digest
-from support.helpers import fake_manifest, session_row, snapshot_row, volume_row
+from support.helpers import fake_manifest, seed, session_row, snapshot_row, volume_row
 from support.server import InProcessServer, open_test_store
 
 from tenkibox import Client, errors, steps
@@ -70,7 +70,7 @@ async def test_sessions(store: Store) -> None:
     failed = session_row("FAILED", state_reason="boom")
     for srow in (creating, creating_vm, terminating, terminating_vm, ready, ready_lost, running,
                  running_lost, done, failed):
-        store.add(srow)
+        seed(store, srow)
     for srow in (creating_vm, terminating_vm, ready, running):
         host.seed_vm(srow.id)
     host.strays = 1  # a process of ours no session owns
@@ -114,7 +114,7 @@ async def test_snapshots_and_their_artifacts(store: Store) -> None:
     ready = snapshot_row("READY", manifest=kept)
     failed = snapshot_row("FAILED", state_reason="capture failed: boom")
     for prow in (creating, deleting, ready, failed):
-        store.add(prow)
+        seed(store, prow)
 
     plane = await recovered(store, host)
 
@@ -139,7 +139,7 @@ async def test_volumes(store: Store) -> None:
     live = session_row("READY")
     lost = session_row("READY")
     for srow in (ended, live, lost):
-        store.add(srow)
+        seed(store, srow)
     host.seed_vm(live.id)
     deleting = volume_row("DELETING")
     of_ended = volume_row("IN_USE", ended.id, "/data")
@@ -149,7 +149,7 @@ async def test_volumes(store: Store) -> None:
     free = volume_row("AVAILABLE")
     rows = (deleting, of_ended, of_live, of_lost, of_nobody, free)
     for vrow in rows:
-        store.add(vrow)
+        seed(store, vrow)
         host.volumes[vrow.id] = vrow.size_bytes
     host.volumes["vol_unowned"] = 1 << 20  # a file no record owns
 
@@ -171,9 +171,9 @@ async def test_volumes(store: Store) -> None:
 
 async def test_recovery_is_idempotent(store: Store) -> None:
     host = FakeHost()
-    store.add(session_row("CREATING"))
-    store.add(snapshot_row("CREATING"))
-    store.add(volume_row("DELETING"))
+    seed(store, session_row("CREATING"))
+    seed(store, snapshot_row("CREATING"))
+    seed(store, volume_row("DELETING"))
     first = await recovered(store, host)
     before = {(r.id, r.state, r.state_reason) for r in first.records.all(SessionRow)}
     second = await recovered(store, host)

@@ -1,4 +1,5 @@
-"""Small helpers of the component tests: rows in any state, and waiting for a condition."""
+"""Small helpers of the component tests: rows in any state (and seeding a store with them), and
+waiting for a condition."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, TypeVar
 
 from tenkibox.host.api import MachineShape, Manifest
 from tenkibox.ids import new_id
-from tenkibox.store.tables import SessionRow, SnapshotRow, VolumeRow
+from tenkibox.store.db import Store
+from tenkibox.store.tables import Base, SessionRow, SnapshotRow, VolumeRow
 
 from .fake_host import INITRD, KERNEL, digest, image_digest
 
@@ -19,6 +21,13 @@ T = TypeVar("T")
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def seed(store: Store, *rows: Base) -> None:
+    """Write ``rows`` as they are, in any state, as a crashed server could have left them. Only
+    tests do this: the server writes rows through ``control.records.Records`` alone."""
+    with store.tx() as orm:
+        orm.add_all(rows)
 
 
 def session_row(state: str, **kw: Any) -> SessionRow:

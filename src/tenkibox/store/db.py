@@ -53,8 +53,8 @@ class Store:
         with self._factory() as orm, orm.begin():
             yield orm
 
-    # Reads, and an insert for seeding tests. The server changes rows only through
-    # ``control.records.Records`` (compare-and-set state changes).
+    # Reads only: rows are written by ``control.records.Records`` alone (compare-and-set state
+    # changes); tests seed theirs with ``tests/support/helpers.seed``.
     def get_session(self, sid: str) -> SessionRow | None:
         with self._factory() as orm:
             return orm.get(SessionRow, sid)
@@ -66,10 +66,6 @@ class Store:
     def get_volume(self, vid: str) -> VolumeRow | None:
         with self._factory() as orm:
             return orm.get(VolumeRow, vid)
-
-    def add(self, row: Base) -> None:
-        with self.tx() as orm:
-            orm.add(row)
 
     def all(self, cls: type[Any], *where: Any) -> list[Any]:
         with self._factory() as orm:
