@@ -18,24 +18,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.helpers import session_row, snapshot_row, volume_row
+from support.helpers import build_row, session_row, snapshot_row, volume_row
 from support.server import open_test_store
 
 from tenkibox.control.records import Records
 from tenkibox.control.states import TRANSITIONS, IllegalTransitionError, sources
 from tenkibox.errors import ConflictError, SessionNotFoundError
-from tenkibox.models import SessionState, SnapshotState, VolumeState
+from tenkibox.models import BuildState, SessionState, SnapshotState, VolumeState
 from tenkibox.store.db import Store
-from tenkibox.store.tables import SessionRow, SnapshotRow, VolumeRow
+from tenkibox.store.tables import BuildRow, SessionRow, SnapshotRow, VolumeRow
 
 ROWS: dict[str, Any] = {"session": (SessionRow, session_row),
                         "snapshot": (SnapshotRow, snapshot_row),
-                        "volume": (VolumeRow, volume_row)}
-#: a column each transition may write along with the state (volumes have no state_reason)
-NOTE = {"session": "state_reason", "snapshot": "state_reason", "volume": "name"}
+                        "volume": (VolumeRow, volume_row),
+                        "build": (BuildRow, build_row)}
+#: a column each transition may write along with the state (volumes have no state_reason,
+#: builds say why in ``error``)
+NOTE = {"session": "state_reason", "snapshot": "state_reason", "volume": "name",
+        "build": "error"}
 STATES: dict[str, list[str]] = {"session": [s.value for s in SessionState],
                                 "snapshot": [s.value for s in SnapshotState],
-                                "volume": [s.value for s in VolumeState]}
+                                "volume": [s.value for s in VolumeState],
+                                "build": [s.value for s in BuildState]}
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +137,12 @@ ROUNDS = 30
     ("session", "CREATING", ("READY", "FAILED"), True),  # boot done vs VM died
     ("session", "RUNNING", ("READY", "FAILED"), True),  # process ended vs VM died
     ("session", "RUNNING", ("FAILED", "TERMINATING"), True),  # VM died vs terminate
+    ("session", "READY", ("PAUSING", "TERMINATING"), True),  # pause vs terminate
+    ("session", "PAUSING", ("PAUSED", "TERMINATING"), True),  # pause done vs terminate
     ("snapshot", "READY", ("DELETING", "DELETING"), False),  # two deletes
     ("snapshot", "CREATING", ("READY", "FAILED"), True),  # sealed vs failed
+    ("snapshot", "READY", ("DELETING", "FAILED"), True),  # delete vs found damaged (scrub)
+    ("build", "BUILDING", ("READY", "FAILED"), True),  # golden snapshot READY vs cancelled
     ("volume", "AVAILABLE", ("IN_USE", "DELETING"), False),  # attach vs delete
     ("volume", "AVAILABLE", ("IN_USE", "IN_USE"), False),  # two attaches
     ("volume", "DELETING", ("DELETED", "DELETED"), False),  # two deletes finishing
@@ -194,3 +202,4 @@ async def test_two_concurrent_transitions_in_one_loop(store: Store) -> None:
         won = [g for g in got if isinstance(g, SessionRow)]
         refused = [g for g in got if isinstance(g, IllegalTransitionError)]
         assert len(won) == 1 and len(refused) == 1, got
+

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from tenkibox.host.api import MachineShape, Manifest
 from tenkibox.ids import new_id
 from tenkibox.store.db import Store
-from tenkibox.store.tables import Base, SessionRow, SnapshotRow, VolumeRow
+from tenkibox.store.tables import Base, BuildRow, SessionRow, SnapshotRow, VolumeRow
 
 from .fake_host import INITRD, KERNEL, digest, image_digest
 
@@ -66,6 +66,15 @@ def volume_row(state: str, session_id: str | None = None, path: str | None = Non
         path=path, read_only=0, created_at=now() - timedelta(minutes=1))
     values.update(kw)
     return VolumeRow(**values)
+
+
+def build_row(state: str, template_id: str = "tpl_gone", **kw: Any) -> BuildRow:
+    values: dict[str, Any] = dict(
+        id=new_id("build"), template_id=template_id, workspace_id="ws_default", version=1,
+        state=state, error=None, failed_step=None, log="", session_id=None, snapshot_id=None,
+        created_at=now() - timedelta(minutes=1))
+    values.update(kw)
+    return BuildRow(**values)
 
 
 def eventually(fn: Callable[[], T | None], timeout: float = 5.0, interval: float = 0.01,
