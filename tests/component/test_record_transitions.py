@@ -14,19 +14,23 @@ import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from support.helpers import build_row, session_row, snapshot_row, volume_row
 from support.server import open_test_store
 
+from tenkibox.control.audit import AuditLog
+from tenkibox.control.keys import KeyControl
 from tenkibox.control.records import Records
 from tenkibox.control.states import TRANSITIONS, IllegalTransitionError, sources
 from tenkibox.errors import ConflictError, SessionNotFoundError
 from tenkibox.models import BuildState, SessionState, SnapshotState, VolumeState
 from tenkibox.store.db import Store
-from tenkibox.store.tables import BuildRow, SessionRow, SnapshotRow, VolumeRow
+from tenkibox.store.tables import ApiKeyRow, AuditRow, BuildRow, SessionRow, SnapshotRow, VolumeRow
 
 ROWS: dict[str, Any] = {"session": (SessionRow, session_row),
                         "snapshot": (SnapshotRow, snapshot_row),
@@ -203,3 +207,49 @@ async def test_two_concurrent_transitions_in_one_loop(store: Store) -> None:
         refused = [g for g in got if isinstance(g, IllegalTransitionError)]
         assert len(won) == 1 and len(refused) == 1, got
 
+
+# -- deletes -------------------------------------------------------------------------------------
+
+
+async def test_a_record_with_a_life_cycle_is_deleted_only_once_it_ended(store: Store) -> None:
+    records = Records(store)
+    live, ended = session_row("READY"), session_row("TERMINATED")
+    building, failed = build_row("BUILDING"), build_row("FAILED")
+    for row in (live, ended, building, failed):
+        await records.insert(row)
+    assert await records.remove_where(SessionRow, SessionRow.id.in_([live.id, ended.id])) == 1
+    assert records.find(SessionRow, live.id) is not None
+    assert records.find(SessionRow, ended.id) is None
+    assert not await records.remove(BuildRow, building.id)  # a build in progress stays
+    assert records.get(BuildRow, building.id).state == "BUILDING"
+    assert await records.remove(BuildRow, failed.id)
+    assert records.find(BuildRow, failed.id) is None
+
+
+async def test_audit_prune_deletes_only_what_outlived_the_retention(store: Store) -> None:
+    records = Records(store)
+    audit = AuditLog(records, retention_days=1)
+    tag = f"prune-{id(audit)}"  # the module's store is shared: count this test's entries only
+    for _ in range(2):
+        await audit.record(workspace_id=tag, key_prefix=None, action="old", method="POST",
+                           path="/x", object_id=None, status=200, outcome="ok")
+    await audit.record(workspace_id=tag, key_prefix=None, action="new", method="POST",
+                       path="/x", object_id=None, status=200, outcome="ok")
+    old = [e.id for e in audit.query(tag) if e.action == "old"]
+    with store.tx() as orm:  # two entries written three days ago
+        for entry in orm.scalars(select(AuditRow).where(AuditRow.id.in_(old))):
+            entry.at = datetime.now(UTC) - timedelta(days=3)
+    assert await audit.prune() == 2
+    assert [e.action for e in audit.query(tag)] == ["new"]
+    assert await audit.prune() == 0
+
+
+async def test_a_key_is_revoked_once(store: Store) -> None:
+    records = Records(store)
+    keys = KeyControl(records)
+    row = ApiKeyRow(id="key_revokedonce0000", workspace_id="ws_default", key_hash="h" * 64,
+                    prefix="tk_x", name=None, admin=False, created_at=datetime.now(UTC))
+    await records.insert(row)
+    first = (await keys.revoke(row.id)).revoked_at
+    assert first is not None
+    assert (await keys.revoke(row.id)).revoked_at == first  # the second changes nothing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from ..models import AuditEntry
 from ..store.tables import AuditRow
@@ -48,8 +48,7 @@ class AuditLog:
         with self.records.store.tx() as orm:
             return [to_model(r) for r in orm.scalars(stmt)]
 
-    def prune(self) -> int:
+    async def prune(self) -> int:
+        """Delete the entries older than the retention; how many went."""
         cutoff = datetime.now(UTC) - self.retention
-        with self.records.store.tx() as orm:
-            result = orm.execute(delete(AuditRow).where(AuditRow.at < cutoff))
-            return int(result.rowcount)  # type: ignore[attr-defined]
+        return await self.records.remove_where(AuditRow, AuditRow.at < cutoff, notify=False)

@@ -136,8 +136,9 @@ class KeyControl:
 
     async def revoke(self, key_id: str) -> ApiKey:
         row = self.records.get(ApiKeyRow, key_id)
-        if row.revoked_at is None:
-            await self.records.update(ApiKeyRow, key_id, revoked_at=now())
+        # one-way: only the first of two concurrent revokes writes its time
+        if await self.records.update(ApiKeyRow, key_id, when={"revoked_at": None},
+                                     revoked_at=now()):
             log.info("%s: API key %s… revoked", key_id, row.prefix)
         return to_model(self.records.get(ApiKeyRow, key_id))
 

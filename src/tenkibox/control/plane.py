@@ -88,7 +88,7 @@ class ControlPlane:
                 if ticks % GC_EVERY_TICKS == 0:
                     await self.snapshots.collect_garbage()
                 if ticks % AUDIT_PRUNE_EVERY_TICKS == 1:
-                    self.audit.prune()
+                    await self.audit.prune()
                 if time.monotonic() - last_scrub >= SCRUB_INTERVAL_S:
                     last_scrub = time.monotonic()
                     report = await self.snapshots.verify(repair=True)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session as OrmSession
 
 from ..errors import ConflictError, NotFoundError, QuotaExceededError, ValidationError
@@ -75,11 +75,7 @@ class PortControl:
 
     # -- reads -------------------------------------------------------------------------------
     def _rows(self, *where: Any) -> builtins.list[PortExposureRow]:
-        with self.records.store.tx() as orm:
-            stmt = select(PortExposureRow).order_by(PortExposureRow.port)
-            if where:
-                stmt = stmt.where(*where)
-            return list(orm.scalars(stmt))
+        return sorted(self.records.all(PortExposureRow, *where), key=lambda r: r.port)
 
     def _find(self, session_id: str, port: int) -> PortExposureRow | None:
         rows = self._rows(PortExposureRow.session_id == session_id, PortExposureRow.port == port)
@@ -164,10 +160,7 @@ class PortControl:
         return check
 
     async def _set_expiry(self, row: PortExposureRow, expires_at: datetime) -> None:
-        with self.records.store.tx() as orm:
-            orm.execute(update(PortExposureRow).where(PortExposureRow.id == row.id)
-                        .values(expires_at=expires_at)
-                        .execution_options(synchronize_session=False))
+        await self.records.update(PortExposureRow, row.id, notify=False, expires_at=expires_at)
         row.expires_at = expires_at
         self.proxy.update(_exposure(row))
 
@@ -203,10 +196,9 @@ class PortControl:
     async def _delete(self, rows: builtins.list[PortExposureRow]) -> None:
         if not rows:
             return
-        with self.records.store.tx() as orm:
-            orm.execute(delete(PortExposureRow)
-                        .where(PortExposureRow.id.in_([r.id for r in rows]))
-                        .execution_options(synchronize_session=False))
+        await self.records.remove_where(PortExposureRow,
+                                        PortExposureRow.id.in_([r.id for r in rows]),
+                                        notify=False)
         for r in rows:
             await self.proxy.close(r.id)
 
@@ -253,10 +245,8 @@ class PortControl:
             if port != row.host_port:
                 log.warning("session %s: port %d is exposed on %d now (%s was taken): its URL "
                             "changed", row.session_id, row.port, port, row.host_port)
-                with self.records.store.tx() as orm:
-                    orm.execute(update(PortExposureRow).where(PortExposureRow.id == row.id)
-                                .values(host_port=port)
-                                .execution_options(synchronize_session=False))
+                await self.records.update(PortExposureRow, row.id, notify=False,
+                                          host_port=port)
 
     async def shutdown(self) -> None:
         """The server stops: every listener closes (the records stay for the next start)."""

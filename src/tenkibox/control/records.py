@@ -1,4 +1,5 @@
-"""Reads and writes of records: the one place rows are written.
+"""Reads and writes of records: the one place rows are written (no other module of the server
+runs an INSERT, UPDATE or DELETE).
 
 Every state change is ``transition``: one ``UPDATE … WHERE id = :id AND state IN (:allowed)``
 whose allowed states come from the table in ``states``; zero rows updated means the record was
@@ -28,8 +29,10 @@ from ..errors import (
 from ..store.db import Store
 from ..store.tables import (
     ApiKeyRow,
+    AuditRow,
     Base,
     BuildRow,
+    PortExposureRow,
     SessionRow,
     SnapshotRow,
     TemplateRow,
@@ -39,7 +42,7 @@ from ..store.tables import (
 from .states import TRANSITIONS, IllegalTransitionError, sources
 
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
-            BuildRow)
+            BuildRow, PortExposureRow)
 
 _KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
                                 VolumeRow: "volume", WorkspaceRow: "workspace",
@@ -108,13 +111,25 @@ class Records:
             await self.notify()
 
     async def remove(self, cls: type[R], key: str) -> bool:
-        """Delete a record outright (records without a life cycle: workspaces)."""
-        table: Any = cls
+        """Delete a record outright (see ``remove_where``)."""
+        return await self.remove_where(cls, cls.id == key) == 1
+
+    async def remove_where(self, cls: type[R] | type[AuditRow], *where: Any,
+                           notify: bool = True) -> int:
+        """Delete the records of ``cls`` matching ``where``; returns how many went. Records
+        without a life cycle (workspaces, templates, exposed ports, audit entries) go as they
+        are; one with a state machine only from a final state (a build with its template): it
+        ends by its transitions, never by a delete from the middle of its life."""
+        kind = _KIND.get(cls)
+        if kind in TRANSITIONS:
+            final = sorted(_value(s) for s, tos in TRANSITIONS[kind].items() if not tos)
+            table: Any = cls
+            where = (*where, table.state.in_(final))
         with self.store.tx() as orm:
-            result = orm.execute(delete(cls).where(table.id == key)
+            result = orm.execute(delete(cls).where(*where)
                                  .execution_options(synchronize_session=False))
-            gone = result.rowcount == 1  # type: ignore[attr-defined]
-        if gone:
+            gone = int(result.rowcount)  # type: ignore[attr-defined]
+        if gone and notify:
             await self.notify()
         return gone
 

@@ -45,6 +45,13 @@ Volumes::
 
     AVAILABLE ──attach──> IN_USE ──detach / its session ended──> AVAILABLE
         └──delete──> DELETING ──file removed──> DELETED
+
+No table for API keys or exposed ports: neither has a state column to move. A key is usable,
+revoked or expired, but revoked is one timestamp written once (``KeyControl.revoke``, guarded by
+``revoked_at IS NULL``) and expired is the clock passing ``expires_at``: nothing to move from
+where to where. An exposed port exists or is deleted (unexposed, expired, its session stopped
+running); its expiry is also read from the clock. A table over "active -> revoked" would add a
+column that restates those timestamps, and two writers to keep in step.
 """
 
 from __future__ import annotations
