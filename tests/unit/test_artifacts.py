@@ -111,6 +111,24 @@ def test_put_with_a_given_digest_does_not_hash(store: LocalArtifactStore, tmp_pa
         store.verify(lie, deep=True)
 
 
+def test_ingest_hashes_a_file_again_only_once_it_changed(
+        store: LocalArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image's files are ingested at every boot: hashed once, then known by their stat."""
+    src = write(tmp_path / "base.qcow2", b"disk one")
+    first = store.ingest(src)
+    assert first == sha(b"disk one") and store.has(first)
+
+    def no_hashing(_: Path) -> str:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(digests, "sha256_file", no_hashing)
+    assert store.ingest(src) == first  # unchanged (the link into the store moved its ctime)
+    monkeypatch.undo()
+    src.unlink()  # a rebuilt image: a new file under the same name
+    second = store.ingest(write(src, b"disk two"))
+    assert second == sha(b"disk two") and store.has(second) and store.has(first)
+
+
 def test_put_move_renames_on_the_same_file_system(store: LocalArtifactStore) -> None:
     tmp = store.temp_path()
     assert tmp.parent == store.objects and tmp.name.startswith(".")

@@ -65,18 +65,46 @@ class ArtifactInfo:
 
 
 class ArtifactStore(Protocol):
-    """What the host needs from wherever artifacts are kept."""
+    """What the host needs from wherever artifacts are kept: the host (``host/``) is typed
+    against this, never against ``LocalArtifactStore``.
+
+    Paths in it are local to the host: a remote store (S3) would keep a local cache directory
+    of the artifacts this host uses, fill it on ``local_path``/``verify`` (download, then hash),
+    upload on ``put`` and list the bucket in ``entries``.
+    """
 
     def temp_path(self) -> Path: ...
     def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str: ...
+
+    def ingest(self, src: Path) -> str:
+        """Store ``src``, a local file stored again and again (an image's disk, kernel and
+        initrd), and return its digest; it is hashed again only when it changed since it was
+        last hashed. S3: the same local memo of digests, and an upload only when the bucket
+        lacks the object."""
+        ...
+
     def has(self, digest: str) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
     def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None: ...
     def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]: ...
     def size(self, digest: str) -> int: ...
+
+    def allocated(self, digest: str) -> int:
+        """Bytes the artifact takes in storage (0 if absent): its disk blocks here, what a
+        snapshot's ``stored_bytes`` counts. S3: the object's size (what the bucket bills)."""
+        ...
+
     def delete(self, digest: str) -> int: ...
     def entries(self) -> list[ArtifactInfo]: ...
     def collect(self, referenced: Iterable[str], grace_s: float = GC_GRACE_S) -> int: ...
+
+    def strays(self) -> list[Path]:
+        """Local files of the store that are no artifact: temporaries of puts a crash cut
+        short (nothing of the store is in flight when the host starts, so it removes them then;
+        ``collect`` removes the old ones later). S3: the temporaries of its local cache and
+        staging directory (an interrupted multipart upload is the bucket's lifecycle rule's
+        to abort)."""
+        ...
 
 
 
@@ -160,6 +188,14 @@ class LocalArtifactStore:
         self.keys.remember(dest, digest)
         return digest
 
+    def ingest(self, src: Path) -> str:
+        digest = self.keys.digest(src)
+        if not self.has(digest):
+            self.put(src, digest=digest)
+            # the hard link moved the inode's ctime: the content is the one just hashed
+            self.keys.remember(src, digest)
+        return digest
+
     def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None:
         """Raise ``ArtifactMissing``/``ArtifactCorrupt`` unless the file matches its name.
         ``deep`` re-reads the content even when the file looks unchanged (scrub, admin verify)."""
@@ -225,5 +261,4 @@ class LocalArtifactStore:
         return freed
 
     def strays(self) -> list[Path]:
-        """Files under the store that are not artifacts (a crashed put's temporary)."""
         return [p for p in self.objects.iterdir() if not _valid_digest(p.name)]

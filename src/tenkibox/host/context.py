@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts.store import LocalArtifactStore
+from ..artifacts.store import ArtifactStore
 from ..engine.machine import MachineConfig
 from .api import MachineShape
 from .network import HostNetwork
@@ -16,7 +16,7 @@ from .vm import HostLayout
 @dataclass
 class HostContext:
     layout: HostLayout
-    store: LocalArtifactStore
+    store: ArtifactStore
     ram_cache: RamCache
     accel: str
     network: HostNetwork
@@ -33,19 +33,12 @@ class HostContext:
     def image_artifacts(self, image_id: str) -> tuple[str, str, str, str]:
         """(disk, kernel, initrd) digests of an image, stored (built if missing), + cmdline.
 
-        The image's files are hashed once per change (``VerifiedKeys``) and hard-linked into
+        The image's files are hashed once per change (``ArtifactStore.ingest``) and linked into
         the store, so a rebuilt image never breaks a VM or snapshot that uses the old one."""
         from ..images import builder
 
         builder.ensure_image(self.layout.layout, image_id)
         paths = builder.image_paths(self.layout.layout, image_id)
-        out = []
-        for src in (paths.disk, paths.kernel, paths.initrd):
-            digest = self.store.keys.digest(src)
-            if not self.store.has(digest):
-                self.store.put(src, digest=digest)
-                # the hard link moved the inode's ctime: the content is the one just hashed
-                self.store.keys.remember(src, digest)
-            out.append(digest)
+        out = [self.store.ingest(src) for src in (paths.disk, paths.kernel, paths.initrd)]
         self.image_digests.update(out)
         return out[0], out[1], out[2], builder.BOOT_CMDLINE

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ..artifacts.store import GC_GRACE_S, LocalArtifactStore
+from ..artifacts.store import GC_GRACE_S, ArtifactStore, LocalArtifactStore
 from ..config import Layout, home_tag
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError, pid_alive
@@ -91,7 +91,7 @@ class LocalHost:
         self.capacity = configured("local", accel)
 
     @property
-    def store(self) -> LocalArtifactStore:
+    def store(self) -> ArtifactStore:
         return self.ctx.store
 
     # -- start -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..artifacts import ramfile
 from ..artifacts.digests import stat_key
-from ..artifacts.store import LocalArtifactStore
+from ..artifacts.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def image_content_digest(src: Path) -> str:
 
 
 class RamCache:
-    def __init__(self, root: Path, store: LocalArtifactStore) -> None:
+    def __init__(self, root: Path, store: ArtifactStore) -> None:
         self.root = root
         self.store = store
         self._locks: dict[str, asyncio.Lock] = {}
