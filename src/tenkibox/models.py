@@ -547,6 +547,15 @@ class DamagedSnapshot(_Answer):
     problems: list[str]
 
 
+class UnownedFile(_Answer):
+    """Something stored that no record owns: ``artifact`` (name: its digest), ``temporary``
+    (a crashed write's file; name: its path in the data directory) or ``vm`` (the files of a VM
+    no session holds; name: the session id)."""
+
+    kind: str
+    name: str
+
+
 class StoreReport(_Answer):
     """``tenki admin verify``: every stored artifact re-read against its digest."""
 
@@ -555,7 +564,7 @@ class StoreReport(_Answer):
     damaged: list[DamagedSnapshot] = Field(default_factory=list)
     bad_artifacts: dict[str, str] = Field(default_factory=dict,
                                           description="digest -> what is wrong with it")
-    unowned: list[str] = Field(default_factory=list, description="files no record owns")
+    unowned: list[UnownedFile] = Field(default_factory=list, description="files no record owns")
     repaired: bool = False
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from support.fake_host import FakeHost, image_digest
 from support.helpers import eventually
 from support.server import InProcessServer
 
 from tenkibox import Client, errors
+from tenkibox.cli._common import CliState
+from tenkibox.cli.main import cli
 from tenkibox.host.api import Manifest
 from tenkibox.models import SessionState, SnapshotState
 from tenkibox.store.tables import SnapshotRow
@@ -191,6 +195,24 @@ def test_damaged_artifact_found_by_verify_is_failed(client: Client, inproc: InPr
         "its digest"
     # a FAILED snapshot is deleted like any other
     assert client.delete_snapshot(snap.id).state == P.DELETING
+
+
+def test_verify_names_an_unowned_artifact_by_its_digest(
+        client: Client, inproc: InProcessServer, fake_host: FakeHost, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    stray = "e" * 64
+    fake_host.artifacts[stray] = 0.0  # stored long ago, named by no record
+    report = client.verify_store(repair=False)
+    assert not report.ok
+    assert [(u.kind, u.name) for u in report.unowned] == [("artifact", stray)]
+    monkeypatch.setenv("TENKI_API_ENDPOINT", inproc.url)
+    monkeypatch.setenv("TENKI_HOME", str(tmp_path / "cli-home"))
+    monkeypatch.setenv("TENKI_API_KEY", inproc.api_key)
+    out = CliRunner().invoke(cli, ["admin", "verify"], obj=CliState())
+    assert out.exit_code == 1
+    assert f"unowned artifact: {stray}" in out.output.splitlines()
+    assert client.verify_store(repair=True).ok
+    assert stray not in fake_host.artifacts
 
 
 def test_a_restore_in_progress_keeps_the_artifacts_it_reads(

@@ -59,6 +59,7 @@ from tenkibox.host.api import (
     RestoreSpec,
     SnapshotDamagedError,
     Started,
+    Unowned,
     VMGone,
     VolumeMountSpec,
 )
@@ -783,10 +784,10 @@ class FakeHost:
             del self.artifacts[d]
         return len(gone)
 
-    def unowned_files(self, referenced: set[str]) -> list[str]:
+    def unowned_files(self, referenced: set[str]) -> list[Unowned]:
         keep = referenced | self.referenced_locally()
         now = time.monotonic()
-        return [f"artifact {d}" for d, at in self.artifacts.items()
+        return [Unowned("artifact", d) for d, at in self.artifacts.items()
                 if d not in keep and now - at >= GC_GRACE_S]
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:

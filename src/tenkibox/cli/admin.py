@@ -31,7 +31,8 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
             for problem in d.problems:
                 click.echo(c.escape_text(f"snapshot {d.snapshot_id}: {problem}"
                                          + (" (marked FAILED)" if repair else "")))
-        for path in report.unowned:
-            click.echo(c.escape_text(f"unowned: {path}" + (" (removed)" if repair else "")))
+        for item in report.unowned:
+            click.echo(c.escape_text(f"unowned {item.kind}: {item.name}"
+                                     + (" (removed)" if repair else "")))
     if not report.ok:
         ctx.exit(1)

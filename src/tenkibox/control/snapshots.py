@@ -324,7 +324,8 @@ class SnapshotControl:
             await self.host.collect_garbage(set(self.referenced()), grace_s=0)
             unowned = self.host.unowned_files(set(self.referenced()))
         return {"ok": not bad and not unowned, "checked": len(digests),
-                "damaged": damaged, "bad_artifacts": bad, "unowned": unowned,
+                "damaged": damaged, "bad_artifacts": bad,
+                "unowned": [{"kind": u.kind, "name": u.name} for u in unowned],
                 "repaired": repair}
 
     # -- recovery ----------------------------------------------------------------------------

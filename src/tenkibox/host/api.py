@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..errors import SnapshotFailedError
 from .capacity import HostCapacity
@@ -210,6 +210,17 @@ class Recovered:
     strays_killed: int  # processes of ours that no session owned
 
 
+@dataclass(frozen=True)
+class Unowned:
+    """Something stored on a host that no record owns (``tenki admin verify`` lists it)."""
+
+    #: "artifact": a stored artifact no record references (``name``: its digest);
+    #: "temporary": a file a crashed write left (``name``: its path in the data directory);
+    #: "vm": the run or disk directory of a VM no session holds (``name``: the session id)
+    kind: Literal["artifact", "temporary", "vm"]
+    name: str
+
+
 class HostAPI(Protocol):
     #: what this host may promise (``host.capacity``); the control plane admits by it
     capacity: HostCapacity
@@ -258,5 +269,5 @@ class HostAPI(Protocol):
     # stored artifacts and derived caches
     def referenced_locally(self) -> set[str]: ...
     async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
-    def unowned_files(self, referenced: set[str]) -> list[str]: ...
+    def unowned_files(self, referenced: set[str]) -> list[Unowned]: ...
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]: ...

@@ -38,6 +38,7 @@ from .api import (
     Recovered,
     RestoreSpec,
     Started,
+    Unowned,
     VMGone,
     VolumeMountSpec,
 )
@@ -494,15 +495,19 @@ class LocalHost:
 
         return await asyncio.to_thread(run)
 
-    def unowned_files(self, referenced: set[str]) -> list[str]:
-        """Files of this host that nothing owns (for ``tenki admin verify``)."""
-        out = [str(p) for p in self.store.strays()]
+    def unowned_files(self, referenced: set[str]) -> list[Unowned]:
+        """What this host stores that nothing owns (for ``tenki admin verify``), named without
+        host paths: a temporary by its path in the data directory."""
+        home = self.paths.layout.home
+        out = [Unowned("temporary", str(p.relative_to(home)) if p.is_relative_to(home)
+                       else p.name) for p in self.store.strays()]
         keep = referenced | self.referenced_locally()
         now = time.time()
-        out += [f"artifact {a.digest}" for a in self.store.entries()
+        out += [Unowned("artifact", a.digest) for a in self.store.entries()
                 if a.digest not in keep and now - a.stored_at >= GC_GRACE_S]
-        out += [str(d) for d in self._orphan_dirs(conversions=False)]
-        return out
+        # a VM's run directory (tmpfs) and disk directory are both named by its session
+        vms = sorted({d.name for d in self._orphan_dirs(conversions=False)})
+        return out + [Unowned("vm", name) for name in vms]
 
 
 def _stdin_error(exc: AgentError, process_id: str) -> TenkiError:
