@@ -54,6 +54,7 @@ from tenkibox.host.api import (
     MachineShape,
     Manifest,
     NetworkSpec,
+    ProcessEvent,
     ProcessRef,
     Recovered,
     RestoreSpec,
@@ -721,7 +722,7 @@ class FakeHost:
         return handle
 
     def process_events(self, session_id: str,
-                       process_id: str) -> AsyncGenerator[dict[str, Any], None]:
+                       process_id: str) -> AsyncGenerator[ProcessEvent, None]:
         return self._process(session_id, process_id).stream()
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:

@@ -18,6 +18,7 @@ import pytest
 from tenkibox.engine.agent import AgentClient, AgentError
 from tenkibox.errors import ConflictError
 from tenkibox.guest import agent as guest
+from tenkibox.host.api import ProcessEvent
 from tenkibox.host.processes import (
     BUFFER_BYTES,
     ProcessHandle,
@@ -87,15 +88,11 @@ def numbered(count: int, size: int) -> Iterator[tuple[str, bytes]]:
         yield ("stderr" if i % 3 == 2 else "stdout"), struct.pack(">Q", i) + filler
 
 
-def b64_len(data: str) -> int:
-    return len(data) * 3 // 4 - data[-2:].count("=")
-
-
-async def drain(handle: ProcessHandle) -> tuple[bytes, dict[str, Any]]:
+async def drain(handle: ProcessHandle) -> tuple[bytes, ProcessEvent]:
     out = bytearray()
     async for ev in handle.stream():
-        if ev["type"] in ("stdout", "stderr"):
-            out += base64.b64decode(ev["data"])
+        if ev.type in ("stdout", "stderr"):
+            out += ev.data
         else:
             return bytes(out), ev
     raise AssertionError("stream ended without a final event")
@@ -119,14 +116,14 @@ async def test_500mb_through_a_slow_reader_stays_bounded_and_in_order() -> None:
         held = fake.taken - handle.delivered_bytes
         assert handle.buffered_bytes == held <= bound
         peak = max(peak, held)
-        if ev["type"] == "exit":
-            assert ev == {"type": "exit", "exit_code": 0, "timed_out": False}
+        if ev.type == "exit":
+            assert ev == ProcessEvent("exit", exit_code=0, timed_out=False)
             break
-        seq = struct.unpack(">Q", base64.b64decode(ev["data"][:12])[:8])[0]
+        seq = struct.unpack(">Q", ev.data[:8])[0]
         assert seq == expect
-        assert ev["type"] == ("stderr" if seq % 3 == 2 else "stdout")
+        assert ev.type == ("stderr" if seq % 3 == 2 else "stdout")
         expect += 1
-        delivered += b64_len(ev["data"])
+        delivered += len(ev.data)
         if expect % 16 == 0:
             await asyncio.sleep(0.001)  # slower than the producer
     else:
@@ -147,7 +144,7 @@ async def test_full_buffer_stops_pulling() -> None:
     assert fake.taken == handle.buffered_bytes <= (1 << 20) + size
     assert not fake.finished and not handle.done
     out, ev = await drain(handle)
-    assert len(out) == 200 * size and ev["type"] == "exit"
+    assert len(out) == 200 * size and ev.type == "exit"
 
 
 async def test_late_reader_gets_everything() -> None:
@@ -158,7 +155,7 @@ async def test_late_reader_gets_everything() -> None:
     await asyncio.sleep(0.05)
     out, ev = await drain(handle)
     assert out == b"".join(data for _, data in numbered(40, 1000))
-    assert ev == {"type": "exit", "exit_code": 3, "timed_out": False}
+    assert ev == ProcessEvent("exit", exit_code=3, timed_out=False)
 
 
 async def test_exit_is_known_without_reading_the_output() -> None:
@@ -172,7 +169,7 @@ async def test_exit_is_known_without_reading_the_output() -> None:
     assert table.running("ses_x") == 0
     # The output was not consumed by that: the reader still gets it all.
     out, ev = await drain(handle)
-    assert len(out) == 10_000 and ev["exit_code"] == 5
+    assert len(out) == 10_000 and ev.exit_code == 5
 
 
 async def test_one_reader_only() -> None:
@@ -180,11 +177,11 @@ async def test_one_reader_only() -> None:
     handle = ProcessHandle("ses_x", fake)
     handle.start()
     first = handle.stream()
-    assert (await anext(first))["type"] == "stdout"
+    assert (await anext(first)).type == "stdout"
     with pytest.raises(ConflictError, match="already being read"):
         handle.stream()
     rest = [ev async for ev in first]
-    assert rest[-1]["type"] == "exit" and len(rest) == 50
+    assert rest[-1].type == "exit" and len(rest) == 50
     with pytest.raises(ConflictError, match="read to the end"):
         handle.stream()
 
@@ -200,7 +197,7 @@ async def test_a_reader_that_takes_nothing_lets_the_next_one_in() -> None:
         await reader
     handle.start()
     out, ev = await drain(handle)
-    assert len(out) == 5000 and ev["type"] == "exit"
+    assert len(out) == 5000 and ev.type == "exit"
 
 
 async def test_a_reader_that_leaves_early_frees_the_process() -> None:
@@ -227,11 +224,11 @@ async def test_connection_loss_reports_delivered_bytes() -> None:
     handle.start()
     out, ev = await drain(handle)
     assert len(out) == 3000
-    assert ev["type"] == "error"
-    assert ev["delivered_bytes"] == 3000
-    assert "agent connection closed" in ev["message"]
-    assert "3000 bytes of output were delivered" in ev["message"]
-    assert "lost" in ev["message"]
+    assert ev.type == "error"
+    assert ev.delivered_bytes == 3000
+    assert ev.message is not None and "agent connection closed" in ev.message
+    assert "3000 bytes of output were delivered" in ev.message
+    assert "lost" in ev.message
     with pytest.raises(ProcessLostError):
         await handle.wait_exit()
     assert handle.done and handle.exit_code is None
@@ -245,14 +242,17 @@ async def test_old_agent_losing_output_ends_with_an_error() -> None:
     handle = ProcessHandle("ses_x", fake)
     handle.start()
     events = [ev async for ev in handle.stream()]
-    assert [ev["type"] for ev in events] == ["stdout", "stdout", "error"]
+    assert [ev.type for ev in events] == ["stdout", "stdout", "error"]
     err = events[-1]
     # The prefix up to the gap; then the exact loss: the dropped 5000 and the 4000 after it.
-    assert err["delivered_bytes"] == 2000
-    assert err["lost_bytes"] == 9000
-    assert err["exit_code"] == 0
-    assert "9000 bytes of output were lost" in err["message"]
-    assert "exited with code 0" in err["message"]
+    assert (err.delivered_bytes, err.lost_bytes, err.exit_code) == (2000, 9000, 0)
+    assert err.message is not None and "9000 bytes of output were lost" in err.message
+    assert "exited with code 0" in err.message
+    # on the wire: every field of the loss, the output's bytes in base64
+    assert err.to_json() == {"type": "error", "message": err.message, "delivered_bytes": 2000,
+                             "lost_bytes": 9000, "exit_code": 0, "timed_out": False}
+    assert events[0].to_json() == {"type": "stdout",
+                                   "data": base64.b64encode(events[0].data).decode()}
     assert await handle.wait_exit() == {"exit_code": 0, "timed_out": False}
 
 
@@ -267,10 +267,11 @@ async def test_cancel_ends_the_stream_with_an_error() -> None:
     handle = ProcessHandle("ses_x", fake)
     handle.start()
     stream = handle.stream()
-    assert base64.b64decode((await anext(stream))["data"]) == b"hello"
+    assert (await anext(stream)).data == b"hello"
     await handle.cancel()
     ev = await anext(stream)
-    assert ev["type"] == "error" and "no longer available" in ev["message"]
+    assert ev.type == "error" and ev.message is not None and "no longer available" in ev.message
+    assert set(ev.to_json()) == {"type", "message", "delivered_bytes", "lost_bytes"}
     with pytest.raises(ProcessLostError):
         await handle.wait_exit()
 
@@ -327,10 +328,10 @@ async def test_real_agent_process_is_held_while_nobody_reads(client: AgentClient
     assert gp.popen.poll() is None
     received = 0
     async for ev in handle.stream():
-        if ev["type"] == "exit":
-            assert ev["exit_code"] == 0
+        if ev.type == "exit":
+            assert ev.exit_code == 0
             break
-        received += b64_len(ev["data"])
+        received += len(ev.data)
         assert handle.buffered_bytes <= BUFFER_BYTES + guest.PIPE_READ
     assert received == total
     assert await handle.wait_exit() == {"exit_code": 0, "timed_out": False}

@@ -35,6 +35,7 @@ from ..host.api import (
     HostAPI,
     Manifest,
     NetworkSpec,
+    ProcessEvent,
     ProcessRef,
     RestoreSpec,
     SnapshotDamagedError,
@@ -525,7 +526,7 @@ class SessionControl:
                 pass
 
     def process_events(self, session_id: str, process_id: str,
-                       ws: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+                       ws: str | None = None) -> AsyncGenerator[ProcessEvent, None]:
         self.row(session_id, ws)
         return self.host.process_events(session_id, process_id)
 

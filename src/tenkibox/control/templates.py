@@ -21,7 +21,6 @@ a session or snapshot still needs them: the garbage collector counts references)
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import shlex
@@ -469,19 +468,16 @@ class TemplateControl:
         events = self.sessions.process_events(session_id, ref.process_id)
         try:
             async for ev in events:
-                kind = ev.get("type")
-                if kind in ("stdout", "stderr"):
-                    text = base64.b64decode(ev.get("data") or "").decode(errors="replace")
+                if ev.type in ("stdout", "stderr"):
+                    text = ev.data.decode(errors="replace")
                     if blog is not None:
                         await blog.write(text)
                     elif sum(map(len, out)) < 64 * 1024:
                         out.append(text)
-                elif kind == "exit":
-                    code = ev.get("exit_code")
-                    if ev.get("timed_out"):
-                        code = None
-                elif kind == "error":
-                    raise StepFailed("exec", str(ev.get("message")))
+                elif ev.type == "exit":
+                    code = None if ev.timed_out else ev.exit_code
+                elif ev.type == "error":
+                    raise StepFailed("exec", str(ev.message))
         finally:
             await events.aclose()
         if blog is not None:

@@ -9,6 +9,7 @@ control plane consumes (the host never writes a record).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
@@ -196,6 +197,36 @@ class ProcessRef:
 
 
 @dataclass(frozen=True)
+class ProcessEvent:
+    """One event of a process's output (``HostAPI.process_events``): ``stdout``/``stderr``
+    with ``data``, then exactly one ``exit`` (``exit_code``, ``timed_out``) or ``error`` (the
+    output is no longer available, or some was lost: ``message``, ``delivered_bytes``,
+    ``lost_bytes`` and, when known, ``exit_code`` and ``timed_out``)."""
+
+    type: Literal["stdout", "stderr", "exit", "error"]
+    data: bytes = b""
+    exit_code: int | None = None
+    timed_out: bool = False
+    message: str | None = None
+    delivered_bytes: int | None = None
+    lost_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as a line of ``GET .../events`` says it (``models.ProcessEvent``: output
+        in base64, only the fields of its type)."""
+        if self.type in ("stdout", "stderr"):
+            return {"type": self.type, "data": base64.b64encode(self.data).decode()}
+        if self.type == "exit":
+            return {"type": "exit", "exit_code": self.exit_code, "timed_out": self.timed_out}
+        out: dict[str, Any] = {"type": "error", "message": self.message,
+                               "delivered_bytes": self.delivered_bytes,
+                               "lost_bytes": self.lost_bytes}
+        if self.exit_code is not None:
+            out.update(exit_code=self.exit_code, timed_out=self.timed_out)
+        return out
+
+
+@dataclass(frozen=True)
 class VMGone:
     """A VM stopped without being asked to (QEMU or its network helper died)."""
 
@@ -256,7 +287,7 @@ class HostAPI(Protocol):
     # what runs in a VM
     async def start_process(self, session_id: str, spec: ExecSpec) -> ProcessRef: ...
     def process_events(self, session_id: str,
-                       process_id: str) -> AsyncGenerator[dict[str, Any], None]: ...
+                       process_id: str) -> AsyncGenerator[ProcessEvent, None]: ...
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None: ...
     async def process_close_stdin(self, session_id: str, process_id: str) -> None: ...
     async def process_kill(self, session_id: str, process_id: str, signal: int) -> None: ...

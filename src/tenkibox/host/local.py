@@ -34,6 +34,7 @@ from .api import (
     CaptureSpec,
     ExecSpec,
     NetworkSpec,
+    ProcessEvent,
     ProcessRef,
     Recovered,
     RestoreSpec,
@@ -408,7 +409,7 @@ class LocalHost:
         return proc
 
     def process_events(self, session_id: str,
-                       process_id: str) -> AsyncGenerator[dict[str, Any], None]:
+                       process_id: str) -> AsyncGenerator[ProcessEvent, None]:
         return self._process(session_id, process_id).stream()
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:

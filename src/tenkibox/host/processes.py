@@ -20,10 +20,9 @@ the guest, as a writer does whose reader is slow. Nothing is dropped silently:
   ``error`` event (instead of ``exit``) saying exactly how many bytes were lost, with the exit
   code.
 
-Event dicts of ``stream()``: ``{"type": "stdout"|"stderr", "data": <base64 str>}`` ..., then one
-of ``{"type": "exit", "exit_code": int, "timed_out": bool}`` or ``{"type": "error", "message":
-str, ...}`` (with ``delivered_bytes`` and, when known, ``lost_bytes``, ``exit_code``,
-``timed_out``).
+``stream()`` yields ``host.api.ProcessEvent``: ``stdout``/``stderr`` with the bytes, then one
+``exit`` (``exit_code``, ``timed_out``) or ``error`` (``message``, ``delivered_bytes``,
+``lost_bytes`` and, when known, ``exit_code``, ``timed_out``).
 
 The process's end is known without reading its output: ``wait_exit()`` / ``exit_future``
 (``done`` is true once it resolved). A process whose unread output exceeds the buffers (this
@@ -34,15 +33,15 @@ it has not exited yet.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..errors import ConflictError, InternalError
 from ..ids import new_id
+from .api import ProcessEvent
 
 BUFFER_BYTES = 2 << 20
 KEEP_FINISHED_S = 600.0
@@ -84,7 +83,8 @@ class ProcessHandle:
         self.exit_future: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
         self.exit_future.add_done_callback(self._exited)
-        self._buf: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._buf: collections.deque[tuple[Literal["stdout", "stderr"], bytes]] = (
+            collections.deque())
         self._buffered = 0
         self._end: dict[str, Any] | None = None  # the pump's last word, delivered after _buf
         self._gap = False  # output was lost: deliver the prefix only, then the error
@@ -211,7 +211,7 @@ class ProcessHandle:
 
     # -- the reader -------------------------------------------------------------------------
 
-    def stream(self) -> AsyncGenerator[dict[str, Any], None]:
+    def stream(self) -> AsyncGenerator[ProcessEvent, None]:
         """The process's events, from its first byte, for the one reader there may be.
 
         Raises ``ConflictError`` here (not at the first iteration, so that a route can answer
@@ -229,7 +229,7 @@ class ProcessHandle:
         self._reader = "active"
         return self._stream()
 
-    async def _stream(self) -> AsyncGenerator[dict[str, Any], None]:
+    async def _stream(self) -> AsyncGenerator[ProcessEvent, None]:
         took, finished = False, False
         try:
             while True:
@@ -239,7 +239,7 @@ class ProcessHandle:
                     self.delivered_bytes += len(data)
                     self._room.set()
                     took = True
-                    yield {"type": kind, "data": base64.b64encode(data).decode()}
+                    yield ProcessEvent(kind, data)
                     continue
                 if self._end is not None:
                     took = True
@@ -261,29 +261,26 @@ class ProcessHandle:
                 self._buffered = 0
                 self._room.set()
 
-    def _terminal(self, end: dict[str, Any]) -> dict[str, Any]:
+    def _terminal(self, end: dict[str, Any]) -> ProcessEvent:
         if end["type"] == "exit":
-            return dict(end)
+            return ProcessEvent("exit", exit_code=end["exit_code"], timed_out=end["timed_out"])
         delivered = self.delivered_bytes
         if end["reason"] == "lost":
             code = end["exit_code"]
-            return {
-                "type": "error",
-                "message": (f"{self.lost_bytes} bytes of output were lost: the guest agent has "
-                            "no flow control (an older agent) and the output was not read fast "
-                            f"enough; {delivered} bytes were delivered before the loss; the "
-                            f"process exited with code {code}"),
-                "delivered_bytes": delivered,
-                "lost_bytes": self.lost_bytes,
-                "exit_code": code,
-                "timed_out": end["timed_out"],
-            }
+            return ProcessEvent(
+                "error",
+                message=(f"{self.lost_bytes} bytes of output were lost: the guest agent has "
+                         "no flow control (an older agent) and the output was not read fast "
+                         f"enough; {delivered} bytes were delivered before the loss; the "
+                         f"process exited with code {code}"),
+                delivered_bytes=delivered, lost_bytes=self.lost_bytes, exit_code=code,
+                timed_out=end["timed_out"])
         message = (f"{end['reason']}; {delivered} bytes of output were delivered, any output "
                    "after that is lost")
         if self.lost_bytes:
             message += f" (and {self.lost_bytes} bytes were lost before)"
-        return {"type": "error", "message": message, "delivered_bytes": delivered,
-                "lost_bytes": self.lost_bytes}
+        return ProcessEvent("error", message=message, delivered_bytes=delivered,
+                            lost_bytes=self.lost_bytes)
 
     # -- ending -----------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ time; the unary ReadFile is bounded by the gRPC message size (larger files: Read
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import time
@@ -133,18 +132,17 @@ class DataPlane:
         code: int | None = None
         async for ev in self.plane.sessions.process_events(grant.session_id, ref.process_id,
                                                            grant.workspace_id):
-            kind = ev.get("type")
-            if kind in ("stdout", "stderr"):
-                buf = out if kind == "stdout" else err
-                buf += base64.b64decode(ev.get("data") or "")
+            if ev.type in ("stdout", "stderr"):
+                buf = out if ev.type == "stdout" else err
+                buf += ev.data
                 if len(buf) > limit:
                     await self.plane.sessions.process_kill(grant.session_id, ref.process_id, 9,
                                                            grant.workspace_id)
                     raise PayloadTooLargeError(f"{argv[0]} printed more than {limit} bytes")
-            elif kind == "exit":
-                code = ev.get("exit_code")
-            elif kind == "error":
-                raise TenkiError(str(ev.get("message") or ev.get("reason") or "process lost"))
+            elif ev.type == "exit":
+                code = ev.exit_code
+            elif ev.type == "error":
+                raise TenkiError(ev.message or "process lost")
         if code != 0:
             raise ValidationError(f"{argv[0]} exited {code}: {err.decode(errors='replace')[:300]}")
         return bytes(out)
@@ -217,17 +215,16 @@ class DataPlane:
         finished = False
         try:
             async for ev in sessions.process_events(session_id, pid, ws):
-                kind = ev.get("type")
                 msg = M("SandboxSessionDataPlaneServiceRunResponse")()
-                if kind in ("stdout", "stderr"):
-                    setattr(msg.frame, kind, base64.b64decode(ev.get("data") or ""))
+                if ev.type in ("stdout", "stderr"):
+                    setattr(msg.frame, ev.type, ev.data)
                     yield msg
                     continue
                 finished = True
-                code = ev.get("exit_code")
+                code = ev.exit_code
                 ex = msg.frame.exit
                 ex.duration_ms = int((time.monotonic() - began) * 1000)
-                ex.timed_out = bool(ev.get("timed_out"))
+                ex.timed_out = ev.timed_out
                 if isinstance(code, int) and code < 0:
                     ex.signal = SIGNAL_NAMES.get(-code, f"signal {-code}")
                     ex.exit_code = 128 - code
@@ -237,9 +234,9 @@ class DataPlane:
                         ex.signal = SIGNAL_NAMES.get(code - 128, f"signal {code - 128}")
                 else:
                     ex.exit_code = -1
-                if kind == "error":
+                if ev.type == "error":
                     state = self.plane.sessions.get(session_id, ws).state.value
-                    why = str(ev.get("message") or ev.get("reason") or "process lost")
+                    why = ev.message or "process lost"
                     ex.reason = (f"session_terminated:{why}" if state in ("TERMINATED", "FAILED",
                                                                            "TERMINATING")
                                  else f"output_lost:{why}")

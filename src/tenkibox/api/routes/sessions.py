@@ -122,7 +122,7 @@ async def process_events(session_id: str, process_id: str, plane: Plane,
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for ev in events:
-                yield (json.dumps(ev) + "\n").encode()
+                yield (json.dumps(ev.to_json()) + "\n").encode()
         finally:
             await events.aclose()  # a client that went away is noticed at once
 
