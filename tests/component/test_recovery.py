@@ -181,6 +181,29 @@ async def test_recovery_is_idempotent(store: Store) -> None:
     assert_all_steady(second)
 
 
+async def test_a_vm_whose_session_is_over_is_stopped(store: Store) -> None:
+    """Between restarts too (the sweeper, every GC period): the host runs no VM of a session
+    that ended, whatever write or host call failed half-way to leave it."""
+    host = FakeHost()
+    ended, failed = session_row("TERMINATED"), session_row("FAILED", state_reason="boom")
+    creating, ready = session_row("CREATING"), session_row("READY")
+    terminating = session_row("TERMINATING")  # its terminate is under way: not this one's
+    seed(store, ended, failed, creating, ready, terminating)
+    for srow in (ended, failed, creating, ready, terminating):
+        host.seed_vm(srow.id)
+    host.seed_vm("ses_norecord0000000")
+    plane = ControlPlane(store, host)  # not started: recovery would stop them first
+    host.fail_next("terminate", errors.InternalError("qmp: no answer"))  # the first one tried
+
+    first = await plane.sessions.stop_unowned_vms()
+    second = await plane.sessions.stop_unowned_vms()
+
+    unowned = sorted([ended.id, failed.id, "ses_norecord0000000"])
+    assert sorted(first + second) == unowned and len(first) == 2 and second == [unowned[0]]
+    assert set(host.vms) == {creating.id, ready.id, terminating.id}
+    assert plane.records.get(SessionRow, failed.id).state_reason == "boom"  # records untouched
+
+
 # -- real operations cut short ------------------------------------------------------------------
 
 

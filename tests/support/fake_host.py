@@ -630,6 +630,9 @@ class FakeHost:
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
 
+    def list_vms(self) -> list[str]:
+        return sorted(self.vms)
+
     # -- HostAPI: network -----------------------------------------------------------------------
     #: this fake enforces nothing, but says it can (as a root host with nftables would)
     network_enforced = True

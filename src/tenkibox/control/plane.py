@@ -86,6 +86,7 @@ class ControlPlane:
                 await self.ports.sweep()
                 await self.snapshots.sweep_expired()
                 if ticks % GC_EVERY_TICKS == 0:
+                    await self.sessions.stop_unowned_vms()
                     await self.snapshots.collect_garbage()
                 if ticks % AUDIT_PRUNE_EVERY_TICKS == 1:
                     await self.audit.prune()

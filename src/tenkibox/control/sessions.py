@@ -480,6 +480,27 @@ class SessionControl:
         if found.strays_killed:
             log.warning("killed %d processes that no session owned", found.strays_killed)
 
+    async def stop_unowned_vms(self) -> list[str]:
+        """Stop every VM of the host whose session is over: a session ends only after its VM
+        stopped, so such a VM outlived a write or a host call that failed half-way, and would
+        hold its memory until the next restart (recovery stops it then; this, every GC
+        period). Returns the sessions whose VM was stopped."""
+        stopped = []
+        for session_id in self.host.list_vms():
+            row = self.records.find(SessionRow, session_id)
+            # a record is inserted before its VM starts: none means it was removed under it
+            if row is not None and row.state not in FINAL:
+                continue
+            log.warning("session %s: its VM runs but the session is %s; stopping the VM",
+                        session_id, row.state if row is not None else "gone")
+            try:
+                await self.host.terminate(session_id, [])
+            except Exception as exc:  # the next period tries again
+                log.warning("session %s: stopping its VM failed: %s", session_id, exc)
+                continue
+            stopped.append(session_id)
+        return stopped
+
     async def follow_host(self) -> None:
         """Consume the host's reports of VMs that died (runs for the server's life)."""
         async for gone in self.host.watch():

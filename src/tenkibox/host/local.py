@@ -168,6 +168,9 @@ class LocalHost:
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
 
+    def list_vms(self) -> list[str]:
+        return sorted(self.vms)
+
     # -- network -----------------------------------------------------------------------------
     @property
     def network_enforced(self) -> bool:
