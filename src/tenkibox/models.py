@@ -523,7 +523,7 @@ class Volume(_Answer):
 class ServerInfo(_Answer):
     version: str
     pid: int
-    home: str
+    home: str | None = None  # the data directory: to admin keys only
     accelerator: str
     grpc_endpoint: str | None = Field(
         default=None, description="Tenki's gRPC wire (the official SDKs' TENKI_API_ENDPOINT)")

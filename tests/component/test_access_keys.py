@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
+from support.fake_host import FakeHost
 from support.server import ADMIN_KEY, InProcessServer
 
 from tenkibox import Client, errors
@@ -287,6 +288,18 @@ def test_admin_only_call_with_a_workspace_key_is_403(inproc: InProcessServer,
     assert [{**k, "last_used_at": None} for k in after] == \
         [{**k, "last_used_at": None} for k in keys_before]
     ok(admin.get("/v1/health"))
+
+
+def test_health_names_the_data_directory_to_admin_keys_only(
+        inproc: InProcessServer, admin: httpx.Client, fake_host: FakeHost) -> None:
+    assert ok(admin.get("/v1/health"))["home"] == str(inproc.home)
+    _ws, created = new_workspace(admin, "no-host-paths")
+    with http(inproc, created["key"]) as c:
+        info = ok(c.get("/v1/health"))
+        assert info["home"] is None and info["version"] and info["accelerator"] == "tcg"
+        # the images are the host's, through the control plane (any key may list them)
+        fake_host.images.add("python")
+        assert [i["id"] for i in ok(c.get("/v1/images"))] == ["python", "sandbox"]
 
 
 SDK_ADMIN_CALLS = {

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from tenkibox.artifacts.store import GC_GRACE_S
@@ -66,6 +67,7 @@ from tenkibox.host.api import (
 )
 from tenkibox.host.capacity import HostCapacity
 from tenkibox.host.processes import ProcessHandle, ProcessLostError, ProcessTable
+from tenkibox.models import Image
 
 #: Operations that ``fail_next`` and ``block`` accept.
 OPERATIONS = frozenset({
@@ -393,7 +395,9 @@ class FakeHost:
         self.artifacts: dict[str, float] = {}  # digest -> monotonic time stored
         self.corrupt: set[str] = set()  # digests that verification reports damaged
         self.saved: dict[str, SavedState] = {}  # manifest.state -> what a restore gets
-        self.image_ids: set[str] = set()
+        self.image_ids: set[str] = set()  # the images booted
+        #: the images built on this host (``list_images``)
+        self.images: set[str] = {"sandbox"}
         self.programs: dict[str, Program] = builtin_programs()
         self.processes = ProcessTable()
         self.calls: list[tuple[str, str]] = []
@@ -647,6 +651,10 @@ class FakeHost:
 
     async def image_digest(self, image_id: str) -> str:
         return image_digest(image_id)
+
+    async def list_images(self) -> list[Image]:
+        return [Image(id=i, size_bytes=268 << 20, created_at=datetime(2026, 1, 1, tzinfo=UTC))
+                for i in sorted(self.images)]
 
     def memory_used_mib(self) -> int:
         """A fake guest holds a quarter of its memory (an idle guest touches little)."""

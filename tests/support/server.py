@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import shutil
 import socket
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -151,17 +149,6 @@ def write_admin_key(layout: Layout, key: str) -> None:
     path = layout.admin_key_file
     path.write_text(key + "\n")
     path.chmod(0o600)
-
-
-def write_fake_image(home: Path, image_id: str = "sandbox") -> None:
-    """An image directory that ``images.builder.list_images`` accepts (empty files)."""
-    d = Layout(home).image_dir(image_id)
-    d.mkdir(parents=True, exist_ok=True)
-    for name in ("base.qcow2", "vmlinuz", "initrd.img"):
-        (d / name).touch()
-    (d / "image.json").write_text(json.dumps({
-        "id": image_id, "size_bytes": 268 << 20, "packages": [],
-        "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat()}))
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -342,8 +329,7 @@ class InProcessServer:
             await self._close()
 
     async def _open(self) -> None:
-        for image_id in self.images:
-            write_fake_image(self.home, image_id)
+        self.host.images.update(self.images)
         self._store = open_test_store(self.home)
         self._plane = ControlPlane(self._store, self.host)
         await self._plane.start()

@@ -345,7 +345,9 @@ def test_cli_reads_the_local_key_file(local_home: Path, inproc: InProcessServer)
     key_file.write_text(inproc.api_key + "\n")
     listed = json.loads(_ok(_cli("workspace", "list", "--json")).stdout)
     assert listed
-    assert json.loads(_ok(_cli("server", "status", "--json")).stdout)["running"] is True
+    status = json.loads(_ok(_cli("server", "status", "--json")).stdout)
+    # the local server's data directory is known here: the one whose server.json named it
+    assert status["running"] is True and status["home"] == str(local_home)
     # an endpoint given explicitly never gets the file's key
     line = _error(_cli("--endpoint", inproc.url, "workspace", "list"))
     assert line.startswith("error: no API key")

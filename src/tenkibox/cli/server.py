@@ -80,6 +80,9 @@ def _status(ctx: click.Context) -> dict[str, Any]:
         "url": found.url,
         "started_at": found.started_at,
         **found.info.model_dump(mode="json"),
+        # the local server's data directory is the one whose server.json named it (the API
+        # tells it to admin keys only)
+        "home": str(config.layout().home),
     }
 
 

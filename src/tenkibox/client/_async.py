@@ -159,7 +159,8 @@ class AsyncClient:
     # -- server ---------------------------------------------------------------------------
 
     async def health(self) -> models.ServerInfo:
-        """The server's version, pid, data directory and accelerator (``GET /v1/health``)."""
+        """The server's version, pid and accelerator, and to an admin key its data directory
+        (``GET /v1/health``)."""
         return await self._call(_core.health())
 
     async def verify_store(self, repair: bool = False) -> models.StoreReport:

@@ -14,7 +14,7 @@ import time
 
 from ..errors import ValidationError
 from ..host.api import HostAPI
-from ..models import HostStatus, Session, SessionCreate
+from ..models import HostStatus, Image, Session, SessionCreate
 from ..preview import PreviewProxy, PreviewSettings
 from ..store.db import Store
 from ..store.tables import SessionRow
@@ -119,6 +119,10 @@ class ControlPlane:
         template_id, snapshot_id = self.templates.golden_snapshot(req.template_id, ws)
         return await self.sessions.create(req.model_copy(update={"snapshot_id": snapshot_id}),
                                           ws, template_id=template_id)
+
+    async def list_images(self) -> list[Image]:
+        """The guest images a session may boot (``base_image_id``): the host's."""
+        return await self.host.list_images()
 
     def host_status(self) -> HostStatus:
         cap = self.host.capacity

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from ..errors import SnapshotFailedError
+from ..models import Image
 from .capacity import HostCapacity
 
 
@@ -270,6 +271,10 @@ class HostAPI(Protocol):
 
     def memory_used_mib(self) -> int: ...
     async def image_digest(self, image_id: str) -> str: ...
+
+    async def list_images(self) -> list[Image]:
+        """The guest images built on this host (their files stay on it)."""
+        ...
 
     # network
     @property

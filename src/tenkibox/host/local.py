@@ -26,6 +26,7 @@ from ..config import Layout, home_tag
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError, pid_alive
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
+from ..models import Image
 from ..steps import Steps
 from . import volumes as vols
 from .api import (
@@ -188,6 +189,11 @@ class LocalHost:
         disk, _kernel, _initrd, _cmdline = await asyncio.to_thread(self.ctx.image_artifacts,
                                                                    image_id)
         return disk
+
+    async def list_images(self) -> list[Image]:
+        from ..images import builder
+
+        return await asyncio.to_thread(builder.list_images, self.paths.layout)
 
     def memory_used_mib(self) -> int:
         pids = [pid for vm in self.vms.values()

@@ -15,19 +15,20 @@ router = APIRouter(prefix="/v1", tags=["server"])
 
 
 @router.get("/health", response_model=ServerInfo, operation_id="health", responses=errors())
-async def health(request: Request, _: Caller) -> ServerInfo:
+async def health(request: Request, caller: Caller) -> ServerInfo:
+    """The server's version, pid and accelerator; its data directory (a path on the server's
+    machine) only to an admin key: a workspace's key learns nothing of the host."""
     state = request.app.state
-    return ServerInfo(version=__version__, pid=os.getpid(), home=str(state.layout.home),
+    return ServerInfo(version=__version__, pid=os.getpid(),
+                      home=str(state.layout.home) if caller.admin else None,
                       accelerator=state.accel,
                       grpc_endpoint=getattr(state, "grpc_endpoint", None))
 
 
 @router.get("/images", response_model=list[Image], operation_id="listImages",
             responses=errors())
-async def list_images(request: Request, _: Caller) -> list[Image]:
-    from ...images.builder import list_images as _list
-
-    return _list(request.app.state.layout)
+async def list_images(plane: Plane, _: Caller) -> list[Image]:
+    return await plane.list_images()
 
 
 @router.get("/host", response_model=HostStatus, operation_id="hostStatus",
