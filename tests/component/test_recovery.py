@@ -16,14 +16,21 @@ from pathlib import Path
 
 import pytest
 from support.fake_host import FakeHost, image_digest
-from support.helpers import fake_manifest, seed, session_row, snapshot_row, volume_row
+from support.helpers import (
+    build_row,
+    fake_manifest,
+    seed,
+    session_row,
+    snapshot_row,
+    volume_row,
+)
 from support.server import InProcessServer, open_test_store
 
 from tenkibox import Client, errors, steps
 from tenkibox.control.plane import ControlPlane
 from tenkibox.host.api import VolumeMountSpec
 from tenkibox.store.db import Store
-from tenkibox.store.tables import SessionRow, SnapshotRow, VolumeRow
+from tenkibox.store.tables import BuildRow, SessionRow, SnapshotRow, VolumeRow
 
 STEADY = {"session": {"READY", "TERMINATED", "FAILED"},
           "snapshot": {"READY", "FAILED", "DELETED"},
@@ -169,6 +176,41 @@ async def test_volumes(store: Store) -> None:
     assert_all_steady(plane)
 
 
+async def test_template_builds(store: Store) -> None:
+    """A build the server was running when it stopped is FAILED at the step "server", and its
+    build session goes; a finished build stays as it is."""
+    host = FakeHost()
+    booting = session_row("CREATING", workspace_id="ws_default")  # its VM was starting
+    setting_up = session_row("RUNNING", workspace_id="ws_default")  # its setup script ran
+    seed(store, booting, setting_up)
+    host.seed_vm(setting_up.id)
+    pending = build_row("PENDING", template_id="tpl_a")
+    building = build_row("BUILDING", template_id="tpl_b", session_id=setting_up.id)
+    building_boot = build_row("BUILDING", template_id="tpl_c", session_id=booting.id)
+    ready = build_row("READY", template_id="tpl_d", snapshot_id="snp_golden")
+    failed = build_row("FAILED", template_id="tpl_e", failed_step="setup", error="setup: 1")
+    seed(store, pending, building, building_boot, ready, failed)
+
+    plane = await recovered(store, host)
+
+    def row(r: BuildRow) -> BuildRow:
+        return plane.records.get(BuildRow, r.id)
+
+    for b in (pending, building, building_boot):
+        assert (row(b).state, row(b).failed_step, row(b).error) == (
+            "FAILED", "server", "server: the server stopped during the build")
+        assert row(b).completed_at is not None
+    assert (row(ready).state, row(ready).snapshot_id) == ("READY", "snp_golden")
+    assert (row(failed).state, row(failed).error) == ("FAILED", "setup: 1")
+    # the build sessions: the one that ran is terminated (its VM stopped), the booting one
+    # failed with the server
+    srow = plane.records.get(SessionRow, setting_up.id)
+    assert (srow.state, srow.state_reason) == ("TERMINATED", "its template build ended")
+    assert plane.records.get(SessionRow, booting.id).state == "FAILED"
+    assert not host.vms
+    assert_all_steady(plane)
+
+
 async def test_recovery_is_idempotent(store: Store) -> None:
     host = FakeHost()
     seed(store, session_row("CREATING"))
@@ -258,6 +300,29 @@ def test_crash_during_attach_at_create(make_inproc: MakeServer) -> None:
         assert c.get(sid).state == "FAILED"
         assert c.get_volume(vol.id).state == "AVAILABLE"
         assert sid not in host.vms  # the VM no record runs is stopped
+
+
+def test_crash_during_restore(make_inproc: MakeServer) -> None:
+    host = FakeHost()
+    server = make_inproc(host=host)
+    with Client(endpoint=server.url) as c:
+        src = c.create_and_wait()
+        snap = src.snapshot("x")
+        gate = host.block("restore")
+        sid = c.create(snapshot_id=snap.id).id
+    gate.wait_entered()  # the record is CREATING, naming the snapshot's digests
+    server = restart(make_inproc, server)
+    with Client(endpoint=server.url) as c:
+        record = c.get(sid).record
+        assert (record.state, record.state_reason) == (
+            "FAILED", "the server stopped before the session was ready")
+        assert sid not in host.vms
+        # the snapshot is not to blame (READY, its artifacts kept by the restart's GC) and its
+        # source session ran on
+        assert c.get_snapshot(snap.id).state == "READY"
+        assert c.get(src.id).state == "READY"
+        again = c.create_and_wait(snapshot_id=snap.id)
+        assert again.state == "READY" and host.restores[-1].session_id == again.id
 
 
 def test_crash_during_capture(make_inproc: MakeServer) -> None:
