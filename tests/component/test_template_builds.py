@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from support.helpers import build_row, seed
 from support.server import InProcessServer
 
 from tenkibox import Client, errors
 from tenkibox.models import TemplateBuild
+from tenkibox.store.tables import BuildRow
 
 
 @pytest.fixture
@@ -54,3 +56,16 @@ def test_a_spec_template(client: Client) -> None:
     with pytest.raises(errors.ValidationError, match="steps\\[0\\]"):
         client.create_template("bad", spec={"spec_version": "tenki.template.v1",
                                             "steps": [{}]})
+
+
+def test_a_deleted_template_takes_a_build_no_job_runs(client: Client,
+                                                      inproc: InProcessServer) -> None:
+    """A build row in progress with no job in this server (its task not started yet) ends
+    FAILED first, so that it goes with its template (a build row is deleted only once ended)."""
+    t = client.create_template("orphan")
+    seed(inproc.store, build_row("PENDING", template_id=t.id,
+                                 workspace_id=inproc.default_workspace))
+    with pytest.raises(errors.ConflictError, match="build in progress"):
+        client.delete_template(t.id)
+    client.delete_template(t.id, force=True)
+    assert inproc.plane.records.all(BuildRow, BuildRow.template_id == t.id) == []

@@ -303,6 +303,14 @@ class TemplateControl:
             if job is not None:
                 job.cancel()
                 await asyncio.wait({job})
+            # one whose job was not running here ends too: a build row is deleted (below) only
+            # once it ended
+            with contextlib.suppress(IllegalTransitionError):
+                await self.records.transition(BuildRow, b.id, B.FAILED,
+                                              expected=[B.PENDING, B.BUILDING],
+                                              failed_step="deleted",
+                                              error="deleted: the template was deleted",
+                                              completed_at=now())
         for b in self.records.all(BuildRow, BuildRow.template_id == template_id):
             await self._release(b)
         await self.records.remove(TemplateRow, template_id)
