@@ -673,13 +673,23 @@ Script = Annotated[str, AfterValidator(_no_nul), AfterValidator(_max_bytes(SETUP
 Tag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_controls)]
 
 
+def _no_controls_at_all(v: str) -> str:
+    return _no_controls(v, allowed=frozenset())
+
+
+#: a readiness URL: handed to the guest as an argument (so no NUL) and sent as a request line
+#: (so no control character at all: a tab or newline has no place in a URL)
+ReadyUrl = Annotated[str, Field(max_length=2048), AfterValidator(_no_nul),
+                     AfterValidator(_no_controls_at_all)]
+
+
 class ReadyCheck(_Model):
     """When the started command is ready: exactly one of ``port`` (a TCP port on the guest's
     localhost accepts), ``http_url`` (a URL on the guest answers ``http_status``) or
     ``command`` (exits 0); tried until ``timeout_s``."""
 
     port: int | None = Field(default=None, ge=1, le=65535)
-    http_url: Annotated[str, Field(max_length=2048)] | None = None
+    http_url: ReadyUrl | None = None
     http_status: int = Field(default=200, ge=100, le=599)
     command: Command | None = None
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
