@@ -25,6 +25,7 @@ from pydantic import (
 
 from . import limits
 from .control import egress as _egress
+from .errors import ErrorCode
 
 CPU_MIN, CPU_MAX = 1, 16
 MEMORY_MB_MIN, MEMORY_MB_MAX = 512, 65536
@@ -530,7 +531,8 @@ class ServerInfo(_Answer):
 
 
 class ErrorInfo(_Answer):
-    code: str
+    code: ErrorCode = Field(description="what kind of error: one of the codes of the error "
+                            "table, each with its own HTTP status")
     message: str
     field: str | None = None
     details: Any = Field(
