@@ -4,6 +4,7 @@ must say enough for a client to be generated from it (ids, typed errors, descrip
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,30 @@ def test_served_schema_matches_the_committed_contract() -> None:
                           if served["paths"][p] != committed["paths"][p])
         raise AssertionError(f"the API changed (paths: {changed or 'schemas only'}); if that is "
                              f"intended, regenerate the contract: {REGENERATE}")
+
+
+def _words(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def test_every_schema_property_is_described(doc: dict[str, Any]) -> None:
+    missing, restated = [], []
+    for name, schema in doc["components"]["schemas"].items():
+        for prop, sub in schema.get("properties", {}).items():
+            text = (sub.get("description") or "").strip()
+            if not text:
+                missing.append(f"{name}.{prop}")
+            elif _words(text) == _words(prop):
+                restated.append(f"{name}.{prop}")
+    assert not missing, f"properties without a description: {missing}"
+    assert not restated, f"descriptions that only restate the name: {restated}"
+
+
+def test_every_enum_schema_is_described(doc: dict[str, Any]) -> None:
+    enums = {n: s for n, s in doc["components"]["schemas"].items() if "enum" in s}
+    assert {"SessionState", "SnapshotState", "SnapshotType", "VolumeState", "BuildState",
+            "ErrorCode"} <= set(enums)
+    assert not [n for n, s in enums.items() if not s.get("description")]
 
 
 def test_every_operation_has_an_id_and_typed_errors(doc: dict[str, Any]) -> None:
