@@ -31,6 +31,7 @@ it and the SDK raises from it, so both sides agree by construction.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
@@ -209,6 +210,15 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         InternalError,
     )
 }
+
+
+#: Every ``error.code`` on the wire (``models.ErrorInfo.code``), built from the table so the
+#: OpenAPI contract lists each code by construction. A ``StrEnum``: a member is its code
+#: (``ErrorCode.NotFound == "NotFound"``, ``str()`` and JSON give the code itself). mypy
+#: cannot see members made from a comprehension; nothing names one, so the ignore is harmless.
+ErrorCode = StrEnum("ErrorCode", [(code, code) for code in ERROR_TABLE])  # type: ignore[misc]
+ErrorCode.__doc__ = ("The code of an error, naming its class and HTTP status (WaitTimeout, "
+                     "Unavailable and CommandFailed are raised by the SDK only).")
 
 
 def error_from_body(status: int, body: Any) -> TenkiError:

@@ -25,6 +25,7 @@ from pydantic import (
 
 from . import limits
 from .control import egress as _egress
+from .errors import ErrorCode
 
 CPU_MIN, CPU_MAX = 1, 16
 MEMORY_MB_MIN, MEMORY_MB_MAX = 512, 65536
@@ -231,6 +232,11 @@ class _Answer(BaseModel):
 
 
 class SessionState(str, Enum):
+    """CREATING (booting or restoring) -> READY, RUNNING while a process runs; PAUSING ->
+    PAUSED (no VM, its memory and disk kept in a PAUSE snapshot) -> RESUMING -> READY;
+    TERMINATING -> TERMINATED; FAILED when the VM could not start or died (``state_reason``
+    says why)."""
+
     CREATING = "CREATING"
     READY = "READY"
     RUNNING = "RUNNING"
@@ -248,6 +254,9 @@ FINAL_SESSION_STATES = frozenset({SessionState.TERMINATED, SessionState.FAILED})
 
 
 class SnapshotState(str, Enum):
+    """CREATING (being captured) -> READY (every artifact stored and verified) or FAILED;
+    deleted (or expired): DELETING -> DELETED."""
+
     CREATING = "CREATING"
     READY = "READY"
     FAILED = "FAILED"
@@ -266,24 +275,29 @@ class SnapshotType(str, Enum):
 
 
 class VolumeState(str, Enum):
+    """AVAILABLE <-> IN_USE (attached to a session); deleted: DELETING -> DELETED."""
+
     AVAILABLE = "AVAILABLE"
     IN_USE = "IN_USE"
     DELETING = "DELETING"
     DELETED = "DELETED"
 
 
+_MOUNT_PATH = "absolute, below /, without '..', at most 4096 bytes; a trailing / is dropped"
+
+
 class VolumeMount(_Model):
     """A volume to attach at create time: ``VOL:/mount/path[:ro]`` on the CLI."""
 
-    volume_id: Id
-    path: MountPath
-    read_only: bool = False
+    volume_id: Id = Field(description="the volume to attach (AVAILABLE, of the same workspace)")
+    path: MountPath = Field(description=f"where it is mounted in the guest: {_MOUNT_PATH}")
+    read_only: bool = Field(default=False, description="mount it read-only")
 
 
 class VolumeAttachment(_Answer):
-    volume_id: str
-    path: str
-    read_only: bool = False
+    volume_id: str = Field(description="the attached volume")
+    path: str = Field(description="its mount point in the guest")
+    read_only: bool = Field(default=False, description="whether it is mounted read-only")
 
 
 class EgressAllowList(_Model):
@@ -309,23 +323,52 @@ class SessionEgress(_Answer):
     all; else with neither list any public address (never the host's, other guests', private,
     loopback or link-local ones), with a list only what it names."""
 
-    outbound: bool = True
-    allow_domains: list[str] = Field(default_factory=list)
-    allow_cidrs: list[str] = Field(default_factory=list)
+    outbound: bool = Field(default=True,
+                           description="false: the session opens no connection out at all")
+    allow_domains: list[str] = Field(
+        default_factory=list, description="the names (exact, or *. wildcards) it may connect "
+        "to; both lists empty: any public address")
+    allow_cidrs: list[str] = Field(
+        default_factory=list, description="the IPv4 networks it may connect to; both lists "
+        "empty: any public address")
+
+
+_CPU = f"virtual CPUs, {CPU_MIN}..{CPU_MAX}"
+_MEMORY = f"guest memory in MiB, {MEMORY_MB_MIN}..{MEMORY_MB_MAX}"
+_ENV = (f"environment variables: at most {limits.MAP_MAX_ENTRIES}; names match "
+        f"{limits.ENV_KEY_PATTERN} (at most {limits.KEY_MAX_CHARS} characters), values at most "
+        f"{limits.VALUE_MAX_BYTES} bytes")
+_METADATA = (f"the caller's labels: at most {limits.MAP_MAX_ENTRIES} entries; keys 1.."
+             f"{limits.KEY_MAX_CHARS} characters without control characters, values at most "
+             f"{limits.VALUE_MAX_BYTES} bytes")
+_NAME = (f"{limits.NAME_MIN_CHARS}..{limits.NAME_MAX_CHARS} characters, no control characters "
+         "but tab and newline")
 
 
 class SessionCreate(_Model):
-    name: Name | None = None
+    name: Name | None = Field(default=None, description=f"a label: {_NAME}; need not be unique")
     template_id: Id | None = Field(
         default=None, description="restore the template's latest READY build (golden snapshot)")
-    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
-    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
-    env: Env = Field(default_factory=dict)
-    metadata: Metadata = Field(default_factory=dict)
-    max_duration_s: Duration | None = None
-    snapshot_id: Id | None = None
-    base_image_id: Id | None = None
-    volumes: list[VolumeMount] = Field(default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX)
+    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX,
+                     description=f"{_CPU}; a restore keeps its snapshot's (another is refused)")
+    memory_mb: int = Field(
+        default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX,
+        description=f"{_MEMORY}; a restore keeps its snapshot's (another is refused)")
+    env: Env = Field(default_factory=dict, description=(
+        f"{_ENV}; for every process of the session (a restore adds them to its source's)"))
+    metadata: Metadata = Field(default_factory=dict, description=_METADATA)
+    max_duration_s: Duration | None = Field(
+        default=None, description="seconds from creation until the session is terminated "
+        "(none: no limit); finite, > 0, at most ten years")
+    snapshot_id: Id | None = Field(
+        default=None, description="restore this READY snapshot (its image, shape, memory and "
+        "disk) instead of booting an image")
+    base_image_id: Id | None = Field(
+        default=None, description=f"the image to boot (default {DEFAULT_IMAGE_ID}); a restore "
+        "uses its snapshot's")
+    volumes: list[VolumeMount] = Field(
+        default_factory=list, max_length=limits.VOLUME_MOUNTS_MAX,
+        description=f"volumes to attach, at most {limits.VOLUME_MOUNTS_MAX}")
     cold_boot: bool = Field(
         default=False, description="boot the image instead of restoring its golden snapshot")
     allow_inbound: bool = Field(
@@ -350,32 +393,45 @@ class SessionCreate(_Model):
 
 
 class Session(_Answer):
-    id: str
-    workspace_id: str
-    name: str | None = None
-    template_id: str | None = None
-    state: SessionState
-    state_reason: str | None = None
-    cpu: int
-    memory_mb: int
-    base_image_id: str
-    snapshot_id: str | None = None
-    env_keys: list[str] = Field(default_factory=list)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    volumes: list[VolumeAttachment] = Field(default_factory=list)
-    allow_inbound: bool = False
-    egress: SessionEgress = Field(default_factory=SessionEgress)
-    created_at: datetime
-    ready_at: datetime | None = None
-    expires_at: datetime | None = None
-    terminated_at: datetime | None = None
+    id: str = Field(description="the session's id (ses_...)")
+    workspace_id: str = Field(description="the workspace it belongs to")
+    name: str | None = Field(default=None, description="its label, if it has one")
+    template_id: str | None = Field(
+        default=None, description="the template whose golden snapshot it was restored from")
+    state: SessionState = Field(description="where it is in its lifecycle")
+    state_reason: str | None = Field(
+        default=None, description="why it is in this state (a failure, a termination's cause, "
+        "a note while it boots)")
+    cpu: int = Field(description="virtual CPUs")
+    memory_mb: int = Field(description="guest memory in MiB")
+    base_image_id: str = Field(description="the image its disk derives from")
+    snapshot_id: str | None = Field(
+        default=None, description="the snapshot it was restored from (none for a boot or a "
+        "template's session)")
+    env_keys: list[str] = Field(
+        default_factory=list, description="names of its environment variables, sorted (the "
+        "values are not returned)")
+    metadata: dict[str, str] = Field(default_factory=dict, description="the caller's labels")
+    volumes: list[VolumeAttachment] = Field(
+        default_factory=list, description="the volumes attached now (none once it has ended)")
+    allow_inbound: bool = Field(default=False, description="whether its ports may be exposed")
+    egress: SessionEgress = Field(default_factory=SessionEgress,
+                                  description="its outbound network policy")
+    created_at: datetime = Field(description="when it was created")
+    ready_at: datetime | None = Field(
+        default=None, description="when it first became READY (its boot or restore done)")
+    expires_at: datetime | None = Field(
+        default=None, description="when it will be terminated (none: no limit)")
+    terminated_at: datetime | None = Field(default=None,
+                                           description="when it ended (TERMINATED or FAILED)")
 
 
 class SessionUpdate(_Model):
     """Fields left out stay as they are. ``metadata`` replaces the whole map."""
 
-    name: Name | None = None
-    metadata: Metadata | None = None
+    name: Name | None = Field(default=None, description=f"the new label: {_NAME}")
+    metadata: Metadata | None = Field(default=None,
+                                      description=f"replaces all labels: {_METADATA}")
 
 
 class SessionExtend(_Model):
@@ -399,17 +455,20 @@ class PortExposure(_Answer):
     carries the port's token (``?tenki_token=``); an API key of the workspace
     (``Authorization: Bearer tk_...``) also lets a request in."""
 
-    session_id: str
-    port: int
-    url: str
-    expires_at: datetime | None = None
-    created_at: datetime
+    session_id: str = Field(description="the session whose guest port it is")
+    port: int = Field(description="the guest's TCP port")
+    url: str = Field(description="the preview proxy's URL for it, with its token")
+    expires_at: datetime | None = Field(
+        default=None, description="when the exposure ends (none: when unexposed or the session "
+        "stops running)")
+    created_at: datetime = Field(description="when it was exposed")
 
 
 class SnapshotCreate(_Model):
-    session_id: Id
-    name: Name | None = None
-    expires_at: datetime | None = None
+    session_id: Id = Field(description="the session to capture (READY or RUNNING)")
+    name: Name | None = Field(default=None, description=f"a label: {_NAME}")
+    expires_at: datetime | None = Field(
+        default=None, description="when it is deleted (in the future; none: kept until deleted)")
     workspace_id: Id | None = Field(
         default=None, description="set from the API key; if given, it must be the key's")
 
@@ -417,41 +476,62 @@ class SnapshotCreate(_Model):
 class SnapshotUpdate(_Model):
     """Fields left out stay as they are; ``expires_at: null`` removes the expiry."""
 
-    name: Name | None = None
-    expires_at: datetime | None = None
+    name: Name | None = Field(default=None, description=f"the new label: {_NAME}")
+    expires_at: datetime | None = Field(
+        default=None, description="when it is deleted (in the future); null: never")
 
 
 class Snapshot(_Answer):
-    id: str
-    session_id: str
-    workspace_id: str | None = None
-    name: str | None = None
-    type: SnapshotType = SnapshotType.USER
-    state: SnapshotState
-    state_reason: str | None = None
-    size_bytes: int = 0
-    compressed_bytes: int = 0
-    memory_bytes: int = 0
-    base_image_id: str
-    cpu: int
-    memory_mb: int
-    created_at: datetime
-    ready_at: datetime | None = None
-    expires_at: datetime | None = None
-    deleted_at: datetime | None = None
+    id: str = Field(description="the snapshot's id (snap_...)")
+    session_id: str = Field(description="the session it was captured from")
+    workspace_id: str | None = Field(default=None, description="the workspace it belongs to")
+    name: str | None = Field(default=None, description="its label, if it has one")
+    type: SnapshotType = Field(default=SnapshotType.USER,
+                               description="who took it, and so who owns it")
+    state: SnapshotState = Field(description="where it is in its lifecycle")
+    state_reason: str | None = Field(default=None,
+                                     description="why it is FAILED (or other notes)")
+    size_bytes: int = Field(
+        default=0, description="bytes captured: RAM data, device state and the session's own "
+        "disk layers (0 until READY)")
+    compressed_bytes: int = Field(
+        default=0, description="bytes it takes in storage, RAM compressed (0 until READY); "
+        "what counts against max_stored_bytes")
+    memory_bytes: int = Field(default=0, description="the guest's memory size in bytes")
+    base_image_id: str = Field(description="the image the session's disk derives from")
+    cpu: int = Field(description="virtual CPUs of the session (a restore keeps them)")
+    memory_mb: int = Field(description="guest memory in MiB (a restore keeps it)")
+    created_at: datetime = Field(description="when the capture began")
+    ready_at: datetime | None = Field(default=None, description="when it became READY")
+    expires_at: datetime | None = Field(
+        default=None, description="when it will be deleted (none: kept until deleted)")
+    deleted_at: datetime | None = Field(default=None, description="when it was deleted")
 
 
 class ExecRequest(_Model):
     """Start a process. Give ``argv``, or ``command`` for ``/bin/sh -c``."""
 
-    argv: Argv | None = None
-    command: Command | None = None
-    env: Env = Field(default_factory=dict)
-    cwd: GuestPath | None = None
-    timeout_s: Duration | None = None
-    stdin: bool = False
+    argv: Argv | None = Field(
+        default=None, description=f"the program and its arguments: at most "
+        f"{limits.ARGV_MAX_ITEMS}, each at most {limits.ARG_MAX_BYTES} bytes, at most "
+        f"{limits.ARGV_MAX_TOTAL_BYTES} bytes in all")
+    command: Command | None = Field(
+        default=None, description=f"a shell command for /bin/sh -c, instead of argv; at most "
+        f"{limits.COMMAND_MAX_BYTES} bytes")
+    env: Env = Field(default_factory=dict,
+                     description=f"{_ENV}; added to the session's")
+    cwd: GuestPath | None = Field(
+        default=None, description=f"working directory in the guest, at most "
+        f"{limits.PATH_MAX_BYTES} bytes")
+    timeout_s: Duration | None = Field(
+        default=None, description="seconds until the process is killed (exit code 124, "
+        "timed_out set); none: no limit")
+    stdin: bool = Field(
+        default=False, description="keep stdin open for writes (the stdin route) until closed; "
+        "false: stdin is /dev/null")
     stdin_data: Base64Data | None = Field(
-        default=None, description="base64 bytes written then closed"
+        default=None, description=f"base64 bytes written to stdin then closed; at most "
+        f"{limits.STDIN_DATA_MAX_BYTES} bytes once decoded"
     )
     user: Literal["root", "tenki"] = Field(
         default="root", description="who runs it: root, or the guest user tenki (HOME "
@@ -459,9 +539,14 @@ class ExecRequest(_Model):
 
 
 class ProcessInfo(_Answer):
-    process_id: str
-    session_id: str
-    pid: int | None = None
+    process_id: str = Field(description="the process's id, for its events, stdin and kill")
+    session_id: str = Field(description="the session it runs in")
+    pid: int | None = Field(default=None, description="its process id in the guest")
+
+
+#: The kinds of ``ProcessEvent``. A ``Literal`` rather than an ``Enum``: the OpenAPI enum is the
+#: same, and the SDK keeps handing out plain strings (``("stdout", data)``) as it always did.
+ProcessEventKind = Literal["stdout", "stderr", "exit", "error"]
 
 
 class ProcessEvent(_Answer):
@@ -469,11 +554,16 @@ class ProcessEvent(_Answer):
     ``exit`` or ``error`` (the output is no longer available, or some was lost: ``message`` says
     why, with the bytes delivered before and, when known, lost, and the exit code)."""
 
-    type: Literal["stdout", "stderr", "exit", "error"]
+    type: ProcessEventKind = Field(
+        description="stdout or stderr: output in data; exit: the process exited; error: the "
+        "stream ended without a complete output (message says why)")
     data: str | None = Field(default=None, description="base64 bytes, for stdout/stderr")
-    exit_code: int | None = None
-    timed_out: bool = False
-    message: str | None = None
+    exit_code: int | None = Field(
+        default=None, description="exit (and error, when known): the exit status; 128+N when "
+        "killed by signal N, 124 when its timeout killed it")
+    timed_out: bool = Field(default=False,
+                            description="exit: the process was killed by its timeout_s")
+    message: str | None = Field(default=None, description="error: what went wrong")
     delivered_bytes: int | None = Field(
         default=None, description="error: output bytes delivered before the stream ended")
     lost_bytes: int | None = Field(
@@ -481,70 +571,83 @@ class ProcessEvent(_Answer):
 
 
 class FileWritten(_Answer):
-    path: str
-    size_bytes: int
+    path: str = Field(description="the file written in the guest")
+    size_bytes: int = Field(description="bytes written")
 
 
 class Image(_Answer):
-    id: str
-    size_bytes: int
-    created_at: datetime
-    kernel: str | None = None
-    packages: list[str] = Field(default_factory=list)
+    id: str = Field(description="the image's id (base_image_id of a session)")
+    size_bytes: int = Field(description="bytes of its disk, kernel and initrd files")
+    created_at: datetime = Field(description="when it was built")
+    kernel: str | None = Field(default=None, description="the guest kernel's version")
+    packages: list[str] = Field(
+        default_factory=list, description="notable packages it holds, as name=version")
+
+
+_VOLUME_SIZE = f"{VOLUME_MIN_BYTES}..{VOLUME_MAX_BYTES} bytes (1 MiB..100 GiB)"
 
 
 class VolumeCreate(_Model):
-    name: Name
-    size_bytes: int = Field(ge=VOLUME_MIN_BYTES, le=VOLUME_MAX_BYTES)
+    name: Name = Field(description=f"a label: {_NAME}")
+    size_bytes: int = Field(ge=VOLUME_MIN_BYTES, le=VOLUME_MAX_BYTES,
+                            description=f"its capacity: {_VOLUME_SIZE}")
 
 
 class VolumeUpdate(_Model):
-    name: Name
+    name: Name = Field(description=f"the new label: {_NAME}")
 
 
 class VolumeAttach(_Model):
-    volume_id: Id
-    path: MountPath
-    read_only: bool = False
+    volume_id: Id = Field(description="the volume to attach (AVAILABLE, of the same workspace)")
+    path: MountPath = Field(description=f"where it is mounted in the guest: {_MOUNT_PATH}")
+    read_only: bool = Field(default=False, description="mount it read-only")
 
 
 class Volume(_Answer):
-    id: str
-    workspace_id: str
-    name: str
-    size_bytes: int
-    state: VolumeState
-    session_id: str | None = None
-    path: str | None = None
-    read_only: bool = False
-    created_at: datetime
+    id: str = Field(description="the volume's id (vol_...)")
+    workspace_id: str = Field(description="the workspace it belongs to")
+    name: str = Field(description="its label")
+    size_bytes: int = Field(description="its capacity in bytes")
+    state: VolumeState = Field(description="where it is in its lifecycle")
+    session_id: str | None = Field(default=None,
+                                   description="IN_USE: the session it is attached to")
+    path: str | None = Field(default=None, description="IN_USE: its mount point in the guest")
+    read_only: bool = Field(default=False, description="IN_USE: whether it is mounted read-only")
+    created_at: datetime = Field(description="when it was created")
 
 
 class ServerInfo(_Answer):
-    version: str
-    pid: int
-    home: str | None = None  # the data directory: to admin keys only
-    accelerator: str
+    version: str = Field(description="the server's tenki version")
+    pid: int = Field(description="the server's process id on its host")
+    home: str | None = Field(default=None,
+                             description="the server's data directory on its host (admin keys)")
+    accelerator: str = Field(description="how guests run: kvm, or tcg (emulation, slow)")
     grpc_endpoint: str | None = Field(
         default=None, description="Tenki's gRPC wire (the official SDKs' TENKI_API_ENDPOINT)")
 
 
 class ErrorInfo(_Answer):
-    code: str
-    message: str
-    field: str | None = None
+    code: ErrorCode = Field(description="what kind of error: one of the codes of the error "
+                            "table, each with its own HTTP status")
+    message: str = Field(description="what went wrong, for people; starts with the field when "
+                         "there is one")
+    field: str | None = Field(
+        default=None, description="the offending input, as a dotted path (env.FOO, argv.3, "
+        "volumes.0.path; body for the body as a whole)")
     details: Any = Field(
         default=None, description="facts of some errors: a quota's name, limit and use; a "
         "host's promised and capacity memory; what a workspace still holds")
 
 
 class ErrorBody(_Answer):
-    error: ErrorInfo
+    """Every error answer of the API, whatever its status."""
+
+    error: ErrorInfo = Field(description="the error")
 
 
 class DamagedSnapshot(_Answer):
-    snapshot_id: str
-    problems: list[str]
+    snapshot_id: str = Field(description="the snapshot with damaged artifacts")
+    problems: list[str] = Field(description="what is wrong, one line per artifact")
 
 
 class UnownedFile(_Answer):
@@ -552,20 +655,22 @@ class UnownedFile(_Answer):
     (a crashed write's file; name: its path in the data directory) or ``vm`` (the files of a VM
     no session holds; name: the session id)."""
 
-    kind: str
-    name: str
+    kind: str = Field(description="artifact, temporary or vm")
+    name: str = Field(description="a digest, a path in the data directory, or a session id")
 
 
 class StoreReport(_Answer):
     """``tenki admin verify``: every stored artifact re-read against its digest."""
 
-    ok: bool
+    ok: bool = Field(description="nothing is damaged")
     checked: int = Field(description="artifacts checked (each read in full)")
-    damaged: list[DamagedSnapshot] = Field(default_factory=list)
+    damaged: list[DamagedSnapshot] = Field(
+        default_factory=list, description="snapshots that cannot be restored as stored")
     bad_artifacts: dict[str, str] = Field(default_factory=dict,
                                           description="digest -> what is wrong with it")
     unowned: list[UnownedFile] = Field(default_factory=list, description="files no record owns")
-    repaired: bool = False
+    repaired: bool = Field(
+        default=False, description="repair was asked for: damaged snapshots are marked FAILED")
 
 
 # -- workspaces, API keys, audit, host capacity -------------------------------------------------
@@ -578,64 +683,81 @@ QUOTA_NAMES = ("max_concurrent_sessions", "max_memory_mib", "max_snapshots", "ma
 class Quotas(_Model):
     """Per-workspace limits; ``None`` is no limit."""
 
-    max_concurrent_sessions: int | None = Field(default=None, ge=0, le=1_000_000)
-    max_memory_mib: int | None = Field(default=None, ge=0, le=1 << 40)
-    max_snapshots: int | None = Field(default=None, ge=0, le=1_000_000_000)
-    max_volumes: int | None = Field(default=None, ge=0, le=1_000_000_000)
-    max_stored_bytes: int | None = Field(default=None, ge=0, le=1 << 62)
+    max_concurrent_sessions: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="sessions that hold a VM or are getting "
+        "one (not PAUSED, not ended), 0..1000000; null: no limit")
+    max_memory_mib: int | None = Field(
+        default=None, ge=0, le=1 << 40, description="the sum of those sessions' memory_mb, "
+        f"0..{1 << 40}; null: no limit")
+    max_snapshots: int | None = Field(
+        default=None, ge=0, le=1_000_000_000, description="CREATING or READY snapshots (PAUSE "
+        "snapshots not counted), 0..1000000000; null: no limit")
+    max_volumes: int | None = Field(
+        default=None, ge=0, le=1_000_000_000, description="volumes not yet deleted, "
+        "0..1000000000; null: no limit")
+    max_stored_bytes: int | None = Field(
+        default=None, ge=0, le=1 << 62, description="snapshots' compressed_bytes plus volumes' "
+        f"size_bytes, 0..{1 << 62}; null: no limit")
 
 
 class Workspace(_Answer):
-    id: str
-    name: str
-    quotas: Quotas = Field(default_factory=Quotas)
-    created_at: datetime
-    updated_at: datetime
+    id: str = Field(description="the workspace's id")
+    name: str = Field(description="its name, unique on the server")
+    quotas: Quotas = Field(default_factory=Quotas, description="its limits")
+    created_at: datetime = Field(description="when it was created")
+    updated_at: datetime = Field(description="when its name or quotas last changed")
 
 
 class WorkspaceCreate(_Model):
-    name: Name
-    quotas: Quotas = Field(default_factory=Quotas)
+    name: Name = Field(description=f"a name unique on the server: {_NAME}")
+    quotas: Quotas = Field(default_factory=Quotas, description="its limits (none by default)")
 
 
 class WorkspaceUpdate(_Model):
     """Only the fields given change; in ``quotas``, only the quotas given (null removes one)."""
 
-    name: Name | None = None
-    quotas: Quotas | None = None
+    name: Name | None = Field(default=None, description=f"a new name, unique: {_NAME}")
+    quotas: Quotas | None = Field(
+        default=None, description="the quotas to change; the others stay (null removes one)")
 
 
 class Usage(_Answer):
     """What a workspace holds now, against its quotas (same names, without ``max_``)."""
 
-    workspace_id: str
-    concurrent_sessions: int
-    memory_mib: int
-    snapshots: int
-    volumes: int
-    stored_bytes: int
-    quotas: Quotas
+    workspace_id: str = Field(description="the workspace")
+    concurrent_sessions: int = Field(description="sessions that hold a VM or are getting one")
+    memory_mib: int = Field(description="the sum of those sessions' memory_mb")
+    snapshots: int = Field(description="CREATING or READY snapshots, PAUSE ones not counted")
+    volumes: int = Field(description="volumes not yet deleted")
+    stored_bytes: int = Field(
+        description="snapshots' compressed_bytes (PAUSE ones included) plus volumes' size_bytes")
+    quotas: Quotas = Field(description="the workspace's limits")
 
 
 class ApiKeyCreate(_Model):
-    workspace_id: Id
-    name: Name | None = None
-    expires_at: datetime | None = None
+    workspace_id: Id = Field(description="the workspace the key acts in")
+    name: Name | None = Field(default=None, description=f"a label: {_NAME}")
+    expires_at: datetime | None = Field(
+        default=None, description="when the key stops working (none: until revoked)")
     admin: bool = Field(default=False, description="may manage workspaces, keys and the server")
 
 
 class ApiKey(_Answer):
     """A key's record; the secret itself is shown once, by ``ApiKeyCreated``."""
 
-    id: str
-    workspace_id: str
+    id: str = Field(description="the key's id (for revoking it)")
+    workspace_id: str = Field(description="the workspace it acts in")
     prefix: str = Field(description="the key's first characters, to recognise it")
-    name: str | None = None
-    admin: bool = False
-    created_at: datetime
-    last_used_at: datetime | None = None
-    expires_at: datetime | None = None
-    revoked_at: datetime | None = None
+    name: str | None = Field(default=None, description="its label, if it has one")
+    admin: bool = Field(default=False,
+                        description="may manage workspaces, keys and the server")
+    created_at: datetime = Field(description="when it was created")
+    last_used_at: datetime | None = Field(
+        default=None, description="when it last let a request in (written at most once a "
+        "minute)")
+    expires_at: datetime | None = Field(
+        default=None, description="when it stops working (none: until revoked)")
+    revoked_at: datetime | None = Field(default=None, description="when it was revoked")
 
 
 class ApiKeyCreated(ApiKey):
@@ -643,14 +765,17 @@ class ApiKeyCreated(ApiKey):
 
 
 class AuditEntry(_Answer):
-    id: int
-    at: datetime
-    workspace_id: str | None = None
-    key_prefix: str | None = None
+    id: int = Field(description="the entry's number, increasing (for before_id)")
+    at: datetime = Field(description="when the call was answered")
+    workspace_id: str | None = Field(default=None,
+                                     description="the caller's workspace (none: no valid key)")
+    key_prefix: str | None = Field(default=None,
+                                   description="the first characters of the caller's key")
     action: str = Field(description="the operation, e.g. createSession")
-    method: str
-    path: str
-    object_id: str | None = None
+    method: str = Field(description="the HTTP method")
+    path: str = Field(description="the request's path")
+    object_id: str | None = Field(
+        default=None, description="the object it was about (from the path, or the created one)")
     status: int = Field(description="the HTTP status of the answer")
     outcome: str = Field(description="ok, or the error code")
 
@@ -658,16 +783,16 @@ class AuditEntry(_Answer):
 class HostStatus(_Answer):
     """This machine's capacity, as the admission check counts it."""
 
-    host_id: str
+    host_id: str = Field(description="the host's id")
     memory_total_mib: int = Field(description="RAM of the host (or as configured)")
     memory_reserve_mib: int = Field(description="kept for the host itself")
     overcommit: float = Field(description="promised guest memory is divided by this")
     memory_capacity_mib: int = Field(description="(total - reserve) * overcommit")
     memory_promised_mib: int = Field(description="sum of the live guests' memory")
     memory_used_mib: int = Field(description="what the guests' processes really hold (PSS)")
-    sessions: int
-    cpus: int
-    accelerator: str
+    sessions: int = Field(description="sessions that hold a VM or are getting one")
+    cpus: int = Field(description="CPUs of the host")
+    accelerator: str = Field(description="how guests run: kvm, or tcg (emulation, slow)")
     network_enforced: bool = Field(
         default=False, description="whether this host enforces egress policies and exposes "
         "ports (root and nftables: guest networks in namespaces); otherwise only the default "
@@ -680,6 +805,17 @@ class HostStatus(_Answer):
 SETUP_SCRIPT_MAX_BYTES = 1 << 20
 Script = Annotated[str, AfterValidator(_no_nul), AfterValidator(_max_bytes(SETUP_SCRIPT_MAX_BYTES))]
 Tag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_controls)]
+def _no_controls_at_all(v: str) -> str:
+    return _no_controls(v, allowed=frozenset())
+
+
+#: a readiness URL: handed to the guest as an argument (so no NUL) and sent as a request line
+#: (so no control character at all: a tab or newline has no place in a URL)
+ReadyUrl = Annotated[str, Field(max_length=2048), AfterValidator(_no_nul),
+                     AfterValidator(_no_controls_at_all)]
+TAGS_MAX = 32
+STEPS_MAX = 256
+PACKAGES_MAX = 256
 
 
 class ReadyCheck(_Model):
@@ -687,11 +823,18 @@ class ReadyCheck(_Model):
     localhost accepts), ``http_url`` (a URL on the guest answers ``http_status``) or
     ``command`` (exits 0); tried until ``timeout_s``."""
 
-    port: int | None = Field(default=None, ge=1, le=65535)
-    http_url: Annotated[str, Field(max_length=2048)] | None = None
-    http_status: int = Field(default=200, ge=100, le=599)
-    command: Command | None = None
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    port: int | None = Field(default=None, ge=1, le=65535,
+                             description="ready once this TCP port of 127.0.0.1 accepts")
+    http_url: ReadyUrl | None = Field(
+        default=None, description="ready once this URL, fetched in the guest, answers "
+        "http_status; at most 2048 characters, no control characters")
+    http_status: int = Field(default=200, ge=100, le=599,
+                             description="the HTTP status http_url must answer, 100..599")
+    command: Command | None = Field(
+        default=None, description=f"ready once this shell command exits 0; at most "
+        f"{limits.COMMAND_MAX_BYTES} bytes")
+    timeout_s: float = Field(default=60.0, gt=0, le=3600,
+                             description="seconds to keep trying (> 0, at most 3600)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ReadyCheck:
@@ -706,49 +849,61 @@ class TemplateBase(_Model):
     """What a build starts from: an image (default ``sandbox``), another template's latest
     READY build, or a snapshot."""
 
-    image: Id | None = None
-    template_id: Id | None = None
-    snapshot_id: Id | None = None
+    image: Id | None = Field(default=None,
+                             description=f"boot this image (default {DEFAULT_IMAGE_ID})")
+    template_id: Id | None = Field(
+        default=None, description="restore this template's latest READY build")
+    snapshot_id: Id | None = Field(default=None, description="restore this READY snapshot")
 
 
 #: a package name for apt, pip or npm: no blanks, no shell syntax, not an option
 Package = Annotated[str, Field(min_length=1, max_length=214,
                                pattern=r"^[A-Za-z0-9@][A-Za-z0-9@._+:/<>=!~^*-]*$")]
+_PACKAGES = (f"1..{PACKAGES_MAX} names, each 1..214 characters (letters, digits and "
+             "@._+:/<>=!~^*-, not starting with a symbol but @)")
 
 
 class AptStep(_Model):
-    packages: list[Package] = Field(min_length=1, max_length=256)
+    packages: list[Package] = Field(min_length=1, max_length=PACKAGES_MAX,
+                                    description=f"Debian packages to install: {_PACKAGES}")
 
 
 class PipStep(_Model):
-    packages: list[Package] = Field(min_length=1, max_length=256)
+    packages: list[Package] = Field(
+        min_length=1, max_length=PACKAGES_MAX,
+        description=f"Python packages (requirement specifiers) to install: {_PACKAGES}")
 
 
 class NpmStep(_Model):
-    packages: list[Package] = Field(min_length=1, max_length=256)
+    packages: list[Package] = Field(min_length=1, max_length=PACKAGES_MAX,
+                                    description=f"npm packages to install globally: {_PACKAGES}")
 
 
 class WriteFileStep(_Model):
-    path: MountPath
-    content: Script
-    mode: int = Field(default=0o644, ge=0, le=0o7777)
+    path: MountPath = Field(description=f"the file to write: {_MOUNT_PATH}")
+    content: Script = Field(
+        description=f"its text, at most {SETUP_SCRIPT_MAX_BYTES} bytes")
+    mode: int = Field(default=0o644, ge=0, le=0o7777,
+                      description="its permission bits (an integer: 420 is 0o644)")
 
 
 class MkdirStep(_Model):
-    path: MountPath
+    path: MountPath = Field(
+        description=f"the directory to make, with missing parents: {_MOUNT_PATH}")
 
 
 class Step(_Model):
     """One step of a template spec: exactly one of ``run``, ``apt``, ``pip``, ``npm``,
     ``write_file``, ``mkdir``; optionally named."""
 
-    name: Name | None = None
-    run: Command | None = None
-    apt: AptStep | None = None
-    pip: PipStep | None = None
-    npm: NpmStep | None = None
-    write_file: WriteFileStep | None = None
-    mkdir: MkdirStep | None = None
+    name: Name | None = Field(default=None, description=f"a label for the build log: {_NAME}")
+    run: Command | None = Field(
+        default=None, description=f"a shell command, at most {limits.COMMAND_MAX_BYTES} bytes")
+    apt: AptStep | None = Field(default=None, description="install Debian packages")
+    pip: PipStep | None = Field(default=None, description="install Python packages")
+    npm: NpmStep | None = Field(default=None, description="install npm packages")
+    write_file: WriteFileStep | None = Field(default=None, description="write a file")
+    mkdir: MkdirStep | None = Field(default=None, description="make a directory")
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
@@ -767,14 +922,27 @@ STEP_KINDS = ("run", "apt", "pip", "npm", "write_file", "mkdir")
 
 
 class Runtime(_Model):
-    start_cmd: Command | None = None
-    ready_when: ReadyCheck | None = None
-    env: Env = Field(default_factory=dict)
+    start_cmd: Command | None = Field(
+        default=None, description="a shell command started after the steps, left running in "
+        f"the golden snapshot; at most {limits.COMMAND_MAX_BYTES} bytes")
+    ready_when: ReadyCheck | None = Field(
+        default=None, description="when start_cmd is ready (the snapshot is taken then)")
+    env: Env = Field(default_factory=dict,
+                     description=f"{_ENV}; added to the spec's env for sessions")
 
 
 class Resources(_Model):
-    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
-    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
+    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX, description=_CPU)
+    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX,
+                           description=_MEMORY)
+
+
+_TAGS = f"at most {TAGS_MAX} tags, each 1..64 characters without control characters but " \
+    "tab and newline"
+_SETUP_SCRIPT = (f"a shell script (/bin/sh -se) run as the guest user tenki in its home; at most "
+                 f"{SETUP_SCRIPT_MAX_BYTES} bytes")
+_START_CMD = (f"a shell command started after setup, left running in the golden snapshot; at "
+              f"most {limits.COMMAND_MAX_BYTES} bytes")
 
 
 class TemplateSpec(_Model):
@@ -782,46 +950,61 @@ class TemplateSpec(_Model):
     the steps become the setup script, ``runtime`` the start command, its readiness check and
     env. Unknown fields are refused, naming their path."""
 
-    spec_version: Literal["tenki.template.v1"]
-    base: TemplateBase = Field(default_factory=TemplateBase)
-    env: Env = Field(default_factory=dict)
-    build_env: Env = Field(default_factory=dict)
-    steps: list[Step] = Field(default_factory=list, max_length=256)
-    runtime: Runtime = Field(default_factory=Runtime)
-    resources: Resources = Field(default_factory=Resources)
-    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    spec_version: Literal["tenki.template.v1"] = Field(description="the spec format's version")
+    base: TemplateBase = Field(default_factory=TemplateBase,
+                               description="what the build starts from")
+    env: Env = Field(default_factory=dict,
+                     description=f"{_ENV}; for the build and every session")
+    build_env: Env = Field(default_factory=dict,
+                           description="for the build only (secrets): never in a session")
+    steps: list[Step] = Field(
+        default_factory=list, max_length=STEPS_MAX,
+        description=f"at most {STEPS_MAX}, run in order; the first that fails fails the build")
+    runtime: Runtime = Field(default_factory=Runtime,
+                             description="what runs in the golden snapshot")
+    resources: Resources = Field(default_factory=Resources,
+                                 description="the build's and its sessions' shape")
+    tags: list[Tag] = Field(default_factory=list, max_length=TAGS_MAX, description=_TAGS)
 
 
 class TemplateCreate(_Model):
-    name: Name
+    name: Name = Field(description=f"unique in the workspace: {_NAME}")
     spec: TemplateSpec | None = Field(
         default=None, description="a declarative spec instead of the fields below")
-    base: TemplateBase = Field(default_factory=TemplateBase)
-    setup_script: Script | None = None
-    start_cmd: Command | None = None
-    ready_when: ReadyCheck | None = None
-    env: Env = Field(default_factory=dict)
+    base: TemplateBase = Field(default_factory=TemplateBase,
+                               description="what a build starts from (at most one of its fields)")
+    setup_script: Script | None = Field(default=None, description=_SETUP_SCRIPT)
+    start_cmd: Command | None = Field(default=None, description=_START_CMD)
+    ready_when: ReadyCheck | None = Field(
+        default=None, description="when start_cmd is ready (the snapshot is taken then)")
+    env: Env = Field(default_factory=dict,
+                     description=f"{_ENV}; for the build and every session")
     build_env: Env = Field(default_factory=dict,
                            description="for the build only (secrets): never in a session")
-    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX)
-    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
-    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    cpu: int = Field(default=DEFAULT_CPU, ge=CPU_MIN, le=CPU_MAX,
+                     description=f"{_CPU}, of the build and its sessions")
+    memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX,
+                           description=f"{_MEMORY}, of the build and its sessions")
+    tags: list[Tag] = Field(default_factory=list, max_length=TAGS_MAX, description=_TAGS)
 
 
 class TemplateUpdate(_Model):
     """Only the fields given change; a build picks the change up. ``name``, ``cpu`` and
     ``memory_mb`` cannot be removed (null is refused); null removes any other field."""
 
-    name: Name | None = None
-    base: TemplateBase | None = None
-    setup_script: Script | None = None
-    start_cmd: Command | None = None
-    ready_when: ReadyCheck | None = None
-    env: Env | None = None
-    build_env: Env | None = None
-    cpu: int | None = Field(default=None, ge=CPU_MIN, le=CPU_MAX)
-    memory_mb: int | None = Field(default=None, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
-    tags: list[Tag] | None = Field(default=None, max_length=32)
+    name: Name | None = Field(default=None, description=f"unique in the workspace: {_NAME}")
+    base: TemplateBase | None = Field(default=None, description="what a build starts from")
+    setup_script: Script | None = Field(default=None, description=_SETUP_SCRIPT)
+    start_cmd: Command | None = Field(default=None, description=_START_CMD)
+    ready_when: ReadyCheck | None = Field(default=None, description="when start_cmd is ready")
+    env: Env | None = Field(default=None,
+                            description=f"{_ENV}; for the build and every session")
+    build_env: Env | None = Field(
+        default=None, description="for the build only (secrets): never in a session")
+    cpu: int | None = Field(default=None, ge=CPU_MIN, le=CPU_MAX, description=_CPU)
+    memory_mb: int | None = Field(default=None, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX,
+                                  description=_MEMORY)
+    tags: list[Tag] | None = Field(default=None, max_length=TAGS_MAX, description=_TAGS)
 
     @model_validator(mode="after")
     def _required_stay(self) -> TemplateUpdate:
@@ -832,6 +1015,9 @@ class TemplateUpdate(_Model):
 
 
 class BuildState(str, Enum):
+    """PENDING -> BUILDING -> READY (its golden snapshot is READY), or FAILED (a step failed,
+    or the server stopped)."""
+
     PENDING = "PENDING"
     BUILDING = "BUILDING"
     READY = "READY"
@@ -839,38 +1025,45 @@ class BuildState(str, Enum):
 
 
 class TemplateBuild(_Answer):
-    id: str
-    template_id: str
-    workspace_id: str
-    version: int
-    state: BuildState
+    id: str = Field(description="the build's id")
+    template_id: str = Field(description="the template built")
+    workspace_id: str = Field(description="the workspace it belongs to")
+    version: int = Field(description="the build's number in its template, from 1")
+    state: BuildState = Field(description="where it is in its lifecycle")
     error: str | None = Field(default=None, description="FAILED: the step and the reason")
-    failed_step: str | None = None
-    log_tail: str = ""
-    log_bytes: int = 0
+    failed_step: str | None = Field(
+        default=None, description="FAILED: the step it failed in (boot, setup, start, ready, "
+        "capture; server: the server stopped)")
+    log_tail: str = Field(default="", description="the last 4096 characters of its log")
+    log_bytes: int = Field(default=0, description="bytes of its log as stored (UTF-8)")
     snapshot_id: str | None = Field(default=None, description="READY: the golden snapshot")
-    created_at: datetime
-    started_at: datetime | None = None
-    completed_at: datetime | None = None
+    created_at: datetime = Field(description="when it was asked for")
+    started_at: datetime | None = Field(default=None, description="when it began BUILDING")
+    completed_at: datetime | None = Field(default=None,
+                                          description="when it became READY or FAILED")
 
 
 class Template(_Answer):
-    id: str
-    workspace_id: str
-    name: str
-    base: TemplateBase
-    setup_script: str | None = None
-    start_cmd: str | None = None
-    ready_when: ReadyCheck | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    build_env_keys: list[str] = Field(default_factory=list)
-    cpu: int
-    memory_mb: int
-    tags: list[str] = Field(default_factory=list)
+    id: str = Field(description="the template's id")
+    workspace_id: str = Field(description="the workspace it belongs to")
+    name: str = Field(description="its name, unique in the workspace")
+    base: TemplateBase = Field(description="what a build starts from")
+    setup_script: str | None = Field(default=None, description="the build's setup script")
+    start_cmd: str | None = Field(
+        default=None, description="the command left running in the golden snapshot")
+    ready_when: ReadyCheck | None = Field(default=None, description="when start_cmd is ready")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="environment of the build and every session")
+    build_env_keys: list[str] = Field(
+        default_factory=list, description="names of the build-only variables, sorted (the "
+        "values are never returned)")
+    cpu: int = Field(description="virtual CPUs of the build and its sessions")
+    memory_mb: int = Field(description="guest memory in MiB of the build and its sessions")
+    tags: list[str] = Field(default_factory=list, description="its tags")
     latest_build: TemplateBuild | None = Field(
         default=None, description="the latest READY build (what a session starts from)")
     spec: TemplateSpec | None = Field(
         default=None, description="the declarative spec it was created from, if any (an "
         "update of its fields drops it)")
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = Field(description="when it was created")
+    updated_at: datetime = Field(description="when its fields last changed")

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+import pydantic
 import pytest
 from click.testing import CliRunner
 from fastapi import APIRouter, FastAPI, Request
@@ -32,6 +33,7 @@ from tenkibox.models import (
     ExecRequest,
     SessionCreate,
     SnapshotCreate,
+    TemplateCreate,
     VolumeAttach,
     VolumeCreate,
 )
@@ -82,6 +84,10 @@ def make_app() -> FastAPI:
     @app.get("/v1/snapshots")
     async def list_snapshots(session_id: str | None = None) -> list[str]:
         return []
+
+    @app.post("/v1/templates", status_code=201)
+    async def create_template(body: TemplateCreate) -> dict[str, Any]:
+        return {"ready_when": body.ready_when.model_dump() if body.ready_when else None}
 
     @app.post("/v1/volumes", status_code=201)
     async def create_volume(body: VolumeCreate) -> dict[str, Any]:
@@ -160,6 +166,20 @@ BAD_INPUTS = [
     ("/v1/volumes", {"name": "v" * 65, "size_bytes": MiB}, "name"),
     ("/v1/volumes", {"name": "a\x07b", "size_bytes": MiB}, "name"),
     ("/v1/volumes", {"size_bytes": MiB}, "name"),
+    # the readiness URL is passed to the guest as an argument and sent as a request line
+    ("/v1/templates", {"name": "t", "ready_when": {"http_url": "a\0"}}, "ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "ready_when": {"http_url": "http://x/\x1b[2J"}},
+     "ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "ready_when": {"http_url": "http://x/\r\nHost: y"}},
+     "ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "ready_when": {"http_url": "http://x/\x7f"}},
+     "ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "ready_when": {"http_url": "http://x/" + "a" * 2048}},
+     "ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "spec": {"spec_version": "tenki.template.v1", "runtime": {
+        "ready_when": {"http_url": "a\0"}}}}, "spec.runtime.ready_when.http_url"),
+    ("/v1/templates", {"name": "t", "tags": ["a\0"]}, "tags.0"),
+    ("/v1/templates", {"name": "t", "tags": ["ok", "a\x1bb"]}, "tags.1"),
 ]
 
 
@@ -187,6 +207,18 @@ def test_good_inputs_pass(client: TestClient) -> None:
     assert client.post("/v1/sessions/ses_1/processes", json=exec_ok).status_code == 201
     resp = client.post("/v1/sessions/ses_1/volumes", json={"volume_id": "vol_1", "path": "/m/"})
     assert resp.json() == {"path": "/m"}
+    url = "http://127.0.0.1:8080/health?q=a%00b&x=é"  # an escaped NUL is a URL's business
+    resp = client.post("/v1/templates", json={"name": "t", "tags": ["tab\tok"],
+                                              "ready_when": {"http_url": url}})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["ready_when"]["http_url"] == url
+
+
+def test_ready_url_refuses_controls_in_the_model() -> None:
+    # the SDK builds the same model, so it refuses before sending
+    for bad in ("a\x00", "a\x1b", "a\t", "a\n", "a\x85", "\ud800"):
+        with pytest.raises(pydantic.ValidationError, match=r"ready_when\.http_url"):
+            TemplateCreate(name="t", ready_when={"http_url": bad})  # type: ignore[arg-type]
 
 
 def test_stdin_data_is_bounded(client: TestClient) -> None:
