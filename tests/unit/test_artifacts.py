@@ -284,6 +284,23 @@ def test_collect(store: LocalArtifactStore, tmp_path: Path) -> None:
     assert store.entries() == [] and store.strays() == [writing]
 
 
+def test_collect_removes_crashed_verified_key_temporaries(store: LocalArtifactStore,
+                                                          tmp_path: Path) -> None:
+    """A verified-key record is written to ``.verified/.<name>.<rand>.tmp`` and renamed: a
+    writer that died in between leaves the temporary, which collect removes once it is old
+    enough that no writer can still rename it."""
+    d = store.put(write(tmp_path / "kept", b"kept"))
+    records = sorted(store.keys.directory.iterdir())
+    crashed = write(store.keys.directory / f".{records[0].name}.0badc0de.tmp", b"1:2 x")
+    age(crashed, 3600)
+    writing = write(store.keys.directory / f".{records[0].name}.feedf00d.tmp", b"1:2 y")
+    assert sorted(store.strays()) == sorted([crashed, writing])
+    store.collect({d})
+    assert not crashed.exists() and writing.exists()
+    assert sorted(store.keys.directory.iterdir()) == sorted([*records, writing])
+    assert store.has(d) and store.keys.known(store.local_path(d)) == d
+
+
 def test_stored_at_is_when_it_entered_the_store(store: LocalArtifactStore,
                                                 tmp_path: Path) -> None:
     """A hard link keeps the source's old mtime; the grace counts from the put (ctime)."""

@@ -40,18 +40,18 @@ class VerifiedKeys:
     """Remembers ``path -> (stat key, digest)`` for files whose content was hashed."""
 
     def __init__(self, record_dir: Path) -> None:
-        self._dir = record_dir
+        self.directory = record_dir
         self._mem: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def _record(self, path: Path) -> Path:
-        return self._dir / hashlib.sha256(str(path).encode()).hexdigest()[:32]
+        return self.directory / hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
     def remember(self, path: Path, digest: str) -> None:
         key = stat_key(path)
         with self._lock:
             self._mem[str(path)] = (key, digest)
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         rec = self._record(path)
         tmp = rec.with_name(f".{rec.name}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(f"{key} {digest}")

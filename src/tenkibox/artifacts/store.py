@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: counts what its captures in flight have stored as referenced).
 GC_GRACE_S = 5.0
 
+#: A temporary file of the store older than this is a crashed writer's (a put, or a verified-key
+#: record, is written and renamed within it); younger ones may still be renamed into place.
+TEMP_MAX_AGE_S = 60.0
+
 
 class ArtifactError(InternalError):
     """An artifact is missing or does not match its digest."""
@@ -218,12 +222,17 @@ class LocalArtifactStore:
                 continue
             log.info("artifact %s: unreferenced, removed", info.digest[:12])
             freed += self.delete(info.digest)
-        for tmp in self.objects.glob(".*.tmp"):
+        for tmp in self.strays():
+            # a put or a verified-key record written right now is younger than a minute
             with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > 60:
+                if now - tmp.stat().st_mtime > TEMP_MAX_AGE_S:
                     tmp.unlink()
         return freed
 
     def strays(self) -> list[Path]:
-        """Files under the store that are not artifacts (a crashed put's temporary)."""
-        return [p for p in self.objects.iterdir() if not _valid_digest(p.name)]
+        """Files under the store that are not artifacts: a crashed put's temporary, and a
+        verified-key record's temporary (``.verified/.*.tmp``) whose writer died."""
+        out = [p for p in self.objects.iterdir() if not _valid_digest(p.name)]
+        if self.keys.directory.is_dir():
+            out += self.keys.directory.glob(".*.tmp")
+        return out
