@@ -13,13 +13,19 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from ..errors import SnapshotFailedError
+from ..errors import SessionFailedError, SnapshotFailedError
 from .capacity import HostCapacity
 
 
 class SnapshotDamagedError(SnapshotFailedError):
     """A restore found an artifact of the snapshot missing or corrupt: no restore of it can
     succeed (on the wire it is SnapshotFailed, like any failed restore)."""
+
+
+class ImageDamagedError(SessionFailedError):
+    """A boot found a file of the image (disk, kernel, initrd) whose stored copy does not match
+    the digest the build recorded: no boot of it can succeed until it is rebuilt (on the wire it
+    is SessionFailed, like any failed boot)."""
 
 
 @dataclass(frozen=True)
