@@ -547,14 +547,37 @@ class DamagedSnapshot(_Answer):
     problems: list[str]
 
 
-class StoreReport(_Answer):
-    """``tenki admin verify``: every stored artifact re-read against its digest."""
+class DamagedImage(_Answer):
+    """A built image whose stored files are damaged: no boot of it succeeds until it is
+    rebuilt (``tenki image build --force``)."""
 
-    ok: bool
-    checked: int = Field(description="artifacts checked (each read in full)")
+    image_id: str
+    problems: list[str]
+
+
+class DamagedSession(_Answer):
+    """A live session whose VM runs on a damaged stored file: no snapshot of it is sealed."""
+
+    session_id: str
+    problems: list[str]
+
+
+class StoreReport(_Answer):
+    """``tenki admin verify``: every stored artifact in use re-read against its digest."""
+
+    ok: bool = Field(description="nothing was found damaged, rebuilt or unowned")
+    checked: int = Field(description="artifacts checked (each read in full): every kept "
+                         "snapshot's, the built images', and what the live sessions' VMs run on")
     damaged: list[DamagedSnapshot] = Field(default_factory=list)
+    damaged_images: list[DamagedImage] = Field(default_factory=list)
+    damaged_sessions: list[DamagedSession] = Field(default_factory=list)
     bad_artifacts: dict[str, str] = Field(default_factory=dict,
                                           description="digest -> what is wrong with it")
+    damaged_caches: dict[str, str] = Field(
+        default_factory=dict, description="RAM image digest -> what is wrong with its unpacked "
+        "cache (no restore maps it before a rebuild; rebuilt only with repair)")
+    rebuilt: list[str] = Field(default_factory=list,
+                               description="RAM image digests whose damaged cache was rebuilt")
     unowned: list[str] = Field(default_factory=list, description="files no record owns")
     repaired: bool = False
 

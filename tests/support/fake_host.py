@@ -48,9 +48,11 @@ from tenkibox.errors import (
 )
 from tenkibox.host.api import (
     BootSpec,
+    CacheScrub,
     Captured,
     CaptureSpec,
     ExecSpec,
+    InUse,
     MachineShape,
     Manifest,
     NetworkSpec,
@@ -390,6 +392,8 @@ class FakeHost:
         self.volume_data: dict[str, dict[str, bytes]] = {}  # volume id -> path -> bytes
         self.artifacts: dict[str, float] = {}  # digest -> monotonic time stored
         self.corrupt: set[str] = set()  # digests that verification reports damaged
+        #: RAM cache digests a scrub finds damaged (rebuilt, so no longer damaged, by repair)
+        self.damaged_caches: set[str] = set()
         self.saved: dict[str, SavedState] = {}  # manifest.state -> what a restore gets
         self.image_ids: set[str] = set()
         self.programs: dict[str, Program] = builtin_programs()
@@ -788,6 +792,26 @@ class FakeHost:
         now = time.monotonic()
         return [f"artifact {d}" for d, at in self.artifacts.items()
                 if d not in keep and now - at >= GC_GRACE_S]
+
+    def local_artifacts(self) -> list[InUse]:
+        out = [InUse(image_digest(i), "disk", image_id=i) for i in sorted(self.image_ids)]
+        for vm in self.vms.values():
+            uses = {**{d: f"disk layer {n}" for n, d in enumerate(vm.layers)},
+                    vm.shape.kernel: "kernel", vm.shape.initrd: "initrd",
+                    **({vm.ram: "RAM image"} if vm.ram else {})}
+            out += [InUse(d, kind, session_id=vm.session_id) for d, kind in uses.items()]
+        return out
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        found = CacheScrub()
+        for d in sorted(self.damaged_caches):
+            if repair:
+                found.rebuilt.append(d)
+            else:
+                found.damaged[d] = f"RAM cache {d[:12]} does not match its RAM image"
+        if repair:
+            self.damaged_caches.clear()
+        return found
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         bad: dict[str, str] = {}

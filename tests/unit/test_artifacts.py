@@ -17,6 +17,7 @@ from tenkibox.artifacts import digests, ramfile
 from tenkibox.artifacts import store as store_mod
 from tenkibox.artifacts.digests import VerifiedKeys, sha256_file, stat_key
 from tenkibox.artifacts.store import ArtifactCorrupt, ArtifactMissing, LocalArtifactStore
+from tenkibox.host.api import CacheScrub
 from tenkibox.host.ramcache import RamCache, content_digest, image_content_digest
 
 MiB = 1 << 20
@@ -344,7 +345,8 @@ async def test_ram_cache_is_built_from_the_stored_image(
     assert meta == {"key": stat_key(path)}
     ino = path.stat().st_ino
     assert await cache.ensure(d) == path and path.stat().st_ino == ino  # not rebuilt
-    assert cache.scrub() == []
+    assert cache.scrub(repair=True) == CacheScrub()
+    assert path.stat().st_ino == ino
 
 
 async def test_the_image_says_what_its_cache_must_hold(
@@ -380,9 +382,29 @@ async def test_scrub_finds_what_the_stat_cannot_see(ram: tuple[RamCache, str, by
     info["key"] = stat_key(path)  # bit rot: the stat key did not move
     meta.write_text(json.dumps(info))
     assert (await cache.ensure(d)).read_bytes() != content  # trusted on its key
-    assert cache.scrub() == [d]
+    assert cache.scrub(repair=True) == CacheScrub(rebuilt=[d])
     assert path.read_bytes() == content
-    assert cache.scrub() == []
+    assert cache.scrub(repair=True) == CacheScrub()
+
+
+async def test_scrub_without_repair_reports_and_distrusts_but_does_not_rebuild(
+        ram: tuple[RamCache, str, bytes]) -> None:
+    cache, d, content = ram
+    path = await cache.ensure(d)
+    meta = cache.root / f"{d}.meta"
+    flip_byte(path, 17)
+    info = json.loads(meta.read_text())
+    info["key"] = stat_key(path)  # bit rot: the stat key did not move
+    meta.write_text(json.dumps(info))
+    ino = path.stat().st_ino
+    found = cache.scrub(repair=False)
+    assert found.rebuilt == [] and list(found.damaged) == [d]
+    assert found.damaged[d].startswith(f"RAM cache {d[:12]} does not match its RAM image")
+    assert path.stat().st_ino == ino and path.read_bytes() != content  # left as it was
+    assert list(cache.scrub(repair=False).damaged) == [d]  # still damaged, still said
+    # but no restore maps it: the next one rebuilds it first
+    assert (await cache.ensure(d)).read_bytes() == content
+    assert cache.scrub(repair=False) == CacheScrub()
 
 
 async def test_a_ram_cache_that_cannot_be_rebuilt_is_not_trusted_again(
@@ -395,7 +417,9 @@ async def test_a_ram_cache_that_cannot_be_rebuilt_is_not_trusted_again(
     info["key"] = stat_key(path)
     meta.write_text(json.dumps(info))
     cache.store.delete(d)  # the stored image is gone too
-    assert cache.scrub() == []  # nothing could be rebuilt
+    found = cache.scrub(repair=True)
+    assert found.rebuilt == [] and list(found.damaged) == [d]  # nothing could be rebuilt
+    assert "could not be rebuilt" in found.damaged[d]
     assert not path.exists() and not meta.exists()
     with pytest.raises(ArtifactMissing):
         await cache.ensure(d)  # never the damaged cache

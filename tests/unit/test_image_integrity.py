@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.images import CONTENT, DIGESTS, flip_byte, write_image
 
 from tenkibox.artifacts import store as store_mod
 from tenkibox.artifacts.store import LocalArtifactStore
@@ -22,39 +22,6 @@ from tenkibox.host.context import HostContext
 from tenkibox.host.ramcache import RamCache
 from tenkibox.host.vm import HostLayout
 from tenkibox.images import builder
-
-CONTENT = {"disk": b"QFI\xfb" + os.urandom(300_000), "kernel": b"MZ" + os.urandom(40_000),
-           "initrd": b"070701" + os.urandom(20_000)}
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    """Damage one byte through the file system, putting the old mtime back (ctime moves)."""
-    st = os.stat(path)
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ 0xFF]))
-    os.chmod(path, st.st_mode & 0o7777)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def write_image(home: Path, image_id: str = "sandbox", *, digests: bool = True) -> Path:
-    """An image as ``builder._build_locked`` leaves it (up to date with the guest sources)."""
-    d = Layout(home).image_dir(image_id)
-    d.mkdir(parents=True)
-    for kind, name in builder.BOOT_FILES.items():
-        (d / name).write_bytes(CONTENT[kind])
-    meta: dict[str, Any] = {"id": image_id, "size_bytes": 1, "packages": [],
-                            "created_at": "2026-01-01T00:00:00+00:00",
-                            "source_hash": builder.source_hash()}
-    if digests:
-        meta["sha256"] = {k: hashlib.sha256(v).hexdigest() for k, v in CONTENT.items()}
-    (d / builder.META_FILE).write_text(json.dumps(meta))
-    for p in d.iterdir():
-        os.chmod(p, 0o444)
-    return d
 
 
 def make_ctx(home: Path) -> HostContext:
@@ -70,9 +37,7 @@ def home(tmp_path: Path) -> Path:
 
 
 def recorded() -> tuple[str, str, str]:
-    return (hashlib.sha256(CONTENT["disk"]).hexdigest(),
-            hashlib.sha256(CONTENT["kernel"]).hexdigest(),
-            hashlib.sha256(CONTENT["initrd"]).hexdigest())
+    return DIGESTS["disk"], DIGESTS["kernel"], DIGESTS["initrd"]
 
 
 def test_boot_stores_the_files_under_their_recorded_digests(home: Path) -> None:
@@ -104,7 +69,7 @@ def test_a_stored_file_damaged_since_refuses_the_boot(home: Path, kind: str) -> 
     d = write_image(home)
     ctx = make_ctx(home)
     ctx.image_artifacts("sandbox")
-    digest = dict(zip(("disk", "kernel", "initrd"), recorded(), strict=True))[kind]
+    digest = DIGESTS[kind]
     # the image's file is the stored copy (a hard link): damage to one is damage to both
     flip_byte(ctx.store.local_path(digest), 7)
     with pytest.raises(ImageDamagedError) as err:
@@ -176,7 +141,7 @@ def test_an_older_image_that_cannot_be_rebuilt_has_its_digests_recorded_once(
     ctx = make_ctx(home)
     assert ctx.image_artifacts("sandbox")[:3] == recorded()
     meta = json.loads((d / builder.META_FILE).read_text())
-    assert meta["sha256"] == dict(zip(("disk", "kernel", "initrd"), recorded(), strict=True))
+    assert meta["sha256"] == DIGESTS
     assert meta["source_hash"] == builder.source_hash() and meta["id"] == "sandbox"
     assert (d / builder.META_FILE).stat().st_mode & 0o777 == 0o444
     assert sorted(p.name for p in d.iterdir()) == sorted(

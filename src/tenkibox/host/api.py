@@ -210,6 +210,27 @@ class VMGone:
 
 
 @dataclass(frozen=True)
+class InUse:
+    """A stored artifact this host uses that no snapshot record may name: a file of a built
+    image, or one a VM of this host runs on (its layers, kernel, initrd, RAM image)."""
+
+    digest: str
+    kind: str  # what it is to its user: "disk", "kernel", "disk layer 1", "RAM image"...
+    image_id: str | None = None  # set for an image's file
+    session_id: str | None = None  # set for a VM's
+
+
+@dataclass
+class CacheScrub:
+    """What a check of the derived RAM caches found."""
+
+    #: digest -> what is wrong with its cache (not rebuilt: without repair, or that failed)
+    damaged: dict[str, str] = field(default_factory=dict)
+    #: digests whose damaged cache was rebuilt
+    rebuilt: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Recovered:
     found: list[str]  # sessions whose VM runs and answers
     lost: dict[str, str]  # session id -> why its VM could not be found
@@ -265,4 +286,15 @@ class HostAPI(Protocol):
     def referenced_locally(self) -> set[str]: ...
     async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
     def unowned_files(self, referenced: set[str]) -> list[str]: ...
-    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]: ...
+
+    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
+        """digest -> problem, for each of ``digests`` (digest -> kind) missing or corrupt;
+        ``deep`` reads every one in full whatever its stat says."""
+        ...
+
+    def local_artifacts(self) -> list[InUse]: ...
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        """Re-hash the derived caches in full; rebuild damaged ones only with ``repair`` (a
+        damaged one is never used again without a rebuild either way)."""
+        ...

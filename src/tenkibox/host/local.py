@@ -30,9 +30,11 @@ from ..steps import Steps
 from . import volumes as vols
 from .api import (
     BootSpec,
+    CacheScrub,
     Captured,
     CaptureSpec,
     ExecSpec,
+    InUse,
     NetworkSpec,
     ProcessRef,
     Recovered,
@@ -483,16 +485,24 @@ class LocalHost:
         return freed
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
-        """digest -> problem, for every artifact of ``digests`` (digest -> kind) that is missing
-        or corrupt; with ``deep`` the RAM caches are re-hashed (and rebuilt) too."""
-        def run() -> dict[str, str]:
-            bad = self.store.damaged(digests, deep=deep)
-            if deep:
-                for digest in self.ctx.ram_cache.scrub():
-                    log.warning("RAM cache %s was damaged and has been rebuilt", digest[:12])
-            return bad
+        return await asyncio.to_thread(self.store.damaged, digests, deep=deep)
 
-        return await asyncio.to_thread(run)
+    def local_artifacts(self) -> list[InUse]:
+        """The stored files of the built images (one not stored yet is read in full when a
+        boot stores it), and what every VM of this host runs on."""
+        out = [InUse(d, kind, image_id=image_id)
+               for d, (image_id, kind) in self.ctx.built_images().items() if self.store.has(d)]
+        for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
+            r = vm.record
+            layers = [*r.layers, *(d for _, d in r.frozen if d)]
+            uses = {**{d: f"disk layer {i}" for i, d in enumerate(layers)},
+                    r.shape.kernel: "kernel", r.shape.initrd: "initrd",
+                    **({r.ram: "RAM image"} if r.ram else {})}
+            out += [InUse(d, kind, session_id=r.session_id) for d, kind in uses.items()]
+        return out
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        return await asyncio.to_thread(self.ctx.ram_cache.scrub, repair=repair)
 
     def unowned_files(self, referenced: set[str]) -> list[str]:
         """Files of this host that nothing owns (for ``tenki admin verify``)."""
