@@ -578,7 +578,9 @@ class StoreReport(_Answer):
         "cache (no restore maps it before a rebuild; rebuilt only with repair)")
     rebuilt: list[str] = Field(default_factory=list,
                                description="RAM image digests whose damaged cache was rebuilt")
-    unowned: list[str] = Field(default_factory=list, description="files no record owns")
+    unowned: list[str] = Field(default_factory=list, description="files no record owns (found)")
+    removed: list[str] = Field(default_factory=list,
+                               description="those of the unowned files that repair removed")
     repaired: bool = False
 
 

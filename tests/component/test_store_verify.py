@@ -104,3 +104,21 @@ def test_damaged_ram_caches_are_rebuilt_only_by_repair(run: Run, fake_host: Fake
     assert report["rebuilt"] == [cache] and report["damaged_caches"] == {}
     after = run("admin", "verify")
     assert after.exit_code == 0 and "all intact" in after.stdout
+
+
+def test_repair_removes_only_what_no_one_can_claim_and_says_so(
+        run: Run, client: Client, fake_host: FakeHost) -> None:
+    s = client.create_and_wait()
+    orphan, busy, live = "/run/tenki/ses_orphan", "/run/tenki/ses_busy", f"/disks/{s.id}"
+    fake_host.orphan_dirs.update({orphan, busy, live})
+    fake_host.busy_dirs.add(busy)
+    found = run("admin", "verify")
+    assert found.exit_code == 1 and "(removed)" not in found.stdout
+    repaired = run("admin", "verify", "--repair")
+    assert repaired.exit_code == 1
+    lines = repaired.stdout.splitlines()
+    assert f"unowned: {orphan} (removed)" in lines
+    assert f"unowned: {busy}" in lines and f"unowned: {live}" in lines
+    report = client.verify_store(repair=True)
+    assert sorted(report.unowned) == sorted([busy, live]) and report.removed == []
+    assert fake_host.orphan_dirs == {busy, live}

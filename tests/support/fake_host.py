@@ -394,6 +394,10 @@ class FakeHost:
         self.corrupt: set[str] = set()  # digests that verification reports damaged
         #: RAM cache digests a scrub finds damaged (rebuilt, so no longer damaged, by repair)
         self.damaged_caches: set[str] = set()
+        #: directories of VMs that ``unowned_files`` lists; those also in ``busy_dirs`` are
+        #: still used by a process, so ``remove_unowned`` leaves them
+        self.orphan_dirs: set[str] = set()
+        self.busy_dirs: set[str] = set()
         self.saved: dict[str, SavedState] = {}  # manifest.state -> what a restore gets
         self.image_ids: set[str] = set()
         self.programs: dict[str, Program] = builtin_programs()
@@ -791,7 +795,22 @@ class FakeHost:
         keep = referenced | self.referenced_locally()
         now = time.monotonic()
         return [f"artifact {d}" for d, at in self.artifacts.items()
-                if d not in keep and now - at >= GC_GRACE_S]
+                if d not in keep and now - at >= GC_GRACE_S] + sorted(self.orphan_dirs)
+
+    async def remove_unowned(self, found: list[str], referenced: set[str],
+                             live_sessions: set[str]) -> list[str]:
+        keep = referenced | self.referenced_locally()
+        removed = []
+        for entry in found:
+            d = entry.removeprefix("artifact ")
+            if entry.startswith("artifact ") and d in self.artifacts and d not in keep:
+                del self.artifacts[d]
+                removed.append(entry)
+            elif entry in self.orphan_dirs and entry not in self.busy_dirs and \
+                    entry.rsplit("/", 1)[-1] not in live_sessions:
+                self.orphan_dirs.discard(entry)
+                removed.append(entry)
+        return removed
 
     def local_artifacts(self) -> list[InUse]:
         out = [InUse(image_digest(i), "disk", image_id=i) for i in sorted(self.image_ids)]

@@ -4,6 +4,7 @@ one owns: never a directory that a VM, a live record or a running process still 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,6 +16,8 @@ import pytest
 from support.images import DIGESTS, flip_byte, write_image
 
 from tenkibox.config import Layout
+from tenkibox.host import local as local_mod
+from tenkibox.host import unowned
 from tenkibox.host.api import InUse, MachineShape
 from tenkibox.host.local import LocalHost
 from tenkibox.host.vm import VMRecord
@@ -50,6 +53,71 @@ def vm_of(record: VMRecord) -> SimpleNamespace:
 def shape() -> MachineShape:
     return MachineShape(cpu=1, memory_mb=256, kernel=DIGESTS["kernel"],
                         initrd=DIGESTS["initrd"], cmdline="")
+
+
+def test_repair_never_removes_a_directory_that_someone_still_has(
+        home: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    host = LocalHost(Layout(home), "tcg")
+    run, disks = host.paths.layout.run, host.paths.disks
+    dirs = {}
+    for name in ("ses_gone", "ses_held", "ses_live", "ses_qemu", "ses_passt"):
+        for root in (run, disks):
+            d = root / name
+            d.mkdir(parents=True)
+            (d / "vm.json").write_text("{}")
+            dirs[name, root] = d
+    host.vms["ses_held"] = vm_of(VMRecord("ses_held", shape(), []))  # type: ignore[assignment]
+    # a QEMU names its run directory in its command line; a network helper does not, its pid
+    # is in machine.json
+    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", f"{run}/ses_qemu/qmp.sock"]))
+    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", "passt"]))
+    (run / "ses_passt" / "machine.json").write_text(json.dumps({"pid": None,
+                                                                "net_pid": procs[1].pid}))
+    time.sleep(0.2)  # the processes have exec'd
+    found = host.unowned_files(set())
+    for name in ("ses_gone", "ses_live", "ses_qemu", "ses_passt"):
+        assert str(run / name) in found and str(disks / name) in found
+    removed = _run(host.remove_unowned(found, set(), {"ses_live"}))
+    assert sorted(removed) == sorted([str(run / "ses_gone"), str(disks / "ses_gone")])
+    assert [d for d in dirs.values() if not d.exists()] == [run / "ses_gone",
+                                                            disks / "ses_gone"]
+    # once they are gone, the next repair removes them
+    for p in procs:
+        p.kill()
+        p.wait()
+    found = host.unowned_files(set())
+    removed = _run(host.remove_unowned(found, set(), {"ses_live"}))
+    assert sorted(removed) == sorted(str(root / name) for root in (run, disks)
+                                     for name in ("ses_qemu", "ses_passt"))
+    assert (run / "ses_live").exists() and (disks / "ses_held").exists()
+
+
+def test_repair_removes_unreferenced_artifacts_and_crashed_temporaries(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = LocalHost(Layout(home), "tcg")
+    store = host.store
+    kept = store.put(_file(tmp_path / "kept", b"kept"))
+    unused = store.put(_file(tmp_path / "unused", b"unused"))
+    crashed_put = old(_file(store.temp_path(), b"half"))
+    writing_put = _file(store.temp_path(), b"under way")
+    records = store.keys.directory
+    crashed_key = old(_file(records / ".0123.0badc0de.tmp", b"k d"))
+    writing_key = _file(records / ".0123.feedf00d.tmp", b"k d")
+    monkeypatch.setattr(local_mod, "GC_GRACE_S", 0.0)  # both stored just now
+    monkeypatch.setattr(unowned, "GC_GRACE_S", 0.0)
+    found = host.unowned_files({kept})
+    assert f"artifact {unused}" in found and f"artifact {kept}" not in found
+    assert {str(p) for p in (crashed_put, writing_put, crashed_key, writing_key)} <= set(found)
+    # an artifact referenced meanwhile is asked about again, and kept
+    removed = _run(host.remove_unowned([*found, f"artifact {kept}"], {kept}, set()))
+    assert sorted(removed) == sorted([f"artifact {unused}", str(crashed_put), str(crashed_key)])
+    assert store.has(kept) and not store.has(unused)
+    assert writing_put.exists() and writing_key.exists()
+    # within the GC's grace (a capture's put just before its record names it): kept too
+    again = store.put(_file(tmp_path / "again", b"again"))
+    monkeypatch.setattr(unowned, "GC_GRACE_S", 3600.0)
+    assert _run(host.remove_unowned([f"artifact {again}"], set(), set())) == []
+    assert store.has(again)
 
 
 def test_start_up_removes_every_temporary_of_the_store(home: Path) -> None:

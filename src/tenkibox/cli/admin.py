@@ -37,7 +37,8 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
                   for d in report.damaged_sessions for problem in d.problems]
         lines += list(report.damaged_caches.values())
         lines += [f"RAM cache {digest[:12]}: damaged (rebuilt)" for digest in report.rebuilt]
-        lines += [f"unowned: {path}" + (" (removed)" if repair else "")
+        removed = set(report.removed)
+        lines += [f"unowned: {path}" + (" (removed)" if path in removed else "")
                   for path in report.unowned]
         for line in lines:
             click.echo(c.escape_text(line))

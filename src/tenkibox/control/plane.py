@@ -102,6 +102,8 @@ class ControlPlane:
                     for digest in report["rebuilt"]:
                         log.warning("scrub: RAM cache %s was damaged and was rebuilt",
                                     digest[:12])
+                    for entry in report["removed"]:
+                        log.info("scrub: removed %s (no record owned it)", entry)
             except Exception:  # a sweep must never kill the loop
                 log.exception("sweep failed")
 

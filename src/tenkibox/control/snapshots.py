@@ -303,7 +303,7 @@ class SnapshotControl:
         snapshot's, the built images', and what the live sessions' VMs run on; then the host's
         derived RAM caches, and what no record owns. With ``repair``: snapshots whose artifacts
         are damaged become FAILED (naming the artifact), damaged RAM caches are rebuilt, and
-        unowned files are removed. A damaged image or
+        unowned files are removed (those the report lists as ``removed``). A damaged image or
         running VM is only reported: a boot refuses the image, a capture the VM's layer."""
         in_use = self.host.local_artifacts()
         # digest -> its kind in the messages: an image's own names its files best
@@ -338,16 +338,17 @@ class SnapshotControl:
         caches = await self.host.scrub_caches(repair)
         referenced = set(self.referenced())
         unowned = self.host.unowned_files(referenced)
-        if repair:
-            await self.host.collect_garbage(referenced, grace_s=0)
-            unowned = self.host.unowned_files(set(self.referenced()))
+        removed: list[str] = []
+        if repair and unowned:
+            live = {s.id for s in self.records.all(SessionRow) if s.state not in FINAL}
+            removed = await self.host.remove_unowned(unowned, referenced, live)
         return {"ok": not bad and not caches.damaged and not caches.rebuilt and not unowned,
                 "checked": len(digests), "damaged": damaged,
                 "damaged_images": [{"image_id": i, "problems": p} for i, p in images.items()],
                 "damaged_sessions": [{"session_id": i, "problems": p}
                                      for i, p in sessions.items()],
                 "bad_artifacts": bad, "damaged_caches": caches.damaged,
-                "rebuilt": caches.rebuilt, "unowned": unowned,
+                "rebuilt": caches.rebuilt, "unowned": unowned, "removed": removed,
                 "repaired": repair}
 
     # -- recovery ----------------------------------------------------------------------------

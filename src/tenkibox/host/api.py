@@ -287,6 +287,12 @@ class HostAPI(Protocol):
     async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
     def unowned_files(self, referenced: set[str]) -> list[str]: ...
 
+    async def remove_unowned(self, found: list[str], referenced: set[str],
+                             live_sessions: set[str]) -> list[str]:
+        """Remove what ``unowned_files`` ``found`` that no one can still claim (nothing of a
+        live session's or a running process's); returns the entries removed."""
+        ...
+
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         """digest -> problem, for each of ``digests`` (digest -> kind) missing or corrupt;
         ``deep`` reads every one in full whatever its stat says."""

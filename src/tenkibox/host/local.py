@@ -27,6 +27,7 @@ from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import Machine, MachineError, pid_alive
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
 from ..steps import Steps
+from . import unowned
 from . import volumes as vols
 from .api import (
     BootSpec,
@@ -503,6 +504,16 @@ class LocalHost:
 
     async def scrub_caches(self, repair: bool) -> CacheScrub:
         return await asyncio.to_thread(self.ctx.ram_cache.scrub, repair=repair)
+
+    async def remove_unowned(self, found: list[str], referenced: set[str],
+                             live_sessions: set[str]) -> list[str]:
+        def owned(session_id: str) -> bool:
+            return session_id in self.vms or session_id in self._starting \
+                or session_id in live_sessions
+
+        keep = referenced | self.referenced_locally()
+        return await asyncio.to_thread(unowned.remove, found, store=self.store, paths=self.paths,
+                                       owned=owned, referenced=keep, processes=our_processes)
 
     def unowned_files(self, referenced: set[str]) -> list[str]:
         """Files of this host that nothing owns (for ``tenki admin verify``)."""

@@ -50,6 +50,6 @@ async def verify(plane: Plane, _: Admin, repair: bool = Query(default=False)) ->
     """Re-read against its digest every stored artifact of every READY snapshot, of every built
     image and of every live session's VM, re-hash the derived RAM caches, and list files no
     record owns. ``repair`` marks snapshots with damaged artifacts FAILED, rebuilds damaged RAM
-    caches and removes unowned files; damaged images and sessions are
+    caches and removes unowned files (listed in ``removed``); damaged images and sessions are
     reported only."""
     return StoreReport(**await plane.snapshots.verify(repair))
