@@ -659,18 +659,50 @@ class UnownedFile(_Answer):
     name: str = Field(description="a digest, a path in the data directory, or a session id")
 
 
-class StoreReport(_Answer):
-    """``tenki admin verify``: every stored artifact re-read against its digest."""
+class DamagedImage(_Answer):
+    """A built image whose stored files are damaged: no boot of it succeeds until it is
+    rebuilt (``tenki image build --force``)."""
 
-    ok: bool = Field(description="nothing is damaged")
-    checked: int = Field(description="artifacts checked (each read in full)")
+    image_id: str = Field(description="the image whose stored files are damaged")
+    problems: list[str] = Field(description="what is wrong, one line per file")
+
+
+class DamagedSession(_Answer):
+    """A live session whose VM runs on a damaged stored file: no snapshot of it is sealed."""
+
+    session_id: str = Field(description="the session whose VM runs on damaged files")
+    problems: list[str] = Field(description="what is wrong, one line per file (which layer, "
+                                "kernel, initrd or RAM image)")
+
+
+class StoreReport(_Answer):
+    """``tenki admin verify``: every stored artifact in use re-read against its digest."""
+
+    ok: bool = Field(description="nothing was found damaged, rebuilt or unowned")
+    checked: int = Field(description="artifacts checked (each read in full): every kept "
+                         "snapshot's, the built images', and what the live sessions' VMs run on")
     damaged: list[DamagedSnapshot] = Field(
         default_factory=list, description="snapshots that cannot be restored as stored")
+    damaged_images: list[DamagedImage] = Field(
+        default_factory=list, description="built images that cannot be booted as stored "
+        "(reported only: rebuild them)")
+    damaged_sessions: list[DamagedSession] = Field(
+        default_factory=list, description="live sessions whose VM runs on a damaged stored "
+        "file (reported only: no snapshot of them is sealed)")
     bad_artifacts: dict[str, str] = Field(default_factory=dict,
                                           description="digest -> what is wrong with it")
-    unowned: list[UnownedFile] = Field(default_factory=list, description="files no record owns")
+    damaged_caches: dict[str, str] = Field(
+        default_factory=dict, description="RAM image digest -> what is wrong with its unpacked "
+        "cache (no restore maps it before a rebuild; rebuilt only with repair)")
+    rebuilt: list[str] = Field(default_factory=list,
+                               description="RAM image digests whose damaged cache was rebuilt")
+    unowned: list[UnownedFile] = Field(default_factory=list,
+                                       description="files no record owns (as found)")
+    removed: list[UnownedFile] = Field(
+        default_factory=list, description="those of the unowned files that repair removed")
     repaired: bool = Field(
-        default=False, description="repair was asked for: damaged snapshots are marked FAILED")
+        default=False, description="repair was asked for: damaged snapshots are marked FAILED, "
+        "damaged RAM caches rebuilt and the unowned files no one can claim removed")
 
 
 # -- workspaces, API keys, audit, host capacity -------------------------------------------------

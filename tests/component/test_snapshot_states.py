@@ -211,8 +211,11 @@ def test_verify_names_an_unowned_artifact_by_its_digest(
     out = CliRunner().invoke(cli, ["admin", "verify"], obj=CliState())
     assert out.exit_code == 1
     assert f"unowned artifact: {stray}" in out.output.splitlines()
-    assert client.verify_store(repair=True).ok
+    repaired = client.verify_store(repair=True)
+    assert not repaired.ok  # it was found: the report says so, and that repair removed it
+    assert [(u.kind, u.name) for u in repaired.removed] == [("artifact", stray)]
     assert stray not in fake_host.artifacts
+    assert client.verify_store(repair=False).ok
 
 
 def test_a_restore_in_progress_keeps_the_artifacts_it_reads(

@@ -49,9 +49,11 @@ from tenkibox.errors import (
 )
 from tenkibox.host.api import (
     BootSpec,
+    CacheScrub,
     Captured,
     CaptureSpec,
     ExecSpec,
+    InUse,
     MachineShape,
     Manifest,
     NetworkSpec,
@@ -394,6 +396,12 @@ class FakeHost:
         self.volume_data: dict[str, dict[str, bytes]] = {}  # volume id -> path -> bytes
         self.artifacts: dict[str, float] = {}  # digest -> monotonic time stored
         self.corrupt: set[str] = set()  # digests that verification reports damaged
+        #: RAM cache digests a scrub finds damaged (rebuilt, so no longer damaged, by repair)
+        self.damaged_caches: set[str] = set()
+        #: session ids of VMs whose files ``unowned_files`` lists; those also in ``busy_vms``
+        #: are still used by a process, so ``remove_unowned`` leaves them
+        self.orphan_vms: set[str] = set()
+        self.busy_vms: set[str] = set()
         self.saved: dict[str, SavedState] = {}  # manifest.state -> what a restore gets
         self.image_ids: set[str] = set()  # the images booted
         #: the images built on this host (``list_images``)
@@ -800,7 +808,43 @@ class FakeHost:
         keep = referenced | self.referenced_locally()
         now = time.monotonic()
         return [Unowned("artifact", d) for d, at in self.artifacts.items()
-                if d not in keep and now - at >= GC_GRACE_S]
+                if d not in keep and now - at >= GC_GRACE_S] + [
+            Unowned("vm", sid) for sid in sorted(self.orphan_vms)]
+
+    async def remove_unowned(self, found: list[Unowned], referenced: set[str],
+                             live_sessions: set[str]) -> list[Unowned]:
+        keep = referenced | self.referenced_locally()
+        removed = []
+        for entry in found:
+            if entry.kind == "artifact" and entry.name in self.artifacts \
+                    and entry.name not in keep:
+                del self.artifacts[entry.name]
+                removed.append(entry)
+            elif entry.kind == "vm" and entry.name in self.orphan_vms and \
+                    entry.name not in self.busy_vms | live_sessions:
+                self.orphan_vms.discard(entry.name)
+                removed.append(entry)
+        return removed
+
+    def local_artifacts(self) -> list[InUse]:
+        out = [InUse(image_digest(i), "disk", image_id=i) for i in sorted(self.image_ids)]
+        for vm in self.vms.values():
+            uses = {**{d: f"disk layer {n}" for n, d in enumerate(vm.layers)},
+                    vm.shape.kernel: "kernel", vm.shape.initrd: "initrd",
+                    **({vm.ram: "RAM image"} if vm.ram else {})}
+            out += [InUse(d, kind, session_id=vm.session_id) for d, kind in uses.items()]
+        return out
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        found = CacheScrub()
+        for d in sorted(self.damaged_caches):
+            if repair:
+                found.rebuilt.append(d)
+            else:
+                found.damaged[d] = f"RAM cache {d[:12]} does not match its RAM image"
+        if repair:
+            self.damaged_caches.clear()
+        return found
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         bad: dict[str, str] = {}

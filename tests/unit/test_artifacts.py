@@ -17,6 +17,7 @@ from tenkibox.artifacts import digests, ramfile
 from tenkibox.artifacts import store as store_mod
 from tenkibox.artifacts.digests import VerifiedKeys, sha256_file, stat_key
 from tenkibox.artifacts.store import ArtifactCorrupt, ArtifactMissing, LocalArtifactStore
+from tenkibox.host.api import CacheScrub
 from tenkibox.host.ramcache import RamCache, content_digest, image_content_digest
 
 MiB = 1 << 20
@@ -109,24 +110,6 @@ def test_put_with_a_given_digest_does_not_hash(store: LocalArtifactStore, tmp_pa
     store.verify(lie)
     with pytest.raises(ArtifactCorrupt):
         store.verify(lie, deep=True)
-
-
-def test_ingest_hashes_a_file_again_only_once_it_changed(
-        store: LocalArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An image's files are ingested at every boot: hashed once, then known by their stat."""
-    src = write(tmp_path / "base.qcow2", b"disk one")
-    first = store.ingest(src)
-    assert first == sha(b"disk one") and store.has(first)
-
-    def no_hashing(_: Path) -> str:
-        raise AssertionError("hashed again")
-
-    monkeypatch.setattr(digests, "sha256_file", no_hashing)
-    assert store.ingest(src) == first  # unchanged (the link into the store moved its ctime)
-    monkeypatch.undo()
-    src.unlink()  # a rebuilt image: a new file under the same name
-    second = store.ingest(write(src, b"disk two"))
-    assert second == sha(b"disk two") and store.has(second) and store.has(first)
 
 
 def test_put_move_renames_on_the_same_file_system(store: LocalArtifactStore) -> None:
@@ -302,6 +285,23 @@ def test_collect(store: LocalArtifactStore, tmp_path: Path) -> None:
     assert store.entries() == [] and store.strays() == [writing]
 
 
+def test_collect_removes_crashed_verified_key_temporaries(store: LocalArtifactStore,
+                                                          tmp_path: Path) -> None:
+    """A verified-key record is written to ``.verified/.<name>.<rand>.tmp`` and renamed: a
+    writer that died in between leaves the temporary, which collect removes once it is old
+    enough that no writer can still rename it."""
+    d = store.put(write(tmp_path / "kept", b"kept"))
+    records = sorted(store.keys.directory.iterdir())
+    crashed = write(store.keys.directory / f".{records[0].name}.0badc0de.tmp", b"1:2 x")
+    age(crashed, 3600)
+    writing = write(store.keys.directory / f".{records[0].name}.feedf00d.tmp", b"1:2 y")
+    assert sorted(store.strays()) == sorted([crashed, writing])
+    store.collect({d})
+    assert not crashed.exists() and writing.exists()
+    assert sorted(store.keys.directory.iterdir()) == sorted([*records, writing])
+    assert store.has(d) and store.keys.known(store.local_path(d)) == d
+
+
 def test_stored_at_is_when_it_entered_the_store(store: LocalArtifactStore,
                                                 tmp_path: Path) -> None:
     """A hard link keeps the source's old mtime; the grace counts from the put (ctime)."""
@@ -345,7 +345,8 @@ async def test_ram_cache_is_built_from_the_stored_image(
     assert meta == {"key": stat_key(path)}
     ino = path.stat().st_ino
     assert await cache.ensure(d) == path and path.stat().st_ino == ino  # not rebuilt
-    assert cache.scrub() == []
+    assert cache.scrub(repair=True) == CacheScrub()
+    assert path.stat().st_ino == ino
 
 
 async def test_the_image_says_what_its_cache_must_hold(
@@ -381,9 +382,29 @@ async def test_scrub_finds_what_the_stat_cannot_see(ram: tuple[RamCache, str, by
     info["key"] = stat_key(path)  # bit rot: the stat key did not move
     meta.write_text(json.dumps(info))
     assert (await cache.ensure(d)).read_bytes() != content  # trusted on its key
-    assert cache.scrub() == [d]
+    assert cache.scrub(repair=True) == CacheScrub(rebuilt=[d])
     assert path.read_bytes() == content
-    assert cache.scrub() == []
+    assert cache.scrub(repair=True) == CacheScrub()
+
+
+async def test_scrub_without_repair_reports_and_distrusts_but_does_not_rebuild(
+        ram: tuple[RamCache, str, bytes]) -> None:
+    cache, d, content = ram
+    path = await cache.ensure(d)
+    meta = cache.root / f"{d}.meta"
+    flip_byte(path, 17)
+    info = json.loads(meta.read_text())
+    info["key"] = stat_key(path)  # bit rot: the stat key did not move
+    meta.write_text(json.dumps(info))
+    ino = path.stat().st_ino
+    found = cache.scrub(repair=False)
+    assert found.rebuilt == [] and list(found.damaged) == [d]
+    assert found.damaged[d].startswith(f"RAM cache {d[:12]} does not match its RAM image")
+    assert path.stat().st_ino == ino and path.read_bytes() != content  # left as it was
+    assert list(cache.scrub(repair=False).damaged) == [d]  # still damaged, still said
+    # but no restore maps it: the next one rebuilds it first
+    assert (await cache.ensure(d)).read_bytes() == content
+    assert cache.scrub(repair=False) == CacheScrub()
 
 
 async def test_a_ram_cache_that_cannot_be_rebuilt_is_not_trusted_again(
@@ -396,7 +417,9 @@ async def test_a_ram_cache_that_cannot_be_rebuilt_is_not_trusted_again(
     info["key"] = stat_key(path)
     meta.write_text(json.dumps(info))
     cache.store.delete(d)  # the stored image is gone too
-    assert cache.scrub() == []  # nothing could be rebuilt
+    found = cache.scrub(repair=True)
+    assert found.rebuilt == [] and list(found.damaged) == [d]  # nothing could be rebuilt
+    assert "could not be rebuilt" in found.damaged[d]
     assert not path.exists() and not meta.exists()
     with pytest.raises(ArtifactMissing):
         await cache.ensure(d)  # never the damaged cache

@@ -4,9 +4,10 @@ A file is re-hashed whenever its ``(device, inode, size, mtime, ctime)`` changed
 hashed. Every write through the file system moves mtime and ctime, and putting an old mtime back
 (``touch -d``, ``os.utime``) moves ctime, which no user can set: so any change made through the
 kernel is seen at the next use. Damage that bypasses the file system (media bit rot) keeps the
-stat key; the background scrub (a deep verify of every snapshot's artifacts and of the RAM
-caches, every ``TENKI_SCRUB_INTERVAL_S``) and ``tenki admin verify`` re-hash regardless, so such
-damage is found within one scrub period, and before that only if a restore reads it.
+stat key; the background scrub (a deep verify, every ``TENKI_SCRUB_INTERVAL_S``, of every kept
+snapshot's artifacts, the built images' stored files, the files the live VMs run on, and the RAM
+caches) and ``tenki admin verify`` re-hash regardless, so such damage is found within one scrub
+period, and before that only if a restore or boot reads the file again.
 
 Verified keys are kept in memory and in a small record per file (so a restarted server does not
 re-hash a 300 MiB base image on its first restore).
@@ -40,18 +41,18 @@ class VerifiedKeys:
     """Remembers ``path -> (stat key, digest)`` for files whose content was hashed."""
 
     def __init__(self, record_dir: Path) -> None:
-        self._dir = record_dir
+        self.directory = record_dir
         self._mem: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def _record(self, path: Path) -> Path:
-        return self._dir / hashlib.sha256(str(path).encode()).hexdigest()[:32]
+        return self.directory / hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
     def remember(self, path: Path, digest: str) -> None:
         key = stat_key(path)
         with self._lock:
             self._mem[str(path)] = (key, digest)
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         rec = self._record(path)
         tmp = rec.with_name(f".{rec.name}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(f"{key} {digest}")

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: counts what its captures in flight have stored as referenced).
 GC_GRACE_S = 5.0
 
+#: A temporary file of the store older than this is a crashed writer's (a put, or a verified-key
+#: record, is written and renamed within it); younger ones may still be renamed into place.
+TEMP_MAX_AGE_S = 60.0
+
 
 class ArtifactError(InternalError):
     """An artifact is missing or does not match its digest."""
@@ -74,18 +78,21 @@ class ArtifactStore(Protocol):
     """
 
     def temp_path(self) -> Path: ...
-    def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str: ...
-
-    def ingest(self, src: Path) -> str:
-        """Store ``src``, a local file stored again and again (an image's disk, kernel and
-        initrd), and return its digest; it is hashed again only when it changed since it was
-        last hashed. S3: the same local memo of digests, and an upload only when the bucket
-        lacks the object."""
+    def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str:
+        """Store ``src`` and return its digest; a given ``digest`` is trusted (the caller
+        hashed the same bytes: a boot, an image's file against its build's record). S3: an
+        upload only when the bucket lacks the object."""
         ...
 
     def has(self, digest: str) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
-    def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None: ...
+
+    def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None:
+        """Raise ``ArtifactMissing``/``ArtifactCorrupt`` unless the stored copy matches its
+        digest: re-read only when it may have changed since it was last hashed (every restore
+        and boot), or always with ``deep`` (the scrub, ``tenki admin verify``)."""
+        ...
+
     def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]: ...
     def size(self, digest: str) -> int: ...
 
@@ -99,13 +106,13 @@ class ArtifactStore(Protocol):
     def collect(self, referenced: Iterable[str], grace_s: float = GC_GRACE_S) -> int: ...
 
     def strays(self) -> list[Path]:
-        """Local files of the store that are no artifact: temporaries of puts a crash cut
-        short (nothing of the store is in flight when the host starts, so it removes them then;
-        ``collect`` removes the old ones later). S3: the temporaries of its local cache and
+        """Local files of the store that are no artifact: temporaries of puts, and of records
+        of verified keys, that a crash cut short (nothing of the store is in flight when the
+        host starts, so it removes them then; ``collect`` removes those older than
+        ``TEMP_MAX_AGE_S`` later). S3: the temporaries of its local cache and
         staging directory (an interrupted multipart upload is the bucket's lifecycle rule's
         to abort)."""
         ...
-
 
 
 def _valid_digest(digest: str) -> bool:
@@ -188,14 +195,6 @@ class LocalArtifactStore:
         self.keys.remember(dest, digest)
         return digest
 
-    def ingest(self, src: Path) -> str:
-        digest = self.keys.digest(src)
-        if not self.has(digest):
-            self.put(src, digest=digest)
-            # the hard link moved the inode's ctime: the content is the one just hashed
-            self.keys.remember(src, digest)
-        return digest
-
     def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None:
         """Raise ``ArtifactMissing``/``ArtifactCorrupt`` unless the file matches its name.
         ``deep`` re-reads the content even when the file looks unchanged (scrub, admin verify)."""
@@ -254,11 +253,16 @@ class LocalArtifactStore:
                 continue
             log.info("artifact %s: unreferenced, removed", info.digest[:12])
             freed += self.delete(info.digest)
-        for tmp in self.objects.glob(".*.tmp"):
+        for tmp in self.strays():
+            # a put or a verified-key record written right now is younger than a minute
             with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > 60:
+                if now - tmp.stat().st_mtime > TEMP_MAX_AGE_S:
                     tmp.unlink()
         return freed
 
     def strays(self) -> list[Path]:
-        return [p for p in self.objects.iterdir() if not _valid_digest(p.name)]
+        # a crashed put's temporary, and a verified-key record's (``.verified/.*.tmp``)
+        out = [p for p in self.objects.iterdir() if not _valid_digest(p.name)]
+        if self.keys.directory.is_dir():
+            out += self.keys.directory.glob(".*.tmp")
+        return out

@@ -14,12 +14,14 @@ def admin() -> None:
 
 @admin.command("verify")
 @click.option("--repair", is_flag=True,
-              help="Mark snapshots with damaged artifacts FAILED; remove files no record owns.")
+              help="Mark snapshots with damaged artifacts FAILED, rebuild damaged RAM caches, "
+              "remove files no record owns.")
 @c.json_option
 @click.pass_context
 def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
-    """Re-read every stored artifact against its digest; name what is damaged or unowned.
-    Exits 1 when something is wrong (after --repair: when something was)."""
+    """Re-read every stored artifact in use (snapshots, images, running VMs) and the RAM caches
+    against their digests; name what is damaged or unowned. Exits 1 when something is wrong
+    (after --repair: when something was)."""
     with c.spinner("Verifying the store (every artifact is read in full)"):
         report = c.client(ctx).verify_store(repair)
     if as_json:
@@ -27,12 +29,19 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
     else:
         click.echo(f"checked {report.checked} artifacts: "
                    + ("all intact" if report.ok else "problems found"))
-        for d in report.damaged:
-            for problem in d.problems:
-                click.echo(c.escape_text(f"snapshot {d.snapshot_id}: {problem}"
-                                         + (" (marked FAILED)" if repair else "")))
-        for item in report.unowned:
-            click.echo(c.escape_text(f"unowned {item.kind}: {item.name}"
-                                     + (" (removed)" if repair else "")))
+        lines = [f"snapshot {d.snapshot_id}: {problem}" + (" (marked FAILED)" if repair else "")
+                 for d in report.damaged for problem in d.problems]
+        lines += [f"image {d.image_id}: {problem} (rebuild it: tenki image build --force)"
+                  for d in report.damaged_images for problem in d.problems]
+        lines += [f"session {d.session_id}: {problem}"
+                  for d in report.damaged_sessions for problem in d.problems]
+        lines += list(report.damaged_caches.values())
+        lines += [f"RAM cache {digest[:12]}: damaged (rebuilt)" for digest in report.rebuilt]
+        removed = {(item.kind, item.name) for item in report.removed}
+        lines += [f"unowned {item.kind}: {item.name}"
+                  + (" (removed)" if (item.kind, item.name) in removed else "")
+                  for item in report.unowned]
+        for line in lines:
+            click.echo(c.escape_text(line))
     if not report.ok:
         ctx.exit(1)

@@ -93,9 +93,19 @@ class ControlPlane:
                 if time.monotonic() - last_scrub >= SCRUB_INTERVAL_S:
                     last_scrub = time.monotonic()
                     report = await self.snapshots.verify(repair=True)
-                    for bad in report["damaged"]:
-                        log.error("scrub: snapshot %s is damaged: %s", bad["snapshot_id"],
-                                  "; ".join(bad["problems"]))
+                    for what, key in (("snapshot", "damaged"), ("image", "damaged_images"),
+                                      ("session", "damaged_sessions")):
+                        for bad in report[key]:
+                            log.error("scrub: %s %s is damaged: %s", what,
+                                      bad[f"{what}_id"], "; ".join(bad["problems"]))
+                    for problem in report["damaged_caches"].values():
+                        log.error("scrub: %s", problem)
+                    for digest in report["rebuilt"]:
+                        log.warning("scrub: RAM cache %s was damaged and was rebuilt",
+                                    digest[:12])
+                    for entry in report["removed"]:
+                        log.info("scrub: removed %s %s (no record owned it)", entry["kind"],
+                                 entry["name"])
             except Exception:  # a sweep must never kill the loop
                 log.exception("sweep failed")
 

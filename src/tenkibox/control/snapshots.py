@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import longpoll
 from ..errors import ConflictError, TenkiError, ValidationError
-from ..host.api import CaptureSpec, HostAPI, Manifest
+from ..host.api import CaptureSpec, HostAPI, Manifest, Unowned
 from ..ids import new_id
 from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType, SnapshotUpdate
 from ..store.tables import SessionRow, SnapshotRow
@@ -299,16 +299,22 @@ class SnapshotControl:
         return await self.host.collect_garbage(set(self.referenced()))
 
     async def verify(self, repair: bool) -> dict[str, Any]:
-        """Check every stored artifact of every kept snapshot against its digest (reading all of
-        it), and the host's derived caches. With ``repair``: snapshots whose artifacts are
-        damaged become FAILED (naming the artifact), and unowned files are removed."""
+        """Check every stored artifact in use against its digest, reading all of it: every kept
+        snapshot's, the built images', and what the live sessions' VMs run on; then the host's
+        derived RAM caches, and what no record owns. With ``repair``: snapshots whose artifacts
+        are damaged become FAILED (naming the artifact), damaged RAM caches are rebuilt, and
+        unowned files are removed (those the report lists as ``removed``). A damaged image or
+        running VM is only reported: a boot refuses the image, a capture the VM's layer."""
+        in_use = self.host.local_artifacts()
+        # digest -> its kind in the messages: an image's own names its files best
+        digests = {use.digest: use.kind for use in reversed(in_use)}
         by_snapshot: dict[str, dict[str, str]] = {}
-        digests: dict[str, str] = {}
         for snap in self.records.all(SnapshotRow):
             if snap.state == P.READY.value and snap.files:
                 d = Manifest.from_json(snap.files).digests()
                 by_snapshot[snap.id] = d
-                digests.update(d)
+                for digest, kind in d.items():
+                    digests.setdefault(digest, kind)
         bad = await self.host.verify_artifacts(digests, deep=True)
         damaged = []
         for sid, d in by_snapshot.items():
@@ -319,13 +325,32 @@ class SnapshotControl:
                     await self.records.transition(
                         SnapshotRow, sid, P.FAILED, expected=[P.READY],
                         state_reason=f"damaged in storage: {problems[0]}")
-        unowned = self.host.unowned_files(set(self.referenced()))
-        if repair:
-            await self.host.collect_garbage(set(self.referenced()), grace_s=0)
-            unowned = self.host.unowned_files(set(self.referenced()))
-        return {"ok": not bad and not unowned, "checked": len(digests),
-                "damaged": damaged, "bad_artifacts": bad,
+        images: dict[str, list[str]] = {}
+        sessions: dict[str, list[str]] = {}
+        for use in in_use:
+            if use.digest not in bad:
+                continue
+            owner = (images.setdefault(use.image_id, []) if use.image_id is not None
+                     else sessions.setdefault(use.session_id or "", []))
+            said = bad[use.digest]
+            named = said.startswith(f"{use.kind} {use.digest[:12]} ")
+            owner.append(said if named else f"{use.kind}: {said}")
+        caches = await self.host.scrub_caches(repair)
+        referenced = set(self.referenced())
+        unowned = self.host.unowned_files(referenced)
+        removed: list[Unowned] = []
+        if repair and unowned:
+            live = {s.id for s in self.records.all(SessionRow) if s.state not in FINAL}
+            removed = await self.host.remove_unowned(unowned, referenced, live)
+        return {"ok": not bad and not caches.damaged and not caches.rebuilt and not unowned,
+                "checked": len(digests), "damaged": damaged,
+                "damaged_images": [{"image_id": i, "problems": p} for i, p in images.items()],
+                "damaged_sessions": [{"session_id": i, "problems": p}
+                                     for i, p in sessions.items()],
+                "bad_artifacts": bad, "damaged_caches": caches.damaged,
+                "rebuilt": caches.rebuilt,
                 "unowned": [{"kind": u.kind, "name": u.name} for u in unowned],
+                "removed": [{"kind": u.kind, "name": u.name} for u in removed],
                 "repaired": repair}
 
     # -- recovery ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..errors import SnapshotFailedError
+from ..errors import SessionFailedError, SnapshotFailedError
 from ..models import Image
 from .capacity import HostCapacity
 
@@ -22,6 +22,12 @@ from .capacity import HostCapacity
 class SnapshotDamagedError(SnapshotFailedError):
     """A restore found an artifact of the snapshot missing or corrupt: no restore of it can
     succeed (on the wire it is SnapshotFailed, like any failed restore)."""
+
+
+class ImageDamagedError(SessionFailedError):
+    """A boot found a file of the image (disk, kernel, initrd) whose stored copy does not match
+    the digest the build recorded: no boot of it can succeed until it is rebuilt (on the wire it
+    is SessionFailed, like any failed boot)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,27 @@ class VMGone:
 
 
 @dataclass(frozen=True)
+class InUse:
+    """A stored artifact this host uses that no snapshot record may name: a file of a built
+    image, or one a VM of this host runs on (its layers, kernel, initrd, RAM image)."""
+
+    digest: str
+    kind: str  # what it is to its user: "disk", "kernel", "disk layer 1", "RAM image"...
+    image_id: str | None = None  # set for an image's file
+    session_id: str | None = None  # set for a VM's
+
+
+@dataclass
+class CacheScrub:
+    """What a check of the derived RAM caches found."""
+
+    #: digest -> what is wrong with its cache (not rebuilt: without repair, or that failed)
+    damaged: dict[str, str] = field(default_factory=dict)
+    #: digests whose damaged cache was rebuilt
+    rebuilt: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Recovered:
     found: list[str]  # sessions whose VM runs and answers
     lost: dict[str, str]  # session id -> why its VM could not be found
@@ -311,4 +338,25 @@ class HostAPI(Protocol):
     def referenced_locally(self) -> set[str]: ...
     async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
     def unowned_files(self, referenced: set[str]) -> list[Unowned]: ...
-    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]: ...
+
+    async def remove_unowned(self, found: list[Unowned], referenced: set[str],
+                             live_sessions: set[str]) -> list[Unowned]:
+        """Remove what ``unowned_files`` ``found`` that no one can still claim (nothing of a
+        live session's or a running process's, no artifact referenced or stored within the
+        GC's grace, no temporary a writer may still rename); returns the entries removed."""
+        ...
+
+    async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
+        """digest -> problem, for each of ``digests`` (digest -> kind) missing or corrupt;
+        ``deep`` reads every one in full whatever its stat says."""
+        ...
+
+    def local_artifacts(self) -> list[InUse]:
+        """The stored artifacts this host uses that no snapshot record names: the built
+        images' files and what its VMs run on (for a deep verify)."""
+        ...
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        """Re-hash the derived caches in full; rebuild damaged ones only with ``repair`` (a
+        damaged one is never used again without a rebuild either way)."""
+        ...

@@ -1,6 +1,7 @@
 """Boot: a fresh VM from a base image. One ordered list of named, timed steps.
 
-1. ``image``    the image's disk, kernel and initrd, as stored artifacts (by digest)
+1. ``image``    the image's disk, kernel and initrd, as stored artifacts under the digests its
+                build recorded, verified (a damaged file refuses the boot: ImageDamagedError)
 2. ``overlay``  the VM's own writable qcow2 on top of the base
 3. ``network``  the VM's namespace, tap device, rules and DNS forwarder (``host/network``)
 4. ``launch``   QEMU, inside that namespace, owned by the host from before it starts

@@ -28,12 +28,15 @@ from ..engine.machine import Machine, MachineError, pid_alive
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
 from ..models import Image
 from ..steps import Steps
+from . import unowned
 from . import volumes as vols
 from .api import (
     BootSpec,
+    CacheScrub,
     Captured,
     CaptureSpec,
     ExecSpec,
+    InUse,
     NetworkSpec,
     ProcessEvent,
     ProcessRef,
@@ -494,23 +497,40 @@ class LocalHost:
         return freed
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
-        """digest -> problem, for every artifact of ``digests`` (digest -> kind) that is missing
-        or corrupt; with ``deep`` the RAM caches are re-hashed (and rebuilt) too."""
-        def run() -> dict[str, str]:
-            bad = self.store.damaged(digests, deep=deep)
-            if deep:
-                for digest in self.ctx.ram_cache.scrub():
-                    log.warning("RAM cache %s was damaged and has been rebuilt", digest[:12])
-            return bad
+        return await asyncio.to_thread(self.store.damaged, digests, deep=deep)
 
-        return await asyncio.to_thread(run)
+    def local_artifacts(self) -> list[InUse]:
+        """The stored files of the built images (one not stored yet is read in full when a
+        boot stores it), and what every VM of this host runs on."""
+        out = [InUse(d, kind, image_id=image_id)
+               for d, (image_id, kind) in self.ctx.built_images().items() if self.store.has(d)]
+        for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
+            r = vm.record
+            layers = [*r.layers, *(d for _, d in r.frozen if d)]
+            uses = {**{d: f"disk layer {i}" for i, d in enumerate(layers)},
+                    r.shape.kernel: "kernel", r.shape.initrd: "initrd",
+                    **({r.ram: "RAM image"} if r.ram else {})}
+            out += [InUse(d, kind, session_id=r.session_id) for d, kind in uses.items()]
+        return out
+
+    async def scrub_caches(self, repair: bool) -> CacheScrub:
+        return await asyncio.to_thread(self.ctx.ram_cache.scrub, repair=repair)
+
+    async def remove_unowned(self, found: list[Unowned], referenced: set[str],
+                             live_sessions: set[str]) -> list[Unowned]:
+        def owned(session_id: str) -> bool:
+            return session_id in self.vms or session_id in self._starting \
+                or session_id in live_sessions
+
+        keep = referenced | self.referenced_locally()
+        return await asyncio.to_thread(unowned.remove, found, store=self.store, paths=self.paths,
+                                       owned=owned, referenced=keep, processes=our_processes)
 
     def unowned_files(self, referenced: set[str]) -> list[Unowned]:
         """What this host stores that nothing owns (for ``tenki admin verify``), named without
         host paths: a temporary by its path in the data directory."""
         home = self.paths.layout.home
-        out = [Unowned("temporary", str(p.relative_to(home)) if p.is_relative_to(home)
-                       else p.name) for p in self.store.strays()]
+        out = [Unowned("temporary", unowned.temporary_name(p, home)) for p in self.store.strays()]
         keep = referenced | self.referenced_locally()
         now = time.time()
         out += [Unowned("artifact", a.digest) for a in self.store.entries()

@@ -4,7 +4,8 @@ A derived cache, so never trusted blindly: each cache file has a content digest 
 non-zero 1 MiB chunks and their offsets, computed from what was written) and the stat key it had
 then. Before a restore maps it, the stat key is compared (any change made through the kernel
 moves it, see ``artifacts.digests``); if it moved, the content is hashed again, and a cache that
-no longer matches is rebuilt from the stored, verified RAM image. ``scrub`` re-hashes regardless.
+no longer matches is rebuilt from the stored, verified RAM image. ``scrub`` re-hashes regardless
+(and rebuilds what is damaged only when asked to repair; until then no restore maps it).
 
 On the data disk, not tmpfs: its pages are clean page cache, shared by the clones and evictable
 under memory pressure (a private mapping never writes back).
@@ -25,6 +26,8 @@ from pathlib import Path
 from ..artifacts import ramfile
 from ..artifacts.digests import stat_key
 from ..artifacts.store import ArtifactStore
+from ..errors import TenkiError
+from .api import CacheScrub
 
 log = logging.getLogger(__name__)
 
@@ -104,37 +107,46 @@ class RamCache:
     def _meta(self, digest: str) -> Path:
         return self.root / f"{digest}.meta"
 
-    def _check(self, digest: str, *, deep: bool) -> bool:
-        """True when the cache of ``digest`` can be mapped as it is.
-
-        Without ``deep`` (every restore): only if its stat key is the one it had when it was
-        unpacked; any change moves it, and a changed cache is simply rebuilt (as cheap as
-        re-hashing it, and never wrong). With ``deep`` (scrub): its content is compared with
-        what the stored RAM image says it must be, whatever its stat says."""
-        cache, meta = self.path(digest), self._meta(digest)
+    def _check(self, digest: str) -> bool:
+        """True when the cache of ``digest`` can be mapped as it is (every restore): only if its
+        stat key is the one it had when it was unpacked or last verified; any change moves it,
+        and a changed cache is simply rebuilt (as cheap as re-hashing it, and never wrong)."""
         try:
-            info = json.loads(meta.read_text())
-            key = stat_key(cache)
+            info = json.loads(self._meta(digest).read_text())
+            key = stat_key(self.path(digest))
         except (OSError, ValueError):
             return False
-        if not deep:
-            return bool(key == info.get("key"))
+        return bool(key == info.get("key"))
+
+    def _problem(self, digest: str) -> str | None:
+        """Compare the cache's content with what the stored RAM image says it must be, whatever
+        its stat says (scrub). None when it matches (its key is then remembered); else what is
+        wrong, and the cache is no longer vouched for (the next restore rebuilds it)."""
+        cache = self.path(digest)
         try:
             expected = image_content_digest(self.store.local_path(digest))
-        except (OSError, ValueError):
-            expected = None  # the image itself is gone or unreadable: nothing vouches for it
-        if expected is None or content_digest(cache) != expected:
-            log.warning("RAM cache %s does not match its RAM image: rebuilding", digest[:12])
-            # never vouched for again, even if the rebuild fails (its key may not have moved)
-            meta.unlink(missing_ok=True)
-            return False
-        self._write_meta(digest)  # the content is right; remember its key as it is now
-        return True
+        except (OSError, ValueError) as exc:
+            # the image itself is gone or unreadable: nothing vouches for the cache
+            why = _why(exc)
+            problem = f"cannot be checked: its RAM image is unreadable ({why})"
+        else:
+            try:
+                key = stat_key(cache)  # before the read: a change during it moves the key
+                matches = content_digest(cache) == expected
+            except OSError as exc:
+                problem = f"is unreadable ({exc.strerror})"
+            else:
+                if matches:
+                    self._write_meta(digest, key)
+                    return None
+                problem = "does not match its RAM image"
+        self._meta(digest).unlink(missing_ok=True)
+        return f"RAM cache {digest[:12]} {problem}"
 
-    def _write_meta(self, digest: str) -> None:
+    def _write_meta(self, digest: str, key: str | None = None) -> None:
         meta = self._meta(digest)
         tmp = meta.with_name(f".{meta.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_text(json.dumps({"key": stat_key(self.path(digest))}))
+        tmp.write_text(json.dumps({"key": key or stat_key(self.path(digest))}))
         os.replace(tmp, meta)
 
     def _build(self, digest: str) -> None:
@@ -153,27 +165,35 @@ class RamCache:
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
             self.root.mkdir(parents=True, exist_ok=True)
-            if not await asyncio.to_thread(self._check, digest, deep=False):
+            if not await asyncio.to_thread(self._check, digest):
                 await asyncio.to_thread(self._build, digest)
         return self.path(digest)
 
-    def scrub(self) -> list[str]:
-        """Re-hash every cache; rebuild what does not match. Returns the digests rebuilt (a
-        damaged cache that cannot be rebuilt is removed: the next restore tries again)."""
-        rebuilt = []
-        for cache in self.root.glob("*.ram"):
+    def scrub(self, *, repair: bool) -> CacheScrub:
+        """Re-hash every cache against its RAM image. A damaged one is no longer trusted (a
+        restore rebuilds it before mapping it); with ``repair`` it is rebuilt now, or removed
+        when it cannot be (the next restore tries again)."""
+        out = CacheScrub()
+        for cache in sorted(self.root.glob("*.ram")):
             digest = cache.stem
-            if not self._check(digest, deep=True):
-                try:
-                    self._build(digest)
-                except Exception as exc:
-                    log.warning("RAM cache %s is damaged and could not be rebuilt: %s",
-                                digest[:12], exc)
-                    with contextlib.suppress(OSError):
-                        cache.unlink()
-                    continue
-                rebuilt.append(digest)
-        return rebuilt
+            problem = self._problem(digest)
+            if problem is None:
+                continue
+            log.warning("%s", problem)
+            if not repair:
+                out.damaged[digest] = f"{problem}; not rebuilt (the next restore rebuilds it)"
+                continue
+            try:
+                self._build(digest)
+            except Exception as exc:
+                why = _why(exc)
+                log.warning("RAM cache %s could not be rebuilt: %s", digest[:12], why)
+                with contextlib.suppress(OSError):
+                    cache.unlink()
+                out.damaged[digest] = f"{problem}; could not be rebuilt ({why}): removed"
+                continue
+            out.rebuilt.append(digest)
+        return out
 
     def clear_temporaries(self) -> None:
         """At start-up no unpack runs: every temporary is a crashed one's."""
@@ -201,3 +221,12 @@ class RamCache:
                 freed += st.st_blocks * 512
                 entry.unlink()
         return freed
+
+
+def _why(exc: BaseException) -> str:
+    """What went wrong, without the file's host path (an OSError's str names it)."""
+    if isinstance(exc, TenkiError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)

@@ -9,12 +9,16 @@ Built from Debian packages with mmdebstrap (``--variant=minbase``), with the gue
     vmlinuz      the kernel (Debian's linux-image-cloud-amd64)
     initrd.img   busybox + the modules needed to mount /dev/vda, then switch_root (~1 MB; a
                  Debian initramfs boots ~4 s slower under TCG)
-    image.json   the ``Image`` record, plus the hash of the guest sources it was built from
+    image.json   the ``Image`` record, plus the hash of the guest sources it was built from and
+                 the sha256 of the disk, kernel and initrd as the build wrote them (``sha256``):
+                 a boot refuses a file whose stored copy no longer matches it
 
 Everything is built in a temporary directory next to it and swapped in atomically, so a reader
 sees the old image or the new one, never half of one. ``ensure_image`` rebuilds when the guest
 sources (agent, init, initrd, package list) no longer match the hash, so that a change to the
-agent reaches new sessions.
+agent reaches new sessions. An image whose ``image.json`` has no ``sha256`` (built by an older
+tenki) is rebuilt the same way; one that cannot be rebuilt here has the digests of its current
+files recorded once, under the build lock (``_record_digests``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..artifacts.digests import sha256_file
 from ..config import Layout
 from ..errors import InternalError, ValidationError
 from ..fsync import fsync_path
@@ -93,6 +98,8 @@ AGENT_PATH = "/usr/lib/tenki/agent.py"
 INIT_PATH = "/usr/sbin/tenki-init"
 
 DISK_FILE, KERNEL_FILE, INITRD_FILE, META_FILE = "base.qcow2", "vmlinuz", "initrd.img", "image.json"
+#: the files a boot uses, by the kind its errors name them with
+BOOT_FILES = {"disk": DISK_FILE, "kernel": KERNEL_FILE, "initrd": INITRD_FILE}
 
 #: The kernel command line for the image; the engine appends ``tenki.hostname=...`` (and may
 #: append ``tenki.net=IP/PREFIX,GATEWAY,DNS``, see guest/init).
@@ -201,6 +208,25 @@ def image_paths(layout: Layout, image_id: str) -> ImagePaths:
     return ImagePaths(disk=d / DISK_FILE, kernel=d / KERNEL_FILE, initrd=d / INITRD_FILE)
 
 
+def recorded_digests(layout: Layout, image_id: str) -> dict[str, str] | None:
+    """kind ("disk", "kernel", "initrd") -> the sha256 its file had when the image was built,
+    or None when the image is missing or its ``image.json`` records none."""
+    return _digests_of(_read_meta(layout, _check_id(image_id)))
+
+
+def _digests_of(meta: dict[str, object] | None) -> dict[str, str] | None:
+    got = meta.get("sha256") if meta is not None else None
+    if not isinstance(got, dict) or set(got) != set(BOOT_FILES):
+        return None
+    if not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in got.values()):
+        return None
+    return {str(k): str(v) for k, v in got.items()}
+
+
+def _file_digests(d: Path) -> dict[str, str]:
+    return {kind: sha256_file(d / name) for kind, name in BOOT_FILES.items()}
+
+
 def source_hash() -> str:
     """What the guest is built from, as far as tenki's own code decides it."""
     h = hashlib.sha256()
@@ -300,18 +326,51 @@ def build_image(layout: Layout, image_id: str = "sandbox", *, force: bool = Fals
                     _check_prerequisites()
                 except ImageBuildError as exc:
                     # Booting the previous agent beats failing every session on this host.
-                    log.warning("image %s was built from other guest sources but cannot be "
-                                "rebuilt here (%s); using it as it is", image_id, exc)
+                    log.warning("image %s was built from other guest sources or by an older "
+                                "tenki but cannot be rebuilt here (%s); using it as it is",
+                                image_id, exc)
+                    if recorded_digests(layout, image_id) is None:
+                        _record_digests(layout, image_id)
                     return stale
-                log.info("image %s was built from other guest sources: rebuilding", image_id)
+                log.info("image %s was built from other guest sources or by an older tenki: "
+                         "rebuilding", image_id)
         return _build_locked(layout, image_id, wanted, progress or _no_progress, disk_size)
 
 
 def _up_to_date(layout: Layout, image_id: str, wanted: str) -> Image | None:
     meta = _read_meta(layout, image_id)
-    if meta is None or meta.get("source_hash") != wanted:
+    # without the digests of its files a boot could not tell a damaged image from a good one
+    if meta is None or meta.get("source_hash") != wanted or _digests_of(meta) is None:
         return None
     return _image_from_meta(meta)
+
+
+def _record_digests(layout: Layout, image_id: str) -> None:
+    """Record the digests of an image built before they were recorded (called under the build
+    lock, when it cannot be rebuilt). They are trusted on first use: a file damaged before this
+    goes unnoticed, one damaged after is refused."""
+    d = layout.image_dir(image_id)
+    meta = _read_meta(layout, image_id)
+    if meta is None:
+        return
+    meta["sha256"] = _file_digests(d)
+    meta["sha256_recorded"] = "at first use (built by an older tenki)"
+    _write_meta(d, meta)
+    log.warning("image %s: recorded the sha256 of its files as they are now (it was built "
+                "before they were recorded); rebuild it to be sure of them", image_id)
+
+
+def _write_meta(d: Path, meta: dict[str, object]) -> None:
+    """Replace ``d/image.json`` atomically (a reader sees the old record or the new one)."""
+    tmp = d / f".{META_FILE}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o444)
+        fsync_path(tmp)
+        os.replace(tmp, d / META_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(d)
 
 
 def _no_progress(step: str, fraction: float | None) -> None:
@@ -396,6 +455,8 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
             disk_virtual_size=disk_size,
             build_seconds=round(time.monotonic() - started, 1),
             suite=SUITE,
+            # what a boot compares the stored copies with (``host.context.image_artifacts``)
+            sha256=_file_digests(out),
         )
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (out / "packages.txt").write_text("".join(f"{n}={v}\n" for n, v in packages))

@@ -48,7 +48,9 @@ async def shutdown(request: Request, _: Admin) -> dict[str, str]:
 @router.post("/admin/verify", response_model=StoreReport, operation_id="verifyStore",
              responses=errors(403))
 async def verify(plane: Plane, _: Admin, repair: bool = Query(default=False)) -> StoreReport:
-    """Re-read every stored artifact of every READY snapshot against its digest, re-hash the
-    derived RAM caches (rebuilding damaged ones), and list files no record owns. ``repair``
-    marks snapshots with damaged artifacts FAILED and removes unowned files."""
+    """Re-read against its digest every stored artifact of every READY snapshot, of every built
+    image and of every live session's VM, re-hash the derived RAM caches, and list files no
+    record owns. ``repair`` marks snapshots with damaged artifacts FAILED, rebuilds damaged RAM
+    caches and removes unowned files (listed in ``removed``); damaged images and sessions are
+    reported only."""
     return StoreReport(**await plane.snapshots.verify(repair))

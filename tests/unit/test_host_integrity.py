@@ -1,0 +1,184 @@
+"""``LocalHost``'s part of ``tenki admin verify`` and of start-up, on real files and processes
+(no VM): what it uses (images, VMs' files) for a deep check, and what repair removes of what no
+one owns: never a directory that a VM, a live record or a running process still has."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from support.images import DIGESTS, flip_byte, write_image
+
+from tenkibox.config import Layout
+from tenkibox.host import local as local_mod
+from tenkibox.host import unowned
+from tenkibox.host.api import InUse, MachineShape, Unowned
+from tenkibox.host.local import LocalHost
+from tenkibox.host.vm import VMRecord
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TENKI_RUN_ROOT", str(tmp_path / "run"))
+    monkeypatch.setenv("TENKI_NET", "user")  # no network is built here
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def old(path: Path, seconds: float = 3600) -> Path:
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+    return path
+
+
+def vm_of(record: VMRecord) -> SimpleNamespace:
+    """What the host reads of a VM here: its note (no QEMU behind it)."""
+    return SimpleNamespace(record=record)
+
+
+def shape() -> MachineShape:
+    return MachineShape(cpu=1, memory_mb=256, kernel=DIGESTS["kernel"],
+                        initrd=DIGESTS["initrd"], cmdline="")
+
+
+def test_repair_never_removes_a_directory_that_someone_still_has(
+        home: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    host = LocalHost(Layout(home), "tcg")
+    run, disks = host.paths.layout.run, host.paths.disks
+    dirs = {}
+    for name in ("ses_gone", "ses_held", "ses_live", "ses_qemu", "ses_passt"):
+        for root in (run, disks):
+            d = root / name
+            d.mkdir(parents=True)
+            (d / "vm.json").write_text("{}")
+            dirs[name, root] = d
+    host.vms["ses_held"] = vm_of(VMRecord("ses_held", shape(), []))  # type: ignore[assignment]
+    # a QEMU names its run directory in its command line; a network helper does not, its pid
+    # is in machine.json
+    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", f"{run}/ses_qemu/qmp.sock"]))
+    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", "passt"]))
+    (run / "ses_passt" / "machine.json").write_text(json.dumps({"pid": None,
+                                                                "net_pid": procs[1].pid}))
+    time.sleep(0.2)  # the processes have exec'd
+    found = host.unowned_files(set())
+    assert [u for u in found if u.kind == "vm"] == [
+        Unowned("vm", name) for name in ("ses_gone", "ses_live", "ses_passt", "ses_qemu")]
+    removed = _run(host.remove_unowned(found, set(), {"ses_live"}))
+    assert removed == [Unowned("vm", "ses_gone")]
+    assert [d for d in dirs.values() if not d.exists()] == [run / "ses_gone",
+                                                            disks / "ses_gone"]
+    # once they are gone, the next repair removes them
+    for p in procs:
+        p.kill()
+        p.wait()
+    found = host.unowned_files(set())
+    removed = _run(host.remove_unowned(found, set(), {"ses_live"}))
+    assert removed == [Unowned("vm", "ses_passt"), Unowned("vm", "ses_qemu")]
+    assert (run / "ses_live").exists() and (disks / "ses_held").exists()
+    # the names are plain data: one that is no session's directory removes nothing
+    outside = _file(home / "keep" / "file", b"x")
+    assert _run(host.remove_unowned([Unowned("vm", ".."), Unowned("vm", "../keep"),
+                                     Unowned("temporary", "keep/file")], set(), set())) == []
+    assert outside.exists() and run.exists() and disks.exists()
+
+
+def test_repair_removes_unreferenced_artifacts_and_crashed_temporaries(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = LocalHost(Layout(home), "tcg")
+    store = host.store
+    kept = store.put(_file(tmp_path / "kept", b"kept"))
+    unused = store.put(_file(tmp_path / "unused", b"unused"))
+    crashed_put = old(_file(store.temp_path(), b"half"))
+    writing_put = _file(store.temp_path(), b"under way")
+    records = store.keys.directory
+    crashed_key = old(_file(records / ".0123.0badc0de.tmp", b"k d"))
+    writing_key = _file(records / ".0123.feedf00d.tmp", b"k d")
+    monkeypatch.setattr(local_mod, "GC_GRACE_S", 0.0)  # both stored just now
+    monkeypatch.setattr(unowned, "GC_GRACE_S", 0.0)
+    def temporary(path: Path) -> Unowned:  # named by its path in the data directory
+        return Unowned("temporary", str(path.relative_to(home)))
+
+    found = host.unowned_files({kept})
+    assert Unowned("artifact", unused) in found and Unowned("artifact", kept) not in found
+    assert {temporary(p) for p in (crashed_put, writing_put, crashed_key, writing_key)} <= set(
+        found)
+    # an artifact referenced meanwhile is asked about again, and kept
+    removed = _run(host.remove_unowned([*found, Unowned("artifact", kept)], {kept}, set()))
+    assert sorted(removed, key=str) == sorted(
+        [Unowned("artifact", unused), temporary(crashed_put), temporary(crashed_key)], key=str)
+    assert store.has(kept) and not store.has(unused)
+    assert writing_put.exists() and writing_key.exists()
+    # within the GC's grace (a capture's put just before its record names it): kept too
+    again = store.put(_file(tmp_path / "again", b"again"))
+    monkeypatch.setattr(unowned, "GC_GRACE_S", 3600.0)
+    assert _run(host.remove_unowned([Unowned("artifact", again)], set(), set())) == []
+    assert store.has(again)
+
+
+def test_start_up_removes_every_temporary_of_the_store(home: Path) -> None:
+    host = LocalHost(Layout(home), "tcg")
+    records = host.store.keys.directory
+    records.mkdir(parents=True, exist_ok=True)
+    temps = [_file(host.store.temp_path(), b"x"), _file(records / ".0123.feedf00d.tmp", b"k")]
+    host._remove_leftovers()
+    assert [t for t in temps if t.exists()] == []
+
+
+def test_what_the_host_uses_is_verified_in_full(home: Path) -> None:
+    """The built images' stored files and every VM's files are what the host adds to a deep
+    verification; bit rot (content changed, stat not) passes a boot's stat check and is found
+    by it."""
+    write_image(home)
+    host = LocalHost(Layout(home), "tcg")
+    assert host.local_artifacts() == []  # not stored yet: a boot reads them in full
+    host.ctx.image_artifacts("sandbox")
+    layer, ram = "1" * 64, "2" * 64
+    host.vms["ses_a"] = vm_of(VMRecord(  # type: ignore[assignment]
+        "ses_a", shape(), [DIGESTS["disk"], layer], frozen=[("top-0.qcow2", "3" * 64),
+                                                            ("top-1.qcow2", "")], ram=ram))
+    uses = host.local_artifacts()
+    assert uses == [
+        InUse(DIGESTS["disk"], "disk", image_id="sandbox"),
+        InUse(DIGESTS["kernel"], "kernel", image_id="sandbox"),
+        InUse(DIGESTS["initrd"], "initrd", image_id="sandbox"),
+        InUse(DIGESTS["disk"], "disk layer 0", session_id="ses_a"),
+        InUse(layer, "disk layer 1", session_id="ses_a"),
+        InUse("3" * 64, "disk layer 2", session_id="ses_a"),
+        InUse(DIGESTS["kernel"], "kernel", session_id="ses_a"),
+        InUse(DIGESTS["initrd"], "initrd", session_id="ses_a"),
+        InUse(ram, "RAM image", session_id="ses_a"),
+    ]
+    stored = host.store.local_path(DIGESTS["disk"])
+    flip_byte(stored, 100)
+    host.store.keys.remember(stored, DIGESTS["disk"])  # bit rot: the stat key did not move
+    host.ctx.image_artifacts("sandbox")  # trusted on its key until the scrub reads it
+    images = {u.digest: u.kind for u in uses if u.image_id}
+    bad = _run(host.verify_artifacts(images, deep=True))
+    assert list(bad) == [DIGESTS["disk"]] and "is corrupt" in bad[DIGESTS["disk"]]
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _run(coro: object) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)  # type: ignore[arg-type]
