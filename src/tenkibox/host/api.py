@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from ..errors import SnapshotFailedError
 from .capacity import HostCapacity
+from .tmpfs import TmpfsUse
 
 
 class SnapshotDamagedError(SnapshotFailedError):
@@ -222,6 +223,10 @@ class HostAPI(Protocol):
     def watch(self) -> AsyncIterator[VMGone]: ...
     def has_vm(self, session_id: str) -> bool: ...
     def memory_used_mib(self) -> int: ...
+    def tmpfs_use(self) -> TmpfsUse:
+        """The tmpfs of the VMs' run directories (guest RAM of booted VMs, capture staging)."""
+        ...
+
     async def image_digest(self, image_id: str) -> str: ...
 
     # network

@@ -58,6 +58,7 @@ from .network import HostNetwork, VMNet
 from .processes import ProcessHandle, ProcessTable
 from .ramcache import RamCache
 from .restore import restore
+from .tmpfs import TmpfsUse, tmpfs_use
 from .vm import VM, HostLayout, VMRecord
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,9 @@ class LocalHost:
         pids = [pid for vm in [*self.vms.values(), *self._stuck.values()]
                 for pid in (vm.machine.pid, vm.machine.net_pid) if pid]
         return pss_mib(pids)
+
+    def tmpfs_use(self) -> TmpfsUse:
+        return tmpfs_use(self.paths.layout.run)
 
     # -- health ------------------------------------------------------------------------------
     async def _watch(self, vm: VM) -> None:
