@@ -829,6 +829,10 @@ class HostStatus(_Answer):
         default=False, description="whether this host enforces egress policies and exposes "
         "ports (root and nftables: guest networks in namespaces); otherwise only the default "
         "policy is accepted")
+    tmpfs_used_bytes: int = Field(
+        default=0, description="bytes in use on the tmpfs of the VMs' run directories (guest "
+        "RAM of booted VMs, capture staging; other users of that tmpfs count too)")
+    tmpfs_total_bytes: int = Field(default=0, description="the size of that tmpfs")
 
 
 # -- templates ------------------------------------------------------------------------------------

@@ -334,7 +334,9 @@ def test_capacity_is_the_hosts_across_workspaces(small_host: InProcessServer) ->
     assert host == {"host_id": "fake", "memory_total_mib": 3000, "memory_reserve_mib": 0,
                     "overcommit": 1.0, "memory_capacity_mib": 3000, "memory_promised_mib": 2560,
                     "memory_used_mib": 2560 // 4, "sessions": 3, "cpus": 2,
-                    "accelerator": "tcg", "network_enforced": True}
+                    "accelerator": "tcg", "network_enforced": True,
+                    # the fake's booted guests hold their RAM on its tmpfs
+                    "tmpfs_used_bytes": (2560 // 4) << 20, "tmpfs_total_bytes": 8 << 30}
     with Client(endpoint=small_host.url) as sdk:
         assert sdk.host.status().memory_promised_mib == 2560
     # a refused create left no record

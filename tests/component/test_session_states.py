@@ -18,6 +18,7 @@ from support.helpers import eventually
 from support.server import InProcessServer
 
 from tenkibox import Client, errors
+from tenkibox.engine.machine import MachineError
 from tenkibox.host.api import SnapshotDamagedError
 from tenkibox.models import SessionState, SnapshotState, VolumeState
 
@@ -176,6 +177,22 @@ def test_a_failed_host_terminate_can_be_retried(client: Client, fake_host: FakeH
         client.terminate(s.id)
     assert state_of(client, s.id) == S.TERMINATING
     assert client.terminate(s.id).state == S.TERMINATED
+    assert not fake_host.has_vm(s.id)
+
+
+def test_a_terminate_whose_vm_outlives_sigkill_stays_terminating_until_the_sweeper(
+        client: Client, fake_host: FakeHost) -> None:
+    """The host's terminate raises while a VM process still exists (``Machine.kill``): the
+    record stays TERMINATING, and the sweeper tries again without another call."""
+    s = client.create_and_wait()
+    fake_host.fail_next("terminate", MachineError(
+        f"{s.id}: QEMU (pid 4242) still running 5s after SIGKILL"))
+    with pytest.raises(errors.InternalError, match="still running 5s after SIGKILL"):
+        client.terminate(s.id)
+    assert state_of(client, s.id) == S.TERMINATING
+    eventually(lambda: state_of(client, s.id) == S.TERMINATED, timeout=10,
+               what="the sweeper's retry")
+    assert fake_host.calls_to("terminate") == [s.id, s.id]
     assert not fake_host.has_vm(s.id)
 
 

@@ -6,8 +6,9 @@
   every server made is cleaned up at the end of the module.
 - ``server`` / ``client``: one fault-free server per module and its SDK client.
 - The run's leak check (no QEMU/passt process, run file or temp directory left) is the
-  integration suite's; it runs once per run, also when both directories run. A check for passt
-  processes (which the integration check cannot see: their command line names no path) follows.
+  integration suite's; it runs once per run, also when both directories run. A check of open
+  files and environments too follows (a passt started before helpers carried their ``--pid``
+  file's path named no path on its command line).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     else:
         yield from _wrapped(it.leak_check)()
-    # the integration check finds QEMU by its command line; passt names no path in its own
+    # the integration check reads command lines only: this one also open files and environments
     deadline = time.monotonic() + 10
     while faultlib.run_leaks() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from tenkibox.config import home_tag
+
 
 def _load_integration() -> Any:
     """The integration suite's conftest, imported once under a fixed name (pytest imports it
@@ -379,6 +381,54 @@ class ProcWatch:
         return [p for pid, p in self.seen.items() if pid not in old]
 
 
+# -- guest networks ---------------------------------------------------------------------------
+
+
+def network_tag(server: Any) -> str:
+    """What names this server's namespaces and tables: its data directory's tag, as the
+    server computes it from TENKI_HOME (``config.home``, ``host/network/addressing.py``)."""
+    return home_tag(Path(server.home).expanduser().absolute())
+
+
+def server_networks(server: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """This server's network namespaces (``/run/netns/tenki-<tag>-<session>``) and host
+    nftables tables (``ip tenki_<tag>_<session>``), each as session id -> name."""
+    tag = network_tag(server)
+    spaces = {p.name.removeprefix(f"tenki-{tag}-"): p.name
+              for p in Path("/run/netns").glob(f"tenki-{tag}-*")}
+    tables: dict[str, str] = {}
+    with contextlib.suppress(OSError):  # no nft here: no tables either
+        out = subprocess.run(["nft", "list", "tables", "ip"], capture_output=True, text=True,
+                             timeout=30).stdout
+        for line in out.splitlines():
+            name = line.split()[-1] if line.strip() else ""
+            if name.startswith(f"tenki_{tag}_"):
+                tables[name.removeprefix(f"tenki_{tag}_")] = name
+    return spaces, tables
+
+
+def _network_problems(server: Any, sessions: list[dict[str, Any]]) -> list[str]:
+    live = {s["id"] for s in sessions if s["state"] in LIVE}
+    spaces, tables = server_networks(server)
+    return ([f"network namespace {name} of a session that is not live"
+             for sid, name in sorted(spaces.items()) if sid not in live]
+            + [f"nftables table {name} of a session that is not live"
+               for sid, name in sorted(tables.items()) if sid not in live])
+
+
+def reap_networks(server: Any) -> None:
+    """After a failed check: remove the namespaces and tables no live session owns."""
+    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE}
+    spaces, tables = server_networks(server)
+    for sid, name in spaces.items():
+        if sid not in live:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
+    for sid, name in tables.items():
+        if sid not in live:
+            subprocess.run(["nft", "delete", "table", "ip", name], capture_output=True,
+                           timeout=30)
+
+
 # -- stored files -----------------------------------------------------------------------------
 
 TEMP_NAME = re.compile(r"(\.tmp$|\.tmp\.|^\.tmp|\.part$|\.partial$|\.incoming$|\.copying$)")
@@ -618,7 +668,8 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
     """The invariant after every fault case:
 
     (a) every QEMU/passt process of this server serves a live (READY/RUNNING) session, and every
-        live session has its one QEMU;
+        live session has its one QEMU; every network namespace and host nftables table of this
+        server (named by its tag) belongs to a live session;
     (b) every record is in a steady state within ``timeout`` s;
     (c) every READY snapshot is restorable with its data (the marker file) intact;
     (d) no file without an owner (``orphan_files``; and ``tenki admin verify`` when present).
@@ -632,6 +683,14 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
     if problems:
         reap(server)
     assert not problems, f"processes without a record / records without a VM: {problems}"
+    # a network goes after its VM's processes: the same short grace
+    deadline = time.monotonic() + 10
+    while (nets := _network_problems(server, sessions)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        sessions = list_sessions(server)
+    if nets:
+        reap_networks(server)
+    assert not nets, f"guest networks without a live session: {nets}"
     if restore:
         for snap in snapshots:
             if snap["state"] != "READY":
@@ -643,6 +702,10 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
         sessions, snapshots = _wait_steady(server, timeout)
         problems = _process_problems(server, sessions)
         assert not problems, f"after the restore checks: {problems}"
+        nets = _network_problems(server, sessions)
+        if nets:
+            reap_networks(server)
+        assert not nets, f"after the restore checks: {nets}"
     # files awaiting the garbage collector are not leaks: they must go within the same bound
     deadline = time.monotonic() + timeout
     while True:

@@ -1,6 +1,7 @@
 """Races and deaths around a session's life: terminates of a session still CREATING, a storm of
 terminates, snapshots and restores on one session, and the VM's own processes dying (QEMU, the
-network helper) under a READY session.
+network helper) or parts of its network (namespace, host table, veth pair) removed under a READY
+session.
 
 One server, one source session and one READY snapshot serve the module; the sessions that are
 raced or killed are restored from that snapshot (a restore is much cheaper than a boot).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -177,6 +179,35 @@ def test_network_namespace_removed_under_a_ready_session(server: fl.FaultServer,
     assert not fl.wait_gone(qemu, QUICK_S), "a FAILED session's QEMU still runs"
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert sid not in tables, "the VM's host table outlived it"
+    fl.assert_settled(server)
+
+
+@pytest.mark.parametrize("part", ["table", "link"])
+def test_network_part_removed_under_a_ready_session(server: fl.FaultServer, baseline: str,
+                                                    part: str) -> None:
+    """The VM's nftables table on the host (its egress policy) or the host end of its veth
+    pair removed from outside: the guest's network is no longer what the session promises,
+    so the session is FAILED with the reason, and nothing of it is left."""
+    sid = _restore(server, baseline, f"net-{part}-victim")
+    spaces, tables = fl.server_networks(server)
+    assert sid in spaces and sid in tables, (spaces, tables)
+    qemu = fl.qemu_pids(server, sid)
+    if part == "table":
+        subprocess.run(["nft", "delete", "table", "ip", tables[sid]], check=True)
+        said = "nftables table"
+    else:
+        links = subprocess.run(["ip", "-n", spaces[sid], "-o", "link"], check=True,
+                               capture_output=True, text=True).stdout
+        [slot] = re.findall(r"\btkn(\d+)@", links)
+        subprocess.run(["ip", "link", "delete", f"tkh{slot}"], check=True)
+        said = f"tkh{slot}"
+    rec = fl.wait_session_state(server, sid, {"FAILED", "TERMINATED"}, QUICK_S)
+    assert rec["state"] == "FAILED", rec
+    reason = rec["state_reason"] or ""
+    assert "network" in reason and said in reason, reason
+    assert not fl.wait_gone(qemu, QUICK_S), "a FAILED session's QEMU still runs"
+    spaces, tables = fl.server_networks(server)
+    assert sid not in spaces and sid not in tables, "the VM's network outlived it"
     fl.assert_settled(server)
 
 

@@ -69,6 +69,7 @@ from tenkibox.host.api import (
 )
 from tenkibox.host.capacity import HostCapacity
 from tenkibox.host.processes import ProcessHandle, ProcessLostError, ProcessTable
+from tenkibox.host.tmpfs import TmpfsUse
 from tenkibox.models import Image
 
 #: Operations that ``fail_next`` and ``block`` accept.
@@ -667,6 +668,14 @@ class FakeHost:
     def memory_used_mib(self) -> int:
         """A fake guest holds a quarter of its memory (an idle guest touches little)."""
         return sum(vm.shape.memory_mb for vm in self.vms.values()) // 4
+
+    #: the size of the fake's tmpfs
+    tmpfs_total_bytes = 8 << 30
+
+    def tmpfs_use(self) -> TmpfsUse:
+        """Booted guests' RAM is on tmpfs: a fake one holds what ``memory_used_mib`` says."""
+        used = self.memory_used_mib() << 20
+        return TmpfsUse(used, self.tmpfs_total_bytes, self.tmpfs_total_bytes - used)
 
     # -- HostAPI: capture -----------------------------------------------------------------------
     async def capture(self, spec: CaptureSpec) -> Captured:

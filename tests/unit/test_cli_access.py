@@ -312,6 +312,9 @@ def test_host_status(run: Run, admin: Client) -> None:
     assert f"memory_total:    {total} MiB" in out
     if total >= 1024:
         assert f"memory_total:    {total} MiB ({units.format_size(total << 20)})\n" in out
+    assert status.tmpfs_total_bytes > 0
+    assert (f"tmpfs:           {units.format_size(status.tmpfs_used_bytes)} used of "
+            f"{units.format_size(status.tmpfs_total_bytes)}\n") in out
 
 
 # -- the key for the local server --------------------------------------------------------------

@@ -4,7 +4,6 @@ one owns: never a directory that a VM, a live record or a running process still 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -17,6 +16,8 @@ import pytest
 from support.images import DIGESTS, flip_byte, write_image
 
 from tenkibox.config import Layout
+from tenkibox.engine import net
+from tenkibox.engine.machine import read_argv
 from tenkibox.host import local as local_mod
 from tenkibox.host import unowned
 from tenkibox.host.api import InUse, MachineShape, Unowned
@@ -68,13 +69,12 @@ def test_repair_never_removes_a_directory_that_someone_still_has(
             (d / "vm.json").write_text("{}")
             dirs[name, root] = d
     host.vms["ses_held"] = vm_of(VMRecord("ses_held", shape(), []))  # type: ignore[assignment]
-    # a QEMU names its run directory in its command line; a network helper does not, its pid
-    # is in machine.json
-    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", f"{run}/ses_qemu/qmp.sock"]))
-    procs.append(subprocess.Popen(["sh", "-c", "sleep 60", "passt"]))
-    (run / "ses_passt" / "machine.json").write_text(json.dumps({"pid": None,
-                                                                "net_pid": procs[1].pid}))
-    time.sleep(0.2)  # the processes have exec'd
+    # stand-ins for a QEMU and a passt of ours: their programs' names and tokens (a path in
+    # the VM's run directory, ``vm_process_owner``); another program naming it is not ours
+    procs.append(_stand_in("qemu-system-x86_64", "-qmp",
+                           f"unix:{run}/ses_qemu/qmp.sock,server=on,wait=off"))
+    procs.append(_stand_in("passt", "--pid", f"{run}/ses_passt/{net.PASST_PID}"))
+    procs.append(_stand_in("tail", f"{run}/ses_gone/qemu.log"))
     found = host.unowned_files(set())
     assert [u for u in found if u.kind == "vm"] == [
         Unowned("vm", name) for name in ("ses_gone", "ses_live", "ses_passt", "ses_qemu")]
@@ -170,6 +170,16 @@ def test_what_the_host_uses_is_verified_in_full(home: Path) -> None:
     images = {u.digest: u.kind for u in uses if u.image_id}
     bad = _run(host.verify_artifacts(images, deep=True))
     assert list(bad) == [DIGESTS["disk"]] and "is corrupt" in bad[DIGESTS["disk"]]
+
+
+def _stand_in(program: str, *args: str) -> subprocess.Popen[bytes]:
+    """``sh`` blocked in ``read``, started under ``program``'s name with ``args``."""
+    p = subprocess.Popen([program, "-c", "read x", *args], executable="/bin/sh",
+                         stdin=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 5
+    while not read_argv(p.pid) and time.monotonic() < deadline:  # empty just after the exec
+        time.sleep(0.005)
+    return p
 
 
 def _file(path: Path, data: bytes) -> Path:

@@ -255,6 +255,7 @@ def test_host_status(client: Client) -> None:
     h = client.host.status()
     assert isinstance(h, models.HostStatus)
     assert h.memory_capacity_mib >= 0 and h.sessions == 0
+    assert 0 <= h.tmpfs_used_bytes <= h.tmpfs_total_bytes and h.tmpfs_total_bytes > 0
     assert client.host_status() == h
 
 

@@ -24,7 +24,8 @@ def fmt_mib(mib: int) -> str:
 @c.json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Memory: total, reserved, capacity (after overcommit), promised to guests and used."""
+    """Memory: total, reserved, capacity (after overcommit), promised to guests and used; the
+    tmpfs of the VMs' run directories (guest RAM of booted VMs, capture staging)."""
     h = c.client(ctx).host_status()
     if as_json:
         c.print_json(h)
@@ -43,5 +44,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             ("memory_capacity", fmt_mib(h.memory_capacity_mib)),
             ("memory_promised", fmt_mib(h.memory_promised_mib)),
             ("memory_used", fmt_mib(h.memory_used_mib)),
+            ("tmpfs", f"{units.format_size(h.tmpfs_used_bytes)} used of "
+                      f"{units.format_size(h.tmpfs_total_bytes)}"),
         ]
     )

@@ -137,13 +137,15 @@ class ControlPlane:
     def host_status(self) -> HostStatus:
         cap = self.host.capacity
         live = [r for r in self.records.all(SessionRow) if r.state in HOLDING_SESSION]
+        tmpfs = self.host.tmpfs_use()
         return HostStatus(
             host_id=cap.host_id, memory_total_mib=cap.memory_total_mib,
             memory_reserve_mib=cap.memory_reserve_mib, overcommit=cap.overcommit,
             memory_capacity_mib=cap.memory_capacity_mib,
             memory_promised_mib=sum(r.memory_mb for r in live),
             memory_used_mib=self.host.memory_used_mib(), sessions=len(live), cpus=cap.cpus,
-            accelerator=cap.accelerator, network_enforced=self.host.network_enforced)
+            accelerator=cap.accelerator, network_enforced=self.host.network_enforced,
+            tmpfs_used_bytes=tmpfs.used_bytes, tmpfs_total_bytes=tmpfs.total_bytes)
 
     async def stop(self) -> None:
         for task in self._loops:

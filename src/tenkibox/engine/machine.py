@@ -6,7 +6,10 @@ hot-plug port), while files and sockets may live elsewhere. Guest RAM is a file 
 ``share=on`` so that a snapshot can copy it instead of streaming it (``x-ignore-shared``).
 
 QEMU runs in its own session (setsid) with its output in a log file, so it outlives the server;
-``Machine.attach`` finds it again by pid and QMP socket.
+``Machine.attach`` finds it again by pid and QMP socket. Every process started for a VM carries
+a token on its command line, a path in the VM's run directory (QEMU's ``-qmp`` socket, passt's
+``--pid`` file): ``vm_process_owner`` tells a process of ours, and which VM it serves, from its
+command line alone, so that a pid the kernel has given to another process is never signalled.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -34,6 +38,9 @@ from . import net
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
+QMP_SOCKET = "qmp.sock"
+#: how long a SIGKILLed VM process may take to be gone (it frees its guest RAM first)
+KILL_WAIT_S = 5.0
 HOTPLUG_PORTS = 4
 AGENT_PORT_NAME = "org.tenki.agent"
 
@@ -90,7 +97,7 @@ class MachineFiles:
 
     @property
     def qmp(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.run_dir / QMP_SOCKET
 
     @property
     def agent(self) -> Path:
@@ -186,16 +193,67 @@ def is_system_disk(dev: dict[str, Any]) -> bool:
     return qdev.endswith("/vda") or "/vda/" in qdev or dev.get("device") == "vda"
 
 
-def pid_alive(pid: int | None) -> bool:
+PROC = Path("/proc")
+
+
+def pid_alive(pid: int | None, proc: Path = PROC) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
     if not pid:
         return False
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+        state = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
         return state not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def start_time(pid: int, proc: Path = PROC) -> int | None:
+    """When ``pid`` started (clock ticks after boot): with the pid, it names one process for
+    good, where a pid alone may be given to a new process once the old one is reaped."""
+    try:
+        return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def read_argv(pid: int, proc: Path = PROC) -> list[str]:
+    """The command line of ``pid`` ([] when it is gone or has none, as a kernel thread)."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def _option(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[i + 1]
+    return None
+
+
+def vm_process_owner(argv: Sequence[str], run_root: Path) -> str | None:
+    """The VM (its run directory's name: the session id) that a process serves, when its
+    command line is one this module starts under ``run_root``: QEMU with its ``-qmp`` socket
+    there, or passt with its ``--pid`` file there. Any other program, whatever its arguments
+    mention, is not ours (None)."""
+    if not argv:
+        return None
+    program = os.path.basename(argv[0])
+    if program.startswith("qemu-system-"):
+        value, prefix, name = _option(argv, "-qmp"), "unix:", QMP_SOCKET
+    elif program in net.PASST_PROGRAMS:
+        value, prefix, name = _option(argv, "--pid"), "", net.PASST_PID
+    else:
+        return None
+    root = f"{prefix}{run_root}/"
+    if value is None or not value.startswith(root):
+        return None
+    owner, _, rest = value[len(root):].partition("/")
+    # QEMU's option goes on with ",server=on,..."
+    if not owner or owner in (".", "..") or rest.split(",", 1)[0] != name:
+        return None
+    return owner
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
@@ -221,6 +279,8 @@ class Machine:
         self.net_pid: int | None = None
         self._qmp: QMPClient | None = None
         self._lock = asyncio.Lock()
+        #: pid -> start time of a process found again by pid and known ours by its token
+        self._known: dict[int, int] = {}
 
     # -- launch and attach ------------------------------------------------------------------
     async def launch(self, opts: LaunchOptions, *, timeout: float = 20.0) -> None:
@@ -244,7 +304,10 @@ class Machine:
                 )
             except OSError as exc:
                 self.state = RunState.FAILED
-                self._kill_net()
+                if backend.helper is not None:
+                    backend.helper.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        backend.helper.wait(KILL_WAIT_S)
                 raise MachineError(f"cannot start {QEMU}: {exc}", argv=self.argv) from exc
             finally:
                 backend.after_launch()
@@ -276,7 +339,7 @@ class Machine:
         self.pid = int(info["pid"])
         self.net_pid = info.get("net_pid")
         self.argv = list(info.get("argv", []))
-        if not pid_alive(self.pid):
+        if not self.alive():
             self.state = RunState.STOPPED
             raise MachineError(f"QEMU (pid {self.pid}) is gone",
                                log_tail=_tail(self.files.qemu_log))
@@ -339,9 +402,33 @@ class Machine:
 
     # -- lifetime ---------------------------------------------------------------------------
     def alive(self) -> bool:
+        """QEMU runs: our child that has not exited, or (attached after a restart) a process
+        under its pid that still carries this VM's token."""
         if self._proc is not None:
             return self._proc.poll() is None
-        return self.pid is not None and pid_alive(self.pid)
+        return self._ours(self.pid)
+
+    def net_alive(self) -> bool:
+        """The network helper (passt) runs; False for a VM without one."""
+        if self._net_proc is not None:
+            return self._net_proc.poll() is None
+        return self._ours(self.net_pid)
+
+    def _ours(self, pid: int | None) -> bool:
+        """``pid`` runs and is the process of this VM: its token is checked once, then its
+        start time (an exiting process's command line reads empty while it still frees its
+        memory, and a reused pid has another start time)."""
+        if not pid or not pid_alive(pid):
+            return False
+        started = start_time(pid)
+        known = self._known.get(pid)
+        if known is not None:
+            return started == known
+        run_dir = self.files.run_dir
+        if started is None or vm_process_owner(read_argv(pid), run_dir.parent) != run_dir.name:
+            return False
+        self._known[pid] = started
+        return True
 
     def exit_reason(self) -> str:
         code = self._proc.returncode if self._proc is not None else None
@@ -350,11 +437,12 @@ class Machine:
         return f"{text}: {tail}" if tail else text
 
     async def quit(self, timeout: float = 5.0) -> None:
-        """Ask QEMU to quit, then make sure it is gone."""
+        """Ask QEMU to quit, then make sure it is gone (``kill``). Without a QMP connection it
+        cannot be asked, and nothing is waited for before the kill."""
         if self._qmp is not None and self.alive():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.execute("quit"), 2.0)
-        await self._wait_gone(timeout)
+            await self._wait_gone(timeout)
         await self.kill()
 
     async def _wait_gone(self, timeout: float) -> None:
@@ -363,26 +451,25 @@ class Machine:
             await asyncio.sleep(0.01)
 
     async def kill(self) -> None:
-        """SIGKILL if still running, reap, disconnect. Always safe to call."""
-        if self.alive() and self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            await self._wait_gone(5.0)
-        if self._proc is not None:
-            with contextlib.suppress(Exception):
-                self._proc.wait(timeout=1)
-        self._kill_net()
+        """SIGKILL QEMU and its network helper where they still run, wait until both are gone
+        (children reaped), disconnect. Safe to call again. Raises ``MachineError`` when either
+        still runs ``KILL_WAIT_S`` after the signal (stuck in the kernel): the VM is not
+        stopped, and whoever owns it must keep it and try again."""
+        for up, pid in ((self.alive(), self.pid), (self.net_alive(), self.net_pid)):
+            if up and pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while (self.alive() or self.net_alive()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         await self.disconnect()
+        left = [f"QEMU (pid {self.pid})"] if self.alive() else []
+        if self.net_alive():
+            left.append(f"its network helper (pid {self.net_pid})")
+        if left:
+            raise MachineError(f"{self.name}: {' and '.join(left)} still running "
+                               f"{KILL_WAIT_S:g}s after SIGKILL")
         self.state = RunState.STOPPED
-
-    def _kill_net(self) -> None:
-        """The network helper exits with QEMU; this makes sure of it, and reaps it."""
-        if self.net_pid and pid_alive(self.net_pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.net_pid, signal.SIGKILL)
-        if self._net_proc is not None:
-            with contextlib.suppress(Exception):
-                self._net_proc.wait(timeout=1)
 
     async def disconnect(self) -> None:
         qmp, self._qmp = self._qmp, None

@@ -5,7 +5,10 @@ guest could reach every loopback service of the host (the tenki API among them),
 cannot switch that off. passt (Debian's ``passt``) does the same user-mode translation in a
 separate process and has ``--no-map-gw``: the guest's gateway is then just an address on the
 network, and the host's loopback is out of reach. Each VM gets its own passt, connected to QEMU
-through a socket pair (no socket file), running as ``nobody``; it exits when QEMU does.
+through a socket pair (no socket file), running as ``nobody``; it exits when QEMU does (or,
+before QEMU started, when the server's end of the pair closes). Its ``--pid`` file is in the
+VM's run directory: that path on its command line is the token by which recovery knows the
+helper as ours (``machine.vm_process_owner``).
 (``--dns`` is deliberately not given: with it, passt stops reading the host's resolv.conf and
 then has nowhere to forward the guest's DNS queries.)
 
@@ -21,7 +24,9 @@ The guest sees the addresses slirp would have given it (10.0.2.15/24, gateway 10
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -29,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_IP, PREFIX, GATEWAY, DNS = "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
+#: passt's pid file, in the VM's run directory
+PASST_PID = "passt.pid"
+#: what passt's command line starts with (its binary may re-exec itself as passt.avx2, which
+#: keeps the command line)
+PASST_PROGRAMS = ("passt", "passt.avx2")
 
 
 def mode() -> str:
@@ -61,6 +71,22 @@ def tap(netns: str, ifname: str = "tap0") -> NetBackend:
                       prefix=("nsenter", f"--net=/run/netns/{netns}", "--"))
 
 
+def pid_file(run_dir: Path) -> Path:
+    """An empty pid file for passt, writable by the user it will run as: started as root,
+    passt switches to ``nobody`` before it opens the file, and could not create one in the
+    run directory (root's, 0755)."""
+    path = run_dir / PASST_PID
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):  # no such user: passt then stays root
+                nobody = pwd.getpwnam("nobody")
+                os.fchown(fd, nobody.pw_uid, nobody.pw_gid)
+    finally:
+        os.close(fd)
+    return path
+
+
 def start(run_dir: Path, net_mode: str | None = None, netns: str | None = None) -> NetBackend:
     if netns is not None:
         return tap(netns)
@@ -69,10 +95,11 @@ def start(run_dir: Path, net_mode: str | None = None, netns: str | None = None) 
         return NetBackend("user,id=net0,restrict=on")
     if chosen == "user":
         return NetBackend("user,id=net0")
+    pid = pid_file(run_dir)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = ["passt", "--foreground", "--one-off", "--quiet", "--fd", str(theirs.fileno()),
-            "--address", GUEST_IP, "--netmask", str(PREFIX), "--gateway", GATEWAY,
-            "--no-map-gw", "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp",
+            "--pid", str(pid), "--address", GUEST_IP, "--netmask", str(PREFIX),
+            "--gateway", GATEWAY, "--no-map-gw", "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp",
             "--no-ra"]
     with open(run_dir / "passt.log", "ab") as log:
         helper = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,

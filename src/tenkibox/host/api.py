@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from ..errors import SessionFailedError, SnapshotFailedError
 from ..models import Image
 from .capacity import HostCapacity
+from .tmpfs import TmpfsUse
 
 
 class SnapshotDamagedError(SnapshotFailedError):
@@ -297,6 +298,10 @@ class HostAPI(Protocol):
         ...
 
     def memory_used_mib(self) -> int: ...
+    def tmpfs_use(self) -> TmpfsUse:
+        """The tmpfs of the VMs' run directories (guest RAM of booted VMs, capture staging)."""
+        ...
+
     async def image_digest(self, image_id: str) -> str: ...
 
     async def list_images(self) -> list[Image]:

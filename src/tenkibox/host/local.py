@@ -1,17 +1,18 @@
 """``LocalHost``: the VMs of this machine, in this process (the ``HostAPI`` implementation).
 
 Ownership: a VM belongs to the host from before its QEMU starts (``_starting``) until its
-process is gone and its files are removed. Every QEMU and network helper carries this data
-directory's run root in its command line; at start-up ``recover`` kills any such process that no
-live session owns (a server killed mid-boot leaves one), and removes every file of a VM that is
-not live. A VM that dies on its own is reported through ``watch()``.
+processes are gone and its files are removed; one whose processes outlive SIGKILL stays in
+``_stuck`` (the terminate fails, and is tried again). Every QEMU and network helper carries a
+token, a path in its VM's run directory (``engine.machine.vm_process_owner``); at start-up
+``recover`` kills any such process that no live session owns (a server killed mid-boot leaves
+one), waits until it is gone, and removes every file of a VM that is not live. A VM that dies on
+its own, or whose network breaks, is reported through ``watch()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -24,7 +25,15 @@ from typing import Any
 from ..artifacts.store import GC_GRACE_S, ArtifactStore, LocalArtifactStore
 from ..config import Layout, home_tag
 from ..engine.agent import AgentClient, AgentError
-from ..engine.machine import Machine, MachineError, pid_alive
+from ..engine.machine import (
+    PROC,
+    Machine,
+    MachineError,
+    pid_alive,
+    read_argv,
+    start_time,
+    vm_process_owner,
+)
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
 from ..models import Image
 from ..steps import Steps
@@ -55,6 +64,7 @@ from .network import HostNetwork, VMNet
 from .processes import ProcessHandle, ProcessTable
 from .ramcache import RamCache
 from .restore import restore
+from .tmpfs import TmpfsUse, tmpfs_use
 from .vm import VM, HostLayout, VMRecord
 
 log = logging.getLogger(__name__)
@@ -64,19 +74,22 @@ AGENT_USER_SINCE = (0, 3, 0)
 
 WATCH_INTERVAL_S = 0.5
 RECOVER_AGENT_TIMEOUT_S = 15.0
+#: how long recovery waits for the strays it SIGKILLed to be gone
+STRAY_WAIT_S = 10.0
 
 
-def our_processes(run_root: Path) -> dict[int, str]:
-    """pid -> command line of every process whose command line names ``run_root``."""
-    token = str(run_root) + "/"
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+def our_processes(run_root: Path, proc: Path = PROC) -> dict[int, tuple[str, str]]:
+    """pid -> (the VM it serves, its command line) of every live QEMU or network helper that
+    carries the token of a VM under ``run_root`` (``vm_process_owner``)."""
+    found: dict[int, tuple[str, str]] = {}
+    for entry in proc.iterdir() if proc.exists() else []:
+        if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if token in cmd and pid_alive(int(entry.name)):
-                found[int(entry.name)] = cmd
+        pid = int(entry.name)
+        argv = read_argv(pid, proc)
+        owner = vm_process_owner(argv, run_root)
+        if owner is not None and pid_alive(pid, proc):
+            found[pid] = (owner, " ".join(argv))
     return found
 
 
@@ -89,6 +102,9 @@ class LocalHost:
                                self.network)
         self.vms: dict[str, VM] = {}
         self._starting: dict[str, list[VM]] = {}
+        #: VMs whose stop failed (a process outlived SIGKILL): still ours, until a terminate
+        #: tried again finds their processes gone
+        self._stuck: dict[str, VM] = {}
         self.processes = ProcessTable()
         self._gone: asyncio.Queue[VMGone] = asyncio.Queue()
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -111,7 +127,7 @@ class LocalHost:
         return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings)
 
     def _slot(self, session_id: str) -> list[VM]:
-        if session_id in self.vms or session_id in self._starting:
+        if session_id in self.vms or session_id in self._starting or session_id in self._stuck:
             raise ConflictError(f"session {session_id} already has a VM on this host")
         slot: list[VM] = []
         self._starting[session_id] = slot
@@ -144,9 +160,13 @@ class LocalHost:
                 async with vm.lock:
                     await vols.flush_before_stop(vm, volumes)
         slot = self._starting.get(session_id) or []
-        await self._destroy(session_id, vm or (slot[0] if slot else None), steps)
+        vm = vm or self._stuck.get(session_id) or (slot[0] if slot else None)
+        await self._destroy(session_id, vm, steps)
 
     async def _destroy(self, session_id: str, vm: VM | None, steps: Steps | None = None) -> None:
+        """Stop the VM's processes, then remove its network and files. Raises ``MachineError``
+        when a process outlives SIGKILL: the VM is then kept in ``_stuck`` with its files, for
+        the next terminate of the session to try again."""
         steps = steps or Steps(log, session_id, plan="destroy")
         if vm is not None:
             vm.stopping = True
@@ -160,7 +180,12 @@ class LocalHost:
             self.processes.drop_session(session_id)
             if vm is not None:
                 await vm.agent.close()
-                await vm.machine.quit(timeout=3.0)
+                try:
+                    await vm.machine.quit(timeout=3.0)
+                except MachineError:
+                    self._stuck[session_id] = vm
+                    raise
+            self._stuck.pop(session_id, None)
         with steps.step("cleanup"):
             await self.network.teardown(session_id)
             await asyncio.to_thread(self._remove_files, session_id)
@@ -199,9 +224,12 @@ class LocalHost:
         return await asyncio.to_thread(builder.list_images, self.paths.layout)
 
     def memory_used_mib(self) -> int:
-        pids = [pid for vm in self.vms.values()
+        pids = [pid for vm in [*self.vms.values(), *self._stuck.values()]
                 for pid in (vm.machine.pid, vm.machine.net_pid) if pid]
         return pss_mib(pids)
+
+    def tmpfs_use(self) -> TmpfsUse:
+        return tmpfs_use(self.paths.layout.run)
 
     # -- health ------------------------------------------------------------------------------
     async def _watch(self, vm: VM) -> None:
@@ -212,13 +240,22 @@ class LocalHost:
             reason = None
             if not vm.machine.alive():
                 reason = f"the VM stopped unexpectedly: {vm.machine.exit_reason()}"
-            elif vm.machine.net_pid and not pid_alive(vm.machine.net_pid):
+            elif vm.machine.net_pid and not vm.machine.net_alive():
                 reason = "the network helper (passt) of the VM exited; the VM was stopped"
-            elif not self.network.intact(vm.session_id):
-                reason = "the network namespace of the VM was removed; the VM was stopped"
+            else:
+                broken = await self.network.broken(vm.session_id)
+                if broken is not None:
+                    reason = f"{broken}; the VM was stopped"
             if reason is not None:
                 log.warning("session %s: %s", vm.session_id, reason)
-                await self._destroy(vm.session_id, vm)
+                # reported once its processes are gone: until then the session stays live
+                while True:
+                    try:
+                        await self._destroy(vm.session_id, vm)
+                        break
+                    except MachineError as exc:
+                        log.error("session %s: %s; trying again", vm.session_id, exc.message)
+                        await asyncio.sleep(WATCH_INTERVAL_S)
                 await self._gone.put(VMGone(vm.session_id, reason))
                 return
 
@@ -267,7 +304,11 @@ class LocalHost:
             await agent.connect(RECOVER_AGENT_TIMEOUT_S)
         except BaseException:
             await agent.close()
-            await machine.kill()
+            try:
+                await machine.kill()
+            except MachineError as exc:
+                # the stray sweep at the end of recovery tries again, and waits
+                log.warning("%s: %s", session_id, exc.message)
             raise
         await self._follow_qemu_chain(machine, record, disk_dir)
         if record.net is not None:
@@ -294,33 +335,33 @@ class LocalHost:
         log.info("%s: disk chain taken from QEMU (top %s)", record.session_id, top.name)
 
     def _kill_strays(self) -> int:
-        killed = 0
-        run_root = self.paths.layout.run
-        strays = our_processes(run_root)
-        # network helpers carry no path of ours: their pids are in the VMs' machine.json
-        for info in run_root.glob("*/machine.json") if run_root.exists() else []:
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                net_pid = int(json.loads(info.read_text())["net_pid"])
-                raw = Path(f"/proc/{net_pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                if b"passt" in raw and pid_alive(net_pid):
-                    strays[net_pid] = f"{info.parent}/ {raw.decode(errors='replace')}"
-        for pid, cmd in strays.items():
-            rest = cmd.split(str(run_root) + "/", 1)[1]
-            owner = rest.split("/", 1)[0]
-            if owner in self.vms:
-                vm = self.vms[owner]
-                if pid in (vm.machine.pid, vm.machine.net_pid):
-                    continue
+        """SIGKILL every process of ours that no VM of this host owns, and wait (at most
+        ``STRAY_WAIT_S``) until they are gone: the files they use are removed next."""
+        killed: dict[int, tuple[int | None, str]] = {}
+        for pid, (owner, cmd) in our_processes(self.paths.layout.run).items():
+            vm = self.vms.get(owner)
+            if vm is not None and pid in (vm.machine.pid, vm.machine.net_pid):
+                continue
+            started = start_time(pid)
             log.warning("killing pid %d: no live session owns it (%s)", pid, cmd[:200])
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            killed += 1
-        return killed
+            killed[pid] = (started, cmd)
+        deadline = time.monotonic() + STRAY_WAIT_S
+        # by pid and start time: a dying process's command line already reads empty
+        while (left := [pid for pid, (started, _) in killed.items()
+                        if pid_alive(pid) and start_time(pid) == started]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            log.error("pid %d still runs %.0fs after SIGKILL (%s)", pid, STRAY_WAIT_S,
+                      killed[pid][1][:200])
+        return len(killed)
 
     def _orphan_dirs(self, *, conversions: bool) -> list[Path]:
         """Run and disk directories of VMs this host does not hold (with ``conversions``, also
         the scratch directories of snapshot conversions, which only a crash leaves behind)."""
-        owned = set(self.vms) | set(self._starting)
+        owned = set(self.vms) | set(self._starting) | set(self._stuck)
         run_root = self.paths.layout.run
         runs = list(run_root.iterdir()) if run_root.exists() else []
         return [d for d in [*runs, *self.paths.disks.iterdir()]
@@ -475,7 +516,8 @@ class LocalHost:
         refs: set[str] = set(self.ctx.image_digests)
         for produced in self._producing.values():
             refs.update(produced)
-        for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
+        for vm in [*self.vms.values(), *self._stuck.values(),
+                   *(v for s in self._starting.values() for v in s)]:
             r = vm.record
             refs.update(r.layers)
             refs.update((r.shape.kernel, r.shape.initrd))
@@ -504,7 +546,8 @@ class LocalHost:
         boot stores it), and what every VM of this host runs on."""
         out = [InUse(d, kind, image_id=image_id)
                for d, (image_id, kind) in self.ctx.built_images().items() if self.store.has(d)]
-        for vm in [*self.vms.values(), *(v for s in self._starting.values() for v in s)]:
+        for vm in [*self.vms.values(), *self._stuck.values(),
+                   *(v for s in self._starting.values() for v in s)]:
             r = vm.record
             layers = [*r.layers, *(d for _, d in r.frozen if d)]
             uses = {**{d: f"disk layer {i}" for i, d in enumerate(layers)},
@@ -520,7 +563,7 @@ class LocalHost:
                              live_sessions: set[str]) -> list[Unowned]:
         def owned(session_id: str) -> bool:
             return session_id in self.vms or session_id in self._starting \
-                or session_id in live_sessions
+                or session_id in self._stuck or session_id in live_sessions
 
         keep = referenced | self.referenced_locally()
         return await asyncio.to_thread(unowned.remove, found, store=self.store, paths=self.paths,

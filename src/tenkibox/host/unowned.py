@@ -11,16 +11,15 @@ found:
   one of its strays, older than ``TEMP_MAX_AGE_S`` (a writer renames its own within it; start-up
   removes them all, as nothing writes then);
 - ``vm`` (a session id): the run and disk directories of a VM that the host does not hold, that
-  no live session record names, and that no process of this data directory uses: the
-  directories of a VM that still runs (one being stopped, or a stray that start-up has not
-  killed) stay.
+  no live session record names, and that no process of ours serves (a QEMU or passt carrying
+  that VM's token, ``engine.machine.vm_process_owner``): the directories of a VM that still
+  runs (one being stopped, or a stray that start-up has not killed) stay.
 
 An entry that names nothing of the kind now is left as it is (and stays in the report as found).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -28,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..artifacts.store import GC_GRACE_S, TEMP_MAX_AGE_S, ArtifactStore
-from ..engine.machine import pid_alive
 from .api import Unowned
 from .vm import HostLayout
 
@@ -42,11 +40,11 @@ def temporary_name(path: Path, home: Path) -> str:
 
 def remove(found: list[Unowned], *, store: ArtifactStore, paths: HostLayout,
            owned: Callable[[str], bool], referenced: set[str],
-           processes: Callable[[Path], dict[int, str]]) -> list[Unowned]:
+           processes: Callable[[Path], dict[int, tuple[str, str]]]) -> list[Unowned]:
     """Remove what may be of ``found`` (see the module docstring); the entries removed.
     ``owned(name)``: a VM of that session id is the host's or a live record's, asked right
-    before its directories are removed. ``processes(run_root)``: pid -> command line of every
-    process whose command line names the run root."""
+    before its directories are removed. ``processes(run_root)``: pid -> (the VM it serves, its
+    command line) of every live process of ours (``local.our_processes``)."""
     run_root = paths.layout.run
     busy: set[str] | None = None  # session ids whose directories a process uses
     stored_at: dict[str, float] | None = None  # digest -> when it entered the store
@@ -71,7 +69,7 @@ def remove(found: list[Unowned], *, store: ArtifactStore, paths: HostLayout,
                 continue  # not a session's (a conversion's scratch is start-up's to remove)
             if busy is None:
                 busy = _in_use(run_root, processes)
-            if owned(name) or name in busy or _pids_alive(paths.run_dir(name)):
+            if owned(name) or name in busy:
                 log.info("VM %s: its files are left (a VM still uses them)", name)
                 continue
             dirs = [paths.run_dir(name), paths.disk_dir(name)]
@@ -108,29 +106,6 @@ def _remove_temporary(path: Path, now: float) -> bool:
     return True
 
 
-def _in_use(run_root: Path, processes: Callable[[Path], dict[int, str]]) -> set[str]:
-    """The session ids whose run directory a live process of this data directory names."""
-    token = str(run_root) + "/"
-    return {cmd.split(token, 1)[1].split("/", 1)[0]
-            for cmd in processes(run_root).values() if token in cmd}
-
-
-def _pids_alive(run_dir: Path) -> bool:
-    """The VM's QEMU or network helper, noted in its machine.json before they start, still
-    runs (a pid taken since by an unrelated process does not count)."""
-    try:
-        info = json.loads((run_dir / "machine.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(info, dict):
-        return False
-    for pid in (info.get("pid"), info.get("net_pid")):
-        if not isinstance(pid, int) or not pid_alive(pid):
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"passt" in cmd or str(run_dir.parent).encode() + b"/" in cmd:
-            return True
-    return False
+def _in_use(run_root: Path, processes: Callable[[Path], dict[int, tuple[str, str]]]) -> set[str]:
+    """The session ids whose VM a live process of ours serves (QEMU, passt: by their token)."""
+    return {owner for owner, _ in processes(run_root).values()}

@@ -4,7 +4,9 @@
 gone). What a VM may reach is its ``NetworkSpec``, enforced by nftables outside the guest
 (``rules``); names resolve through the VM's own DNS forwarder (``dns``). A VM's slot and spec
 are kept in its ``vm.json`` (``VMRecord.net``), so a restarted server finds its network again;
-namespaces and tables that no live VM owns are removed at recovery.
+namespaces and tables that no live VM owns are removed at recovery. ``broken`` tells the host's
+watcher when a part of a running VM's network is gone (its namespace, the host end of its veth
+pair, its table on the host, its DNS forwarder): nothing is rebuilt under a running guest.
 
 Where the host cannot do this (not root, no nftables), ``enforced`` is False: VMs get the
 user-mode helper (``engine.net``), which keeps the host's loopback out of reach but enforces no
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from ..api import NetworkSpec
 from . import links
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: attempts at a free slot when another server on the machine takes the same one meanwhile
 SLOT_TRIES = 8
+#: how old a listing of the host's tables may be for ``broken`` (one ``nft`` run answers the
+#: watchers of every VM within that time)
+TABLES_MAX_AGE_S = 0.4
 
 
 class HostNetwork:
@@ -46,6 +52,11 @@ class HostNetwork:
         self._dns = DnsProxy(self._allow)
         self._lock = asyncio.Lock()
         self._prepared = False
+        #: session -> when its host table was known to exist (created or adopted): a listing
+        #: older than that cannot tell whether the table is gone
+        self._since: dict[str, float] = {}
+        self._tables: tuple[float, set[str]] | None = None  # (when listed, session ids)
+        self._tables_lock = asyncio.Lock()
 
     async def _prepare(self) -> None:
         if not self._prepared:
@@ -73,6 +84,7 @@ class HostNetwork:
                     self._nets[session_id] = net
                 try:
                     await asyncio.to_thread(links.create, net, spec)
+                    self._since[session_id] = time.monotonic()
                     break
                 except links.NetworkError as exc:
                     # another server on the machine took the slot between look and create
@@ -90,6 +102,7 @@ class HostNetwork:
         await self._dns.stop(session_id)
         net = self._nets.pop(session_id, None)
         self._specs.pop(session_id, None)
+        self._since.pop(session_id, None)
         if self.enforced:
             await asyncio.to_thread(links.remove, net or VMNet(self.owner, session_id, 0))
 
@@ -100,6 +113,7 @@ class HostNetwork:
             await self._prepare()
             self._nets[net.session_id] = net
         self._specs[net.session_id] = spec
+        self._since[net.session_id] = time.monotonic()
         await self._dns.start(net, spec.egress)
 
     async def remove_strays(self) -> int:
@@ -113,10 +127,38 @@ class HostNetwork:
             await asyncio.to_thread(links.remove, VMNet(self.owner, session_id, 0))
         return len(strays)
 
-    def intact(self, session_id: str) -> bool:
-        """False when the VM's namespace is gone under it (its guest has no network left)."""
+    async def broken(self, session_id: str) -> str | None:
+        """What is gone of the running VM's network, or None while it is whole (or the host
+        built none). Without its namespace or veth pair the guest has no network; without its
+        host table nothing enforces its policy; without its forwarder no name resolves."""
         net = self._nets.get(session_id)
-        return net is None or (links.NETNS_DIR / net.netns).exists()
+        if net is None:
+            return None
+        if not (links.NETNS_DIR / net.netns).exists():
+            return "the network namespace of the VM was removed"
+        if not links.slot_taken(net.slot):
+            return f"the host end ({net.host_if}) of the VM's network link was removed"
+        if not self._dns.serving(session_id):
+            return "the DNS forwarder of the VM's network stopped"
+        tables = await self._host_tables(self._since.get(session_id, 0.0))
+        if tables is not None and session_id not in tables:
+            return f"the host's nftables table of the VM's network ({net.table}) was removed"
+        return None
+
+    async def _host_tables(self, newer_than: float) -> set[str] | None:
+        """Session ids with a host table, from a listing at most ``TABLES_MAX_AGE_S`` old and
+        made after ``newer_than``; None when ``nft`` cannot tell (no verdict then)."""
+        async with self._tables_lock:
+            now = time.monotonic()
+            if self._tables is None or self._tables[0] < newer_than \
+                    or now - self._tables[0] > TABLES_MAX_AGE_S:
+                try:
+                    listed = await asyncio.to_thread(links.host_tables, self.owner)
+                except links.NetworkError as exc:
+                    log.warning("health check: %s", exc.message)
+                    return None
+                self._tables = (now, set(listed))
+            return self._tables[1]
 
     def port_address(self, session_id: str, port: int) -> tuple[str, int] | None:
         """Where the host reaches ``port`` of the guest; None when inbound is off."""

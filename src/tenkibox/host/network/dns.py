@@ -225,6 +225,12 @@ class DnsProxy:
             raise
         self._resolvers[net.session_id] = resolver
 
+    def serving(self, session_id: str) -> bool:
+        """The VM's forwarder runs and its UDP socket and TCP listener are open."""
+        r = self._resolvers.get(session_id)
+        return (r is not None and r.udp is not None and not r.udp.is_closing()
+                and r.tcp is not None and r.tcp.is_serving())
+
     async def stop(self, session_id: str) -> None:
         resolver = self._resolvers.pop(session_id, None)
         if resolver is not None:

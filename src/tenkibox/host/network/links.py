@@ -22,6 +22,7 @@ from .rules import namespace_table, shared_table, vm_table
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
+SYS_NET = Path("/sys/class/net")
 TOOLS = ("ip", "nft", "nsenter")
 
 
@@ -113,23 +114,30 @@ def apply(script: str) -> None:
     _run(["nft", "-f", "-"], script)
 
 
+def host_tables(owner: str) -> list[str]:
+    """Session ids that have a host table of ``owner`` here (raises ``NetworkError``)."""
+    tables: list[str] = []
+    for line in _run(["nft", "list", "tables", "ip"]).splitlines():
+        name = line.split()[-1] if line.strip() else ""
+        if name.startswith(f"tenki_{owner}_"):
+            tables.append(name.removeprefix(f"tenki_{owner}_"))
+    return tables
+
+
 def ours(owner: str) -> tuple[list[str], list[str]]:
     """Session ids that have a namespace of ``owner`` here, and those that have a host table."""
     prefix = f"tenki-{owner}-"
     spaces = [p.name.removeprefix(prefix) for p in NETNS_DIR.glob(f"{prefix}*")] \
         if NETNS_DIR.exists() else []
-    tables: list[str] = []
     try:
-        for line in _run(["nft", "list", "tables", "ip"]).splitlines():
-            name = line.split()[-1] if line.strip() else ""
-            if name.startswith(f"tenki_{owner}_"):
-                tables.append(name.removeprefix(f"tenki_{owner}_"))
+        tables = host_tables(owner)
     except NetworkError as exc:
         log.warning("%s", exc.message)
+        tables = []
     return spaces, tables
 
 
 def slot_taken(slot: int) -> bool:
     """Whether the machine has the host-side interface of ``slot`` (any server's)."""
-    return Path(f"/sys/class/net/tkh{slot}").exists()
+    return (SYS_NET / f"tkh{slot}").exists()
 
