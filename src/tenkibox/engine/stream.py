@@ -30,6 +30,7 @@ that does not restore.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from typing import BinaryIO
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
 PAGE = 4096
+ZERO_PAGE = bytes(PAGE)
 
 # section types
 SECTION_START = 0x01
@@ -75,30 +77,54 @@ class Split:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
+    """Reads a stream mapped in memory: no read call per record (there is one per page)."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.pos = 0
+        self.size = len(buf)
 
     def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
+        end = self.pos + n
+        if end > self.size:
             raise StreamError("the stream ends early")
+        data = self.buf[self.pos:end]
+        self.pos = end
         return data
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        if self.pos >= self.size:
+            raise StreamError("the stream ends early")
+        self.pos += 1
+        return self.buf[self.pos - 1]
 
     def be32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
+        if self.pos + 4 > self.size:
+            raise StreamError("the stream ends early")
+        self.pos += 4
+        return int(_BE32.unpack_from(self.buf, self.pos - 4)[0])
 
     def be64(self) -> int:
-        return int(struct.unpack(">Q", self.take(8))[0])
+        if self.pos + 8 > self.size:
+            raise StreamError("the stream ends early")
+        self.pos += 8
+        return int(_BE64.unpack_from(self.buf, self.pos - 8)[0])
 
     def name(self) -> bytes:
         return self.take(self.u8())
 
     def peek(self) -> int | None:
-        data = self.f.peek(1)[:1]  # type: ignore[attr-defined]  # a buffered reader
-        return data[0] if data else None
+        return self.buf[self.pos] if self.pos < self.size else None
+
+    def rest(self) -> memoryview:
+        out = self.view[self.pos:]
+        self.pos = self.size
+        return out
+
+
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
 
 
 def split(stream: Path, ram_out: Path, state_out: Path, ram_block: str = "mem0") -> Split:
@@ -106,8 +132,15 @@ def split(stream: Path, ram_out: Path, state_out: Path, ram_block: str = "mem0")
     ``state_out``; raises StreamError for a stream it cannot split."""
     with open(stream, "rb") as fin, open(state_out, "wb") as fstate, \
             open(ram_out, "wb") as fram:
-        out = _Splitter(_Reader(fin), fstate, fram, ram_block.encode())
-        out.run()
+        if os.fstat(fin.fileno()).st_size == 0:
+            raise StreamError("the stream is empty")
+        with mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            reader = _Reader(buf)
+            try:
+                out = _Splitter(reader, fstate, fram, ram_block.encode())
+                out.run()
+            finally:
+                reader.view.release()
         return Split(ram_block, out.ram_size, out.data_pages,
                      {k.decode(): v for k, v in out.blocks.items()})
 
@@ -123,7 +156,7 @@ class _Splitter:
         self.written = bytearray()  # 1 per page of the RAM image that holds data
         self.block: bytes | None = None  # the block of the last record (CONTINUE)
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | memoryview) -> None:
         self.state.write(data)
 
     def run(self) -> None:
@@ -146,8 +179,11 @@ class _Splitter:
                     raise StreamError("device state before the RAM")
                 # the devices, the end marker and the description: as they are
                 self.put(bytes([kind]))
-                while chunk := r.f.read(1 << 20):
-                    self.put(chunk)
+                rest = r.rest()
+                try:
+                    self.put(rest)
+                finally:
+                    rest.release()
                 break
             else:
                 raise StreamError(f"unexpected section type {kind:#x}")
@@ -225,15 +261,31 @@ class _Splitter:
 
     def _pages(self) -> None:
         r, put = self.r, self.put
+        buf, size, be64 = r.buf, r.size, _BE64.unpack_from
         ours = self.ram_block
+        ours_size = self.blocks[ours] if ours in self.blocks else 0
+        written = self.written
         while True:
-            raw = r.be64()
+            # the common record first, read in place: a zero page continuing the guest's RAM
+            pos = r.pos
+            if pos + 9 > size:
+                raise StreamError("the stream ends early")
+            raw = be64(buf, pos)[0]
             flags = raw & FLAGS_MASK
+            if flags == FLAG_ZERO | FLAG_CONTINUE and self.block == ours and not buf[pos + 8]:
+                offset = raw & ~FLAGS_MASK
+                if offset + PAGE > ours_size:
+                    raise StreamError(f"a page beyond the end of block {ours!r}")
+                r.pos = pos + 9
+                if written[offset // PAGE]:
+                    self._ram_page(offset, b"\0")
+                continue
+            r.pos = pos + 8
             offset = raw & ~FLAGS_MASK
             if flags & ~KNOWN_FLAGS:
                 raise StreamError(f"page flags {flags:#x} are not supported")
             if flags & FLAG_EOS:
-                put(struct.pack(">Q", FLAG_EOS))
+                put(_BE64.pack(FLAG_EOS))
                 return
             if flags & FLAG_CONTINUE:
                 if self.block is None:
@@ -257,16 +309,16 @@ class _Splitter:
                 self.block = ours
                 continue
             if self.block == block:
-                put(struct.pack(">Q", offset | flags | FLAG_CONTINUE) + payload)
+                put(_BE64.pack(offset | flags | FLAG_CONTINUE) + payload)
             else:
-                put(struct.pack(">Q", offset | (flags & ~FLAG_CONTINUE)) + bytes([len(block)])
+                put(_BE64.pack(offset | (flags & ~FLAG_CONTINUE)) + bytes([len(block)])
                     + block + payload)
             self.block = block
 
     def _ram_page(self, offset: int, payload: bytes) -> None:
         page = offset // PAGE
         if len(payload) == PAGE:
-            if payload.count(0) == PAGE:
+            if payload == ZERO_PAGE:
                 payload = b"\0"
             else:
                 os.pwrite(self.ram_fd, payload, offset)
@@ -281,4 +333,4 @@ class _Splitter:
                 self.written[page] = 1
                 self.data_pages += 1
         elif self.written[page]:  # sent with data before, zero now (rare: no hole punched)
-            os.pwrite(self.ram_fd, bytes(PAGE), offset)
+            os.pwrite(self.ram_fd, ZERO_PAGE, offset)
