@@ -26,12 +26,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 BOOT_STEPS = ["image", "overlay", "launch", "launch:after", "agent", "clock"]
 RESTORE_STEPS = ["verify", "overlay", "load-ram", "launch", "launch:after", "load-state",
                  "resume", "agent", "clock", "identity"]
-CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-ram", "resume", "compress-ram",
+CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
                  "checksum", "sync", "sync:after"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
 # a pause is a capture (the guest left paused), then the VM's stop
-PAUSE_STEPS = ["capture.copy-ram", "capture.sync:after", "terminate.stop-vm",
+PAUSE_STEPS = ["capture.device-state", "capture.sync:after", "terminate.stop-vm",
                "terminate.stop-vm:after"]
 
 FAULT_WAIT_S = 120.0

@@ -33,14 +33,6 @@ def test_roundtrip_keeps_data_and_holes(tmp_path: Path) -> None:
     assert out.stat().st_blocks * 512 < 8 << 20  # still sparse
 
 
-def test_sparse_copy_copies_only_data(tmp_path: Path) -> None:
-    src, dst = tmp_path / "a", tmp_path / "b"
-    _sparse(src, 256 << 20, {1 << 20: b"x" * 8192, 200 << 20: b"y" * 4096})
-    copied = ramfile.sparse_copy(src, dst)
-    assert copied < 2 << 20
-    assert dst.read_bytes() == src.read_bytes()
-
-
 def test_truncated_image_is_rejected(tmp_path: Path) -> None:
     src, packed = tmp_path / "ram", tmp_path / "ram.zst"
     _sparse(src, 8 << 20, {0: os.urandom(1 << 20)})

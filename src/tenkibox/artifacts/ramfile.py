@@ -1,12 +1,10 @@
-"""Guest RAM on disk: sparse copies and the compressed, checksummed snapshot format.
+"""Guest RAM on disk: the compressed, checksummed snapshot format.
 
-Guest RAM is a file on tmpfs, as large as the configured memory but holding only the pages the
-guest touched (the rest are holes). Three operations, all proportional to the touched pages and
+A capture's RAM image is a sparse file as large as the configured memory, holding only the
+pages that are not zero (the rest are holes). Two operations, proportional to those pages and
 never to the configured size:
 
-- ``sparse_copy``: inside the capture pause, copy only the data extents (SEEK_DATA/SEEK_HOLE)
-  to a staging file on tmpfs; memcpy speed, so the guest is paused as briefly as possible.
-- ``pack``: after the guest runs again, compress the staging copy into the snapshot's ``ram.zst``
+- ``pack``: after the guest runs again, compress the RAM image into the snapshot's ``ram.zst``
   (zero chunks are skipped, the rest is zstd, each chunk with its offset).
 - ``unpack``: at restore, write the chunks back into a fresh sparse tmpfs file.
 
@@ -51,24 +49,6 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         end = os.lseek(fd, start, os.SEEK_HOLE)
         yield start, min(end, size) - start
         pos = end
-
-
-def sparse_copy(src: Path, dst: Path) -> int:
-    """Copy the data extents of ``src`` into a sparse ``dst`` of the same size; returns bytes."""
-    copied = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        fout.truncate(size)
-        for off, length in data_extents(fin.fileno(), size):
-            done = 0
-            while done < length:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), length - done,
-                                       off + done, off + done)
-                if n <= 0:
-                    raise OSError(f"copy_file_range returned {n} at offset {off + done}")
-                done += n
-            copied += length
-    return copied
 
 
 def _chunks(fd: int, size: int) -> Iterator[tuple[int, int]]:

@@ -49,3 +49,11 @@ def create_overlay(path: Path, backing: Path) -> Path:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), "-u",
          str(path), str(virtual_size(backing))], "creating the disk overlay")
     return path
+
+
+def create_blank(path: Path, size: int) -> Path:
+    """A new, empty qcow2 of ``size`` bytes (for a VM that never runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        "creating a blank disk")
+    return path

@@ -45,6 +45,10 @@ HOTPLUG_PORTS = 4
 AGENT_PORT_NAME = "org.tenki.agent"
 
 
+# query-migrate states of a migration still in progress
+ORPHAN_MIGRATION = ("setup", "active", "pre-switchover", "device")
+
+
 class RunState(str, Enum):
     NEW = "new"
     LAUNCHING = "launching"
@@ -78,8 +82,12 @@ class MachineConfig:
     cmdline: str
     hotplug_ports: int = HOTPLUG_PORTS
     # A restored VM maps its snapshot's RAM image privately (copy-on-write), so that clones of
-    # one snapshot share its pages on the host. None: a fresh, shared RAM file of its own.
+    # one snapshot share its pages on the host. None: fresh RAM of its own, anonymous memory
+    # (a capture reads all of RAM, which allocates every hole of a tmpfs file but maps the zero
+    # page for anonymous memory), or with ``ram_file`` a shared file at that path that the host
+    # takes as it is (the scratch VM of a conversion).
     ram_base: str | None = None
+    ram_file: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +158,14 @@ def blockdev_args(chain: list[Path]) -> tuple[list[str], str]:
     return args, backing
 
 
+def _memory_backend(cfg: MachineConfig, files: MachineFiles, size: str) -> str:
+    if cfg.ram_base:
+        return f"memory-backend-file,id=mem0,size={size},mem-path={cfg.ram_base},share=off"
+    if cfg.ram_file:
+        return f"memory-backend-file,id=mem0,size={size},mem-path={cfg.ram_file},share=on"
+    return f"memory-backend-ram,id=mem0,size={size}"
+
+
 def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
                netdev: str = "user,id=net0") -> list[str]:
     mem = f"{cfg.memory_mb}M"
@@ -160,9 +176,7 @@ def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
         "-name", files.run_dir.name,
         "-machine", f"q35,accel={accel},memory-backend=mem0",
         "-cpu", cpu, "-smp", str(cfg.cpu), "-m", mem,
-        "-object", f"memory-backend-file,id=mem0,size={mem},"
-                   + (f"mem-path={cfg.ram_base},share=off" if cfg.ram_base
-                      else f"mem-path={files.ram},share=on"),
+        "-object", _memory_backend(cfg, files, mem),
         "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", cfg.cmdline,
     ]
     disk_args, top = blockdev_args(opts.disk_chain)
@@ -344,8 +358,25 @@ class Machine:
             raise MachineError(f"QEMU (pid {self.pid}) is gone",
                                log_tail=_tail(self.files.qemu_log))
         await self._connect_qmp(time.monotonic() + 5.0)
+        await self._cancel_orphan_migration()
         status = await self.execute("query-status")
         self.state = RunState.RUNNING if status.get("running") else RunState.PAUSED
+
+    async def _cancel_orphan_migration(self) -> None:
+        """A capture cut short by a dead server left its migration behind: nobody reads its
+        stream any more, and a live save would hold the guest stopped at its switchover for
+        ever. Cancelling starts the guest again if the migration had stopped it."""
+        info = await self.execute("query-migrate")
+        if info.get("status") not in ORPHAN_MIGRATION:
+            return
+        await self.execute("migrate_cancel")
+        deadline = time.monotonic() + 10.0
+        while (await self.execute("query-migrate")).get("status") in (*ORPHAN_MIGRATION,
+                                                                       "cancelling"):
+            if time.monotonic() > deadline:
+                raise MachineError(f"{self.name}: a migration left by a capture cut short "
+                                   "does not end", log_tail=_tail(self.files.qemu_log))
+            await asyncio.sleep(0.02)
 
     async def _connect_qmp(self, deadline: float) -> None:
         last: Exception | None = None

@@ -1,34 +1,49 @@
 """QEMU migration, used for snapshots: capabilities, waiting, and converting a full stream.
 
 A snapshot's device state is a migration stream written to a file; with ``x-ignore-shared`` it
-leaves out guest RAM, which lives in a shared file and is copied (or mapped) separately.
+leaves out guest RAM, which lives in a shared file and is copied (or mapped) separately. A
+capture of a running guest saves it live instead (``start_live_save``: pre-copy, then a short
+stop) and converts the full stream afterwards (``convert_stream``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from . import disks
-from .machine import LaunchOptions, Machine, MachineConfig, MachineError, MachineFiles
+from .machine import (
+    LaunchOptions,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineFiles,
+    RunState,
+)
 
 MIGRATE_TIMEOUT_S = 60.0
+LIVE_DOWNTIME_MS = 20  # what a live save may leave for the stop: a few MiB under TCG
+CONVERGE_S = 10.0
+FORCED_DOWNTIME_MS = 5000
 
 
-async def enable_snapshot_caps(machine: Machine, ignore_shared: bool = True) -> None:
+async def enable_snapshot_caps(machine: Machine, ignore_shared: bool = True,
+                               live: bool = False) -> None:
     """Migration settings a capture needs (idempotent; also set on the restore side).
 
     ``x-ignore-shared`` changes the stream's format, so both ends of one stream must agree.
+    ``pause-before-switchover`` (``live``) only changes the source's steps; every capability is
+    set explicitly each time because it stays set on the VM.
     """
     await machine.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-ignore-shared", "state": ignore_shared},
+        {"capability": "pause-before-switchover", "state": live},
     ]})
     # the default bandwidth cap (128 MiB/s) applies even to a paused guest
-    await machine.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    await machine.execute("migrate-set-parameters", {
+        "max-bandwidth": 1 << 40, "downtime-limit": LIVE_DOWNTIME_MS})
 
 
 async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -> dict:
@@ -64,6 +79,56 @@ async def save_state(machine: Machine, target: Path, *, with_ram: bool) -> None:
     await wait_migration(machine)
 
 
+async def start_live_save(machine: Machine, target: Path) -> None:
+    """Start a live save of a running VM to ``target``: QEMU copies RAM while the guest runs
+    (pre-copy, again for the pages written meanwhile), then stops the guest when what is left
+    fits in ``LIVE_DOWNTIME_MS`` and waits (``wait_switchover``). The stream holds all of RAM;
+    a page sent twice is overwritten by its later copy when the stream is loaded."""
+    await enable_snapshot_caps(machine, ignore_shared=False, live=True)
+    await machine.execute("migrate", {"uri": f"exec:cat > {target}"})
+
+
+async def wait_switchover(machine: Machine, timeout: float) -> None:
+    """Wait until QEMU has stopped the guest before the last pass. A guest writing memory
+    faster than it can be copied never gets there by itself: after ``CONVERGE_S`` the
+    allowed downtime is raised so that the next pass ends it (a longer pause, not no end)."""
+    started = time.monotonic()
+    forced = False
+    delay = 0.001
+    while True:
+        info = await machine.execute("query-migrate")
+        status = info.get("status")
+        if status == "pre-switchover":
+            machine.state = RunState.PAUSED
+            return
+        if status in ("failed", "cancelled", "completed"):
+            raise MachineError(f"live save {status} before the switchover: "
+                               f"{info.get('error-desc', 'no reason given')}")
+        waited = time.monotonic() - started
+        if waited > timeout:
+            raise MachineError(f"live save did not reach its switchover in {timeout:.0f}s "
+                               f"(status {status})")
+        if waited > CONVERGE_S and not forced:
+            await machine.execute("migrate-set-parameters",
+                                  {"downtime-limit": FORCED_DOWNTIME_MS})
+            forced = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+async def finish_live_save(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -> float:
+    """Send what is left (the last dirty pages and the device state) and wait; the guest stays
+    stopped until the caller's ``cont``. Returns the seconds QEMU had the guest stopped."""
+    await machine.execute("migrate-continue", {"state": "pre-switchover"})
+    info = await wait_migration(machine, timeout)
+    return float(info.get("downtime", 0)) / 1000
+
+
+async def cancel_migration(machine: Machine) -> None:
+    """Stop a migration in progress (its stream is then incomplete: the caller drops it)."""
+    await machine.execute("migrate_cancel")
+
+
 async def load_state(machine: Machine, source: Path) -> None:
     """Load a device state written by ``save_state`` into a VM started ``-incoming defer``."""
     await enable_snapshot_caps(machine)
@@ -71,29 +136,34 @@ async def load_state(machine: Machine, source: Path) -> None:
     await wait_migration(machine)
 
 
-async def convert_stream(cfg: MachineConfig, chain: list[Path], stream: Path, work_dir: Path,
-                         ram_out: Path, state_out: Path, steps: Any) -> None:
+async def convert_stream(cfg: MachineConfig, disk_size: int, stream: Path, work_dir: Path,
+                         ram_out: Path, state_out: Path) -> None:
     """Load a full migration stream into a scratch QEMU that never runs, with its RAM in a
-    shared file, and save it again without the RAM: the usual RAM image + device state.
+    shared file at ``ram_out``, and save it again without the RAM: the usual RAM image +
+    device state.
 
-    Runs after the session has resumed, so it costs the session no pause.
+    Runs after the session has resumed, so it costs the session no pause. ``engine.stream``
+    does the same without a QEMU, for the streams it knows. ``ram_out`` belongs
+    on a disk file system, not tmpfs: loading a stream reads every page it marks as zero,
+    which allocates a hole of a tmpfs file but leaves a disk file sparse (a clean page).
+    The scratch's disk is a blank one of the same size: it never runs, and no device state
+    refers to the disk's content.
     """
     files = MachineFiles(work_dir)
-    scratch = Machine(f"convert-{work_dir.name}", files, replace(cfg, ram_base=None))
+    scratch = Machine(f"convert-{work_dir.name}", files,
+                      replace(cfg, ram_base=None, ram_file=str(ram_out)))
     try:
-        with steps.step("convert"):
-            work_dir.mkdir(parents=True, exist_ok=True)
-            top = work_dir / "scratch.qcow2"
-            await asyncio.to_thread(disks.create_overlay, top, chain[-1])
-            await scratch.launch(LaunchOptions([*chain, top], incoming=True))
-            await enable_snapshot_caps(scratch, ignore_shared=False)
-            await scratch.execute("migrate-incoming", {"uri": f"exec:cat {stream}"})
-            await wait_migration(scratch)
-            await enable_snapshot_caps(scratch, ignore_shared=True)
-            await scratch.execute("migrate", {"uri": f"exec:cat > {state_out}"})
-            await wait_migration(scratch)
-            await scratch.kill()
-            os.replace(files.ram, ram_out)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        disk = work_dir / "scratch.qcow2"
+        await asyncio.to_thread(disks.create_blank, disk, disk_size)
+        await scratch.launch(LaunchOptions([disk], incoming=True))
+        await enable_snapshot_caps(scratch, ignore_shared=False)
+        await scratch.execute("migrate-incoming", {"uri": f"exec:cat {stream}"})
+        await wait_migration(scratch)
+        await enable_snapshot_caps(scratch, ignore_shared=True)
+        await scratch.execute("migrate", {"uri": f"exec:cat > {state_out}"})
+        await wait_migration(scratch)
+        await scratch.kill()
     finally:
         await scratch.kill()
         scratch.cleanup_files()

@@ -1,28 +1,35 @@
-"""Capture: memory, device state and disk of a running VM, taken inside one short pause,
-then sealed into the artifact store. One ordered list of named, timed steps:
+"""Capture: memory, device state and disk of a running VM at one instant, then sealed into the
+artifact store. One ordered list of named, timed steps:
 
-1. ``pause``        ``stop``; QEMU drains in-flight disk I/O.
-2. ``freeze-disk``  ``blockdev-snapshot-sync``: the current top layer becomes read-only and the
-                    VM continues on a new overlay. Done before the migration because a completed
-                    migration inactivates the block layer until ``cont``.
-3. ``device-state`` ``migrate`` with ``x-ignore-shared`` to a file: device state and the small
-                    ROM/ACPI blocks only (~1 MiB); guest RAM is a shared file and is skipped.
-4. ``copy-ram``     sparse copy of the RAM file (touched pages only) to tmpfs staging.
-                    (A restored VM maps its RAM privately: step 3 streams the RAM instead and
-                    ``convert`` turns it into the same format afterwards.)
-5. ``resume``       ``cont``; always attempted, whatever failed before, if the guest was running.
-6. ``compress-ram`` the staging copy, zstd-compressed, into the artifact store
+1. ``pre-copy``     a live save (``start_live_save``): QEMU copies RAM into a stream on tmpfs
+                    staging while the guest runs, again for pages written meanwhile, and stops
+                    the guest once what is left takes ~20 ms (``wait_switchover``), so the pause
+                    does not grow with the guest's memory, dirty or not.
+2. ``freeze-disk``  ``blockdev-snapshot-sync`` while QEMU waits at the switchover: the current top
+                    layer becomes read-only and the VM continues on a new overlay, so the disk
+                    layer and the memory are of the same instant.
+3. ``device-state`` the last dirty pages and the device state (``finish_live_save``).
+4. ``resume``       ``cont``; always attempted, whatever failed before, if the guest was running
+                    (a live save cut short is cancelled, which starts the guest again).
+5. ``convert``      the stream split into the RAM image + device state that a restore maps
+                    (``engine/stream.py``: one pass, only pages holding data written; a stream
+                    it does not know goes through a scratch QEMU, ``convert_stream``).
+6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store
 7. ``checksum``     the device state and the newly frozen layer into the store; every older layer
                     verified against its digest (a layer damaged under a running VM must not be
                     sealed into a snapshot)
 8. ``sync``         everything durable; only then does the caller mark the snapshot READY
 
-The disk layer and the memory come from the same pause: pairing memory with an older disk
-layer looks fine at first (the page cache hides it) and corrupts the filesystem later.
-Volumes are unplugged before the pause and plugged back after (snapshots hold no volume data).
-A pause of the session (``spec.leave_paused``) skips step 5: the guest stays paused for the VM to
-be stopped, and is resumed only if a later step fails; its volumes stay unplugged (the resume
-plugs them in again), and go back at once if it fails.
+A pause of the session (``spec.leave_paused``), or a guest paused already, stays paused anyway:
+step 1 is a plain ``pause`` and step 3 saves device state and RAM while it waits; step 4 is
+skipped: the guest stays paused for the VM to be stopped, and is resumed only if a later step
+fails; its volumes stay unplugged (the resume plugs them in again), and go back at once if it
+fails.
+
+Pairing memory with an older disk layer looks fine at first (the page cache hides it) and
+corrupts the filesystem later: hence step 2 inside the stop.
+Volumes are unplugged before step 1 and plugged back after step 4 (QEMU refuses a hot-plug
+during a migration; snapshots hold no volume data).
 Staging files live in the VM's run directory and are removed whatever happens.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +46,18 @@ from pathlib import Path
 from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
-from ..engine.migration import convert_stream, freeze_disk, save_state
+from ..engine import disks
+from ..engine.migration import (
+    cancel_migration,
+    convert_stream,
+    finish_live_save,
+    freeze_disk,
+    save_state,
+    start_live_save,
+    wait_switchover,
+)
+from ..engine.stream import StreamError
+from ..engine.stream import split as split_stream
 from ..errors import SnapshotFailedError
 from ..steps import Steps
 from . import volumes
@@ -69,17 +88,16 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
             else:  # the guest runs on: its volumes go back at once
                 lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
-        if stream is not None:
-            # short: the scratch VM's socket paths must fit in 108 bytes
-            work = ctx.layout.layout.run / f"cv-{spec.snapshot_id.removeprefix('snp_')}"
-            chain = vm.chain_paths(ctx.store.local_path)[:-1]
-            try:
-                await convert_stream(ctx.machine_config(vm.record.shape, None), chain, stream,
-                                     work, staging / "ram", staging / "state.bin", steps)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        manifest, size, stored = await asyncio.to_thread(
-            _seal, ctx, vm, staging, steps, spec.base_image_id, produced)
+        ram = ctx.store.temp_path()  # on the store's disk (see convert_stream)
+        _check_room(ram.parent, stream.stat().st_size)
+        try:
+            with steps.step("convert"):
+                await _convert(ctx, vm, spec, stream, ram, staging / "state.bin")
+            stream.unlink()  # tmpfs: free it before the long part
+            manifest, size, stored = await asyncio.to_thread(
+                _seal, ctx, vm, ram, staging, steps, spec.base_image_id, produced)
+        finally:
+            ram.unlink(missing_ok=True)
     except BaseException:
         if held:  # the original error is the one to report
             with contextlib.suppress(Exception), steps.step("resume"):
@@ -95,20 +113,29 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
 
 
 async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
-                          spec: CaptureSpec) -> tuple[float, Path | None, bool]:
-    """Returns the seconds paused, the stream to convert (or None), and whether the guest was
+                          spec: CaptureSpec) -> tuple[float, Path, bool]:
+    """Returns the seconds paused, the stream to convert, and whether the guest was
     left paused (``spec.leave_paused``, and it was running)."""
     machine = vm.machine
-    private = machine.cfg.ram_base is not None
-    stream = staging / "stream" if private else None
     was_running = (await machine.status()) == "running"
+    # a guest that goes on running is saved live; one that stays paused anyway (a pause of the
+    # session, or a guest paused already) is saved while it waits
+    live = was_running and not spec.leave_paused
+    stream = staging / "stream"
     paused_at = time.monotonic()
+    downtime: float | None = None
     frozen_name = vm.record.top
     new_top = f"top-{spec.snapshot_id}.qcow2"  # unique: a crashed capture's file is never reused
     done = False
     try:
-        with steps.step("pause"):
-            await machine.pause()
+        if live:
+            with steps.step("pre-copy"):  # the guest runs; QEMU stops it for the last pass
+                await start_live_save(machine, stream)
+                await wait_switchover(machine, _copy_timeout(vm))
+            paused_at = time.monotonic()
+        else:
+            with steps.step("pause"):
+                await machine.pause()
         with steps.step("freeze-disk"):
             await freeze_disk(machine, vm.disk_dir / new_top, f"top-{spec.snapshot_id}")
             # from here QEMU writes to the new top: the host's note must say so at once
@@ -116,28 +143,77 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
             vm.record.top = new_top
             vm.record.save(vm.disk_dir)
         with steps.step("device-state"):
-            await save_state(machine, stream or staging / "state.bin", with_ram=private)
-        if not private:
-            with steps.step("copy-ram"):
-                copied = await asyncio.to_thread(ramfile.sparse_copy, machine.files.ram,
-                                                 staging / "ram")
-            # bounded by the guest's touched RAM; removed when the capture ends, or at recovery
-            log.info("%s: %.1f MiB of RAM staged on tmpfs", spec.snapshot_id, copied / 2**20)
+            if live:
+                downtime = await finish_live_save(machine)
+            else:
+                await save_state(machine, stream, with_ram=True)
+        # bounded by the guest's touched RAM (an untouched page is a marker of a few bytes);
+        # removed when the capture ends, or at recovery
+        log.info("%s: %.1f MiB of stream staged on tmpfs", spec.snapshot_id,
+                 stream.stat().st_size / 2**20)
         done = True
     finally:
+        if live and not done:
+            with contextlib.suppress(Exception):  # QEMU starts the guest again if it stopped it
+                await asyncio.shield(cancel_migration(machine))
+        finished_at = time.monotonic()
         if was_running and not (done and spec.leave_paused):
             with steps.step("resume"):
                 await machine.resume()
-    return time.monotonic() - paused_at, stream, was_running and spec.leave_paused
+    if downtime is not None:
+        # QEMU's own count runs from its stop to the end of the stream; then the resume
+        paused_s = downtime + (time.monotonic() - finished_at)
+    else:
+        paused_s = time.monotonic() - paused_at
+    return paused_s, stream, was_running and spec.leave_paused
 
 
-def _seal(ctx: HostContext, vm: VM, staging: Path, steps: Steps, base_image_id: str,
-          produced: set[str]) -> tuple[Manifest, int, int]:
+def _copy_timeout(vm: VM) -> float:
+    """A live save copies all of the guest's RAM at least once before it stops it."""
+    return 60.0 + 15.0 * vm.record.shape.memory_mb / 1024
+
+
+async def _convert(ctx: HostContext, vm: VM, spec: CaptureSpec, stream: Path, ram: Path,
+                   state: Path) -> None:
+    """The full stream into RAM image + device state: split here, in one pass that writes only
+    the pages holding data; a stream the splitter does not know (another QEMU) goes through
+    a scratch QEMU instead."""
+    try:
+        done = await asyncio.to_thread(split_stream, stream, ram, state)
+        log.info("%s: RAM image of %d data pages split from the stream", spec.snapshot_id,
+                 done.data_pages)
+        return
+    except StreamError as exc:
+        log.warning("%s: %s; converting the stream with QEMU instead", spec.snapshot_id, exc)
+    ram.unlink(missing_ok=True)
+    # short: the scratch VM's socket paths must fit in 108 bytes
+    work = ctx.layout.layout.run / f"cv-{spec.snapshot_id.removeprefix('snp_')}"
+    try:
+        await convert_stream(ctx.machine_config(vm.record.shape, None),
+                             disks.virtual_size(vm.disk_dir / vm.record.top), stream, work,
+                             ram, state)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_room(where: Path, need: int) -> None:
+    """The scratch QEMU writes the RAM image through a shared mapping: on a full file system
+    it would die of SIGBUS. The stream holds every page the image will (and a little more)."""
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise SnapshotFailedError(
+            f"No space left on device: the RAM image needs up to {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free in the artifact store")
+
+
+def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
+          base_image_id: str, produced: set[str]) -> tuple[Manifest, int, int]:
     store = ctx.store
     with steps.step("compress-ram"):
         packed = store.temp_path()  # packed straight onto the store's disk: no copy after
         try:
-            ram_raw, ram_stored, ram_digest = ramfile.pack(staging / "ram", packed)
+            ram_raw, ram_stored, ram_digest = ramfile.pack(ram, packed)
             produced.add(ram_digest)
             store.put(packed, digest=ram_digest, move=True)
         finally:
