@@ -23,9 +23,10 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-BOOT_STEPS = ["image", "overlay", "launch", "launch:after", "agent", "clock"]
-RESTORE_STEPS = ["verify", "overlay", "load-ram", "launch", "launch:after", "load-state",
-                 "resume", "agent", "clock", "identity"]
+BOOT_STEPS = ["image", "overlay", "network", "network:after", "launch", "launch:after", "agent",
+              "clock"]
+RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "launch",
+                 "launch:after", "load-state", "resume", "agent", "clock", "identity"]
 CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
                  "checksum", "sync", "sync:after"]
 DELETE_STEPS = ["mark", "remove-files"]

@@ -63,6 +63,7 @@ from ..steps import Steps
 from . import volumes
 from .api import Captured, CaptureSpec, Manifest, VolumeMountSpec
 from .context import HostContext
+from .tmpfs import staging_room_bytes, staging_space_ok
 from .vm import VM
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
     held = False  # the guest is left paused (a pause): resumed if anything below fails
     unplugged: list[VolumeMountSpec] = []
     out = False  # volumes kept unplugged for a pause: plugged back if it fails after all
+    _check_staging(ctx, vm)
     try:
         unplugged = await volumes.unplug_for_capture(vm, list(spec.volumes),
                                                      ctx.layout.volume_file)
@@ -194,6 +196,31 @@ async def _convert(ctx: HostContext, vm: VM, spec: CaptureSpec, stream: Path, ra
                              ram, state)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_staging(ctx: HostContext, vm: VM) -> None:
+    """The stream is staged on the run root's tmpfs: refuse before anything stops if it cannot
+    fit. It holds each page with data once or more (bounded by what QEMU holds resident) and a
+    9-byte marker per other page."""
+    pages = vm.record.shape.memory_mb * 2**20 // 4096
+    need = _resident_bytes(vm.machine.pid) + 9 * pages
+    run_root = ctx.layout.layout.run
+    if not staging_space_ok(run_root, need):
+        room = staging_room_bytes(run_root)
+        raise SnapshotFailedError(
+            f"No space left on device: the capture needs up to {need / 2**20:.0f} MiB of "
+            f"staging on the run root's tmpfs, {room / 2**20:.0f} MiB are free")
+
+
+def _resident_bytes(pid: int | None) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _check_room(where: Path, need: int) -> None:

@@ -41,9 +41,11 @@ def content_digest(path: Path) -> str:
     with open(path, "rb") as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
+        done = -CHUNK  # the last chunk hashed: two extents can share one chunk
         for off, length in ramfile.data_extents(fd, size):
-            pos = off - off % CHUNK
+            pos = max(off - off % CHUNK, done + CHUNK)
             while pos < off + length:
+                done = pos
                 data = os.pread(fd, CHUNK, pos)
                 if data and data != _ZERO[:len(data)]:
                     digest.update(pos.to_bytes(8, "little"))
