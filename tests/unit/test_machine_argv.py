@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tenkibox.engine.machine import LaunchOptions, MachineConfig, MachineFiles, build_argv
@@ -34,8 +35,21 @@ def test_chain_is_spelled_out_and_only_the_top_is_writable() -> None:
     assert fmt[2]["backing"] == fmt[1]["node-name"]
 
 
-def test_ram_is_a_shared_file_so_snapshots_can_skip_it() -> None:
+def test_ram_of_a_booted_vm_is_anonymous_memory() -> None:
+    """A capture reads all of RAM: anonymous memory maps the zero page for what was never
+    written, where a tmpfs file would allocate it."""
     argv = build_argv(CFG, MachineFiles(Path("/r")), LaunchOptions([Path("/b"), Path("/t")]))
     backend = argv[argv.index("-object") + 1]
-    assert "memory-backend-file" in backend and "share=on" in backend
-    assert "mem-path=/r/ram" in backend
+    assert backend.startswith("memory-backend-ram,") and "mem-path" not in backend
+
+
+def test_a_conversion_scratch_has_a_shared_ram_file_and_a_restore_a_private_one() -> None:
+    files, opts = MachineFiles(Path("/r")), LaunchOptions([Path("/b"), Path("/t")])
+    scratch = build_argv(replace(CFG, ram_file="/store/x.tmp"), files, opts)
+    backend = scratch[scratch.index("-object") + 1]
+    assert "mem-path=/store/x.tmp" in backend and "share=on" in backend
+    restored = build_argv(replace(CFG, ram_base="/cache/d.ram"), files, opts)
+    backend = restored[restored.index("-object") + 1]
+    assert "mem-path=/cache/d.ram" in backend and "share=off" in backend
+
+
