@@ -70,7 +70,8 @@ from _common import (
     spread,
 )
 
-CAPTURE_STEPS = ("pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
+CAPTURE_STEPS = ("pre-copy", "pause", "freeze-disk", "device-state", "resume", "convert",
+                 "compress-ram",
                  "checksum", "sync")
 RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "load-state", "resume",
                  "agent", "clock", "identity")

@@ -27,7 +27,7 @@ BOOT_STEPS = ["image", "overlay", "network", "network:after", "launch", "launch:
               "clock"]
 RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "launch",
                  "launch:after", "load-state", "resume", "agent", "clock", "identity"]
-CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
+CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
                  "checksum", "sync", "sync:after"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
