@@ -1,14 +1,14 @@
 """Capture: memory, device state and disk of a running VM at one instant, then sealed into the
 artifact store. One ordered list of named, timed steps:
 
-1. ``pre-copy``     a live save (``start_live_save``): QEMU copies RAM into a stream on tmpfs
-                    staging while the guest runs, again for pages written meanwhile, and stops
-                    the guest once what is left takes ~20 ms (``wait_switchover``), so the pause
-                    does not grow with the guest's memory, dirty or not.
-2. ``freeze-disk``  ``blockdev-snapshot-sync`` while QEMU waits at the switchover: the current top
-                    layer becomes read-only and the VM continues on a new overlay, so the disk
-                    layer and the memory are of the same instant.
-3. ``device-state`` the last dirty pages and the device state (``finish_live_save``).
+1. ``pause``        ``stop``; QEMU drains in-flight disk I/O. (``pre-copy`` with the experimental
+                    ``LIVE_CAPTURE``: a live save, ``start_live_save``, that copies RAM while the
+                    guest runs and stops it once what is left takes ~20 ms, ``wait_switchover``.)
+2. ``freeze-disk``  ``blockdev-snapshot-sync`` with the guest stopped: the current top layer
+                    becomes read-only and the VM continues on a new overlay, so the disk layer
+                    and the memory are of the same instant.
+3. ``device-state`` device state and RAM into a stream on tmpfs staging (live: the last dirty
+                    pages and the device state, ``finish_live_save``).
 4. ``resume``       ``cont``; always attempted, whatever failed before, if the guest was running
                     (a live save cut short is cancelled, which starts the guest again).
 5. ``convert``      the stream split into the RAM image + device state that a restore maps
