@@ -48,3 +48,20 @@ def test_wrong_magic_is_rejected(tmp_path: Path) -> None:
     bad.write_bytes(b"not a ram image at all")
     with pytest.raises(ramfile.RamFormatError):
         ramfile.unpack(bad, tmp_path / "out")
+
+
+@pytest.mark.parametrize("field", [0, 1, 2], ids=["offset", "length", "compressed-length"])
+def test_a_damaged_frame_header_is_refused_before_it_sizes_a_buffer(tmp_path: Path,
+                                                                    field: int) -> None:
+    """A flipped high byte in a frame header once asked zstd for an exabyte (MemoryError)."""
+    src, packed = tmp_path / "ram", tmp_path / "ram.zst"
+    _sparse(src, 8 << 20, {1 << 20: os.urandom(4096)})
+    ramfile.pack(src, packed)
+    data = bytearray(packed.read_bytes())
+    head = len(ramfile.MAGIC) + ramfile.SIZE.size
+    data[head + 8 * field + 6] ^= 0x40
+    packed.write_bytes(bytes(data))
+    with pytest.raises(ramfile.RamFormatError):
+        list(ramfile.frames(packed))
+    with pytest.raises(ramfile.RamFormatError):
+        ramfile.unpack(packed, tmp_path / "out")

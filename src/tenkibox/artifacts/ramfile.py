@@ -128,6 +128,10 @@ def frames(src: Path) -> Iterator[tuple[int, int, bytes]]:
             off, n, clen = FRAME.unpack(head)
             if off == END:
                 return
+            # a damaged header must be refused before it sizes a buffer: pack never writes a
+            # frame over CHUNK, nor one past the size, nor one that zstd grows
+            if n > CHUNK or off + n > size or clen > n + CHUNK // 64 + 1024:
+                raise RamFormatError(f"{src.name}: corrupt frame header at offset {off}")
             try:
                 data = dec.decompress(fin.read(clen), max_output_size=n)
             except zstandard.ZstdError as exc:

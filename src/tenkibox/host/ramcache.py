@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..artifacts import ramfile
 from ..artifacts.digests import stat_key
-from ..artifacts.store import ArtifactStore
+from ..artifacts.store import ArtifactError, ArtifactStore
 from ..errors import TenkiError
 from .api import CacheScrub
 
@@ -126,8 +126,9 @@ class RamCache:
         wrong, and the cache is no longer vouched for (the next restore rebuilds it)."""
         cache = self.path(digest)
         try:
+            self.store.verify(digest, "RAM image", deep=True)  # never parse a damaged image
             expected = image_content_digest(self.store.local_path(digest))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ArtifactError) as exc:
             # the image itself is gone or unreadable: nothing vouches for the cache
             why = _why(exc)
             problem = f"cannot be checked: its RAM image is unreadable ({why})"
@@ -178,6 +179,11 @@ class RamCache:
         out = CacheScrub()
         for cache in sorted(self.root.glob("*.ram")):
             digest = cache.stem
+            if not self.store.has(digest):
+                # its snapshot is deleted: no restore can name it again, so it is not damaged,
+                # only waiting for the collector's grace; nothing vouches for it any more
+                self._meta(digest).unlink(missing_ok=True)
+                continue
             problem = self._problem(digest)
             if problem is None:
                 continue
