@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import longpoll
 from ..errors import ConflictError, TenkiError, ValidationError
-from ..host.api import CaptureSpec, HostAPI, Manifest, Unowned
+from ..host.api import COLLECT_GRACE_S, CaptureSpec, HostAPI, Manifest, Unowned
 from ..ids import new_id
 from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType, SnapshotUpdate
 from ..store.tables import SessionRow, SnapshotRow
@@ -251,7 +251,7 @@ class SnapshotControl:
             await self.records.transition(SnapshotRow, snapshot_id, P.DELETING)
         except IllegalTransitionError:
             return self.get(snapshot_id)  # a concurrent delete won
-        self._spawn(self._finish_delete(snapshot_id), f"delete {snapshot_id}")
+        self._spawn(self._delete_in_background(snapshot_id), f"delete {snapshot_id}")
         return self.get(snapshot_id)
 
     async def _finish_delete(self, snapshot_id: str) -> None:
@@ -266,6 +266,14 @@ class SnapshotControl:
                 raise
             return  # another finisher (recovery, or a second release) got there first
         fault_point("delete", "remove-files")
+        await self.collect_garbage()
+
+    async def _delete_in_background(self, snapshot_id: str) -> None:
+        await self._finish_delete(snapshot_id)
+        # a file stored (or rewritten: its ctime moved) within the grace was spared just now;
+        # the sweeper collects only every ~30 s (GC_EVERY_TICKS), so once more when the
+        # grace is over: a deleted snapshot's files go within seconds
+        await asyncio.sleep(COLLECT_GRACE_S + 0.5)
         await self.collect_garbage()
 
     async def sweep_expired(self) -> None:

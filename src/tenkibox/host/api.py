@@ -14,10 +14,15 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..artifacts.store import GC_GRACE_S
 from ..errors import SessionFailedError, SnapshotFailedError
 from ..models import Image
 from .capacity import HostCapacity
 from .tmpfs import TmpfsUse
+
+#: a collection spares artifacts younger than this: a capture puts its files a moment before
+#: a record names them
+COLLECT_GRACE_S = GC_GRACE_S
 
 
 class SnapshotDamagedError(SnapshotFailedError):
@@ -341,7 +346,10 @@ class HostAPI(Protocol):
 
     # stored artifacts and derived caches
     def referenced_locally(self) -> set[str]: ...
-    async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int: ...
+    async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int:
+        """Remove stored artifacts and caches outside ``referenced`` (and the host's own
+        references); by default one stored less than ``COLLECT_GRACE_S`` ago is spared."""
+        ...
     def unowned_files(self, referenced: set[str]) -> list[Unowned]: ...
 
     async def remove_unowned(self, found: list[Unowned], referenced: set[str],
