@@ -9,6 +9,7 @@ control plane and SQLite, and the fake host below them (no VMs).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,23 @@ def test_a_deleted_snapshots_fresh_files_go_once_the_grace_is_over(
     assert own & set(fake_host.artifacts), "the grace spares them at first"
     eventually(lambda: not own & set(fake_host.artifacts), timeout=COLLECT_GRACE_S + 5,
                what="the second collection")
+
+
+def test_what_a_failed_capture_stored_goes_once_the_grace_is_over(
+        client: Client, fake_host: FakeHost) -> None:
+    """A capture that fails after storing some of its files (a damaged older layer is found
+    at the checksum step, after the RAM image is stored) leaves them unreferenced but young:
+    they go at a collection once the grace is over, not at the sweeper's pass."""
+    s = client.create_and_wait()
+    stored_then_failed = "f" * 64
+    fake_host.artifacts[stored_then_failed] = time.monotonic()  # what the host put before
+    fake_host.fail_next("capture", errors.SnapshotFailedError("disk layer 1 is corrupt"))
+    snap = client.create_snapshot(s.id, "x")
+    with pytest.raises(errors.SnapshotFailedError):
+        client.wait_snapshot_ready(snap.id, timeout=5)
+    assert stored_then_failed in fake_host.artifacts, "the grace spares it at first"
+    eventually(lambda: stored_then_failed not in fake_host.artifacts,
+               timeout=COLLECT_GRACE_S + 5, what="the collection after the failure")
 
 
 def test_delete_while_creating_is_refused(client: Client, fake_host: FakeHost) -> None:

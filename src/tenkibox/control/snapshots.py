@@ -166,6 +166,8 @@ class SnapshotControl:
                                               state_reason=f"capture failed: {reason}")
             except IllegalTransitionError:
                 pass
+            # what it stored before failing is unreferenced now, but younger than the grace
+            self._spawn(self._collect_after_grace(), f"collect after {snapshot_id}")
             raise
 
     # -- the PAUSE snapshots of paused sessions ----------------------------------------------
@@ -270,9 +272,13 @@ class SnapshotControl:
 
     async def _delete_in_background(self, snapshot_id: str) -> None:
         await self._finish_delete(snapshot_id)
-        # a file stored (or rewritten: its ctime moved) within the grace was spared just now;
-        # the sweeper collects only every ~30 s (GC_EVERY_TICKS), so once more when the
-        # grace is over: a deleted snapshot's files go within seconds
+        await self._collect_after_grace()
+
+    async def _collect_after_grace(self) -> None:
+        """A file stored (or rewritten: its ctime moved) within the GC's grace is spared by a
+        collection; the sweeper collects only every ~30 s (GC_EVERY_TICKS), so once more when
+        the grace is over: a deleted snapshot's files, or a failed capture's, go within
+        seconds."""
         await asyncio.sleep(COLLECT_GRACE_S + 0.5)
         await self.collect_garbage()
 
