@@ -61,7 +61,8 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
     steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
     with steps.step("verify"):
         await asyncio.to_thread(verify_manifest, ctx, spec.snapshot_id, m.digests())
-    record = VMRecord(spec.session_id, m.shape, list(m.layers), ram=m.ram)
+    record = VMRecord(spec.session_id, m.shape, list(m.layers), ram=m.ram, ram_chain=m.rams,
+                      lineage=m.rams)
     disk_dir = ctx.layout.disk_dir(spec.session_id)
     with steps.step("overlay"):
         record.save(disk_dir)
