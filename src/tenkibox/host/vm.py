@@ -97,8 +97,9 @@ class VMRecord:
     def from_json(cls, data: dict[str, Any]) -> VMRecord:
         return cls(data["session_id"], MachineShape.from_json(data["shape"]),
                    list(data["layers"]), [(a, b) for a, b in data.get("frozen", [])],
-                   data.get("top", "top-0.qcow2"), data.get("ram"), data.get("net"),
-                   list(data.get("ram_chain") or []), list(data.get("lineage") or []))
+                   data.get("top", "top-0.qcow2"), data.get("ram"),
+                   ram_chain=list(data.get("ram_chain") or []),
+                   lineage=list(data.get("lineage") or []), net=data.get("net"))
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)
