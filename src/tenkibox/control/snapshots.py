@@ -189,6 +189,11 @@ class SnapshotControl:
                 files=m.to_json(), disk_chain=list(m.layers), machine=m.shape.to_json(),
                 size_bytes=got.size_bytes, compressed_bytes=got.stored_bytes,
                 timings=got.timings)
+            # the VM runs on over the layers this capture froze: its session's record names
+            # them, so a snapshot's ``unique_bytes`` never counts disk a running session needs
+            # (the host keeps them for it anyway)
+            await self.records.update(SessionRow, session_id, when_state=LIVE, notify=False,
+                                      disk_chain=list(m.layers))
             if got.lost_volumes:
                 await self.volumes.lost(session_id, got.lost_volumes)
             log.info("%s: READY (paused %.3fs)", snapshot_id, got.paused_s)
