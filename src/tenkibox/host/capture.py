@@ -14,7 +14,12 @@ artifact store. One ordered list of named, timed steps:
 5. ``convert``      the stream split into the RAM image + device state that a restore maps
                     (``engine/stream.py``: one pass, only pages holding data written; a stream
                     it does not know goes through a scratch QEMU, ``convert_stream``).
-6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store
+6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store: a delta over the
+                    RAM chain the guest derives from (``_parent``: the snapshot it was restored
+                    from, or its own last capture), holding only the 64 KiB chunks whose hash
+                    differs from the parent's index (``ramfile`` version 2); a full image when
+                    there is no usable parent (none, not stored any more, a v1 image, or a
+                    chain already ``MAX_RAM_CHAIN`` long)
 7. ``checksum``     the device state and the newly frozen layer into the store; every older layer
                     verified against its digest (a layer damaged under a running VM must not be
                     sealed into a snapshot)
