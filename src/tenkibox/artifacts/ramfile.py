@@ -51,12 +51,14 @@ import zstandard
 MAGIC = b"TENKIRAM1\n"
 MAGIC2 = b"TENKIRAM2\n"
 INDEX_MAGIC = b"TKRAMIDX"
-DELTA_CHUNK = 1 << 16
-HASH_LEN = 16
+DELTA_CHUNK = 1 << 12
+HASH_LEN = 8
 HEAD2 = struct.Struct("<QQ32s")
-ENTRY = struct.Struct(f"<Q{HASH_LEN}s")
+ENTRY = struct.Struct(f"<I{HASH_LEN}s")  # chunk number, hash
 FOOTER = struct.Struct("<Q8s")
 NO_PARENT = bytes(32)
+#: the chunk sizes a version 2 image may have (powers of two, a page to a frame)
+_CHUNKS = frozenset(1 << k for k in range(12, 21))
 #: what a frame's compressed length may be at most for ``n`` raw bytes (zstd's bound, loosely)
 def _clen_max(n: int) -> int:
     return n + n // 64 + 1024
@@ -212,7 +214,7 @@ def header(src: Path) -> Header:
         if len(raw) != HEAD2.size:
             raise RamFormatError(f"{src.name}: truncated")
         size, chunk, parent = HEAD2.unpack(raw)
-        if chunk != DELTA_CHUNK or size % 4096 or size > 1 << 42:
+        if chunk not in _CHUNKS or size % chunk or size // chunk >= 1 << 32:
             raise RamFormatError(f"{src.name}: corrupt header")
         return Header(2, size, chunk, None if parent == NO_PARENT else parent.hex(),
                       len(MAGIC2) + HEAD2.size)
@@ -240,7 +242,7 @@ def records(src: Path) -> Iterator[tuple[int, int, bytes | None]]:
                     raise RamFormatError(f"{src.name}: the frames do not end at the index")
                 return
             # refused before it sizes a buffer (a damaged header must never be a MemoryError)
-            if (n == 0 or n > head.chunk or off % head.chunk or off + n > head.size
+            if (n == 0 or n > CHUNK or off % head.chunk or off + n > head.size
                     or clen > _clen_max(n) or fin.tell() + clen > end):
                 raise RamFormatError(f"{src.name}: corrupt frame header at offset {off}")
             if clen == 0:
@@ -278,16 +280,17 @@ def read_index(src: Path) -> dict[int, bytes]:
         fin.seek(at)
         (count,) = SIZE.unpack(fin.read(SIZE.size))
         if at + SIZE.size + count * ENTRY.size + FOOTER.size != total \
-                or count > head.size // head.chunk + 1:
+                or count > -(-head.size // head.chunk):
             raise RamFormatError(f"{src.name}: corrupt index")
         raw = fin.read(count * ENTRY.size)
     out: dict[int, bytes] = {}
     last = -1
-    for off, h in ENTRY.iter_unpack(raw):
-        if off <= last or off % head.chunk or off >= head.size:
-            raise RamFormatError(f"{src.name}: corrupt index entry at offset {off}")
-        out[off] = h
-        last = off
+    limit = -(-head.size // head.chunk)
+    for no, h in ENTRY.iter_unpack(raw):
+        if no <= last or no >= limit:
+            raise RamFormatError(f"{src.name}: corrupt index entry {no}")
+        out[no * head.chunk] = h
+        last = no
     return out
 
 
@@ -314,10 +317,12 @@ def file_index(path: Path, chunk: int = DELTA_CHUNK) -> dict[int, bytes]:
     with open(path, "rb") as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
-        for pos in aligned_chunks(fd, size, chunk):
-            data = os.pread(fd, min(chunk, size - pos), pos)
-            if data != zero[:len(data)]:
-                out[pos] = chunk_hash(data)
+        for start in aligned_chunks(fd, size, CHUNK):  # read a window at a time
+            data = os.pread(fd, min(CHUNK, size - start), start)
+            for i in range(0, len(data), chunk):
+                piece = data[i:i + chunk]
+                if piece != zero[:len(piece)]:
+                    out[start + i] = chunk_hash(piece)
     return out
 
 
@@ -329,37 +334,66 @@ class Packed:
     changed: int  # raw bytes of the frames it holds (all of ``raw`` for a full image)
 
 
+_Window = tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]], int]
+
+
 def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: str | None = None,
-               *, level: int = 1, workers: int | None = None) -> Packed:
+               *, chunk: int = DELTA_CHUNK, level: int = 1,
+               workers: int | None = None) -> Packed:
     """Compress sparse ``src`` into a version 2 image at ``dst``: with a ``parent`` (a version 2
-    image, ``parent_digest`` its sha256, of the same RAM size), only the chunks that differ from
-    the parent's composed RAM, and zero frames where the parent had data and ``src`` has none;
-    without, every non-zero chunk. Chunks are hashed and compressed by ``workers`` threads
-    (hashlib and zstd release the GIL), written in offset order by this one."""
+    image of the same RAM size and chunk, ``parent_digest`` its sha256), only the chunks that
+    differ from the parent's composed RAM, and zero frames where the parent had data and
+    ``src`` has none; without, every non-zero chunk.
+
+    The RAM is read in 1 MiB windows by ``workers`` threads (hashlib and zstd release the GIL),
+    a bounded number ahead of the one thread that writes in offset order. In a window, each
+    run of changed chunks with only zero chunks between them is compressed as one frame: a
+    delta keeps the compression of large frames however small its chunk (a full image has a
+    frame per window, as version 1)."""
+    if chunk not in _CHUNKS:
+        raise ValueError(f"chunk {chunk}: a power of two from 4 KiB to 1 MiB")
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    chunk = DELTA_CHUNK
     zero = bytes(chunk)
     base: dict[int, bytes] = {}
     if parent is not None:
-        if header(parent).size != os.stat(src).st_size:
+        head = header(parent)
+        if head.size != os.stat(src).st_size:
             raise RamFormatError(f"{parent.name}: a parent of another RAM size")
+        if head.chunk != chunk:
+            raise RamFormatError(f"{parent.name}: a parent of another chunk size")
         base = read_index(parent)
     local = threading.local()
     digest = hashlib.sha256()
     index: dict[int, bytes] = {}
     raw_total = changed = 0
 
-    def work(fd: int, pos: int, n: int) -> tuple[int, int, bytes | None, bytes | None]:
-        data = os.pread(fd, n, pos)
-        if data == zero[:n]:
-            return pos, n, None, None
-        h = chunk_hash(data)
-        if base.get(pos) == h:
-            return pos, n, h, None
+    def window(fd: int, start: int, size: int) -> _Window:
+        """(index entries, frames (offset, raw length, compressed), raw bytes) of a window."""
+        data = os.pread(fd, min(CHUNK, size - start), start)
+        entries: list[tuple[int, bytes]] = []
+        runs: list[tuple[int, int]] = []  # (start, end) within data
+        joinable = False  # only zero chunks since the last run ended: it may extend over them
+        for i in range(0, len(data), chunk):
+            piece = data[i:i + chunk]
+            if piece == zero[:len(piece)]:
+                continue  # zeros: cheap inside a frame, and correct whatever the parent had
+            h = chunk_hash(piece)
+            entries.append((start + i, h))
+            if base.get(start + i) == h:
+                joinable = False  # unchanged data is never stored again
+                continue
+            if runs and joinable:
+                runs[-1] = (runs[-1][0], i + len(piece))
+            else:
+                runs.append((i, i + len(piece)))
+            joinable = True
+        if not runs:
+            return entries, [], len(data)
         comp = getattr(local, "comp", None)
         if comp is None:
             comp = local.comp = zstandard.ZstdCompressor(level=level)
-        return pos, n, h, comp.compress(data)
+        return entries, [(start + a, b - a, comp.compress(data[a:b])) for a, b in runs], \
+            len(data)
 
     with open(src, "rb") as fin, open(dst, "wb") as fout, \
             concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
@@ -372,31 +406,36 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
 
         emit(MAGIC2 + HEAD2.pack(size, chunk,
                                  bytes.fromhex(parent_digest) if parent_digest else NO_PARENT))
-        ahead: collections.deque[concurrent.futures.Future[
-            tuple[int, int, bytes | None, bytes | None]]] = collections.deque()
-        todo = aligned_chunks(fd, size, chunk)
+        ahead: collections.deque[concurrent.futures.Future[_Window]] = collections.deque()
+        todo = aligned_chunks(fd, size, CHUNK)
         while True:
             while len(ahead) < 4 * workers:
                 pos = next(todo, None)
                 if pos is None:
                     break
-                ahead.append(pool.submit(work, fd, pos, min(chunk, size - pos)))
+                ahead.append(pool.submit(window, fd, pos, size))
             if not ahead:
                 break
-            pos, n, h, packed = ahead.popleft().result()
-            if h is None:
-                continue
-            index[pos] = h
-            raw_total += n
-            if packed is not None:
+            entries, frames_, _n = ahead.popleft().result()
+            for pos, h in entries:
+                index[pos] = h
+                raw_total += min(chunk, size - pos)
+            for pos, n, packed in frames_:
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 changed += n
-        # where the parent had data and src has none: zero now
-        for pos in sorted(base.keys() - index.keys()):
-            emit(FRAME.pack(pos, min(chunk, size - pos), 0))
+        # where the parent had data and src has none: zero now (adjacent chunks in one frame)
+        gone = sorted(base.keys() - index.keys())
+        run: list[int] = []
+        for pos in [*gone, -1]:
+            if run and (pos != run[-1] + chunk or (len(run) + 1) * chunk > CHUNK):
+                emit(FRAME.pack(run[0], min(len(run) * chunk, size - run[0]), 0))
+                run = []
+            if pos >= 0:
+                run.append(pos)
         emit(FRAME.pack(END, 0, 0))
         at = fout.tell()
-        emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p, index[p]) for p in sorted(index)))
+        emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
+                                               for p in sorted(index)))
         emit(FOOTER.pack(at, INDEX_MAGIC))
         fout.flush()
         os.fsync(fout.fileno())

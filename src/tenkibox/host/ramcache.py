@@ -149,7 +149,8 @@ class RamCache:
         try:
             self.store.verify(digest, "RAM image", deep=True)  # never parse a damaged image
             image = self.store.local_path(digest)
-            v2 = ramfile.header(image).version == 2
+            head = ramfile.header(image)
+            v2 = head.version == 2
             expected: object = (ramfile.read_index(image) if v2
                                 else image_content_digest(image))
         except (OSError, ValueError, ArtifactError) as exc:
@@ -159,7 +160,8 @@ class RamCache:
         else:
             try:
                 key = stat_key(cache)  # before the read: a change during it moves the key
-                found: object = ramfile.file_index(cache) if v2 else content_digest(cache)
+                found: object = (ramfile.file_index(cache, head.chunk) if v2
+                                 else content_digest(cache))
                 matches = found == expected
             except OSError as exc:
                 problem = f"is unreadable ({exc.strerror})"
