@@ -175,3 +175,17 @@ async def test_a_chain_with_a_missing_parent_is_not_built(
     with pytest.raises(Exception, match=r"missing|No such"):
         await cache.ensure(digests[-1])
     assert not cache.path(digests[-1]).exists()
+
+
+def test_a_parent_of_another_chunk_is_refused_and_a_full_image_compresses_as_v1(
+        tmp_path: Path) -> None:
+    r = _ram(tmp_path / "r", {0: b"abc" * 400000, 9 * MiB: os.urandom(MiB)})
+    full = ramfile.pack_delta(r, tmp_path / "full", chunk=1 << 16)
+    with pytest.raises(ramfile.RamFormatError, match="another chunk size"):
+        ramfile.pack_delta(r, tmp_path / "d", tmp_path / "full", full.digest)
+    _, v1_stored, _ = ramfile.pack(r, tmp_path / "v1")
+    v2 = ramfile.pack_delta(r, tmp_path / "v2")
+    # one frame per 1 MiB window, as version 1; only the index is more
+    assert v2.stored <= v1_stored + 12 * (v2.raw // C) + 1024
+    ramfile.unpack_chain([tmp_path / "v2"], tmp_path / "out")
+    assert _same(tmp_path / "out", r)
