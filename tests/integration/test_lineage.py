@@ -83,6 +83,8 @@ def test_later_snapshots_store_only_what_changed(tenki_server, lineage) -> None:
         # clusters and metadata ~2 MiB) at most 0.15x of the first snapshot
         assert ram - 10 * MiB <= 0.05 * ram_first, report[-1]
         assert x.compressed_bytes - 2 * 10 * MiB <= 0.15 * first, report[-1]
+    report.append(f"first: size {snaps[0].size_bytes / MiB:.1f} MiB, stored {first / MiB:.1f} "
+                  f"MiB (RAM image {ram_first / MiB:.1f} MiB)")
     print("\n".join(report))
 
 
