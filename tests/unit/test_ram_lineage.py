@@ -9,11 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tenkibox.artifacts import ramfile
 from tenkibox.artifacts.store import LocalArtifactStore
 from tenkibox.host.api import CacheScrub
 from tenkibox.host.ramcache import RamCache
+from tenkibox.host.restore import device_state_file
 
 MiB = 1 << 20
 C = ramfile.DELTA_CHUNK
@@ -189,3 +191,17 @@ def test_a_parent_of_another_chunk_is_refused_and_a_full_image_compresses_as_v1(
     assert v2.stored <= v1_stored + 12 * (v2.raw // C) + 1024
     ramfile.unpack_chain([tmp_path / "v2"], tmp_path / "out")
     assert _same(tmp_path / "out", r)
+
+
+def test_a_device_state_is_read_compressed_or_raw(tmp_path: Path) -> None:
+    """Captures store the device state zstd-compressed; older snapshots' raw ones still load."""
+    raw = b"QEVM" + os.urandom(1000) + bytes(100000)
+    old = tmp_path / "old"
+    old.write_bytes(raw)
+    assert device_state_file(old, tmp_path / "scratch") == old
+    assert not (tmp_path / "scratch").exists()
+    new = tmp_path / "new"
+    new.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    assert new.stat().st_size < len(raw) / 10
+    out = device_state_file(new, tmp_path / "scratch")
+    assert out == tmp_path / "scratch" and out.read_bytes() == raw

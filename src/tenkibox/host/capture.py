@@ -48,6 +48,8 @@ import shutil
 import time
 from pathlib import Path
 
+import zstandard
+
 from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
@@ -296,8 +298,14 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
                  vm.session_id, got.digest[:12], got.changed / 2**20, got.raw / 2**20,
                  len(ram_chain))
     with steps.step("checksum"):
-        state = staging / "state.bin"
-        state_bytes = state.stat().st_size
+        raw_state = staging / "state.bin"
+        state_bytes = raw_state.stat().st_size
+        # stored compressed: every snapshot of a lineage stores its own (a restore unpacks it,
+        # ``restore.device_state_file``)
+        state = staging / "state.zst"
+        with open(raw_state, "rb") as fin, open(state, "wb") as fout:
+            zstandard.ZstdCompressor(level=3).copy_stream(fin, fout)
+        raw_state.unlink()
         state_digest = sha256_file(state)
         produced.add(state_digest)
         store.put(state, digest=state_digest, move=True)
@@ -335,7 +343,7 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
     # the logical size: the whole RAM it restores, its state, every disk layer over the image
     size = got.raw + state_bytes + sum(store.size(d) for d in produced_layers)
     # newly stored by this capture (what its parent chain and older layers hold is not)
-    stored = got.stored + state_bytes + sum(store.allocated(d) for d in new_layers)
+    stored = got.stored + stored_of[state_digest] + sum(store.allocated(d) for d in new_layers)
     # the next capture of this guest is a delta over this one
     vm.record.lineage = ram_chain
     vm.record.save(vm.disk_dir)
