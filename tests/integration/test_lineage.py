@@ -159,3 +159,27 @@ def test_a_restored_session_continues_the_lineage(client: Client, tenki_server,
         assert "f3" not in _sh(c, "ls /root").split()
     finally:
         c.terminate()
+
+
+def test_a_snapshot_after_a_tiny_change_stores_little(client: Client, tenki_server,
+                                                      lineage) -> None:
+    """What a lineage costs when the change itself is small: the guest's own churn, the device
+    state and the qcow2 layer's clusters."""
+    s, snaps, _ = lineage
+    _sh(s, "echo small > /root/small && sync")
+    x = client.create_snapshot_and_wait(s.id, "tiny", timeout=300)
+    try:
+        m = _manifest(tenki_server, x.id)
+        first = snaps[0].compressed_bytes
+        print(f"tiny change: stored {x.compressed_bytes / MiB:.2f} MiB "
+              f"({x.compressed_bytes / first:.3f}x of {first / MiB:.1f} MiB): RAM delta "
+              f"{m['stored'][m['ram']] / MiB:.2f} MiB, state {m['stored'][m['state']] / MiB:.2f}"
+              f" MiB, disk layer {m['stored'][m['layers'][-1]] / MiB:.2f} MiB")
+        # memory and device state: what lineages made incremental, well under 0.05x (measured
+        # ~0.03x); the new qcow2 layer costs ~0.9 MiB whatever the change (each 4 KiB the
+        # guest writes allocates a 64 KiB cluster, filled from the layer below, and the layer
+        # has its own tables): the whole measured 0.047x once, so bounded here at 0.075x
+        assert m["stored"][m["ram"]] + m["stored"][m["state"]] <= 0.05 * first
+        assert x.compressed_bytes <= 0.075 * first
+    finally:
+        client.delete_snapshot(x.id)
