@@ -207,7 +207,7 @@ class CaptureSpec:
 @dataclass(frozen=True)
 class Captured:
     manifest: Manifest
-    size_bytes: int  # RAM data + device state + the session's own disk layers
+    size_bytes: int  # RAM data + device state + every disk layer over the base image
     stored_bytes: int  # what this capture newly stored (a delta RAM image, state, new layer)
     paused_s: float
     timings: dict[str, float]

@@ -16,11 +16,12 @@ artifact store. One ordered list of named, timed steps:
                     it does not know goes through a scratch QEMU, ``convert_stream``).
 6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store: a delta over the
                     RAM chain the guest derives from (``_parent``: the snapshot it was restored
-                    from, or its own last capture), holding only the 64 KiB chunks whose hash
+                    from, or its own last capture), holding only the 4 KiB chunks whose hash
                     differs from the parent's index (``ramfile`` version 2); a full image when
                     there is no usable parent (none, not stored any more, a v1 image, or a
                     chain already ``MAX_RAM_CHAIN`` long)
-7. ``checksum``     the device state and the newly frozen layer into the store; every older layer
+7. ``checksum``     the device state (zstd) and the newly frozen layer into the store; every
+                    older layer and every image of the parent RAM chain
                     verified against its digest (a layer damaged under a running VM must not be
                     sealed into a snapshot)
 8. ``sync``         everything durable; only then does the caller mark the snapshot READY
