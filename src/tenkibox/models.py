@@ -492,11 +492,17 @@ class Snapshot(_Answer):
     state_reason: str | None = Field(default=None,
                                      description="why it is FAILED (or other notes)")
     size_bytes: int = Field(
-        default=0, description="bytes captured: RAM data, device state and the session's own "
-        "disk layers (0 until READY)")
+        default=0, description="bytes captured: the guest's RAM data, device state and the "
+        "disk layers over the base image (0 until READY)")
     compressed_bytes: int = Field(
-        default=0, description="bytes it takes in storage, RAM compressed (0 until READY); "
-        "what counts against max_stored_bytes")
+        default=0, description="bytes this capture newly stored, RAM compressed (0 until "
+        "READY): a snapshot of a lineage (a second snapshot of a session, or of a session "
+        "restored from a snapshot) stores only the memory pages and disk blocks that changed "
+        "and references the rest by digest; what counts against max_stored_bytes")
+    unique_bytes: int = Field(
+        default=0, description="bytes deleting it would free now: what it stores or references "
+        "that no other snapshot and no running session needs (0 unless READY); a parent's "
+        "shares with its children are freed only with the last of them")
     memory_bytes: int = Field(default=0, description="the guest's memory size in bytes")
     base_image_id: str = Field(description="the image the session's disk derives from")
     cpu: int = Field(description="virtual CPUs of the session (a restore keeps them)")

@@ -94,7 +94,8 @@ def label(role: tuple[str, str], files: list[Path]) -> str:
     kind, key = role
     if kind == "derived":
         return f"derived records ({len(files)} files)"
-    what = {"54454e4b": "RAM image", "5145564d": "device state", "514649fb": "qcow2 layer"}
+    what = {"54454e4b": "RAM image", "5145564d": "device state", "28b52ffd": "device state",
+            "514649fb": "qcow2 layer"}
     return f"{kind} file {what.get(key, key)} {files[0].name[:16] if files else '?'}"
 
 

@@ -372,6 +372,8 @@ class FakeVM:
     #: a capture for a pause left the guest paused (``CaptureSpec.leave_paused``)
     frozen: bool = False
     network: NetworkSpec = field(default_factory=NetworkSpec)
+    #: the RAM chain its memory derives from (a capture stores a delta over it)
+    lineage: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -385,6 +387,11 @@ class FakeHost:
     #: what a capture reports (RAM data + device state + disk layers; stored, compressed)
     capture_size_bytes = 300 << 20
     capture_stored_bytes = 120 << 20
+    #: stored bytes of what a capture produces, as the manifest records them
+    full_ram_stored = 100 << 20  # a RAM image without a parent
+    delta_ram_stored = 2 << 20  # a delta over the VM's lineage
+    state_stored = 1 << 20
+    layer_stored = 10 << 20
 
     def __init__(self, *, memory_total_mib: int = 1 << 20, memory_reserve_mib: int = 0,
                  overcommit: float = 1.0) -> None:
@@ -396,6 +403,7 @@ class FakeHost:
         self.volumes: dict[str, int] = {}  # volume id -> size
         self.volume_data: dict[str, dict[str, bytes]] = {}  # volume id -> path -> bytes
         self.artifacts: dict[str, float] = {}  # digest -> monotonic time stored
+        self.stored_sizes: dict[str, int] = {}  # digest -> stored bytes (a manifest says)
         self.corrupt: set[str] = set()  # digests that verification reports damaged
         #: RAM cache digests a scrub finds damaged (rebuilt, so no longer damaged, by repair)
         self.damaged_caches: set[str] = set()
@@ -602,11 +610,11 @@ class FakeHost:
                                                f"restored: {kind} {d[:12]} {what}")
             saved = self.saved.get(m.state, SavedState({}))
             vm = FakeVM(spec.session_id, m.shape, list(m.layers), m.ram, dict(saved.files),
-                        network=spec.network)
+                        network=spec.network, lineage=m.rams)
         finally:
             self.starting.discard(spec.session_id)
         self.vms[spec.session_id] = vm
-        return Started(m.shape, list(m.layers), m.ram, {"restore": 0.001})
+        return Started(m.shape, list(m.layers), m.ram, {"restore": 0.001}, m.rams)
 
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
         await self._enter("terminate", session_id)
@@ -687,8 +695,18 @@ class FakeHost:
         vm.captures += 1
         # the session's own disk layer is frozen into the chain; it goes on writing a new one
         vm.layers = [*vm.layers, self._new_digest("layer", spec.session_id)]
-        manifest = Manifest(vm.shape, list(vm.layers), self._new_digest("ram", spec.snapshot_id),
-                            self._new_digest("state", spec.snapshot_id), spec.base_image_id)
+        self.stored_sizes.setdefault(vm.layers[-1], self.layer_stored)
+        # a delta over the lineage while every image of it is stored (as the real host)
+        parent = vm.lineage if all(d in self.artifacts for d in vm.lineage) else []
+        ram = self._new_digest("ram", spec.snapshot_id)
+        self.stored_sizes[ram] = self.delta_ram_stored if parent else self.full_ram_stored
+        state = self._new_digest("state", spec.snapshot_id)
+        self.stored_sizes[state] = self.state_stored
+        chain = [*parent, ram]
+        vm.lineage = chain
+        manifest = Manifest(vm.shape, list(vm.layers), ram, state, spec.base_image_id, chain,
+                            {d: self.stored_sizes.get(d, 0)
+                             for d in [*chain, state, *vm.layers[1:]]})
         self.saved[manifest.state] = SavedState(dict(vm.files))
         vm.frozen = spec.leave_paused
         lost = sorted(m.volume_id for m in spec.volumes if m.volume_id in self.lose_at_capture)

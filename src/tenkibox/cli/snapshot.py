@@ -27,6 +27,7 @@ def print_snapshot(s: models.Snapshot) -> None:
             ("state", c.fmt_state(s.state, s.state_reason)),
             ("size", units.format_size(s.size_bytes)),
             ("compressed", units.format_size(s.compressed_bytes)),
+            ("unique", units.format_size(s.unique_bytes)),
             ("memory", units.format_size(s.memory_bytes)),
             ("base_image_id", s.base_image_id),
             ("cpu", str(s.cpu)),
@@ -97,12 +98,15 @@ def list_(ctx: click.Context, session_id: str | None, as_json: bool) -> None:
             s.session_id,
             s.state.value,
             units.format_size(s.size_bytes),
+            units.format_size(s.compressed_bytes),
+            units.format_size(s.unique_bytes),
             c.fmt_time(s.created_at),
             c.fmt_time(s.expires_at),
         ]
         for s in snaps
     ]
-    cols = ["ID", "NAME", "SESSION", "STATE", "SIZE", "CREATED", "EXPIRES"]
+    # STORED: what its capture newly stored; UNIQUE: what deleting it would free now
+    cols = ["ID", "NAME", "SESSION", "STATE", "SIZE", "STORED", "UNIQUE", "CREATED", "EXPIRES"]
     c.print_table(cols, rows, "no snapshots")
 
 

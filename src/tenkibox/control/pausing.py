@@ -58,7 +58,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _machine(m: Manifest) -> dict[str, Any]:
-    return {**m.shape.to_json(), "ram": m.ram, "state": m.state}
+    return {**m.shape.to_json(), "ram": m.ram, "state": m.state, "ram_chain": m.rams}
 
 
 class PauseControl:
@@ -255,7 +255,8 @@ class PauseControl:
                 session_id, snap.id, manifest, hostname_for(session_id),
                 keep_identity=True, network=net))
             await self.records.update(SessionRow, session_id, when_state=[S.RESUMING],
-                                      machine={**started.shape.to_json(), "ram": started.ram},
+                                      machine={**started.shape.to_json(), "ram": started.ram,
+                                               "ram_chain": list(started.ram_chain)},
                                       disk_chain=list(started.layers))
             # its volumes stayed attached (IN_USE) while paused: plugged in again
             warning = await self.sessions.volumes.reattach(session_id)

@@ -217,7 +217,8 @@ class SessionControl:
             env=env,
             meta=dict(req.metadata), volumes=[],
             # a restore's artifacts are named before the host reads them (so no GC takes them)
-            machine={**manifest.shape.to_json(), "ram": manifest.ram, "state": manifest.state}
+            machine={**manifest.shape.to_json(), "ram": manifest.ram, "state": manifest.state,
+                     "ram_chain": manifest.rams}
             if manifest else None,
             disk_chain=list(manifest.layers) if manifest else [], network=net.to_json(),
             created_at=created,
@@ -269,7 +270,8 @@ class SessionControl:
                     hostname_for(session_id), network=network_of(row)))
             await self.records.update(
                 SessionRow, session_id, when_state=[S.CREATING],
-                machine={**started.shape.to_json(), "ram": started.ram},
+                machine={**started.shape.to_json(), "ram": started.ram,
+                         "ram_chain": list(started.ram_chain)},
                 disk_chain=list(started.layers))
             # attached before READY: a command run at once must see the mounts
             warning = await self.volumes.attach_at_start(session_id, req.volumes)

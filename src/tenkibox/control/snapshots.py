@@ -44,15 +44,27 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def to_model(row: SnapshotRow) -> Snapshot:
+def to_model(row: SnapshotRow, unique_bytes: int = 0) -> Snapshot:
     return Snapshot(
         id=row.id, session_id=row.session_id, workspace_id=row.workspace_id, name=row.name,
         type=SnapshotType(row.type or T.USER.value), state=SnapshotState(row.state),
         state_reason=row.state_reason,
         size_bytes=row.size_bytes or 0, compressed_bytes=row.compressed_bytes or 0,
+        unique_bytes=unique_bytes,
         memory_bytes=row.memory_bytes or 0, base_image_id=row.base_image_id, cpu=row.cpu,
         memory_mb=row.memory_mb, created_at=row.created_at, ready_at=row.ready_at,
         expires_at=row.expires_at, deleted_at=row.deleted_at)
+
+
+def unique_bytes(row: SnapshotRow, holders: dict[str, set[str]]) -> int:
+    """What deleting ``row`` would free now: the stored bytes of the artifacts its manifest
+    names that no other kept snapshot and no live session holds (``holders``). Computed from
+    the records alone (the sizes the capture wrote into the manifest): the control plane never
+    reads the store. 0 unless READY; a manifest from before lineages records no sizes."""
+    if row.state != P.READY.value or not row.files:
+        return 0
+    m = Manifest.from_json(row.files)
+    return sum(n for d, n in m.stored.items() if holders.get(d, set()) <= {row.id})
 
 
 class SnapshotControl:
@@ -75,7 +87,36 @@ class SnapshotControl:
         return self.records.get(SnapshotRow, snapshot_id, ws=ws)
 
     def get(self, snapshot_id: str, ws: str | None = None) -> Snapshot:
-        return to_model(self.row(snapshot_id, ws))
+        return self._model(self.row(snapshot_id, ws))
+
+    def _model(self, row: SnapshotRow) -> Snapshot:
+        return self._models([row])[0]
+
+    def _models(self, rows: list[SnapshotRow]) -> list[Snapshot]:
+        """The answers, with ``unique_bytes`` computed over every record at once."""
+        if not any(r.state == P.READY.value and r.files for r in rows):
+            return [to_model(r) for r in rows]
+        holders = self._holders()
+        return [to_model(r, unique_bytes(r, holders)) for r in rows]
+
+    def _holders(self) -> dict[str, set[str]]:
+        """digest -> the records that keep it stored: every snapshot not DELETED (whatever
+        its workspace: a lineage may cross them through a golden snapshot) and every live
+        session (the artifacts its VM was restored from)."""
+        out: dict[str, set[str]] = {}
+        for s in self.records.all(SessionRow):
+            if s.state in FINAL:
+                continue
+            machine = s.machine or {}
+            for d in [*(s.disk_chain or []), machine.get("ram"), machine.get("state"),
+                      *(machine.get("ram_chain") or [])]:
+                if d:
+                    out.setdefault(d, set()).add(s.id)
+        for snap in self.records.all(SnapshotRow):
+            if snap.state != P.DELETED.value and snap.files:
+                for d in Manifest.from_json(snap.files).digests():
+                    out.setdefault(d, set()).add(snap.id)
+        return out
 
     def query(self, ws: str, session_id: str | None = None) -> list[Snapshot]:
         # a template's golden snapshots are the template's, not listed among the user's
@@ -84,7 +125,7 @@ class SnapshotControl:
         if session_id:
             rows = [r for r in rows if r.session_id == session_id]
         rows.sort(key=lambda r: r.created_at)
-        return [to_model(r) for r in rows]
+        return self._models(rows)
 
     async def wait(self, snapshot_id: str, timeout_s: float, ws: str | None = None, *,
                    long_poll: bool = True) -> Snapshot:
@@ -94,7 +135,7 @@ class SnapshotControl:
         row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id, ws),
                                    lambda r: r.state != P.CREATING.value, timeout_s,
                                    **({} if long_poll else {"cap_s": None}))
-        return to_model(row)
+        return self._model(row)
 
     # -- create ------------------------------------------------------------------------------
     async def create(self, req: SnapshotCreate, ws: str, *,
@@ -148,6 +189,11 @@ class SnapshotControl:
                 files=m.to_json(), disk_chain=list(m.layers), machine=m.shape.to_json(),
                 size_bytes=got.size_bytes, compressed_bytes=got.stored_bytes,
                 timings=got.timings)
+            # the VM runs on over the layers this capture froze: its session's record names
+            # them, so a snapshot's ``unique_bytes`` never counts disk a running session needs
+            # (the host keeps them for it anyway)
+            await self.records.update(SessionRow, session_id, when_state=LIVE, notify=False,
+                                      disk_chain=list(m.layers))
             if got.lost_volumes:
                 await self.volumes.lost(session_id, got.lost_volumes)
             log.info("%s: READY (paused %.3fs)", snapshot_id, got.paused_s)
@@ -300,7 +346,8 @@ class SnapshotControl:
             machine = s.machine or {}
             # "state": the device state a restore in progress is still to load
             for d in [*(s.disk_chain or []), machine.get("kernel"), machine.get("initrd"),
-                      machine.get("ram"), machine.get("state")]:
+                      machine.get("ram"), machine.get("state"),
+                      *(machine.get("ram_chain") or [])]:
                 if d:
                     refs.setdefault(d, f"session {s.id}")
         for snap in self.records.all(SnapshotRow):

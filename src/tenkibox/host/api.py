@@ -62,26 +62,46 @@ class Manifest:
 
     shape: MachineShape
     layers: list[str]  # disk chain, base first; every layer frozen and stored
-    ram: str  # packed RAM image
+    ram: str  # packed RAM image (the top of ``ram_chain``)
     state: str  # device state
     base_image_id: str
+    #: the RAM images a restore composes, base first, ``ram`` last: a snapshot of a lineage
+    #: stores only what changed since its parent and references the parent's images by digest
+    #: (empty in a manifest written before lineages: ``ram`` alone)
+    ram_chain: list[str] = field(default_factory=list)
+    #: stored bytes of every artifact captures produced that this snapshot references (RAM
+    #: images, device state, frozen disk layers; not the base image's files): what deleting
+    #: it can free is computed from these by the control plane (``unique_bytes``)
+    stored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rams(self) -> list[str]:
+        """The RAM chain, base first (one image for a manifest from before lineages)."""
+        return list(self.ram_chain) or [self.ram]
 
     def digests(self) -> dict[str, str]:
-        """digest -> kind, for verification and garbage collection."""
+        """digest -> kind, for verification and garbage collection: every RAM image of the
+        chain (a parent's image stays stored while a child names it, whoever deletes the
+        parent's snapshot)."""
+        rams = self.rams
         out = {self.shape.kernel: "kernel", self.shape.initrd: "initrd",
-               self.ram: "RAM image", self.state: "device state"}
+               **{d: "RAM image" if d == self.ram else f"RAM image (parent {len(rams) - 1 - i})"
+                  for i, d in enumerate(rams)},
+               self.state: "device state"}
         for i, layer in enumerate(self.layers):
             out[layer] = "base image" if i == 0 else f"disk layer {i}"
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": self.shape.to_json(), "layers": list(self.layers), "ram": self.ram,
-                "state": self.state, "base_image_id": self.base_image_id}
+                "state": self.state, "base_image_id": self.base_image_id,
+                "ram_chain": list(self.ram_chain), "stored": dict(self.stored)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         return cls(MachineShape.from_json(data["shape"]), list(data["layers"]), data["ram"],
-                   data["state"], data["base_image_id"])
+                   data["state"], data["base_image_id"], list(data.get("ram_chain") or []),
+                   {str(k): int(v) for k, v in (data.get("stored") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,7 @@ class Started:
     layers: list[str]  # stored layers the VM reads (its own top is the host's business)
     ram: str | None  # the RAM image it maps copy-on-write (a restore), else None
     timings: dict[str, float] = field(default_factory=dict)
+    ram_chain: list[str] = field(default_factory=list)  # the images ``ram`` is composed of
 
 
 @dataclass(frozen=True)
@@ -186,8 +207,8 @@ class CaptureSpec:
 @dataclass(frozen=True)
 class Captured:
     manifest: Manifest
-    size_bytes: int  # RAM data + device state + the session's own disk layers
-    stored_bytes: int  # what it takes on disk (RAM compressed)
+    size_bytes: int  # RAM data + device state + every disk layer over the base image
+    stored_bytes: int  # what this capture newly stored (a delta RAM image, state, new layer)
     paused_s: float
     timings: dict[str, float]
     lost_volumes: list[str]  # volumes that could not be plugged back (the guest lost them)

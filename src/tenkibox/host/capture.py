@@ -14,8 +14,14 @@ artifact store. One ordered list of named, timed steps:
 5. ``convert``      the stream split into the RAM image + device state that a restore maps
                     (``engine/stream.py``: one pass, only pages holding data written; a stream
                     it does not know goes through a scratch QEMU, ``convert_stream``).
-6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store
-7. ``checksum``     the device state and the newly frozen layer into the store; every older layer
+6. ``compress-ram`` the RAM image, zstd-compressed, into the artifact store: a delta over the
+                    RAM chain the guest derives from (``_parent``: the snapshot it was restored
+                    from, or its own last capture), holding only the 4 KiB chunks whose hash
+                    differs from the parent's index (``ramfile`` version 2); a full image when
+                    there is no usable parent (none, not stored any more, a v1 image, or a
+                    chain already ``MAX_RAM_CHAIN`` long)
+7. ``checksum``     the device state (zstd) and the newly frozen layer into the store; every
+                    older layer and every image of the parent RAM chain
                     verified against its digest (a layer damaged under a running VM must not be
                     sealed into a snapshot)
 8. ``sync``         everything durable; only then does the caller mark the snapshot READY
@@ -42,6 +48,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+import zstandard
 
 from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
@@ -239,23 +247,70 @@ def _check_room(where: Path, need: int) -> None:
             f"{free / 2**20:.1f} MiB free in the artifact store")
 
 
+#: the longest RAM chain a capture extends; the next one stores a full image. A restore reads
+#: every image of the chain once (to build its cache), so the depth bounds that cost; deleting
+#: snapshots never shortens a chain (their images stay while a child names them)
+MAX_RAM_CHAIN = 8
+
+
+def _parent(ctx: HostContext, vm: VM, produced: set[str]) -> list[str]:
+    """The RAM chain the new image may be a delta over: the VM's lineage (the snapshot it was
+    restored from, or its own last capture), if every image of it is still stored, it is not
+    too long, and its top is a version 2 image (it has an index); else [] (a full image).
+
+    Its digests join ``produced`` first: from then on the GC spares them, so what is checked
+    here is still there when the new snapshot's record names them."""
+    chain = list(vm.record.lineage)
+    if not chain or len(chain) >= MAX_RAM_CHAIN:
+        return []
+    produced.update(chain)
+    try:
+        for d in chain:
+            ctx.store.verify(d, "RAM image")
+        top = ramfile.header(ctx.store.local_path(chain[-1]))
+    except (ArtifactError, OSError, ValueError) as exc:
+        log.info("%s: a full RAM image (the parent's chain is not usable: %s)",
+                 vm.session_id, exc)
+        return []
+    return chain if top.version == 2 else []
+
+
 def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
           base_image_id: str, produced: set[str]) -> tuple[Manifest, int, int]:
     store = ctx.store
     with steps.step("compress-ram"):
+        parent = _parent(ctx, vm, produced)
         packed = store.temp_path()  # packed straight onto the store's disk: no copy after
         try:
-            ram_raw, ram_stored, ram_digest = ramfile.pack(ram, packed)
-            produced.add(ram_digest)
-            store.put(packed, digest=ram_digest, move=True)
+            try:
+                got = ramfile.pack_delta(
+                    ram, packed, store.local_path(parent[-1]) if parent else None,
+                    parent[-1] if parent else None)
+            except ramfile.RamFormatError as exc:  # e.g. the memory was resized: start anew
+                log.info("%s: a full RAM image (%s)", vm.session_id, exc)
+                parent = []
+                got = ramfile.pack_delta(ram, packed)
+            produced.add(got.digest)
+            store.put(packed, digest=got.digest, move=True)
         finally:
             packed.unlink(missing_ok=True)
+        ram_chain = [*parent, got.digest]
+        log.info("%s: RAM image %s: %.1f MiB changed of %.1f MiB (chain of %d)",
+                 vm.session_id, got.digest[:12], got.changed / 2**20, got.raw / 2**20,
+                 len(ram_chain))
     with steps.step("checksum"):
-        state = staging / "state.bin"
-        state_bytes = state.stat().st_size
+        raw_state = staging / "state.bin"
+        state_bytes = raw_state.stat().st_size
+        # stored compressed: every snapshot of a lineage stores its own (a restore unpacks it,
+        # ``restore.device_state_file``)
+        state = staging / "state.zst"
+        with open(raw_state, "rb") as fin, open(state, "wb") as fout:
+            zstandard.ZstdCompressor(level=3).copy_stream(fin, fout)
+        raw_state.unlink()
         state_digest = sha256_file(state)
         produced.add(state_digest)
         store.put(state, digest=state_digest, move=True)
+        new_layers: list[str] = []
         # the layers frozen by this VM's captures: the new one is hashed now, older ones were
         for i, (name, digest) in enumerate(vm.record.frozen):
             if not digest:
@@ -263,11 +318,13 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
                 produced.add(digest)
                 store.put(vm.disk_dir / name, digest=digest)
                 vm.record.frozen[i] = (name, digest)
+                new_layers.append(digest)
         vm.record.save(vm.disk_dir)
         layers = [*vm.record.layers, *(d for _, d in vm.record.frozen)]
         shape = vm.record.shape
         kinds = {shape.kernel: "kernel", shape.initrd: "initrd",
-                 **{d: f"disk layer {i}" for i, d in enumerate(layers)}}
+                 **{d: f"disk layer {i}" for i, d in enumerate(layers)},
+                 **{d: "RAM image" for d in parent}}  # still there (the GC spared them)
         for digest, kind in kinds.items():
             try:
                 store.verify(digest, kind)
@@ -277,8 +334,18 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
     with steps.step("sync"):
         # put() fsyncs each file and the store's directory before it returns
         pass
-    manifest = Manifest(shape, layers, ram_digest, state_digest, base_image_id)
-    own = [d for _, d in vm.record.frozen]
-    size = ram_raw + state_bytes + sum(store.size(d) for d in own)
-    stored = ram_stored + state_bytes + sum(store.allocated(d) for d in own)
+    # what captures produced that this snapshot references, with its stored bytes: the base
+    # image's files are the image's, never freed by deleting a snapshot
+    produced_layers = layers[1:]  # layers[0] is the base image's (Manifest.digests)
+    stored_of = {d: store.size(d) for d in [*ram_chain, state_digest]}
+    stored_of.update({d: store.allocated(d) for d in produced_layers})
+    manifest = Manifest(shape, layers, got.digest, state_digest, base_image_id, ram_chain,
+                        stored_of)
+    # the logical size: the whole RAM it restores, its state, every disk layer over the image
+    size = got.raw + state_bytes + sum(store.size(d) for d in produced_layers)
+    # newly stored by this capture (what its parent chain and older layers hold is not)
+    stored = got.stored + stored_of[state_digest] + sum(store.allocated(d) for d in new_layers)
+    # the next capture of this guest is a delta over this one
+    vm.record.lineage = ram_chain
+    vm.record.save(vm.disk_dir)
     return manifest, size, stored

@@ -124,7 +124,8 @@ class LocalHost:
     async def restore(self, spec: RestoreSpec) -> Started:
         vm = await self._start(spec.session_id,
                                restore(self.ctx, spec, self._slot(spec.session_id)))
-        return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings)
+        return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings,
+                       list(vm.record.ram_chain))
 
     def _slot(self, session_id: str) -> list[VM]:
         if session_id in self.vms or session_id in self._starting or session_id in self._stuck:
@@ -524,6 +525,7 @@ class LocalHost:
             refs.update(d for _, d in r.frozen if d)
             if r.ram:
                 refs.add(r.ram)
+            refs.update(r.ram_chain)  # a rebuild of its cache reads them all
         return refs
 
     async def collect_garbage(self, referenced: set[str], grace_s: float | None = None) -> int:
@@ -552,6 +554,7 @@ class LocalHost:
             layers = [*r.layers, *(d for _, d in r.frozen if d)]
             uses = {**{d: f"disk layer {i}" for i, d in enumerate(layers)},
                     r.shape.kernel: "kernel", r.shape.initrd: "initrd",
+                    **{d: "RAM image" for d in r.ram_chain},
                     **({r.ram: "RAM image"} if r.ram else {})}
             out += [InUse(d, kind, session_id=r.session_id) for d, kind in uses.items()]
         return out

@@ -9,6 +9,11 @@ no longer matches is rebuilt from the stored, verified RAM image. ``scrub`` re-h
 
 On the data disk, not tmpfs: its pages are clean page cache, shared by the clones and evictable
 under memory pressure (a private mapping never writes back).
+
+A snapshot of a lineage has a delta RAM image (``ramfile`` version 2): its cache, keyed by the
+top image's digest, is the whole chain applied base first into one file (each image's header
+names its parent, so the chain is found from the top alone and a scrub can rebuild it). Such a
+cache is checked against the top image's index (a hash per chunk) instead of a content digest.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from .api import CacheScrub
 log = logging.getLogger(__name__)
 
 CHUNK = ramfile.CHUNK
+#: the longest chain of delta RAM images followed (a capture starts a full image sooner)
+MAX_CHAIN = 64
 _ZERO = bytes(CHUNK)
 
 
@@ -120,6 +127,20 @@ class RamCache:
             return False
         return bool(key == info.get("key"))
 
+    def chain(self, digest: str) -> list[str]:
+        """The RAM images that compose ``digest``, base first, each verified before its header
+        is read (a damaged image is never parsed)."""
+        chain = [digest]
+        while True:
+            self.store.verify(chain[-1], "RAM image")
+            parent = ramfile.header(self.store.local_path(chain[-1])).parent
+            if parent is None:
+                return chain[::-1]
+            if parent in chain or len(chain) > MAX_CHAIN:
+                raise ramfile.RamFormatError(f"RAM image {digest[:12]}: a chain that loops "
+                                             "or is too long")
+            chain.append(parent)
+
     def _problem(self, digest: str) -> str | None:
         """Compare the cache's content with what the stored RAM image says it must be, whatever
         its stat says (scrub). None when it matches (its key is then remembered); else what is
@@ -127,7 +148,11 @@ class RamCache:
         cache = self.path(digest)
         try:
             self.store.verify(digest, "RAM image", deep=True)  # never parse a damaged image
-            expected = image_content_digest(self.store.local_path(digest))
+            image = self.store.local_path(digest)
+            head = ramfile.header(image)
+            v2 = head.version == 2
+            expected: object = (ramfile.read_index(image) if v2
+                                else image_content_digest(image))
         except (OSError, ValueError, ArtifactError) as exc:
             # the image itself is gone or unreadable: nothing vouches for the cache
             why = _why(exc)
@@ -135,7 +160,9 @@ class RamCache:
         else:
             try:
                 key = stat_key(cache)  # before the read: a change during it moves the key
-                matches = content_digest(cache) == expected
+                found: object = (ramfile.file_index(cache, head.chunk) if v2
+                                 else content_digest(cache))
+                matches = found == expected
             except OSError as exc:
                 problem = f"is unreadable ({exc.strerror})"
             else:
@@ -153,11 +180,11 @@ class RamCache:
         os.replace(tmp, meta)
 
     def _build(self, digest: str) -> None:
-        self.store.verify(digest, "RAM image")
+        chain = self.chain(digest)  # every image verified
         cache = self.path(digest)
         tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
         try:
-            ramfile.unpack(self.store.local_path(digest), tmp)
+            ramfile.unpack_chain([self.store.local_path(d) for d in chain], tmp, chain)
             os.replace(tmp, cache)
         finally:
             tmp.unlink(missing_ok=True)

@@ -79,19 +79,27 @@ class VMRecord:
     frozen: list[tuple[str, str]] = field(default_factory=list)  # (file name, digest)
     top: str = "top-0.qcow2"
     ram: str | None = None  # RAM image digest mapped copy-on-write, if restored
+    #: the RAM images ``ram``'s cache is composed of, base first (its rebuild needs them all)
+    ram_chain: list[str] = field(default_factory=list)
+    #: the RAM chain the guest's memory derives from now: the snapshot it was restored from,
+    #: then each capture's own; the next capture stores a delta over its top (if still stored)
+    lineage: list[str] = field(default_factory=list)
     #: its network: {"slot": n, "spec": NetworkSpec JSON} (None: the user-mode helper's)
     net: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "shape": self.shape.to_json(),
                 "layers": self.layers, "frozen": [list(f) for f in self.frozen],
-                "top": self.top, "ram": self.ram, "net": self.net}
+                "top": self.top, "ram": self.ram, "net": self.net,
+                "ram_chain": list(self.ram_chain), "lineage": list(self.lineage)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VMRecord:
         return cls(data["session_id"], MachineShape.from_json(data["shape"]),
                    list(data["layers"]), [(a, b) for a, b in data.get("frozen", [])],
-                   data.get("top", "top-0.qcow2"), data.get("ram"), data.get("net"))
+                   data.get("top", "top-0.qcow2"), data.get("ram"),
+                   ram_chain=list(data.get("ram_chain") or []),
+                   lineage=list(data.get("lineage") or []), net=data.get("net"))
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,207 @@
+"""RAM images of a lineage (``ramfile`` version 2): a delta over a parent holds only the chunks
+that changed, zero frames where data went away, and an index of the composed RAM; a chain
+composes into the final RAM; damage is refused as ``RamFormatError``; the cache of a chain is
+built, checked against the index, and rebuilt by the scrub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tenkibox.artifacts import ramfile
+from tenkibox.artifacts.store import LocalArtifactStore
+from tenkibox.host.api import CacheScrub
+from tenkibox.host.ramcache import RamCache
+from tenkibox.host.restore import device_state_file
+
+MiB = 1 << 20
+C = ramfile.DELTA_CHUNK
+SIZE = 32 * MiB
+
+
+def _ram(path: Path, pieces: dict[int, bytes], base: Path | None = None) -> Path:
+    """A sparse RAM file: ``base``'s content (if any) with ``pieces`` written over it."""
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        if base is not None:
+            with open(base, "rb") as b:
+                for off, n in list(ramfile.data_extents(b.fileno(), SIZE)):
+                    os.pwrite(f.fileno(), os.pread(b.fileno(), n, off), off)
+        for off, data in pieces.items():
+            os.pwrite(f.fileno(), data, off)
+    return path
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Equal as RAM: holes and zeros alike."""
+    return a.read_bytes() == b.read_bytes()
+
+
+def _lineage(tmp_path: Path) -> list[tuple[Path, ramfile.Packed, Path]]:
+    """Three generations: a full image, a small change, a change that also zeroes a region."""
+    r1 = _ram(tmp_path / "r1", {0: os.urandom(4 * MiB), 10 * MiB: b"kernel" * 50000,
+                                20 * MiB: os.urandom(MiB)})
+    r2 = _ram(tmp_path / "r2", {5: b"changed", 12 * MiB: os.urandom(3 * C)}, base=r1)
+    r3 = _ram(tmp_path / "r3", {20 * MiB: bytes(MiB), 30 * MiB + 4096: b"new"}, base=r2)
+    out = []
+    parent: tuple[Path, str] | None = None
+    for i, r in enumerate((r1, r2, r3), 1):
+        img = tmp_path / f"img{i}"
+        got = ramfile.pack_delta(r, img, *(parent or (None, None)))
+        out.append((r, got, img))
+        parent = (img, got.digest)
+    return out
+
+
+def test_a_delta_holds_only_what_changed_and_the_chain_composes(tmp_path: Path) -> None:
+    (r1, p1, i1), (r2, p2, i2), (r3, p3, i3) = _lineage(tmp_path)
+    assert p1.changed == p1.raw  # a full image
+    assert p2.changed == 4 * C  # the chunk of offset 5, and the 3 new ones
+    assert p3.changed == C  # the new chunk at 30 MiB; the zeroed MiB is zero frames
+    assert p2.stored < p1.stored / 10 and p3.stored < p1.stored / 20
+    assert ramfile.header(i2).parent == p1.digest and ramfile.header(i1).parent is None
+    # the zeroed MiB: one zero frame (adjacent chunks together)
+    assert [(off, n) for off, n, d in ramfile.records(i3) if d is None] == [(20 * MiB, MiB)]
+    # adjacent changed chunks are one frame: the 3 new chunks at 12 MiB
+    assert [(off, n) for off, n, d in ramfile.records(i2)] == [(0, C), (12 * MiB, 3 * C)]
+    for n, r in ((1, r1), (2, r2), (3, r3)):
+        out = tmp_path / f"out{n}"
+        chain = [i1, i2, i3][:n]
+        ramfile.unpack_chain(chain, out, [p1.digest, p2.digest, p3.digest][:n])
+        assert _same(out, r), n
+        assert ramfile.read_index([i1, i2, i3][n - 1]) == ramfile.file_index(r)
+    # the zeroed region is a hole again, not zeros written
+    out = tmp_path / "out3"
+    assert os.stat(out).st_blocks * 512 < os.stat(tmp_path / "out2").st_blocks * 512
+
+
+def test_a_chain_out_of_order_or_with_a_gap_is_refused(tmp_path: Path) -> None:
+    (_, p1, i1), (_, _, i2), (_, p3, i3) = _lineage(tmp_path)
+    with pytest.raises(ramfile.RamFormatError, match="without its parent"):
+        ramfile.unpack_chain([i2, i3], tmp_path / "x")
+    with pytest.raises(ramfile.RamFormatError, match="not a delta over"):
+        ramfile.unpack_chain([i1, i3], tmp_path / "x", [p1.digest, p3.digest])
+    with pytest.raises(ramfile.RamFormatError, match="full image inside"):
+        ramfile.unpack_chain([i1, i1], tmp_path / "x")
+
+
+def test_version_1_images_still_read(tmp_path: Path) -> None:
+    r = _ram(tmp_path / "r", {3 * MiB + 17: os.urandom(2 * MiB), 0: b"boot"})
+    img = tmp_path / "v1"
+    ramfile.pack(r, img)
+    assert ramfile.header(img).version == 1
+    ramfile.unpack_chain([img], tmp_path / "out")
+    assert _same(tmp_path / "out", r)
+    with pytest.raises(ramfile.RamFormatError, match="no index"):
+        ramfile.read_index(img)
+
+
+@pytest.mark.parametrize("where", ["index-count", "index-entry", "footer", "frame-header",
+                                   "frame-data", "truncated"])
+def test_a_damaged_image_is_refused_never_a_memory_error(tmp_path: Path, where: str) -> None:
+    (_, _, i1), (_, _, i2), _ = _lineage(tmp_path)
+    data = bytearray(i2.read_bytes())
+    at = int.from_bytes(data[-16:-8], "little")
+    head = len(ramfile.MAGIC2) + ramfile.HEAD2.size
+    if where == "index-count":
+        data[at:at + 8] = (1 << 62).to_bytes(8, "little")
+    elif where == "index-entry":
+        data[at + 8:at + 12] = ((1 << 32) - 1).to_bytes(4, "little")  # past the RAM
+    elif where == "footer":
+        data[-16:-8] = (len(data) * 4).to_bytes(8, "little")
+    elif where == "frame-header":
+        data[head + 8:head + 16] = (1 << 60).to_bytes(8, "little")  # raw length
+    elif where == "frame-data":
+        data[head + ramfile.FRAME.size + 4] ^= 0xFF
+    else:
+        del data[len(data) // 2:]
+    i2.write_bytes(bytes(data))
+    with pytest.raises(ramfile.RamFormatError):
+        ramfile.read_index(i2)
+        ramfile.unpack_chain([i1, i2], tmp_path / "x")
+
+
+def test_a_parent_of_another_size_is_refused(tmp_path: Path) -> None:
+    (_, p1, i1), _, _ = _lineage(tmp_path)
+    other = tmp_path / "other"
+    with open(other, "wb") as f:
+        f.truncate(2 * SIZE)
+        f.write(b"x")
+    with pytest.raises(ramfile.RamFormatError, match="another RAM size"):
+        ramfile.pack_delta(other, tmp_path / "img", i1, p1.digest)
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[RamCache, list[str], Path]:
+    store = LocalArtifactStore(tmp_path / "store")
+    digests = []
+    last: Path = tmp_path
+    for r, got, img in _lineage(tmp_path):
+        assert store.put(img, digest=got.digest) == got.digest
+        digests.append(got.digest)
+        last = r
+    return RamCache(tmp_path / "ram-cache", store), digests, last
+
+
+async def test_the_cache_of_a_chain_is_the_final_ram(
+        chain: tuple[RamCache, list[str], Path]) -> None:
+    cache, digests, final = chain
+    assert cache.chain(digests[-1]) == digests
+    path = await cache.ensure(digests[-1])
+    assert path == cache.path(digests[-1]) and _same(path, final)
+    assert cache.scrub(repair=False) == CacheScrub()
+
+
+async def test_the_scrub_checks_a_chain_cache_against_the_index(
+        chain: tuple[RamCache, list[str], Path]) -> None:
+    cache, digests, final = chain
+    path = await cache.ensure(digests[-1])
+    with open(path, "r+b") as f:
+        f.seek(12 * MiB + 100)
+        b = f.read(1)
+        f.seek(12 * MiB + 100)
+        f.write(bytes([b[0] ^ 1]))
+    found = cache.scrub(repair=False)
+    assert list(found.damaged) == [digests[-1]]
+    assert cache.scrub(repair=True) == CacheScrub(rebuilt=[digests[-1]])
+    assert _same(path, final)
+
+
+async def test_a_chain_with_a_missing_parent_is_not_built(
+        chain: tuple[RamCache, list[str], Path]) -> None:
+    cache, digests, _ = chain
+    cache.store.local_path(digests[1]).unlink()
+    with pytest.raises(Exception, match=r"missing|No such"):
+        await cache.ensure(digests[-1])
+    assert not cache.path(digests[-1]).exists()
+
+
+def test_a_parent_of_another_chunk_is_refused_and_a_full_image_compresses_as_v1(
+        tmp_path: Path) -> None:
+    r = _ram(tmp_path / "r", {0: b"abc" * 400000, 9 * MiB: os.urandom(MiB)})
+    full = ramfile.pack_delta(r, tmp_path / "full", chunk=1 << 16)
+    with pytest.raises(ramfile.RamFormatError, match="another chunk size"):
+        ramfile.pack_delta(r, tmp_path / "d", tmp_path / "full", full.digest)
+    _, v1_stored, _ = ramfile.pack(r, tmp_path / "v1")
+    v2 = ramfile.pack_delta(r, tmp_path / "v2")
+    # one frame per 1 MiB window, as version 1; only the index is more
+    assert v2.stored <= v1_stored + 12 * (v2.raw // C) + 1024
+    ramfile.unpack_chain([tmp_path / "v2"], tmp_path / "out")
+    assert _same(tmp_path / "out", r)
+
+
+def test_a_device_state_is_read_compressed_or_raw(tmp_path: Path) -> None:
+    """Captures store the device state zstd-compressed; older snapshots' raw ones still load."""
+    raw = b"QEVM" + os.urandom(1000) + bytes(100000)
+    old = tmp_path / "old"
+    old.write_bytes(raw)
+    assert device_state_file(old, tmp_path / "scratch") == old
+    assert not (tmp_path / "scratch").exists()
+    new = tmp_path / "new"
+    new.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    assert new.stat().st_size < len(raw) / 10
+    out = device_state_file(new, tmp_path / "scratch")
+    assert out == tmp_path / "scratch" and out.read_bytes() == raw
