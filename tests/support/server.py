@@ -38,6 +38,8 @@ from tenkibox.control.plane import ControlPlane
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
+from .postgres import cluster as postgres_cluster
+from .postgres import on_postgres
 
 T = TypeVar("T")
 
@@ -126,10 +128,24 @@ def _no_fsync(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: (under TENKI_TEST_DATABASE=postgresql) the file of a data directory naming its database
+PG_DATABASE_FILE = "test-database.url"
+
+
 def open_test_store(home: Path) -> Store:
     """``open_store(home)`` (migrated from a template copy) without an fsync per commit: tests
     do not lose power, and every record write would cost ~8 ms otherwise. Transactions and their
-    isolation are SQLite's as in production; only durability is given up."""
+    isolation are SQLite's as in production; only durability is given up.
+
+    Under ``TENKI_TEST_DATABASE=postgresql`` the store is a database of its own on the run's
+    PostgreSQL instead (``support.postgres``), made at the first open of ``home`` and named in
+    ``home/test-database.url``, so that a server restarted on ``home`` finds its records."""
+    if on_postgres():
+        home.mkdir(parents=True, exist_ok=True)
+        named = home / PG_DATABASE_FILE
+        if not named.exists():
+            named.write_text(postgres_cluster().fresh_database())
+        return open_store(home, named.read_text().strip())
     fresh_database(home)
     store = open_store(home)
     event.listen(store.engine, "connect", _no_fsync)  # after the store's own pragmas
