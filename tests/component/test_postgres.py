@@ -6,15 +6,31 @@ suite runs on PostgreSQL too with ``TENKI_TEST_DATABASE=postgresql``."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import subprocess
 import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, text, update
+from support.helpers import now, seed, session_row
 from support.postgres import PostgresCluster
 
+from tenkibox.control import admission
+from tenkibox.control.records import Records
+from tenkibox.control.states import IllegalTransitionError
+from tenkibox.control.workspaces import WorkspaceControl
+from tenkibox.errors import CapacityUnavailableError
+from tenkibox.host.capacity import HostCapacity
+from tenkibox.models import Quotas, WorkspaceUpdate
 from tenkibox.store.db import DatabaseError, Store, normalize_url, safe_url
+from tenkibox.store.tables import SessionRow, WorkspaceRow
+
+T = TypeVar("T")
 
 
 def test_url_normalized_and_password_hidden() -> None:
@@ -70,3 +86,124 @@ def test_serve_bad_database_one_line(postgres: PostgresCluster, tmp_path: Path, 
 def test_store_errors_are_database_errors() -> None:
     with pytest.raises(DatabaseError, match="unreachable"):
         Store("postgresql://u:pw@127.0.0.1:1/x")
+
+
+# -- compare-and-set between two control-plane processes -------------------------------------
+
+
+@pytest.fixture
+def two_planes(postgres: PostgresCluster) -> Iterator[tuple[Store, Store]]:
+    """Two stores (two engines, two pools) on one fresh database: what two control-plane
+    processes behind one address hold."""
+    url = postgres.fresh_database()
+    a, b = Store(url), Store(url)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _race(stores: tuple[Store, ...], work: Callable[[Records, int], Awaitable[T]],
+          ) -> list[T | BaseException]:
+    """``work(records, i)`` in one thread per store (each with its own loop and ``Records``),
+    released at once; each result or error."""
+    barrier = threading.Barrier(len(stores), timeout=30)
+    results: list[T | BaseException] = [RuntimeError("no result")] * len(stores)
+
+    def worker(i: int) -> None:
+        records = Records(stores[i])
+
+        async def go() -> T:
+            barrier.wait()
+            return await work(records, i)
+        try:
+            results[i] = asyncio.run(go())
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("target_a, target_b, expected", [
+    ("TERMINATING", "TERMINATING", None), ("PAUSING", "PAUSING", None),
+    ("TERMINATING", "PAUSING", ["READY"])])
+def test_two_processes_race_one_wins(two_planes: tuple[Store, Store], target_a: str,
+                                     target_b: str, expected: list[str] | None) -> None:
+    """60 rounds: both processes move the same READY session at once (each move forbids the
+    other, or both say they saw READY, as the control plane does); exactly one wins every
+    round, the other gets IllegalTransitionError (409)."""
+    a, _ = two_planes
+    targets = (target_a, target_b)
+    wins = [0, 0]
+    for _round in range(60):
+        row = session_row("READY")
+        seed(a, row)
+
+        async def move(records: Records, i: int, sid: str = row.id) -> str:
+            moved = await records.transition(SessionRow, sid, targets[i], expected=expected,
+                                             state_reason=f"by {i}")
+            return moved.state
+        results = _race(two_planes, move)
+        won = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+        assert len(won) == 1, results
+        loser = results[1 - won[0]]
+        assert isinstance(loser, IllegalTransitionError), loser
+        wins[won[0]] += 1
+        final = a.get_session(row.id)
+        assert final is not None
+        assert (final.state, final.state_reason) == (targets[won[0]], f"by {won[0]}")
+    assert sum(wins) == 60
+
+
+def test_two_processes_admission_never_overcommits(two_planes: tuple[Store, Store]) -> None:
+    """30 rounds: creates of two workspaces through two processes race for a host's last
+    place. The host's memory check spans workspaces (no workspace row lock covers it): the
+    check and the insert are one step across processes (the admission lock), so exactly one
+    is admitted every round."""
+    a, _ = two_planes
+    capacity = HostCapacity("h1", memory_total_mib=10 * 1024, memory_reserve_mib=0,
+                            overcommit=1.0, cpus=2, accelerator="tcg")
+    ws = [WorkspaceRow(id=f"ws_{i}{secrets.token_hex(4)}", name=f"w{i}{secrets.token_hex(4)}",
+                       quotas={}, created_at=now(), updated_at=now()) for i in range(2)]
+    seed(a, *ws)
+
+    async def create(records: Records, i: int) -> bool:
+        try:
+            await records.insert(session_row("CREATING", workspace_id=ws[i].id,
+                                             memory_mb=1024),
+                                 check=admission.session(ws[i].id, 1024, capacity))
+            return True
+        except CapacityUnavailableError:
+            return False
+    for _round in range(30):
+        with a.tx() as orm:  # the previous round's sessions end (as a test seeds rows)
+            orm.execute(update(SessionRow).values(state="TERMINATED"))
+        seed(a, *[session_row("CREATING", workspace_id=ws[0].id, memory_mb=1024)
+                  for _ in range(9)])
+        results = _race(two_planes, create)
+        assert sorted(results, key=str) == [False, True], results
+    held = [r for r in a.all(SessionRow) if r.state == "CREATING"]
+    assert len(held) == 10
+
+
+async def test_update_when_is_compare_and_set(two_planes: tuple[Store, Store]) -> None:
+    """Workspace quota edits through two processes: read-modify-write guarded by updated_at,
+    no edit lost."""
+    a, b = two_planes
+    ws = WorkspaceRow(id="ws_" + secrets.token_hex(6), name="q" + secrets.token_hex(4),
+                      quotas={}, created_at=now(), updated_at=now())
+    seed(a, ws)
+    names = ["max_concurrent_sessions", "max_memory_mib", "max_snapshots", "max_volumes"]
+
+    async def edit(records: Records, i: int) -> None:
+        control = WorkspaceControl(records)
+        for name in names[i * 2:i * 2 + 2]:
+            await control.update(ws.id, WorkspaceUpdate(quotas=Quotas(**{name: 5 + i})))
+    results = _race(two_planes, edit)
+    assert results == [None, None]
+    row = b.all(WorkspaceRow, WorkspaceRow.id == ws.id)[0]
+    assert set(row.quotas) == set(names)

@@ -5,6 +5,12 @@ Every state change is ``transition``: one ``UPDATE … WHERE id = :id AND state 
 whose allowed states come from the table in ``states``; zero rows updated means the record was
 elsewhere (or gone), and the caller gets ``IllegalTransitionError`` or the not-found error. Other
 fields change through ``update``, optionally guarded by the state the caller saw.
+
+Several control-plane processes may share one PostgreSQL (READ COMMITTED): the conditional
+UPDATE's row count decides every race, as in one process. A write with a ``check`` (a count and
+the insert or move it allows: quotas, capacity, one build at a time, a workspace's emptiness)
+first takes one transaction-scoped advisory lock, so that such checks run one at a time across
+all processes (SQLite has a single writer already).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session as OrmSession
 
 from .. import longpoll
@@ -26,7 +32,7 @@ from ..errors import (
     VolumeNotFoundError,
     WorkspaceNotFoundError,
 )
-from ..store.db import Store
+from ..store.db import ADMISSION_LOCK, Store
 from ..store.tables import (
     ApiKeyRow,
     AuditRow,
@@ -66,6 +72,16 @@ class Records:
         #: notified after every committed change (long polls wait on it)
         self.changed = asyncio.Condition()
 
+    def _checked(self, orm: OrmSession, check: Callable[[OrmSession], None] | None) -> None:
+        """Run ``check`` in ``orm``'s transaction; on PostgreSQL under the admission lock (held
+        until the transaction ends: the check and the write it allows are one step for every
+        control-plane process)."""
+        if check is None:
+            return
+        if self.store.postgres:
+            orm.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK})
+        check(orm)
+
     async def notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
@@ -104,18 +120,19 @@ class Records:
         """Add ``row``; ``check`` runs first in the same transaction (quotas, capacity) and
         refuses by raising, so that a count and the insert it allows cannot be split."""
         with self.store.tx() as orm:
-            if check is not None:
-                check(orm)
+            self._checked(orm, check)
             orm.add(row)
         if notify:
             await self.notify()
 
-    async def remove(self, cls: type[R], key: str) -> bool:
+    async def remove(self, cls: type[R], key: str, *,
+                     check: Callable[[OrmSession], None] | None = None) -> bool:
         """Delete a record outright (see ``remove_where``)."""
-        return await self.remove_where(cls, cls.id == key) == 1
+        return await self.remove_where(cls, cls.id == key, check=check) == 1
 
     async def remove_where(self, cls: type[R] | type[AuditRow], *where: Any,
-                           notify: bool = True) -> int:
+                           notify: bool = True,
+                           check: Callable[[OrmSession], None] | None = None) -> int:
         """Delete the records of ``cls`` matching ``where``; returns how many went. Records
         without a life cycle (workspaces, templates, exposed ports, audit entries) go as they
         are; one with a state machine only from a final state (a build with its template): it
@@ -126,6 +143,7 @@ class Records:
             table: Any = cls
             where = (*where, table.state.in_(final))
         with self.store.tx() as orm:
+            self._checked(orm, check)
             result = orm.execute(delete(cls).where(*where)
                                  .execution_options(synchronize_session=False))
             gone = int(result.rowcount)  # type: ignore[attr-defined]
@@ -148,8 +166,7 @@ class Records:
             allowed = allowed & {_value(s) for s in expected}
         table: Any = cls
         with self.store.tx() as orm:
-            if check is not None:
-                check(orm)
+            self._checked(orm, check)
             result = orm.execute(
                 update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
                 .values(state=target, **values)
