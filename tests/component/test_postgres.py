@@ -11,15 +11,20 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 from sqlalchemy import inspect, text, update
+from support.fake_host import FakeHost
 from support.helpers import now, seed, session_row
 from support.postgres import PostgresCluster
+from support.server import AUTH, InProcessServer
 
+from tenkibox import Client, longpoll
 from tenkibox.control import admission
 from tenkibox.control.records import Records
 from tenkibox.control.states import IllegalTransitionError
@@ -31,6 +36,7 @@ from tenkibox.store.db import DatabaseError, Store, normalize_url, safe_url
 from tenkibox.store.tables import SessionRow, WorkspaceRow
 
 T = TypeVar("T")
+MakeServer = Callable[..., InProcessServer]
 
 
 def test_url_normalized_and_password_hidden() -> None:
@@ -207,3 +213,113 @@ async def test_update_when_is_compare_and_set(two_planes: tuple[Store, Store]) -
     assert results == [None, None]
     row = b.all(WorkspaceRow, WorkspaceRow.id == ws.id)[0]
     assert set(row.quotas) == set(names)
+
+
+# -- the control plane over the API on PostgreSQL ----------------------------------------------
+
+
+def test_main_flows(postgres: PostgresCluster, make_inproc: MakeServer) -> None:
+    """Create a session, snapshot it, restore it, terminate, delete the snapshot: the records
+    are PostgreSQL's (read back through another engine)."""
+    url = postgres.fresh_database()
+    server = make_inproc(database_url=url)
+    with Client(endpoint=server.url) as c:
+        s = c.create_and_wait(cpu=1, memory_mb=512)
+        assert s.state == "READY"
+        snap = c.create_snapshot_and_wait(s.id, "base")
+        assert snap.state == "READY"
+        restored = c.create_and_wait(snapshot_id=snap.id)
+        assert restored.state == "READY" and server.host.restores[-1].session_id == restored.id
+        c.terminate(s.id)
+        c.terminate(restored.id)
+        assert c.delete_snapshot(snap.id).state in ("DELETING", "DELETED")
+    other = Store(url)
+    try:
+        states = {r.id: r.state for r in other.all(SessionRow)}
+        assert states[s.id] == states[restored.id] == "TERMINATED"
+        got = other.get_snapshot(snap.id)
+        assert got is not None and got.state in ("DELETING", "DELETED")
+    finally:
+        other.close()
+
+
+def test_restart_keeps_records(postgres: PostgresCluster, make_inproc: MakeServer) -> None:
+    """A control plane killed and started again on the same PostgreSQL: sessions and snapshots
+    are there, the running session runs on, and it can be snapshotted again."""
+    url = postgres.fresh_database()
+    host = FakeHost()
+    first = make_inproc(host=host, database_url=url)
+    with Client(endpoint=first.url) as c:
+        s = c.create_and_wait()
+        snap = c.create_snapshot_and_wait(s.id, "kept")
+    first.crash()
+    host.release_all()
+    second = make_inproc(home=first.home, host=host, database_url=url)
+    with Client(endpoint=second.url) as c:
+        assert c.get(s.id).state == "READY"
+        assert c.get_snapshot(snap.id).state == "READY"
+        assert c.create_snapshot_and_wait(s.id, "again").state == "READY"
+
+
+# -- change notifications through PostgreSQL -----------------------------------------------------
+
+
+async def test_listen_wakes_waits_of_another_process(two_planes: tuple[Store, Store]) -> None:
+    """A wait on process A (the condition alone, no re-read) wakes when process B changes a
+    record: B's NOTIFY, A's listener."""
+    a, b = two_planes
+    ra, rb = Records(a), Records(b)
+    await ra.listen()
+    try:
+        assert ra.listening.is_set()
+        row = session_row("READY")
+        seed(a, row)
+        waiting, woke = asyncio.Event(), asyncio.Event()
+
+        async def wait() -> None:
+            async with ra.changed:
+                waiting.set()
+                await ra.changed.wait()
+            woke.set()
+        task = asyncio.create_task(wait())
+        await waiting.wait()
+        await asyncio.sleep(0.2)
+        assert not woke.is_set()
+        await rb.transition(SessionRow, row.id, "TERMINATING")
+        await asyncio.wait_for(woke.wait(), 5)
+        await task
+    finally:
+        await ra.stop_listening()
+    assert not ra.listening.is_set()
+
+
+def test_long_poll_on_one_server_wakes_on_another(postgres: PostgresCluster,
+                                                  make_inproc: MakeServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two control-plane processes (two apps) on one database: a long poll on B answers as
+    soon as A moves the session, though B re-reads only every 60 s on its own."""
+    monkeypatch.setattr(longpoll, "REREAD_S", 60.0)
+    url = postgres.fresh_database()
+    a = make_inproc(database_url=url)
+    b = make_inproc(database_url=url)
+    gate = a.host.block("boot")
+    with Client(endpoint=a.url) as ca:
+        sid = ca.create().id
+    gate.wait_entered()
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        with httpx.Client(timeout=40) as h:
+            r = h.get(f"{b.url}/v1/sessions/{sid}/wait", params={"timeout_s": 30},
+                      headers=AUTH)
+            answer["state"] = r.json()["state"]
+            answer["at"] = time.monotonic()
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    assert not answer  # B's wait holds: the session is CREATING
+    released = time.monotonic()
+    gate.release()
+    t.join(30)
+    assert answer["state"] == "READY"
+    assert answer["at"] - released < 5  # not B's 60 s re-read: A's notification

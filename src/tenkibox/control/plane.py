@@ -63,6 +63,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Recover (sessions, then snapshots, then volumes), then run the background loops."""
+        await self.records.listen()  # PostgreSQL: other control planes' changes wake waits
         await self.workspaces.ensure_default()
         await self.sessions.recover()
         await self.snapshots.recover()
@@ -152,6 +153,7 @@ class ControlPlane:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await self.records.stop_listening()
         await self.golden.shutdown()
         await self.templates.shutdown()
         await self.snapshots.shutdown()

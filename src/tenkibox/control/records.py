@@ -11,11 +11,19 @@ UPDATE's row count decides every race, as in one process. A write with a ``check
 the insert or move it allows: quotas, capacity, one build at a time, a workspace's emptiness)
 first takes one transaction-scoped advisory lock, so that such checks run one at a time across
 all processes (SQLite has a single writer already).
+
+Waits (long polls, the server's own) sleep on ``changed``, an in-process condition notified after
+every committed change. On PostgreSQL every change also sends ``NOTIFY tenki_records`` in its
+transaction (delivered at commit), and ``listen`` (started by the control plane) turns the
+notifications of every process into a notification of ``changed``: a wait on one control-plane
+process wakes when another changes the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -47,6 +55,11 @@ from ..store.tables import (
 )
 from .states import TRANSITIONS, IllegalTransitionError, sources
 
+log = logging.getLogger(__name__)
+
+#: the PostgreSQL channel of record changes (the payload is empty: waiters re-read)
+CHANNEL = "tenki_records"
+
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
             BuildRow, PortExposureRow)
 
@@ -69,8 +82,62 @@ def _value(state: Any) -> str:
 class Records:
     def __init__(self, store: Store) -> None:
         self.store = store
-        #: notified after every committed change (long polls wait on it)
+        #: notified after every committed change (long polls wait on it); on PostgreSQL also
+        #: after another process's (``listen``)
         self.changed = asyncio.Condition()
+        #: set while the PostgreSQL listener is connected and listening
+        self.listening = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- change notifications across processes (PostgreSQL) ----------------------------------
+    def _announce(self, orm: OrmSession) -> None:
+        """Queue ``NOTIFY`` in ``orm``'s transaction: sent at its commit, never on rollback."""
+        if self.store.postgres:
+            orm.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+
+    async def listen(self) -> None:
+        """On PostgreSQL, start relaying other processes' changes to ``changed`` (until
+        ``stop_listening``); returns once listening (or after 10 s, still trying). On SQLite
+        nothing: one process owns the database."""
+        if not self.store.postgres or self._listener is not None:
+            return
+        self._listener = asyncio.create_task(self._listen(), name="records listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listening.wait(), 10)
+
+    async def stop_listening(self) -> None:
+        task, self._listener = self._listener, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self.listening.clear()
+
+    async def _listen(self) -> None:
+        import psycopg  # the PostgreSQL driver (the server extra)
+
+        delay = 0.5
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.store.libpq_url,
+                                                             autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    delay = 0.5
+                    await self.notify()  # what changed while (re)connecting: read again
+                    async for _ in conn.notifies():
+                        await self.notify()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.listening.is_set():
+                    log.warning("change notifications from %s lost (%s); reconnecting",
+                                self.store.url, str(exc).splitlines()[0] if str(exc) else
+                                type(exc).__name__)
+                self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def _checked(self, orm: OrmSession, check: Callable[[OrmSession], None] | None) -> None:
         """Run ``check`` in ``orm``'s transaction; on PostgreSQL under the admission lock (held
@@ -122,6 +189,8 @@ class Records:
         with self.store.tx() as orm:
             self._checked(orm, check)
             orm.add(row)
+            if notify:
+                self._announce(orm)
         if notify:
             await self.notify()
 
@@ -147,6 +216,8 @@ class Records:
             result = orm.execute(delete(cls).where(*where)
                                  .execution_options(synchronize_session=False))
             gone = int(result.rowcount)  # type: ignore[attr-defined]
+            if gone and notify:
+                self._announce(orm)
         if gone and notify:
             await self.notify()
         return gone
@@ -172,6 +243,8 @@ class Records:
                 .values(state=target, **values)
                 .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
+            if moved:
+                self._announce(orm)
         if not moved:
             current: Any = self.get(cls, key)
             raise IllegalTransitionError(kind, key, current.state, target)
@@ -197,6 +270,8 @@ class Records:
             result = orm.execute(stmt.values(**values)
                                  .execution_options(synchronize_session=False))
             changed = result.rowcount == 1  # type: ignore[attr-defined]
+            if changed and notify:
+                self._announce(orm)
         if changed and notify:
             await self.notify()
         return changed

@@ -94,6 +94,9 @@ class Store:
                                 "(sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB)"
                                 ) from exc
         self.dialect = parsed.get_backend_name()
+        #: (PostgreSQL) the URL for libpq itself (the change listener's own connection)
+        self.libpq_url = parsed.set(drivername=self.dialect).render_as_string(
+            hide_password=False)
         #: the URL with its password masked (what logs and errors show)
         self.url = shown
         kw: dict[str, Any] = {}
