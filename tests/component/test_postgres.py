@@ -323,3 +323,33 @@ def test_long_poll_on_one_server_wakes_on_another(postgres: PostgresCluster,
     t.join(30)
     assert answer["state"] == "READY"
     assert answer["at"] - released < 5  # not B's 60 s re-read: A's notification
+
+
+def test_second_control_plane_leaves_the_first_ones_records(
+        postgres: PostgresCluster, make_inproc: MakeServer) -> None:
+    """A control plane started while another runs on the database does not settle records in
+    flight (they are the running one's: its VMs, its captures); one started alone does."""
+    url = postgres.fresh_database()
+    a = make_inproc(database_url=url)
+    with Client(endpoint=a.url) as c:
+        running = c.create_and_wait().id
+        gate = a.host.block("boot")
+        creating = c.create().id
+    gate.wait_entered()
+    b = make_inproc(database_url=url)  # its host has none of A's VMs
+    with Client(endpoint=b.url) as c:
+        assert c.get(running).state == "READY"
+        assert c.get(creating).state == "CREATING"
+    gate.release()
+    with Client(endpoint=a.url) as c:
+        assert c.wait_session_ready(creating, timeout=10).state == "READY"
+    a.crash()
+    b.crash()
+    c_ = make_inproc(home=a.home, host=a.host, database_url=url)  # alone again: recovery
+    with Client(endpoint=c_.url) as c:
+        assert c.get(running).state == "READY"  # its VM was found on its host
+    store = Store(url)
+    try:
+        assert store.hold_presence() is False  # c_ is live
+    finally:
+        store.close()

@@ -8,6 +8,7 @@ that cannot be reached is a ``DatabaseError``: one line, the password never in i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 #: PostgreSQL advisory lock keys (transaction-scoped): migrations, admission checks
 MIGRATION_LOCK = 0x74656E6B69_01
 ADMISSION_LOCK = 0x74656E6B69_02
+#: (session-scoped, shared) held by every live control-plane process, see ``hold_presence``
+PRESENCE_LOCK = 0x74656E6B69_03
 
 
 class DatabaseError(TenkiError):
@@ -118,10 +121,36 @@ class Store:
             raise DatabaseError(f"database {shown} unreachable: "
                                 f"{_scrub(str(exc.orig or exc), url)}") from exc
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._presence: Any = None
 
     @property
     def postgres(self) -> bool:
         return self.dialect == "postgresql"
+
+    def hold_presence(self) -> bool:
+        """Mark this process as a live control plane of the database until ``close`` (on
+        PostgreSQL a shared advisory lock held by a connection of its own, gone with the
+        process); whether no other was live, i.e. whether records left by a crash are this
+        process's to settle. SQLite: one process owns the database (the server's lock file)."""
+        if not self.postgres:
+            return True
+        if self._presence is not None:
+            return True
+        import psycopg  # the PostgreSQL driver (the server extra)
+
+        try:
+            conn = psycopg.connect(self.libpq_url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"database {self.url} unreachable: "
+                                f"{_scrub(str(exc), self.libpq_url)}") from exc
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PRESENCE_LOCK,)).fetchone()
+        alone = bool(row and row[0])
+        # shared from now on (taken while the exclusive one is held when alone: no gap)
+        conn.execute("SELECT pg_advisory_lock_shared(%s)", (PRESENCE_LOCK,))
+        if alone:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (PRESENCE_LOCK,))
+        self._presence = conn
+        return alone
 
     @contextmanager
     def tx(self) -> Iterator[OrmSession]:
@@ -149,6 +178,10 @@ class Store:
             return list(orm.scalars(stmt))
 
     def close(self) -> None:
+        presence, self._presence = self._presence, None
+        if presence is not None:
+            with contextlib.suppress(Exception):
+                presence.close()
         self.engine.dispose()
 
 
