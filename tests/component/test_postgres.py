@@ -233,6 +233,8 @@ def test_main_flows(postgres: PostgresCluster, make_inproc: MakeServer) -> None:
         c.terminate(s.id)
         c.terminate(restored.id)
         assert c.delete_snapshot(snap.id).state in ("DELETING", "DELETED")
+    health = httpx.get(f"{server.url}/v1/health", headers=AUTH, timeout=10)
+    assert health.status_code == 200 and postgres.password not in health.text
     other = Store(url)
     try:
         states = {r.id: r.state for r in other.all(SessionRow)}
@@ -326,7 +328,8 @@ def test_long_poll_on_one_server_wakes_on_another(postgres: PostgresCluster,
 
 
 def test_second_control_plane_leaves_the_first_ones_records(
-        postgres: PostgresCluster, make_inproc: MakeServer) -> None:
+        postgres: PostgresCluster, make_inproc: MakeServer,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A control plane started while another runs on the database does not settle records in
     flight (they are the running one's: its VMs, its captures); one started alone does."""
     url = postgres.fresh_database()
@@ -340,6 +343,8 @@ def test_second_control_plane_leaves_the_first_ones_records(
     with Client(endpoint=b.url) as c:
         assert c.get(running).state == "READY"
         assert c.get(creating).state == "CREATING"
+    said = [r.getMessage() for r in caplog.records if "other control planes" in r.getMessage()]
+    assert said and "***" in said[0] and postgres.password not in " ".join(said)
     gate.release()
     with Client(endpoint=a.url) as c:
         assert c.wait_session_ready(creating, timeout=10).state == "READY"
