@@ -26,7 +26,7 @@ from support.server import AUTH, InProcessServer
 
 from tenkibox import Client, longpoll
 from tenkibox.control import admission
-from tenkibox.control.records import Records
+from tenkibox.control.records import LISTENER_NAME, Records
 from tenkibox.control.states import IllegalTransitionError
 from tenkibox.control.workspaces import WorkspaceControl
 from tenkibox.errors import CapacityUnavailableError
@@ -293,6 +293,44 @@ async def test_listen_wakes_waits_of_another_process(two_planes: tuple[Store, St
     finally:
         await ra.stop_listening()
     assert not ra.listening.is_set()
+
+
+async def test_listener_reconnects(two_planes: tuple[Store, Store]) -> None:
+    """The listener's connection killed (a database restart, a proxy): it connects again, and
+    the changes made meanwhile wake the waits (they read again at the reconnect)."""
+    a, b = two_planes
+    ra, rb = Records(a), Records(b)
+    await ra.listen()
+    try:
+        with b.engine.connect() as conn:
+            killed = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                "application_name = :n AND datname = current_database()"),
+                {"n": LISTENER_NAME}).scalars().all()
+        assert killed == [True]
+        for _ in range(100):
+            if not ra.listening.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert not ra.listening.is_set()
+        await asyncio.wait_for(ra.listening.wait(), 10)
+        row = session_row("READY")
+        seed(a, row)
+        woke = asyncio.Event()
+        waiting = asyncio.Event()
+
+        async def wait() -> None:
+            async with ra.changed:
+                waiting.set()
+                await ra.changed.wait()
+            woke.set()
+        task = asyncio.create_task(wait())
+        await waiting.wait()
+        await rb.transition(SessionRow, row.id, "TERMINATING")
+        await asyncio.wait_for(woke.wait(), 5)
+        await task
+    finally:
+        await ra.stop_listening()
 
 
 def test_long_poll_on_one_server_wakes_on_another(postgres: PostgresCluster,

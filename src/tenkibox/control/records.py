@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: the PostgreSQL channel of record changes (the payload is empty: waiters re-read)
 CHANNEL = "tenki_records"
+#: the listener connection's application_name (pg_stat_activity)
+LISTENER_NAME = "tenki-listener"
 
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
             BuildRow, PortExposureRow)
@@ -119,8 +121,9 @@ class Records:
         delay = 0.5
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.store.libpq_url,
-                                                             autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self.store.libpq_url, autocommit=True, connect_timeout=10,
+                    application_name=LISTENER_NAME)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
