@@ -7,6 +7,7 @@ suite runs on PostgreSQL too with ``TENKI_TEST_DATABASE=postgresql``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from sqlalchemy import inspect, text, update
 from support.fake_host import FakeHost
 from support.helpers import now, seed, session_row
 from support.postgres import PostgresCluster
-from support.server import AUTH, InProcessServer
+from support.server import ADMIN_KEY, AUTH, InProcessServer, write_admin_key
 
 from tenkibox import Client, longpoll
+from tenkibox.config import Layout
 from tenkibox.control import admission
 from tenkibox.control.records import LISTENER_NAME, Records
 from tenkibox.control.states import IllegalTransitionError
@@ -408,3 +410,47 @@ def test_audit_paging_beyond_32_bit_ids(postgres: PostgresCluster,
         newest = h.get("/v1/audit").json()
         r = h.get("/v1/audit", params={"before_id": 3108285212117})
         assert r.status_code == 200 and r.json() == newest and newest
+
+
+def test_two_tenki_serve_processes_share_the_records(postgres: PostgresCluster,
+                                                     tmp_path: Path) -> None:
+    """Two real ``tenki serve --database postgresql://…`` processes started at once (one
+    migrates, the other waits; both register the same local admin key): a record made through
+    one is read through the other; the password is in no log."""
+    url = postgres.plain_url(postgres.create_database())
+    homes = [tmp_path / "a", tmp_path / "b"]
+    procs = []
+    code = "from tenkibox.cli.main import main; main()"
+    for home in homes:
+        write_admin_key(Layout(home), ADMIN_KEY)
+        env = {"TENKI_HOME": str(home), "PATH": "/usr/bin:/bin", "TENKI_GOLDEN": "off",
+               "PYTHONPATH": ":".join(sys.path), "TENKI_DATABASE_URL": url}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--grpc-port", "-1"], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(home / "serve.log", "w")))
+    try:
+        urls = []
+        for home, proc in zip(homes, procs, strict=True):
+            deadline = time.monotonic() + 60
+            while not (home / "server.json").exists():
+                assert proc.poll() is None, (home / "serve.log").read_text()
+                assert time.monotonic() < deadline, "tenki serve did not start"
+                time.sleep(0.1)
+            urls.append(json.loads((home / "server.json").read_text())["url"])
+        ws = httpx.post(f"{urls[0]}/v1/workspaces", json={"name": "shared"}, headers=AUTH,
+                        timeout=10)
+        assert ws.status_code in (200, 201), ws.text
+        seen = httpx.get(f"{urls[1]}/v1/workspaces/{ws.json()['id']}", headers=AUTH,
+                         timeout=10)
+        assert seen.status_code == 200 and seen.json()["name"] == "shared"
+        for u in urls:
+            httpx.post(f"{u}/v1/server/shutdown", headers=AUTH, timeout=10)
+        for proc in procs:
+            assert proc.wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    logs = " ".join((home / "serve.log").read_text() for home in homes)
+    assert postgres.password not in logs and "***" in logs
