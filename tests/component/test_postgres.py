@@ -11,6 +11,7 @@ import json
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy import inspect, text, update
 from support.fake_host import FakeHost
 from support.helpers import now, seed, session_row
-from support.postgres import PostgresCluster
+from support.postgres import SCRIPT, PostgresCluster
 from support.server import ADMIN_KEY, AUTH, InProcessServer, write_admin_key
 
 from tenkibox import Client, longpoll
@@ -454,3 +455,33 @@ def test_two_tenki_serve_processes_share_the_records(postgres: PostgresCluster,
                 proc.wait(10)
     logs = " ".join((home / "serve.log").read_text() for home in homes)
     assert postgres.password not in logs and "***" in logs
+
+
+def test_scripts_postgres_up_down_idempotent() -> None:
+    """``scripts/postgres``: up twice is one server (same URL), down stops it, up again keeps
+    the data and the password, down --purge leaves nothing."""
+    directory = Path(tempfile.mkdtemp(prefix="tenki-pg-script-", dir="/tmp"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SCRIPT), *args, "--dir", str(directory)],
+                              capture_output=True, text=True, timeout=120)
+    try:
+        first = run("up")
+        assert first.returncode == 0, first.stderr
+        url = first.stdout.strip()
+        assert url.startswith("postgresql://tenki:") and url.endswith("/tenki")
+        assert run("up").stdout.strip() == url
+        assert run("status").returncode == 0
+        store = Store(url)
+        store.close()
+        assert run("down").returncode == 0
+        assert run("status").returncode == 1
+        assert run("up").stdout.strip() == url
+        store = Store(url)
+        with store.engine.connect() as conn:  # migrated before the restart
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        store.close()
+        assert run("url", "--db", "other").stdout.strip() == url[:-len("tenki")] + "other"
+    finally:
+        run("down", "--purge")
+    assert not directory.exists()
