@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import postgres as pg
 from support.fake_host import FakeHost
 from support.server import ADMIN_KEY, InProcessServer
 
@@ -67,7 +68,43 @@ class _Shared:
 
 
 @pytest.fixture(scope="session")
-def _shared_inproc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Shared]:
+def postgres() -> Iterator[pg.PostgresCluster]:
+    """The run's real PostgreSQL (``scripts/postgres`` in a temporary directory), stopped and
+    removed at the end. Never skipped: without PostgreSQL's binaries the test fails and says
+    what to install."""
+    try:
+        cluster = pg.cluster()
+    except pg.PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    pg.stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def _test_database(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under ``TENKI_TEST_DATABASE=postgresql`` the run's stores are on ``postgres``: it is
+    started first and stopped last (after the servers that use it)."""
+    if pg.on_postgres():
+        request.getfixturevalue("postgres")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases(_test_database: None) -> Iterator[None]:
+    """Under PostgreSQL, the databases of the tests before this one are dropped after it (the
+    shared server left them when this test reset it); one still in use stays for later."""
+    if not pg.on_postgres():
+        yield
+        return
+    earlier = list(pg.cluster().created)
+    yield
+    if earlier:
+        pg.cluster().drop(earlier, force=False)
+
+
+@pytest.fixture(scope="session")
+def _shared_inproc(tmp_path_factory: pytest.TempPathFactory,
+                   _test_database: None) -> Iterator[_Shared]:
     shared = _Shared(tmp_path_factory.mktemp("inproc") / "first")
     yield shared
     shared.close()

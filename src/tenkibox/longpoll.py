@@ -11,11 +11,14 @@ T = TypeVar("T")
 
 #: A single HTTP long poll never holds a request longer than this; clients poll again.
 MAX_POLL_S = 60.0
+#: A wait reads the record again at least this often, notified or not (a safety net: changes
+#: notify ``changed``, other control-plane processes' through PostgreSQL's NOTIFY)
+REREAD_S = 1.0
 
 
 async def until(changed: asyncio.Condition, read: Callable[[], T], done: Callable[[T], bool],
                 timeout_s: float, *, cap_s: float | None = MAX_POLL_S) -> T:
-    """Re-read on every notification of ``changed`` (and at least each second). ``cap_s``
+    """Re-read on every notification of ``changed`` (and at least every ``REREAD_S``). ``cap_s``
     bounds an HTTP long poll; the server's own waits pass None."""
     loop = asyncio.get_running_loop()
     limit = timeout_s if cap_s is None else min(timeout_s, cap_s)
@@ -27,4 +30,4 @@ async def until(changed: asyncio.Condition, read: Callable[[], T], done: Callabl
             return value
         async with changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(left, 1.0))
+                await asyncio.wait_for(changed.wait(), min(left, REREAD_S))

@@ -38,6 +38,8 @@ from tenkibox.control.plane import ControlPlane
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
+from .postgres import cluster as postgres_cluster
+from .postgres import on_postgres
 
 T = TypeVar("T")
 
@@ -126,10 +128,27 @@ def _no_fsync(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def open_test_store(home: Path) -> Store:
+#: (under TENKI_TEST_DATABASE=postgresql) the file of a data directory naming its database
+PG_DATABASE_FILE = "test-database.url"
+
+
+def open_test_store(home: Path, url: str | None = None) -> Store:
     """``open_store(home)`` (migrated from a template copy) without an fsync per commit: tests
     do not lose power, and every record write would cost ~8 ms otherwise. Transactions and their
-    isolation are SQLite's as in production; only durability is given up."""
+    isolation are SQLite's as in production; only durability is given up.
+
+    Under ``TENKI_TEST_DATABASE=postgresql`` the store is a database of its own on the run's
+    PostgreSQL instead (``support.postgres``), made at the first open of ``home`` and named in
+    ``home/test-database.url``, so that a server restarted on ``home`` finds its records.
+    ``url``: that database instead (e.g. one several servers share)."""
+    if url is not None:
+        return open_store(home, url)
+    if on_postgres():
+        home.mkdir(parents=True, exist_ok=True)
+        named = home / PG_DATABASE_FILE
+        if not named.exists():
+            named.write_text(postgres_cluster().fresh_database())
+        return open_store(home, named.read_text().strip())
     fresh_database(home)
     store = open_store(home)
     event.listen(store.engine, "connect", _no_fsync)  # after the store's own pragmas
@@ -177,8 +196,11 @@ class _Uvicorn(uvicorn.Server):
 class InProcessServer:
     def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str = ADMIN_KEY,
                  images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0,
-                 grpc: bool = False) -> None:
+                 grpc: bool = False, database_url: str | None = None) -> None:
         self.home = home
+        #: the database (default: one of its own, ``open_test_store``); servers given the same
+        #: PostgreSQL URL are control-plane processes sharing one database
+        self.database_url = database_url
         #: also serve Tenki's gRPC wire (``grpc_endpoint``), as ``tenki serve`` does
         self.grpc = grpc
         self.grpc_endpoint = ""
@@ -330,7 +352,7 @@ class InProcessServer:
 
     async def _open(self) -> None:
         self.host.images.update(self.images)
-        self._store = open_test_store(self.home)
+        self._store = open_test_store(self.home, self.database_url)
         self._plane = ControlPlane(self._store, self.host)
         await self._plane.start()
         # as ServerRuntime.start: the default workspace and the local admin key of this home

@@ -501,11 +501,16 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = types.ModuleType("tenkibox.server.daemon")
     mod.serve = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tenkibox.server.daemon", mod)
+    monkeypatch.delenv("TENKI_DATABASE_URL", raising=False)
     result = CliRunner().invoke(cli, ["serve", "--port", "8080"])
     assert result.exit_code == 0, result.output
     assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None,
                     "grpc_port": 0, "grpc_advertise": None, "preview_host": None,
-                    "preview_bind": None}
+                    "preview_bind": None, "database_url": None}
+    result = CliRunner().invoke(cli, ["serve", "--database", "postgresql://u:p@h/db"])
+    assert result.exit_code == 0 and seen["database_url"] == "postgresql://u:p@h/db"
+    result = CliRunner().invoke(cli, ["serve"], env={"TENKI_DATABASE_URL": "postgresql://e/db"})
+    assert result.exit_code == 0 and seen["database_url"] == "postgresql://e/db"
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--preview-host",
                                       "box.example.org", "--preview-bind", "10.0.0.5"])
     assert result.exit_code == 0, result.output

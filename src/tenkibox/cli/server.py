@@ -34,9 +34,13 @@ from . import _common as c
               "address clients on this machine reach --preview-bind at).")
 @click.option("--preview-bind", metavar="ADDRESS",
               help="The address the listeners of exposed ports bind (default: --host).")
+@click.option("--database", "database_url", envvar="TENKI_DATABASE_URL", metavar="URL",
+              help="The records' database: postgresql://USER:PASSWORD@HOST:PORT/DB for a "
+              "control plane on PostgreSQL (several processes may share it); default "
+              "$TENKI_DATABASE_URL, else SQLite in $TENKI_HOME (tenki.db).")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grpc_port: int,
           grpc_advertise: str | None, preview_host: str | None,
-          preview_bind: str | None) -> None:
+          preview_bind: str | None, database_url: str | None) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground).
 
     Every call needs an API key (Authorization: Bearer tk_...). On first start the server
@@ -51,7 +55,8 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grp
 
     run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
                grpc_port=None if grpc_port < 0 else grpc_port, grpc_advertise=grpc_advertise,
-               preview_host=preview_host, preview_bind=preview_bind)
+               preview_host=preview_host, preview_bind=preview_bind,
+               database_url=database_url or None)
 
 
 @click.group("server")

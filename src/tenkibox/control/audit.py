@@ -23,6 +23,10 @@ def to_model(row: AuditRow) -> AuditEntry:
                       outcome=row.outcome)
 
 
+#: the largest id of an audit entry on PostgreSQL (an ``integer`` column)
+INT32_MAX = 2**31 - 1
+
+
 class AuditLog:
     def __init__(self, records: Records, retention_days: float = RETENTION_DAYS) -> None:
         self.records = records
@@ -43,7 +47,9 @@ class AuditLog:
         stmt = select(AuditRow).order_by(AuditRow.id.desc()).limit(max(1, min(limit, LIST_MAX)))
         if workspace_id is not None:
             stmt = stmt.where(AuditRow.workspace_id == workspace_id)
-        if before_id is not None:
+        # ids are 32-bit integers on PostgreSQL: an id beyond them bounds nothing (every id is
+        # before it), and would not fit the comparison
+        if before_id is not None and not (self.records.store.postgres and before_id > INT32_MAX):
             stmt = stmt.where(AuditRow.id < before_id)
         with self.records.store.tx() as orm:
             return [to_model(r) for r in orm.scalars(stmt)]

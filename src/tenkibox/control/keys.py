@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
+
 from ..errors import AuthenticationError, ValidationError
 from ..fsync import fsync_path
 from ..ids import new_id
@@ -157,11 +159,17 @@ class KeyControl:
         if secret is not None:
             rows = self.records.all(ApiKeyRow, ApiKeyRow.key_hash == hash_key(secret))
             if not rows:
-                await self.records.insert(ApiKeyRow(
-                    id=new_id("api_key"), workspace_id=workspace_id, key_hash=hash_key(secret),
-                    prefix=secret[:SHOWN_CHARS], name="local admin (admin.key)", admin=True,
-                    created_at=now()), notify=False)
-                return
+                try:
+                    await self.records.insert(ApiKeyRow(
+                        id=new_id("api_key"), workspace_id=workspace_id,
+                        key_hash=hash_key(secret), prefix=secret[:SHOWN_CHARS],
+                        name="local admin (admin.key)", admin=True, created_at=now()),
+                        notify=False)
+                    return
+                except IntegrityError:  # registered meanwhile (another control plane)
+                    rows = self.records.all(ApiKeyRow, ApiKeyRow.key_hash == hash_key(secret))
+                    if not rows:
+                        raise
             row = rows[0]
             usable = row.revoked_at is None and row.admin and (
                 row.expires_at is None or row.expires_at > now())

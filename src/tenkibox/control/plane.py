@@ -63,13 +63,21 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Recover (sessions, then snapshots, then volumes), then run the background loops."""
+        await self.records.listen()  # PostgreSQL: other control planes' changes wake waits
+        # records in flight belong to the processes running them: they are settled only by a
+        # control plane that starts alone (on SQLite always; see docs/multi-host.md)
+        alone = self.records.store.hold_presence()
         await self.workspaces.ensure_default()
-        await self.sessions.recover()
-        await self.snapshots.recover()
-        await self.volumes.recover()
-        await self.templates.recover()
-        await self.golden.recover()
-        await self.ports.recover()  # after the sessions: only running ones keep their ports
+        if alone:
+            await self.sessions.recover()
+            await self.snapshots.recover()
+            await self.volumes.recover()
+            await self.templates.recover()
+            await self.golden.recover()
+            await self.ports.recover()  # after the sessions: only running ones keep their ports
+        else:
+            log.warning("other control planes run on %s: records in flight are theirs, not "
+                        "settled at this start", self.records.store.url)
         # nothing is in flight yet: whatever no record references goes now
         await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
@@ -152,6 +160,7 @@ class ControlPlane:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await self.records.stop_listening()
         await self.golden.shutdown()
         await self.templates.shutdown()
         await self.snapshots.shutdown()

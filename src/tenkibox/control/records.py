@@ -5,15 +5,29 @@ Every state change is ``transition``: one ``UPDATE … WHERE id = :id AND state 
 whose allowed states come from the table in ``states``; zero rows updated means the record was
 elsewhere (or gone), and the caller gets ``IllegalTransitionError`` or the not-found error. Other
 fields change through ``update``, optionally guarded by the state the caller saw.
+
+Several control-plane processes may share one PostgreSQL (READ COMMITTED): the conditional
+UPDATE's row count decides every race, as in one process. A write with a ``check`` (a count and
+the insert or move it allows: quotas, capacity, one build at a time, a workspace's emptiness)
+first takes one transaction-scoped advisory lock, so that such checks run one at a time across
+all processes (SQLite has a single writer already).
+
+Waits (long polls, the server's own) sleep on ``changed``, an in-process condition notified after
+every committed change. On PostgreSQL every change also sends ``NOTIFY tenki_records`` in its
+transaction (delivered at commit), and ``listen`` (started by the control plane) turns the
+notifications of every process into a notification of ``changed``: a wait on one control-plane
+process wakes when another changes the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session as OrmSession
 
 from .. import longpoll
@@ -26,7 +40,7 @@ from ..errors import (
     VolumeNotFoundError,
     WorkspaceNotFoundError,
 )
-from ..store.db import Store
+from ..store.db import ADMISSION_LOCK, Store
 from ..store.tables import (
     ApiKeyRow,
     AuditRow,
@@ -40,6 +54,13 @@ from ..store.tables import (
     WorkspaceRow,
 )
 from .states import TRANSITIONS, IllegalTransitionError, sources
+
+log = logging.getLogger(__name__)
+
+#: the PostgreSQL channel of record changes (the payload is empty: waiters re-read)
+CHANNEL = "tenki_records"
+#: the listener connection's application_name (pg_stat_activity)
+LISTENER_NAME = "tenki-listener"
 
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
             BuildRow, PortExposureRow)
@@ -63,8 +84,73 @@ def _value(state: Any) -> str:
 class Records:
     def __init__(self, store: Store) -> None:
         self.store = store
-        #: notified after every committed change (long polls wait on it)
+        #: notified after every committed change (long polls wait on it); on PostgreSQL also
+        #: after another process's (``listen``)
         self.changed = asyncio.Condition()
+        #: set while the PostgreSQL listener is connected and listening
+        self.listening = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- change notifications across processes (PostgreSQL) ----------------------------------
+    def _announce(self, orm: OrmSession) -> None:
+        """Queue ``NOTIFY`` in ``orm``'s transaction: sent at its commit, never on rollback."""
+        if self.store.postgres:
+            orm.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+
+    async def listen(self) -> None:
+        """On PostgreSQL, start relaying other processes' changes to ``changed`` (until
+        ``stop_listening``); returns once listening (or after 10 s, still trying). On SQLite
+        nothing: one process owns the database."""
+        if not self.store.postgres or self._listener is not None:
+            return
+        self._listener = asyncio.create_task(self._listen(), name="records listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listening.wait(), 10)
+
+    async def stop_listening(self) -> None:
+        task, self._listener = self._listener, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self.listening.clear()
+
+    async def _listen(self) -> None:
+        import psycopg  # the PostgreSQL driver (the server extra)
+
+        delay = 0.5
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.store.libpq_url, autocommit=True, connect_timeout=10,
+                    application_name=LISTENER_NAME)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    delay = 0.5
+                    await self.notify()  # what changed while (re)connecting: read again
+                    async for _ in conn.notifies():
+                        await self.notify()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.listening.is_set():
+                    log.warning("change notifications from %s lost (%s); reconnecting",
+                                self.store.url, str(exc).splitlines()[0] if str(exc) else
+                                type(exc).__name__)
+                self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _checked(self, orm: OrmSession, check: Callable[[OrmSession], None] | None) -> None:
+        """Run ``check`` in ``orm``'s transaction; on PostgreSQL under the admission lock (held
+        until the transaction ends: the check and the write it allows are one step for every
+        control-plane process)."""
+        if check is None:
+            return
+        if self.store.postgres:
+            orm.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK})
+        check(orm)
 
     async def notify(self) -> None:
         async with self.changed:
@@ -104,18 +190,21 @@ class Records:
         """Add ``row``; ``check`` runs first in the same transaction (quotas, capacity) and
         refuses by raising, so that a count and the insert it allows cannot be split."""
         with self.store.tx() as orm:
-            if check is not None:
-                check(orm)
+            self._checked(orm, check)
             orm.add(row)
+            if notify:
+                self._announce(orm)
         if notify:
             await self.notify()
 
-    async def remove(self, cls: type[R], key: str) -> bool:
+    async def remove(self, cls: type[R], key: str, *,
+                     check: Callable[[OrmSession], None] | None = None) -> bool:
         """Delete a record outright (see ``remove_where``)."""
-        return await self.remove_where(cls, cls.id == key) == 1
+        return await self.remove_where(cls, cls.id == key, check=check) == 1
 
     async def remove_where(self, cls: type[R] | type[AuditRow], *where: Any,
-                           notify: bool = True) -> int:
+                           notify: bool = True,
+                           check: Callable[[OrmSession], None] | None = None) -> int:
         """Delete the records of ``cls`` matching ``where``; returns how many went. Records
         without a life cycle (workspaces, templates, exposed ports, audit entries) go as they
         are; one with a state machine only from a final state (a build with its template): it
@@ -126,9 +215,12 @@ class Records:
             table: Any = cls
             where = (*where, table.state.in_(final))
         with self.store.tx() as orm:
+            self._checked(orm, check)
             result = orm.execute(delete(cls).where(*where)
                                  .execution_options(synchronize_session=False))
             gone = int(result.rowcount)  # type: ignore[attr-defined]
+            if gone and notify:
+                self._announce(orm)
         if gone and notify:
             await self.notify()
         return gone
@@ -148,13 +240,14 @@ class Records:
             allowed = allowed & {_value(s) for s in expected}
         table: Any = cls
         with self.store.tx() as orm:
-            if check is not None:
-                check(orm)
+            self._checked(orm, check)
             result = orm.execute(
                 update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
                 .values(state=target, **values)
                 .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
+            if moved:
+                self._announce(orm)
         if not moved:
             current: Any = self.get(cls, key)
             raise IllegalTransitionError(kind, key, current.state, target)
@@ -180,6 +273,8 @@ class Records:
             result = orm.execute(stmt.values(**values)
                                  .execution_options(synchronize_session=False))
             changed = result.rowcount == 1  # type: ignore[attr-defined]
+            if changed and notify:
+                self._announce(orm)
         if changed and notify:
             await self.notify()
         return changed

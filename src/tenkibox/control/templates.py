@@ -261,33 +261,40 @@ class TemplateControl:
         return self.to_model(row)
 
     async def update(self, template_id: str, req: TemplateUpdate, ws: str) -> Template:
-        row = self.row(template_id, ws)
-        spec = dict(row.spec or {})
-        values: dict[str, Any] = {"updated_at": now()}
-        for name in req.model_fields_set:
-            value = getattr(req, name)
-            if name == "name":
-                if value is not None:
-                    values["name"] = value
-            elif name == "build_env":
-                values["build_env"] = dict(value or {})
-            elif name == "base":
-                base = value or TemplateBase()
-                self._check_base(base, ws, own_id=template_id)
-                spec["base"] = base.model_dump(mode="json", exclude_none=True)
-            elif value is None:
-                spec.pop(name, None)
-            else:
-                spec[name] = value.model_dump(mode="json", exclude_none=True) \
-                    if hasattr(value, "model_dump") else value
-        if req.model_fields_set - {"name"}:
-            spec.pop("declared", None)  # the fields rule now, not the spec they came from
-        values["spec"] = spec
-        try:
-            await self.records.update(TemplateRow, template_id, **values)
-        except IntegrityError as exc:
-            raise ConflictError(f"a template named {req.name!r} exists already in this "
-                                "workspace", field="name") from exc
+        # read-modify-write of the spec: written only if no one changed the template since it
+        # was read (its updated_at), else read again (another request or control plane)
+        for _ in range(20):
+            row = self.row(template_id, ws)
+            spec = dict(row.spec or {})
+            values: dict[str, Any] = {"updated_at": now()}
+            for name in req.model_fields_set:
+                value = getattr(req, name)
+                if name == "name":
+                    if value is not None:
+                        values["name"] = value
+                elif name == "build_env":
+                    values["build_env"] = dict(value or {})
+                elif name == "base":
+                    base = value or TemplateBase()
+                    self._check_base(base, ws, own_id=template_id)
+                    spec["base"] = base.model_dump(mode="json", exclude_none=True)
+                elif value is None:
+                    spec.pop(name, None)
+                else:
+                    spec[name] = value.model_dump(mode="json", exclude_none=True) \
+                        if hasattr(value, "model_dump") else value
+            if req.model_fields_set - {"name"}:
+                spec.pop("declared", None)  # the fields rule now, not the spec they came from
+            values["spec"] = spec
+            try:
+                if await self.records.update(TemplateRow, template_id,
+                                             when={"updated_at": row.updated_at}, **values):
+                    break
+            except IntegrityError as exc:
+                raise ConflictError(f"a template named {req.name!r} exists already in this "
+                                    "workspace", field="name") from exc
+        else:
+            raise ConflictError(f"template {template_id} changed while being updated; retry")
         return self.get(template_id, ws)
 
     async def delete(self, template_id: str, ws: str, force: bool = False) -> Template:
@@ -357,11 +364,12 @@ class TemplateControl:
                 BuildRow.state.in_([B.PENDING.value, B.BUILDING.value]))).scalar_one()
             if busy:
                 raise ConflictError("template build already in progress")
+            # numbered in the insert's transaction (one check at a time, see Records)
+            build.version = int(orm.execute(select(func.coalesce(func.max(BuildRow.version), 0))
+                                .where(BuildRow.template_id == template_id)).scalar_one()) + 1
 
-        versions = [b.version for b in self.records.all(BuildRow,
-                                                        BuildRow.template_id == template_id)]
         build = BuildRow(id=new_id("build"), template_id=row.id, workspace_id=ws,
-                         version=max(versions, default=0) + 1, state=B.PENDING.value, log="",
+                         version=0, state=B.PENDING.value, log="",
                          spec_hash=digest, base_ref=base_ref, created_at=now())
         await self.records.insert(build, check=one_at_a_time)
         task = asyncio.ensure_future(self._run(build.id))

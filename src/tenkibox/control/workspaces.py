@@ -7,6 +7,7 @@ it still holds); its keys are revoked with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -109,7 +110,9 @@ class WorkspaceControl:
         """The ``default`` workspace (made by the migration; made again if it was deleted)."""
         row = self.by_name(DEFAULT_NAME)
         if row is None:
-            await self.create(WorkspaceCreate(name=DEFAULT_NAME))
+            # another control-plane process may make it at the same time: either is the one
+            with contextlib.suppress(ConflictError):
+                await self.create(WorkspaceCreate(name=DEFAULT_NAME))
             row = self.by_name(DEFAULT_NAME)
             assert row is not None
         return row
@@ -128,24 +131,31 @@ class WorkspaceControl:
         return to_model(row)
 
     async def update(self, workspace_id: str, req: WorkspaceUpdate) -> Workspace:
-        row = self.row(workspace_id)
-        values: dict[str, Any] = {"updated_at": now()}
-        if req.name is not None:
-            values["name"] = req.name
-        if req.quotas is not None:
-            quotas = dict(row.quotas or {})
-            for name in req.quotas.model_fields_set:
-                value = getattr(req.quotas, name)
-                if value is None:
-                    quotas.pop(name, None)
-                else:
-                    quotas[name] = value
-            values["quotas"] = quotas
-        try:
-            await self.records.update(WorkspaceRow, workspace_id, **values)
-        except IntegrityError as exc:
-            raise ConflictError(f"a workspace named {req.name!r} exists already",
-                                field="name") from exc
+        # read-modify-write of the quotas: written only if no one changed the record since it
+        # was read (its updated_at), else read again (another request or control plane)
+        for _ in range(20):
+            row = self.row(workspace_id)
+            values: dict[str, Any] = {"updated_at": now()}
+            if req.name is not None:
+                values["name"] = req.name
+            if req.quotas is not None:
+                quotas = dict(row.quotas or {})
+                for name in req.quotas.model_fields_set:
+                    value = getattr(req.quotas, name)
+                    if value is None:
+                        quotas.pop(name, None)
+                    else:
+                        quotas[name] = value
+                values["quotas"] = quotas
+            try:
+                if await self.records.update(WorkspaceRow, workspace_id,
+                                             when={"updated_at": row.updated_at}, **values):
+                    break
+            except IntegrityError as exc:
+                raise ConflictError(f"a workspace named {req.name!r} exists already",
+                                    field="name") from exc
+        else:
+            raise ConflictError(f"workspace {workspace_id} changed while being updated; retry")
         return self.get(workspace_id)
 
     async def delete(self, workspace_id: str, *, caller_workspace: str) -> Workspace:
@@ -162,21 +172,32 @@ class WorkspaceControl:
         for key in self.records.all(ApiKeyRow, ApiKeyRow.workspace_id == workspace_id):
             if key.revoked_at is None:
                 await self.records.update(ApiKeyRow, key.id, revoked_at=revoked)
-        if not await self.records.remove(WorkspaceRow, workspace_id):
+
+        def still_empty(orm: OrmSession) -> None:
+            # again in the delete's transaction (under the admission lock on PostgreSQL): a
+            # create that got in since the look above keeps the workspace
+            held = self._held(workspace_id, orm)
+            if held:
+                raise ConflictError(f"workspace {workspace_id} still holds {held}; delete "
+                                    "them first", details={"held": held})
+
+        if not await self.records.remove(WorkspaceRow, workspace_id, check=still_empty):
             raise WorkspaceNotFoundError(f"workspace {workspace_id} not found")
         log.info("%s: workspace %r deleted", workspace_id, row.name)
         return to_model(row)
 
-    def _held(self, workspace_id: str) -> str:
-        """The objects ``workspace_id`` still holds, named (a few of each kind)."""
+    def _held(self, workspace_id: str, orm: OrmSession | None = None) -> str:
+        """The objects ``workspace_id`` still holds, named (a few of each kind); read in
+        ``orm``'s transaction when given."""
         parts = []
         kinds: list[tuple[Any, str, tuple[str, ...]]] = [
             (SessionRow, "session", EXISTING_SESSION),
             (SnapshotRow, "snapshot", (*HOLDING_SNAPSHOT, "FAILED", "DELETING")),
             (VolumeRow, "volume", HOLDING_VOLUME)]
         for cls, kind, states in kinds:
-            ids = [r.id for r in self.records.all(cls, cls.workspace_id == workspace_id,
-                                                  cls.state.in_(states))]
+            where = (cls.workspace_id == workspace_id, cls.state.in_(states))
+            ids = [r.id for r in (self.records.all(cls, *where) if orm is None
+                                  else orm.scalars(select(cls).where(*where)))]
             if ids:
                 shown = ", ".join(sorted(ids)[:5]) + (f" and {len(ids) - 5} more"
                                                       if len(ids) > 5 else "")

@@ -21,6 +21,7 @@ class ServerRuntime:
         """``preview``: the preview proxy's address and URLs (exposed ports)."""
         self.layout = layout.ensure()
         self.store: Store = open_store(layout.home, database_url)
+        log.info("records in %s", self.store.url)
         self.accel, self.accel_reason = detect_accel(layout.home / "accel.json")
         log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
         self.host = LocalHost(layout, self.accel)

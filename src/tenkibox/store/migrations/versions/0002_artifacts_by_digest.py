@@ -32,7 +32,7 @@ def upgrade() -> None:
             conn.execute(sa.text("UPDATE snapshots SET state = 'FAILED', state_reason = :r, "
                                  "files = '{}' WHERE id = :id"), {"r": REASON, "id": sid})
     conn.execute(sa.text("UPDATE snapshots SET files = '{}' WHERE state IN ('FAILED', "
-                         "'DELETING', 'DELETED') AND files NOT LIKE '%\"shape\"%'"))
+                         "'DELETING', 'DELETED') AND CAST(files AS TEXT) NOT LIKE '%\"shape\"%'"))
 
 
 def downgrade() -> None:
