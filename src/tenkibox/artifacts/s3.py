@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -81,10 +80,13 @@ class S3Location:
     region: str | None = None
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
+    #: attempts per request (botocore's standard retry mode: backoff with jitter between them)
+    max_attempts: int = MAX_ATTEMPTS
 
     @classmethod
     def parse(cls, url: str, *, endpoint: str | None = None, region: str | None = None,
-              access_key: str | None = None, secret_key: str | None = None) -> S3Location:
+              access_key: str | None = None, secret_key: str | None = None,
+              max_attempts: int = MAX_ATTEMPTS) -> S3Location:
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment \
                 or "@" in parts.netloc:
@@ -97,7 +99,7 @@ class S3Location:
                                       field="s3_endpoint")
         return cls(bucket=parts.netloc, prefix=parts.path.strip("/"), endpoint=endpoint or None,
                    region=region or None, access_key=access_key or None,
-                   secret_key=secret_key or None)
+                   secret_key=secret_key or None, max_attempts=max_attempts)
 
     @property
     def url(self) -> str:
@@ -120,7 +122,7 @@ class S3Location:
         session = boto3.session.Session(aws_access_key_id=self.access_key,
                                         aws_secret_access_key=self.secret_key,
                                         region_name=self.region or None)
-        config = Config(retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
                         connect_timeout=5, read_timeout=60, s3={"addressing_style": "path"},
                         region_name=self.region or session.region_name or "us-east-1")
         return session.client("s3", endpoint_url=self.endpoint, config=config)
@@ -204,7 +206,7 @@ class S3ArtifactStore:
         with lock:
             yield
 
-    # -- the protocol ------------------------------------------------------------------------------
+    # -- the protocol ----------------------------------------------------------------------
     def temp_path(self) -> Path:
         return self.cache.temp_path()
 
@@ -359,7 +361,7 @@ class S3ArtifactStore:
     def strays(self) -> list[Path]:
         return self.cache.strays()
 
-    # -- the cache's bound ---------------------------------------------------------------------------
+    # -- the cache's bound ---------------------------------------------------------------
     def _touch(self, digest: str) -> None:
         self._used[digest] = time.time()
 
