@@ -269,3 +269,42 @@ def test_the_server_fixture_is_authenticated_and_up_is_idempotent(s3_server: S3S
                              config=Config(signature_version=UNSIGNED))
     with pytest.raises(ClientError):
         anonymous.list_objects_v2(Bucket=s3_server.bucket)
+
+
+def test_a_host_with_a_bucket_keeps_its_artifacts_there(s3_server: S3Server, prefix: str,
+                                                        tmp_path: Path) -> None:
+    from tenkibox.config import Layout
+    from tenkibox.host.local import LocalHost
+
+    host = LocalHost(Layout(tmp_path / "home"), "tcg", artifacts=location(s3_server, prefix),
+                     artifact_cache_bytes=10 * MiB)
+    store = host.store
+    assert isinstance(store, S3ArtifactStore)
+    assert store.cache_bytes == 10 * MiB and store.cache.root == host.paths.artifacts
+    src, digest = write(tmp_path / "f", b"layer")
+    store.put(src)
+    assert set(store.in_use()) == set()  # no VM: nothing pinned
+    assert {e.digest for e in S3ArtifactStore(tmp_path / "other",
+                                              location(s3_server, prefix)).entries()} == {digest}
+
+
+def test_serve_with_an_unreachable_bucket_fails_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TENKI_HOME": str(tmp_path / "home"), "AWS_ACCESS_KEY_ID": "AKID",
+           "AWS_SECRET_ACCESS_KEY": "sekrit-value", "TENKI_LOG_LEVEL": "WARNING"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from tenkibox.cli.main import main; "
+         "sys.argv[0] = 'tenki'; main()", "serve", "--grpc-port", "-1",
+         "--artifacts", "s3://bkt/p", "--s3-endpoint", f"http://127.0.0.1:{_closed_port()}"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    err = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "s3://bkt/p" in err[0] and "could not connect" in err[0].lower()
+    assert "Traceback" not in run.stderr and "sekrit" not in run.stderr + run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-c", "import sys; from tenkibox.cli.main import main; "
+         "sys.argv[0] = 'tenki'; main()", "serve", "--artifacts", "bucket"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "s3://BUCKET" in bad.stderr
