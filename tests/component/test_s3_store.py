@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from support.s3server import S3Server
+from support.s3server import load as s3_load
 from support.s3server import up as s3_up
 
 from tenkibox.artifacts.s3 import S3ArtifactStore, S3Location
@@ -308,3 +309,38 @@ def test_serve_with_an_unreachable_bucket_fails_in_one_line(tmp_path: Path) -> N
          "sys.argv[0] = 'tenki'; main()", "serve", "--artifacts", "bucket"],
         env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "s3://BUCKET" in bad.stderr
+
+
+def test_scripts_s3_up_env_down(tmp_path: Path) -> None:
+    """``scripts/s3``: up prints exports (and again when it runs), env repeats them, down stops
+    it and leaves no socket behind."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "s3"
+    env = {**os.environ, "TENKI_PYTHON": sys.executable}
+    d = tmp_path / "s3"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), *args, "--dir", str(d)], env=env,
+                              capture_output=True, text=True, timeout=180)
+    try:
+        first = run("up")
+        assert first.returncode == 0, first.stderr
+        exports = dict(line.removeprefix("export ").split("=", 1)
+                       for line in first.stdout.splitlines())
+        assert exports["TENKI_ARTIFACTS"] == "s3://tenki"
+        assert exports["TENKI_S3_ENDPOINT"].startswith("http://127.0.0.1:")
+        assert run("up").stdout == first.stdout == run("env").stdout
+        for name in ("s3.json", "s3-identities.json"):
+            assert (d / name).stat().st_mode & 0o077 == 0
+        server = s3_load(d)
+        assert server is not None
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and "stopped" in down.stderr
+    assert run("env").returncode == 1
+    assert not Path(f"/proc/{server.pid}").exists()
+    sockets = [Path(f"/tmp/seaweedfs-{c}-grpc-{server.ports[c + '.grpc']}.sock")
+               for c in ("master", "volume", "filer", "s3")]
+    assert not any(p.exists() for p in sockets)
