@@ -148,6 +148,34 @@ def test_a_corrupt_object_is_found_on_download(
     assert list(b.cache.objects.iterdir()) == []  # no temporary left behind
 
 
+def test_a_deep_verify_downloads_nothing(make_store: Callable[..., S3ArtifactStore],
+                                         s3_server: S3Server, prefix: str,
+                                         tmp_path: Path) -> None:
+    a, b = make_store(), make_store()
+    src, digest = write(tmp_path / "f", os.urandom(10_000))
+    a.put(src)
+    seen = requests_of(b)
+    b.verify(digest, deep=True)
+    assert "GetObject" not in seen and not b.cache.has(digest)
+    a.verify(digest, deep=True)  # its copy re-hashed
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"{prefix}/sha256/{digest}")
+    with pytest.raises(ArtifactMissing, match="missing from s3://"):
+        b.verify(digest, deep=True)
+    with pytest.raises(ArtifactMissing):
+        a.verify(digest, deep=True)  # a cached copy does not hide a lost object
+
+
+def test_eviction_never_guesses_what_is_in_use(make_store: Callable[..., S3ArtifactStore],
+                                               tmp_path: Path) -> None:
+    def changing() -> set[str]:
+        raise RuntimeError("dictionary changed size during iteration")
+    a = make_store(cache_bytes=1, in_use=changing)
+    a.recent_s = 0.0
+    digest = a.put(write(tmp_path / "f", b"x" * 5000)[0])
+    a.put(write(tmp_path / "g", b"y" * 5000)[0])
+    assert a.cache.has(digest)
+
+
 def test_a_missing_object(make_store: Callable[..., S3ArtifactStore]) -> None:
     a = make_store()
     digest = hashlib.sha256(b"never stored").hexdigest()

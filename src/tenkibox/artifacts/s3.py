@@ -14,7 +14,8 @@ cache, a ``LocalArtifactStore`` (same layout, same verified stat keys) under the
 - ``local_path``/``verify`` download a missing artifact into a temporary file of the cache,
   hash it, and rename it into place only when it matches: a corrupt object raises
   ``ArtifactCorrupt`` and leaves nothing in the cache; an absent one raises ``ArtifactMissing``.
-  A cache copy found corrupt is dropped and fetched again from the bucket.
+  A cache copy found corrupt is dropped and fetched again from the bucket. A deep ``verify``
+  (the scrub's) checks the object with a HEAD and re-hashes a cached copy, downloading nothing.
 - ``has``, ``size``, ``allocated``, ``entries``, ``delete`` and ``collect`` are about the bucket
   (``delete`` drops the cache copy too).
 
@@ -280,10 +281,23 @@ class S3ArtifactStore:
         self._evict(keep={digest})
 
     def verify(self, digest: str, kind: str = "artifact", *, deep: bool = False) -> None:
+        """A restore's or boot's check (``deep`` False) fetches what the cache lacks, verified.
+        A ``deep`` one (the scrub, ``tenki admin verify``) checks the object is in the bucket
+        with its recorded digest and re-hashes the cached copy if there is one, but downloads
+        nothing: scrubbing every kept snapshot must not pull the bucket through the cache."""
         path = self.cache.local_path(digest)
-        if deep and self._head(digest) is None:
-            raise ArtifactMissing(f"{kind} {digest[:12]} is missing from {self.location.url}",
-                                  digest=digest, kind=kind)
+        if deep:
+            head = self._head(digest)
+            if head is None:
+                raise ArtifactMissing(f"{kind} {digest[:12]} is missing from "
+                                      f"{self.location.url}", digest=digest, kind=kind)
+            recorded = head.get("Metadata", {}).get("sha256")
+            if recorded is not None and recorded != digest:
+                raise ArtifactCorrupt(f"{kind} {digest[:12]} is corrupt in {self.location.url} "
+                                      f"(its object records {recorded[:12]})",
+                                      digest=digest, kind=kind)
+            if not path.exists():
+                return
         if not path.exists():
             self._fetch(digest, kind)  # hashed on the way in
         try:
@@ -379,7 +393,10 @@ class S3ArtifactStore:
         total = sum(cached.values())
         if total <= self.cache_bytes:
             return 0
-        spared = set(keep or ()) | set(self.in_use())
+        try:
+            spared = set(keep or ()) | set(self.in_use())
+        except RuntimeError:  # the host's tables changed while read: evict nothing this time
+            return 0
         now = time.time()
         freed = 0
         for digest in sorted(cached, key=lambda d: self._used.get(d, 0.0)):
