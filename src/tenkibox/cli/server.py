@@ -38,9 +38,19 @@ from . import _common as c
               help="The records' database: postgresql://USER:PASSWORD@HOST:PORT/DB for a "
               "control plane on PostgreSQL (several processes may share it); default "
               "$TENKI_DATABASE_URL, else SQLite in $TENKI_HOME (tenki.db).")
+@click.option("--artifacts", metavar="s3://BUCKET[/PREFIX]", envvar="TENKI_ARTIFACTS",
+              help="Keep snapshot and image artifacts in an S3 bucket ($TENKI_ARTIFACTS; "
+              "credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE). "
+              "Default: in the data directory.")
+@click.option("--s3-endpoint", metavar="URL", envvar="TENKI_S3_ENDPOINT",
+              help="The S3 server's URL ($TENKI_S3_ENDPOINT; default: AWS).")
+@click.option("--artifact-cache", metavar="SIZE", envvar="TENKI_ARTIFACT_CACHE",
+              help="With --artifacts: at most this much of them cached locally "
+              "($TENKI_ARTIFACT_CACHE; default 20GiB).")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grpc_port: int,
           grpc_advertise: str | None, preview_host: str | None,
-          preview_bind: str | None, database_url: str | None) -> None:
+          preview_bind: str | None, database_url: str | None, artifacts: str | None,
+          s3_endpoint: str | None, artifact_cache: str | None) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground).
 
     Every call needs an API key (Authorization: Bearer tk_...). On first start the server
@@ -56,7 +66,10 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grp
     run_server(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
                grpc_port=None if grpc_port < 0 else grpc_port, grpc_advertise=grpc_advertise,
                preview_host=preview_host, preview_bind=preview_bind,
-               database_url=database_url or None)
+               database_url=database_url or None, artifacts=artifacts,
+               s3_endpoint=s3_endpoint,
+               artifact_cache_bytes=units.parse_size(artifact_cache, field="artifact_cache")
+               if artifact_cache else None)
 
 
 @click.group("server")

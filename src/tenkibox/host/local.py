@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.s3 import DEFAULT_CACHE_BYTES, S3ArtifactStore, S3Location
 from ..artifacts.store import GC_GRACE_S, ArtifactStore, LocalArtifactStore
 from ..config import Layout, home_tag
 from ..engine.agent import AgentClient, AgentError
@@ -94,9 +95,21 @@ def our_processes(run_root: Path, proc: Path = PROC) -> dict[int, tuple[str, str
 
 
 class LocalHost:
-    def __init__(self, layout: Layout, accel: str) -> None:
+    def __init__(self, layout: Layout, accel: str, *, artifacts: S3Location | None = None,
+                 artifact_cache_bytes: int | None = None) -> None:
+        """``artifacts``: a bucket to keep artifacts in, with ``artifacts/`` as this host's
+        local cache of them (at most ``artifact_cache_bytes``); None: ``artifacts/`` is the
+        store. A bucket that cannot be reached raises ``InternalError`` here."""
         self.paths = HostLayout(layout).ensure()
-        store = LocalArtifactStore(self.paths.artifacts)
+        store: ArtifactStore
+        if artifacts is None:
+            store = LocalArtifactStore(self.paths.artifacts)
+        else:
+            s3 = S3ArtifactStore(self.paths.artifacts, artifacts,
+                                 cache_bytes=artifact_cache_bytes or DEFAULT_CACHE_BYTES,
+                                 in_use=lambda: self.referenced_locally())
+            s3.check()
+            store = s3
         self.network = HostNetwork(home_tag(layout.home))
         self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel,
                                self.network)

@@ -24,6 +24,7 @@ import uvicorn
 
 from .._version import __version__
 from ..api.app import create_app
+from ..artifacts.s3 import S3Location
 from ..config import layout as make_layout
 from ..errors import ConflictError, ValidationError
 from ..preview import PreviewSettings, tls_context
@@ -43,11 +44,23 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
           database_url: str | None = None, tls_cert: Path | None = None,
           tls_key: Path | None = None, grpc_port: int | None = 0,
           grpc_advertise: str | None = None, preview_host: str | None = None,
-          preview_bind: str | None = None) -> None:
+          preview_bind: str | None = None, artifacts: str | None = None,
+          s3_endpoint: str | None = None, artifact_cache_bytes: int | None = None) -> None:
     """``grpc_port``: where Tenki's gRPC wire listens (0: any free port; None: not at all);
     ``grpc_advertise``: the data plane URL told to clients (default: the local address).
     ``preview_bind``: the address the listeners of exposed ports bind (default: ``host``);
-    ``preview_host``: the host their URLs name (default: the local address of that)."""
+    ``preview_host``: the host their URLs name (default: the local address of that).
+    ``artifacts``: ``s3://BUCKET[/PREFIX]`` to keep artifacts in a bucket on ``s3_endpoint``
+    (credentials: botocore's chain, e.g. ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``), the
+    data directory's ``artifacts/`` being a local cache of at most ``artifact_cache_bytes``;
+    None: the data directory holds them (see docs/multi-host.md)."""
+    location = None
+    if artifacts:
+        location = S3Location.parse(artifacts, endpoint=s3_endpoint or None,
+                                    region=os.environ.get("AWS_REGION")
+                                    or os.environ.get("AWS_DEFAULT_REGION"))
+    elif s3_endpoint:
+        raise ValidationError("an S3 endpoint without --artifacts s3://BUCKET", field="artifacts")
     if (tls_cert is None) != (tls_key is None):
         raise ValidationError("give both --tls-cert and --tls-key, or neither",
                               field="tls_cert" if tls_cert is None else "tls_key")
@@ -76,14 +89,16 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
         bind=preview_bind or host or "0.0.0.0", public_host=preview_host or None,
         tls=tls_context(str(tls[0]), str(tls[1])) if tls else None)
     asyncio.run(_run(layout, sock, host, bound, database_url, tls, grpc_port, grpc_advertise,
-                     preview))
+                     preview, location, artifact_cache_bytes))
 
 
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
                database_url: str | None, tls: tuple[Path, Path] | None,
                grpc_port: int | None, grpc_advertise: str | None,
-               preview: PreviewSettings) -> None:
-    rt = ServerRuntime(layout, database_url=database_url, preview=preview)
+               preview: PreviewSettings, artifacts: S3Location | None = None,
+               artifact_cache_bytes: int | None = None) -> None:
+    rt = ServerRuntime(layout, database_url=database_url, preview=preview, artifacts=artifacts,
+                       artifact_cache_bytes=artifact_cache_bytes)
     await rt.start()
     wire = None
     if grpc_port is not None:
