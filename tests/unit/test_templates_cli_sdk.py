@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 from support.fake_host import FakeHost, FakeIO
@@ -272,6 +273,23 @@ def test_build_and_wait_times_out(client: Client, fake_host: FakeHost) -> None:
         client.build_template_and_wait(t.id, timeout=0.5, on_log=pieces.append)
     assert time.monotonic() - started < 5
     assert "step capture: started" in "".join(pieces)
+
+
+def test_build_and_wait_times_out_even_before_the_log_answers(
+    client: Client, fake_host: FakeHost, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The log's read bound is the wait's deadline: when the deadline passed before the log's
+    answer even began (CI saw it on a loaded machine), it is the wait's timeout, not a
+    ConnectionError."""
+    t = client.create_template("slow-open")
+    fake_host.block("capture")
+    def bound_at_the_deadline(self: _core.BuildFollower, base: float | None) -> httpx.Timeout:
+        self.deadline = time.monotonic()  # the clock runs out as the log is opened
+        return httpx.Timeout(base, read=1e-6)
+
+    monkeypatch.setattr(_core.BuildFollower, "stream_timeout", bound_at_the_deadline)
+    with pytest.raises(errors.WaitTimeoutError, match=r"is still BUILDING after 0\.5s"):
+        client.build_template_and_wait(t.id, timeout=0.5)
 
 
 def test_build_and_wait_reconnects_a_silent_log(

@@ -682,9 +682,14 @@ class AsyncClient:
         build = await self._call(_core.build_template(template_id))
         follow = _core.BuildFollower(build, timeout)
         while follow.reading:
-            resp = await self._stream(
-                follow.path, follow.params, follow.stream_timeout(self._timeout)
-            )
+            try:
+                resp = await self._stream(
+                    follow.path, follow.params, follow.stream_timeout(self._timeout)
+                )
+            except errors.ConnectionError as exc:
+                if not _core.read_timed_out(exc):
+                    raise
+                continue  # its head came no sooner than the read bound: as a silent stream
             try:
                 async for text in resp.aiter_text():
                     follow.feed(text)

@@ -1247,6 +1247,12 @@ class BuildFollower:
                                            deadline=self.deadline or time.monotonic()))
 
 
+def read_timed_out(exc: BaseException) -> bool:
+    """A transport error that is only a read bound passing (a following stream's, set to the
+    wait's deadline): the follower opens it again or reports the wait's own timeout."""
+    return isinstance(exc.__cause__, httpx.ReadTimeout)
+
+
 def snapshot_create(
     session_id: str, name: str | None, expires: datetime | str | None
 ) -> models.SnapshotCreate:

@@ -685,7 +685,13 @@ class Client:
         """
         follow = _core.BuildFollower(self._call(_core.build_template(template_id)), timeout)
         while follow.reading:
-            resp = self._stream(follow.path, follow.params, follow.stream_timeout(self._timeout))
+            try:
+                resp = self._stream(follow.path, follow.params,
+                                    follow.stream_timeout(self._timeout))
+            except errors.ConnectionError as exc:
+                if not _core.read_timed_out(exc):
+                    raise
+                continue  # its head came no sooner than the read bound: as a silent stream
             try:
                 for text in resp.iter_text():
                     follow.feed(text)
