@@ -71,6 +71,15 @@ def test_every_schema_property_is_described(doc: dict[str, Any]) -> None:
     assert not restated, f"descriptions that only restate the name: {restated}"
 
 
+def test_every_query_parameter_is_described(doc: dict[str, Any]) -> None:
+    """What a query parameter does (``?repair=``, ``?force=``, ``?timeout_s=``) is not in its
+    name: a client reads it from the contract."""
+    missing = [f"{method.upper()} {path} ?{p['name']}" for method, path, op in operations(doc)
+               for p in op.get("parameters", []) if p["in"] == "query"
+               and not (p.get("description") or p.get("schema", {}).get("description"))]
+    assert not missing, f"query parameters without a description: {missing}"
+
+
 def test_every_enum_schema_is_described(doc: dict[str, Any]) -> None:
     enums = {n: s for n, s in doc["components"]["schemas"].items() if "enum" in s}
     assert {"SessionState", "SnapshotState", "SnapshotType", "VolumeState", "BuildState",

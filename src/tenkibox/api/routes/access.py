@@ -24,7 +24,8 @@ from . import errors
 
 router = APIRouter(prefix="/v1", tags=["access"])
 
-WorkspaceFilter = Annotated[str | None, Query(max_length=64)]
+WorkspaceFilter = Annotated[str | None, Query(
+    max_length=64, description="only this workspace's (admin keys; a workspace key sees its own)")]
 
 
 def _visible(caller: Principal, workspace_id: str) -> None:
@@ -102,8 +103,12 @@ async def revoke_api_key(key_id: str, plane: Plane, _: Admin) -> ApiKey:
 @router.get("/audit", response_model=list[AuditEntry], operation_id="listAudit",
             responses=errors())
 async def list_audit(plane: Plane, caller: Caller, workspace_id: WorkspaceFilter = None,
-                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                     before_id: Annotated[int | None, Query(ge=1)] = None) -> list[AuditEntry]:
+                     limit: Annotated[int, Query(
+                         ge=1, le=1000, description="at most this many entries, newest first"
+                     )] = 100,
+                     before_id: Annotated[int | None, Query(
+                         ge=1, description="only entries older than this id (the next page)"
+                     )] = None) -> list[AuditEntry]:
     """Newest first. A workspace key sees its own workspace's entries; an admin key sees all
     (or one workspace's, with ``workspace_id``)."""
     if not caller.admin:

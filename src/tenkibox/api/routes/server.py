@@ -47,7 +47,9 @@ async def shutdown(request: Request, _: Admin) -> dict[str, str]:
 
 @router.post("/admin/verify", response_model=StoreReport, operation_id="verifyStore",
              responses=errors(403))
-async def verify(plane: Plane, _: Admin, repair: bool = Query(default=False)) -> StoreReport:
+async def verify(plane: Plane, _: Admin, repair: bool = Query(
+        default=False, description="also repair: damaged snapshots FAILED, damaged RAM caches "
+        "rebuilt, unowned files no one can claim removed")) -> StoreReport:
     """Re-read against its digest every stored artifact of every READY snapshot, of every built
     image and of every live session's VM, re-hash the derived RAM caches, and list files no
     record owns. ``repair`` marks snapshots with damaged artifacts FAILED, rebuilds damaged RAM

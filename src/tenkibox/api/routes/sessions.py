@@ -41,7 +41,8 @@ async def create_session(body: SessionCreate, plane: Plane, caller: Caller) -> S
 
 @router.get("", response_model=list[Session], operation_id="listSessions",
             responses=errors())
-async def list_sessions(plane: Plane, caller: Caller, state: SessionState | None = None,
+async def list_sessions(plane: Plane, caller: Caller, state: Annotated[SessionState | None, Query(
+                            description="only sessions in this state")] = None,
                         ) -> list[Session]:
     return plane.sessions.query(caller.workspace_id, state.value if state else None)
 
@@ -55,7 +56,9 @@ async def get_session(session_id: str, plane: Plane, caller: Caller) -> Session:
 @router.get("/{session_id}/wait", response_model=Session, operation_id="waitSession",
             responses=errors(404))
 async def wait_session(session_id: str, plane: Plane, caller: Caller,
-                       timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Session:
+                       timeout_s: Annotated[float, Query(
+                           ge=0, le=3600, description="seconds to wait for the session to leave "
+                           "CREATING; answered as it is when they are up")] = 30.0) -> Session:
     """Answers as soon as the session is out of CREATING, PAUSING and RESUMING, or as it is
     when the time is up."""
     return await plane.sessions.wait(session_id, timeout_s, caller.workspace_id)
@@ -151,7 +154,9 @@ async def process_stdin_close(session_id: str, process_id: str, plane: Plane,
 @router.post("/{session_id}/processes/{process_id}/kill", status_code=204,
              operation_id="killProcess", responses=errors(404, 409))
 async def process_kill(session_id: str, process_id: str, plane: Plane, caller: Caller,
-                       signal: Annotated[int, Query(ge=1, le=64)] = 9) -> Response:
+                       signal: Annotated[int, Query(
+                           ge=1, le=64, description="the signal number sent (default 9, SIGKILL)"
+                       )] = 9) -> Response:
     await plane.sessions.process_kill(session_id, process_id, signal, caller.workspace_id)
     return Response(status_code=204)
 
@@ -188,7 +193,9 @@ async def read_file(session_id: str, path: FilePath, plane: Plane,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}},
                                            "required": True}})
 async def write_file(session_id: str, path: FilePath, request: Request, plane: Plane,
-                     caller: Caller, mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+                     caller: Caller, mode: Annotated[int, Query(
+                         ge=0, le=0o7777, description="the file's permission bits (default 0644)"
+                     )] = 0o644,
                      ) -> FileWritten:
     """Streamed into the guest; the file appears whole (renamed into place) or not at all."""
     path = _guest_path(path)

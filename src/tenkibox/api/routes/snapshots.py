@@ -25,7 +25,8 @@ async def create_snapshot(body: SnapshotCreate, plane: Plane, caller: Caller) ->
 @router.get("", response_model=list[Snapshot], operation_id="listSnapshots",
             responses=errors())
 async def list_snapshots(plane: Plane, caller: Caller,
-                         session_id: Annotated[str | None, Query(max_length=64)] = None,
+                         session_id: Annotated[str | None, Query(
+                             max_length=64, description="only snapshots of this session")] = None,
                          ) -> list[Snapshot]:
     return plane.snapshots.query(caller.workspace_id, session_id)
 
@@ -39,7 +40,9 @@ async def get_snapshot(snapshot_id: str, plane: Plane, caller: Caller) -> Snapsh
 @router.get("/{snapshot_id}/wait", response_model=Snapshot, operation_id="waitSnapshot",
             responses=errors(404))
 async def wait_snapshot(snapshot_id: str, plane: Plane, caller: Caller,
-                        timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0) -> Snapshot:
+                        timeout_s: Annotated[float, Query(
+                            ge=0, le=3600, description="seconds to wait for the snapshot to leave "
+                            "CREATING; answered as it is when they are up")] = 30.0) -> Snapshot:
     return await plane.snapshots.wait(snapshot_id, timeout_s, caller.workspace_id)
 
 

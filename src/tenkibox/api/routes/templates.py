@@ -45,7 +45,9 @@ async def update_template(template_id: str, body: TemplateUpdate, plane: Plane,
 @router.delete("/{template_id}", response_model=Template, operation_id="deleteTemplate",
                responses=errors(404, 409))
 async def delete_template(template_id: str, plane: Plane, caller: Caller,
-                          force: bool = Query(default=False)) -> Template:
+                          force: bool = Query(
+                              default=False, description="delete even while a build runs (it is "
+                              "cancelled)")) -> Template:
     """Refused while a build runs, unless ``force`` (which cancels it). The golden snapshots
     go with it (their artifacts stay while sessions still need them)."""
     return await plane.templates.delete(template_id, caller.workspace_id, force)
@@ -74,7 +76,9 @@ async def get_build(template_id: str, build_id: str, plane: Plane,
 @router.get("/{template_id}/builds/{build_id}/wait", response_model=TemplateBuild,
             operation_id="waitTemplateBuild", responses=errors(404))
 async def wait_build(template_id: str, build_id: str, plane: Plane, caller: Caller,
-                     timeout_s: Annotated[float, Query(ge=0, le=3600)] = 30.0,
+                     timeout_s: Annotated[float, Query(
+                         ge=0, le=3600, description="seconds to wait for the build to end; "
+                         "answered as it is when they are up")] = 30.0,
                      ) -> TemplateBuild:
     """Answers once the build is READY or FAILED, or as it is when the time is up."""
     return await plane.templates.wait_build(template_id, build_id, caller.workspace_id,
@@ -87,7 +91,9 @@ async def wait_build(template_id: str, build_id: str, plane: Plane, caller: Call
                              "description": "the log from ``offset``, streamed as it is "
                              "written, until the build ends"}, **errors(404)})
 async def build_log(template_id: str, build_id: str, plane: Plane, caller: Caller,
-                    offset: Annotated[int, Query(ge=0)] = 0) -> StreamingResponse:
+                    offset: Annotated[int, Query(
+                        ge=0, description="the byte of the log to start from (to resume "
+                        "following it)")] = 0) -> StreamingResponse:
     chunks = await plane.templates.follow_log(template_id, build_id, caller.workspace_id,
                                               offset)
 
