@@ -50,11 +50,11 @@ from .digests import sha256_file
 from .store import (
     GC_GRACE_S,
     ArtifactCorrupt,
-    ArtifactError,
     ArtifactInfo,
     ArtifactMissing,
     LocalArtifactStore,
     _valid_digest,
+    damaged_among,
 )
 
 log = logging.getLogger(__name__)
@@ -310,13 +310,7 @@ class S3ArtifactStore:
         self._touch(digest)
 
     def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]:
-        bad: dict[str, str] = {}
-        for digest, kind in digests.items():
-            try:
-                self.verify(digest, kind, deep=deep)
-            except ArtifactError as exc:
-                bad[digest] = exc.message
-        return bad
+        return damaged_among(self, digests, deep=deep)
 
     def size(self, digest: str) -> int:
         if self.cache.has(digest):

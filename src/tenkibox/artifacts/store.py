@@ -115,6 +115,19 @@ class ArtifactStore(Protocol):
         ...
 
 
+def damaged_among(store: ArtifactStore, digests: dict[str, str], *,
+                  deep: bool = False) -> dict[str, str]:
+    """``ArtifactStore.damaged`` in terms of its ``verify``: digest -> what is wrong, for each
+    of ``digests`` (digest -> kind) that is missing or corrupt, in the order given."""
+    bad: dict[str, str] = {}
+    for digest, kind in digests.items():
+        try:
+            store.verify(digest, kind, deep=deep)
+        except ArtifactError as exc:
+            bad[digest] = exc.message
+    return bad
+
+
 def _valid_digest(digest: str) -> bool:
     return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
@@ -215,13 +228,7 @@ class LocalArtifactStore:
     def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]:
         """digest -> what is wrong, for each of ``digests`` (digest -> kind) that is missing or
         corrupt, in the order given."""
-        bad: dict[str, str] = {}
-        for digest, kind in digests.items():
-            try:
-                self.verify(digest, kind, deep=deep)
-            except ArtifactError as exc:
-                bad[digest] = exc.message
-        return bad
+        return damaged_among(self, digests, deep=deep)
 
     def delete(self, digest: str) -> int:
         path = self.local_path(digest)
