@@ -20,6 +20,7 @@ Everything lives in one directory (default ``$TENKI_CLUSTER_DIR``, for root
     scripts/cluster kill-host I [--dir D]       kill -9 host I's worker (its VMs keep running)
     scripts/cluster cut I / heal I [--dir D]    set host I's link down / up (a partition)
     scripts/cluster start-host I [--dir D]      start host I's worker again
+    scripts/cluster kill-control / start-control   kill -9 the control plane / start it again
     scripts/cluster down [--dir D] [--purge]    stop everything, VMs included (and remove D)
 
 Needs root (namespaces, bridge, nftables), like a host's guest networks.
@@ -287,7 +288,8 @@ def _control_up(c: Cluster) -> None:
     if _alive(c.control_pid, c.control_marker):
         return
     home.mkdir(exist_ok=True)
-    port = _free_port(c.gateway)
+    # a restarted control plane keeps its address: the hosts were given it
+    port = int(c.control_url.rsplit(":", 1)[1]) if c.control_url else _free_port(c.gateway)
     argv = [PYTHON, "-m", "tenkibox", "serve", "--host", c.gateway, "--port", str(port),
             "--database", c.database_url, "--no-local-host"]
     env = {**_s3_env(c), "TENKI_HOME": str(home),
@@ -454,7 +456,35 @@ def down(d: Path, *, purge: bool = False) -> bool:
     return True
 
 
-def _host(c: Cluster, index: int) -> HostProc:
+def kill_control(c: Cluster) -> None:
+    """kill -9 the control plane (the hosts and their VMs keep running)."""
+    _stop(c.control_pid, c.control_marker, signal.SIGKILL)
+
+
+def start_control(c: Cluster) -> None:
+    _control_up(c)
+    c.save()
+
+
+def kill_host(c: Cluster, index: int) -> None:
+    """kill -9 host ``index``'s worker (its VMs keep running, as after a crash)."""
+    h = host(c, index)
+    _stop(h.pid, h.marker, signal.SIGKILL)
+
+
+def start_host(c: Cluster, index: int) -> None:
+    h = host(c, index)
+    _host_up(c, h)
+    c.save()
+    _wait_hosts(c, [h])
+
+
+def set_link(c: Cluster, index: int, up: bool) -> None:
+    """Host ``index``'s link to the bridge up or down (down: a partition; its worker runs on)."""
+    _run(["ip", "link", "set", host(c, index).link, "up" if up else "down"])
+
+
+def host(c: Cluster, index: int) -> HostProc:
     for h in c.hosts:
         if h.index == index:
             return h
@@ -477,7 +507,8 @@ def status(c: Cluster) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/cluster", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("up", "down", "env", "status", "kill-host", "cut", "heal", "start-host"):
+    for name in ("up", "down", "env", "status", "kill-host", "cut", "heal", "start-host",
+                 "kill-control", "start-control"):
         p = sub.add_parser(name)
         p.add_argument("--dir", type=Path, default=default_dir(),
                        help="the cluster's directory (default $TENKI_CLUSTER_DIR)")
@@ -520,18 +551,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{'running' if h['worker'] else 'stopped'}, link "
                           f"{'up' if h['link_up'] else 'down'}")
         elif args.cmd == "kill-host":
-            h = _host(c, args.index)
-            if _alive(h.pid, h.marker):
-                os.kill(h.pid, signal.SIGKILL)
-        elif args.cmd == "cut":
-            _run(["ip", "link", "set", _host(c, args.index).link, "down"])
-        elif args.cmd == "heal":
-            _run(["ip", "link", "set", _host(c, args.index).link, "up"])
+            kill_host(c, args.index)
+        elif args.cmd in ("cut", "heal"):
+            set_link(c, args.index, args.cmd == "heal")
+        elif args.cmd == "kill-control":
+            kill_control(c)
+        elif args.cmd == "start-control":
+            start_control(c)
         elif args.cmd == "start-host":
-            h = _host(c, args.index)
-            _host_up(c, h)
-            c.save()
-            _wait_hosts(c, [h])
+            start_host(c, args.index)
     except (ClusterError, s3server.S3ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
