@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session as OrmSession
 from .. import longpoll
 from ..errors import (
     ApiKeyNotFoundError,
+    HostNotFoundError,
     NotFoundError,
     SessionNotFoundError,
     SnapshotNotFoundError,
@@ -46,6 +47,7 @@ from ..store.tables import (
     AuditRow,
     Base,
     BuildRow,
+    HostRow,
     PortExposureRow,
     SessionRow,
     SnapshotRow,
@@ -63,18 +65,23 @@ CHANNEL = "tenki_records"
 LISTENER_NAME = "tenki-listener"
 
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
-            BuildRow, PortExposureRow)
+            BuildRow, PortExposureRow, HostRow)
 
 _KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
                                 VolumeRow: "volume", WorkspaceRow: "workspace",
-                                ApiKeyRow: "API key", TemplateRow: "template", BuildRow: "build"}
+                                ApiKeyRow: "API key", TemplateRow: "template", BuildRow: "build",
+                                HostRow: "host"}
 _MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
                                             "snapshot": SnapshotNotFoundError,
                                             "volume": VolumeNotFoundError,
                                             "workspace": WorkspaceNotFoundError,
                                             "API key": ApiKeyNotFoundError,
                                             "template": TemplateNotFoundError,
-                                            "build": TemplateNotFoundError}
+                                            "build": TemplateNotFoundError,
+                                            "host": HostNotFoundError}
+#: kinds with a state machine but no final state: their records end by being removed (a host:
+#: its sessions ended or were moved off first, ``HostControl.remove``)
+_REMOVED_OUTRIGHT = frozenset({"host"})
 
 
 def _value(state: Any) -> str:
@@ -210,7 +217,7 @@ class Records:
         are; one with a state machine only from a final state (a build with its template): it
         ends by its transitions, never by a delete from the middle of its life."""
         kind = _KIND.get(cls)
-        if kind in TRANSITIONS:
+        if kind in TRANSITIONS and kind not in _REMOVED_OUTRIGHT:
             final = sorted(_value(s) for s, tos in TRANSITIONS[kind].items() if not tos)
             table: Any = cls
             where = (*where, table.state.in_(final))

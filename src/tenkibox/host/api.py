@@ -385,6 +385,11 @@ class HostAPI(Protocol):
         ``deep`` reads every one in full whatever its stat says."""
         ...
 
+    async def cached_bytes(self, digests: list[str]) -> int:
+        """Bytes of ``digests`` this host can read without a download (its local store, or its
+        cache of the bucket): placement prefers the host that has a snapshot's files."""
+        ...
+
     def local_artifacts(self) -> list[InUse]:
         """The stored artifacts this host uses that no snapshot record names: the built
         images' files and what its VMs run on (for a deep verify)."""
