@@ -625,6 +625,8 @@ class Volume(_Answer):
     path: str | None = Field(default=None, description="IN_USE: its mount point in the guest")
     read_only: bool = Field(default=False, description="IN_USE: whether it is mounted read-only")
     created_at: datetime = Field(description="when it was created")
+    host_id: str | None = Field(
+        default=None, description="the host holding it (its sessions run there)")
 
 
 class ServerInfo(_Answer):

@@ -54,7 +54,8 @@ def to_model(row: VolumeRow) -> Volume:
     return Volume(id=row.id, workspace_id=row.workspace_id, name=row.name,
                   size_bytes=row.size_bytes, state=VolumeState(row.state),
                   session_id=row.session_id, path=row.path,
-                  read_only=bool(row.read_only), created_at=row.created_at)
+                  read_only=bool(row.read_only), created_at=row.created_at,
+                  host_id=row.host_id)
 
 
 def mount_path(path: str, field: str = "path") -> str:

@@ -308,8 +308,11 @@ class Unowned:
 
 
 class HostAPI(Protocol):
-    #: what this host may promise (``host.capacity``); the control plane admits by it
-    capacity: HostCapacity
+    @property
+    def capacity(self) -> HostCapacity:
+        """What this host may promise; the control plane admits by it (read-only here: a fleet
+        computes it from its members)."""
+        ...
 
     async def boot(self, spec: BootSpec) -> Started: ...
     async def restore(self, spec: RestoreSpec) -> Started: ...
