@@ -260,7 +260,7 @@ class Fleet:
             promised = {h: int(m) for h, m in orm.execute(
                 select(SessionRow.host_id, func.coalesce(func.sum(SessionRow.memory_mb), 0))
                 .where(SessionRow.state.in_(HOLDING_SESSION), SessionRow.host_id.in_(hosts))
-                .group_by(SessionRow.host_id)).tuples().all()}
+                .group_by(SessionRow.host_id)).all()}
         room = {h: self.capacity_of(h).memory_capacity_mib - promised.get(h, 0) for h in hosts}
         return sorted(hosts, key=lambda h: (-found.cached.get(h, 0), -room[h], h))
 
