@@ -185,7 +185,8 @@ def test_two_processes_admission_never_overcommits(two_planes: tuple[Store, Stor
         try:
             await records.insert(session_row("CREATING", workspace_id=ws[i].id,
                                              memory_mb=1024),
-                                 check=admission.session(ws[i].id, 1024, capacity))
+                                 check=admission.session(ws[i].id, 1024, capacity,
+                                                         "local"))
             return True
         except CapacityUnavailableError:
             return False
