@@ -826,7 +826,8 @@ class AuditEntry(_Answer):
 
 
 class HostStatus(_Answer):
-    """This machine's capacity, as the admission check counts it."""
+    """The capacity of the control plane's hosts together (with one host, that host's), as
+    the admission check counts it; each host's: ``HostInfo``."""
 
     host_id: str = Field(description="the host's id")
     memory_total_mib: int = Field(description="RAM of the host (or as configured)")

@@ -359,3 +359,20 @@ def test_a_vm_gone_on_a_host_the_session_left_is_not_its_death(make_inproc: Make
         assert sdk.get(s.id).record.state == SessionState.READY
         fakes[a].kill_vm(s.id, "qemu died")
         until(lambda: sdk.get(s.id).record.state == SessionState.FAILED)
+
+
+def test_a_host_registering_again_without_a_vm_fails_its_session(
+        make_inproc: MakeServer) -> None:
+    server, fakes = two_workers(make_inproc)
+    a, _ = sorted(fakes)
+    server.call(setattr, server.plane.hosts, "heartbeat_interval_s", 0.1)
+    with Client(endpoint=server.url) as sdk:
+        kept = sdk.create_and_wait(memory_mb=1024, host_id=a)
+        gone = sdk.create_and_wait(memory_mb=1024, host_id=a)
+        time.sleep(0.3)  # both READY for longer than an interval
+        back = register(server, A, host_id=a, vms=[kept.id]).json()
+        assert back["owned"] == [kept.id]
+        ended = sdk.get(gone.id).record
+        assert ended.state == SessionState.FAILED
+        assert ended.state_reason == f"its VM was gone when host {a} registered again"
+        assert sdk.get(kept.id).record.state == SessionState.READY

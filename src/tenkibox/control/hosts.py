@@ -34,7 +34,7 @@ from ..models import HostState as H
 from ..store.tables import HostRow, SessionRow
 from .fleet import LOCAL, Fleet
 from .records import Records
-from .states import IllegalTransitionError
+from .states import LIVE, IllegalTransitionError
 from .workspaces import HOLDING_SESSION
 
 if TYPE_CHECKING:
@@ -191,6 +191,7 @@ class HostControl:
             log.info("host %s registered at %s", host_id, req.address)
         else:
             await self.records.update(HostRow, host_id, **values)
+            await self._vms_gone(host_id, set(req.vms), t)
             if row.state == H.LOST.value:
                 with contextlib.suppress(IllegalTransitionError):
                     await self.records.transition(HostRow, host_id, H.ACTIVE,
@@ -208,6 +209,20 @@ class HostControl:
         info = self.get(host_id)
         return HostRegistered(**info.model_dump(), heartbeat_interval_s=self.heartbeat_interval_s,
                               owned=self.owned(host_id))
+
+    async def _vms_gone(self, host_id: str, vms: set[str], at: datetime) -> None:
+        """A known host registers again (its worker restarted, or the machine did): a running
+        session placed on it whose VM it no longer runs is FAILED. Only sessions READY for
+        longer than a heartbeat interval: one whose boot just ended may be missing from a list
+        made a moment before."""
+        since = at - timedelta(seconds=self.heartbeat_interval_s)
+        for row in self.records.all(SessionRow, SessionRow.host_id == host_id,
+                                    SessionRow.state.in_(sorted(LIVE))):
+            if row.id not in vms and row.ready_at is not None and row.ready_at < since:
+                log.warning("session %s: host %s registered again without its VM", row.id,
+                            host_id)
+                await self.sessions.vm_gone(row.id, f"its VM was gone when host {host_id} "
+                                            "registered again")
 
     async def heartbeat(self, host_id: str, req: HostHeartbeat) -> HostHeartbeatAnswer:
         """404 (``NotFound``) for a host the records do not know, or one LOST: either way its
