@@ -34,7 +34,6 @@ from ..errors import (
     CapacityUnavailableError,
     ConflictError,
     NotFoundError,
-    TenkiError,
     ValidationError,
 )
 from ..host.api import (
@@ -380,9 +379,9 @@ class Fleet:
         for host_id, subset in by_host.items():
             try:
                 got = await self._members[host_id].recover(subset)
-            except TenkiError as exc:
+            except Exception as exc:  # one unreachable worker stops no control plane start
                 log.warning("host %s: recovery failed (%s); its sessions are left to its "
-                            "heartbeats", host_id, exc.message)
+                            "heartbeats", host_id, exc)
                 continue
             found += got.found
             lost.update(got.lost)
@@ -426,13 +425,17 @@ class Fleet:
 
     # -- HostAPI: images ---------------------------------------------------------------------------
     async def image_digest(self, image_id: str) -> str:
-        """From the first member that has the image (the members build the same images)."""
-        error: TenkiError | None = None
+        """From the first member that answers for the image (the members build the same
+        images); one that cannot answer is skipped."""
+        error: Exception | None = None
         for host_id in self._ordered():
             try:
                 return await self._members[host_id].image_digest(image_id)
             except NotFoundError as exc:
                 error = exc
+            except Exception as exc:
+                log.warning("host %s: image %s: %s", host_id, image_id, exc)
+                error = error if isinstance(error, NotFoundError) else exc
         if error is not None:
             raise error
         raise CapacityUnavailableError("capacity unavailable: no host to read images from")
@@ -440,7 +443,12 @@ class Fleet:
     async def list_images(self) -> list[Image]:
         seen: dict[str, Image] = {}
         for host_id in self._ordered():
-            for image in await self._members[host_id].list_images():
+            try:
+                images = await self._members[host_id].list_images()
+            except Exception as exc:  # the others' images are still listed
+                log.warning("host %s: images not listed: %s", host_id, exc)
+                continue
+            for image in images:
                 seen.setdefault(image.id, image)
         return [seen[i] for i in sorted(seen)]
 
@@ -523,8 +531,11 @@ class Fleet:
         one bucket, where a file one host's VM runs on is the others' to keep as well."""
         keep = referenced | self.referenced_locally()
         freed = 0
-        for host in list(self._members.values()):
-            freed += await host.collect_garbage(keep, grace_s)
+        for host_id, host in list(self._members.items()):
+            try:
+                freed += await host.collect_garbage(keep, grace_s)
+            except Exception as exc:  # the next period tries again
+                log.warning("host %s: garbage collection failed: %s", host_id, exc)
         return freed
 
     def unowned_files(self, referenced: set[str]) -> list[Unowned]:
@@ -547,18 +558,31 @@ class Fleet:
 
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         """Damaged only where no member has a good copy: members are asked in turn, each about
-        what the earlier found damaged (with one bucket, the first answers for all)."""
+        what the earlier found damaged (with one bucket, the first answers for all). A member
+        that cannot answer counts for nothing, and if none answers the call fails: an
+        unreachable host never makes a snapshot look damaged."""
         bad = dict(digests)
         problems: dict[str, str] = {}
+        answered = False
+        error: Exception | None = None
         for host_id in self._ordered():
             if not bad:
                 break
-            found = await self._members[host_id].verify_artifacts(bad, deep=deep)
-            if not problems:
+            try:
+                found = await self._members[host_id].verify_artifacts(bad, deep=deep)
+            except Exception as exc:
+                log.warning("host %s: verification failed: %s", host_id, exc)
+                error = exc
+                continue
+            if not answered:
                 problems = dict(found)
+            answered = True
             bad = {d: k for d, k in bad.items() if d in found}
-        return {d: problems.get(d, f"{k} {d[:12]} is missing") for d, k in bad.items()} \
-            if self._members else {}
+        if not answered:
+            if error is not None:
+                raise error
+            return {}  # no host: nothing stored can be checked, or is used
+        return {d: problems.get(d, f"{k} {d[:12]} is missing") for d, k in bad.items()}
 
     def local_artifacts(self) -> list[InUse]:
         return [u for h in self._members.values() for u in h.local_artifacts()]

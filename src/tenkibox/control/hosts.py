@@ -306,12 +306,15 @@ class HostControl:
                 if last >= cutoff:
                     continue
                 try:
+                    # only if no heartbeat came since it was read (nor a registration)
                     await self.records.transition(
                         HostRow, row.id, H.LOST, expected=[H.ACTIVE, H.DRAINING],
+                        when={"last_heartbeat_at": row.last_heartbeat_at,
+                              "registered_at": row.registered_at},
                         state_reason=f"no heartbeat for {self.lost_after_s:g} s (last at "
                         f"{last.isoformat(timespec='seconds')})")
                 except IllegalTransitionError:
-                    continue  # another control-plane process judged it
+                    continue  # it beat meanwhile, or another control-plane process judged it
                 log.warning("host %s is LOST: no heartbeat for %g s", row.id, self.lost_after_s)
                 await self.fleet.close_member(self.fleet.discard(row.id))
             # every sweep, not only at the move: a process that moved it may have stopped

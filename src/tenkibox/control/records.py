@@ -235,9 +235,12 @@ class Records:
     async def transition(self, cls: type[R], key: str, target: Any, *,
                          expected: Iterable[Any] | None = None,
                          check: Callable[[OrmSession], None] | None = None,
+                         when: dict[str, Any] | None = None,
                          **values: Any) -> R:
         """Move a record to ``target`` (compare-and-set); returns the updated row. ``check``
-        runs first in the same transaction and refuses by raising (quotas, as ``insert``)."""
+        runs first in the same transaction and refuses by raising (quotas, as ``insert``);
+        ``when``: only while those fields still hold those values (as ``update``; a record
+        moved or changed meanwhile raises ``IllegalTransitionError``)."""
         kind = _KIND[cls]
         target = _value(target)
         if target not in TRANSITIONS[kind]:
@@ -246,12 +249,14 @@ class Records:
         if expected is not None:
             allowed = allowed & {_value(s) for s in expected}
         table: Any = cls
+        stmt = update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
+        for field, was in (when or {}).items():
+            column = getattr(table, field)
+            stmt = stmt.where(column.is_(None) if was is None else column == was)
         with self.store.tx() as orm:
             self._checked(orm, check)
-            result = orm.execute(
-                update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
-                .values(state=target, **values)
-                .execution_options(synchronize_session=False))
+            result = orm.execute(stmt.values(state=target, **values)
+                                 .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
             if moved:
                 self._announce(orm)
