@@ -376,3 +376,28 @@ def test_a_host_registering_again_without_a_vm_fails_its_session(
         assert ended.state == SessionState.FAILED
         assert ended.state_reason == f"its VM was gone when host {a} registered again"
         assert sdk.get(kept.id).record.state == SessionState.READY
+
+
+def test_a_paused_session_outlives_its_host_and_resumes_on_another(
+        make_inproc: MakeServer) -> None:
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    fakes[b].artifacts = fakes[a].artifacts  # one bucket
+    fakes[b].saved = fakes[a].saved
+    server.call(setattr, server.plane.hosts, "lost_after_s", 1.0)
+    with Client(endpoint=server.url) as sdk:
+        s = sdk.create_and_wait(memory_mb=1024, host_id=a)
+        s.files.write("/root/state", "before the pause")
+        s.pause()
+        assert sdk.get(s.id).record.state == SessionState.PAUSED
+        deadline = time.monotonic() + 10
+        while sdk.get_host(a).state != HostState.LOST:  # a is silent, b beats
+            assert heartbeat(server, b).status_code == 200
+            assert time.monotonic() < deadline, "a was not marked LOST"
+            time.sleep(0.2)
+        assert sdk.get(s.id).record.state == SessionState.PAUSED  # no VM: nothing was lost
+        s.resume()
+        resumed = sdk.get(s.id)
+        assert (resumed.record.state, resumed.record.host_id) == (SessionState.READY, b)
+        assert resumed.files.read("/root/state") == b"before the pause"
+        assert s.id in fakes[b].vms and fakes[b].restores[-1].keep_identity
