@@ -401,3 +401,24 @@ def test_a_paused_session_outlives_its_host_and_resumes_on_another(
         assert (resumed.record.state, resumed.record.host_id) == (SessionState.READY, b)
         assert resumed.files.read("/root/state") == b"before the pause"
         assert s.id in fakes[b].vms and fakes[b].restores[-1].keep_identity
+
+
+def test_a_restarted_control_plane_reconnects_its_hosts_and_keeps_their_sessions(
+        make_inproc: MakeServer) -> None:
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    by_address = {address: fakes[host_id] for host_id, address, _ in server.connected}
+    with Client(endpoint=server.url) as sdk:
+        on_a = sdk.create_and_wait(memory_mb=1024, host_id=a)
+        on_b = sdk.create_and_wait(memory_mb=1024, host_id=b)
+    server.crash()
+    # the hosts ran on; a new control plane finds them in the records, with their secrets
+    again = make_inproc(home=server.home, workers=by_address, local_host=False)
+    assert sorted(again.connected) == sorted(server.connected)
+    with Client(endpoint=again.url) as sdk:
+        for s, host_id in ((on_a, a), (on_b, b)):
+            record = sdk.get(s.id).record
+            assert (record.state, record.host_id) == (SessionState.READY, host_id)
+            assert sdk.get(s.id).exec("echo", "alive").stdout == "alive\n"
+        assert {h.host_id: h.state for h in sdk.hosts.list()} == {
+            a: HostState.ACTIVE, b: HostState.ACTIVE}

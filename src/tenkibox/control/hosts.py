@@ -83,6 +83,9 @@ class HostControl:
         self.heartbeat_interval_s = _env_seconds("TENKI_HOST_HEARTBEAT_S",
                                                  min(3.0, self.lost_after_s / 5))
         self._last_refresh = 0.0
+        #: host id -> (address, secret) its member was made with: a host that registered
+        #: again elsewhere with others is connected again
+        self._made_with: dict[str, tuple[str, str]] = {}
 
     # -- reads -------------------------------------------------------------------------------------
     def row(self, host_id: str) -> HostRow:
@@ -128,7 +131,7 @@ class HostControl:
         local = self.fleet.members.get(LOCAL)
         if local is not None:
             await self._record_local(local)
-        self._sync_members()
+        await self._sync_members()
 
     async def _record_local(self, host: HostAPI) -> None:
         cap = host.capacity
@@ -147,7 +150,7 @@ class HostControl:
                                               memory_used_mib=0, tmpfs_used_bytes=0,
                                               tmpfs_total_bytes=0, **values))
 
-    def _sync_members(self) -> None:
+    async def _sync_members(self) -> None:
         """Members for the hosts the records list as ACTIVE or DRAINING (registered with
         another control-plane process, or before this one started); none for LOST or removed
         ones."""
@@ -155,17 +158,22 @@ class HostControl:
         for host_id in list(self.fleet.members):
             row = rows.get(host_id)
             if host_id != LOCAL and (row is None or row.state == H.LOST.value):
-                self.fleet.discard(host_id)
+                await self.fleet.close_member(self.fleet.discard(host_id))
         if self.connect is None:
             return
         for row in rows.values():
-            if row.address is None or row.state == H.LOST.value \
-                    or row.id in self.fleet.members:
+            if row.address is None or row.state == H.LOST.value:
+                continue
+            made_with = (row.address, row.secret or "")
+            if row.id in self.fleet.members and self._made_with.get(row.id) == made_with:
                 continue
             try:
-                self.fleet.add(row.id, self.connect(row.id, row.address, row.secret or ""))
+                member = self.connect(row.id, *made_with)
             except Exception as exc:  # tried again at the next sweep
                 log.warning("host %s: cannot connect to %s: %s", row.id, row.address, exc)
+                continue
+            self._made_with[row.id] = made_with
+            await self.fleet.close_member(self.fleet.add(row.id, member))
 
     # -- registration and heartbeats ---------------------------------------------------------------
     async def register(self, req: HostRegister) -> HostRegistered:
@@ -183,6 +191,16 @@ class HostControl:
             disk_free_bytes=req.disk_free_bytes, accelerator=req.accelerator,
             qemu_version=req.qemu_version, cpu_model=req.cpu_model,
             network_enforced=req.network_enforced, registered_at=t, last_heartbeat_at=t)
+        try:
+            member = self.connect(host_id, req.address, req.secret)
+        except TenkiError:
+            raise
+        except Exception as exc:
+            raise ValidationError(f"cannot use {req.address!r}: {exc}", field="address") from exc
+        # the member joins and its record is written with no await between (the write's
+        # transaction runs before its first one): no sweep sees one without the other
+        self._made_with[host_id] = (req.address, req.secret)
+        replaced = self.fleet.add(host_id, member)
         row = self.records.find(HostRow, host_id)
         if row is None:
             await self.records.insert(HostRow(id=host_id, state=H.ACTIVE.value,
@@ -190,22 +208,15 @@ class HostControl:
                                               tmpfs_total_bytes=0, **values))
             log.info("host %s registered at %s", host_id, req.address)
         else:
-            await self.records.update(HostRow, host_id, **values)
+            try:  # back from LOST in the same write as its new figures
+                await self.records.transition(HostRow, host_id, H.ACTIVE, expected=[H.LOST],
+                                              state_reason="registered again after it was "
+                                              "lost", **values)
+            except IllegalTransitionError:
+                await self.records.update(HostRow, host_id, **values)
             await self._vms_gone(host_id, set(req.vms), t)
-            if row.state == H.LOST.value:
-                with contextlib.suppress(IllegalTransitionError):
-                    await self.records.transition(HostRow, host_id, H.ACTIVE,
-                                                  expected=[H.LOST],
-                                                  state_reason="registered again after it "
-                                                  "was lost")
             log.info("host %s registered again at %s", host_id, req.address)
-        try:
-            member = self.connect(host_id, req.address, req.secret)
-        except TenkiError:
-            raise
-        except Exception as exc:
-            raise ValidationError(f"cannot use {req.address!r}: {exc}", field="address") from exc
-        await self.fleet.close_member(self.fleet.add(host_id, member))
+        await self.fleet.close_member(replaced)
         info = self.get(host_id)
         return HostRegistered(**info.model_dump(), heartbeat_interval_s=self.heartbeat_interval_s,
                               owned=self.owned(host_id))
@@ -320,7 +331,7 @@ class HostControl:
             # every sweep, not only at the move: a process that moved it may have stopped
             # before it ended every session
             await self.end_sessions(row.id, "host lost")
-        self._sync_members()
+        await self._sync_members()
         if time.monotonic() - self._last_refresh >= self.heartbeat_interval_s:
             self._last_refresh = time.monotonic()
             await self.fleet.refresh()

@@ -88,8 +88,11 @@ class ControlPlane:
         else:
             log.warning("other control planes run on %s: records in flight are theirs, not "
                         "settled at this start", self.records.store.url)
-        # nothing is in flight yet: whatever no record references goes now
-        await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
+        # alone, nothing is in flight yet: whatever no record references goes now; with other
+        # control planes, their captures may be putting files their records do not name yet
+        # (on hosts shared through the fleet): the usual grace spares those
+        await self.host.collect_garbage(set(self.snapshots.referenced()),
+                                        grace_s=0 if alone else None)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
                        asyncio.create_task(self.sessions.follow_host(), name="host events")]
 
