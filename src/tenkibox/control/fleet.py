@@ -438,7 +438,9 @@ class Fleet:
                 error = error if isinstance(error, NotFoundError) else exc
         if error is not None:
             raise error
-        raise CapacityUnavailableError("capacity unavailable: no host to read images from")
+        raise CapacityUnavailableError(
+            "capacity unavailable: no ACTIVE host to run the session (register a host with "
+            "`tenki host run`)", details={"hosts": 0})
 
     async def list_images(self) -> list[Image]:
         seen: dict[str, Image] = {}
