@@ -23,6 +23,7 @@ from tenkibox.errors import (
     CapacityUnavailableError,
     ConflictError,
     HostNotFoundError,
+    NetworkPolicyUnsupportedError,
     PermissionDeniedError,
     ValidationError,
 )
@@ -422,3 +423,21 @@ def test_a_restarted_control_plane_reconnects_its_hosts_and_keeps_their_sessions
             assert sdk.get(s.id).exec("echo", "alive").stdout == "alive\n"
         assert {h.host_id: h.state for h in sdk.hosts.list()} == {
             a: HostState.ACTIVE, b: HostState.ACTIVE}
+
+
+def test_a_network_policy_goes_to_a_host_that_enforces_it(make_inproc: MakeServer) -> None:
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    fakes[b].network_enforced = False  # no root, no nftables there
+    with Client(endpoint=server.url) as sdk:
+        for _ in range(3):  # whatever the room says
+            s = sdk.create_and_wait(memory_mb=1024, allow_inbound=True)
+            assert s.record.host_id == a
+        assert sdk.create_and_wait(memory_mb=1024).record.host_id == b  # the default: anywhere
+        with pytest.raises(NetworkPolicyUnsupportedError) as err:
+            sdk.create(memory_mb=1024, allow_outbound=False, host_id=b)
+        assert err.value.field == "allow_outbound" and f"host {b}" in err.value.message
+        sdk.hosts.drain(a)
+        with pytest.raises(NetworkPolicyUnsupportedError) as err:
+            sdk.create(memory_mb=1024, allow_inbound=True)
+        assert "no ACTIVE host can enforce it" in err.value.message

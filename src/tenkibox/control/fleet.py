@@ -44,6 +44,7 @@ from ..host.api import (
     ExecSpec,
     HostAPI,
     InUse,
+    NetworkSpec,
     ProcessEvent,
     ProcessRef,
     Recovered,
@@ -57,6 +58,7 @@ from ..host.capacity import HostCapacity
 from ..host.tmpfs import TmpfsUse
 from ..models import HostState, Image
 from ..store.tables import HostRow, SessionRow, VolumeRow
+from .network import needs_enforcement, refuse_unenforceable
 from .workspaces import HOLDING_SESSION
 
 if TYPE_CHECKING:
@@ -205,12 +207,15 @@ class Fleet:
                                 details={"host_id": host_id})
 
     async def candidates(self, *, pin: str | None = None, volume_ids: list[str] | None = None,
-                         digests: list[str] | None = None) -> Candidates:
+                         digests: list[str] | None = None,
+                         network: NetworkSpec | None = None) -> Candidates:
         """The hosts a session may go to: ``pin`` alone (a ValidationError naming ``host_id``
         if no such host exists, a ConflictError if it takes no sessions), else the host of its
         volumes alone, else every ACTIVE member, with the bytes of ``digests`` (a restore's
         artifacts) each already holds. ``by_room`` orders them."""
         rows = self._hosts()
+        if network is not None and not needs_enforcement(network):
+            network = None  # the default policy runs anywhere
         if pin is not None:
             self._usable(pin, rows, "host_id")
         holders = {self.volume_host(v) or LOCAL for v in volume_ids or []}
@@ -224,10 +229,21 @@ class Fleet:
                 raise ValidationError(f"its volumes are on host {holder}, not {pin}; a session "
                                       "runs on the host of its volumes", field="host_id")
             self._usable(holder, rows, "volumes")
-            return Candidates([holder], pinned=True)
+            if network is not None:
+                refuse_unenforceable(self._members[holder], network,
+                                     f"host {holder} (its volumes' host): ")
+            return Candidates([holder], pinned=pin is not None)
         if pin is not None:
+            if network is not None:
+                refuse_unenforceable(self._members[pin], network, f"host {pin}: ")
             return Candidates([pin], pinned=True)
         hosts = self.active()
+        if network is not None and hosts:
+            enforcing = [h for h in hosts if self._members[h].network_enforced]
+            if not enforcing:  # the policy of the create is refused, naming its field
+                refuse_unenforceable(self._members[hosts[0]], network,
+                                     "no ACTIVE host can enforce it: ")
+            hosts = enforcing or hosts
         if not hosts:
             raise CapacityUnavailableError(
                 "capacity unavailable: no ACTIVE host to run the session (register a host with "
@@ -334,9 +350,9 @@ class Fleet:
 
     @property
     def network_enforced(self) -> bool:
-        """Every member enforces network policies (a policy is refused before placement,
-        so it must hold wherever the session lands)."""
-        return all(h.network_enforced for h in self._members.values())
+        """Some member enforces network policies (placement then puts a session with a
+        policy on one that does; with no member, nothing is refused on this ground)."""
+        return not self._members or any(h.network_enforced for h in self._members.values())
 
     # -- HostAPI: a session's VM ---------------------------------------------------------------
     async def boot(self, spec: BootSpec) -> Started:

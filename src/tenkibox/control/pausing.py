@@ -227,7 +227,7 @@ class PauseControl:
                     volume_ids=[m.volume_id for m in self.sessions.volumes.mounts_of(
                         session_id)],
                     digests=list(Manifest.from_json(ready[-1].files).digests())
-                    if ready else None)
+                    if ready else None, network=network_of(row))
 
                 async def move(host_id: str) -> None:
                     capacity = self.host.capacity_of(host_id)

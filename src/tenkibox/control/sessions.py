@@ -201,7 +201,8 @@ class SessionControl:
         self.volumes.check_create(req, ws)
         found = await self.host.candidates(
             pin=req.host_id, volume_ids=[m.volume_id for m in req.volumes],
-            digests=list(Manifest.from_json(snap.files).digests()) if snap is not None else None)
+            digests=list(Manifest.from_json(snap.files).digests()) if snap is not None else None,
+            network=net)
         env = dict(req.env)
         manifest = None
         if snap is not None:
