@@ -25,7 +25,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ DEFAULT_TIMEOUT = 60.0
 CONNECT_RETRY_S = 0.02
 PING_INTERVAL_S = 1.0
 _MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _parse_version(raw: object) -> tuple[int, ...]:
+    """``"0.3.0"`` -> ``(0, 3, 0)``; an agent too old to say, or garbage, is ``(0,)``."""
+    try:
+        return tuple(int(p) for p in str(raw or "0").split("."))
+    except ValueError:
+        return (0,)
 
 
 class AgentError(InternalError):
@@ -272,8 +280,14 @@ class AgentClient:
 
     # -- connection ------------------------------------------------------------------------
 
-    async def connect(self, timeout: float) -> None:
+    async def connect(self, timeout: float, *,
+                      on_open: Callable[[], None] | None = None) -> None:
         """Connect (waiting for the socket to appear) and return once a ping is answered.
+
+        ``on_open`` is called each time a connection has been opened, before its first ping
+        goes out: requests it sends are pipelined behind the ping (the agent reads them in
+        the same order), so they need no round trip of their own. A request sent there fails
+        with ``AgentError`` if that connection is dropped and replaced before it is answered.
 
         Raises ``AgentTimeoutError`` (a ``WaitTimeoutError``) after ``timeout`` seconds, or
         ``AgentError`` if the connection keeps being refused or dropped at the deadline.
@@ -297,10 +311,15 @@ class AgentClient:
                     last_error = e
                     await asyncio.sleep(min(CONNECT_RETRY_S, max(remaining, 0)))
                     continue
+                if on_open is not None:
+                    on_open()
             try:
                 # Unanswered pings queue up in the socket while the guest boots; the agent
                 # answers them all once it runs, and any answer will do.
-                await self.ping(timeout=min(PING_INTERVAL_S, remaining))
+                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining))
+                # The ping says which agent answers: version() needs no request of its own
+                # later (the first exec as another user would otherwise pay one).
+                self._version = _parse_version(pong.get("version"))
                 return
             except AgentTimeoutError as e:
                 last_error = e
@@ -449,11 +468,7 @@ class AgentClient:
         """The agent's version (asked once: a connection is to one agent; a restored guest's
         agent is the one of its snapshot, which may be older than the image's)."""
         if self._version is None:
-            raw = str((await self.ping()).get("version") or "0")
-            try:
-                self._version = tuple(int(p) for p in raw.split("."))
-            except ValueError:
-                self._version = (0,)
+            self._version = _parse_version((await self.ping()).get("version"))
         return self._version
 
     async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
@@ -666,10 +681,12 @@ class AgentClient:
         await self._call("umount", timeout, path=path)
 
 
-async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
+async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
+                        on_open: Callable[[], None] | None = None) -> None:
     """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
-    and with the end of the serial console if the guest never answers."""
-    task = asyncio.ensure_future(agent.connect(timeout))
+    and with the end of the serial console if the guest never answers. ``on_open``: see
+    ``AgentClient.connect``."""
+    task = asyncio.ensure_future(agent.connect(timeout, on_open=on_open))
     while not task.done():
         if not machine.alive():
             task.cancel()

@@ -18,6 +18,19 @@ One ordered list of named, timed steps:
 10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest)
 
+Round trips are what a restore waits for once the guest runs, so they overlap:
+
+- the agent's socket is connected right after ``launch`` (QEMU listens from its start), while
+  the device state loads: what is written waits in the socket until ``resume``, and ``agent``
+  only waits for the answer to the ping sent then;
+- the identity request goes out on that connection right behind the ping (it does not depend
+  on anything the ping tells), so the guest works on it while it answers the ping and the
+  clock; ``identity`` times what is left of it. A connection replaced before it was answered
+  (a dropped one) loses the request, and it is sent again;
+- the clock is set only after the ping was answered: ``set_time`` carries the host's time at
+  sending, so it goes out when the guest answers at once (the error is one way of one round
+  trip, as before).
+
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
 with the source's identity or a stale clock.
@@ -26,6 +39,7 @@ with the source's identity or a stale clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -36,7 +50,7 @@ import zstandard
 
 from ..artifacts.store import ArtifactError
 from ..engine import disks
-from ..engine.agent import AgentClient, connect_agent
+from ..engine.agent import AgentClient, AgentError, connect_agent
 from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
@@ -107,6 +121,41 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
         with steps.step("launch"):
             await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
                                                incoming=True, netns=netns))
+        await _settle(ctx, spec, machine, agent, steps)
+    except TenkiError as exc:
+        if isinstance(exc, SnapshotFailedError):
+            raise
+        raise SnapshotFailedError(
+            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
+        ) from exc
+    vm.timings = steps.timings
+    log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
+    return vm
+
+
+async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: AgentClient,
+                  steps: Steps) -> None:
+    """From the launched, paused QEMU to a guest with its clock and identity set: steps
+    ``load-state``, ``resume``, ``agent``, ``clock``, ``identity`` (see the module's text for
+    how their round trips overlap). Nothing is left in flight when this returns or raises."""
+    m = spec.manifest
+    files = ctx.layout.files(spec.session_id)
+    # a resume carries on the same guest: it keeps its identity
+    identity = None if spec.keep_identity else (
+        spec.hostname, secrets.token_hex(16), os.urandom(64))
+    sent: list[asyncio.Task[None]] = []
+
+    def send_identity() -> None:  # on each new connection, right behind its first ping
+        if identity is not None:
+            task = asyncio.ensure_future(
+                agent.reidentify(*identity, timeout=RESTORE_AGENT_TIMEOUT_S))
+            task.add_done_callback(_retrieved)
+            sent.append(task)
+
+    connecting = asyncio.ensure_future(
+        connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S, on_open=send_identity))
+    connecting.add_done_callback(_retrieved)
+    try:
         with steps.step("load-state"):
             scratch = files.run_dir / "state.bin"
             try:
@@ -118,18 +167,28 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
         with steps.step("resume"):
             await machine.resume()
         with steps.step("agent"):
-            await connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S)
+            await connecting
         with steps.step("clock"):
             await agent.set_time(time.time_ns())
-        if not spec.keep_identity:  # a resume carries on the same guest
+        if identity is not None:
             with steps.step("identity"):
-                await agent.reidentify(spec.hostname, secrets.token_hex(16), os.urandom(64))
-    except TenkiError as exc:
-        if isinstance(exc, SnapshotFailedError):
-            raise
-        raise SnapshotFailedError(
-            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
-        ) from exc
-    vm.timings = steps.timings
-    log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
-    return vm
+                try:
+                    await sent[-1]
+                except AgentError as exc:
+                    if exc.errno is not None:  # the agent refused it: asking again won't help
+                        raise
+                    # lost with a connection that was replaced before it answered
+                    await agent.reidentify(*identity, timeout=RESTORE_AGENT_TIMEOUT_S)
+    finally:
+        for task in (connecting, *sent):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a background request's failure as seen: the step that awaits it reports it, and one
+    nobody awaits any more (a restore failing elsewhere) must not be logged as unretrieved."""
+    if not task.cancelled():
+        task.exception()
