@@ -278,6 +278,71 @@ async def test_reidentify(client: AgentClient, vm: Guest) -> None:
     assert ei.value.errno == "EINVAL"
 
 
+async def test_settle_sets_the_clock_then_the_identity_in_one_request(
+        client: AgentClient, vm: Guest) -> None:
+    # what a restore sends once the ping was answered (agents from SETTLE_SINCE)
+    assert await client.version() >= engine_agent.SETTLE_SINCE
+    target = time.time_ns() + 3_600 * 10**9
+    entropy = os.urandom(64)
+    got = await client.settle(("clone-2", "0123456789abcdef0123456789abcdef", entropy), target)
+    assert vm.system.clock == [target]
+    assert 3599 < got["delta_s"] < 3601
+    assert got["took_s"] >= 0
+    assert vm.system.hostnames == ["clone-2"] and vm.system.entropy == [entropy]
+    etc = vm.root / "etc"
+    assert (etc / "hostname").read_text() == "clone-2\n"
+    assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert "127.0.1.1\tclone-2" in (etc / "hosts").read_text()
+
+
+async def test_settle_without_identity_only_sets_the_clock(client: AgentClient,
+                                                           vm: Guest) -> None:
+    # the resume of a paused session: the same guest, its identity stays
+    got = await client.settle(None)
+    assert abs(got["delta_s"]) < 1
+    assert len(vm.system.clock) == 1
+    assert vm.system.hostnames == [] and vm.system.entropy == []
+    assert not (vm.root / "etc" / "machine-id").exists()
+
+
+async def test_a_refused_settle_changes_nothing(client: AgentClient, vm: Guest) -> None:
+    # the identity is checked before the clock is set: no half-settled guest
+    for hostname, machine_id, data in [("bad name!", "0" * 32, "AAAA"),
+                                       ("ok", "not-hex", "AAAA"),
+                                       ("ok", "0" * 32, "not base64!")]:
+        with pytest.raises(AgentError) as ei:
+            await client._call("settle", 5, epoch_ns=time.time_ns(), hostname=hostname,
+                               machine_id=machine_id, entropy=data)
+        assert ei.value.errno == "EINVAL"
+    assert vm.system.clock == [] and vm.system.hostnames == [] and vm.system.entropy == []
+    assert not (vm.root / "etc" / "hostname").exists()
+
+
+async def test_settle_is_answered_on_the_reader_thread(client: AgentClient, vm: Guest) -> None:
+    # inline, like set_time: no thread is started for it (in a just-restored guest that costs
+    # more than the work), and it never waits behind a slow request
+    assert "settle" in vm.agent.inline
+    await client.settle(("clone-3", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert vm.system.hostnames == ["clone-3"]
+
+
+async def test_connect_learns_the_version_from_its_ping(vm: Guest) -> None:
+    # version() after connect() costs no request: a restore asks it to pick settle
+    c = vm.client()
+    await c.connect(5)
+    pings: list[str] = []
+    real_call = c._call
+
+    async def spy(op: str, *args: object, **kw: object) -> dict[str, object]:
+        pings.append(op)
+        return await real_call(op, *args, **kw)  # type: ignore[arg-type]
+
+    c._call = spy  # type: ignore[method-assign]
+    assert await c.version() == tuple(int(p) for p in guest.VERSION.split("."))
+    assert pings == []
+    await c.close()
+
+
 async def test_sync_and_unknown_op(client: AgentClient) -> None:
     await client.sync()
     with pytest.raises(AgentError) as ei:

@@ -25,7 +25,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ LINE_LIMIT = 64 << 20
 DEFAULT_TIMEOUT = 60.0
 CONNECT_RETRY_S = 0.02
 PING_INTERVAL_S = 1.0
+SETTLE_SINCE = (0, 4, 0)  # the first agent with the ``settle`` request
 _MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -280,14 +281,8 @@ class AgentClient:
 
     # -- connection ------------------------------------------------------------------------
 
-    async def connect(self, timeout: float, *,
-                      on_open: Callable[[], None] | None = None) -> None:
+    async def connect(self, timeout: float) -> None:
         """Connect (waiting for the socket to appear) and return once a ping is answered.
-
-        ``on_open`` is called each time a connection has been opened, before its first ping
-        goes out: requests it sends are pipelined behind the ping (the agent reads them in
-        the same order), so they need no round trip of their own. A request sent there fails
-        with ``AgentError`` if that connection is dropped and replaced before it is answered.
 
         Raises ``AgentTimeoutError`` (a ``WaitTimeoutError``) after ``timeout`` seconds, or
         ``AgentError`` if the connection keeps being refused or dropped at the deadline.
@@ -311,8 +306,6 @@ class AgentClient:
                     last_error = e
                     await asyncio.sleep(min(CONNECT_RETRY_S, max(remaining, 0)))
                     continue
-                if on_open is not None:
-                    on_open()
             try:
                 # Unanswered pings queue up in the socket while the guest boots; the agent
                 # answers them all once it runs, and any answer will do.
@@ -667,6 +660,26 @@ class AgentClient:
         await self._call("reidentify", timeout, hostname=hostname, machine_id=machine_id,
                          entropy=base64.b64encode(entropy).decode())
 
+    async def settle(self, identity: tuple[str, str, bytes] | None,
+                     epoch_ns: int | None = None, *,
+                     timeout: float | None = None) -> dict[str, float]:
+        """A restored clone's clock (default: the host's now) and, unless ``identity`` is None,
+        its ``(hostname, machine_id, entropy)``, in one request (agents from ``SETTLE_SINCE``;
+        ask ``version()`` first, older ones have only ``set_time`` and ``reidentify``).
+        Returns ``delta_s`` (how far the clock was off) and ``took_s`` (the agent's own time;
+        the rest of the round trip is the channel's)."""
+        args: dict[str, Any] = {}
+        if identity is not None:
+            hostname, machine_id, entropy = identity
+            if not _MACHINE_ID.match(machine_id):
+                raise AgentError("machine_id must be 32 lowercase hex digits", errno="EINVAL")
+            args.update(hostname=hostname, machine_id=machine_id,
+                        entropy=base64.b64encode(entropy).decode())
+        now = time.time_ns() if epoch_ns is None else epoch_ns
+        msg = await self._call("settle", timeout, epoch_ns=now, **args)
+        return {"delta_s": float(msg.get("delta_s", 0.0)),
+                "took_s": float(msg.get("took_s", 0.0))}
+
     async def sync(self, *, timeout: float | None = None) -> None:
         await self._call("sync", timeout)
 
@@ -681,12 +694,10 @@ class AgentClient:
         await self._call("umount", timeout, path=path)
 
 
-async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
-                        on_open: Callable[[], None] | None = None) -> None:
+async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
     """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
-    and with the end of the serial console if the guest never answers. ``on_open``: see
-    ``AgentClient.connect``."""
-    task = asyncio.ensure_future(agent.connect(timeout, on_open=on_open))
+    and with the end of the serial console if the guest never answers."""
+    task = asyncio.ensure_future(agent.connect(timeout))
     while not task.done():
         if not machine.alive():
             task.cancel()

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     # An op answers with its result, or with None when it answers by itself (exec, stdin).
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-VERSION = "0.3.0"  # 0.3.0: exec as another user (``user``)
+VERSION = "0.4.0"  # 0.3.0: exec as another user (``user``); 0.4.0: ``settle`` (clock and
+#                    identity of a restored clone in one request)
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
@@ -621,13 +622,17 @@ class Agent:
             "ack": self.op_ack,
             "set_time": self.op_set_time,
             "reidentify": self.op_reidentify,
+            "settle": self.op_settle,
             "sync": self.op_sync,
             "mount": self.op_mount,
             "umount": self.op_umount,
         }
         # Answered from the reader thread: quick and order-sensitive (stdin chunks must not
-        # overtake each other; set_time must not wait behind a slow request).
-        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time", "ack"}
+        # overtake each other; set_time must not wait behind a slow request). ``settle`` too:
+        # a restored guest's first request after the ping, a few small writes to files in
+        # /etc (page cache), and a thread started just for it costs more than the work in a
+        # guest that was just restored (each page it touches first is a fault on the host).
+        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time", "ack", "settle"}
 
     @staticmethod
     def _read_text(path: str) -> str:
@@ -966,6 +971,26 @@ class Agent:
         if entropy:
             self.sys.mix_entropy(entropy)
         return {}
+
+    def op_settle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A restored clone's clock and, when ``hostname`` is given, its new identity, in one
+        round trip: ``set_time``, then ``reidentify`` (same arguments and checks). The
+        identity is checked before the clock is touched, so a refused request changes
+        nothing. ``took_s``: the agent's own time for it (the rest of the round trip is the
+        channel's)."""
+        start = time.monotonic()
+        identity = "hostname" in req
+        if identity:
+            if not HOSTNAME_RE.match(_str(req, "hostname")):
+                raise OpError(f"invalid hostname {req['hostname']!r}", "EINVAL")
+            if not MACHINE_ID_RE.match(_str(req, "machine_id").lower()):
+                raise OpError("machine_id must be 32 hex digits", "EINVAL")
+            _b64(req, "entropy")
+        result = self.op_set_time(req)  # first: its epoch_ns was the host's time at sending
+        if identity:
+            self.op_reidentify(req)
+        result["took_s"] = time.monotonic() - start
+        return result
 
     def _hosts(self, hostname: str) -> str:
         lines = [ln for ln in self._read_text(self.sys.path("/etc/hosts")).splitlines()

@@ -16,20 +16,19 @@ One ordered list of named, timed steps:
 8. ``agent``       the guest's agent, still running from before, answers the new socket
 9. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
 10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
-                   the resume of a paused session: it is the same guest)
+                   the resume of a paused session: it is the same guest); with an agent from
+                   0.4.0 steps 9 and 10 are one request, the step ``settle``
 
-Round trips are what a restore waits for once the guest runs, so they overlap:
+Round trips are what a restore waits for once the guest runs, so there are few, and they overlap:
 
 - the agent's socket is connected right after ``launch`` (QEMU listens from its start), while
-  the device state loads: what is written waits in the socket until ``resume``, and ``agent``
-  only waits for the answer to the ping sent then;
-- the identity request goes out on that connection right behind the ping (it does not depend
-  on anything the ping tells), so the guest works on it while it answers the ping and the
-  clock; ``identity`` times what is left of it. A connection replaced before it was answered
-  (a dropped one) loses the request, and it is sent again;
-- the clock is set only after the ping was answered: ``set_time`` carries the host's time at
-  sending, so it goes out when the guest answers at once (the error is one way of one round
-  trip, as before).
+  the device state loads: the ping waits in the socket until ``resume``, and ``agent`` only
+  waits for its answer;
+- ``clock`` and ``identity`` are one request (``settle``, agents from 0.4.0: the step is then
+  named ``settle``), sent once the ping was answered: it carries the host's time at sending, so
+  it must go out when the guest answers at once (the clock is off by at most one way of one
+  round trip, as before). A guest whose agent is older (a snapshot taken before) gets the two
+  requests, one after the other.
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
@@ -50,7 +49,7 @@ import zstandard
 
 from ..artifacts.store import ArtifactError
 from ..engine import disks
-from ..engine.agent import AgentClient, AgentError, connect_agent
+from ..engine.agent import SETTLE_SINCE, AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
@@ -136,25 +135,11 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
 async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: AgentClient,
                   steps: Steps) -> None:
     """From the launched, paused QEMU to a guest with its clock and identity set: steps
-    ``load-state``, ``resume``, ``agent``, ``clock``, ``identity`` (see the module's text for
-    how their round trips overlap). Nothing is left in flight when this returns or raises."""
+    ``load-state``, ``resume``, ``agent``, then ``settle`` (or ``clock`` and ``identity``); see
+    the module's text. Nothing is left in flight when this returns or raises."""
     m = spec.manifest
     files = ctx.layout.files(spec.session_id)
-    # a resume carries on the same guest: it keeps its identity
-    identity = None if spec.keep_identity else (
-        spec.hostname, secrets.token_hex(16), os.urandom(64))
-    sent: list[asyncio.Task[None]] = []
-
-    def send_identity() -> None:  # on each new connection, right behind its first ping
-        if identity is not None:
-            task = asyncio.ensure_future(
-                agent.reidentify(*identity, timeout=RESTORE_AGENT_TIMEOUT_S))
-            task.add_done_callback(_retrieved)
-            sent.append(task)
-
-    connecting = asyncio.ensure_future(
-        connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S, on_open=send_identity))
-    connecting.add_done_callback(_retrieved)
+    connecting = asyncio.ensure_future(connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S))
     try:
         with steps.step("load-state"):
             scratch = files.run_dir / "state.bin"
@@ -168,27 +153,22 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
             await machine.resume()
         with steps.step("agent"):
             await connecting
-        with steps.step("clock"):
-            await agent.set_time(time.time_ns())
-        if identity is not None:
-            with steps.step("identity"):
-                try:
-                    await sent[-1]
-                except AgentError as exc:
-                    if exc.errno is not None:  # the agent refused it: asking again won't help
-                        raise
-                    # lost with a connection that was replaced before it answered
-                    await agent.reidentify(*identity, timeout=RESTORE_AGENT_TIMEOUT_S)
     finally:
-        for task in (connecting, *sent):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-
-
-def _retrieved(task: asyncio.Future[None]) -> None:
-    """Mark a background request's failure as seen: the step that awaits it reports it, and one
-    nobody awaits any more (a restore failing elsewhere) must not be logged as unretrieved."""
-    if not task.cancelled():
-        task.exception()
+        if not connecting.done():
+            connecting.cancel()
+        # retrieved here, so a failure that another step reported is not logged as unretrieved
+        with contextlib.suppress(BaseException):
+            await connecting
+    # a resume carries on the same guest: it keeps its identity
+    identity = None if spec.keep_identity else (
+        spec.hostname, secrets.token_hex(16), os.urandom(64))
+    if await agent.version() >= SETTLE_SINCE:  # known from the ping: no request
+        with steps.step("settle"):
+            took = await agent.settle(identity)
+        log.debug("%s: settle: %.3fs in the guest", spec.session_id, took["took_s"])
+        return
+    with steps.step("clock"):
+        await agent.set_time(time.time_ns())
+    if identity is not None:
+        with steps.step("identity"):
+            await agent.reidentify(*identity)
