@@ -726,3 +726,80 @@ async def test_write_to_special_files_is_in_place(client: AgentClient, vm: Guest
     assert await client.write_file("/dev/null", b"x" * 100) == 0
     assert os.stat("/dev/null").st_mode == mode  # a device's mode is never changed
     assert part_files(vm.root) == []
+
+
+# -- parked threads (guest.Threads) -------------------------------------------------------------
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_parked_thread_runs_the_next_work() -> None:
+    # what a restored guest gains: its first exec's threads were made before the snapshot
+    pool = guest.Threads(keep=2)
+    ran: list[int] = []
+    pool.start(lambda: ran.append(threading.get_ident()))
+    _until(lambda: pool.parked == 1)
+    pool.start(lambda: ran.append(threading.get_ident()))
+    _until(lambda: len(ran) == 2)
+    assert ran[0] == ran[1]  # the same thread, woken, not a new one
+    pool.close()
+    _until(lambda: pool.parked == 0)
+
+
+def test_busy_pool_never_makes_work_wait() -> None:
+    # requests may block (a mount, a process's waiter): work beyond the parked threads gets a
+    # new thread at once, and at most ``keep`` threads stay parked afterwards
+    pool = guest.Threads(keep=1)
+    release = threading.Event()
+    started: list[int] = []
+    for _ in range(3):
+        pool.start(lambda: (started.append(threading.get_ident()), release.wait(5)))
+    _until(lambda: len(started) == 3)
+    assert len(set(started)) == 3
+    release.set()
+    _until(lambda: pool.parked == 1)
+    time.sleep(0.05)
+    assert pool.parked == 1
+    pool.close()
+
+
+def test_crashing_work_does_not_take_its_thread_down() -> None:
+    pool = guest.Threads(keep=1)
+
+    def boom() -> None:
+        raise RuntimeError("agent bug")
+
+    pool.start(boom)
+    _until(lambda: pool.parked == 1)
+    done = threading.Event()
+    pool.start(done.set)
+    assert done.wait(5)
+    pool.close()
+    _until(lambda: pool.parked == 0)
+
+
+async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: Guest,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # pumps, waiter and request threads go back to the agent's pool: a second exec starts
+    # no thread of its own
+    # long enough that its request thread, two pumps and waiter all run at once
+    proc = await client.exec(["sleep", "0.3"])
+    assert await proc.wait() == 0
+    _until(lambda: vm.agent.threads.parked >= 4)
+    started: list[str] = []
+
+    class Counted(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(guest.threading, "Thread", Counted)
+    proc = await client.exec(["sh", "-c", "echo hi"])
+    out, _, ev = await collect(proc)
+    assert out == b"hi\n" and ev["exit_code"] == 0
+    assert started == []

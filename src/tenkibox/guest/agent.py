@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 VERSION = "0.4.0"  # 0.3.0: exec as another user (``user``); 0.4.0: ``settle`` (clock and
-#                    identity of a restored clone in one request)
+#                    identity of a restored clone in one request), parked threads
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
@@ -63,6 +63,9 @@ LEADER_GRACE_S = 0.3
 # Safety net only: the port's wait queue wakes the epoll when a host connects.
 HOST_WAIT_S = 1.0
 DEVICE_WAIT_S = 10.0
+# Threads kept parked for the next request or process (see ``Threads``): an exec with stdin
+# takes 5 (the request, two pumps, the stdin writer, the waiter)
+THREADS_PARKED = 8
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SANDBOX_UID = 1000  # the image's user ``tenki``
@@ -389,6 +392,57 @@ class Outbox:
 # Processes
 
 
+class Threads:
+    """Runs work on a thread parked after earlier work, or on a new one when none is free.
+
+    A guest restored from a snapshot runs every code path for the first time since the
+    restore, and under TCG each one is translated again: starting a thread (clone, its stack,
+    Python's bootstrap) is among the dearest, and an exec needs three or four. Threads parked
+    before the snapshot are in it, and waking one is a futex. At most ``keep`` stay parked;
+    a busy pool never makes work wait (a new thread is started instead)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.parked = 0
+        self.work: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = \
+            collections.deque()
+        self.cv = threading.Condition()
+        self.closed = False
+
+    def close(self) -> None:
+        """Let the parked threads end (the agent stops); later work gets threads of its own."""
+        with self.cv:
+            self.keep = 0
+            self.closed = True
+            self.cv.notify_all()
+
+    def start(self, fn: Callable[..., object], *args: Any) -> None:
+        with self.cv:
+            if self.parked > len(self.work):  # a parked thread takes it
+                self.work.append((fn, args))
+                self.cv.notify()
+                return
+        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
+
+    def _run(self, fn: Callable[..., object] | None, args: tuple[Any, ...]) -> None:
+        while fn is not None:
+            try:
+                fn(*args)
+            except Exception as e:  # as a thread of its own would: reported, the others go on
+                log(f"thread work crashed: {e!r}")
+            fn, args = None, ()  # nothing of the last work is kept alive while parked
+            with self.cv:
+                if self.parked >= self.keep:
+                    return
+                self.parked += 1
+                while not self.work and not self.closed:
+                    self.cv.wait()
+                self.parked -= 1
+                if not self.work:  # closed
+                    return
+                fn, args = self.work.popleft()
+
+
 class Proc:
     def __init__(self, agent: Agent, rid: int, popen: subprocess.Popen[bytes],
                  timeout_s: float | None, window: int = 0) -> None:
@@ -406,7 +460,7 @@ class Proc:
         self.unacked = 0
         self.cv = threading.Condition()
         self.idle: dict[str, bool] = {}  # per pipe: blocked in read() on an empty pipe
-        self.pumps: list[tuple[str, threading.Thread]] = []
+        self.pumps: list[tuple[str, threading.Event]] = []  # per pipe: set once drained
         self.stdin_done = False
         self.stdin_q: queue.Queue[tuple[int, bytes | None] | None] | None = None
         if popen.stdin is not None:
@@ -416,12 +470,12 @@ class Proc:
         for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
             assert stream is not None
             self.idle[name] = False
-            t = threading.Thread(target=self._pump, args=(name, stream), daemon=True)
-            self.pumps.append((name, t))
-            t.start()
+            done = threading.Event()
+            self.pumps.append((name, done))
+            self.agent.threads.start(self._pump, name, stream, done)
         if self.stdin_q is not None:
-            threading.Thread(target=self._stdin_writer, daemon=True).start()
-        threading.Thread(target=self._wait, daemon=True).start()
+            self.agent.threads.start(self._stdin_writer)
+        self.agent.threads.start(self._wait)
 
     def release(self, nbytes: int) -> None:
         with self.cv:
@@ -448,7 +502,13 @@ class Proc:
             return False
         return self.pending >= OUTPUT_LIMIT or (self.window > 0 and self.unacked >= self.window)
 
-    def _pump(self, name: str, stream: Any) -> None:
+    def _pump(self, name: str, stream: Any, done: threading.Event) -> None:
+        try:
+            self._pump_pipe(name, stream)
+        finally:
+            done.set()
+
+    def _pump_pipe(self, name: str, stream: Any) -> None:
         fd = stream.fileno()
         while True:
             with self.cv:
@@ -487,10 +547,10 @@ class Proc:
         self.exited = True
         exited_at = time.monotonic()
         while True:
-            for _, t in self.pumps:
-                t.join(0.05)
+            for _, done in self.pumps:
+                done.wait(0.05)
             with self.cv:
-                alive = [name for name, t in self.pumps if t.is_alive()]
+                alive = [name for name, done in self.pumps if not done.is_set()]
                 if not alive:
                     break
                 idle = all(self.idle[name] for name in alive)
@@ -604,6 +664,7 @@ class Agent:
         self.port = port
         self.sys = system or System()
         self.out = Outbox(port)
+        self.threads = Threads(THREADS_PARKED)
         self.procs: dict[int, Proc] = {}
         self.procs_lock = threading.Lock()
         self.stopping = False
@@ -685,6 +746,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping = True
+        self.threads.close()
         with self.procs_lock:
             procs = list(self.procs.values())
         for p in procs:
@@ -723,7 +785,7 @@ class Agent:
         if op in self.inline:
             self._handle(rid, handler, req)
         else:
-            threading.Thread(target=self._handle, args=(rid, handler, req), daemon=True).start()
+            self.threads.start(self._handle, rid, handler, req)
 
     def _handle(self, rid: int, handler: Handler, req: dict[str, Any]) -> None:
         try:
