@@ -7,8 +7,9 @@ restart, snapshot restored into a new QEMU) while processes keep running and the
 kept for the next host.
 
 Threads: the main thread reads requests; one writer thread owns all output to the port; each
-request that may block runs in its own thread; each process has pump threads for its pipes, one
-waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order).
+request that may block runs in a thread of its own; each process has pump threads for its pipes,
+one waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order). Those are
+taken from threads parked after earlier work when one is free (``Threads``).
 
 ``--listen PATH`` serves a unix socket instead of the virtio port (development and unit tests).
 """
