@@ -74,7 +74,7 @@ CAPTURE_STEPS = ("pre-copy", "pause", "freeze-disk", "device-state", "resume", "
                  "compress-ram",
                  "checksum", "sync")
 RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "load-state", "resume",
-                 "agent", "clock", "identity")
+                 "agent", "settle", "clock", "identity")  # settle: clock+identity (agent 0.4)
 
 
 def dirty_command(mb: int) -> str:

@@ -278,6 +278,71 @@ async def test_reidentify(client: AgentClient, vm: Guest) -> None:
     assert ei.value.errno == "EINVAL"
 
 
+async def test_settle_sets_the_clock_then_the_identity_in_one_request(
+        client: AgentClient, vm: Guest) -> None:
+    # what a restore sends once the ping was answered (agents from SETTLE_SINCE)
+    assert await client.version() >= engine_agent.SETTLE_SINCE
+    target = time.time_ns() + 3_600 * 10**9
+    entropy = os.urandom(64)
+    got = await client.settle(("clone-2", "0123456789abcdef0123456789abcdef", entropy), target)
+    assert vm.system.clock == [target]
+    assert 3599 < got["delta_s"] < 3601
+    assert got["took_s"] >= 0
+    assert vm.system.hostnames == ["clone-2"] and vm.system.entropy == [entropy]
+    etc = vm.root / "etc"
+    assert (etc / "hostname").read_text() == "clone-2\n"
+    assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert "127.0.1.1\tclone-2" in (etc / "hosts").read_text()
+
+
+async def test_settle_without_identity_only_sets_the_clock(client: AgentClient,
+                                                           vm: Guest) -> None:
+    # the resume of a paused session: the same guest, its identity stays
+    got = await client.settle(None)
+    assert abs(got["delta_s"]) < 1
+    assert len(vm.system.clock) == 1
+    assert vm.system.hostnames == [] and vm.system.entropy == []
+    assert not (vm.root / "etc" / "machine-id").exists()
+
+
+async def test_a_refused_settle_changes_nothing(client: AgentClient, vm: Guest) -> None:
+    # the identity is checked before the clock is set: no half-settled guest
+    for hostname, machine_id, data in [("bad name!", "0" * 32, "AAAA"),
+                                       ("ok", "not-hex", "AAAA"),
+                                       ("ok", "0" * 32, "not base64!")]:
+        with pytest.raises(AgentError) as ei:
+            await client._call("settle", 5, epoch_ns=time.time_ns(), hostname=hostname,
+                               machine_id=machine_id, entropy=data)
+        assert ei.value.errno == "EINVAL"
+    assert vm.system.clock == [] and vm.system.hostnames == [] and vm.system.entropy == []
+    assert not (vm.root / "etc" / "hostname").exists()
+
+
+async def test_settle_is_answered_on_the_reader_thread(client: AgentClient, vm: Guest) -> None:
+    # inline, like set_time: no thread is started for it (in a just-restored guest that costs
+    # more than the work), and it never waits behind a slow request
+    assert "settle" in vm.agent.inline
+    await client.settle(("clone-3", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert vm.system.hostnames == ["clone-3"]
+
+
+async def test_connect_learns_the_version_from_its_ping(vm: Guest) -> None:
+    # version() after connect() costs no request: a restore asks it to pick settle
+    c = vm.client()
+    await c.connect(5)
+    pings: list[str] = []
+    real_call = c._call
+
+    async def spy(op: str, *args: object, **kw: object) -> dict[str, object]:
+        pings.append(op)
+        return await real_call(op, *args, **kw)  # type: ignore[arg-type]
+
+    c._call = spy  # type: ignore[method-assign]
+    assert await c.version() == tuple(int(p) for p in guest.VERSION.split("."))
+    assert pings == []
+    await c.close()
+
+
 async def test_sync_and_unknown_op(client: AgentClient) -> None:
     await client.sync()
     with pytest.raises(AgentError) as ei:
@@ -661,3 +726,80 @@ async def test_write_to_special_files_is_in_place(client: AgentClient, vm: Guest
     assert await client.write_file("/dev/null", b"x" * 100) == 0
     assert os.stat("/dev/null").st_mode == mode  # a device's mode is never changed
     assert part_files(vm.root) == []
+
+
+# -- parked threads (guest.Threads) -------------------------------------------------------------
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_parked_thread_runs_the_next_work() -> None:
+    # what a restored guest gains: its first exec's threads were made before the snapshot
+    pool = guest.Threads(keep=2)
+    ran: list[int] = []
+    pool.start(lambda: ran.append(threading.get_ident()))
+    _until(lambda: pool.parked == 1)
+    pool.start(lambda: ran.append(threading.get_ident()))
+    _until(lambda: len(ran) == 2)
+    assert ran[0] == ran[1]  # the same thread, woken, not a new one
+    pool.close()
+    _until(lambda: pool.parked == 0)
+
+
+def test_busy_pool_never_makes_work_wait() -> None:
+    # requests may block (a mount, a process's waiter): work beyond the parked threads gets a
+    # new thread at once, and at most ``keep`` threads stay parked afterwards
+    pool = guest.Threads(keep=1)
+    release = threading.Event()
+    started: list[int] = []
+    for _ in range(3):
+        pool.start(lambda: (started.append(threading.get_ident()), release.wait(5)))
+    _until(lambda: len(started) == 3)
+    assert len(set(started)) == 3
+    release.set()
+    _until(lambda: pool.parked == 1)
+    time.sleep(0.05)
+    assert pool.parked == 1
+    pool.close()
+
+
+def test_crashing_work_does_not_take_its_thread_down() -> None:
+    pool = guest.Threads(keep=1)
+
+    def boom() -> None:
+        raise RuntimeError("agent bug")
+
+    pool.start(boom)
+    _until(lambda: pool.parked == 1)
+    done = threading.Event()
+    pool.start(done.set)
+    assert done.wait(5)
+    pool.close()
+    _until(lambda: pool.parked == 0)
+
+
+async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: Guest,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # pumps, waiter and request threads go back to the agent's pool: a second exec starts
+    # no thread of its own
+    # long enough that its request thread, two pumps and waiter all run at once
+    proc = await client.exec(["sleep", "0.3"])
+    assert await proc.wait() == 0
+    _until(lambda: vm.agent.threads.parked >= 4)
+    started: list[str] = []
+
+    class Counted(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(guest.threading, "Thread", Counted)
+    proc = await client.exec(["sh", "-c", "echo hi"])
+    out, _, ev = await collect(proc)
+    assert out == b"hi\n" and ev["exit_code"] == 0
+    assert started == []

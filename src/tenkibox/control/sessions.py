@@ -281,16 +281,24 @@ class SessionControl:
                 started = await self.host.boot(BootSpec(
                     session_id, row.cpu, row.memory_mb, row.base_image_id,
                     hostname_for(session_id), network=network_of(row)))
-            await self.records.update(
-                SessionRow, session_id, when_state=[S.CREATING],
-                machine={**started.shape.to_json(), "ram": started.ram,
-                         "ram_chain": list(started.ram_chain)},
-                disk_chain=list(started.layers))
-            # attached before READY: a command run at once must see the mounts
-            warning = await self.volumes.attach_at_start(session_id, req.volumes)
+            vm_fields: dict[str, Any] = {
+                "machine": {**started.shape.to_json(), "ram": started.ram,
+                            "ram_chain": list(started.ram_chain)},
+                "disk_chain": list(started.layers)}
+            warning = None
+            if req.volumes:
+                # the record names what the VM runs on before its volumes go in (each attach
+                # is a step that may fail or be cut short)
+                await self.records.update(SessionRow, session_id, when_state=[S.CREATING],
+                                          **vm_fields)
+                vm_fields = {}
+                # attached before READY: a command run at once must see the mounts
+                warning = await self.volumes.attach_at_start(session_id, req.volumes)
+            # without volumes, one write: what the VM runs on and READY together (a wait is
+            # answered by it at once, not woken first by a write that changes no state)
             await self.records.transition(SessionRow, session_id, S.READY,
                                           expected=[S.CREATING], state_reason=warning,
-                                          ready_at=now())
+                                          ready_at=now(), **vm_fields)
         except asyncio.CancelledError:
             raise  # a terminate: it finishes the record
         except IllegalTransitionError:

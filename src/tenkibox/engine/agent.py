@@ -53,7 +53,16 @@ LINE_LIMIT = 64 << 20
 DEFAULT_TIMEOUT = 60.0
 CONNECT_RETRY_S = 0.02
 PING_INTERVAL_S = 1.0
+SETTLE_SINCE = (0, 4, 0)  # the first agent with the ``settle`` request
 _MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _parse_version(raw: object) -> tuple[int, ...]:
+    """``"0.3.0"`` -> ``(0, 3, 0)``; an agent too old to say, or garbage, is ``(0,)``."""
+    try:
+        return tuple(int(p) for p in str(raw or "0").split("."))
+    except ValueError:
+        return (0,)
 
 
 class AgentError(InternalError):
@@ -300,7 +309,10 @@ class AgentClient:
             try:
                 # Unanswered pings queue up in the socket while the guest boots; the agent
                 # answers them all once it runs, and any answer will do.
-                await self.ping(timeout=min(PING_INTERVAL_S, remaining))
+                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining))
+                # The ping says which agent answers: version() needs no request of its own
+                # later (the first exec as another user would otherwise pay one).
+                self._version = _parse_version(pong.get("version"))
                 return
             except AgentTimeoutError as e:
                 last_error = e
@@ -449,11 +461,7 @@ class AgentClient:
         """The agent's version (asked once: a connection is to one agent; a restored guest's
         agent is the one of its snapshot, which may be older than the image's)."""
         if self._version is None:
-            raw = str((await self.ping()).get("version") or "0")
-            try:
-                self._version = tuple(int(p) for p in raw.split("."))
-            except ValueError:
-                self._version = (0,)
+            self._version = _parse_version((await self.ping()).get("version"))
         return self._version
 
     async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
@@ -651,6 +659,26 @@ class AgentClient:
             raise AgentError("machine_id must be 32 lowercase hex digits", errno="EINVAL")
         await self._call("reidentify", timeout, hostname=hostname, machine_id=machine_id,
                          entropy=base64.b64encode(entropy).decode())
+
+    async def settle(self, identity: tuple[str, str, bytes] | None,
+                     epoch_ns: int | None = None, *,
+                     timeout: float | None = None) -> dict[str, float]:
+        """A restored clone's clock (default: the host's now) and, unless ``identity`` is None,
+        its ``(hostname, machine_id, entropy)``, in one request (agents from ``SETTLE_SINCE``;
+        ask ``version()`` first, older ones have only ``set_time`` and ``reidentify``).
+        Returns ``delta_s`` (how far the clock was off) and ``took_s`` (the agent's own time;
+        the rest of the round trip is the channel's)."""
+        args: dict[str, Any] = {}
+        if identity is not None:
+            hostname, machine_id, entropy = identity
+            if not _MACHINE_ID.match(machine_id):
+                raise AgentError("machine_id must be 32 lowercase hex digits", errno="EINVAL")
+            args.update(hostname=hostname, machine_id=machine_id,
+                        entropy=base64.b64encode(entropy).decode())
+        now = time.time_ns() if epoch_ns is None else epoch_ns
+        msg = await self._call("settle", timeout, epoch_ns=now, **args)
+        return {"delta_s": float(msg.get("delta_s", 0.0)),
+                "took_s": float(msg.get("took_s", 0.0))}
 
     async def sync(self, *, timeout: float | None = None) -> None:
         await self._call("sync", timeout)

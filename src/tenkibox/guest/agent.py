@@ -7,8 +7,9 @@ restart, snapshot restored into a new QEMU) while processes keep running and the
 kept for the next host.
 
 Threads: the main thread reads requests; one writer thread owns all output to the port; each
-request that may block runs in its own thread; each process has pump threads for its pipes, one
-waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order).
+request that may block runs in a thread of its own; each process has pump threads for its pipes,
+one waiter and, with ``stdin``, one stdin writer (so stdin chunks keep their order). Those are
+taken from threads parked after earlier work when one is free (``Threads``).
 
 ``--listen PATH`` serves a unix socket instead of the virtio port (development and unit tests).
 """
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
     # An op answers with its result, or with None when it answers by itself (exec, stdin).
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-VERSION = "0.3.0"  # 0.3.0: exec as another user (``user``)
+VERSION = "0.4.0"  # 0.3.0: exec as another user (``user``); 0.4.0: ``settle`` (clock and
+#                    identity of a restored clone in one request), parked threads
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
@@ -62,6 +64,9 @@ LEADER_GRACE_S = 0.3
 # Safety net only: the port's wait queue wakes the epoll when a host connects.
 HOST_WAIT_S = 1.0
 DEVICE_WAIT_S = 10.0
+# Threads kept parked for the next request or process (see ``Threads``): an exec with stdin
+# takes 5 (the request, two pumps, the stdin writer, the waiter)
+THREADS_PARKED = 8
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SANDBOX_UID = 1000  # the image's user ``tenki``
@@ -388,6 +393,57 @@ class Outbox:
 # Processes
 
 
+class Threads:
+    """Runs work on a thread parked after earlier work, or on a new one when none is free.
+
+    A guest restored from a snapshot runs every code path for the first time since the
+    restore, and under TCG each one is translated again: starting a thread (clone, its stack,
+    Python's bootstrap) is among the dearest, and an exec needs three or four. Threads parked
+    before the snapshot are in it, and waking one is a futex. At most ``keep`` stay parked;
+    a busy pool never makes work wait (a new thread is started instead)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.parked = 0
+        self.work: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = \
+            collections.deque()
+        self.cv = threading.Condition()
+        self.closed = False
+
+    def close(self) -> None:
+        """Let the parked threads end (the agent stops); later work gets threads of its own."""
+        with self.cv:
+            self.keep = 0
+            self.closed = True
+            self.cv.notify_all()
+
+    def start(self, fn: Callable[..., object], *args: Any) -> None:
+        with self.cv:
+            if self.parked > len(self.work):  # a parked thread takes it
+                self.work.append((fn, args))
+                self.cv.notify()
+                return
+        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
+
+    def _run(self, fn: Callable[..., object] | None, args: tuple[Any, ...]) -> None:
+        while fn is not None:
+            try:
+                fn(*args)
+            except Exception as e:  # as a thread of its own would: reported, the others go on
+                log(f"thread work crashed: {e!r}")
+            fn, args = None, ()  # nothing of the last work is kept alive while parked
+            with self.cv:
+                if self.parked >= self.keep:
+                    return
+                self.parked += 1
+                while not self.work and not self.closed:
+                    self.cv.wait()
+                self.parked -= 1
+                if not self.work:  # closed
+                    return
+                fn, args = self.work.popleft()
+
+
 class Proc:
     def __init__(self, agent: Agent, rid: int, popen: subprocess.Popen[bytes],
                  timeout_s: float | None, window: int = 0) -> None:
@@ -405,7 +461,7 @@ class Proc:
         self.unacked = 0
         self.cv = threading.Condition()
         self.idle: dict[str, bool] = {}  # per pipe: blocked in read() on an empty pipe
-        self.pumps: list[tuple[str, threading.Thread]] = []
+        self.pumps: list[tuple[str, threading.Event]] = []  # per pipe: set once drained
         self.stdin_done = False
         self.stdin_q: queue.Queue[tuple[int, bytes | None] | None] | None = None
         if popen.stdin is not None:
@@ -415,12 +471,12 @@ class Proc:
         for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
             assert stream is not None
             self.idle[name] = False
-            t = threading.Thread(target=self._pump, args=(name, stream), daemon=True)
-            self.pumps.append((name, t))
-            t.start()
+            done = threading.Event()
+            self.pumps.append((name, done))
+            self.agent.threads.start(self._pump, name, stream, done)
         if self.stdin_q is not None:
-            threading.Thread(target=self._stdin_writer, daemon=True).start()
-        threading.Thread(target=self._wait, daemon=True).start()
+            self.agent.threads.start(self._stdin_writer)
+        self.agent.threads.start(self._wait)
 
     def release(self, nbytes: int) -> None:
         with self.cv:
@@ -447,7 +503,13 @@ class Proc:
             return False
         return self.pending >= OUTPUT_LIMIT or (self.window > 0 and self.unacked >= self.window)
 
-    def _pump(self, name: str, stream: Any) -> None:
+    def _pump(self, name: str, stream: Any, done: threading.Event) -> None:
+        try:
+            self._pump_pipe(name, stream)
+        finally:
+            done.set()
+
+    def _pump_pipe(self, name: str, stream: Any) -> None:
         fd = stream.fileno()
         while True:
             with self.cv:
@@ -486,10 +548,10 @@ class Proc:
         self.exited = True
         exited_at = time.monotonic()
         while True:
-            for _, t in self.pumps:
-                t.join(0.05)
+            for _, done in self.pumps:
+                done.wait(0.05)
             with self.cv:
-                alive = [name for name, t in self.pumps if t.is_alive()]
+                alive = [name for name, done in self.pumps if not done.is_set()]
                 if not alive:
                     break
                 idle = all(self.idle[name] for name in alive)
@@ -603,6 +665,7 @@ class Agent:
         self.port = port
         self.sys = system or System()
         self.out = Outbox(port)
+        self.threads = Threads(THREADS_PARKED)
         self.procs: dict[int, Proc] = {}
         self.procs_lock = threading.Lock()
         self.stopping = False
@@ -621,13 +684,17 @@ class Agent:
             "ack": self.op_ack,
             "set_time": self.op_set_time,
             "reidentify": self.op_reidentify,
+            "settle": self.op_settle,
             "sync": self.op_sync,
             "mount": self.op_mount,
             "umount": self.op_umount,
         }
         # Answered from the reader thread: quick and order-sensitive (stdin chunks must not
-        # overtake each other; set_time must not wait behind a slow request).
-        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time", "ack"}
+        # overtake each other; set_time must not wait behind a slow request). ``settle`` too:
+        # a restored guest's first request after the ping, a few small writes to files in
+        # /etc (page cache), and a thread started just for it costs more than the work in a
+        # guest that was just restored (each page it touches first is a fault on the host).
+        self.inline = {"ping", "stdin", "stdin_close", "kill", "set_time", "ack", "settle"}
 
     @staticmethod
     def _read_text(path: str) -> str:
@@ -680,6 +747,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping = True
+        self.threads.close()
         with self.procs_lock:
             procs = list(self.procs.values())
         for p in procs:
@@ -718,7 +786,7 @@ class Agent:
         if op in self.inline:
             self._handle(rid, handler, req)
         else:
-            threading.Thread(target=self._handle, args=(rid, handler, req), daemon=True).start()
+            self.threads.start(self._handle, rid, handler, req)
 
     def _handle(self, rid: int, handler: Handler, req: dict[str, Any]) -> None:
         try:
@@ -966,6 +1034,26 @@ class Agent:
         if entropy:
             self.sys.mix_entropy(entropy)
         return {}
+
+    def op_settle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A restored clone's clock and, when ``hostname`` is given, its new identity, in one
+        round trip: ``set_time``, then ``reidentify`` (same arguments and checks). The
+        identity is checked before the clock is touched, so a refused request changes
+        nothing. ``took_s``: the agent's own time for it (the rest of the round trip is the
+        channel's)."""
+        start = time.monotonic()
+        identity = "hostname" in req
+        if identity:
+            if not HOSTNAME_RE.match(_str(req, "hostname")):
+                raise OpError(f"invalid hostname {req['hostname']!r}", "EINVAL")
+            if not MACHINE_ID_RE.match(_str(req, "machine_id").lower()):
+                raise OpError("machine_id must be 32 hex digits", "EINVAL")
+            _b64(req, "entropy")
+        result = self.op_set_time(req)  # first: its epoch_ns was the host's time at sending
+        if identity:
+            self.op_reidentify(req)
+        result["took_s"] = time.monotonic() - start
+        return result
 
     def _hosts(self, hostname: str) -> str:
         lines = [ln for ln in self._read_text(self.sys.path("/etc/hosts")).splitlines()

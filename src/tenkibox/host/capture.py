@@ -20,11 +20,16 @@ artifact store. One ordered list of named, timed steps:
                     differs from the parent's index (``ramfile`` version 2); a full image when
                     there is no usable parent (none, not stored any more, a v1 image, or a
                     chain already ``MAX_RAM_CHAIN`` long)
-7. ``checksum``     the device state (zstd) and the newly frozen layer into the store; every
-                    older layer and every image of the parent RAM chain
-                    verified against its digest (a layer damaged under a running VM must not be
-                    sealed into a snapshot)
-8. ``sync``         everything durable; only then does the caller mark the snapshot READY
+7. ``checksum``     the newly frozen layer into the store; every older layer, the kernel and
+                    the initrd verified against their digests (a layer damaged under a running
+                    VM must not be sealed into a snapshot). It needs nothing from steps 5 and
+                    6, so it runs in a thread of its own from the resume on, beside them (the
+                    split and the hashing are one core each; the compression uses every core
+                    it gets); its time overlaps theirs. Then, once 6 is done: the device state
+                    (zstd) into the store, and every image of the parent RAM chain verified
+                    again
+8. ``sync``         everything durable (each ``put`` fsyncs); only when every step above has
+                    finished does the caller mark the snapshot READY
 
 A pause of the session (``spec.leave_paused``), or a guest paused already, stays paused anyway:
 step 1 is a plain ``pause`` and step 3 saves device state and RAM while it waits; step 4 is
@@ -42,12 +47,14 @@ Staging files live in the VM's run directory and are removed whatever happens.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -105,13 +112,21 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
         ram = ctx.store.temp_path()  # on the store's disk (see convert_stream)
         _check_room(ram.parent, stream.stat().st_size)
+        # step 7's layers beside steps 5 and 6 (see the module's text)
+        pool = concurrent.futures.ThreadPoolExecutor(1, "capture-layers")
+        layers = pool.submit(_store_layers, ctx, vm, steps, produced)
+        pool.shutdown(wait=False)  # the thread ends with its one task
         try:
             with steps.step("convert"):
                 await _convert(ctx, vm, spec, stream, ram, staging / "state.bin")
             stream.unlink()  # tmpfs: free it before the long part
             manifest, size, stored = await asyncio.to_thread(
-                _seal, ctx, vm, ram, staging, steps, spec.base_image_id, produced)
+                _seal, ctx, vm, ram, staging, steps, spec.base_image_id, produced, layers)
         finally:
+            # a thread cannot be cancelled: whatever failed, the capture ends only after it
+            # (its files are in ``produced``, and it saves the VM's note); its failure is
+            # reported by _seal, unless an error above came first
+            await _joined(layers)
             ram.unlink(missing_ok=True)
     except BaseException:
         if held:  # the original error is the one to report
@@ -275,8 +290,58 @@ def _parent(ctx: HostContext, vm: VM, produced: set[str]) -> list[str]:
     return chain if top.version == 2 else []
 
 
+async def _joined(future: concurrent.futures.Future[Any]) -> None:
+    """Wait for a thread's work to end, whatever it did, even if this task is cancelled
+    meanwhile (the cancellation is delivered once the thread is done)."""
+    done = asyncio.wrap_future(future)
+    cancelled = False
+    while not done.done():
+        try:
+            await asyncio.wait({done})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not done.cancelled():
+        done.exception()  # retrieved: whoever needs it has it from ``future``
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _store_layers(ctx: HostContext, vm: VM, steps: Steps,
+                  produced: set[str]) -> tuple[list[str], list[str]]:
+    """Step 7's disk part (in a thread, beside steps 5 and 6): the layers frozen by this VM's
+    captures into the store (the new one is hashed now, older ones were), then every layer,
+    the kernel and the initrd verified. Returns (every layer, the layers stored now)."""
+    store = ctx.store
+    with steps.step("checksum"):
+        new_layers: list[str] = []
+        for i, (name, digest) in enumerate(vm.record.frozen):
+            if not digest:
+                digest = sha256_file(vm.disk_dir / name)
+                produced.add(digest)
+                store.put(vm.disk_dir / name, digest=digest)
+                vm.record.frozen[i] = (name, digest)
+                new_layers.append(digest)
+        vm.record.save(vm.disk_dir)
+        layers = [*vm.record.layers, *(d for _, d in vm.record.frozen)]
+        shape = vm.record.shape
+        _verify_all(ctx, {shape.kernel: "kernel", shape.initrd: "initrd",
+                          **{d: f"disk layer {i}" for i, d in enumerate(layers)}})
+    return layers, new_layers
+
+
+def _verify_all(ctx: HostContext, kinds: dict[str, str]) -> None:
+    for digest, kind in kinds.items():
+        try:
+            ctx.store.verify(digest, kind)
+        except ArtifactError as exc:
+            raise SnapshotFailedError(f"{exc.message}; not sealing a snapshot over it") \
+                from exc
+
+
 def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
-          base_image_id: str, produced: set[str]) -> tuple[Manifest, int, int]:
+          base_image_id: str, produced: set[str],
+          layers_done: concurrent.futures.Future[tuple[list[str], list[str]]],
+          ) -> tuple[Manifest, int, int]:
     store = ctx.store
     with steps.step("compress-ram"):
         parent = _parent(ctx, vm, produced)
@@ -298,39 +363,20 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
         log.info("%s: RAM image %s: %.1f MiB changed of %.1f MiB (chain of %d)",
                  vm.session_id, got.digest[:12], got.changed / 2**20, got.raw / 2**20,
                  len(ram_chain))
-    with steps.step("checksum"):
-        raw_state = staging / "state.bin"
-        state_bytes = raw_state.stat().st_size
-        # stored compressed: every snapshot of a lineage stores its own (a restore unpacks it,
-        # ``restore.device_state_file``)
-        state = staging / "state.zst"
-        with open(raw_state, "rb") as fin, open(state, "wb") as fout:
-            zstandard.ZstdCompressor(level=3).copy_stream(fin, fout)
-        raw_state.unlink()
-        state_digest = sha256_file(state)
-        produced.add(state_digest)
-        store.put(state, digest=state_digest, move=True)
-        new_layers: list[str] = []
-        # the layers frozen by this VM's captures: the new one is hashed now, older ones were
-        for i, (name, digest) in enumerate(vm.record.frozen):
-            if not digest:
-                digest = sha256_file(vm.disk_dir / name)
-                produced.add(digest)
-                store.put(vm.disk_dir / name, digest=digest)
-                vm.record.frozen[i] = (name, digest)
-                new_layers.append(digest)
-        vm.record.save(vm.disk_dir)
-        layers = [*vm.record.layers, *(d for _, d in vm.record.frozen)]
-        shape = vm.record.shape
-        kinds = {shape.kernel: "kernel", shape.initrd: "initrd",
-                 **{d: f"disk layer {i}" for i, d in enumerate(layers)},
-                 **{d: "RAM image" for d in parent}}  # still there (the GC spared them)
-        for digest, kind in kinds.items():
-            try:
-                store.verify(digest, kind)
-            except ArtifactError as exc:
-                raise SnapshotFailedError(f"{exc.message}; not sealing a snapshot over it") \
-                    from exc
+    raw_state = staging / "state.bin"
+    state_bytes = raw_state.stat().st_size
+    # stored compressed: every snapshot of a lineage stores its own (a restore unpacks it,
+    # ``restore.device_state_file``); small (~1 MiB raw), so after the RAM, not beside it
+    state = staging / "state.zst"
+    with open(raw_state, "rb") as fin, open(state, "wb") as fout:
+        zstandard.ZstdCompressor(level=3).copy_stream(fin, fout)
+    raw_state.unlink()
+    state_digest = sha256_file(state)
+    produced.add(state_digest)
+    store.put(state, digest=state_digest, move=True)
+    _verify_all(ctx, {d: "RAM image" for d in parent})  # still there (the GC spared them)
+    # step 7's layers (a thread started at the resume): done, or their failure is the capture's
+    layers, new_layers = layers_done.result()
     with steps.step("sync"):
         # put() fsyncs each file and the store's directory before it returns
         pass
@@ -339,7 +385,7 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
     produced_layers = layers[1:]  # layers[0] is the base image's (Manifest.digests)
     stored_of = {d: store.size(d) for d in [*ram_chain, state_digest]}
     stored_of.update({d: store.allocated(d) for d in produced_layers})
-    manifest = Manifest(shape, layers, got.digest, state_digest, base_image_id, ram_chain,
+    manifest = Manifest(vm.record.shape, layers, got.digest, state_digest, base_image_id, ram_chain,
                         stored_of)
     # the logical size: the whole RAM it restores, its state, every disk layer over the image
     size = got.raw + state_bytes + sum(store.size(d) for d in produced_layers)

@@ -16,7 +16,19 @@ One ordered list of named, timed steps:
 8. ``agent``       the guest's agent, still running from before, answers the new socket
 9. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
 10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
-                   the resume of a paused session: it is the same guest)
+                   the resume of a paused session: it is the same guest); with an agent from
+                   0.4.0 steps 9 and 10 are one request, the step ``settle``
+
+Round trips are what a restore waits for once the guest runs, so there are few, and they overlap:
+
+- the agent's socket is connected right after ``launch`` (QEMU listens from its start), while
+  the device state loads: the ping waits in the socket until ``resume``, and ``agent`` only
+  waits for its answer;
+- ``clock`` and ``identity`` are one request (``settle``, agents from 0.4.0: the step is then
+  named ``settle``), sent once the ping was answered: it carries the host's time at sending, so
+  it must go out when the guest answers at once (the clock is off by at most one way of one
+  round trip, as before). A guest whose agent is older (a snapshot taken before) gets the two
+  requests, one after the other.
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
@@ -26,6 +38,7 @@ with the source's identity or a stale clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -36,7 +49,7 @@ import zstandard
 
 from ..artifacts.store import ArtifactError
 from ..engine import disks
-from ..engine.agent import AgentClient, connect_agent
+from ..engine.agent import SETTLE_SINCE, AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
@@ -107,6 +120,27 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
         with steps.step("launch"):
             await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
                                                incoming=True, netns=netns))
+        await _settle(ctx, spec, machine, agent, steps)
+    except TenkiError as exc:
+        if isinstance(exc, SnapshotFailedError):
+            raise
+        raise SnapshotFailedError(
+            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
+        ) from exc
+    vm.timings = steps.timings
+    log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
+    return vm
+
+
+async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: AgentClient,
+                  steps: Steps) -> None:
+    """From the launched, paused QEMU to a guest with its clock and identity set: steps
+    ``load-state``, ``resume``, ``agent``, then ``settle`` (or ``clock`` and ``identity``); see
+    the module's text. Nothing is left in flight when this returns or raises."""
+    m = spec.manifest
+    files = ctx.layout.files(spec.session_id)
+    connecting = asyncio.ensure_future(connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S))
+    try:
         with steps.step("load-state"):
             scratch = files.run_dir / "state.bin"
             try:
@@ -118,18 +152,23 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
         with steps.step("resume"):
             await machine.resume()
         with steps.step("agent"):
-            await connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S)
-        with steps.step("clock"):
-            await agent.set_time(time.time_ns())
-        if not spec.keep_identity:  # a resume carries on the same guest
-            with steps.step("identity"):
-                await agent.reidentify(spec.hostname, secrets.token_hex(16), os.urandom(64))
-    except TenkiError as exc:
-        if isinstance(exc, SnapshotFailedError):
-            raise
-        raise SnapshotFailedError(
-            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
-        ) from exc
-    vm.timings = steps.timings
-    log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
-    return vm
+            await connecting
+    finally:
+        if not connecting.done():
+            connecting.cancel()
+        # retrieved here, so a failure that another step reported is not logged as unretrieved
+        with contextlib.suppress(BaseException):
+            await connecting
+    # a resume carries on the same guest: it keeps its identity
+    identity = None if spec.keep_identity else (
+        spec.hostname, secrets.token_hex(16), os.urandom(64))
+    if await agent.version() >= SETTLE_SINCE:  # known from the ping: no request
+        with steps.step("settle"):
+            took = await agent.settle(identity)
+        log.debug("%s: settle: %.3fs in the guest", spec.session_id, took["took_s"])
+        return
+    with steps.step("clock"):
+        await agent.set_time(time.time_ns())
+    if identity is not None:
+        with steps.step("identity"):
+            await agent.reidentify(*identity)

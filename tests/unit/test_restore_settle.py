@@ -1,0 +1,166 @@
+"""The end of a restore (``restore._settle``): the device state loaded, the guest resumed, its
+agent reached, then its clock and identity set, with the real guest agent on a unix socket in
+place of the VM (QEMU's part is a stand-in; tests/integration runs the real one).
+
+What must hold whichever agent the snapshot carries: the clock is set, the identity is new
+(unless the session is resumed: same guest), and the steps say what happened. An agent from
+0.4.0 gets one request (``settle``); an older one, baked into an older snapshot, gets
+``set_time`` and ``reidentify``, which are all it knows."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tenkibox.engine.agent import AgentClient
+from tenkibox.guest import agent as guest
+from tenkibox.host import restore
+from tenkibox.steps import Steps
+
+
+class Recorder(guest.System):
+    """Writes /etc below a temp root and records what would change the real machine."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.clock: list[int] = []
+        self.hostnames: list[str] = []
+        self.entropy: list[bytes] = []
+
+    def set_clock(self, epoch_ns: int) -> None:
+        self.clock.append(epoch_ns)
+
+    def set_hostname(self, name: str) -> None:
+        self.hostnames.append(name)
+
+    def mix_entropy(self, data: bytes) -> None:
+        self.entropy.append(data)
+
+
+class OldAgent(guest.Agent):
+    """An agent 0.3.0, as baked into snapshots taken before ``settle`` existed."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        del self.ops["settle"]
+        self.requests: list[str] = []
+
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {**super().op_ping(req), "version": "0.3.0"}
+
+    def dispatch(self, line: bytes) -> None:
+        self.requests.append(line.decode())
+        super().dispatch(line)
+
+
+class Machine:
+    """QEMU's part: alive, and a resume that lets the guest run."""
+
+    def __init__(self, events: list[str], console: Path | None = None) -> None:
+        self.events = events
+        # the serial console's end is quoted when the agent never answers
+        self.files = SimpleNamespace(console=console or Path("/nonexistent/console.log"))
+
+    def alive(self) -> bool:
+        return True
+
+    async def resume(self) -> None:
+        self.events.append("resume")
+
+
+@pytest.fixture(params=["0.4.0", "0.3.0"])
+def guest_agent(request: pytest.FixtureRequest) -> Iterator[tuple[guest.Agent, Recorder, Path]]:
+    base = Path(tempfile.mkdtemp(prefix="tkr-"))  # short: unix socket paths <= 108 bytes
+    (base / "root" / "etc").mkdir(parents=True)
+    (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
+    system = Recorder(str(base / "root"))
+    cls = guest.Agent if request.param == "0.4.0" else OldAgent
+    agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
+    thread = threading.Thread(target=agent.serve_forever, daemon=True)
+    thread.start()
+    yield agent, system, base
+    agent.stop()
+    thread.join(5)
+
+
+def _spec(keep_identity: bool) -> Any:
+    return SimpleNamespace(session_id="ses_x", hostname="tenki-clone", keep_identity=keep_identity,
+                           manifest=SimpleNamespace(state="s" * 64))
+
+
+def _ctx(base: Path) -> Any:
+    files = SimpleNamespace(run_dir=base)
+    state = base / "state.stored"
+    state.write_bytes(b"QEVM device state")
+    return SimpleNamespace(layout=SimpleNamespace(files=lambda sid: files),
+                           store=SimpleNamespace(local_path=lambda d: state))
+
+
+@pytest.mark.parametrize("keep_identity", [False, True])
+async def test_clock_and_identity_are_set_before_it_returns(
+        guest_agent: tuple[guest.Agent, Recorder, Path], keep_identity: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, system, base = guest_agent
+    events: list[str] = []
+
+    async def load_state(machine: Any, source: Path) -> None:
+        # the agent's connection is made while the state loads: it is open (or opening) here
+        await asyncio.sleep(0.05)
+        events.append("load-state")
+
+    monkeypatch.setattr(restore, "load_state", load_state)
+    client = AgentClient(base / "agent.sock", default_timeout=10)
+    steps = Steps(restore.log, "ses_x", plan="restore")
+    before = time.time_ns()
+    try:
+        await restore._settle(_ctx(base), _spec(keep_identity), Machine(events),  # type: ignore[arg-type]
+                              client, steps)
+    finally:
+        await client.close()
+    assert events == ["load-state", "resume"]
+    assert len(system.clock) == 1 and system.clock[0] >= before
+    etc = base / "root" / "etc"
+    if keep_identity:  # a resumed session is the same guest
+        assert system.hostnames == [] and not (etc / "machine-id").exists()
+    else:
+        assert system.hostnames == ["tenki-clone"] and len(system.entropy) == 1
+        assert len((etc / "machine-id").read_text().strip()) == 32
+        assert (etc / "hostname").read_text() == "tenki-clone\n"
+    done = set(steps.timings)
+    if isinstance(agent, OldAgent):
+        assert done == {"load-state", "resume", "agent", "clock"} | (
+            set() if keep_identity else {"identity"})
+        # nothing it does not know was sent (an unknown op would fail the restore)
+        assert not any('"settle"' in r for r in agent.requests)
+    else:
+        assert done == {"load-state", "resume", "agent", "settle"}
+
+
+async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no agent on the socket: the agent step fails (the restore then fails the session), and
+    # the connection attempt started during load-state is not left running
+    async def load_state(machine: Any, source: Path) -> None:
+        return None
+
+    monkeypatch.setattr(restore, "load_state", load_state)
+    monkeypatch.setattr(restore, "RESTORE_AGENT_TIMEOUT_S", 0.3)
+    client = AgentClient(tmp_path / "nobody.sock", default_timeout=1)
+    tasks_before = asyncio.all_tasks()
+    steps = Steps(restore.log, "ses_x", plan="restore")
+    (tmp_path / "console.log").write_text("guest kernel panic")
+    with pytest.raises(restore.TenkiError, match=r"did not answer.*guest kernel panic"):
+        await restore._settle(_ctx(tmp_path), _spec(False),
+                              Machine([], tmp_path / "console.log"),  # type: ignore[arg-type]
+                              client, steps)
+    assert steps.current == "agent"
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - tasks_before == set()
