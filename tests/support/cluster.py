@@ -269,11 +269,24 @@ def _net_down(c: Cluster) -> None:
 
 # -- the processes -------------------------------------------------------------------------------
 
+#: the processes this run started, by pid: whether one exited is asked of its Popen (its
+#: command line may not read as the new program's for a moment after the start)
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> int:
     with open(log, "ab") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
                                 env={**os.environ, **env}, start_new_session=True)
+    _started[proc.pid] = proc
     return proc.pid
+
+
+def _exited(pid: int, marker: str) -> bool:
+    proc = _started.get(pid)
+    if proc is not None:
+        return proc.poll() is not None
+    return not _alive(pid, marker)
 
 
 def _s3_env(c: Cluster) -> dict[str, str]:
@@ -299,7 +312,7 @@ def _control_up(c: Cluster) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     key_file = home / "admin.key"
     while time.monotonic() < deadline:
-        if not _alive(c.control_pid, c.control_marker):
+        if _exited(c.control_pid, c.control_marker):
             raise ClusterError(f"the control plane exited (see {c.dir}/control.log)")
         if key_file.exists():
             try:
@@ -351,7 +364,7 @@ def _wait_hosts(c: Cluster, want: list[HostProc]) -> None:
     urls = {h.url for h in want}
     while time.monotonic() < deadline:
         for h in want:
-            if not _alive(h.pid, h.marker):
+            if _exited(h.pid, h.marker):
                 raise ClusterError(f"host {h.index} exited (see {c.dir}/host{h.index}.log)")
         try:
             active = {str(x.get("address")) for x in hosts_registered(c)
