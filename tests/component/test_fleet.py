@@ -183,7 +183,7 @@ def test_a_pin_places_on_that_host_or_says_why_not(make_inproc: MakeServer) -> N
     a, b = sorted(fakes)
     with Client(endpoint=server.url) as sdk:
         for _ in range(2):
-            assert sdk.create_and_wait(memory_mb=2048, host_id=b).record.host_id == b
+            assert sdk.create_and_wait(memory_mb=2048, host_id=b).host_id == b
         with pytest.raises(ConflictError, match=f"host {b}|capacity"):
             sdk.create(memory_mb=2048, host_id=b)  # full: the caller chose it, 409
         with pytest.raises(ValidationError) as err:

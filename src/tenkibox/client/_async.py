@@ -939,6 +939,11 @@ class AsyncSession:
         return self._record.allow_inbound
 
     @property
+    def host_id(self) -> str | None:
+        """The host whose VM the session runs on (as of the last answer about it)."""
+        return self._record.host_id
+
+    @property
     def record(self) -> models.Session:
         """The last :class:`tenkibox.models.Session` record seen (see :meth:`refresh`)."""
         return self._record
