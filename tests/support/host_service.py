@@ -1,0 +1,65 @@
+"""A host served over HTTP in the test's own event loop: ``host.service`` on a real socket
+(uvicorn on 127.0.0.1, a free port), for a ``RemoteHost`` to call.
+
+httpx's ASGI transport collects a whole response before it answers, so streams are only
+streamed over a socket; uvicorn runs as a task of the running loop, next to the host it serves
+(a ``FakeHost`` is touched on one loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from tenkibox.host.api import HostAPI
+from tenkibox.host.remote import RemoteHost
+from tenkibox.host.service import create_host_app
+
+SECRET = "test-host-secret"
+
+
+@dataclass
+class Served:
+    url: str
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 10)
+
+
+async def serve(host: HostAPI, secret: str = SECRET, port: int = 0) -> Served:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    config = uvicorn.Config(create_host_app(host, secret), log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    # uvicorn takes SIGINT/SIGTERM in serve() (and raises them again after): not in a test
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="host service")
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.005)
+    return Served(f"http://127.0.0.1:{sock.getsockname()[1]}", server, task)
+
+
+@contextlib.asynccontextmanager
+async def remote_of(host: HostAPI, secret: str = SECRET) -> AsyncIterator[RemoteHost]:
+    """``host`` behind the service, and a refreshed ``RemoteHost`` calling it."""
+    served = await serve(host, secret)
+    remote = RemoteHost(served.url, secret, host_id="h-test")
+    try:
+        await remote.refresh()
+        yield remote
+    finally:
+        await remote.aclose()
+        await served.stop()
