@@ -43,7 +43,7 @@ async def serve(host: HostAPI, secret: str = SECRET, port: int = 0) -> Served:
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     # uvicorn takes SIGINT/SIGTERM in serve() (and raises them again after): not in a test
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]), name="host service")
     while not server.started:
         if task.done():

@@ -48,3 +48,4 @@ def status(ctx: click.Context, as_json: bool) -> None:
                       f"{units.format_size(h.tmpfs_total_bytes)}"),
         ]
     )
+host.add_command(__import__(f"{__package__}.host_run", fromlist=["run"]).run)  # tenki host run
