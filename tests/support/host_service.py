@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,3 +64,44 @@ async def remote_of(host: HostAPI, secret: str = SECRET) -> AsyncIterator[Remote
     finally:
         await remote.aclose()
         await served.stop()
+
+
+#: ``TENKI_TEST_HOST=remote``: the control planes of ``InProcessServer`` call their fake host
+#: through the wire (``RemoteHost`` -> ``host.service`` -> ``FakeHost``), as a control plane
+#: calls a host worker
+ENV_TEST_HOST = "TENKI_TEST_HOST"
+#: how often the cache of a test's ``RemoteHost`` is refreshed (a fleet does it each heartbeat)
+TEST_REFRESH_S = 0.1
+
+
+def remote_requested() -> bool:
+    return os.environ.get(ENV_TEST_HOST, "").lower() == "remote"
+
+
+class Wired:
+    """A host behind the wire for a control plane: ``remote`` is what the plane calls."""
+
+    def __init__(self, served: Served, remote: RemoteHost) -> None:
+        self.served = served
+        self.remote = remote
+        self._refresher = asyncio.create_task(self._refresh(), name="remote host refresh")
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(TEST_REFRESH_S)
+            with contextlib.suppress(Exception):
+                await self.remote.refresh()
+
+    async def close(self) -> None:
+        self._refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._refresher
+        await self.remote.aclose()
+        await self.served.stop()
+
+
+async def wire(host: HostAPI) -> Wired:
+    served = await serve(host)
+    remote = RemoteHost(served.url, SECRET, host_id="fake")
+    await remote.refresh()
+    return Wired(served, remote)

@@ -38,6 +38,7 @@ from tenkibox.control.plane import ControlPlane
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
+from .host_service import Wired, remote_requested, wire
 from .postgres import cluster as postgres_cluster
 from .postgres import on_postgres
 
@@ -223,6 +224,8 @@ class InProcessServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        #: under TENKI_TEST_HOST=remote: the fake host behind the wire (host_service.wire)
+        self._wired: Wired | None = None
 
     @property
     def plane(self) -> ControlPlane:
@@ -353,7 +356,11 @@ class InProcessServer:
     async def _open(self) -> None:
         self.host.images.update(self.images)
         self._store = open_test_store(self.home, self.database_url)
-        self._plane = ControlPlane(self._store, self.host)
+        plane_host: Any = self.host
+        if remote_requested():
+            self._wired = await wire(self.host)
+            plane_host = self._wired.remote
+        self._plane = ControlPlane(self._store, plane_host)
         await self._plane.start()
         # as ServerRuntime.start: the default workspace and the local admin key of this home
         layout = Layout(self.home)
@@ -381,6 +388,9 @@ class InProcessServer:
         if self._plane is not None:
             await self._plane.stop()
             self._plane = None
+        if self._wired is not None:
+            await self._wired.close()
+            self._wired = None
         await self.host.shutdown()
         if self._store is not None:
             self._store.close()

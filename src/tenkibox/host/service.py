@@ -32,13 +32,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import limits
-from ..errors import AuthenticationError, InternalError, TenkiError, ValidationError
+from ..errors import (
+    AuthenticationError,
+    ConflictError,
+    InternalError,
+    TenkiError,
+    ValidationError,
+)
 from .api import (
     BootSpec,
     CaptureSpec,
     ExecSpec,
     HostAPI,
     RestoreSpec,
+    Started,
     Unowned,
     VolumeMountSpec,
 )
@@ -75,7 +82,8 @@ def _guarded(fn: Handler) -> Handler:
             return Response(status_code=499)
         except Exception as exc:
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-            return _error(InternalError(f"host error ({type(exc).__name__}: {exc})"))
+            # named as the control plane names an error of an in-process host
+            return _error(InternalError(f"{type(exc).__name__}: {exc}"))
 
     return run
 
@@ -161,16 +169,38 @@ async def _pump_first(gen: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes,
 def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
     """The host API of ``host``, for callers that know ``secret``."""
 
+    #: session id -> its boot or restore in flight: a terminate cancels it first (a local
+    #: control plane cancels the task itself; over the wire, only the host can)
+    starting: dict[str, asyncio.Task[Started]] = {}
+
+    async def start(session_id: str, work: Awaitable[Started]) -> Response:
+        if session_id in starting:
+            raise ConflictError(f"session {session_id} is already starting on this host")
+        task = asyncio.ensure_future(work)
+        starting[session_id] = task
+        try:
+            started = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.cancel()  # the caller went away (the request itself is cancelled)
+                raise
+            raise ConflictError(f"the start of session {session_id} was cancelled by a "
+                                "terminate") from None
+        finally:
+            if starting.get(session_id) is task:
+                del starting[session_id]
+        return JSONResponse({"started": started.to_json(), **brief(host)})
+
     async def get_status(request: Request) -> Response:
         return JSONResponse(status(host, unowned=request.query_params.get("unowned") == "1"))
 
     async def boot(request: Request) -> Response:
-        started = await host.boot(BootSpec.from_json(await _json(request)))
-        return JSONResponse({"started": started.to_json(), **brief(host)})
+        spec = BootSpec.from_json(await _json(request))
+        return await start(spec.session_id, host.boot(spec))
 
     async def restore(request: Request) -> Response:
-        started = await host.restore(RestoreSpec.from_json(await _json(request)))
-        return JSONResponse({"started": started.to_json(), **brief(host)})
+        spec = RestoreSpec.from_json(await _json(request))
+        return await start(spec.session_id, host.restore(spec))
 
     async def capture(request: Request) -> Response:
         captured = await host.capture(CaptureSpec.from_json(await _json(request)))
@@ -178,7 +208,14 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
 
     async def terminate(request: Request) -> Response:
         body = await _json(request)
-        await host.terminate(request.path_params["sid"], _mounts(body.get("volumes")))
+        sid = request.path_params["sid"]
+        in_flight = starting.get(sid)
+        if in_flight is not None:
+            # as LocalHost.terminate asks: the start is cancelled first (it stops what it
+            # launched before its task ends)
+            in_flight.cancel()
+            await asyncio.wait([in_flight])  # its outcome is the boot route's to answer
+        await host.terminate(sid, _mounts(body.get("volumes")))
         return JSONResponse(brief(host))
 
     async def recover(request: Request) -> Response:
