@@ -29,7 +29,13 @@ from urllib.parse import quote
 
 import httpx
 
-from ..errors import HostUnreachableError, InternalError, TenkiError
+from ..errors import (
+    ConflictError,
+    HostUnreachableError,
+    InternalError,
+    NotFoundError,
+    TenkiError,
+)
 from ..models import Image
 from .api import (
     BootSpec,
@@ -96,6 +102,11 @@ class RemoteHost:
         self._referenced: set[str] = set()
         self._local_artifacts: list[InUse] = []
         self._unowned: list[Unowned] = []
+        #: process id -> its session: the processes an events stream may be asked for
+        self._procs: dict[str, str] = {}
+        #: process id -> "active", "done" or "gone" (as ``ProcessHandle``'s one-reader rule)
+        self._readers: dict[str, str] = {}
+        self._delivered: dict[str, int] = {}
         #: when the cache was last refreshed from a full status (loop time; None: never)
         self.refreshed_at: float | None = None
 
@@ -156,6 +167,10 @@ class RemoteHost:
         if data.get("tmpfs"):
             self._tmpfs = TmpfsUse.from_json(data["tmpfs"])
         self._running = {str(s): int(n) for s, n in (data.get("running_processes") or {}).items()}
+        if "processes" in data:
+            listed = {str(p): str(s) for s, ps in data["processes"].items() for p in ps}
+            # a process started through this object while the answer was on its way stays
+            self._procs = {p: s for p, s in self._procs.items() if s in self._vms} | listed
 
     async def refresh(self, *, unowned: bool = False) -> None:
         """Refresh the cache from the host's status (``unowned``: also what it stores that
@@ -169,6 +184,12 @@ class RemoteHost:
         if unowned:
             self._unowned = [Unowned.from_json(u) for u in data.get("unowned") or []]
         self.refreshed_at = asyncio.get_running_loop().time()
+
+    def _forget(self, session_id: str) -> None:
+        """A VM is gone: and the processes of its session with it (as on the host)."""
+        self._vms.discard(session_id)
+        self._running.pop(session_id, None)
+        self._procs = {p: s for p, s in self._procs.items() if s != session_id}
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self._vms
@@ -219,7 +240,7 @@ class RemoteHost:
         data = await self._call("POST", f"/vms/{_q(session_id)}/terminate",
                                 {"volumes": [v.to_json() for v in volumes]}, timeout=LONG)
         self._take_brief(data)
-        self._vms.discard(session_id)
+        self._forget(session_id)
 
     async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered:
         body = {"live": {s: [m.to_json() for m in ms] for s, ms in live.items()}}
@@ -238,8 +259,7 @@ class RemoteHost:
                         if "session_id" not in data:
                             continue  # a keepalive
                         gone = VMGone.from_json(data)
-                        self._vms.discard(gone.session_id)
-                        self._running.pop(gone.session_id, None)
+                        self._forget(gone.session_id)
                         yield gone
             except (TenkiError, httpx.HTTPError, ValueError) as exc:
                 log.warning("host %s: watch stream broke (%s); connecting again", self.host_id,
@@ -284,23 +304,60 @@ class RemoteHost:
     async def start_process(self, session_id: str, spec: ExecSpec) -> ProcessRef:
         data = await self._call("POST", f"/vms/{_q(session_id)}/processes", spec.to_json())
         self._running[session_id] = int(data["running_processes"])
-        return ProcessRef.from_json(data["process"])
+        ref = ProcessRef.from_json(data["process"])
+        self._procs[ref.process_id] = session_id
+        return ref
 
-    async def process_events(self, session_id: str,
-                             process_id: str) -> AsyncGenerator[ProcessEvent, None]:
-        # a process may be silent for as long as it runs: no read timeout
-        async with self._stream("GET", self._proc(session_id, process_id) + "/events",
-                                timeout=LONG) as resp:
-            try:
+    def process_events(self, session_id: str,
+                       process_id: str) -> AsyncGenerator[ProcessEvent, None]:
+        """The process's events, for the one reader there may be. As ``ProcessHandle.stream``
+        (which the host applies too), an unknown process or a second reader is refused here,
+        before the first iteration, so that a route can answer 404 or 409 before it starts a
+        response: by what this control plane knows (the processes started through it or
+        listed by the host's last status, and the readers it let in)."""
+        if self._procs.get(process_id) != session_id:
+            raise NotFoundError(f"process {process_id} not found in session {session_id}")
+        reader = self._readers.get(process_id)
+        if reader == "active":
+            raise ConflictError(f"process {process_id}: its output is already being read by "
+                                "another client (a process's output can be read once)")
+        if reader in ("done", "gone"):
+            what = ("was already read to the end" if reader == "done" else
+                    f"was already partly read by another client "
+                    f"({self._delivered.get(process_id, 0)} bytes)")
+            raise ConflictError(f"process {process_id}: its output {what} and cannot be read "
+                                "again")
+        self._readers[process_id] = "active"
+        return self._events(session_id, process_id)
+
+    async def _events(self, session_id: str,
+                      process_id: str) -> AsyncGenerator[ProcessEvent, None]:
+        took, finished = False, False
+        try:
+            # a process may be silent for as long as it runs: no read timeout
+            async with self._stream("GET", self._proc(session_id, process_id) + "/events",
+                                    timeout=LONG) as resp:
                 async for line in resp.aiter_lines():
                     if not line.strip():
                         continue
                     data = json.loads(line)
                     if "error" in data:
                         raise error_from_wire(500, data)
-                    yield ProcessEvent.from_json(data)
-            except httpx.TransportError as exc:
-                raise self._unreachable("the events of a process", exc) from exc
+                    event = ProcessEvent.from_json(data)
+                    took = True
+                    self._delivered[process_id] = \
+                        self._delivered.get(process_id, 0) + len(event.data)
+                    yield event
+                    if event.type in ("exit", "error"):
+                        finished = True
+        finally:
+            # as the host's rule: a reader that took nothing lets the next one in
+            if finished:
+                self._readers[process_id] = "done"
+            elif took:
+                self._readers[process_id] = "gone"
+            else:
+                self._readers.pop(process_id, None)
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes) -> None:
         path = PREFIX + self._proc(session_id, process_id) + "/stdin"

@@ -49,6 +49,7 @@ from .api import (
     Unowned,
     VolumeMountSpec,
 )
+from .processes import ProcessTable
 from .wire import KEEPALIVE, PREFIX, error_body, ndjson
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,15 @@ def _mounts(raw: Any) -> list[VolumeMountSpec]:
 def brief(host: HostAPI) -> dict[str, Any]:
     """What changes with every VM: sent with each boot, restore, terminate and status."""
     vms = host.list_vms()
-    return {"vms": vms, "memory_used_mib": host.memory_used_mib(),
-            "tmpfs": host.tmpfs_use().to_json(),
-            "running_processes": {s: host.running_processes(s) for s in vms}}
+    out = {"vms": vms, "memory_used_mib": host.memory_used_mib(),
+           "tmpfs": host.tmpfs_use().to_json(),
+           "running_processes": {s: host.running_processes(s) for s in vms}}
+    table = getattr(host, "processes", None)
+    if isinstance(table, ProcessTable):
+        # the processes whose events may still be asked for (RemoteHost refuses others at
+        # once, as a host refuses them before a stream starts)
+        out["processes"] = {s: [p.id for p in table.for_session(s)] for s in vms}
+    return out
 
 
 def status(host: HostAPI, *, unowned: bool = False) -> dict[str, Any]:
