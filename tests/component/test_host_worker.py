@@ -11,69 +11,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from support.control_stub import KEY, StubControl, serve_in_thread
 from support.fake_host import FakeHost
 
 from tenkibox.errors import AuthenticationError, ConnectionError
 from tenkibox.host.worker import ControlClient, HostWorker, Machine
-
-KEY = "tk_admin_test"
-
-
-class StubControl:
-    """``POST /v1/hosts`` and ``POST /v1/hosts/{id}/heartbeat`` as the contract says them."""
-
-    def __init__(self, interval_s: float = 5.0) -> None:
-        self.interval_s = interval_s
-        self.owned: list[Any] = []
-        self.known: set[str] = set()
-        self.registrations: list[dict[str, Any]] = []
-        self.heartbeats: list[dict[str, Any]] = []
-        self.refuse = False
-
-        async def register(request: Request) -> JSONResponse:
-            if (denied := self._denied(request)) is not None:
-                return denied
-            body = await request.json()
-            self.registrations.append(body)
-            host_id = body["host_id"] or "host-abc"
-            self.known.add(host_id)
-            return JSONResponse({"host_id": host_id, "address": body["address"],
-                                 "state": "ACTIVE", "heartbeat_interval_s": self.interval_s,
-                                 "owned": self.owned})
-
-        async def heartbeat(request: Request) -> JSONResponse:
-            if (denied := self._denied(request)) is not None:
-                return denied
-            host_id = request.path_params["host_id"]
-            if host_id not in self.known:
-                return JSONResponse({"error": {"code": "NotFound",
-                                               "message": f"host {host_id} not found"}},
-                                    status_code=404)
-            self.heartbeats.append({"host_id": host_id, **await request.json()})
-            return JSONResponse({"state": "ACTIVE", "owned": self.owned})
-
-        self.app = Starlette(routes=[
-            Route("/v1/hosts", register, methods=["POST"]),
-            Route("/v1/hosts/{host_id}/heartbeat", heartbeat, methods=["POST"]),
-        ])
-
-    def _denied(self, request: Request) -> JSONResponse | None:
-        if self.refuse or request.headers.get("authorization") != f"Bearer {KEY}":
-            return JSONResponse({"error": {"code": "Unauthorized", "message": "unknown key"}},
-                                status_code=401)
-        return None
 
 
 class Clock:
@@ -210,14 +157,7 @@ def test_tenki_host_run_registers_serves_and_stops_on_sigterm(tmp_path: Path) ->
     """The command itself, with a real ``LocalHost`` (no VMs): the control plane it registers
     with can call its API with the secret, and no one else can; SIGTERM ends it cleanly."""
     stub = StubControl(interval_s=0.2)
-    config = uvicorn.Config(stub.app, host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server, thread, port = serve_in_thread(stub)
     env = {**os.environ, "TENKI_API_KEY": KEY, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tenkibox.cli.main import cli; cli()", "host", "run",
