@@ -343,3 +343,39 @@ async def test_process_output_is_streamed_while_the_process_runs() -> None:
         await remote.process_close_stdin("ses_a", ref.process_id)
         rest = [e async for e in events]
         assert rest[-1].type == "exit" and rest[-1].exit_code == 0
+
+
+async def test_answers_arriving_out_of_order_do_not_undo_a_boot_or_terminate() -> None:
+    fake = FakeHost()
+    async with remote_of(fake) as remote:
+        gate = fake.block("boot")
+        boot = asyncio.create_task(remote.boot(boot_spec()))
+        await gate.until_entered()
+        await remote.refresh()  # sent after the boot, answered before it finished
+        assert not remote.has_vm("ses_a")
+        gate.release()
+        await boot
+        assert remote.has_vm("ses_a")
+        # an answer sent before the boot (its seq is older) that arrives now lists no VM
+        remote._take_brief({"vms": []}, seq=1)
+        assert remote.has_vm("ses_a")
+        await remote.terminate("ses_a", [])
+        remote._take_brief({"vms": ["ses_a"]}, seq=2)  # older than the terminate
+        assert not remote.has_vm("ses_a")
+        await remote.refresh()
+        assert remote.list_vms() == []
+
+
+async def test_a_failed_capture_says_whether_its_vm_is_still_there() -> None:
+    fake = FakeHost()
+    async with remote_of(fake) as remote:
+        await remote.boot(boot_spec())
+        gate = fake.block("capture")
+        capture = asyncio.create_task(remote.capture(CaptureSpec("ses_a", "snp", "sandbox", [])))
+        await gate.until_entered()
+        fake.kill_vm("ses_a", "QEMU was killed")
+        await asyncio.sleep(0.05)
+        gate.release()
+        with pytest.raises(ConflictError):
+            await capture
+        assert not remote.has_vm("ses_a")  # the error's answer said so, before any watch

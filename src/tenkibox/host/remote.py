@@ -70,6 +70,9 @@ WATCH_SILENCE_S = 20.0
 #: how long a broken watch stream waits before it connects again
 WATCH_RETRY_S = 1.0
 
+#: how many requests later a gone session's last word is no longer needed
+TOUCHED_KEEP = 10_000
+
 #: for work that takes as long as it takes (boot, restore, capture, a process's exit)
 LONG = httpx.Timeout(CALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, read=None)
 QUICK = httpx.Timeout(CALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
@@ -95,6 +98,9 @@ class RemoteHost:
         # the cache the synchronous methods answer from (empty until the first answer)
         self.capacity = HostCapacity(host_id, 0, 0, 1.0, 0, "unknown")
         self._vms: set[str] = set()
+        #: requests sent so far, and per session the last one whose answer spoke of it
+        self._seq = 0
+        self._touched: dict[str, int] = {}
         self._memory_used_mib = 0
         self._tmpfs = TmpfsUse(0, 0, 0)
         self._running: dict[str, int] = {}
@@ -121,29 +127,37 @@ class RemoteHost:
         return HostUnreachableError(f"host {self.host_id} ({self.address}) did not answer "
                                     f"{what}: {type(exc).__name__}: {exc}".rstrip(": "))
 
-    @staticmethod
-    def _raise_for(resp: httpx.Response, body: bytes) -> None:
+    def _raise_for(self, resp: httpx.Response, body: bytes, seq: int | None = None) -> None:
         if resp.status_code < 400:
             return
         try:
             data = json.loads(body)
         except ValueError:
             data = body[:200].decode(errors="replace")
+        if seq is not None and isinstance(data, dict) and "vms" in data:
+            # a failed capture or boot says which VMs remain (the one it was about may not)
+            self._take_brief(data, seq)
         raise error_from_wire(resp.status_code, data)
 
     async def _call(self, method: str, path: str, body: Any = None, *,
                     timeout: httpx.Timeout = QUICK, params: dict[str, str] | None = None) -> Any:
+        """One request; an answer (or error) that lists the host's VMs refreshes the cache."""
         what = f"{method} {path}"
+        self._seq += 1
+        seq = self._seq
         try:
             resp = await self._client.request(method, PREFIX + path, json=body, params=params,
                                               timeout=timeout)
         except httpx.TransportError as exc:
             raise self._unreachable(what, exc) from exc
-        self._raise_for(resp, resp.content)
+        self._raise_for(resp, resp.content, seq)
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError as exc:
             raise InternalError(f"host {self.host_id}: {what} answered no JSON") from exc
+        if isinstance(data, dict) and "vms" in data:
+            self._take_brief(data, seq)
+        return data
 
     @asynccontextmanager
     async def _stream(self, method: str, path: str, *, timeout: httpx.Timeout,
@@ -161,22 +175,36 @@ class RemoteHost:
             raise self._unreachable(what, exc) from exc
 
     # -- the cache ---------------------------------------------------------------------------
-    def _take_brief(self, data: dict[str, Any]) -> None:
-        self._vms = {str(s) for s in data.get("vms") or []}
+    def _take_brief(self, data: dict[str, Any], seq: int) -> None:
+        """Take the VMs an answer lists, but only for sessions that no later-sent request
+        has spoken of: answers to concurrent requests arrive in any order (a status sent
+        before a boot finished must not remove the booted VM)."""
+        listed = {str(s) for s in data.get("vms") or []}
+        for session_id in listed | self._vms:
+            if self._touched.get(session_id, 0) >= seq:
+                continue
+            self._touched[session_id] = seq
+            if session_id in listed:
+                self._vms.add(session_id)
+            else:
+                self._forget(session_id)
+        # what a session that is gone was last told is kept a while for the rule above
+        old = self._seq - TOUCHED_KEEP
+        self._touched = {s: n for s, n in self._touched.items() if n > old or s in self._vms}
         self._memory_used_mib = int(data.get("memory_used_mib") or 0)
         if data.get("tmpfs"):
             self._tmpfs = TmpfsUse.from_json(data["tmpfs"])
-        self._running = {str(s): int(n) for s, n in (data.get("running_processes") or {}).items()}
+        self._running = {str(s): int(n) for s, n in (data.get("running_processes") or {}).items()
+                         if s in self._vms}
         if "processes" in data:
-            listed = {str(p): str(s) for s, ps in data["processes"].items() for p in ps}
+            procs = {str(p): str(s) for s, ps in data["processes"].items() for p in ps}
             # a process started through this object while the answer was on its way stays
-            self._procs = {p: s for p, s in self._procs.items() if s in self._vms} | listed
+            self._procs = {p: s for p, s in self._procs.items() if s in self._vms} | procs
 
     async def refresh(self, *, unowned: bool = False) -> None:
         """Refresh the cache from the host's status (``unowned``: also what it stores that
         no one owns, a listing of its whole store)."""
         data = await self._call("GET", "/status", params={"unowned": "1"} if unowned else None)
-        self._take_brief(data)
         self.capacity = HostCapacity.from_json(data["capacity"])
         self._network_enforced = bool(data.get("network_enforced"))
         self._referenced = set(data.get("referenced_locally") or [])
@@ -184,6 +212,15 @@ class RemoteHost:
         if unowned:
             self._unowned = [Unowned.from_json(u) for u in data.get("unowned") or []]
         self.refreshed_at = asyncio.get_running_loop().time()
+
+    def _settle(self, session_id: str, present: bool) -> None:
+        """What a boot, restore or terminate's own answer says of its session: that is final
+        for every answer sent before it."""
+        self._touched[session_id] = self._seq
+        if present:
+            self._vms.add(session_id)
+        else:
+            self._forget(session_id)
 
     def _forget(self, session_id: str) -> None:
         """A VM is gone: and the processes of its session with it (as on the host)."""
@@ -223,12 +260,12 @@ class RemoteHost:
     # -- start and stop ----------------------------------------------------------------------
     async def boot(self, spec: BootSpec) -> Started:
         data = await self._call("POST", "/vms/boot", spec.to_json(), timeout=LONG)
-        self._take_brief(data)
+        self._settle(spec.session_id, True)
         return Started.from_json(data["started"])
 
     async def restore(self, spec: RestoreSpec) -> Started:
         data = await self._call("POST", "/vms/restore", spec.to_json(), timeout=LONG)
-        self._take_brief(data)
+        self._settle(spec.session_id, True)
         return Started.from_json(data["started"])
 
     async def capture(self, spec: CaptureSpec) -> Captured:
@@ -237,15 +274,13 @@ class RemoteHost:
         return Captured.from_json(data["captured"])
 
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
-        data = await self._call("POST", f"/vms/{_q(session_id)}/terminate",
+        await self._call("POST", f"/vms/{_q(session_id)}/terminate",
                                 {"volumes": [v.to_json() for v in volumes]}, timeout=LONG)
-        self._take_brief(data)
-        self._forget(session_id)
+        self._settle(session_id, False)
 
     async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered:
         body = {"live": {s: [m.to_json() for m in ms] for s, ms in live.items()}}
         data = await self._call("POST", "/recover", body, timeout=LONG)
-        self._take_brief(data)
         return Recovered.from_json(data["recovered"])
 
     async def watch(self) -> AsyncIterator[VMGone]:
@@ -259,7 +294,7 @@ class RemoteHost:
                         if "session_id" not in data:
                             continue  # a keepalive
                         gone = VMGone.from_json(data)
-                        self._forget(gone.session_id)
+                        self._settle(gone.session_id, False)
                         yield gone
             except (TenkiError, httpx.HTTPError, ValueError) as exc:
                 log.warning("host %s: watch stream broke (%s); connecting again", self.host_id,

@@ -66,15 +66,17 @@ def _error(exc: TenkiError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.status)
 
 
-def _guarded(fn: Handler) -> Handler:
-    """Answer a route's ``TenkiError`` with its status, and bad input with 422 (never a 500 for
-    a malformed body); anything else is a 500 ``Internal`` whose traceback goes to the log."""
+def _guarded(fn: Handler, host: HostAPI) -> Handler:
+    """Answer a route's ``TenkiError`` with its status (and the VMs the host runs after it: a
+    failed capture may have lost its VM), and bad input with 422 (never a 500 for a malformed
+    body); anything else is a 500 ``Internal`` whose traceback goes to the log."""
 
     async def run(request: Request) -> Response:
         try:
             return await fn(request)
         except TenkiError as exc:
-            return _error(exc)
+            return JSONResponse({**error_body(exc), "vms": host.list_vms()},
+                                status_code=exc.status)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # a body of the wrong shape, met by from_json
             return _error(ValidationError(f"malformed request: {type(exc).__name__}: {exc}",
@@ -211,7 +213,7 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
 
     async def capture(request: Request) -> Response:
         captured = await host.capture(CaptureSpec.from_json(await _json(request)))
-        return JSONResponse({"captured": captured.to_json()})
+        return JSONResponse({"captured": captured.to_json(), **brief(host)})
 
     async def terminate(request: Request) -> Response:
         body = await _json(request)
@@ -379,9 +381,9 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
         ("POST", "/kill", process_kill),
         ("POST", "/exit", process_exit),
     ]
-    routes = [Route(PREFIX + p, _guarded(f), methods=[m]) for m, p, f in table]
-    routes += [Route(vm + p, _guarded(f), methods=[m]) for m, p, f in per_vm]
-    routes += [Route(proc + p, _guarded(f), methods=[m]) for m, p, f in per_proc]
+    routes = [Route(PREFIX + p, _guarded(f, host), methods=[m]) for m, p, f in table]
+    routes += [Route(vm + p, _guarded(f, host), methods=[m]) for m, p, f in per_vm]
+    routes += [Route(proc + p, _guarded(f, host), methods=[m]) for m, p, f in per_proc]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         from ..errors import MethodNotAllowedError, NotFoundError
