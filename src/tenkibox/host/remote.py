@@ -200,6 +200,9 @@ class RemoteHost:
             procs = {str(p): str(s) for s, ps in data["processes"].items() for p in ps}
             # a process started through this object while the answer was on its way stays
             self._procs = {p: s for p, s in self._procs.items() if s in self._vms} | procs
+        if "local_artifacts" in data:
+            self._referenced = set(data.get("referenced_locally") or [])
+            self._local_artifacts = [InUse.from_json(u) for u in data["local_artifacts"]]
 
     async def refresh(self, *, unowned: bool = False) -> None:
         """Refresh the cache from the host's status (``unowned``: also what it stores that
@@ -207,8 +210,6 @@ class RemoteHost:
         data = await self._call("GET", "/status", params={"unowned": "1"} if unowned else None)
         self.capacity = HostCapacity.from_json(data["capacity"])
         self._network_enforced = bool(data.get("network_enforced"))
-        self._referenced = set(data.get("referenced_locally") or [])
-        self._local_artifacts = [InUse.from_json(u) for u in data.get("local_artifacts") or []]
         if unowned:
             self._unowned = [Unowned.from_json(u) for u in data.get("unowned") or []]
         self.refreshed_at = asyncio.get_running_loop().time()

@@ -75,8 +75,12 @@ def _guarded(fn: Handler, host: HostAPI) -> Handler:
         try:
             return await fn(request)
         except TenkiError as exc:
-            return JSONResponse({**error_body(exc), "vms": host.list_vms()},
-                                status_code=exc.status)
+            try:
+                after = brief(host)
+            except Exception:  # the error is the answer; the cache waits for the next one
+                log.exception("cannot list the VMs after an error")
+                after = {}
+            return JSONResponse({**error_body(exc), **after}, status_code=exc.status)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # a body of the wrong shape, met by from_json
             return _error(ValidationError(f"malformed request: {type(exc).__name__}: {exc}",
@@ -112,8 +116,10 @@ def _mounts(raw: Any) -> list[VolumeMountSpec]:
     return [VolumeMountSpec.from_json(m) for m in raw or []]
 
 
-def brief(host: HostAPI) -> dict[str, Any]:
-    """What changes with every VM: sent with each boot, restore, terminate and status."""
+def brief(host: HostAPI, *, full: bool = False) -> dict[str, Any]:
+    """What changes with every VM: sent with each boot, restore, capture, terminate, error and
+    status (``full``: with what the host's VMs and images use, which a start or a capture
+    changes)."""
     vms = host.list_vms()
     out = {"vms": vms, "memory_used_mib": host.memory_used_mib(),
            "tmpfs": host.tmpfs_use().to_json(),
@@ -123,14 +129,15 @@ def brief(host: HostAPI) -> dict[str, Any]:
         # the processes whose events may still be asked for (RemoteHost refuses others at
         # once, as a host refuses them before a stream starts)
         out["processes"] = {s: [p.id for p in table.for_session(s)] for s in vms}
+    if full:
+        out["referenced_locally"] = sorted(host.referenced_locally())
+        out["local_artifacts"] = [u.to_json() for u in host.local_artifacts()]
     return out
 
 
 def status(host: HostAPI, *, unowned: bool = False) -> dict[str, Any]:
-    out = {**brief(host), "capacity": host.capacity.to_json(),
-           "network_enforced": bool(host.network_enforced),
-           "referenced_locally": sorted(host.referenced_locally()),
-           "local_artifacts": [u.to_json() for u in host.local_artifacts()]}
+    out = {**brief(host, full=True), "capacity": host.capacity.to_json(),
+           "network_enforced": bool(host.network_enforced)}
     if unowned:
         out["unowned"] = [u.to_json() for u in host.unowned_files(set())]
     return out
@@ -198,7 +205,7 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
         finally:
             if starting.get(session_id) is task:
                 del starting[session_id]
-        return JSONResponse({"started": started.to_json(), **brief(host)})
+        return JSONResponse({"started": started.to_json(), **brief(host, full=True)})
 
     async def get_status(request: Request) -> Response:
         return JSONResponse(status(host, unowned=request.query_params.get("unowned") == "1"))
@@ -213,7 +220,7 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
 
     async def capture(request: Request) -> Response:
         captured = await host.capture(CaptureSpec.from_json(await _json(request)))
-        return JSONResponse({"captured": captured.to_json(), **brief(host)})
+        return JSONResponse({"captured": captured.to_json(), **brief(host, full=True)})
 
     async def terminate(request: Request) -> Response:
         body = await _json(request)
@@ -225,13 +232,13 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
             in_flight.cancel()
             await asyncio.wait([in_flight])  # its outcome is the boot route's to answer
         await host.terminate(sid, _mounts(body.get("volumes")))
-        return JSONResponse(brief(host))
+        return JSONResponse(brief(host, full=True))
 
     async def recover(request: Request) -> Response:
         body = await _json(request)
         live = {str(s): _mounts(m) for s, m in (body.get("live") or {}).items()}
         recovered = await host.recover(live)
-        return JSONResponse({"recovered": recovered.to_json(), **brief(host)})
+        return JSONResponse({"recovered": recovered.to_json(), **brief(host, full=True)})
 
     async def watch(_request: Request) -> Response:
         return StreamingResponse(_watch_lines(host), media_type="application/x-ndjson")
