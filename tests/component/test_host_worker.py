@@ -18,8 +18,11 @@ import httpx
 import pytest
 from support.control_stub import KEY, StubControl, serve_in_thread
 from support.fake_host import FakeHost
+from support.host_service import remote_of as remote_of_journaled
 
 from tenkibox.errors import AuthenticationError, ConnectionError
+from tenkibox.host.api import BootSpec, VolumeMountSpec
+from tenkibox.host.journal import MountJournal
 from tenkibox.host.worker import ControlClient, HostWorker, Machine
 
 
@@ -194,3 +197,29 @@ def test_registration_body_is_json_serialisable(tmp_path: Path) -> None:
     worker = make_worker(StubControl(), FakeHost(), tmp_path)
     json.dumps(worker.registration())
     json.dumps(worker.heartbeat_body())
+
+
+async def test_a_restarted_worker_recovers_each_vm_with_the_mounts_it_had(
+        tmp_path: Path) -> None:
+    """The control plane names owned sessions by id; the service noted their mounts."""
+    fake = FakeHost()
+    await fake.create_volume("vol_a", 1 << 20)
+    await fake.create_volume("vol_b", 1 << 20)
+    journal = MountJournal(tmp_path / "mounts.json")
+    async with remote_of_journaled(fake, journal) as remote:
+        await remote.boot(BootSpec("ses_a", 1, 512, "sandbox", "a"))
+        await remote.boot(BootSpec("ses_x", 1, 512, "sandbox", "x"))
+        await remote.attach_volume("ses_a", VolumeMountSpec("vol_a", "/a"))
+        await remote.attach_volume("ses_a", VolumeMountSpec("vol_b", "/b"))
+        await remote.detach_volume("ses_a", VolumeMountSpec("vol_b", "/b"))
+        await remote.attach_volume("ses_x", VolumeMountSpec("vol_b", "/b"))
+    assert [m.volume_id for m in MountJournal(tmp_path / "mounts.json").mounts("ses_a")] \
+        == ["vol_a"]
+    stub = StubControl()
+    stub.owned = ["ses_a"]  # ses_x runs elsewhere now
+    worker = make_worker(stub, fake, tmp_path)
+    worker.journal = MountJournal(tmp_path / "mounts.json")
+    await worker.start(asyncio.Event())
+    assert list(fake.vms) == ["ses_a"] and list(fake.vms["ses_a"].mounts) == ["/a"]
+    again = MountJournal(tmp_path / "mounts.json")
+    assert again.mounts("ses_x") == [] and len(again.mounts("ses_a")) == 1

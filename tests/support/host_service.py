@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from tenkibox.host.api import HostAPI
+from tenkibox.host.journal import MountJournal
 from tenkibox.host.remote import RemoteHost
 from tenkibox.host.service import create_host_app
 
@@ -36,11 +37,13 @@ class Served:
             await asyncio.wait_for(self.task, 10)
 
 
-async def serve(host: HostAPI, secret: str = SECRET, port: int = 0) -> Served:
+async def serve(host: HostAPI, secret: str = SECRET, port: int = 0,
+                journal: MountJournal | None = None) -> Served:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    config = uvicorn.Config(create_host_app(host, secret), log_level="warning", lifespan="off",
+    app = create_host_app(host, secret, journal=journal)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     # uvicorn takes SIGINT/SIGTERM in serve() (and raises them again after): not in a test
@@ -54,9 +57,12 @@ async def serve(host: HostAPI, secret: str = SECRET, port: int = 0) -> Served:
 
 
 @contextlib.asynccontextmanager
-async def remote_of(host: HostAPI, secret: str = SECRET) -> AsyncIterator[RemoteHost]:
-    """``host`` behind the service, and a refreshed ``RemoteHost`` calling it."""
-    served = await serve(host, secret)
+async def remote_of(host: HostAPI, journal: MountJournal | None = None
+                    ) -> AsyncIterator[RemoteHost]:
+    """``host`` behind the service (noting mounts in ``journal``), and a refreshed
+    ``RemoteHost`` calling it."""
+    secret = SECRET
+    served = await serve(host, secret, journal=journal)
     remote = RemoteHost(served.url, secret, host_id="h-test")
     try:
         await remote.refresh()

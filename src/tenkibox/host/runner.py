@@ -27,6 +27,7 @@ from ..artifacts.s3 import S3Location
 from ..config import Layout
 from ..engine.accel import detect_accel
 from ..errors import ConflictError, ValidationError
+from .journal import MountJournal
 from .local import LocalHost
 from .service import create_host_app
 from .worker import ControlClient, HostWorker, Machine
@@ -128,7 +129,8 @@ async def _main(layout: Layout, sock: socket.socket, *, control: str, token: str
         log.info("artifacts: %s (local cache in %s)", artifacts.describe(),
                  host.paths.artifacts)
     secret = secrets.token_urlsafe(32)
-    config = uvicorn.Config(create_host_app(host, secret), log_level="warning",
+    journal = MountJournal(layout.home / "mounts.json")
+    config = uvicorn.Config(create_host_app(host, secret, journal=journal), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     # the worker stops on its own signal handlers, and then lets go of the VMs: uvicorn's
@@ -138,7 +140,7 @@ async def _main(layout: Layout, sock: socket.socket, *, control: str, token: str
     client = ControlClient(control, token)
     worker = HostWorker(host, client, address=address, secret=secret,
                         machine=Machine.probe(accel, layout.home),
-                        id_file=layout.home / "host-id", host_id=host_id)
+                        id_file=layout.home / "host-id", host_id=host_id, journal=journal)
     try:
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)

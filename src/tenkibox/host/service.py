@@ -49,6 +49,7 @@ from .api import (
     Unowned,
     VolumeMountSpec,
 )
+from .journal import MountJournal
 from .processes import ProcessTable
 from .wire import KEEPALIVE, PREFIX, error_body, ndjson
 
@@ -182,8 +183,10 @@ async def _pump_first(gen: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes,
     return rest()
 
 
-def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
-    """The host API of ``host``, for callers that know ``secret``."""
+def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None = None
+                    ) -> ASGIApp:
+    """The host API of ``host``, for callers that know ``secret``; ``journal`` notes the
+    volume mounts of its VMs as the calls change them (for a restarted worker's recovery)."""
 
     #: session id -> its boot or restore in flight: a terminate cancels it first (a local
     #: control plane cancels the task itself; over the wire, only the host can)
@@ -220,6 +223,8 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
 
     async def capture(request: Request) -> Response:
         captured = await host.capture(CaptureSpec.from_json(await _json(request)))
+        if journal is not None:
+            journal.detached(request.path_params["sid"], captured.lost_volumes)
         return JSONResponse({"captured": captured.to_json(), **brief(host, full=True)})
 
     async def terminate(request: Request) -> Response:
@@ -232,12 +237,19 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
             in_flight.cancel()
             await asyncio.wait([in_flight])  # its outcome is the boot route's to answer
         await host.terminate(sid, _mounts(body.get("volumes")))
+        if journal is not None:
+            journal.gone(sid)
         return JSONResponse(brief(host, full=True))
 
     async def recover(request: Request) -> Response:
         body = await _json(request)
         live = {str(s): _mounts(m) for s, m in (body.get("live") or {}).items()}
         recovered = await host.recover(live)
+        if journal is not None:
+            for sid in recovered.found:
+                journal.record(sid, live[sid])
+            for sid in recovered.lost:
+                journal.gone(sid)
         return JSONResponse({"recovered": recovered.to_json(), **brief(host, full=True)})
 
     async def watch(_request: Request) -> Response:
@@ -270,11 +282,15 @@ def create_host_app(host: HostAPI, secret: str) -> ASGIApp:
     async def attach_volume(request: Request) -> Response:
         mount = VolumeMountSpec.from_json(await _json(request))
         await host.attach_volume(request.path_params["sid"], mount)
+        if journal is not None:
+            journal.attached(request.path_params["sid"], mount)
         return JSONResponse({})
 
     async def detach_volume(request: Request) -> Response:
         mount = VolumeMountSpec.from_json(await _json(request))
         await host.detach_volume(request.path_params["sid"], mount)
+        if journal is not None:
+            journal.detached(request.path_params["sid"], [mount.volume_id])
         return JSONResponse({})
 
     async def start_process(request: Request) -> Response:

@@ -37,6 +37,7 @@ import httpx
 from ..errors import AuthenticationError, ConnectionError, PermissionDeniedError, TenkiError
 from ..errors import error_from_body as control_error
 from .api import HostAPI, VolumeMountSpec
+from .journal import MountJournal
 
 log = logging.getLogger("tenkibox.host.worker")
 
@@ -116,24 +117,28 @@ class ControlClient:
         return data
 
 
-def _owned(raw: Any) -> dict[str, list[VolumeMountSpec]]:
-    """``owned`` of an answer: session ids (the contract), or objects that also name the
-    session's volume mounts (``{"session_id", "volumes"}``), which recovery then keeps."""
-    out: dict[str, list[VolumeMountSpec]] = {}
+def _owned(raw: Any) -> dict[str, list[VolumeMountSpec] | None]:
+    """``owned`` of an answer: session ids (the contract; their mounts unknown: None), or
+    objects that also name the session's volume mounts (``{"session_id", "volumes"}``)."""
+    out: dict[str, list[VolumeMountSpec] | None] = {}
     for item in raw or []:
         if isinstance(item, dict):
             out[str(item["session_id"])] = [VolumeMountSpec.from_json(m)
                                             for m in item.get("volumes") or []]
         else:
-            out[str(item)] = []
+            out[str(item)] = None
     return out
 
 
 class HostWorker:
     def __init__(self, host: HostAPI, control: ControlClient, *, address: str, secret: str,
                  machine: Machine, id_file: Path, host_id: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 journal: MountJournal | None = None) -> None:
+        """``journal``: the mounts the host's VMs had, for those the control plane names
+        without theirs (recovery makes a VM hold exactly the mounts it is given)."""
         self.host = host
+        self.journal = journal
         self.control = control
         self.address = address
         self.secret = secret
@@ -172,7 +177,7 @@ class HostWorker:
                 "network_enforced": bool(self.host.network_enforced),
                 "vms": self.host.list_vms()}
 
-    async def register(self) -> dict[str, list[VolumeMountSpec]]:
+    async def register(self) -> dict[str, list[VolumeMountSpec] | None]:
         """Register (or again); returns what the control plane says this host owns."""
         answer = await self.control.post("/v1/hosts", self.registration())
         host_id = str(answer["host_id"])
@@ -200,7 +205,13 @@ class HostWorker:
                 await _wait(stop, RETRY_S)
         else:
             return False
-        recovered = await self.host.recover(owned)
+        live = {s: m if m is not None else self.journal.mounts(s) if self.journal else []
+                for s, m in owned.items()}
+        recovered = await self.host.recover(live)
+        if self.journal is not None:
+            for session_id in recovered.found:
+                self.journal.record(session_id, live[session_id])
+            self.journal.retain(set(recovered.found))  # the rest were stopped, or died
         log.info("recovered %d VM(s); %d lost; %d stray process(es) stopped",
                  len(recovered.found), len(recovered.lost), recovered.strays_killed)
         for session_id, why in recovered.lost.items():
@@ -260,6 +271,8 @@ class HostWorker:
                 log.error("session %s: fencing failed: %s", session_id, exc.message)
                 continue
             self._seen.pop(session_id, None)
+            if self.journal is not None:
+                self.journal.gone(session_id)
             self.fenced.append(session_id)
             killed.append(session_id)
         return killed
