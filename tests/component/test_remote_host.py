@@ -6,6 +6,7 @@ that does not answer is ``HostUnreachableError``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import tracemalloc
 from collections.abc import AsyncGenerator, AsyncIterable
@@ -379,3 +380,31 @@ async def test_a_failed_capture_says_whether_its_vm_is_still_there() -> None:
         with pytest.raises(ConflictError):
             await capture
         assert not remote.has_vm("ses_a")  # the error's answer said so, before any watch
+
+
+async def test_a_vm_gone_whose_event_was_lost_is_reported_by_a_later_refresh() -> None:
+    fake = FakeHost()
+    async with remote_of(fake) as remote:
+        await remote.boot(boot_spec("ses_a"))
+        await remote.boot(boot_spec("ses_b"))
+        fake.kill_vm("ses_a", "qemu died")
+        await asyncio.sleep(0.05)
+        fake._bind_queue().get_nowait()  # the event was lost (a stream that broke)
+        await remote.refresh()
+        assert not remote.has_vm("ses_a")
+        await remote.refresh()  # the watch stream had a refresh interval to say why
+        stream = remote.watch()
+        gone = await asyncio.wait_for(anext(stream), 5)
+        assert gone.session_id == "ses_a" and "no longer on host" in gone.reason
+
+        fake.kill_vm("ses_b", "qemu died")  # its event comes: reported once, with the reason
+        gone = await asyncio.wait_for(anext(stream), 5)
+        assert (gone.session_id, gone.reason) == ("ses_b", "qemu died")
+        await remote.refresh()
+        await remote.refresh()
+        nothing = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.3)
+        assert not nothing.done()
+        nothing.cancel()  # ends the stream (its pump with it)
+        with contextlib.suppress(asyncio.CancelledError):
+            await nothing

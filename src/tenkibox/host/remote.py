@@ -20,6 +20,7 @@ runs; quick calls give up after ``CALL_TIMEOUT_S``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
@@ -101,6 +102,12 @@ class RemoteHost:
         #: requests sent so far, and per session the last one whose answer spoke of it
         self._seq = 0
         self._touched: dict[str, int] = {}
+        #: VMs gone for ``watch()`` to report, and the sessions reported (each once)
+        self._gone: asyncio.Queue[VMGone] = asyncio.Queue()
+        self._reported: set[str] = set()
+        #: VMs that answers stopped listing since the last refresh, and before it
+        self._vanished: set[str] = set()
+        self._vanishing: set[str] = set()
         self._memory_used_mib = 0
         self._tmpfs = TmpfsUse(0, 0, 0)
         self._running: dict[str, int] = {}
@@ -186,11 +193,15 @@ class RemoteHost:
             self._touched[session_id] = seq
             if session_id in listed:
                 self._vms.add(session_id)
-            else:
+            elif session_id in self._vms:
+                # nothing sent after the answer that last listed it stopped it here: it died
+                # (the watch stream says why, or the next refresh reports it: ``refresh``)
                 self._forget(session_id)
+                self._vanished.add(session_id)
         # what a session that is gone was last told is kept a while for the rule above
         old = self._seq - TOUCHED_KEEP
         self._touched = {s: n for s, n in self._touched.items() if n > old or s in self._vms}
+        self._reported &= set(self._touched)
         self._memory_used_mib = int(data.get("memory_used_mib") or 0)
         if data.get("tmpfs"):
             self._tmpfs = TmpfsUse.from_json(data["tmpfs"])
@@ -212,14 +223,22 @@ class RemoteHost:
         self._network_enforced = bool(data.get("network_enforced"))
         if unowned:
             self._unowned = [Unowned.from_json(u) for u in data.get("unowned") or []]
+        # a VM that vanished before the previous refresh and that the watch stream did not
+        # report (its event lost with a broken stream, or a restarted worker did not find it)
+        for session_id in self._vanishing - self._vms:
+            self._report(VMGone(session_id, f"the VM is no longer on host {self.host_id}"))
+        self._vanishing, self._vanished = self._vanished, set()
         self.refreshed_at = asyncio.get_running_loop().time()
 
     def _settle(self, session_id: str, present: bool) -> None:
         """What a boot, restore or terminate's own answer says of its session: that is final
         for every answer sent before it."""
         self._touched[session_id] = self._seq
+        self._vanished.discard(session_id)
+        self._vanishing.discard(session_id)
         if present:
             self._vms.add(session_id)
+            self._reported.discard(session_id)
         else:
             self._forget(session_id)
 
@@ -285,8 +304,21 @@ class RemoteHost:
         return Recovered.from_json(data["recovered"])
 
     async def watch(self) -> AsyncIterator[VMGone]:
-        """The VMs that died on their own, for as long as the caller reads: a broken stream
-        (the host restarting, a partition) is connected again after ``WATCH_RETRY_S``."""
+        """The VMs that died on their own, for as long as the caller reads: the host's watch
+        stream (connected again after ``WATCH_RETRY_S`` when it breaks: the host restarting,
+        a partition), and VMs that a status no longer lists although nothing here stopped
+        them (an event lost with a broken stream, or a VM a restarted worker did not find).
+        Each session is reported once."""
+        pump = asyncio.create_task(self._follow(), name=f"watch {self.host_id}")
+        try:
+            while True:
+                yield await self._gone.get()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _follow(self) -> None:
         while True:
             try:
                 async with self._stream("GET", "/watch", timeout=WATCH) as resp:
@@ -296,11 +328,16 @@ class RemoteHost:
                             continue  # a keepalive
                         gone = VMGone.from_json(data)
                         self._settle(gone.session_id, False)
-                        yield gone
+                        self._report(gone)
             except (TenkiError, httpx.HTTPError, ValueError) as exc:
                 log.warning("host %s: watch stream broke (%s); connecting again", self.host_id,
                             exc)
             await asyncio.sleep(WATCH_RETRY_S)
+
+    def _report(self, gone: VMGone) -> None:
+        if gone.session_id not in self._reported:
+            self._reported.add(gone.session_id)
+            self._gone.put_nowait(gone)
 
     # -- images and network ------------------------------------------------------------------
     async def image_digest(self, image_id: str) -> str:
