@@ -21,6 +21,7 @@ from tenkibox.errors import (
     CapacityUnavailableError,
     ConflictError,
     HostUnreachableError,
+    InternalError,
     NotFoundError,
     SessionFailedError,
     ValidationError,
@@ -155,6 +156,9 @@ async def test_errors_keep_their_type_field_and_message() -> None:
         fake.fail_next("boot", CapacityUnavailableError("the host's memory is promised"))
         with pytest.raises(CapacityUnavailableError, match="memory is promised"):
             await remote.boot(boot_spec())
+        fake.fail_next("boot", ValueError("a bug of the host"))  # not the caller's input: 500
+        with pytest.raises(InternalError, match="ValueError: a bug of the host"):
+            await remote.boot(boot_spec())
         fake.fail_next("boot", ImageDamagedError("image sandbox: its disk is damaged"))
         with pytest.raises(ImageDamagedError):
             await remote.boot(boot_spec())
@@ -196,6 +200,10 @@ async def test_bad_input_is_422_and_an_unknown_route_404_never_a_500() -> None:
             assert r.status_code == 422
             r = await c.get("/host/v1/vms/ses_a/files")
             assert r.status_code == 422 and r.json()["error"]["field"] == "path"
+            r = await c.put("/host/v1/vms/ses_a/files?path=/x&mode=rw", content=b"x")
+            assert r.status_code == 422
+            r = await c.post("/host/v1/artifacts/collect", json={"referenced": 3})
+            assert r.status_code == 422
             r = await c.get("/host/v1/nothing")
             assert r.status_code == 404 and r.json()["error"]["code"] == "NotFound"
             r = await c.delete("/host/v1/status")

@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -61,6 +61,7 @@ JSON_MAX_BYTES = 64 << 20
 WATCH_KEEPALIVE_S = 5.0
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 def _error(exc: TenkiError) -> JSONResponse:
@@ -82,10 +83,6 @@ def _guarded(fn: Handler, host: HostAPI) -> Handler:
                 log.exception("cannot list the VMs after an error")
                 after = {}
             return JSONResponse({**error_body(exc), **after}, status_code=exc.status)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            # a body of the wrong shape, met by from_json
-            return _error(ValidationError(f"malformed request: {type(exc).__name__}: {exc}",
-                                          field="body"))
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception as exc:
@@ -111,6 +108,26 @@ async def _json(request: Request) -> Any:
     if not isinstance(data, dict):
         raise ValidationError("expected a JSON object", field="body")
     return data
+
+
+def _parsed(fn: Callable[[Any], T], data: Any) -> T:
+    """``fn(data)``, a request's body or parameter read into its types: a value of the wrong
+    shape is the caller's mistake (422), never a 500."""
+    try:
+        return fn(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValidationError(f"malformed request: {type(exc).__name__}: {exc}",
+                              field="body") from exc
+
+
+async def _body(request: Request, fn: Callable[[Any], T]) -> T:
+    return _parsed(fn, await _json(request))
+
+
+def _strings(raw: Any) -> set[str]:
+    if not isinstance(raw, list | None):
+        raise TypeError(f"expected a list, got {type(raw).__name__}")
+    return {str(x) for x in raw or []}
 
 
 def _mounts(raw: Any) -> list[VolumeMountSpec]:
@@ -214,21 +231,21 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         return JSONResponse(status(host, unowned=request.query_params.get("unowned") == "1"))
 
     async def boot(request: Request) -> Response:
-        spec = BootSpec.from_json(await _json(request))
+        spec = await _body(request, BootSpec.from_json)
         return await start(spec.session_id, host.boot(spec))
 
     async def restore(request: Request) -> Response:
-        spec = RestoreSpec.from_json(await _json(request))
+        spec = await _body(request, RestoreSpec.from_json)
         return await start(spec.session_id, host.restore(spec))
 
     async def capture(request: Request) -> Response:
-        captured = await host.capture(CaptureSpec.from_json(await _json(request)))
+        captured = await host.capture(await _body(request, CaptureSpec.from_json))
         if journal is not None:
             journal.detached(request.path_params["sid"], captured.lost_volumes)
         return JSONResponse({"captured": captured.to_json(), **brief(host, full=True)})
 
     async def terminate(request: Request) -> Response:
-        body = await _json(request)
+        volumes = await _body(request, lambda b: _mounts(b.get("volumes")))
         sid = request.path_params["sid"]
         in_flight = starting.get(sid)
         if in_flight is not None:
@@ -236,14 +253,14 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
             # launched before its task ends)
             in_flight.cancel()
             await asyncio.wait([in_flight])  # its outcome is the boot route's to answer
-        await host.terminate(sid, _mounts(body.get("volumes")))
+        await host.terminate(sid, volumes)
         if journal is not None:
             journal.gone(sid)
         return JSONResponse(brief(host, full=True))
 
     async def recover(request: Request) -> Response:
-        body = await _json(request)
-        live = {str(s): _mounts(m) for s, m in (body.get("live") or {}).items()}
+        live = await _body(request, lambda b: {str(s): _mounts(m)
+                                               for s, m in (b.get("live") or {}).items()})
         recovered = await host.recover(live)
         if journal is not None:
             for sid in recovered.found:
@@ -268,8 +285,8 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         return JSONResponse({"host": addr, "port": port})
 
     async def create_volume(request: Request) -> Response:
-        body = await _json(request)
-        await host.create_volume(request.path_params["vid"], int(body["size_bytes"]))
+        size = await _body(request, lambda b: int(b["size_bytes"]))
+        await host.create_volume(request.path_params["vid"], size)
         return JSONResponse({})
 
     async def delete_volume(request: Request) -> Response:
@@ -280,14 +297,14 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         return JSONResponse({"volumes": await host.volume_files()})
 
     async def attach_volume(request: Request) -> Response:
-        mount = VolumeMountSpec.from_json(await _json(request))
+        mount = await _body(request, VolumeMountSpec.from_json)
         await host.attach_volume(request.path_params["sid"], mount)
         if journal is not None:
             journal.attached(request.path_params["sid"], mount)
         return JSONResponse({})
 
     async def detach_volume(request: Request) -> Response:
-        mount = VolumeMountSpec.from_json(await _json(request))
+        mount = await _body(request, VolumeMountSpec.from_json)
         await host.detach_volume(request.path_params["sid"], mount)
         if journal is not None:
             journal.detached(request.path_params["sid"], [mount.volume_id])
@@ -295,7 +312,7 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
 
     async def start_process(request: Request) -> Response:
         sid = request.path_params["sid"]
-        ref = await host.start_process(sid, ExecSpec.from_json(await _json(request)))
+        ref = await host.start_process(sid, await _body(request, ExecSpec.from_json))
         return JSONResponse({"process": ref.to_json(),
                              "running_processes": host.running_processes(sid)})
 
@@ -319,9 +336,8 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         return JSONResponse({})
 
     async def process_kill(request: Request) -> Response:
-        body = await _json(request)
-        await host.process_kill(request.path_params["sid"], request.path_params["pid"],
-                                int(body["signal"]))
+        signal = await _body(request, lambda b: int(b["signal"]))
+        await host.process_kill(request.path_params["sid"], request.path_params["pid"], signal)
         return JSONResponse({})
 
     async def process_exit(request: Request) -> Response:
@@ -340,34 +356,38 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         path = request.query_params.get("path")
         if not path:
             raise ValidationError("is required", field="path")
-        mode = int(request.query_params.get("mode") or "420", 0)
+        mode = _parsed(lambda m: int(m, 0), request.query_params.get("mode") or "0o644")
         written = await host.write_file(request.path_params["sid"], path, request.stream(), mode)
         return JSONResponse({"written": written})
 
     async def collect_garbage(request: Request) -> Response:
-        body = await _json(request)
-        grace = body.get("grace_s")
-        freed = await host.collect_garbage({str(d) for d in body.get("referenced") or []},
-                                           float(grace) if grace is not None else None)
-        return JSONResponse({"freed": freed})
+        def read(b: dict[str, Any]) -> tuple[set[str], float | None]:
+            grace = b.get("grace_s")
+            return _strings(b.get("referenced")), float(grace) if grace is not None else None
+
+        referenced, grace_s = await _body(request, read)
+        return JSONResponse({"freed": await host.collect_garbage(referenced, grace_s)})
 
     async def remove_unowned(request: Request) -> Response:
-        body = await _json(request)
-        removed = await host.remove_unowned(
-            [Unowned.from_json(u) for u in body.get("found") or []],
-            {str(d) for d in body.get("referenced") or []},
-            {str(s) for s in body.get("live_sessions") or []})
+        def read(b: dict[str, Any]) -> tuple[list[Unowned], set[str], set[str]]:
+            return ([Unowned.from_json(u) for u in b.get("found") or []],
+                    _strings(b.get("referenced")), _strings(b.get("live_sessions")))
+
+        found, referenced, live = await _body(request, read)
+        removed = await host.remove_unowned(found, referenced, live)
         return JSONResponse({"removed": [u.to_json() for u in removed]})
 
     async def verify_artifacts(request: Request) -> Response:
-        body = await _json(request)
-        digests = {str(k): str(v) for k, v in (body.get("digests") or {}).items()}
-        bad = await host.verify_artifacts(digests, deep=bool(body.get("deep")))
-        return JSONResponse({"bad": bad})
+        def read(b: dict[str, Any]) -> tuple[dict[str, str], bool]:
+            return ({str(k): str(v) for k, v in (b.get("digests") or {}).items()},
+                    bool(b.get("deep")))
+
+        digests, deep = await _body(request, read)
+        return JSONResponse({"bad": await host.verify_artifacts(digests, deep=deep)})
 
     async def scrub_caches(request: Request) -> Response:
-        body = await _json(request)
-        return JSONResponse((await host.scrub_caches(bool(body.get("repair")))).to_json())
+        repair = await _body(request, lambda b: bool(b.get("repair")))
+        return JSONResponse((await host.scrub_caches(repair)).to_json())
 
     vm = PREFIX + "/vms/{sid}"
     proc = vm + "/processes/{pid}"
