@@ -246,7 +246,10 @@ class RemoteHost:
         """A VM is gone: and the processes of its session with it (as on the host)."""
         self._vms.discard(session_id)
         self._running.pop(session_id, None)
-        self._procs = {p: s for p, s in self._procs.items() if s != session_id}
+        for process_id in [p for p, s in self._procs.items() if s == session_id]:
+            del self._procs[process_id]
+            self._readers.pop(process_id, None)
+            self._delivered.pop(process_id, None)
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self._vms
