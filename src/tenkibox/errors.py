@@ -10,7 +10,8 @@
     │   ├── ImageNotFoundError
     │   ├── WorkspaceNotFoundError
     │   ├── ApiKeyNotFoundError
-    │   └── TemplateNotFoundError
+    │   ├── TemplateNotFoundError
+    │   └── HostNotFoundError         a host id no host registered (or one removed)
     ├── MethodNotAllowedError    405  the route exists, not with this HTTP method
     ├── ConflictError            409  the resource is in a state that forbids the call
     ├── PayloadTooLargeError     413  the request body is over its limit (docs/limits.md)
@@ -105,6 +106,10 @@ class ApiKeyNotFoundError(NotFoundError):
 
 class TemplateNotFoundError(NotFoundError):
     code = "TemplateNotFound"
+
+
+class HostNotFoundError(NotFoundError):
+    code = "HostNotFound"
 
 
 class MethodNotAllowedError(TenkiError):
@@ -205,6 +210,7 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         WorkspaceNotFoundError,
         ApiKeyNotFoundError,
         TemplateNotFoundError,
+        HostNotFoundError,
         MethodNotAllowedError,
         ConflictError,
         PayloadTooLargeError,

@@ -379,6 +379,9 @@ class SessionCreate(_Model):
     egress: EgressAllowList | None = Field(
         default=None, description="an outbound allow-list (with allow_outbound true); a "
         "restore or a template's session gets the policy of its own create, not its source's")
+    host_id: Id | None = Field(
+        default=None, description="run it on this host (an ACTIVE one with room for it; "
+        "admin keys, for tests and operators); none: the control plane places it")
 
     @field_validator("egress")
     @classmethod
@@ -424,6 +427,8 @@ class Session(_Answer):
         default=None, description="when it will be terminated (none: no limit)")
     terminated_at: datetime | None = Field(default=None,
                                            description="when it ended (TERMINATED or FAILED)")
+    host_id: str | None = Field(
+        default=None, description="the host that runs (or last ran) its VM")
 
 
 class SessionUpdate(_Model):
@@ -620,6 +625,8 @@ class Volume(_Answer):
     path: str | None = Field(default=None, description="IN_USE: its mount point in the guest")
     read_only: bool = Field(default=False, description="IN_USE: whether it is mounted read-only")
     created_at: datetime = Field(description="when it was created")
+    host_id: str | None = Field(
+        default=None, description="the host holding it (its sessions run there)")
 
 
 class ServerInfo(_Answer):
@@ -819,7 +826,8 @@ class AuditEntry(_Answer):
 
 
 class HostStatus(_Answer):
-    """This machine's capacity, as the admission check counts it."""
+    """The capacity of the control plane's hosts together (with one host, that host's), as
+    the admission check counts it; each host's: ``HostInfo``."""
 
     host_id: str = Field(description="the host's id")
     memory_total_mib: int = Field(description="RAM of the host (or as configured)")
@@ -839,6 +847,97 @@ class HostStatus(_Answer):
         default=0, description="bytes in use on the tmpfs of the VMs' run directories (guest "
         "RAM of booted VMs, capture staging; other users of that tmpfs count too)")
     tmpfs_total_bytes: int = Field(default=0, description="the size of that tmpfs")
+
+
+class HostState(str, Enum):
+    """ACTIVE (takes new sessions) <-> DRAINING (no new sessions; those it runs go on);
+    LOST: no heartbeat in time (its sessions were terminated, "host lost"); a LOST host that
+    registers again is ACTIVE."""
+
+    ACTIVE = "ACTIVE"
+    DRAINING = "DRAINING"
+    LOST = "LOST"
+
+
+class HostInfo(_Answer):
+    """A host of the control plane: the embedded one (``local``) or a registered worker."""
+
+    host_id: str = Field(description="the host's id (local: the control plane's own)")
+    address: str | None = Field(
+        default=None, description="where the control plane calls the host worker (none: the "
+        "embedded host)")
+    state: HostState = Field(description="ACTIVE, DRAINING or LOST")
+    state_reason: str | None = Field(default=None, description="why it is in this state")
+    cpus: int = Field(description="CPUs of the host")
+    memory_total_mib: int = Field(description="RAM of the host (or as configured)")
+    memory_reserve_mib: int = Field(description="kept for the host itself")
+    overcommit: float = Field(description="promised guest memory is divided by this")
+    memory_capacity_mib: int = Field(description="(total - reserve) * overcommit")
+    memory_promised_mib: int = Field(
+        description="sum of the memory of the sessions placed on it that hold a VM")
+    memory_used_mib: int = Field(default=0, description="what its guests really hold (PSS)")
+    disk_total_bytes: int = Field(default=0, description="size of its data directory's disk")
+    disk_free_bytes: int = Field(default=0, description="free bytes on that disk")
+    accelerator: str = Field(description="how guests run: kvm, or tcg (emulation)")
+    qemu_version: str = Field(default="", description="the QEMU version it runs")
+    cpu_model: str = Field(default="", description="the guest CPU model it offers")
+    network_enforced: bool = Field(
+        default=False, description="whether it enforces egress policies and exposes ports")
+    sessions: int = Field(description="sessions placed on it that hold a VM or are getting one")
+    registered_at: datetime = Field(description="when it (last) registered")
+    last_heartbeat_at: datetime | None = Field(
+        default=None, description="its last heartbeat (none: the embedded host, which needs "
+        "none)")
+
+
+class HostRegister(_Model):
+    """A host worker's registration (``tenki host run``): who it is and where it listens."""
+
+    host_id: Id | None = Field(
+        default=None, description="its id from an earlier registration (none: a new host; the "
+        "control plane assigns one)")
+    address: str = Field(min_length=1, max_length=2048,
+                         description="the base URL the control plane calls it at")
+    secret: str = Field(min_length=16, max_length=512,
+                        description="the bearer token it accepts from the control plane")
+    cpus: int = Field(ge=1, description="its CPUs")
+    memory_total_mib: int = Field(ge=0, description="its RAM (or as configured)")
+    memory_reserve_mib: int = Field(ge=0, description="RAM kept for the host itself")
+    overcommit: float = Field(gt=0, description="promised guest memory is divided by this")
+    disk_total_bytes: int = Field(default=0, ge=0, description="size of its data disk")
+    disk_free_bytes: int = Field(default=0, ge=0, description="free bytes on its data disk")
+    accelerator: Literal["tcg", "kvm"] = Field(description="how its guests run")
+    qemu_version: str = Field(default="", max_length=64, description="its QEMU version")
+    cpu_model: str = Field(default="", max_length=128,
+                           description="the guest CPU model it offers")
+    network_enforced: bool = Field(
+        default=False, description="whether it enforces egress policies and exposes ports")
+    vms: list[str] = Field(default_factory=list, max_length=10000,
+                           description="the session ids of the VMs it runs now")
+
+
+class HostRegistered(HostInfo):
+    heartbeat_interval_s: float = Field(description="heartbeat this often")
+    owned: list[str] = Field(
+        default_factory=list, description="the sessions the records place on it and consider "
+        "live: it stops every other VM (fencing)")
+
+
+class HostHeartbeat(_Model):
+    vms: list[str] = Field(default_factory=list, max_length=10000,
+                           description="the session ids of the VMs it runs now")
+    memory_used_mib: int = Field(default=0, ge=0, description="what its guests really hold")
+    tmpfs_used_bytes: int = Field(default=0, ge=0,
+                                  description="bytes in use on its run directories' tmpfs")
+    tmpfs_total_bytes: int = Field(default=0, ge=0, description="the size of that tmpfs")
+    disk_free_bytes: int = Field(default=0, ge=0, description="free bytes on its data disk")
+
+
+class HostHeartbeatAnswer(_Answer):
+    state: HostState = Field(description="the host's state in the records")
+    owned: list[str] = Field(
+        default_factory=list, description="the sessions the records place on it and consider "
+        "live: it stops every other VM (fencing)")
 
 
 # -- templates ------------------------------------------------------------------------------------

@@ -57,10 +57,11 @@ def test_migrations_from_empty(postgres: PostgresCluster) -> None:
         assert store.postgres and postgres.password not in store.url
         names = set(inspect(store.engine).get_table_names())
         assert {"sessions", "snapshots", "volumes", "workspaces", "api_keys", "audit",
-                "templates", "template_builds", "port_exposures", "alembic_version"} <= names
+                "templates", "template_builds", "port_exposures", "hosts",
+                 "alembic_version"} <= names
         with store.engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() \
-                == "0007"
+                == "0008"
             # 0003 made the default workspace
             assert conn.execute(text("SELECT name FROM workspaces")).scalar() == "default"
     finally:
@@ -184,7 +185,8 @@ def test_two_processes_admission_never_overcommits(two_planes: tuple[Store, Stor
         try:
             await records.insert(session_row("CREATING", workspace_id=ws[i].id,
                                              memory_mb=1024),
-                                 check=admission.session(ws[i].id, 1024, capacity))
+                                 check=admission.session(ws[i].id, 1024, capacity,
+                                                         "local"))
             return True
         except CapacityUnavailableError:
             return False

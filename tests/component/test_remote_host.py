@@ -145,6 +145,8 @@ async def test_the_other_methods() -> None:
         fake.artifacts[image_digest("sandbox")] = 0.0
         bad = await remote.verify_artifacts(digests, deep=True)
         assert list(bad) == ["f" * 64] and "missing" in bad["f" * 64]
+        assert await remote.cached_bytes([image_digest("sandbox"), "f" * 64]) \
+            == await fake.cached_bytes([image_digest("sandbox"), "f" * 64]) > 0
         fake.artifacts["0" * 64] = 0.0
         assert await remote.collect_garbage(set(), grace_s=0) >= 1
         assert "0" * 64 not in fake.artifacts

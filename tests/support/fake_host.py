@@ -394,9 +394,9 @@ class FakeHost:
     layer_stored = 10 << 20
 
     def __init__(self, *, memory_total_mib: int = 1 << 20, memory_reserve_mib: int = 0,
-                 overcommit: float = 1.0) -> None:
+                 overcommit: float = 1.0, host_id: str = "fake") -> None:
         #: what the admission check counts with (ample unless a test gives less)
-        self.capacity = HostCapacity("fake", memory_total_mib, memory_reserve_mib, overcommit,
+        self.capacity = HostCapacity(host_id, memory_total_mib, memory_reserve_mib, overcommit,
                                      cpus=2, accelerator="tcg")
         self.vms: dict[str, FakeVM] = {}
         self.starting: set[str] = set()
@@ -881,6 +881,11 @@ class FakeHost:
             elif d in self.corrupt:
                 bad[d] = f"{kind} {d[:12]} does not match its digest"
         return bad
+
+    async def cached_bytes(self, digests: list[str]) -> int:
+        """The fake's store is its cache: what it holds of ``digests`` (1 byte for a digest
+        whose size no manifest gave)."""
+        return sum(self.stored_sizes.get(d, 1) for d in set(digests) if d in self.artifacts)
 
     async def shutdown(self) -> None:
         """Server stop (not part of ``HostAPI``, as ``LocalHost.shutdown``): the VMs keep

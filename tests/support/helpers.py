@@ -34,7 +34,8 @@ def session_row(state: str, **kw: Any) -> SessionRow:
     values: dict[str, Any] = dict(
         id=new_id("session"), name=None, state=state, state_reason=None, cpu=2, memory_mb=4096,
         base_image_id="sandbox", snapshot_id=None, env={}, meta={}, volumes=[], machine=None,
-        disk_chain=[], created_at=now() - timedelta(minutes=1))
+        disk_chain=[], created_at=now() - timedelta(minutes=1),
+        host_id="local")  # as every record since migration 0008 names its host
     values.update(kw)
     return SessionRow(**values)
 

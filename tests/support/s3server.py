@@ -94,12 +94,12 @@ def _state_file(d: Path) -> Path:
     return d / "s3.json"
 
 
-def _free_ports(n: int) -> list[int]:
+def _free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((ip, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -144,13 +144,14 @@ def _identities(d: Path) -> tuple[str, str, Path]:
 
 
 def up(d: Path, *, port: int = 0, bucket: str = DEFAULT_BUCKET,
-       timeout_s: float = READY_TIMEOUT_S, tries: int = 3) -> S3Server:
+       timeout_s: float = READY_TIMEOUT_S, tries: int = 3, ip: str = "127.0.0.1") -> S3Server:
     """Start SeaweedFS on ``d`` (or find it running) and make sure ``bucket`` exists. Free
     ports are picked before weed binds them: one taken meanwhile makes weed exit, and it is
-    started again on others (``tries`` times in all)."""
+    started again on others (``tries`` times in all). ``ip``: the address every component
+    binds and announces (``scripts/cluster`` gives its bridge's, which its hosts reach)."""
     for attempt in range(1, tries + 1):
         try:
-            return _up(d, port=port, bucket=bucket, timeout_s=timeout_s)
+            return _up(d, port=port, bucket=bucket, timeout_s=timeout_s, ip=ip)
         except WeedExited:
             if attempt == tries:
                 raise
@@ -161,7 +162,7 @@ class WeedExited(S3ServerError):
     pass
 
 
-def _up(d: Path, *, port: int, bucket: str, timeout_s: float) -> S3Server:
+def _up(d: Path, *, port: int, bucket: str, timeout_s: float, ip: str) -> S3Server:
     d = d.resolve()
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -173,12 +174,12 @@ def _up(d: Path, *, port: int, bucket: str, timeout_s: float) -> S3Server:
     weed = weed_binary()
     access, secret, ident_file = _identities(d)
     (d / "data").mkdir(exist_ok=True)
-    p = _free_ports(8)
+    p = _free_ports(8, ip)
     s3_port = port or p[0]
     ports = {"s3": s3_port, "master": p[1], "volume": p[2], "filer": p[3],
              "master.grpc": p[4], "volume.grpc": p[5], "filer.grpc": p[6], "s3.grpc": p[7]}
-    argv = [str(weed), "-logtostderr", "server", f"-dir={d / 'data'}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", "-master.telemetry=false",
+    argv = [str(weed), "-logtostderr", "server", f"-dir={d / 'data'}", f"-ip={ip}",
+            f"-ip.bind={ip}", "-master.telemetry=false",
             f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
             "-volume.max=32", "-master.volumeSizeLimitMB=256", "-volume.preStopSeconds=0",
@@ -192,7 +193,7 @@ def _up(d: Path, *, port: int, bucket: str, timeout_s: float) -> S3Server:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                             cwd=d, start_new_session=True)
     log.close()
-    server = S3Server(dir=str(d), pid=proc.pid, endpoint=f"http://127.0.0.1:{s3_port}",
+    server = S3Server(dir=str(d), pid=proc.pid, endpoint=f"http://{ip}:{s3_port}",
                       bucket=bucket, access_key=access, secret_key=secret, ports=ports)
     tmp = _state_file(d).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(server)))
@@ -290,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--port", type=int, default=0, help="S3 port (default: a free one)")
             p.add_argument("--bucket", default=DEFAULT_BUCKET)
+            p.add_argument("--ip", default="127.0.0.1",
+                           help="the address to bind and announce (default 127.0.0.1)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "up":
-            server = up(args.dir, port=args.port, bucket=args.bucket)
+            server = up(args.dir, port=args.port, bucket=args.bucket, ip=args.ip)
             print(f"# SeaweedFS (pid {server.pid}) at {server.endpoint}, bucket "
                   f"{server.bucket}, data in {server.dir}", file=sys.stderr)
             sys.stdout.write(server.exports())

@@ -34,6 +34,7 @@ from sqlalchemy import event
 
 from tenkibox.api.app import create_app
 from tenkibox.config import Layout
+from tenkibox.control.fleet import LOCAL, Fleet
 from tenkibox.control.plane import ControlPlane
 from tenkibox.store.db import Store, open_store
 
@@ -197,7 +198,11 @@ class _Uvicorn(uvicorn.Server):
 class InProcessServer:
     def __init__(self, home: Path, *, host: FakeHost | None = None, api_key: str = ADMIN_KEY,
                  images: tuple[str, ...] = ("sandbox",), start_timeout: float = 20.0,
-                 grpc: bool = False, database_url: str | None = None) -> None:
+                 grpc: bool = False, database_url: str | None = None,
+                 workers: dict[str, FakeHost] | None = None, local_host: bool = True) -> None:
+        """``workers``: address -> the fake host a worker registering with that address
+        becomes (the fleet's ``connect``); ``local_host`` False: no embedded host (a pure
+        control plane, ``tenki serve --no-local-host``)."""
         self.home = home
         #: the database (default: one of its own, ``open_test_store``); servers given the same
         #: PostgreSQL URL are control-plane processes sharing one database
@@ -207,6 +212,11 @@ class InProcessServer:
         self.grpc_endpoint = ""
         self._wire: Any = None
         self.host = host or FakeHost()
+        #: the fake hosts workers become when they register (by address)
+        self.workers: dict[str, FakeHost] = dict(workers or {})
+        self.local_host = local_host
+        #: (host id, address, secret) of every member the control plane connected
+        self.connected: list[tuple[str, str, str]] = []
         #: the local admin key of ``home`` (what a real server would write to admin.key); the
         #: test run's ``TENKI_API_KEY`` is ``ADMIN_KEY``, so clients use it by default
         self.api_key = api_key
@@ -280,7 +290,8 @@ class InProcessServer:
             return
         if thread.is_alive() and self._loop is not None and self._server is not None:
             if release:
-                self.host.release_all()
+                for fake in self.fakes:
+                    fake.release_all()
             try:
                 self._loop.call_soon_threadsafe(self._server.stop_soon, not release)
             except RuntimeError:  # the loop is closed already
@@ -354,13 +365,17 @@ class InProcessServer:
             await self._close()
 
     async def _open(self) -> None:
-        self.host.images.update(self.images)
+        for fake in self.fakes:
+            fake.images.update(self.images)
         self._store = open_test_store(self.home, self.database_url)
-        plane_host: Any = self.host
-        if remote_requested():
+        local: Any = self.host
+        if remote_requested() and self.local_host:
+            # TENKI_TEST_HOST=remote: the member is the fake host behind the wire
             self._wired = await wire(self.host)
-            plane_host = self._wired.remote
-        self._plane = ControlPlane(self._store, plane_host)
+            local = self._wired.remote
+        self._plane = ControlPlane(self._store,
+                                   Fleet({LOCAL: local} if self.local_host else {}),
+                                   connect=self._connect)
         await self._plane.start()
         # as ServerRuntime.start: the default workspace and the local admin key of this home
         layout = Layout(self.home)
@@ -391,10 +406,24 @@ class InProcessServer:
         if self._wired is not None:
             await self._wired.close()
             self._wired = None
-        await self.host.shutdown()
+        for fake in self.fakes:
+            await fake.shutdown()
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    @property
+    def fakes(self) -> list[FakeHost]:
+        """Every fake host of this server: the embedded one (if any), then the workers'."""
+        return [*([self.host] if self.local_host else []), *self.workers.values()]
+
+    def _connect(self, host_id: str, address: str, secret: str) -> FakeHost:
+        """The fleet's ``connect``: a registered worker is the fake of its address."""
+        fake = self.workers.get(address)
+        if fake is None:
+            raise ConnectionRefusedError(f"no fake worker listens at {address}")
+        self.connected.append((host_id, address, secret))
+        return fake
 
     def _request_stop(self) -> None:
         """``POST /v1/server/shutdown``: stop serving once the request is answered."""

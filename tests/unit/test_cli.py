@@ -507,7 +507,8 @@ def test_serve_calls_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == {"host": "127.0.0.1", "port": 8080, "tls_cert": None, "tls_key": None,
                     "grpc_port": 0, "grpc_advertise": None, "preview_host": None,
                     "preview_bind": None, "database_url": None, "artifacts": None,
-                    "s3_endpoint": None, "artifact_cache_bytes": None}
+                    "s3_endpoint": None, "artifact_cache_bytes": None,
+                    "local_host": True}
     result = CliRunner().invoke(cli, ["serve", "--database", "postgresql://u:p@h/db"])
     assert result.exit_code == 0 and seen["database_url"] == "postgresql://u:p@h/db"
     result = CliRunner().invoke(cli, ["serve"], env={"TENKI_DATABASE_URL": "postgresql://e/db"})

@@ -317,6 +317,26 @@ def test_host_status(run: Run, admin: Client) -> None:
             f"{units.format_size(status.tmpfs_total_bytes)}\n") in out
 
 
+def test_host_list_get_drain_remove(run: Run, admin: Client) -> None:
+    (local,) = [models.HostInfo.model_validate(h)
+                for h in json.loads(_ok(run("host", "list", "--json")).stdout)]
+    assert (local.host_id, local.state) == ("local", models.HostState.ACTIVE)
+    out = _ok(run("host", "list")).stdout
+    assert out.splitlines()[0].split()[:3] == ["HOST", "STATE", "ADDRESS"]
+    assert out.splitlines()[1].split()[:3] == ["local", "ACTIVE", "-"]
+    assert "state:" in _ok(run("host", "get", "local")).stdout
+    assert _error(run("host", "get", "host-nope")) == "error: host host-nope not found"
+    assert _ok(run("host", "drain", "local")).stdout == "local: DRAINING (0 sessions run on)\n"
+    assert _error(run("sandbox", "create", "--host", "local", "--memory-mb", "512")).startswith(
+        "error: host local is DRAINING")
+    assert _ok(run("host", "undrain", "local")).stdout == "local: ACTIVE\n"
+    sid = _ok(run("sandbox", "create", "--host", "local", "--memory-mb", "512")).stdout.strip()
+    assert admin.get(sid).record.host_id == "local"
+    assert _error(run("sandbox", "create", "--host", "nowhere"), 2) == (
+        "error: host_id: host nowhere is not a host of this control plane")
+    assert "cannot be removed" in _error(run("host", "remove", "local", "--force"))
+
+
 # -- the key for the local server --------------------------------------------------------------
 
 

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from tenkibox import errors
+from tenkibox.control.fleet import LOCAL, Fleet
 from tenkibox.control.records import Records
 from tenkibox.control.volumes import VolumeControl, mount_path
 from tenkibox.host.api import VolumeMountSpec
 from tenkibox.models import SessionCreate, VolumeAttach, VolumeCreate, VolumeMount
 from tenkibox.store.db import Store, open_store
-from tenkibox.store.tables import SessionRow, VolumeRow, WorkspaceRow
+from tenkibox.store.tables import HostRow, SessionRow, VolumeRow, WorkspaceRow
 
 MiB = 1 << 20
 
@@ -77,8 +78,16 @@ class World:
         with self.store.tx() as orm:
             t = datetime.now(UTC)
             orm.add(WorkspaceRow(id=WS, name="test", quotas={}, created_at=t, updated_at=t))
+            # the one member of the fleet, as a single-machine server records it
+            orm.add(HostRow(id=LOCAL, state="ACTIVE", cpus=2, memory_total_mib=4096,
+                            memory_reserve_mib=0, overcommit=1.0, disk_total_bytes=0,
+                            disk_free_bytes=0, accelerator="tcg", qemu_version="",
+                            cpu_model="", network_enforced=False, memory_used_mib=0,
+                            tmpfs_used_bytes=0, tmpfs_total_bytes=0, registered_at=t))
         self.host = Host()
-        self.volumes = VolumeControl(self.records, self.host)  # type: ignore[arg-type]
+        self.fleet = Fleet({LOCAL: self.host})  # type: ignore[dict-item]
+        self.fleet.bind(self.records)
+        self.volumes = VolumeControl(self.records, self.fleet)
         self._sessions = 0
 
     async def session(self, state: str = "READY", vm: bool = True) -> str:

@@ -20,6 +20,7 @@ from .errors import install_error_handlers
 from .routes import (
     STREAM_ITEM_MODELS,
     access,
+    hosts,
     ports,
     server,
     sessions,
@@ -38,7 +39,7 @@ def application() -> FastAPI:
     install_error_handlers(app)
     # added last, so it runs first: no request reaches anything else without a valid key
     app.add_middleware(AccessMiddleware)
-    for module in (sessions, ports, snapshots, volumes, templates, access, server):
+    for module in (sessions, ports, snapshots, volumes, templates, access, hosts, server):
         app.include_router(module.router)
     _document_stream_items(app)
     return app

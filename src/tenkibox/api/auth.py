@@ -29,7 +29,10 @@ SCOPE_KEY = "tenki.principal"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: path parameters that name the object of a call, in order of preference
 _OBJECT_PARAMS = ("process_id", "volume_id", "snapshot_id", "session_id", "build_id",
-                  "template_id", "key_id", "workspace_id")
+                  "template_id", "key_id", "workspace_id", "host_id")
+#: calls whose success is not audited: a host worker's heartbeat, every few seconds per host,
+#: would bury the trail (a refused one is audited, as a registration always is)
+_ROUTINE = frozenset({"hostHeartbeat"})
 #: a create's answer is read for the new object's id up to this size
 _BODY_PEEK_BYTES = 64 * 1024
 #: refused mutating calls without a valid key are audited up to this many a minute: anyone can
@@ -131,6 +134,8 @@ async def _audit(plane: ControlPlane, scope: Scope, caller: Principal | None, st
         if code is None and isinstance(err, dict) and err.get("code") in ERROR_TABLE:
             code = str(err["code"])
     outcome = "ok" if 200 <= status < 400 else (code or f"HTTP {status}")
+    if outcome == "ok" and action in _ROUTINE:
+        return
     try:
         await plane.audit.record(
             workspace_id=caller.workspace_id if caller else None,

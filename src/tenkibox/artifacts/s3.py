@@ -373,6 +373,10 @@ class S3ArtifactStore:
     def _touch(self, digest: str) -> None:
         self._used[digest] = time.time()
 
+    def cached_size(self, digest: str) -> int:
+        """The local cache's copy only (the bucket's would be a download)."""
+        return self.cache.cached_size(digest)
+
     def cached(self) -> dict[str, int]:
         """digest -> bytes of every copy in the local cache."""
         out = {}

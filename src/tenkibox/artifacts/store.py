@@ -96,6 +96,10 @@ class ArtifactStore(Protocol):
     def damaged(self, digests: dict[str, str], *, deep: bool = False) -> dict[str, str]: ...
     def size(self, digest: str) -> int: ...
 
+    def cached_size(self, digest: str) -> int:
+        """Bytes of ``digest`` readable on this machine without a download (0: none)."""
+        ...
+
     def allocated(self, digest: str) -> int:
         """Bytes the artifact takes in storage (0 if absent): its disk blocks here, what a
         snapshot's ``stored_bytes`` counts. S3: the object's size (what the bucket bills)."""
@@ -158,6 +162,10 @@ class LocalArtifactStore:
             return self.local_path(digest).stat().st_blocks * 512
         except OSError:
             return 0
+
+    def cached_size(self, digest: str) -> int:
+        """Everything this store holds is on this machine."""
+        return self.size(digest) if _valid_digest(digest) else 0
 
     def temp_path(self) -> Path:
         """A fresh temporary name on the store's file system: write a file there and ``put``

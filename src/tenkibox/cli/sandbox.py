@@ -73,6 +73,13 @@ def create_options(with_snapshot: bool) -> Callable[[c.F], c.F]:
                 is_flag=True,
                 help="Ports of the session may be exposed.",
             ),
+            click.option(
+                "--host",
+                "host_id",
+                metavar="ID",
+                help="Run it on this host (admin key; `tenki host list`), not where the "
+                "control plane places it.",
+            ),
             click.option("--no-wait", is_flag=True, help="Return at once (state CREATING)."),
             click.option(
                 "--wait-timeout",
@@ -134,6 +141,7 @@ def run_create(
     allow_domains: Sequence[str] = (),
     allow_cidrs: Sequence[str] = (),
     allow_inbound: bool = False,
+    host_id: str | None = None,
 ) -> None:
     """The one code path of ``sandbox create`` and ``snapshot restore``."""
     if snapshot_id is not None and template_id is not None:
@@ -170,6 +178,7 @@ def run_create(
         allow_inbound=allow_inbound,
         allow_domains=domains,
         allow_cidrs=cidrs,
+        host_id=host_id,
     )
     if not no_wait:
         if snapshot_id:

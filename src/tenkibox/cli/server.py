@@ -47,10 +47,13 @@ from . import _common as c
 @click.option("--artifact-cache", metavar="SIZE", envvar="TENKI_ARTIFACT_CACHE",
               help="With --artifacts: at most this much of them cached locally "
               "($TENKI_ARTIFACT_CACHE; default 20GiB).")
+@click.option("--no-local-host", is_flag=True,
+              help="A pure control plane: no embedded host; sessions run on the host workers "
+              "that register (tenki host run --control URL).")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grpc_port: int,
           grpc_advertise: str | None, preview_host: str | None,
           preview_bind: str | None, database_url: str | None, artifacts: str | None,
-          s3_endpoint: str | None, artifact_cache: str | None) -> None:
+          s3_endpoint: str | None, artifact_cache: str | None, no_local_host: bool) -> None:
     """Run the tenki API server for $TENKI_HOME (foreground).
 
     Every call needs an API key (Authorization: Bearer tk_...). On first start the server
@@ -69,7 +72,7 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None, grp
                database_url=database_url or None, artifacts=artifacts,
                s3_endpoint=s3_endpoint,
                artifact_cache_bytes=units.parse_size(artifact_cache, field="artifact_cache")
-               if artifact_cache else None)
+               if artifact_cache else None, local_host=not no_local_host)
 
 
 @click.group("server")

@@ -58,6 +58,7 @@ class AsyncClient:
         self.api_keys = AsyncApiKeys(self)
         self.audit = AsyncAudit(self)
         self.host = AsyncHost(self)
+        self.hosts = AsyncHosts(self)
         self.templates = AsyncTemplates(self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -216,6 +217,7 @@ class AsyncClient:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> AsyncSession:
         """Start creating a session and return at once (state CREATING).
 
@@ -252,6 +254,7 @@ class AsyncClient:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         return AsyncSession(self, await self._call(_core.create_session(body)))
 
@@ -274,6 +277,7 @@ class AsyncClient:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> AsyncSession:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -296,6 +300,7 @@ class AsyncClient:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         return AsyncSession(self, await self._run(_core.create_and_wait_flow(body, timeout)))
 
@@ -483,6 +488,7 @@ class AsyncClient:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> AsyncSession:
         """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
         ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
@@ -502,6 +508,7 @@ class AsyncClient:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         if wait:
             return await self.create_and_wait(**kwargs, timeout=timeout)
@@ -742,6 +749,29 @@ class AsyncClient:
         """The host's memory capacity as the admission of sessions counts it (admin key)."""
         return await self._call(_core.host_status())
 
+    # -- hosts (admin key) --------------------------------------------------------------------
+
+    async def list_hosts(self) -> builtins.list[models.HostInfo]:
+        """Every host of the control plane: the embedded one (``local``) first."""
+        return await self._call(_core.list_hosts())
+
+    async def get_host(self, host_id: str) -> models.HostInfo:
+        """The host ``host_id`` (HostNotFoundError when there is none)."""
+        return await self._call(_core.get_host(host_id))
+
+    async def drain_host(self, host_id: str) -> models.HostInfo:
+        """No new sessions on the host; those it runs go on (idempotent)."""
+        return await self._call(_core.drain_host(host_id))
+
+    async def undrain_host(self, host_id: str) -> models.HostInfo:
+        """A DRAINING host takes new sessions again (idempotent)."""
+        return await self._call(_core.undrain_host(host_id))
+
+    async def remove_host(self, host_id: str, force: bool = False) -> None:
+        """Forget a host: ConflictError while sessions are placed on it, unless ``force``
+        (they are terminated first)."""
+        await self._call(_core.remove_host(host_id, force))
+
 class AsyncSessions:
     """``client.sessions``: the session calls of :class:`AsyncClient` under short names."""
 
@@ -838,6 +868,19 @@ class AsyncHost:
 
     status = _core.alias(AsyncClient.host_status)
 
+
+
+class AsyncHosts:
+    """``client.hosts``: the host calls of :class:`AsyncClient` under short names (admin key)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    list = _core.alias(AsyncClient.list_hosts)
+    get = _core.alias(AsyncClient.get_host)
+    drain = _core.alias(AsyncClient.drain_host)
+    undrain = _core.alias(AsyncClient.undrain_host)
+    remove = _core.alias(AsyncClient.remove_host)
 
 class AsyncTemplates:
     """``client.templates``: the template calls of :class:`AsyncClient` under short names."""

@@ -258,6 +258,7 @@ def session_create(
     allow_inbound: bool = False,
     allow_domains: Iterable[str] | None = None,
     allow_cidrs: Iterable[str] | None = None,
+    host_id: str | None = None,
 ) -> models.SessionCreate:
     for flag, value in (("allow_outbound", allow_outbound), ("allow_inbound", allow_inbound)):
         if not isinstance(value, bool):
@@ -281,6 +282,7 @@ def session_create(
         volumes=volume_mounts(volumes),
         max_duration_s=seconds(max_duration, field="max_duration"),
         base_image_id=base_image_id,
+        host_id=host_id,
     )
 
 
@@ -954,6 +956,29 @@ def list_audit(
 
 def host_status() -> Call[models.HostStatus]:
     return Call("GET", "/v1/host", _model(models.HostStatus))
+
+
+def list_hosts() -> Call[list[models.HostInfo]]:
+    return Call("GET", "/v1/hosts", _model_list(models.HostInfo))
+
+
+def get_host(host_id: str) -> Call[models.HostInfo]:
+    return Call("GET", f"/v1/hosts/{seg(host_id)}", _model(models.HostInfo))
+
+
+def drain_host(host_id: str) -> Call[models.HostInfo]:
+    return Call("POST", f"/v1/hosts/{seg(host_id)}/drain", _model(models.HostInfo))
+
+
+def undrain_host(host_id: str) -> Call[models.HostInfo]:
+    return Call("POST", f"/v1/hosts/{seg(host_id)}/undrain", _model(models.HostInfo))
+
+
+def remove_host(host_id: str, force: bool = False) -> Call[None]:
+    if not isinstance(force, bool):
+        raise errors.ValidationError(f"expected True or False, got {force!r}", field="force")
+    return Call("DELETE", f"/v1/hosts/{seg(host_id)}", _none,
+                params={"force": "true"} if force else None)
 
 
 def create_template(body: models.TemplateCreate) -> Call[models.Template]:

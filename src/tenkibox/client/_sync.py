@@ -57,6 +57,7 @@ class Client:
         self.api_keys = ApiKeys(self)
         self.audit = Audit(self)
         self.host = Host(self)
+        self.hosts = Hosts(self)
         self.templates = Templates(self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -211,6 +212,7 @@ class Client:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> Session:
         """Start creating a session and return at once (state CREATING).
 
@@ -247,6 +249,7 @@ class Client:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         return Session(self, self._call(_core.create_session(body)))
 
@@ -269,6 +272,7 @@ class Client:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> Session:
         """:meth:`create`, then wait up to ``timeout`` seconds (None: no limit) until it runs.
 
@@ -291,6 +295,7 @@ class Client:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         return Session(self, self._run(_core.create_and_wait_flow(body, timeout)))
 
@@ -476,6 +481,7 @@ class Client:
         allow_inbound: bool = False,
         allow_domains: Iterable[str] | None = None,
         allow_cidrs: Iterable[str] | None = None,
+        host_id: str | None = None,
     ) -> Session:
         """A new session in the snapshot's state: ``create(snapshot_id=...)`` and, with
         ``wait``, wait up to ``timeout`` seconds for it. Volumes are not re-attached unless
@@ -495,6 +501,7 @@ class Client:
             allow_inbound=allow_inbound,
             allow_domains=allow_domains,
             allow_cidrs=allow_cidrs,
+            host_id=host_id,
         )
         if wait:
             return self.create_and_wait(**kwargs, timeout=timeout)
@@ -741,6 +748,29 @@ class Client:
         """The host's memory capacity as the admission of sessions counts it (admin key)."""
         return self._call(_core.host_status())
 
+    # -- hosts (admin key) --------------------------------------------------------------------
+
+    def list_hosts(self) -> builtins.list[models.HostInfo]:
+        """Every host of the control plane: the embedded one (``local``) first."""
+        return self._call(_core.list_hosts())
+
+    def get_host(self, host_id: str) -> models.HostInfo:
+        """The host ``host_id`` (HostNotFoundError when there is none)."""
+        return self._call(_core.get_host(host_id))
+
+    def drain_host(self, host_id: str) -> models.HostInfo:
+        """No new sessions on the host; those it runs go on (idempotent)."""
+        return self._call(_core.drain_host(host_id))
+
+    def undrain_host(self, host_id: str) -> models.HostInfo:
+        """A DRAINING host takes new sessions again (idempotent)."""
+        return self._call(_core.undrain_host(host_id))
+
+    def remove_host(self, host_id: str, force: bool = False) -> None:
+        """Forget a host: ConflictError while sessions are placed on it, unless ``force``
+        (they are terminated first)."""
+        self._call(_core.remove_host(host_id, force))
+
 class Sessions:
     """``client.sessions``: the session calls of :class:`Client` under short names."""
 
@@ -837,6 +867,19 @@ class Host:
 
     status = _core.alias(Client.host_status)
 
+
+
+class Hosts:
+    """``client.hosts``: the host calls of :class:`Client` under short names (admin key)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    list = _core.alias(Client.list_hosts)
+    get = _core.alias(Client.get_host)
+    drain = _core.alias(Client.drain_host)
+    undrain = _core.alias(Client.undrain_host)
+    remove = _core.alias(Client.remove_host)
 
 class Templates:
     """``client.templates``: the template calls of :class:`Client` under short names."""

@@ -1,5 +1,9 @@
 """May this create go ahead? Workspace quotas (429) and the host's memory capacity (503).
 
+A host's memory is counted per host: the sessions whose record names it (``host_id``) against
+its own capacity; the control plane places a session on one host (``control/fleet.py``) and
+checks that host here.
+
 Each check runs inside the transaction that inserts the new record (``Records.insert(check=)``),
 so a count and the insert it allows are never split: of ten creates racing for the last five
 places, exactly five get one. (In one server process the check and the insert also run without
@@ -35,10 +39,10 @@ def _refuse(name: str, limit: int, in_use: int, unit: str = "") -> None:
                              details={"quota": name, "limit": limit, "in_use": in_use})
 
 
-def session(ws: str, memory_mib: int, capacity: HostCapacity) -> Check:
-    """A new session of ``memory_mib``: the workspace's session and memory quotas, then the
-    host's memory."""
-    fits = host_memory(memory_mib, capacity)
+def session(ws: str, memory_mib: int, capacity: HostCapacity, host_id: str) -> Check:
+    """A new session of ``memory_mib`` on host ``host_id``: the workspace's session and memory
+    quotas, then that host's memory."""
+    fits = host_memory(memory_mib, capacity, host_id)
 
     def check(orm: OrmSession) -> None:
         quotas = _quotas(orm, ws)
@@ -54,13 +58,19 @@ def session(ws: str, memory_mib: int, capacity: HostCapacity) -> Check:
     return check
 
 
-def host_memory(memory_mib: int, capacity: HostCapacity) -> Check:
-    """The host's memory alone (the server's own sessions: golden snapshot builds)."""
+def promised_mib(orm: OrmSession, host_id: str) -> int:
+    """The memory of the sessions placed on ``host_id`` that hold a VM or are getting one."""
+    return int(orm.execute(
+        select(func.coalesce(func.sum(SessionRow.memory_mb), 0))
+        .where(SessionRow.state.in_(HOLDING_SESSION), SessionRow.host_id == host_id))
+        .scalar_one())
+
+
+def host_memory(memory_mib: int, capacity: HostCapacity, host_id: str) -> Check:
+    """Host ``host_id``'s memory alone (the server's own sessions: golden snapshot builds)."""
 
     def check(orm: OrmSession) -> None:
-        promised = int(orm.execute(
-            select(func.coalesce(func.sum(SessionRow.memory_mb), 0))
-            .where(SessionRow.state.in_(HOLDING_SESSION))).scalar_one())
+        promised = promised_mib(orm, host_id)
         room = capacity.memory_capacity_mib
         if promised + memory_mib > room:
             raise CapacityUnavailableError(

@@ -42,6 +42,14 @@ def answer(net: NetworkSpec) -> dict[str, Any]:
                                     allow_cidrs=list(net.egress.allow_cidrs))}
 
 
+def needs_enforcement(net: NetworkSpec) -> bool:
+    """Whether ``net`` is more than the default policy (only a host that enforces policies
+    may run it)."""
+    e = net.egress
+    return egress.beyond_default(e.outbound, net.inbound, e.allow_domains,
+                                 e.allow_cidrs) is not None
+
+
 def refuse_unenforceable(host: HostAPI, net: NetworkSpec, lead: str = "") -> None:
     """``NetworkPolicyUnsupportedError`` naming the field, when ``net`` is more than the
     default policy and ``host`` cannot enforce policies: a sandbox never runs with more access

@@ -219,13 +219,29 @@ class PauseControl:
                 # restarted without root or nftables keeps it PAUSED)
                 refuse_unenforceable(self.host, network_of(row),
                                      f"session {session_id} cannot be resumed: ")
-                # a paused session counts against nothing: the resume is admitted again
-                check = (admission.host_memory(row.memory_mb, self.host.capacity)
-                         if row.workspace_id == SYSTEM else
-                         admission.session(row.workspace_id, row.memory_mb, self.host.capacity))
-                try:
+                # a paused session counts against nothing: the resume is placed and admitted
+                # again (on any host: its PAUSE snapshot's artifacts are in the shared store,
+                # and the host that caches them comes first; its volumes' host if it has any)
+                ready = self.snapshots.pause_snapshots(session_id, P.READY.value)
+                found = await self.host.candidates(
+                    volume_ids=[m.volume_id for m in self.sessions.volumes.mounts_of(
+                        session_id)],
+                    digests=list(Manifest.from_json(ready[-1].files).digests())
+                    if ready else None, network=network_of(row))
+
+                async def move(host_id: str) -> None:
+                    capacity = self.host.capacity_of(host_id)
+                    check = (admission.host_memory(row.memory_mb, capacity, host_id)
+                             if row.workspace_id == SYSTEM else
+                             admission.session(row.workspace_id, row.memory_mb, capacity,
+                                               host_id))
+                    # the new host is named before it is asked to restore (fencing)
                     await self.records.transition(SessionRow, session_id, S.RESUMING,
-                                                  expected=[S.PAUSED], check=check)
+                                                  expected=[S.PAUSED], check=check,
+                                                  host_id=host_id)
+
+                try:
+                    await self.host.place(found, row.memory_mb, move)
                 except IllegalTransitionError as exc:
                     raise ConflictError(f"session {session_id} is {exc.current}; only a "
                                         "PAUSED session can be resumed") from exc

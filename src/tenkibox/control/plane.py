@@ -1,7 +1,9 @@
 """The control plane of one server: records, the resource controls, who may call (workspaces,
 keys, the audit trail), background loops.
 
-It is given a host (``HostAPI``); it never reaches into it beyond that interface.
+It is given its hosts: a ``Fleet`` (``control/fleet.py``) of members, or one ``HostAPI``, made
+the fleet's one member ``local`` (a single-machine server); it never reaches into a host beyond
+that interface.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from ..preview import PreviewProxy, PreviewSettings
 from ..store.db import Store
 from ..store.tables import SessionRow
 from .audit import AuditLog
+from .fleet import LOCAL, Fleet
 from .golden import GoldenControl, enabled
+from .hosts import Connect, HostControl
 from .keys import KeyControl
 from .ports import PortControl
 from .records import Records
@@ -40,13 +44,17 @@ SCRUB_INTERVAL_S = float(os.environ.get("TENKI_SCRUB_INTERVAL_S", 6 * 3600))
 
 
 class ControlPlane:
-    def __init__(self, store: Store, host: HostAPI, *,
-                 preview: PreviewSettings | None = None) -> None:
+    def __init__(self, store: Store, host: HostAPI | Fleet, *,
+                 preview: PreviewSettings | None = None, connect: Connect | None = None) -> None:
         """``preview``: where the preview proxy of exposed ports listens and what its URLs
-        say (default: loopback)."""
+        say (default: loopback); ``connect``: makes a member of a registered host worker
+        (None: no workers register)."""
         self.store = store
-        self.host = host
         self.records = Records(store)
+        self.fleet = host if isinstance(host, Fleet) else Fleet({LOCAL: host})
+        self.fleet.bind(self.records)
+        #: every call for a VM, volume or artifact goes through the fleet to its member
+        self.host = host = self.fleet
         self.workspaces = WorkspaceControl(self.records)
         self.keys = KeyControl(self.records)
         self.audit = AuditLog(self.records)
@@ -59,6 +67,7 @@ class ControlPlane:
                                        self.ports)
         self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
         self.golden = GoldenControl(self.records, self.sessions, self.snapshots)
+        self.hosts = HostControl(self.records, self.fleet, self.sessions, connect)
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -68,6 +77,7 @@ class ControlPlane:
         # control plane that starts alone (on SQLite always; see docs/multi-host.md)
         alone = self.records.store.hold_presence()
         await self.workspaces.ensure_default()
+        await self.hosts.start()  # the members, before recovery asks them for their VMs
         if alone:
             await self.sessions.recover()
             await self.snapshots.recover()
@@ -78,8 +88,11 @@ class ControlPlane:
         else:
             log.warning("other control planes run on %s: records in flight are theirs, not "
                         "settled at this start", self.records.store.url)
-        # nothing is in flight yet: whatever no record references goes now
-        await self.host.collect_garbage(set(self.snapshots.referenced()), grace_s=0)
+        # alone, nothing is in flight yet: whatever no record references goes now; with other
+        # control planes, their captures may be putting files their records do not name yet
+        # (on hosts shared through the fleet): the usual grace spares those
+        await self.host.collect_garbage(set(self.snapshots.referenced()),
+                                        grace_s=0 if alone else None)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
                        asyncio.create_task(self.sessions.follow_host(), name="host events")]
 
@@ -90,6 +103,7 @@ class ControlPlane:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             ticks += 1
             try:
+                await self.hosts.sweep()
                 await self.sessions.sweep_expired()
                 await self.ports.sweep()
                 await self.snapshots.sweep_expired()
@@ -166,3 +180,4 @@ class ControlPlane:
         await self.snapshots.shutdown()
         await self.sessions.shutdown()
         await self.ports.shutdown()
+        await self.fleet.shutdown()

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session as OrmSession
 from .. import longpoll
 from ..errors import (
     ApiKeyNotFoundError,
+    HostNotFoundError,
     NotFoundError,
     SessionNotFoundError,
     SnapshotNotFoundError,
@@ -46,6 +47,7 @@ from ..store.tables import (
     AuditRow,
     Base,
     BuildRow,
+    HostRow,
     PortExposureRow,
     SessionRow,
     SnapshotRow,
@@ -63,18 +65,23 @@ CHANNEL = "tenki_records"
 LISTENER_NAME = "tenki-listener"
 
 R = TypeVar("R", SessionRow, SnapshotRow, VolumeRow, WorkspaceRow, ApiKeyRow, TemplateRow,
-            BuildRow, PortExposureRow)
+            BuildRow, PortExposureRow, HostRow)
 
 _KIND: dict[type[Base], str] = {SessionRow: "session", SnapshotRow: "snapshot",
                                 VolumeRow: "volume", WorkspaceRow: "workspace",
-                                ApiKeyRow: "API key", TemplateRow: "template", BuildRow: "build"}
+                                ApiKeyRow: "API key", TemplateRow: "template", BuildRow: "build",
+                                HostRow: "host"}
 _MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
                                             "snapshot": SnapshotNotFoundError,
                                             "volume": VolumeNotFoundError,
                                             "workspace": WorkspaceNotFoundError,
                                             "API key": ApiKeyNotFoundError,
                                             "template": TemplateNotFoundError,
-                                            "build": TemplateNotFoundError}
+                                            "build": TemplateNotFoundError,
+                                            "host": HostNotFoundError}
+#: kinds with a state machine but no final state: their records end by being removed (a host:
+#: its sessions ended or were moved off first, ``HostControl.remove``)
+_REMOVED_OUTRIGHT = frozenset({"host"})
 
 
 def _value(state: Any) -> str:
@@ -210,7 +217,7 @@ class Records:
         are; one with a state machine only from a final state (a build with its template): it
         ends by its transitions, never by a delete from the middle of its life."""
         kind = _KIND.get(cls)
-        if kind in TRANSITIONS:
+        if kind in TRANSITIONS and kind not in _REMOVED_OUTRIGHT:
             final = sorted(_value(s) for s, tos in TRANSITIONS[kind].items() if not tos)
             table: Any = cls
             where = (*where, table.state.in_(final))
@@ -228,9 +235,12 @@ class Records:
     async def transition(self, cls: type[R], key: str, target: Any, *,
                          expected: Iterable[Any] | None = None,
                          check: Callable[[OrmSession], None] | None = None,
+                         when: dict[str, Any] | None = None,
                          **values: Any) -> R:
         """Move a record to ``target`` (compare-and-set); returns the updated row. ``check``
-        runs first in the same transaction and refuses by raising (quotas, as ``insert``)."""
+        runs first in the same transaction and refuses by raising (quotas, as ``insert``);
+        ``when``: only while those fields still hold those values (as ``update``; a record
+        moved or changed meanwhile raises ``IllegalTransitionError``)."""
         kind = _KIND[cls]
         target = _value(target)
         if target not in TRANSITIONS[kind]:
@@ -239,12 +249,14 @@ class Records:
         if expected is not None:
             allowed = allowed & {_value(s) for s in expected}
         table: Any = cls
+        stmt = update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
+        for field, was in (when or {}).items():
+            column = getattr(table, field)
+            stmt = stmt.where(column.is_(None) if was is None else column == was)
         with self.store.tx() as orm:
             self._checked(orm, check)
-            result = orm.execute(
-                update(cls).where(table.id == key, table.state.in_(sorted(allowed)))
-                .values(state=target, **values)
-                .execution_options(synchronize_session=False))
+            result = orm.execute(stmt.values(state=target, **values)
+                                 .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
             if moved:
                 self._announce(orm)

@@ -32,7 +32,6 @@ from ..errors import (
 from ..host.api import (
     BootSpec,
     ExecSpec,
-    HostAPI,
     Manifest,
     NetworkSpec,
     ProcessEvent,
@@ -58,6 +57,7 @@ from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
 if TYPE_CHECKING:
+    from .fleet import Fleet
     from .ports import PortControl
     from .snapshots import SnapshotControl
 
@@ -89,7 +89,7 @@ def not_running(row: SessionRow) -> ConflictError:
 
 
 class SessionControl:
-    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl,
+    def __init__(self, records: Records, host: Fleet, volumes: VolumeControl,
                  snapshots: SnapshotControl, ports: PortControl) -> None:
         self.records = records
         self.host = host
@@ -125,7 +125,7 @@ class SessionControl:
             volumes=self.volumes.attachments(row.id) if row.state not in FINAL else [],
             **network.answer(network_of(row)),
             created_at=row.created_at, ready_at=row.ready_at, expires_at=row.expires_at,
-            terminated_at=row.terminated_at)
+            terminated_at=row.terminated_at, host_id=row.host_id)
 
     def get(self, session_id: str, ws: str | None = None) -> Session:
         return self.to_model(self.row(session_id, ws))
@@ -199,6 +199,10 @@ class SessionControl:
             raise ValidationError(f"a restore keeps the snapshot's {snap.memory_mb} MiB",
                                   field="memory_mb")
         self.volumes.check_create(req, ws)
+        found = await self.host.candidates(
+            pin=req.host_id, volume_ids=[m.volume_id for m in req.volumes],
+            digests=list(Manifest.from_json(snap.files).digests()) if snap is not None else None,
+            network=net)
         env = dict(req.env)
         manifest = None
         if snap is not None:
@@ -224,9 +228,18 @@ class SessionControl:
             created_at=created,
             expires_at=created + timedelta(seconds=req.max_duration_s)
             if req.max_duration_s else None)
-        check = (admission.host_memory(row.memory_mb, self.host.capacity) if system
-                 else admission.session(ws, row.memory_mb, self.host.capacity))
-        await self.records.insert(row, check=check)
+
+
+        async def insert(host_id: str) -> None:
+            # the host is named on the record before it is asked to boot: the record decides
+            # who owns the VM (a host that no longer owns it stops it: fencing)
+            row.host_id = host_id
+            capacity = self.host.capacity_of(host_id)
+            check = (admission.host_memory(row.memory_mb, capacity, host_id) if system
+                     else admission.session(ws, row.memory_mb, capacity, host_id))
+            await self.records.insert(row, check=check)
+
+        await self.host.place(found, row.memory_mb, insert)
         source_id = snap.id if snap is not None else None
         self._starts[row.id] = self._spawn(self._start(row.id, req, manifest, source_id),
                                            f"start {row.id}")
@@ -431,6 +444,34 @@ class SessionControl:
         await self.records.transition(SessionRow, session_id, S.TERMINATED,
                                       expected=[S.TERMINATING], state_reason=reason,
                                       terminated_at=now())
+
+    async def end_unreachable(self, session_id: str, reason: str) -> bool:
+        """The session's host is gone (lost, or removed by force): the record ends TERMINATED
+        with ``reason`` without asking that host anything (it does not answer; if it comes
+        back, its VM is no longer owned and it stops it). What the session held here goes:
+        its start task, exposed ports, volumes, PAUSE snapshots. Returns whether this call
+        ended it."""
+        try:
+            await self.records.transition(SessionRow, session_id, S.TERMINATING,
+                                          state_reason=reason)
+        except IllegalTransitionError as exc:
+            if exc.current != S.TERMINATING.value:
+                return False  # over already
+            # a terminate whose host call could not reach the host: finished here
+        start = self._starts.get(session_id)
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})
+        await self.ports.close_session(session_id, reason)
+        await self.volumes.release_session(session_id)
+        await self.pausing.release_all(session_id, reason)
+        try:
+            await self.records.transition(SessionRow, session_id, S.TERMINATED,
+                                          expected=[S.TERMINATING], state_reason=reason,
+                                          terminated_at=now())
+        except IllegalTransitionError:
+            return False  # a terminate running at once finished it
+        return True
 
     async def vm_gone(self, session_id: str, reason: str) -> None:
         """The host says the VM stopped on its own."""

@@ -46,6 +46,12 @@ Volumes::
     AVAILABLE ──attach──> IN_USE ──detach / its session ended──> AVAILABLE
         └──delete──> DELETING ──file removed──> DELETED
 
+Hosts (``control/hosts.py``; no final state: a host record ends by its removal)::
+
+    ACTIVE <──drain / undrain──> DRAINING      (DRAINING: no new sessions, the others run on)
+       └──────────┴──no heartbeat for TENKI_HOST_LOST_AFTER_S──> LOST
+    LOST ──registers again──> ACTIVE
+
 No table for API keys or exposed ports: neither has a state column to move. A key is usable,
 revoked or expired, but revoked is one timestamp written once (``KeyControl.revoke``, guarded by
 ``revoked_at IS NULL``) and expired is the clock passing ``expires_at``: nothing to move from
@@ -58,6 +64,7 @@ from __future__ import annotations
 
 from ..errors import ConflictError
 from ..models import BuildState as B
+from ..models import HostState as H
 from ..models import SessionState as S
 from ..models import SnapshotState as P
 from ..models import VolumeState as V
@@ -96,7 +103,14 @@ BUILD: dict[str, frozenset[str]] = {
     B.FAILED: frozenset(),
 }
 
-TRANSITIONS = {"session": SESSION, "snapshot": SNAPSHOT, "volume": VOLUME, "build": BUILD}
+HOST: dict[str, frozenset[str]] = {
+    H.ACTIVE: frozenset({H.DRAINING, H.LOST}),
+    H.DRAINING: frozenset({H.ACTIVE, H.LOST}),
+    H.LOST: frozenset({H.ACTIVE}),
+}
+
+TRANSITIONS = {"session": SESSION, "snapshot": SNAPSHOT, "volume": VOLUME, "build": BUILD,
+               "host": HOST}
 
 #: Sessions whose VM exists and can be driven.
 LIVE = frozenset({S.READY.value, S.RUNNING.value})

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import posixpath
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from ..errors import ConflictError, TenkiError, ValidationError, VolumeNotFoundError
-from ..host.api import HostAPI, VolumeMountSpec
+from ..host.api import VolumeMountSpec
 from ..ids import new_id
 from ..models import (
     SessionCreate,
@@ -26,8 +27,12 @@ from ..models import (
 )
 from ..store.tables import SessionRow, VolumeRow
 from . import admission
+from .fleet import LOCAL
 from .records import Records
 from .states import LIVE, PAUSE_STATES, IllegalTransitionError
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,8 @@ def to_model(row: VolumeRow) -> Volume:
     return Volume(id=row.id, workspace_id=row.workspace_id, name=row.name,
                   size_bytes=row.size_bytes, state=VolumeState(row.state),
                   session_id=row.session_id, path=row.path,
-                  read_only=bool(row.read_only), created_at=row.created_at)
+                  read_only=bool(row.read_only), created_at=row.created_at,
+                  host_id=row.host_id)
 
 
 def mount_path(path: str, field: str = "path") -> str:
@@ -69,7 +75,7 @@ def mount_path(path: str, field: str = "path") -> str:
 
 
 class VolumeControl:
-    def __init__(self, records: Records, host: HostAPI) -> None:
+    def __init__(self, records: Records, host: Fleet) -> None:
         self.records = records
         self.host = host
 
@@ -116,14 +122,16 @@ class VolumeControl:
         if not name:
             raise ValidationError("must not be empty", field="name")
         size = -(-req.size_bytes // SECTOR) * SECTOR  # a block device is whole sectors
+        # a volume stays on the host that holds its file; its sessions are placed there
+        host_id = self.host.place_volume()
         row = VolumeRow(id=new_id("volume"), workspace_id=ws, name=name, size_bytes=size,
                         state=V.AVAILABLE.value, session_id=None, path=None, read_only=0,
-                        created_at=now())
-        await self.host.create_volume(row.id, size)
+                        host_id=host_id, created_at=now())
+        await self.host.create_volume_on(host_id, row.id, size)
         try:
             await self.records.insert(row, check=admission.volume(ws, size))
         except BaseException:
-            await self.host.delete_volume(row.id)
+            await self.host.member(host_id).delete_volume(row.id)
             raise
         log.info("%s: created (%d bytes, %s)", row.id, size, name)
         return to_model(row)
@@ -224,9 +232,13 @@ class VolumeControl:
 
     async def attach(self, session_id: str, req: VolumeAttach, ws: str | None = None) -> None:
         srow = self.records.get(SessionRow, session_id, ws=ws)
-        self.usable(req.volume_id, ws)
+        vrow = self.usable(req.volume_id, ws)
         if srow.state not in LIVE or not self.host.has_vm(session_id):
             raise ConflictError(f"session {session_id} is {srow.state}, not running")
+        if (vrow.host_id or LOCAL) != (srow.host_id or LOCAL):
+            raise ConflictError(f"volume {vrow.id} is on host {vrow.host_id or LOCAL}; session "
+                                f"{session_id} runs on host {srow.host_id or LOCAL} (a volume "
+                                "stays on its host)")
         await self._attach(session_id, req)
 
     async def _attach(self, session_id: str, req: VolumeAttach) -> None:

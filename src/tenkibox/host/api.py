@@ -443,8 +443,11 @@ class Unowned:
 
 
 class HostAPI(Protocol):
-    #: what this host may promise (``host.capacity``); the control plane admits by it
-    capacity: HostCapacity
+    @property
+    def capacity(self) -> HostCapacity:
+        """What this host may promise; the control plane admits by it (read-only here: a fleet
+        computes it from its members)."""
+        ...
 
     async def boot(self, spec: BootSpec) -> Started: ...
     async def restore(self, spec: RestoreSpec) -> Started: ...
@@ -518,6 +521,11 @@ class HostAPI(Protocol):
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         """digest -> problem, for each of ``digests`` (digest -> kind) missing or corrupt;
         ``deep`` reads every one in full whatever its stat says."""
+        ...
+
+    async def cached_bytes(self, digests: list[str]) -> int:
+        """Bytes of ``digests`` this host can read without a download (its local store, or its
+        cache of the bucket): placement prefers the host that has a snapshot's files."""
         ...
 
     def local_artifacts(self) -> list[InUse]:

@@ -556,6 +556,9 @@ class LocalHost:
     async def verify_artifacts(self, digests: dict[str, str], *, deep: bool) -> dict[str, str]:
         return await asyncio.to_thread(self.store.damaged, digests, deep=deep)
 
+    async def cached_bytes(self, digests: list[str]) -> int:
+        return sum(self.store.cached_size(d) for d in set(digests))
+
     def local_artifacts(self) -> list[InUse]:
         """The stored files of the built images (one not stored yet is read in full when a
         boot stores it), and what every VM of this host runs on."""

@@ -507,6 +507,10 @@ class RemoteHost:
                                 timeout=LONG)
         return {str(k): str(v) for k, v in data["bad"].items()}
 
+    async def cached_bytes(self, digests: list[str]) -> int:
+        data = await self._call("POST", "/artifacts/cached-bytes", {"digests": list(digests)})
+        return int(data["bytes"])
+
     async def scrub_caches(self, repair: bool) -> CacheScrub:
         data = await self._call("POST", "/caches/scrub", {"repair": repair}, timeout=LONG)
         # a verify lists what is unowned right after it scrubs: have that listing ready

@@ -385,6 +385,10 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         digests, deep = await _body(request, read)
         return JSONResponse({"bad": await host.verify_artifacts(digests, deep=deep)})
 
+    async def cached_bytes(request: Request) -> Response:
+        digests = await _body(request, lambda b: sorted(_strings(b.get("digests"))))
+        return JSONResponse({"bytes": await host.cached_bytes(digests)})
+
     async def scrub_caches(request: Request) -> Response:
         repair = await _body(request, lambda b: bool(b.get("repair")))
         return JSONResponse((await host.scrub_caches(repair)).to_json())
@@ -406,6 +410,7 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         ("POST", "/artifacts/remove-unowned", remove_unowned),
         ("POST", "/artifacts/verify", verify_artifacts),
         ("POST", "/caches/scrub", scrub_caches),
+        ("POST", "/artifacts/cached-bytes", cached_bytes),
     ]
     per_vm: list[tuple[str, str, Handler]] = [
         ("POST", "/capture", capture),

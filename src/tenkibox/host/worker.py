@@ -184,7 +184,10 @@ class HostWorker:
         if host_id != self.host_id:
             self._store_id(host_id)
         self.host_id = host_id
-        self.host.capacity = replace(self.host.capacity, host_id=host_id)
+        # the host reports itself by its registered id (HostAPI's capacity is read-only to
+        # the control plane; the worker owns its host object)
+        host: Any = self.host
+        host.capacity = replace(self.host.capacity, host_id=host_id)
         self.interval_s = float(answer.get("heartbeat_interval_s") or DEFAULT_INTERVAL_S)
         self.state = answer.get("state")
         log.info("registered as %s at %s (state %s, heartbeat every %.1fs)", host_id,

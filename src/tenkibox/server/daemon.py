@@ -45,7 +45,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
           tls_key: Path | None = None, grpc_port: int | None = 0,
           grpc_advertise: str | None = None, preview_host: str | None = None,
           preview_bind: str | None = None, artifacts: str | None = None,
-          s3_endpoint: str | None = None, artifact_cache_bytes: int | None = None) -> None:
+          s3_endpoint: str | None = None, artifact_cache_bytes: int | None = None,
+          local_host: bool = True) -> None:
     """``grpc_port``: where Tenki's gRPC wire listens (0: any free port; None: not at all);
     ``grpc_advertise``: the data plane URL told to clients (default: the local address).
     ``preview_bind``: the address the listeners of exposed ports bind (default: ``host``);
@@ -53,7 +54,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
     ``artifacts``: ``s3://BUCKET[/PREFIX]`` to keep artifacts in a bucket on ``s3_endpoint``
     (credentials: botocore's chain, e.g. ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``), the
     data directory's ``artifacts/`` being a local cache of at most ``artifact_cache_bytes``;
-    None: the data directory holds them (see docs/multi-host.md)."""
+    None: the data directory holds them (see docs/multi-host.md). ``local_host`` False: a pure
+    control plane, without an embedded host."""
     location = None
     if artifacts:
         location = S3Location.parse(artifacts, endpoint=s3_endpoint or None,
@@ -89,16 +91,16 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
         bind=preview_bind or host or "0.0.0.0", public_host=preview_host or None,
         tls=tls_context(str(tls[0]), str(tls[1])) if tls else None)
     asyncio.run(_run(layout, sock, host, bound, database_url, tls, grpc_port, grpc_advertise,
-                     preview, location, artifact_cache_bytes))
+                     preview, location, artifact_cache_bytes, local_host))
 
 
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
                database_url: str | None, tls: tuple[Path, Path] | None,
                grpc_port: int | None, grpc_advertise: str | None,
                preview: PreviewSettings, artifacts: S3Location | None = None,
-               artifact_cache_bytes: int | None = None) -> None:
+               artifact_cache_bytes: int | None = None, local_host: bool = True) -> None:
     rt = ServerRuntime(layout, database_url=database_url, preview=preview, artifacts=artifacts,
-                       artifact_cache_bytes=artifact_cache_bytes)
+                       artifact_cache_bytes=artifact_cache_bytes, local_host=local_host)
     await rt.start()
     wire = None
     if grpc_port is not None:

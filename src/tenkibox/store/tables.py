@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     Integer,
     String,
     Text,
@@ -60,6 +61,9 @@ class SessionRow(Base):
     disk_chain: Mapped[list[str]] = mapped_column(JSON, default=list)
     #: egress policy and inbound (``host.api.NetworkSpec`` JSON; None: the defaults)
     network: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: the host that runs (or last ran) its VM: written before the host is asked to boot, so
+    #: the record alone decides which host owns the VM (fencing)
+    host_id: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -125,8 +129,41 @@ class VolumeRow(Base):
     session_id: Mapped[str | None] = mapped_column(String(40))
     path: Mapped[str | None] = mapped_column(Text)
     read_only: Mapped[int] = mapped_column(Integer, default=0)
+    #: the host holding its file (a volume never moves; its sessions are placed there)
+    host_id: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class HostRow(Base):
+    """A machine that runs VMs for the control plane (``control/hosts.py`` owns it): the
+    embedded host ``local`` (no address), or a host worker that registered and heartbeats."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: where the control plane calls the worker (None: the embedded host, in-process)
+    address: Mapped[str | None] = mapped_column(Text)
+    #: the bearer token the worker accepts from the control plane (never shown)
+    secret: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_total_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    memory_reserve_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    overcommit: Mapped[float] = mapped_column(Float, default=1.0)
+    disk_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    accelerator: Mapped[str] = mapped_column(String(16), default="tcg")
+    qemu_version: Mapped[str] = mapped_column(String(64), default="")
+    cpu_model: Mapped[str] = mapped_column(String(128), default="")
+    network_enforced: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the last heartbeat's figures
+    memory_used_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    tmpfs_used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    tmpfs_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WorkspaceRow(Base):

@@ -34,7 +34,8 @@ async def list_images(plane: Plane, _: Caller) -> list[Image]:
 @router.get("/host", response_model=HostStatus, operation_id="hostStatus",
             responses=errors(403))
 async def host_status(plane: Plane, _: Admin) -> HostStatus:
-    """Memory this host may promise to guests, has promised, and what they really hold."""
+    """Memory the hosts may promise to guests, have promised, and what they really hold (all
+    hosts together; one host's: ``GET /v1/hosts/{host_id}``)."""
     return plane.host_status()
 
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ...control.workdir import resolve
+from ...errors import PermissionDeniedError
 from ...models import (
     ExecRequest,
     FileWritten,
@@ -32,10 +33,13 @@ SessionId = Annotated[str, Query(max_length=64)]
 
 
 @router.post("", response_model=Session, status_code=201, operation_id="createSession",
-             responses=errors(404, 409, 413, 429, 503))
+             responses=errors(403, 404, 409, 413, 429, 503))
 async def create_session(body: SessionCreate, plane: Plane, caller: Caller) -> Session:
     """Boot a session, or restore one from a snapshot (``snapshot_id``) or a template's latest
-    READY build (``template_id``); answers CREATING."""
+    READY build (``template_id``); answers CREATING. ``host_id`` (a pin) needs an admin key."""
+    if body.host_id is not None and not caller.admin:
+        raise PermissionDeniedError("host_id: placing a session on a chosen host needs an "
+                                    "admin key", field="host_id")
     return await plane.create_session(body, caller.workspace_id)
 
 

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/volumes", tags=["volumes"])
 
 
 @router.post("", response_model=Volume, status_code=201, operation_id="createVolume",
-             responses=errors(429))
+             responses=errors(429, 503))
 async def create_volume(body: VolumeCreate, plane: Plane, caller: Caller) -> Volume:
     return await plane.volumes.create(body, caller.workspace_id)
 
