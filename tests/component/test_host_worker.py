@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from support.control_stub import KEY, StubControl, serve_in_thread
 from support.fake_host import FakeHost
 from support.host_service import remote_of as remote_of_journaled
+from support.server import ADMIN_KEY, AUTH, InProcessServer
 
 from tenkibox.errors import AuthenticationError, ConnectionError
 from tenkibox.host.api import BootSpec, VolumeMountSpec
@@ -223,3 +225,34 @@ async def test_a_restarted_worker_recovers_each_vm_with_the_mounts_it_had(
     assert list(fake.vms) == ["ses_a"] and list(fake.vms["ses_a"].mounts) == ["/a"]
     again = MountJournal(tmp_path / "mounts.json")
     assert again.mounts("ses_x") == [] and len(again.mounts("ses_a")) == 1
+
+
+def test_the_real_control_plane_takes_the_workers_registration_and_heartbeats(
+        make_inproc: Callable[..., InProcessServer], tmp_path: Path) -> None:
+    """The worker's bodies against the fleet's real ``/v1/hosts`` routes (a pure control
+    plane whose member at the worker's address is a fake): registered, heartbeating, and
+    registered again under its id once the host record is removed."""
+    address = "http://10.77.0.9:7070"
+    server = make_inproc(workers={address: FakeHost()}, local_host=False)
+
+    async def scenario() -> tuple[HostWorker, str]:
+        control = ControlClient(server.url, ADMIN_KEY)
+        worker = HostWorker(FakeHost(), control, address=address, secret="s" * 43,
+                            machine=Machine.probe("tcg", tmp_path),
+                            id_file=tmp_path / "host-id")
+        try:
+            assert await worker.start(asyncio.Event())
+            first = worker.host_id
+            await worker.heartbeat()
+            r = httpx.delete(f"{server.url}/v1/hosts/{first}?force=true", headers=AUTH)
+            assert r.status_code == 204, r.text
+            await worker.heartbeat()  # 404: registered again, under the same id
+            return worker, str(first)
+        finally:
+            await control.aclose()
+
+    worker, first = asyncio.run(scenario())
+    assert worker.host_id == first and (tmp_path / "host-id").read_text().strip() == first
+    info = httpx.get(f"{server.url}/v1/hosts/{first}", headers=AUTH).json()
+    assert info["state"] == "ACTIVE" and info["address"] == address
+    assert info["cpu_model"] == "qemu64" and info["accelerator"] == "tcg"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tenkibox.errors import ValidationError
@@ -39,3 +41,15 @@ def test_advertise_is_the_listen_address_or_the_first_global_one(
 
 def test_global_addresses_skip_loopback() -> None:
     assert all(not a.startswith("127.") for a in runner._global_addresses())
+
+
+def test_the_machine_fits_the_registration_limits(tmp_path: Path) -> None:
+    from tenkibox.host import worker
+
+    tcg = worker.Machine.probe("tcg", tmp_path)
+    assert tcg.cpu_model == "qemu64" and len(tcg.qemu_version) <= worker.QEMU_VERSION_MAX
+    kvm = worker.Machine.probe("kvm", tmp_path)
+    assert kvm.cpu_model.startswith("host: ") and len(kvm.cpu_model) <= worker.CPU_MODEL_MAX
+    assert not tcg.qemu_version.startswith("QEMU emulator")
+    total, free = tcg.disk()
+    assert total >= free > 0

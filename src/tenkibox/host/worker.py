@@ -47,6 +47,9 @@ RETRY_S = 2.0
 DEFAULT_INTERVAL_S = 5.0
 #: one call to the control plane (it answers from its records: quickly)
 CONTROL_TIMEOUT_S = 20.0
+#: the registration's limits (``models.HostRegister``)
+QEMU_VERSION_MAX = 64
+CPU_MODEL_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,11 @@ class Machine:
 
     @classmethod
     def probe(cls, accelerator: str, data_dir: Path) -> Machine:
-        return cls(accelerator, qemu_version(), cpu_model(), data_dir)
+        # the guest CPU model (engine.machine.build_argv): QEMU's own under TCG, the host's
+        # under KVM (a memory snapshot restores where the model is the same)
+        guest_cpu = "qemu64" if accelerator != "kvm" else f"host: {cpu_model()}"
+        return cls(accelerator, qemu_version()[:QEMU_VERSION_MAX], guest_cpu[:CPU_MODEL_MAX],
+                   data_dir)
 
     def disk(self) -> tuple[int, int]:
         """(total, free) bytes of the data directory's file system."""
@@ -69,12 +76,15 @@ class Machine:
 
 
 def qemu_version(binary: str = "qemu-system-x86_64") -> str:
+    """``QEMU emulator version 8.2.2 (Debian …)`` -> ``8.2.2 (Debian …)``."""
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
                              check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.splitlines()[0].strip() if out.strip() else "unknown"
+    if not out.strip():
+        return "unknown"
+    return out.splitlines()[0].strip().removeprefix("QEMU emulator version ").strip()
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
