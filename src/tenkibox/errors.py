@@ -21,6 +21,7 @@
     ├── PermissionDeniedError    403  the key is valid but may not make this call (admin only)
     ├── QuotaExceededError       429  a workspace quota: "quota exceeded: NAME=LIMIT, in use N"
     ├── CapacityUnavailableError 503  the host cannot take the session now (retryable)
+    ├── HostUnreachableError     503  the control plane cannot reach the host of a session
     ├── WaitTimeoutError              a client-side wait ran out (the work goes on)
     ├── ConnectionError               the server cannot be reached
     ├── CommandError                  ``ExecResult.check()`` on a non-zero exit
@@ -161,6 +162,15 @@ class CapacityUnavailableError(TenkiError):
     retryable: ClassVar[bool] = True
 
 
+class HostUnreachableError(TenkiError):
+    """A host worker did not answer (connection refused or reset, a timeout): the call may or
+    may not have happened there; the host's heartbeats decide whether it is lost."""
+
+    code = "HostUnreachable"
+    status = 503
+    retryable: ClassVar[bool] = True
+
+
 class WaitTimeoutError(TenkiError):
     code = "WaitTimeout"
     status = 408
@@ -210,6 +220,7 @@ ERROR_TABLE: dict[str, type[TenkiError]] = {
         PermissionDeniedError,
         QuotaExceededError,
         CapacityUnavailableError,
+        HostUnreachableError,
         WaitTimeoutError,
         ConnectionError,
         CommandError,

@@ -39,6 +39,7 @@ from tenkibox.control.plane import ControlPlane
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
+from .host_service import Wired, remote_requested, wire
 from .postgres import cluster as postgres_cluster
 from .postgres import on_postgres
 
@@ -233,6 +234,8 @@ class InProcessServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        #: under TENKI_TEST_HOST=remote: the fake host behind the wire (host_service.wire)
+        self._wired: Wired | None = None
 
     @property
     def plane(self) -> ControlPlane:
@@ -365,8 +368,13 @@ class InProcessServer:
         for fake in self.fakes:
             fake.images.update(self.images)
         self._store = open_test_store(self.home, self.database_url)
+        local: Any = self.host
+        if remote_requested() and self.local_host:
+            # TENKI_TEST_HOST=remote: the member is the fake host behind the wire
+            self._wired = await wire(self.host)
+            local = self._wired.remote
         self._plane = ControlPlane(self._store,
-                                   Fleet({LOCAL: self.host} if self.local_host else {}),
+                                   Fleet({LOCAL: local} if self.local_host else {}),
                                    connect=self._connect)
         await self._plane.start()
         # as ServerRuntime.start: the default workspace and the local admin key of this home
@@ -395,6 +403,9 @@ class InProcessServer:
         if self._plane is not None:
             await self._plane.stop()
             self._plane = None
+        if self._wired is not None:
+            await self._wired.close()
+            self._wired = None
         for fake in self.fakes:
             await fake.shutdown()
         if self._store is not None:

@@ -151,3 +151,6 @@ def remove(ctx: click.Context, host_id: str, force: bool, as_json: bool) -> None
         c.print_json({"host_id": host_id, "removed": True})
     else:
         click.echo(f"{host_id}: removed")
+
+
+host.add_command(__import__(f"{__package__}.host_run", fromlist=["run"]).run)  # tenki host run

@@ -110,6 +110,13 @@ class VolumeMountSpec:
     path: str
     read_only: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VolumeMountSpec:
+        return cls(str(data["volume_id"]), str(data["path"]), bool(data.get("read_only")))
+
 
 @dataclass(frozen=True)
 class EgressPolicy:
@@ -168,6 +175,17 @@ class BootSpec:
     hostname: str
     network: NetworkSpec = field(default_factory=NetworkSpec)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "cpu": self.cpu, "memory_mb": self.memory_mb,
+                "image_id": self.image_id, "hostname": self.hostname,
+                "network": self.network.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BootSpec:
+        return cls(str(data["session_id"]), int(data["cpu"]), int(data["memory_mb"]),
+                   str(data["image_id"]), str(data["hostname"]),
+                   NetworkSpec.from_json(data.get("network")))
+
 
 @dataclass(frozen=True)
 class RestoreSpec:
@@ -180,6 +198,17 @@ class RestoreSpec:
     keep_identity: bool = False
     network: NetworkSpec = field(default_factory=NetworkSpec)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "snapshot_id": self.snapshot_id,
+                "manifest": self.manifest.to_json(), "hostname": self.hostname,
+                "keep_identity": self.keep_identity, "network": self.network.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RestoreSpec:
+        return cls(str(data["session_id"]), str(data["snapshot_id"]),
+                   Manifest.from_json(data["manifest"]), str(data["hostname"]),
+                   bool(data.get("keep_identity")), NetworkSpec.from_json(data.get("network")))
+
 
 @dataclass(frozen=True)
 class Started:
@@ -190,6 +219,16 @@ class Started:
     ram: str | None  # the RAM image it maps copy-on-write (a restore), else None
     timings: dict[str, float] = field(default_factory=dict)
     ram_chain: list[str] = field(default_factory=list)  # the images ``ram`` is composed of
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": self.shape.to_json(), "layers": list(self.layers), "ram": self.ram,
+                "timings": dict(self.timings), "ram_chain": list(self.ram_chain)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Started:
+        return cls(MachineShape.from_json(data["shape"]), list(data["layers"]), data.get("ram"),
+                   {str(k): float(v) for k, v in (data.get("timings") or {}).items()},
+                   list(data.get("ram_chain") or []))
 
 
 @dataclass(frozen=True)
@@ -203,6 +242,19 @@ class CaptureSpec:
     #: if the capture fails.
     leave_paused: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "snapshot_id": self.snapshot_id,
+                "base_image_id": self.base_image_id,
+                "volumes": [v.to_json() for v in self.volumes],
+                "leave_paused": self.leave_paused}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CaptureSpec:
+        return cls(str(data["session_id"]), str(data["snapshot_id"]),
+                   str(data["base_image_id"]),
+                   [VolumeMountSpec.from_json(v) for v in data.get("volumes") or []],
+                   bool(data.get("leave_paused")))
+
 
 @dataclass(frozen=True)
 class Captured:
@@ -212,6 +264,18 @@ class Captured:
     paused_s: float
     timings: dict[str, float]
     lost_volumes: list[str]  # volumes that could not be plugged back (the guest lost them)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"manifest": self.manifest.to_json(), "size_bytes": self.size_bytes,
+                "stored_bytes": self.stored_bytes, "paused_s": self.paused_s,
+                "timings": dict(self.timings), "lost_volumes": list(self.lost_volumes)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Captured:
+        return cls(Manifest.from_json(data["manifest"]), int(data["size_bytes"]),
+                   int(data["stored_bytes"]), float(data["paused_s"]),
+                   {str(k): float(v) for k, v in (data.get("timings") or {}).items()},
+                   [str(v) for v in data.get("lost_volumes") or []])
 
 
 @dataclass(frozen=True)
@@ -223,11 +287,31 @@ class ExecSpec:
     stdin: bool = False
     user: int | None = None  # the uid to run as (None: root)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"argv": list(self.argv), "env": dict(self.env), "cwd": self.cwd,
+                "timeout_s": self.timeout_s, "stdin": self.stdin, "user": self.user}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExecSpec:
+        timeout, user = data.get("timeout_s"), data.get("user")
+        return cls([str(a) for a in data["argv"]],
+                   {str(k): str(v) for k, v in (data.get("env") or {}).items()},
+                   data.get("cwd"), float(timeout) if timeout is not None else None,
+                   bool(data.get("stdin")), int(user) if user is not None else None)
+
 
 @dataclass(frozen=True)
 class ProcessRef:
     process_id: str
     pid: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProcessRef:
+        pid = data.get("pid")
+        return cls(str(data["process_id"]), int(pid) if pid is not None else None)
 
 
 @dataclass(frozen=True)
@@ -259,6 +343,17 @@ class ProcessEvent:
             out.update(exit_code=self.exit_code, timed_out=self.timed_out)
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProcessEvent:
+        """The inverse of ``to_json`` (a host worker's event stream)."""
+        kind = data["type"]
+        if kind not in ("stdout", "stderr", "exit", "error"):
+            raise ValueError(f"unknown process event type {kind!r}")
+        code = data.get("exit_code")
+        return cls(kind, base64.b64decode(data.get("data") or ""),
+                   int(code) if code is not None else None, bool(data.get("timed_out")),
+                   data.get("message"), data.get("delivered_bytes"), data.get("lost_bytes"))
+
 
 @dataclass(frozen=True)
 class VMGone:
@@ -266,6 +361,13 @@ class VMGone:
 
     session_id: str
     reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMGone:
+        return cls(str(data["session_id"]), str(data["reason"]))
 
 
 @dataclass(frozen=True)
@@ -278,6 +380,14 @@ class InUse:
     image_id: str | None = None  # set for an image's file
     session_id: str | None = None  # set for a VM's
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InUse:
+        return cls(str(data["digest"]), str(data["kind"]), data.get("image_id"),
+                   data.get("session_id"))
+
 
 @dataclass
 class CacheScrub:
@@ -288,12 +398,27 @@ class CacheScrub:
     #: digests whose damaged cache was rebuilt
     rebuilt: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"damaged": dict(self.damaged), "rebuilt": list(self.rebuilt)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CacheScrub:
+        return cls(dict(data.get("damaged") or {}), list(data.get("rebuilt") or []))
+
 
 @dataclass(frozen=True)
 class Recovered:
     found: list[str]  # sessions whose VM runs and answers
     lost: dict[str, str]  # session id -> why its VM could not be found
     strays_killed: int  # processes of ours that no session owned
+
+    def to_json(self) -> dict[str, Any]:
+        return {"found": list(self.found), "lost": dict(self.lost),
+                "strays_killed": self.strays_killed}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recovered:
+        return cls(list(data["found"]), dict(data["lost"]), int(data["strays_killed"]))
 
 
 @dataclass(frozen=True)
@@ -305,6 +430,16 @@ class Unowned:
     #: "vm": the run or disk directory of a VM no session holds (``name``: the session id)
     kind: Literal["artifact", "temporary", "vm"]
     name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Unowned:
+        kind = data["kind"]
+        if kind not in ("artifact", "temporary", "vm"):
+            raise ValueError(f"unknown kind of unowned file {kind!r}")
+        return cls(kind, str(data["name"]))
 
 
 class HostAPI(Protocol):

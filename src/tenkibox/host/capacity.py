@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..errors import ValidationError
 
@@ -41,6 +42,15 @@ class HostCapacity:
     @property
     def memory_capacity_mib(self) -> int:
         return max(0, int((self.memory_total_mib - self.memory_reserve_mib) * self.overcommit))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostCapacity:
+        return cls(str(data["host_id"]), int(data["memory_total_mib"]),
+                   int(data["memory_reserve_mib"]), float(data["overcommit"]), int(data["cpus"]),
+                   str(data["accelerator"]))
 
 
 def _env_number(name: str, kind: type[float] | type[int]) -> float | None:

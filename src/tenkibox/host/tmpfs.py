@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ class TmpfsUse:
     used_bytes: int
     total_bytes: int
     free_bytes: int  # what may still be written (``f_bavail``)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TmpfsUse:
+        return cls(int(data["used_bytes"]), int(data["total_bytes"]), int(data["free_bytes"]))
 
 
 def tmpfs_use(run_root: Path) -> TmpfsUse:

@@ -29,6 +29,7 @@ TABLE: tuple[tuple[type[e.TenkiError], grpc.StatusCode], ...] = (
     (e.CapacityUnavailableError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.WaitTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.ConnectionError, grpc.StatusCode.UNAVAILABLE),
+    (e.HostUnreachableError, grpc.StatusCode.UNAVAILABLE),
     (e.SessionFailedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.CommandError, grpc.StatusCode.INTERNAL),
     (e.InternalError, grpc.StatusCode.INTERNAL),
