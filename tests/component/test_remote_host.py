@@ -37,7 +37,9 @@ from tenkibox.host.api import (
     Unowned,
     VolumeMountSpec,
 )
+from tenkibox.host.capacity import HostCapacity
 from tenkibox.host.remote import RemoteHost
+from tenkibox.server.runtime import connect_remote
 
 MiB = 1 << 20
 
@@ -418,3 +420,17 @@ async def test_a_vm_gone_whose_event_was_lost_is_reported_by_a_later_refresh() -
         nothing.cancel()  # ends the stream (its pump with it)
         with contextlib.suppress(asyncio.CancelledError):
             await nothing
+
+
+async def test_a_member_places_by_its_registered_capacity_before_it_first_answers() -> None:
+    """The control plane admits sessions to a host the moment it registers: the member the
+    runtime makes of the registration holds the capacity it registered with until its first
+    status answer (nothing listens here, so no answer ever comes)."""
+    cap = HostCapacity("host-new", 8192, 1024, 2.0, 4, "tcg")
+    remote = connect_remote("host-new", "http://127.0.0.1:9", "s" * 43, cap)
+    try:
+        assert remote.capacity == cap
+        assert remote.capacity.memory_capacity_mib == 14336
+    finally:
+        assert isinstance(remote, RemoteHost)
+        await remote.aclose()

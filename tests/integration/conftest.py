@@ -61,6 +61,12 @@ def _qemu_leaks() -> list[str]:
             if RUN_TAG in line and ("qemu-system" in line or "passt" in line)]
 
 
+@pytest.fixture(scope="session")
+def run_root() -> Path:
+    """The tmpfs directory of this run's VMs: whatever is left in it fails the leak check."""
+    return RUN_ROOT
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leak_check() -> Iterator[None]:
     RUN_ROOT.mkdir(parents=True, exist_ok=True)

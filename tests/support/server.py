@@ -36,6 +36,7 @@ from tenkibox.api.app import create_app
 from tenkibox.config import Layout
 from tenkibox.control.fleet import LOCAL, Fleet
 from tenkibox.control.plane import ControlPlane
+from tenkibox.host.capacity import HostCapacity
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
@@ -417,7 +418,8 @@ class InProcessServer:
         """Every fake host of this server: the embedded one (if any), then the workers'."""
         return [*([self.host] if self.local_host else []), *self.workers.values()]
 
-    def _connect(self, host_id: str, address: str, secret: str) -> FakeHost:
+    def _connect(self, host_id: str, address: str, secret: str,
+                 capacity: HostCapacity) -> FakeHost:
         """The fleet's ``connect``: a registered worker is the fake of its address."""
         fake = self.workers.get(address)
         if fake is None:

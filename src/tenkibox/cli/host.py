@@ -152,5 +152,3 @@ def remove(ctx: click.Context, host_id: str, force: bool, as_json: bool) -> None
     else:
         click.echo(f"{host_id}: removed")
 
-
-host.add_command(__import__(f"{__package__}.host_run", fromlist=["run"]).run)  # tenki host run

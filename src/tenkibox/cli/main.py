@@ -22,6 +22,7 @@ from .admin import admin
 from .apikey import apikey
 from .audit import audit
 from .host import host
+from .host_run import run as host_run
 from .port import port
 from .sandbox import sandbox
 from .server import image, serve, server
@@ -123,6 +124,7 @@ cli.add_command(workspace)
 cli.add_command(apikey)
 cli.add_command(audit)
 cli.add_command(host)
+host.add_command(host_run)  # tenki host run
 sandbox.add_command(snapshot)
 sandbox.add_command(volume)
 sandbox.add_command(template)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConflictError, NotFoundError, TenkiError, ValidationError
 from ..host.api import HostAPI
+from ..host.capacity import HostCapacity
 from ..models import HostHeartbeat, HostHeartbeatAnswer, HostInfo, HostRegister, HostRegistered
 from ..models import HostState as H
 from ..store.tables import HostRow, SessionRow
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: a registration's worker made into a member of the fleet
-Connect = Callable[[str, str, str], HostAPI]
+#: (host id, address, secret, the capacity it registered with) -> the member: the capacity
+#: places sessions before the member's first status answer
+Connect = Callable[[str, str, str, HostCapacity], HostAPI]
 
 #: states of a session on a host that end when the host is lost (a PAUSED one has no VM: it is
 #: resumed wherever there is room)
@@ -66,6 +69,11 @@ def _env_seconds(name: str, default: float) -> float:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def _capacity(row: HostRow) -> HostCapacity:
+    return HostCapacity(row.id, row.memory_total_mib, row.memory_reserve_mib, row.overcommit,
+                        row.cpus, row.accelerator)
 
 
 class HostControl:
@@ -168,7 +176,7 @@ class HostControl:
             if row.id in self.fleet.members and self._made_with.get(row.id) == made_with:
                 continue
             try:
-                member = self.connect(row.id, *made_with)
+                member = self.connect(row.id, *made_with, _capacity(row))
             except Exception as exc:  # tried again at the next sweep
                 log.warning("host %s: cannot connect to %s: %s", row.id, row.address, exc)
                 continue
@@ -192,7 +200,10 @@ class HostControl:
             qemu_version=req.qemu_version, cpu_model=req.cpu_model,
             network_enforced=req.network_enforced, registered_at=t, last_heartbeat_at=t)
         try:
-            member = self.connect(host_id, req.address, req.secret)
+            member = self.connect(host_id, req.address, req.secret,
+                                  HostCapacity(host_id, req.memory_total_mib,
+                                               req.memory_reserve_mib, req.overcommit, req.cpus,
+                                               req.accelerator))
         except TenkiError:
             raise
         except Exception as exc:

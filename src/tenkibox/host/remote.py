@@ -88,6 +88,7 @@ def _q(part: str) -> str:
 
 class RemoteHost:
     def __init__(self, address: str, secret: str, *, host_id: str,
+                 capacity: HostCapacity | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``address``: the worker's URL (``http://10.77.0.2:7070``); ``secret``: what it gave
         at registration; ``transport``: for tests (an ASGI transport)."""
@@ -97,7 +98,8 @@ class RemoteHost:
                                          headers={"Authorization": f"Bearer {secret}"},
                                          timeout=QUICK)
         # the cache the synchronous methods answer from (empty until the first answer)
-        self.capacity = HostCapacity(host_id, 0, 0, 1.0, 0, "unknown")
+        # what it registered with, until its first status answer (placement needs it at once)
+        self.capacity = capacity or HostCapacity(host_id, 0, 0, 1.0, 0, "unknown")
         self._vms: set[str] = set()
         #: requests sent so far, and per session the last one whose answer spoke of it
         self._seq = 0

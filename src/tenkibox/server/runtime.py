@@ -12,6 +12,7 @@ from ..control.fleet import LOCAL, Fleet
 from ..control.plane import ControlPlane
 from ..engine.accel import detect_accel
 from ..host.api import HostAPI
+from ..host.capacity import HostCapacity
 from ..host.local import LocalHost
 from ..preview import PreviewSettings
 from ..store.db import Store, open_store
@@ -65,10 +66,10 @@ class ServerRuntime:
         self.store.close()
 
 
-def connect_remote(host_id: str, address: str, secret: str) -> HostAPI:
+def connect_remote(host_id: str, address: str, secret: str, capacity: HostCapacity) -> HostAPI:
     """A registered host worker as a member of the fleet (``host/remote.py``, imported here
     only: the control plane proper knows hosts by ``HostAPI`` alone)."""
     from ..host.remote import RemoteHost  # type: ignore[import-not-found,unused-ignore]
 
-    host: HostAPI = RemoteHost(address, secret, host_id=host_id)
+    host: HostAPI = RemoteHost(address, secret, host_id=host_id, capacity=capacity)
     return host
