@@ -248,6 +248,24 @@ def test_recovery_kills_strays_by_token_and_waits_for_them(host: LocalHost,
     assert bystander.poll() is None and live_qemu.poll() is None
 
 
+async def test_recovery_finds_a_vm_it_already_holds_without_attaching_again(
+        host: LocalHost, spawn: Spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker recovered its VMs at its start; a control plane starting later asks again.
+    Attaching a second time would wait forever on QEMU's monitor (one client): a VM held is
+    found as it is, and its process is not a stray."""
+    run = host.paths.layout.run
+    live_qemu = spawn("qemu-system-x86_64", *_qemu_args(run / "ses_live"))
+    host.vms["ses_live"] = _vm(host, "ses_live", _machine(run / "ses_live", pid=live_qemu.pid))
+
+    async def no_attach(session_id: str) -> VM:
+        raise AssertionError(f"attached again to {session_id}")
+
+    monkeypatch.setattr(host, "_attach", no_attach)
+    got = await host.recover({"ses_live": []})
+    assert got.found == ["ses_live"] and not got.lost and got.strays_killed == 0
+    assert live_qemu.poll() is None and host.vms["ses_live"].machine.pid == live_qemu.pid
+
+
 def test_recovery_waits_for_a_slow_death_and_gives_up_in_bounded_time(
         host: LocalHost, spawn: Spawn, caplog: pytest.LogCaptureFixture) -> None:
     run = host.paths.layout.run

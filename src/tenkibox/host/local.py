@@ -279,10 +279,17 @@ class LocalHost:
 
     # -- recovery ------------------------------------------------------------------------------
     async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered:
-        """Find the VMs of ``live`` sessions again; stop and remove everything else of ours."""
+        """Find the VMs of ``live`` sessions again; stop and remove everything else of ours.
+
+        Idempotent: a VM this host already holds is found as it is. A host worker recovers at
+        its own start, and a control plane that starts later asks again: attaching a second
+        time would wait forever on QEMU's monitor, which serves one client."""
         found: list[str] = []
         lost: dict[str, str] = {}
         for session_id, mounts in live.items():
+            if session_id in self.vms:
+                found.append(session_id)
+                continue
             try:
                 vm = await self._attach(session_id)
             except (TenkiError, OSError, ValueError, KeyError) as exc:
