@@ -163,7 +163,9 @@ def test_tenki_host_run_registers_serves_and_stops_on_sigterm(tmp_path: Path) ->
     with can call its API with the secret, and no one else can; SIGTERM ends it cleanly."""
     stub = StubControl(interval_s=0.2)
     server, thread, port = serve_in_thread(stub)
-    env = {**os.environ, "TENKI_API_KEY": KEY, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # its run directory in the test's tmp_path, not the machine's /dev/shm (nothing left there)
+    env = {**os.environ, "TENKI_API_KEY": KEY, "PYTHONPATH": os.pathsep.join(sys.path),
+           "TENKI_RUN_ROOT": str(tmp_path / "run")}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tenkibox.cli.main import cli; cli()", "host", "run",
          "--control", f"http://127.0.0.1:{port}", "--listen", "127.0.0.1:0",

@@ -74,6 +74,8 @@ def _serve(home: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-c", code, "serve", "--grpc-port", "-1",
                            "--database", url, *extra], capture_output=True, text=True,
                           timeout=60, env={"TENKI_HOME": str(home), "PATH": "/usr/bin:/bin",
+                                           # not the machine's /dev/shm: nothing left there
+                                           "TENKI_RUN_ROOT": str(home / "run"),
                                            "PYTHONPATH": ":".join(sys.path)})
 
 
@@ -427,6 +429,7 @@ def test_two_tenki_serve_processes_share_the_records(postgres: PostgresCluster,
     for home in homes:
         write_admin_key(Layout(home), ADMIN_KEY)
         env = {"TENKI_HOME": str(home), "PATH": "/usr/bin:/bin", "TENKI_GOLDEN": "off",
+               "TENKI_RUN_ROOT": str(home / "run"),  # not the machine's /dev/shm
                "PYTHONPATH": ":".join(sys.path), "TENKI_DATABASE_URL": url}
         procs.append(subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--grpc-port", "-1"], env=env,

@@ -301,9 +301,12 @@ def test_the_server_fixture_is_authenticated_and_up_is_idempotent(s3_server: S3S
 
 
 def test_a_host_with_a_bucket_keeps_its_artifacts_there(s3_server: S3Server, prefix: str,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from tenkibox.config import Layout
     from tenkibox.host.local import LocalHost
+
+    monkeypatch.setenv("TENKI_RUN_ROOT", str(tmp_path / "run"))  # not the machine's /dev/shm
 
     host = LocalHost(Layout(tmp_path / "home"), "tcg", artifacts=location(s3_server, prefix),
                      artifact_cache_bytes=10 * MiB)
@@ -321,7 +324,8 @@ def test_serve_with_an_unreachable_bucket_fails_in_one_line(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    env = {**os.environ, "TENKI_HOME": str(tmp_path / "home"), "AWS_ACCESS_KEY_ID": "AKID",
+    env = {**os.environ, "TENKI_HOME": str(tmp_path / "home"),
+           "TENKI_RUN_ROOT": str(tmp_path / "run"), "AWS_ACCESS_KEY_ID": "AKID",
            "AWS_SECRET_ACCESS_KEY": "sekrit-value", "TENKI_LOG_LEVEL": "WARNING"}
     run = subprocess.run(
         [sys.executable, "-c", "import sys; from tenkibox.cli.main import main; "
