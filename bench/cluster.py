@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent / "tests" / "support"))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 sys.path.insert(0, str(BENCH_DIR))
 
-import cluster as cl  # noqa: E402
 from _common import log, md_table, median, ratio, spread  # noqa: E402
+from support import cluster as cl  # noqa: E402  (this file is "cluster" too)
 
 from tenkibox import Client  # noqa: E402
 
