@@ -8,6 +8,8 @@
 - A control plane killed with -9 loses nothing: the hosts keep their VMs, which answer again
   once it is back.
 - Concurrent creates are spread over the hosts.
+- A host whose artifact cache is full (a budget smaller than one snapshot) restores all the
+  same, evicts what is neither used nor recent, and fetches it again when needed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from tenkibox import Client
 
 #: how long a host may miss heartbeats before it is LOST (short, for the test)
 LOST_AFTER_S = 6
+#: host 2's artifact cache budget, and how long a used copy is spared eviction there
+CACHE_MIB = 64
+RECENT_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,10 @@ def cluster(image_layout: Any, run_root: Path) -> Iterator[cl.Cluster]:
         c = cl.up(d, hosts=2, subnet="10.231.0.0/24", prefix=f"tkt{os.getpid() % 10000}",
                   run_root=str(run_root),
                   env={"TENKI_HOST_LOST_AFTER_S": str(LOST_AFTER_S), "TENKI_GOLDEN": "off",
-                       "TENKI_LOG_LEVEL": "INFO"})
+                       "TENKI_LOG_LEVEL": "INFO"},
+                  # host 2's cache of the bucket is always full: far smaller than one snapshot
+                  host_env={2: {"TENKI_ARTIFACT_CACHE": f"{CACHE_MIB}MiB",
+                                "TENKI_ARTIFACT_RECENT_S": str(RECENT_S)}})
         yield c
     finally:
         cl.down(d, purge=True)
@@ -120,6 +128,40 @@ def test_a_snapshot_taken_on_one_host_restores_on_the_other(
         assert int(r.shell("cat /root/count", timeout=60).check().stdout) > first
     finally:
         r.terminate()
+
+
+def test_a_host_whose_cache_is_full_evicts_and_fetches_again(
+        cluster: cl.Cluster, client: Client, host_ids: dict[int, str],
+        snapshot_on_1: Any) -> None:
+    """Host 2's cache budget is smaller than one snapshot: a restore there overruns it while
+    its files are in use, works, and once they are neither used nor recent a later download
+    evicts them; the next restore of the snapshot fetches them again, and works."""
+    log = Path(cluster.dir) / "host2.log"
+
+    def restore_on_2(snapshot_id: str) -> None:
+        r = client.create_and_wait(snapshot_id=snapshot_id, host_id=host_ids[2], timeout=600)
+        try:
+            assert r.shell("cat /root/x.txt", timeout=60).check().stdout.strip() == \
+                "across-hosts"
+        finally:
+            r.terminate()
+
+    restore_on_2(snapshot_on_1.id)
+    downloads = log.read_text().count("downloaded from s3://")
+    assert downloads > 0
+    # another snapshot's download, once the first one's files are no longer recent
+    s = client.create_and_wait(snapshot_id=snapshot_on_1.id, host_id=host_ids[1], timeout=600)
+    try:
+        s.shell("echo more > /root/more.txt && sync", timeout=60).check()
+        other = client.create_snapshot_and_wait(s.id, "other", timeout=600)
+    finally:
+        s.terminate()
+    time.sleep(RECENT_S + 1)
+    restore_on_2(other.id)
+    assert "evicted from the local cache" in log.read_text()
+    time.sleep(RECENT_S + 1)
+    restore_on_2(snapshot_on_1.id)  # its evicted files come back from the bucket
+    assert log.read_text().count("downloaded from s3://") > downloads
 
 
 def test_a_killed_host_is_lost_and_fenced_when_it_comes_back(

@@ -72,6 +72,8 @@ class HostProc:
     ip: str
     home: str
     pid: int = 0
+    #: more environment for this host's worker only (a small artifact cache, for a test)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -349,7 +351,7 @@ def _host_up(c: Cluster, h: HostProc) -> None:
             "--control", c.control_url, "--token", c.api_key,
             "--listen", f"{h.ip}:{HOST_PORT}", "--advertise", h.url]
     env = {**_s3_env(c), "TENKI_HOME": h.home,
-           "TENKI_RUN_ROOT": f"{c.run_root}/{c.prefix}-h{h.index}"}
+           "TENKI_RUN_ROOT": f"{c.run_root}/{c.prefix}-h{h.index}", **h.extra_env}
     h.pid = _spawn(argv, Path(c.dir) / f"host{h.index}.log", env)
 
 
@@ -379,9 +381,10 @@ def _wait_hosts(c: Cluster, want: list[HostProc]) -> None:
 
 
 def up(d: Path, *, hosts: int = 2, subnet: str = DEFAULT_SUBNET, prefix: str = DEFAULT_PREFIX,
-       run_root: str = "/dev/shm", env: dict[str, str] | None = None) -> Cluster:
+       run_root: str = "/dev/shm", env: dict[str, str] | None = None,
+       host_env: dict[int, dict[str, str]] | None = None) -> Cluster:
     """``env``: more environment for the control plane and the hosts (tests shorten the
-    host-loss timeout with it)."""
+    host-loss timeout with it); ``host_env``: for one host's worker only, by index."""
     if os.geteuid() != 0:
         raise ClusterError("needs root (network namespaces, a bridge, nftables)")
     if not 1 <= hosts <= 9:
@@ -405,7 +408,8 @@ def up(d: Path, *, hosts: int = 2, subnet: str = DEFAULT_SUBNET, prefix: str = D
         if not any(h.index == i for h in c.hosts):
             c.hosts.append(HostProc(index=i, netns=f"{c.prefix}-h{i}", link=f"{c.prefix}-h{i}",
                                     ip=str(net.network_address + 10 + i),
-                                    home=str(d / f"host{i}")))
+                                    home=str(d / f"host{i}"),
+                                    extra_env=dict((host_env or {}).get(i, {}))))
     for h in c.hosts:
         _say(f"host {h.index} in namespace {h.netns} at {h.url}")
         _host_up(c, h)

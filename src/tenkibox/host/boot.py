@@ -17,7 +17,7 @@ import time
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
-from ..engine.machine import LaunchOptions, Machine
+from ..engine.machine import LaunchOptions, Machine, default_cpu_model
 from ..steps import Steps
 from .api import BootSpec, MachineShape, NetworkSpec
 from .context import HostContext
@@ -46,7 +46,8 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
         disk, kernel, initrd, cmdline = await asyncio.to_thread(ctx.image_artifacts,
                                                                 spec.image_id)
     shape = MachineShape(cpu=spec.cpu, memory_mb=spec.memory_mb, kernel=kernel, initrd=initrd,
-                         cmdline=f"{cmdline} tenki.hostname={spec.hostname}")
+                         cmdline=f"{cmdline} tenki.hostname={spec.hostname}",
+                         cpu_model=default_cpu_model(ctx.accel))
     record = VMRecord(spec.session_id, shape, [disk])
     disk_dir = ctx.layout.disk_dir(spec.session_id)
     with steps.step("overlay"):

@@ -30,6 +30,7 @@ from ..engine.machine import (
     PROC,
     Machine,
     MachineError,
+    default_cpu_model,
     pid_alive,
     read_argv,
     start_time,
@@ -99,7 +100,9 @@ class LocalHost:
                  artifact_cache_bytes: int | None = None) -> None:
         """``artifacts``: a bucket to keep artifacts in, with ``artifacts/`` as this host's
         local cache of them (at most ``artifact_cache_bytes``); None: ``artifacts/`` is the
-        store. A bucket that cannot be reached raises ``InternalError`` here."""
+        store. A bucket that cannot be reached raises ``InternalError`` here, a
+        ``TENKI_CPU_MODEL`` QEMU cannot take ``ValidationError``."""
+        default_cpu_model(accel)  # at start, not at the first boot
         self.paths = HostLayout(layout).ensure()
         store: ArtifactStore
         if artifacts is None:

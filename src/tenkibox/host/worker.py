@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from ..engine.machine import default_cpu_model
 from ..errors import AuthenticationError, ConnectionError, PermissionDeniedError, TenkiError
 from ..errors import error_from_body as control_error
 from .api import HostAPI, VolumeMountSpec
@@ -63,9 +64,11 @@ class Machine:
 
     @classmethod
     def probe(cls, accelerator: str, data_dir: Path) -> Machine:
-        # the guest CPU model (engine.machine.build_argv): QEMU's own under TCG, the host's
-        # under KVM (a memory snapshot restores where the model is the same)
-        guest_cpu = "qemu64" if accelerator != "kvm" else f"host: {cpu_model()}"
+        # the guest CPU model of new VMs (engine.machine.default_cpu_model): a memory snapshot
+        # restores where the model is the same; "host" is named by the host's own CPU
+        guest_cpu = default_cpu_model(accelerator)
+        if guest_cpu == "host":
+            guest_cpu = f"host: {cpu_model()}"
         return cls(accelerator, qemu_version()[:QEMU_VERSION_MAX], guest_cpu[:CPU_MODEL_MAX],
                    data_dir)
 
