@@ -19,6 +19,7 @@ from support.fake_host import FakeHost
 from support.server import AUTH, InProcessServer
 
 from tenkibox import Client
+from tenkibox.control.fleet import CACHE_PREFERENCE
 from tenkibox.errors import (
     CapacityUnavailableError,
     ConflictError,
@@ -285,26 +286,40 @@ def test_exec_and_files_reach_the_host_of_the_session(make_inproc: MakeServer) -
         assert fakes[b].calls_to("terminate") == []
 
 
-def test_a_restore_prefers_the_host_that_caches_the_snapshot(make_inproc: MakeServer) -> None:
-    server, fakes = two_workers(make_inproc)
+def test_a_restore_prefers_the_host_that_caches_the_snapshot_unless_it_is_much_fuller(
+        make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, fakes = two_workers(make_inproc, memory_mib=20480)
     a, b = sorted(fakes)
+    # one bucket for both (the fakes' stores are one), but a's local cache holds nothing
+    fakes[a].artifacts = fakes[b].artifacts
+    fakes[a].saved = fakes[b].saved
+    fakes[a].stored_sizes = fakes[b].stored_sizes
+
+    async def nothing_cached(digests: list[str]) -> int:
+        return 0
+
+    monkeypatch.setattr(fakes[a], "cached_bytes", nothing_cached)
+    capacity = fakes[b].capacity.memory_capacity_mib
     with Client(endpoint=server.url) as sdk:
-        source = sdk.create_and_wait(memory_mb=2048, host_id=b)
+        source = sdk.create_and_wait(memory_mb=1024, host_id=b)
         source.files.write("/root/data", "kept")
         snap = sdk.create_snapshot_and_wait(source.id)
-        # b has less room now (the source runs there), but only b holds the artifacts
+        # b is a little fuller (the source runs there), but only b caches the artifacts
         clone = sdk.restore_snapshot(snap.id)
         assert clone.record.host_id == b
         clone.wait_ready()
         assert clone.files.read("/root/data") == b"kept"
-        # once a also holds them (a shared store: one artifacts dict), room decides
-        fakes[a].artifacts = fakes[b].artifacts
-        fakes[a].saved = fakes[b].saved
-        fakes[a].stored_sizes = fakes[b].stored_sizes
+        # b fuller than a by more than the cache is worth: a, which fetches the files
+        sdk.create_and_wait(memory_mb=int(capacity * CACHE_PREFERENCE) + 1, host_id=b)
+        far = sdk.restore_snapshot(snap.id)
+        assert far.record.host_id == a
+        far.wait_ready()
+        assert far.files.read("/root/data") == b"kept"  # restored on another host
+        # once a caches them too, room alone decides
+        monkeypatch.undo()
         other = sdk.restore_snapshot(snap.id)
         assert other.record.host_id == a
         other.wait_ready()
-        assert other.files.read("/root/data") == b"kept"  # restored on another host
 
 
 def test_volumes_stay_on_their_host_and_bring_their_sessions(make_inproc: MakeServer) -> None:

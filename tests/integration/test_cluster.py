@@ -99,8 +99,10 @@ def _vms_of(cluster: cl.Cluster, index: int) -> list[int]:
     return out
 
 
-COUNTER = ("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; "
-           "done' >/dev/null 2>&1 &")
+#: a process that counts in /root/count, renaming each value into place (a reader never sees
+#: the file empty between a truncate and a write)
+COUNTER = ("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count.new; "
+           "mv /root/count.new /root/count; sleep 0.2; done' >/dev/null 2>&1 &")
 
 
 @pytest.fixture(scope="module")

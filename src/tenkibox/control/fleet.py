@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from .records import Records
 
 log = logging.getLogger(__name__)
+
+#: how much of a host's capacity, as a share, caching a snapshot's artifacts is worth in its
+#: placement (a fetch from the bucket costs ~1 s and the bytes; an overloaded host costs more)
+CACHE_PREFERENCE = 0.1
 T = TypeVar("T")
 
 #: the embedded host of a single-machine server (and of records written before hosts existed)
@@ -265,9 +269,13 @@ class Fleet:
             return -1
 
     def by_room(self, found: Candidates) -> list[str]:
-        """The candidates best first: most of the snapshot's artifacts cached, then most free
-        guest memory. Read without awaiting right before the insert it orders, so creates made
-        at once by one process see each other's records and spread over the hosts."""
+        """The candidates best first, by the share of their guest memory capacity still free,
+        plus ``CACHE_PREFERENCE`` for the host caching most of the snapshot's artifacts (in
+        proportion for the others): a host that has the files wins unless another has at least
+        that much more of its capacity free, so a burst of restores of one snapshot starts on
+        the host that has it and spreads once that host is fuller than the rest. Read without
+        awaiting right before the insert it orders, so creates made at once by one process see
+        each other's records."""
         hosts = list(found.hosts)
         if len(hosts) < 2:
             return hosts
@@ -276,8 +284,16 @@ class Fleet:
                 select(SessionRow.host_id, func.coalesce(func.sum(SessionRow.memory_mb), 0))
                 .where(SessionRow.state.in_(HOLDING_SESSION), SessionRow.host_id.in_(hosts))
                 .group_by(SessionRow.host_id)).all()}
-        room = {h: self.capacity_of(h).memory_capacity_mib - promised.get(h, 0) for h in hosts}
-        return sorted(hosts, key=lambda h: (-found.cached.get(h, 0), -room[h], h))
+        capacity = {h: self.capacity_of(h).memory_capacity_mib for h in hosts}
+        room = {h: capacity[h] - promised.get(h, 0) for h in hosts}
+        most = max((found.cached.get(h, 0) for h in hosts), default=0)
+
+        def score(h: str) -> float:
+            free = room[h] / capacity[h] if capacity[h] > 0 else 0.0
+            cached = max(found.cached.get(h, 0), 0) / most if most > 0 else 0.0
+            return free + CACHE_PREFERENCE * cached
+
+        return sorted(hosts, key=lambda h: (-score(h), -room[h], h))
 
     async def place(self, found: Candidates, memory_mb: int,
                     write: Callable[[str], Awaitable[T]]) -> T:
