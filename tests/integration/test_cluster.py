@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from support import cluster as cl
+from support.helpers import eventually
 
 from tenkibox import Client
 
@@ -72,14 +73,8 @@ def host_ids(cluster: cl.Cluster, client: Client) -> dict[int, str]:
 
 
 def _wait(what: str, check: Any, timeout_s: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-        time.sleep(0.5)
+    """``check()`` until it answers something truthy (that), polled every 0.5 s."""
+    return eventually(check, timeout=timeout_s, interval=0.5, what=what)
 
 
 def _vms_of(cluster: cl.Cluster, index: int) -> list[int]:

@@ -21,30 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.guest_system import SandboxSystem
 
 from tenkibox.engine import agent as engine_agent
 from tenkibox.engine.agent import AgentClient, AgentError, AgentProcess, AgentTimeoutError
 from tenkibox.errors import InternalError, ValidationError, WaitTimeoutError
 from tenkibox.guest import agent as guest
-
-
-class SandboxSystem(guest.System):
-    """Writes /etc below a temp root and records what would change the real machine."""
-
-    def __init__(self, root: str) -> None:
-        super().__init__(root)
-        self.clock: list[int] = []
-        self.hostnames: list[str] = []
-        self.entropy: list[bytes] = []
-
-    def set_clock(self, epoch_ns: int) -> None:
-        self.clock.append(epoch_ns)
-
-    def set_hostname(self, name: str) -> None:
-        self.hostnames.append(name)
-
-    def mix_entropy(self, data: bytes) -> None:
-        self.entropy.append(data)
 
 
 @dataclass

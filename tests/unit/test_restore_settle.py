@@ -19,30 +19,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support.guest_system import SandboxSystem
 
 from tenkibox.engine.agent import AgentClient
 from tenkibox.guest import agent as guest
 from tenkibox.host import restore
 from tenkibox.steps import Steps
-
-
-class Recorder(guest.System):
-    """Writes /etc below a temp root and records what would change the real machine."""
-
-    def __init__(self, root: str) -> None:
-        super().__init__(root)
-        self.clock: list[int] = []
-        self.hostnames: list[str] = []
-        self.entropy: list[bytes] = []
-
-    def set_clock(self, epoch_ns: int) -> None:
-        self.clock.append(epoch_ns)
-
-    def set_hostname(self, name: str) -> None:
-        self.hostnames.append(name)
-
-    def mix_entropy(self, data: bytes) -> None:
-        self.entropy.append(data)
 
 
 class OldAgent(guest.Agent):
@@ -77,11 +59,12 @@ class Machine:
 
 
 @pytest.fixture(params=["0.4.0", "0.3.0"])
-def guest_agent(request: pytest.FixtureRequest) -> Iterator[tuple[guest.Agent, Recorder, Path]]:
+def guest_agent(request: pytest.FixtureRequest,
+                ) -> Iterator[tuple[guest.Agent, SandboxSystem, Path]]:
     base = Path(tempfile.mkdtemp(prefix="tkr-"))  # short: unix socket paths <= 108 bytes
     (base / "root" / "etc").mkdir(parents=True)
     (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
-    system = Recorder(str(base / "root"))
+    system = SandboxSystem(str(base / "root"))
     cls = guest.Agent if request.param == "0.4.0" else OldAgent
     agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
@@ -106,7 +89,7 @@ def _ctx(base: Path) -> Any:
 
 @pytest.mark.parametrize("keep_identity", [False, True])
 async def test_clock_and_identity_are_set_before_it_returns(
-        guest_agent: tuple[guest.Agent, Recorder, Path], keep_identity: bool,
+        guest_agent: tuple[guest.Agent, SandboxSystem, Path], keep_identity: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
     agent, system, base = guest_agent
     events: list[str] = []

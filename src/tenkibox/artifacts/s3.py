@@ -87,6 +87,19 @@ class S3Location:
     max_attempts: int = MAX_ATTEMPTS
 
     @classmethod
+    def from_options(cls, artifacts: str | None, s3_endpoint: str | None) -> S3Location | None:
+        """The ``--artifacts``/``--s3-endpoint`` options of ``tenki serve`` and ``tenki host
+        run`` (the region from ``AWS_REGION``/``AWS_DEFAULT_REGION``); None: no bucket."""
+        if not artifacts:
+            if s3_endpoint:
+                raise ValidationError("an S3 endpoint without --artifacts s3://BUCKET",
+                                      field="artifacts")
+            return None
+        return cls.parse(artifacts, endpoint=s3_endpoint or None,
+                         region=os.environ.get("AWS_REGION")
+                         or os.environ.get("AWS_DEFAULT_REGION"))
+
+    @classmethod
     def parse(cls, url: str, *, endpoint: str | None = None, region: str | None = None,
               access_key: str | None = None, secret_key: str | None = None,
               max_attempts: int = MAX_ATTEMPTS) -> S3Location:

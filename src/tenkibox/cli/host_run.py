@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from .. import config, units
 from ..artifacts.s3 import S3Location
-from ..errors import ValidationError
 from .server import serve
 
 
@@ -38,13 +36,7 @@ def run(control: str, token: str | None, listen: str, advertise: str | None,
                                "control plane")
     from ..host.runner import run as run_worker
 
-    location = None
-    if artifacts:
-        location = S3Location.parse(artifacts, endpoint=s3_endpoint or None,
-                                    region=os.environ.get("AWS_REGION")
-                                    or os.environ.get("AWS_DEFAULT_REGION"))
-    elif s3_endpoint:
-        raise ValidationError("an S3 endpoint without --artifacts s3://BUCKET", field="artifacts")
+    location = S3Location.from_options(artifacts, s3_endpoint)
     run_worker(config.layout(data_dir), control=control, token=token, listen=listen,
                advertise=advertise, artifacts=location,
                artifact_cache_bytes=units.parse_size(artifact_cache, field="artifact_cache")

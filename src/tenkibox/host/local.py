@@ -25,6 +25,7 @@ from typing import Any
 from ..artifacts.s3 import DEFAULT_CACHE_BYTES, S3ArtifactStore, S3Location
 from ..artifacts.store import GC_GRACE_S, ArtifactStore, LocalArtifactStore
 from ..config import Layout, home_tag
+from ..engine.accel import detect_accel
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import (
     PROC,
@@ -96,6 +97,19 @@ def our_processes(run_root: Path, proc: Path = PROC) -> dict[int, tuple[str, str
 
 
 class LocalHost:
+    @classmethod
+    def open(cls, layout: Layout, *, artifacts: S3Location | None = None,
+             artifact_cache_bytes: int | None = None) -> LocalHost:
+        """This machine's host over ``layout`` (``tenki serve``'s embedded one, a host
+        worker's), with the accelerator that really boots a guest here (``detect_accel``)."""
+        accel, why = detect_accel(layout.home / "accel.json")
+        log.info("accelerator: %s (%s)", accel, why)
+        host = cls(layout, accel, artifacts=artifacts, artifact_cache_bytes=artifact_cache_bytes)
+        if artifacts is not None:
+            log.info("artifacts: %s (local cache in %s)", artifacts.describe(),
+                     host.paths.artifacts)
+        return host
+
     def __init__(self, layout: Layout, accel: str, *, artifacts: S3Location | None = None,
                  artifact_cache_bytes: int | None = None) -> None:
         """``artifacts``: a bucket to keep artifacts in, with ``artifacts/`` as this host's

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -25,8 +23,8 @@ import uvicorn
 
 from ..artifacts.s3 import S3Location
 from ..config import Layout
-from ..engine.accel import detect_accel
-from ..errors import ConflictError, ValidationError
+from ..errors import ValidationError
+from ..serving import claim_home, tcp_listener
 from .journal import MountJournal
 from .local import LocalHost
 from .service import create_host_app
@@ -86,24 +84,11 @@ def run(layout: Layout, *, control: str, token: str, listen: str, advertise: str
         host_id: str | None) -> None:
     """Run the worker until SIGTERM/SIGINT (raises ``ConflictError`` if another server or
     worker holds the data directory)."""
-    layout = layout.ensure()
-    with contextlib.suppress(OSError):
-        os.chmod(layout.home, 0o700)
-    logging.basicConfig(level=os.environ.get("TENKI_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # the same lock as ``tenki serve``: one owner of a data directory's VMs at a time
-    lock = open(layout.home / "server.lock", "a+")  # held (locked) until the process exits
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        raise ConflictError(f"a tenki server or host worker already runs for {layout.home}") \
-            from exc
+    lock = claim_home(layout)  # noqa: F841  (held until the process exits)
     host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = tcp_listener(host, port)
     except OSError as exc:
         raise ValidationError(f"cannot listen on {host}:{port}: {exc.strerror}",
                               field="listen") from exc
@@ -121,13 +106,8 @@ async def _main(layout: Layout, sock: socket.socket, *, control: str, token: str
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    accel, why = detect_accel(layout.home / "accel.json")
-    log.info("accelerator: %s (%s)", accel, why)
-    host = LocalHost(layout, accel, artifacts=artifacts,
-                     artifact_cache_bytes=artifact_cache_bytes)
-    if artifacts is not None:
-        log.info("artifacts: %s (local cache in %s)", artifacts.describe(),
-                 host.paths.artifacts)
+    host = LocalHost.open(layout, artifacts=artifacts, artifact_cache_bytes=artifact_cache_bytes)
+    accel = host.ctx.accel
     secret = secrets.token_urlsafe(32)
     journal = MountJournal(layout.home / "mounts.json")
     config = uvicorn.Config(create_host_app(host, secret, journal=journal), log_level="warning",

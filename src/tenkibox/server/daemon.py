@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -26,8 +25,9 @@ from .._version import __version__
 from ..api.app import create_app
 from ..artifacts.s3 import S3Location
 from ..config import layout as make_layout
-from ..errors import ConflictError, ValidationError
+from ..errors import ValidationError
 from ..preview import PreviewSettings, tls_context
+from ..serving import claim_home, tcp_listener
 from ..urls import is_loopback, local_url
 from .runtime import ServerRuntime
 
@@ -56,35 +56,16 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
     data directory's ``artifacts/`` being a local cache of at most ``artifact_cache_bytes``;
     None: the data directory holds them (see docs/multi-host.md). ``local_host`` False: a pure
     control plane, without an embedded host."""
-    location = None
-    if artifacts:
-        location = S3Location.parse(artifacts, endpoint=s3_endpoint or None,
-                                    region=os.environ.get("AWS_REGION")
-                                    or os.environ.get("AWS_DEFAULT_REGION"))
-    elif s3_endpoint:
-        raise ValidationError("an S3 endpoint without --artifacts s3://BUCKET", field="artifacts")
+    location = S3Location.from_options(artifacts, s3_endpoint)
     if (tls_cert is None) != (tls_key is None):
         raise ValidationError("give both --tls-cert and --tls-key, or neither",
                               field="tls_cert" if tls_cert is None else "tls_key")
     for path, field in ((tls_cert, "tls_cert"), (tls_key, "tls_key")):
         if path is not None and not os.access(path, os.R_OK):
             raise ValidationError(f"cannot read {path}", field=field)
-    layout = make_layout(home).ensure()
-    with contextlib.suppress(OSError):
-        os.chmod(layout.home, 0o700)  # the key file, the database and the VMs' files
-    logging.basicConfig(level=os.environ.get("TENKI_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    lock = open(layout.home / "server.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        raise ConflictError(f"a tenki server already runs for {layout.home}") from exc
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-    # and without it every keep-alive request waits ~40 ms for the delayed ACK
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    layout = make_layout(home)
+    lock = claim_home(layout)  # noqa: F841  (held until the process exits)
+    sock = tcp_listener(host, port)
     bound = sock.getsockname()[1]
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     preview = PreviewSettings(

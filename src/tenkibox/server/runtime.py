@@ -10,7 +10,6 @@ from ..artifacts.s3 import S3Location
 from ..config import Layout
 from ..control.fleet import LOCAL, Fleet
 from ..control.plane import ControlPlane
-from ..engine.accel import detect_accel
 from ..host.api import HostAPI
 from ..host.capacity import HostCapacity
 from ..host.local import LocalHost
@@ -32,16 +31,13 @@ class ServerRuntime:
         self.store: Store = open_store(layout.home, database_url)
         log.info("records in %s", self.store.url)
         self.host: LocalHost | None = None
+        #: how this server's own guests run (``/v1/server``); none without an embedded host
+        self.accel = "none"
         if local_host:
-            self.accel, self.accel_reason = detect_accel(layout.home / "accel.json")
-            log.info("accelerator: %s (%s)", self.accel, self.accel_reason)
-            self.host = LocalHost(layout, self.accel, artifacts=artifacts,
-                                  artifact_cache_bytes=artifact_cache_bytes)
-            if artifacts is not None:
-                log.info("artifacts: %s (local cache in %s)", artifacts.describe(),
-                         self.host.paths.artifacts)
+            self.host = LocalHost.open(layout, artifacts=artifacts,
+                                       artifact_cache_bytes=artifact_cache_bytes)
+            self.accel = self.host.ctx.accel
         else:
-            self.accel, self.accel_reason = "none", "no embedded host (--no-local-host)"
             log.info("a pure control plane: sessions run on registered host workers only")
         fleet = Fleet({LOCAL: self.host} if self.host is not None else {})
         self.plane = ControlPlane(self.store, fleet, preview=preview, connect=connect_remote)
