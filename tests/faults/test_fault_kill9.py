@@ -29,7 +29,7 @@ RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "l
                  "launch:after", "load-state", "resume", "agent", "settle"]
 # ``settle``: clock and identity in one request (the built image's agent has it, so the older
 # agents' ``clock`` and ``identity`` steps do not happen here)
-CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
+CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
                  "checksum", "sync", "sync:after"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]

@@ -49,6 +49,9 @@ class MachineShape:
     #: QEMU's ``-cpu`` model the guest was started with (a restore uses the same); empty in a
     #: shape from before it was recorded: the accelerator's default
     cpu_model: str = ""
+    #: bytes of RAM beyond ``memory_mb`` (``engine.machine.TCG_RAM_PAD``: what makes a live save
+    #: correct under TCG); 0 in a shape from before it, or under KVM
+    ram_pad: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +59,8 @@ class MachineShape:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MachineShape:
         return cls(**{k: data[k] for k in ("cpu", "memory_mb", "cmdline", "kernel", "initrd",
-                                           "hotplug_ports", "cpu_model") if k in data})
+                                           "hotplug_ports", "cpu_model", "ram_pad")
+                      if k in data})
 
 
 @dataclass(frozen=True)

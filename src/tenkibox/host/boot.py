@@ -17,7 +17,7 @@ import time
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
-from ..engine.machine import LaunchOptions, Machine, default_cpu_model
+from ..engine.machine import LaunchOptions, Machine, default_cpu_model, ram_pad
 from ..steps import Steps
 from .api import BootSpec, MachineShape, NetworkSpec
 from .context import HostContext
@@ -47,7 +47,7 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
                                                                 spec.image_id)
     shape = MachineShape(cpu=spec.cpu, memory_mb=spec.memory_mb, kernel=kernel, initrd=initrd,
                          cmdline=f"{cmdline} tenki.hostname={spec.hostname}",
-                         cpu_model=default_cpu_model(ctx.accel))
+                         cpu_model=default_cpu_model(ctx.accel), ram_pad=ram_pad(ctx.accel))
     record = VMRecord(spec.session_id, shape, [disk])
     disk_dir = ctx.layout.disk_dir(spec.session_id)
     with steps.step("overlay"):

@@ -1,9 +1,13 @@
 """Capture: memory, device state and disk of a running VM at one instant, then sealed into the
 artifact store. One ordered list of named, timed steps:
 
-1. ``pause``        ``stop``; QEMU drains in-flight disk I/O. (``pre-copy`` with the experimental
-                    ``LIVE_CAPTURE``: a live save, ``start_live_save``, that copies RAM while the
-                    guest runs and stops it once what is left takes ~20 ms, ``wait_switchover``.)
+1. ``pre-copy``     a running guest is saved live (``start_live_save``): QEMU copies its RAM while
+                    it runs, again for the pages written meanwhile, and stops it once what is left
+                    takes ~20 ms (``wait_switchover``): the guest is stopped for the last pages and
+                    the device state, however much memory it dirtied. ``pause`` instead (a plain
+                    ``stop``; QEMU drains in-flight disk I/O) for a guest that stays paused
+                    anyway, a VM whose dirty tracking a live save cannot trust
+                    (``engine.machine.live_save_safe``), or with ``TENKI_LIVE_CAPTURE=0``.
 2. ``freeze-disk``  ``blockdev-snapshot-sync`` with the guest stopped: the current top layer
                     becomes read-only and the VM continues on a new overlay, so the disk layer
                     and the memory are of the same instant.
@@ -62,6 +66,7 @@ from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
 from ..engine import disks
+from ..engine.machine import live_save_safe
 from ..engine.migration import (
     cancel_migration,
     convert_stream,
@@ -83,10 +88,10 @@ from .vm import VM
 
 log = logging.getLogger(__name__)
 
-# Experimental, off by default: a live save (pre-copy) stops the guest for ~20-40 ms instead of
-# for the whole stream, but restores of such snapshots failed 3 times in ~15 runs on a loaded
-# machine (a guest stuck with RCU stalls after the restore), cause not found yet (issue 13).
-LIVE_CAPTURE = os.environ.get("TENKI_LIVE_CAPTURE") == "1"
+# On by default: a live save stops the guest for tens of ms instead of for the whole stream.
+# ``TENKI_LIVE_CAPTURE=0`` saves every guest stopped (the guest is then paused for the copy of
+# all its RAM, ~0.3 s per 256 MiB under TCG).
+LIVE_CAPTURE = os.environ.get("TENKI_LIVE_CAPTURE", "1") != "0"
 
 
 async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str]) -> Captured:
@@ -150,7 +155,8 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
     was_running = (await machine.status()) == "running"
     # a guest that goes on running is saved live; one that stays paused anyway (a pause of the
     # session, or a guest paused already) is saved while it waits
-    live = was_running and not spec.leave_paused and LIVE_CAPTURE
+    live = (was_running and not spec.leave_paused and LIVE_CAPTURE
+            and live_save_safe(machine.cfg))
     stream = staging / "stream"
     paused_at = time.monotonic()
     downtime: float | None = None

@@ -47,7 +47,7 @@ class HostContext:
                              kernel=str(self.store.local_path(shape.kernel)),
                              initrd=str(self.store.local_path(shape.initrd)),
                              cmdline=shape.cmdline, hotplug_ports=shape.hotplug_ports,
-                             cpu_model=shape.cpu_model,
+                             cpu_model=shape.cpu_model, ram_pad=shape.ram_pad,
                              ram_base=str(ram_base) if ram_base else None)
 
     def image_artifacts(self, image_id: str) -> tuple[str, str, str, str]:
