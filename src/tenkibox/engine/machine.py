@@ -2,8 +2,9 @@
 
 The device set is a pure function of ``MachineConfig``: a restore must present exactly the
 devices the captured VM had (machine, cpu model, RAM size and backend, every PCI device and
-hot-plug port), while files and sockets may live elsewhere. Guest RAM is a file on tmpfs mapped
-``share=on`` so that a snapshot can copy it instead of streaming it (``x-ignore-shared``).
+hot-plug port), while files and sockets may live elsewhere. A booted VM's RAM is anonymous
+memory and a restored VM's a private mapping of its snapshot's RAM image (``MachineConfig``); its
+size under TCG is padded (``TCG_RAM_PAD``) so that a live save of it is correct.
 
 QEMU runs in its own session (setsid) with its output in a log file, so it outlives the server;
 ``Machine.attach`` finds it again by pid and QMP socket. Every process started for a VM carries
