@@ -56,6 +56,20 @@ def _lineage(tmp_path: Path) -> list[tuple[Path, ramfile.Packed, Path]]:
     return out
 
 
+def test_a_delta_against_the_parents_ram_at_hand_is_the_same_image(tmp_path: Path) -> None:
+    """A restored VM's RAM cache is its parent's RAM composed: chunks equal to it take the
+    parent's index entries unhashed, and the image written is byte for byte the same (also
+    where a chunk went back to zero, or changed inside an otherwise equal window)."""
+    (r1, p1, i1), (r2, p2, i2), (r3, p3, i3) = _lineage(tmp_path)
+    for r, parent, digest, ram, want in ((r2, i1, p1.digest, r1, p2), (r3, i2, p2.digest, r2, p3)):
+        got = ramfile.pack_delta(r, tmp_path / "again", parent, digest, parent_ram=ram)
+        assert got == want
+    # a parent RAM of another size is not used (the result is still right)
+    other = _ram(tmp_path / "short", {})
+    os.truncate(other, SIZE - C)
+    assert ramfile.pack_delta(r2, tmp_path / "again", i1, p1.digest, parent_ram=other) == p2
+
+
 def test_a_delta_holds_only_what_changed_and_the_chain_composes(tmp_path: Path) -> None:
     (r1, p1, i1), (r2, p2, i2), (r3, p3, i3) = _lineage(tmp_path)
     assert p1.changed == p1.raw  # a full image

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -344,7 +345,7 @@ _Window = tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]], int]
 
 def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: str | None = None,
                *, chunk: int = DELTA_CHUNK, level: int = 1,
-               workers: int | None = None) -> Packed:
+               workers: int | None = None, parent_ram: Path | None = None) -> Packed:
     """Compress sparse ``src`` into a version 2 image at ``dst``: with a ``parent`` (a version 2
     image of the same RAM size and chunk, ``parent_digest`` its sha256), only the chunks that
     differ from the parent's composed RAM, and zero frames where the parent had data and
@@ -354,7 +355,11 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
     a bounded number ahead of the one thread that writes in offset order. In a window, each
     run of changed chunks with only zero chunks between them is compressed as one frame: a
     delta keeps the compression of large frames however small its chunk (a full image has a
-    frame per window, as version 1)."""
+    frame per window, as version 1).
+
+    ``parent_ram``: the parent's RAM composed (a restored VM's RAM cache), if at hand: a chunk
+    byte-equal to it there takes the parent's index entry instead of being hashed again (the
+    output is the same; a window equal to it as a whole costs one comparison)."""
     if chunk not in _CHUNKS:
         raise ValueError(f"chunk {chunk}: a power of two from 4 KiB to 1 MiB")
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
@@ -372,9 +377,13 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
     index: dict[int, bytes] = {}
     raw_total = changed = 0
 
-    def window(fd: int, start: int, size: int) -> _Window:
+    def window(fd: int, start: int, size: int, pfd: int | None) -> _Window:
         """(index entries, frames (offset, raw length, compressed), raw bytes) of a window."""
         data = os.pread(fd, min(CHUNK, size - start), start)
+        old = os.pread(pfd, len(data), start) if pfd is not None else None
+        if old == data:  # unchanged since the parent: its entries, nothing stored
+            return [(p, base[p]) for p in range(start, start + len(data), chunk)
+                    if p in base], [], len(data)
         entries: list[tuple[int, bytes]] = []
         runs: list[tuple[int, int]] = []  # (start, end) within data
         joinable = False  # only zero chunks since the last run ended: it may extend over them
@@ -382,6 +391,11 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             piece = data[i:i + chunk]
             if piece == zero[:len(piece)]:
                 continue  # zeros: cheap inside a frame, and correct whatever the parent had
+            known = base.get(start + i)
+            if known is not None and old is not None and old[i:i + chunk] == piece:
+                entries.append((start + i, known))
+                joinable = False
+                continue
             h = chunk_hash(piece)
             entries.append((start + i, h))
             if base.get(start + i) == h:
@@ -401,9 +415,15 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             len(data)
 
     with open(src, "rb") as fin, open(dst, "wb") as fout, \
+            contextlib.ExitStack() as stack, \
             concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
         fd = fin.fileno()
         size = os.fstat(fd).st_size
+        pfd = None
+        if parent_ram is not None and base:
+            pram = stack.enter_context(open(parent_ram, "rb"))
+            if os.fstat(pram.fileno()).st_size == size:
+                pfd = pram.fileno()
 
         def emit(buf: bytes) -> None:
             fout.write(buf)
@@ -418,7 +438,7 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
                 pos = next(todo, None)
                 if pos is None:
                     break
-                ahead.append(pool.submit(window, fd, pos, size))
+                ahead.append(pool.submit(window, fd, pos, size, pfd))
             if not ahead:
                 break
             entries, frames_, _n = ahead.popleft().result()

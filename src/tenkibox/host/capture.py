@@ -296,6 +296,15 @@ def _parent(ctx: HostContext, vm: VM, produced: set[str]) -> list[str]:
     return chain if top.version == 2 else []
 
 
+def _parent_ram(vm: VM, parent: list[str]) -> Path | None:
+    """The parent chain's RAM composed, if the VM maps it: a VM restored from ``parent`` and
+    not captured since maps that chain's RAM cache (a chunk equal to it needs no hash)."""
+    base = vm.machine.cfg.ram_base
+    if parent and base and parent == vm.record.ram_chain:
+        return Path(base)
+    return None
+
+
 async def _joined(future: concurrent.futures.Future[Any]) -> None:
     """Wait for a thread's work to end, whatever it did, even if this task is cancelled
     meanwhile (the cancellation is delivered once the thread is done)."""
@@ -356,7 +365,7 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
             try:
                 got = ramfile.pack_delta(
                     ram, packed, store.local_path(parent[-1]) if parent else None,
-                    parent[-1] if parent else None)
+                    parent[-1] if parent else None, parent_ram=_parent_ram(vm, parent))
             except ramfile.RamFormatError as exc:  # e.g. the memory was resized: start anew
                 log.info("%s: a full RAM image (%s)", vm.session_id, exc)
                 parent = []
