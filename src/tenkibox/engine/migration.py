@@ -90,9 +90,13 @@ async def start_live_save(machine: Machine, target: Path) -> None:
 
 async def wait_switchover(machine: Machine, timeout: float) -> None:
     """Wait until QEMU has stopped the guest before the last pass. A guest writing memory
-    faster than it can be copied never gets there by itself: after ``CONVERGE_S`` the
-    allowed downtime is raised so that the next pass ends it (a longer pause, not no end)."""
+    faster than it can be copied never gets there by itself: ``CONVERGE_S`` after the first
+    pass over all of RAM ended (QEMU's second dirty-bitmap sync), the allowed downtime is
+    raised so that the next pass ends it (a longer pause, not no end). The first pass is not
+    counted: it reads every page, which takes seconds for a large guest whose RAM is a file
+    that has not been read yet, however little the guest writes."""
     started = time.monotonic()
+    first_pass_done: float | None = None
     forced = False
     delay = 0.001
     while True:
@@ -108,7 +112,10 @@ async def wait_switchover(machine: Machine, timeout: float) -> None:
         if waited > timeout:
             raise MachineError(f"live save did not reach its switchover in {timeout:.0f}s "
                                f"(status {status})")
-        if waited > CONVERGE_S and not forced:
+        if first_pass_done is None and int(info.get("ram", {}).get("dirty-sync-count", 0)) >= 2:
+            first_pass_done = time.monotonic()
+        if (first_pass_done is not None and time.monotonic() - first_pass_done > CONVERGE_S
+                and not forced):
             await machine.execute("migrate-set-parameters",
                                   {"downtime-limit": FORCED_DOWNTIME_MS})
             forced = True
