@@ -79,6 +79,27 @@ def test_a_damaged_golden_snapshot_is_dropped_and_the_create_boots(
                timeout=10, what="a new golden snapshot")
 
 
+def test_a_golden_snapshot_of_an_older_machine_layout_is_replaced(
+        client: Client, inproc: InProcessServer, fake_host: FakeHost) -> None:
+    """One made before new VMs' RAM was padded (its key has no layout) would give its sessions
+    an unpadded VM, which is never saved live: the create boots, a new one is made, and the old
+    one is deleted."""
+    from tenkibox.control.golden import LAYOUT, PREFIX
+
+    client.create_and_wait(memory_mb=1024)
+    eventually(lambda: len(goldens(inproc)) == 1, timeout=10, what="the golden snapshot")
+    old = goldens(inproc)[0]
+    with inproc.store.tx() as tx:
+        row = tx.get(SnapshotRow, old)
+        assert row is not None and row.template_id.endswith(f"/{LAYOUT}")
+        row.template_id = PREFIX + row.template_id[len(PREFIX):].removesuffix(f"/{LAYOUT}")
+    s = client.create_and_wait(memory_mb=1024)
+    assert s.id in ops(fake_host, "boot") and s.id not in ops(fake_host, "restore")
+    eventually(lambda: goldens(inproc) != [] and old not in goldens(inproc), timeout=10,
+               what="a golden snapshot of this layout, and the old one gone")
+    assert inproc.store.get_snapshot(old).state in ("DELETING", "DELETED")  # type: ignore[union-attr]
+
+
 def test_golden_snapshots_are_bounded(client: Client, inproc: InProcessServer,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import tenkibox.control.golden as g

@@ -60,8 +60,9 @@ def test_a_delta_against_the_parents_ram_at_hand_is_the_same_image(tmp_path: Pat
     """A restored VM's RAM cache is its parent's RAM composed: chunks equal to it take the
     parent's index entries unhashed, and the image written is byte for byte the same (also
     where a chunk went back to zero, or changed inside an otherwise equal window)."""
-    (r1, p1, i1), (r2, p2, i2), (r3, p3, i3) = _lineage(tmp_path)
-    for r, parent, digest, ram, want in ((r2, i1, p1.digest, r1, p2), (r3, i2, p2.digest, r2, p3)):
+    (r1, p1, i1), (r2, p2, i2), (r3, p3, _) = _lineage(tmp_path)
+    for r, parent, digest, ram, want in ((r2, i1, p1.digest, r1, p2),
+                                         (r3, i2, p2.digest, r2, p3)):
         got = ramfile.pack_delta(r, tmp_path / "again", parent, digest, parent_ram=ram)
         assert got == want
     # a parent RAM of another size is not used (the result is still right)

@@ -6,7 +6,8 @@ the size (that first create boots, and says so in its record's ``state_reason`` 
 CREATING). A restore gives every session its own identity (hostname, machine-id, entropy,
 clock), so sessions from one golden snapshot share nothing but the read-only pages.
 
-- The key is ``image@disk-digest/cpu x MiB``: a rebuilt image has a new disk digest, so its old
+- The key is ``image@disk-digest/cpu x MiB/machine layout``: a rebuilt image has a new disk
+  digest, and a new layout of the VM itself (``LAYOUT``) changes the key too, so their old
   golden snapshots are never used again (and are evicted).
 - At most ``GOLDEN_MAX`` are kept (least recently used evicted); builds run one at a time, as
   sessions of the server's own (workspace ``system``: no quota, the host's capacity applies).
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 SYSTEM = "system"  # the workspace of the server's own sessions and golden snapshots
 PREFIX = "golden:"  # SnapshotRow.template_id of a golden snapshot: "golden:<key>"
+#: what a session restored from a golden snapshot inherits of the VM it was taken from, beyond
+#: its size: "m2" since new VMs' RAM under TCG is padded (``engine.machine.TCG_RAM_PAD``), which
+#: a session needs to be saved live; one restored from an older golden snapshot would not be
+LAYOUT = "m2"
 GOLDEN_MAX = int(os.environ.get("TENKI_GOLDEN_MAX", 8))
 BUILD_TIMEOUT_S = 900.0
 
@@ -57,7 +62,7 @@ class GoldenControl:
     async def key(self, req: SessionCreate) -> str:
         image = req.base_image_id or DEFAULT_IMAGE_ID
         disk = await self.sessions.host.image_digest(image)
-        return f"{image}@{disk[:16]}/{req.cpu}x{req.memory_mb}"
+        return f"{image}@{disk[:16]}/{req.cpu}x{req.memory_mb}/{LAYOUT}"
 
     def _ready(self) -> list[SnapshotRow]:
         return [r for r in self.records.all(SnapshotRow, SnapshotRow.workspace_id == SYSTEM)
@@ -130,10 +135,12 @@ class GoldenControl:
 
     async def _evict(self, fresh: str) -> None:
         """Drop golden snapshots of an image that was rebuilt (same image, another disk
-        digest), and the least recently used beyond ``GOLDEN_MAX``."""
+        digest) or of an older ``LAYOUT``, and the least recently used beyond ``GOLDEN_MAX``."""
         image, digest = _parts(fresh)
         rows = self._ready()
-        stale = [r for r in rows if _parts(_key(r))[0] == image and _parts(_key(r))[1] != digest]
+        stale = [r for r in rows
+                 if (_parts(_key(r))[0] == image and _parts(_key(r))[1] != digest)
+                 or not _key(r).endswith(f"/{LAYOUT}")]
         keep = sorted((r for r in rows if r not in stale),
                       key=lambda r: self._used.get(r.id, 0.0), reverse=True)
         for row in stale + keep[GOLDEN_MAX:]:
@@ -166,6 +173,6 @@ def _key(row: SnapshotRow) -> str:
 
 
 def _parts(key: str) -> tuple[str, str]:
-    """``image@digest/size`` -> (image, digest)."""
+    """``image@digest/size[/layout]`` -> (image, digest)."""
     image, _, rest = key.partition("@")
     return image, rest.split("/", 1)[0]
