@@ -398,7 +398,7 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
                 continue
             h = chunk_hash(piece)
             entries.append((start + i, h))
-            if base.get(start + i) == h:
+            if known == h:
                 joinable = False  # unchanged data is never stored again
                 continue
             if runs and joinable:

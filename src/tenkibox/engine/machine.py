@@ -82,7 +82,7 @@ class MachineConfig:
     initrd: str
     cmdline: str
     hotplug_ports: int = HOTPLUG_PORTS
-    #: QEMU's ``-cpu`` model; empty: the accelerator's default (``guest_cpu_model``)
+    #: QEMU's ``-cpu`` model; empty: the accelerator's default (``default_cpu_model``)
     cpu_model: str = ""
     #: bytes of guest RAM beyond ``memory_mb`` (``ram_pad``): 0, or ``TCG_RAM_PAD``
     ram_pad: int = 0
@@ -171,11 +171,6 @@ def _memory_backend(cfg: MachineConfig, files: MachineFiles, size: str) -> str:
     return f"memory-backend-ram,id=mem0,size={size}"
 
 
-#: ``TENKI_CPU_MODEL``: QEMU's name of a CPU model, with flags (``Haswell-v4``,
-#: ``EPYC,-svm``): letters, digits and ``_.+-=,`` only (it is one argument of QEMU's)
-_CPU_MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-=,")
-
-
 #: Extra guest RAM that makes a live save correct under TCG. QEMU 7.2 syncs the migration dirty
 #: bitmap of a RAM block whose length is a multiple of 64 pages word by word, and that fast path
 #: clears the dirty bits without re-arming TCG's TLB: a vCPU that keeps a page in its TLB (the
@@ -197,6 +192,11 @@ def live_save_safe(cfg: MachineConfig) -> bool:
     ``TCG_RAM_PAD``): under KVM always; under TCG only with a padded RAM block (VMs booted or
     restored from snapshots taken before the pad have none: they are saved stopped)."""
     return cfg.accel == "kvm" or cfg.ram_pad % (64 * 4096) != 0
+
+
+#: ``TENKI_CPU_MODEL``: QEMU's name of a CPU model, with flags (``Haswell-v4``,
+#: ``EPYC,-svm``): letters, digits and ``_.+-=,`` only (it is one argument of QEMU's)
+_CPU_MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-=,")
 
 
 def default_cpu_model(accel: str) -> str:
