@@ -31,6 +31,9 @@ RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "l
 # agents' ``clock`` and ``identity`` steps do not happen here)
 CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
                  "checksum", "sync", "sync:after"]
+# a session restored from a snapshot that wrote little is captured by its written pages
+# (``host/written.py``): stopped, then its pages copied out of QEMU's memory
+WRITTEN_STEPS = ["pause", "copy-written", "copy-written:after", "convert", "compress-ram"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
 # a pause is a capture (the guest left paused), then the VM's stop
@@ -276,10 +279,22 @@ def test_kill_during_delete(server: fl.FaultServer, client: Any, live: World, st
 
 @pytest.mark.parametrize("step", CAPTURE_STEPS)
 def test_kill_during_capture(server: fl.FaultServer, live: World, step: str) -> None:
+    _kill_capture(server, live, live.source.id, step)
+
+
+@pytest.mark.parametrize("step", WRITTEN_STEPS)
+def test_kill_during_capture_of_a_restored_session(server: fl.FaultServer, client: Any,
+                                                   live: World, step: str) -> None:
+    victim = client.create_and_wait(snapshot_id=live.baseline, name=f"restored-{step}",
+                                    timeout=300)
+    _kill_capture(server, live, victim.id, step)
+
+
+def _kill_capture(server: fl.FaultServer, live: World, source_id: str, step: str) -> None:
     made: dict[str, str] = {}
 
     def start(api: httpx.Client) -> None:
-        r = api.post("/v1/snapshots", json={"session_id": live.source.id, "name": f"cap-{step}"})
+        r = api.post("/v1/snapshots", json={"session_id": source_id, "name": f"cap-{step}"})
         assert r.status_code == 202, r.text
         made["id"] = r.json()["id"]
 
@@ -302,10 +317,10 @@ def test_kill_during_capture(server: fl.FaultServer, live: World, step: str) -> 
             assert rec is not None and rec["state"] in ("READY", "FAILED"), rec
             if rec["state"] == "FAILED":
                 assert rec["state_reason"], rec
-        src = fl.get_session(server, live.source.id)
+        src = fl.get_session(server, source_id)
         assert src["state"] in fl.LIVE, f"the source did not survive: {src}"
         with server.client() as c:
-            s = c.get(live.source.id)
+            s = c.get(source_id)
             assert fl.sh(s, "echo ok") == "ok"
             assert fl.counting(s), "the source was left paused"
         fl.assert_settled(server)  # a READY snapshot made by the case is restored there

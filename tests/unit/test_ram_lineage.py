@@ -220,3 +220,59 @@ def test_a_device_state_is_read_compressed_or_raw(tmp_path: Path) -> None:
     assert new.stat().st_size < len(raw) / 10
     out = device_state_file(new, tmp_path / "scratch")
     assert out == tmp_path / "scratch" and out.read_bytes() == raw
+
+
+def test_an_image_from_written_pages_is_the_ram_the_vm_holds(tmp_path: Path) -> None:
+    """``pack_pages``: a restored VM's RAM is its cache with the pages it wrote over it. Full,
+    as a delta over the cache's image, and as a delta over an earlier capture of the VM (some
+    of whose pages went back to the cache's): each composes to that RAM with its index, and a
+    delta stores the written chunks that differ only."""
+    def rnd(n: int) -> bytes:
+        return os.urandom(n)
+    cache = _ram(tmp_path / "cache", {0: rnd(3 * C), 5 * MiB: rnd(MiB), 9 * MiB: rnd(C)})
+    base_img = tmp_path / "base.img"
+    base = ramfile.pack_delta(cache, base_img)
+    base_index = ramfile.read_index(base_img)
+    # the VM wrote: data over data, data over a hole, zeros over data, the same bytes again
+    same = cache.read_bytes()[5 * MiB:5 * MiB + C]
+    written = {C: rnd(C), 2 * MiB: rnd(2 * C), 9 * MiB: bytes(C), 5 * MiB: same}
+    pages = _ram(tmp_path / "pages", written)
+    ranges = sorted((off, off + len(d)) for off, d in written.items())
+    want = _ram(tmp_path / "want", written, base=cache)
+
+    full = ramfile.pack_pages(pages, ranges, cache, base_index, tmp_path / "full.img")
+    ramfile.unpack_chain([tmp_path / "full.img"], tmp_path / "got-full")
+    assert _same(tmp_path / "got-full", want)
+    assert ramfile.read_index(tmp_path / "full.img") == ramfile.file_index(want)
+
+    delta = ramfile.pack_pages(pages, ranges, cache, base_index, tmp_path / "delta.img",
+                               base_img, base.digest)
+    ramfile.unpack_chain([base_img, tmp_path / "delta.img"], tmp_path / "got-delta",
+                         [base.digest, delta.digest])
+    assert _same(tmp_path / "got-delta", want)
+    assert ramfile.read_index(tmp_path / "delta.img") == ramfile.file_index(want)
+    assert delta.changed == 3 * C  # C and the two at 2 MiB; not the same bytes, not the zeros
+    assert delta.raw == full.raw == len(ramfile.file_index(want)) * C
+
+    # an earlier capture of the VM wrote elsewhere, then the kernel gave that page back to
+    # the cache (not written now): the new image puts the cache's bytes there again
+    earlier = _ram(tmp_path / "earlier", {6 * MiB: rnd(C), 0: rnd(C)}, base=cache)
+    e_img = tmp_path / "earlier.img"
+    e = ramfile.pack_delta(earlier, e_img, base_img, base.digest)
+    again = ramfile.pack_pages(pages, ranges, cache, base_index, tmp_path / "again.img",
+                               e_img, e.digest)
+    ramfile.unpack_chain([base_img, e_img, tmp_path / "again.img"], tmp_path / "got-again",
+                         [base.digest, e.digest, again.digest])
+    assert _same(tmp_path / "got-again", want)
+    assert ramfile.read_index(tmp_path / "again.img") == ramfile.file_index(want)
+
+
+def test_written_pages_must_be_whole_chunks_of_the_ram(tmp_path: Path) -> None:
+    cache = _ram(tmp_path / "cache", {0: b"x" * C})
+    pages = _ram(tmp_path / "pages", {})
+    with pytest.raises(ValueError, match="whole chunks"):
+        ramfile.pack_pages(pages, [(0, C // 2)], cache, {}, tmp_path / "out")
+    small = tmp_path / "small"
+    small.write_bytes(bytes(C))
+    with pytest.raises(ramfile.RamFormatError, match="size"):
+        ramfile.pack_pages(small, [], cache, {}, tmp_path / "out")

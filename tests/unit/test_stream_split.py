@@ -7,6 +7,7 @@ the snapshot integration tests (every capture goes through the splitter and is r
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,107 @@ def test_pages_of_guest_ram_go_to_a_sparse_image_the_rest_stays(tmp_path: Path) 
 def test_a_stream_it_does_not_know_is_refused(tmp_path: Path, bad: bytes, why: str) -> None:
     with pytest.raises(S.StreamError, match=why):
         _split(tmp_path, bad)
+
+
+def test_runs_of_zero_pages_end_where_the_records_stop_being_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first pass is mostly zero-page records of consecutive pages, taken a window of 4096
+    at a time: a run crossing a window's end, broken by a page with data, by a page of another
+    block, by a jump back, and zeroing pages that a pass before sent with data."""
+    pages = 2 * S.RUN_WINDOW + 10
+    monkeypatch.setattr(sys.modules[__name__], "BLOCKS",
+                        [(b"mem0", pages * P), (b"pc.bios", 4 * P)])
+    x, y, bios = b"x" * P, b"y" * P, b"r" * P
+    data = {5: x, S.RUN_WINDOW + 4: x, 2 * S.RUN_WINDOW: y}
+    first = [_page(0, b"mem0", x)]
+    first += [_page(i * P, None, data.get(i)) for i in range(1, 300)]
+    first += [_page(0, b"pc.bios", bios), _page(300 * P, b"mem0", None)]
+    first += [_page(i * P, None, data.get(i)) for i in range(301, pages - 3)]
+    first += [_page((pages - 1) * P, None, None), _page((pages - 3) * P, None, y),
+              _page((pages - 2) * P, None, None)]
+    # zero now: pages 0, 5 and RUN_WINDOW + 4 had data
+    second = [_page(0, b"mem0", None)] + [_page(i * P, None, None)
+                                          for i in range(1, S.RUN_WINDOW + 100)]
+    stream = (_config() + _start() + _section(S.SECTION_PART, *first)
+              + _section(S.SECTION_END, *second) + DEVICES)
+    done, ram, state = _split(tmp_path, stream)
+    want = bytearray(pages * P)
+    want[2 * S.RUN_WINDOW * P:(2 * S.RUN_WINDOW + 1) * P] = y
+    want[(pages - 3) * P:(pages - 2) * P] = y
+    assert ram == want
+    assert done.data_pages == 5
+    assert _page(0, b"pc.bios", bios) in state and x not in state
+
+
+def test_a_run_of_zero_pages_past_the_block_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "BLOCKS", [(b"mem0", 64 * P)])
+    stream = (_config() + _start() + _section(S.SECTION_PART, _page(60 * P, b"mem0", None),
+                                              *[_page(i * P, None, None) for i in range(61, 70)]))
+    with pytest.raises(S.StreamError, match="beyond the end"):
+        _split(tmp_path, stream)
+
+
+def test_a_run_is_taken_in_one_step_to_its_window_end(tmp_path: Path) -> None:
+    """The bulk match itself (the tests above hold with or without it): records of pages
+    4090-4099 are two runs, split where the window of 4096 pages ends."""
+    w = S.RUN_WINDOW
+    records = b"".join(_page(i * P, None, None) for i in range(w - 6, w + 4))
+    with open(tmp_path / "state", "wb") as state, open(tmp_path / "ram", "wb") as ram:
+        splitter = S._Splitter(S._Reader(records), state, ram, b"mem0")  # type: ignore[arg-type]
+        assert splitter._zero_run(0, w - 6, 2 * w) == 6
+        assert splitter._zero_run(6 * 9, w, 2 * w) == 4
+        assert splitter._zero_run(6 * 9, w, w + 2) == 2  # the block ends
+        assert splitter._zero_run(0, w - 5, 2 * w) == 0  # not the pages these records name
+
+
+def _devices(*sections: tuple[int, bytes, bytes]) -> bytes:
+    """A file as ``xen-save-devices-state`` writes it: header, FULL sections, end marker."""
+    out = struct.pack(">II", S.MAGIC, S.VERSION)
+    for sid, idstr, body in sections:
+        out += (bytes([S.SECTION_FULL]) + struct.pack(">I", sid) + _name(idstr)
+                + struct.pack(">II", 0, 1) + body + bytes([S.SECTION_FOOTER])
+                + struct.pack(">I", sid))
+    return out + bytes([S.VM_EOF])
+
+
+def test_a_device_state_takes_the_roms_of_one_and_the_devices_of_another(
+        tmp_path: Path) -> None:
+    """``with_devices``: the configuration and RAM sections (firmware pages, no guest RAM) of a
+    device state ``split`` wrote, then the device sections QEMU saved now."""
+    bios = b"r" * P
+    stream = (_config() + _start() + _section(S.SECTION_PART, _page(0, b"mem0", b"a" * P),
+                                              _page(0, b"pc.bios", bios)) + DEVICES)
+    _split(tmp_path, stream)
+    old_state = (tmp_path / "state").read_bytes()
+    prefix = old_state[:old_state.index(DEVICES)]
+    # a body holding its own footer's bytes: the section ends where a section follows
+    tricky = b"\x7e" + struct.pack(">I", 3) + b"more"
+    devices = tmp_path / "devices"
+    devices.write_bytes(_devices((3, b"timer", tricky), (4, b"0000:00:02.0/virtio-serial", b"q")))
+    out = tmp_path / "out"
+    S.with_devices(tmp_path / "state", devices, out)
+    got = out.read_bytes()
+    assert got.startswith(prefix + devices.read_bytes()[8:])
+    assert got[len(prefix) + len(devices.read_bytes()) - 8] == S.VMDESCRIPTION
+    assert S.device_sections(devices.read_bytes()) == [
+        (b"timer", 0, tricky), (b"0000:00:02.0/virtio-serial", 0, b"q")]
+    # the result is a device state of the same kind: its prefix serves again
+    S.with_devices(out, devices, tmp_path / "out2")
+    assert (tmp_path / "out2").read_bytes() == got
+
+
+def test_a_device_state_with_guest_ram_or_without_devices_is_refused(tmp_path: Path) -> None:
+    devices = tmp_path / "devices"
+    devices.write_bytes(_devices((1, b"timer", b"x")))
+    full = tmp_path / "full"  # a full stream (guest RAM in it), not a device state
+    full.write_bytes(_config() + _start() + _section(S.SECTION_PART, _page(0, b"mem0", b"a" * P))
+                     + DEVICES)
+    with pytest.raises(S.StreamError, match="guest RAM"):
+        S.with_devices(full, devices, tmp_path / "out")
+    bad = tmp_path / "bad"
+    bad.write_bytes(struct.pack(">II", S.MAGIC, S.VERSION) + b"\x00")
+    with pytest.raises(S.StreamError, match="not a device state"):
+        S.with_devices(full, bad, tmp_path / "out")
+    with pytest.raises(S.StreamError, match="no end"):
+        S.device_sections(devices.read_bytes()[:-6])

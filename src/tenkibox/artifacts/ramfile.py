@@ -51,6 +51,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -466,6 +467,134 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
         os.fsync(fout.fileno())
         stored = fout.tell()
     return Packed(raw_total, stored, digest.hexdigest(), changed)
+
+
+def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
+               base_index: dict[int, bytes], dst: Path, parent: Path | None = None,
+               parent_digest: str | None = None, *, level: int = 1,
+               workers: int | None = None) -> Packed:
+    """A version 2 image, as ``pack_delta`` writes it, of the RAM that is ``base_ram`` (a RAM
+    composed, e.g. a restored VM's RAM cache; ``base_index`` its index) with the byte ranges
+    ``written`` (chunk-aligned, ascending) taken from ``pages`` instead (a sparse file of the
+    same size): a restored VM's RAM, whose pages it did not write are still its cache's.
+
+    A delta over ``parent`` (an image of the same size and chunk; its index says what its
+    composed RAM holds), or full without. Only the written chunks are read and hashed, and the
+    chunks of ``base_ram`` whose entry differs from the parent's (none when the parent is the
+    RAM ``base_ram`` composes); never the rest."""
+    chunk = DELTA_CHUNK
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    size = os.stat(base_ram).st_size
+    if os.stat(pages).st_size != size:
+        raise RamFormatError(f"{pages.name}: not of the RAM's size")
+    base: dict[int, bytes] = {}
+    if parent is not None:
+        head = header(parent)
+        if head.size != size:
+            raise RamFormatError(f"{parent.name}: a parent of another RAM size")
+        if head.chunk != chunk:
+            raise RamFormatError(f"{parent.name}: a parent of another chunk size")
+        base = read_index(parent)
+    mine: set[int] = set()
+    for a, b in written:
+        if a % chunk or b % chunk or b > size:
+            raise ValueError(f"written range {a}-{b}: not whole chunks of the RAM")
+        mine.update(range(a, b, chunk))
+    index = dict(base_index)
+    for p in mine:
+        index.pop(p, None)  # set again below if the page holds data
+    # the chunks to look at: the written ones, and the cache's where the parent differs
+    todo = set(mine)
+    if base != base_index:  # equal (one comparison) for the first capture after a restore
+        todo.update(p for p in base_index.keys() | base.keys()
+                    if p not in mine and base_index.get(p) != base.get(p))
+    windows = sorted({p - p % CHUNK for p in todo})
+    local = threading.local()
+    zero = bytes(chunk)
+
+    def window(start: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]]]:
+        """(index entries of written chunks, data frames) of one 1 MiB window."""
+        n = min(CHUNK, size - start)
+        mine_here = [p for p in range(start, start + n, chunk) if p in mine]
+        theirs = [p for p in range(start, start + n, chunk) if p in todo and p not in mine]
+        new = os.pread(pfd, n, start) if mine_here else b""
+        old = os.pread(bfd, n, start) if theirs else b""
+        entries: list[tuple[int, bytes]] = []
+        runs: list[tuple[int, int]] = []
+        for p in range(start, start + n, chunk):
+            i = p - start
+            if p in mine:
+                piece = new[i:i + chunk]
+                if piece == zero:
+                    continue  # a zero frame, if the parent had data: after the frames
+                h = chunk_hash(piece)
+                entries.append((p, h))
+                if base.get(p) == h:
+                    continue
+            elif p in todo and base_index.get(p) is not None:
+                piece = old[i:i + chunk]  # the cache's data, which the parent does not have
+            else:
+                continue
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + chunk)
+            else:
+                runs.append((i, i + chunk))
+        comp = getattr(local, "comp", None)
+        if comp is None:
+            comp = local.comp = zstandard.ZstdCompressor(level=level)
+        frames_ = []
+        for a, b in runs:
+            data = b"".join((new if start + i in mine else old)[i:i + chunk]
+                            for i in range(a, b, chunk))
+            frames_.append((start + a, b - a, comp.compress(data)))
+        return entries, frames_
+
+    digest = hashlib.sha256()
+    changed = 0
+    with open(pages, "rb") as fpages, open(base_ram, "rb") as fbase, open(dst, "wb") as fout, \
+            concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
+        pfd, bfd = fpages.fileno(), fbase.fileno()
+
+        def emit(buf: bytes) -> None:
+            fout.write(buf)
+            digest.update(buf)
+
+        emit(MAGIC2 + HEAD2.pack(size, chunk,
+                                 bytes.fromhex(parent_digest) if parent_digest else NO_PARENT))
+        ahead: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        queue = iter(windows)
+        while True:
+            while len(ahead) < 4 * workers:
+                start = next(queue, None)
+                if start is None:
+                    break
+                ahead.append(pool.submit(window, start))
+            if not ahead:
+                break
+            entries, frames_ = ahead.popleft().result()
+            index.update(entries)
+            for pos, n, packed in frames_:
+                emit(FRAME.pack(pos, n, len(packed)) + packed)
+                changed += n
+        # zero now where the parent had data (adjacent chunks in one frame, within 1 MiB)
+        gone = sorted(base.keys() - index.keys())
+        run: list[int] = []
+        for pos in [*gone, -1]:
+            if run and (pos != run[-1] + chunk or (len(run) + 1) * chunk > CHUNK):
+                emit(FRAME.pack(run[0], min(len(run) * chunk, size - run[0]), 0))
+                run = []
+            if pos >= 0:
+                run.append(pos)
+        emit(FRAME.pack(END, 0, 0))
+        at = fout.tell()
+        emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
+                                               for p in sorted(index)))
+        emit(FOOTER.pack(at, INDEX_MAGIC))
+        fout.flush()
+        os.fsync(fout.fileno())
+        stored = fout.tell()
+    raw = sum(min(chunk, size - p) for p in index)
+    return Packed(raw, stored, digest.hexdigest(), changed)
 
 
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -79,6 +79,15 @@ async def save_state(machine: Machine, target: Path, *, with_ram: bool) -> None:
     await wait_migration(machine)
 
 
+async def save_devices(machine: Machine, target: Path) -> None:
+    """Write the device state alone to ``target``: QEMU's ``xen-save-devices-state`` (not only
+    for Xen: it is ``qemu_save_device_state``, every device section but RAM's, with no
+    migration, so no dirty tracking starts). The file has the stream's header and the devices'
+    sections, and no configuration and RAM sections: ``engine.stream.with_devices`` puts them
+    before it. QEMU stops a running guest for it and starts it again; a stopped one stays so."""
+    await machine.execute("xen-save-devices-state", {"filename": str(target), "live": False})
+
+
 async def start_live_save(machine: Machine, target: Path) -> None:
     """Start a live save of a running VM to ``target``: QEMU copies RAM while the guest runs
     (pre-copy, again for the pages written meanwhile), then stops the guest when what is left

@@ -80,7 +80,7 @@ from ..engine.stream import StreamError
 from ..engine.stream import split as split_stream
 from ..errors import SnapshotFailedError
 from ..steps import Steps
-from . import volumes
+from . import volumes, written
 from .api import Captured, CaptureSpec, Manifest, VolumeMountSpec
 from .context import HostContext
 from .tmpfs import staging_room_bytes, staging_space_ok
@@ -108,7 +108,7 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
         unplugged = await volumes.unplug_for_capture(vm, list(spec.volumes),
                                                      ctx.layout.volume_file)
         try:
-            paused_s, stream, held = await _pause_and_copy(vm, steps, staging, spec)
+            paused_s, copied, held = await _pause_and_copy(ctx, vm, steps, staging, spec)
         finally:
             if held:  # a pause: they stay out (the VM stops next; the resume plugs them in)
                 lost, out = [], bool(unplugged)
@@ -116,17 +116,23 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
                 lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
         ram = ctx.store.temp_path()  # on the store's disk (see convert_stream)
-        _check_room(ram.parent, stream.stat().st_size)
+        direct = isinstance(copied, written.Written)
+        _check_room(ram.parent, copied.bytes if isinstance(copied, written.Written)
+                    else copied.stat().st_size)
         # step 7's layers beside steps 5 and 6 (see the module's text)
         pool = concurrent.futures.ThreadPoolExecutor(1, "capture-layers")
         layers = pool.submit(_store_layers, ctx, vm, steps, produced)
         pool.shutdown(wait=False)  # the thread ends with its one task
         try:
             with steps.step("convert"):
-                await _convert(ctx, vm, spec, stream, ram, staging / "state.bin")
-            stream.unlink()  # tmpfs: free it before the long part
+                if isinstance(copied, written.Written):
+                    await asyncio.to_thread(written.device_state, copied, staging / "state.bin")
+                else:
+                    await _convert(ctx, vm, spec, copied, ram, staging / "state.bin")
+                    copied.unlink()  # tmpfs: free it before the long part
             manifest, size, stored = await asyncio.to_thread(
-                _seal, ctx, vm, ram, staging, steps, spec.base_image_id, produced, layers)
+                _seal, ctx, vm, copied if direct else ram, staging, steps,
+                spec.base_image_id, produced, layers)
         finally:
             # a thread cannot be cancelled: whatever failed, the capture ends only after it
             # (its files are in ``produced``, and it saves the VM's note); its failure is
@@ -147,17 +153,21 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
     return Captured(manifest, size, stored, paused_s, steps.timings, lost)
 
 
-async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
-                          spec: CaptureSpec) -> tuple[float, Path, bool]:
-    """Returns the seconds paused, the stream to convert, and whether the guest was
-    left paused (``spec.leave_paused``, and it was running)."""
+async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
+                          spec: CaptureSpec) -> tuple[float, Path | written.Written, bool]:
+    """Returns the seconds paused, what to convert (the stream, or the written pages of a
+    restored VM, ``host/written.py``), and whether the guest was left paused
+    (``spec.leave_paused``, and it was running)."""
     machine = vm.machine
     was_running = (await machine.status()) == "running"
-    # a guest that goes on running is saved live; one that stays paused anyway (a pause of the
-    # session, or a guest paused already) is saved while it waits
-    live = (was_running and not spec.leave_paused and LIVE_CAPTURE
+    stays_paused = spec.leave_paused or not was_running
+    # a restored VM by the pages it wrote, if few or it stays paused; else a guest that goes
+    # on running is saved live, and one that stays paused anyway is saved while it waits
+    direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
+    live = (direct is None and not stays_paused and LIVE_CAPTURE
             and live_save_safe(machine.cfg))
     stream = staging / "stream"
+    copied: Path | written.Written = stream
     paused_at = time.monotonic()
     downtime: float | None = None
     frozen_name = vm.record.top
@@ -178,15 +188,18 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
             vm.record.frozen.append((frozen_name, ""))
             vm.record.top = new_top
             vm.record.save(vm.disk_dir)
-        with steps.step("device-state"):
-            if live:
-                downtime = await finish_live_save(machine)
-            else:
-                await save_state(machine, stream, with_ram=True)
-        # bounded by the guest's touched RAM (an untouched page is a marker of a few bytes);
-        # removed when the capture ends, or at recovery
-        log.info("%s: %.1f MiB of stream staged on tmpfs", spec.snapshot_id,
-                 stream.stat().st_size / 2**20)
+        if direct is not None:
+            copied = await written.copy(vm, direct, staging, steps)
+        else:
+            with steps.step("device-state"):
+                if live:
+                    downtime = await finish_live_save(machine)
+                else:
+                    await save_state(machine, stream, with_ram=True)
+            # bounded by the guest's touched RAM (an untouched page is a marker of a few
+            # bytes); removed when the capture ends, or at recovery
+            log.info("%s: %.1f MiB of stream staged on tmpfs", spec.snapshot_id,
+                     stream.stat().st_size / 2**20)
         done = True
     finally:
         if live and not done:
@@ -201,7 +214,7 @@ async def _pause_and_copy(vm: VM, steps: Steps, staging: Path,
         paused_s = downtime + (time.monotonic() - finished_at)
     else:
         paused_s = time.monotonic() - paused_at
-    return paused_s, stream, was_running and spec.leave_paused
+    return paused_s, copied, was_running and spec.leave_paused
 
 
 def _copy_timeout(vm: VM) -> float:
@@ -353,7 +366,7 @@ def _verify_all(ctx: HostContext, kinds: dict[str, str]) -> None:
                 from exc
 
 
-def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
+def _seal(ctx: HostContext, vm: VM, ram: Path | written.Written, staging: Path, steps: Steps,
           base_image_id: str, produced: set[str],
           layers_done: concurrent.futures.Future[tuple[list[str], list[str]]],
           ) -> tuple[Manifest, int, int]:
@@ -362,14 +375,18 @@ def _seal(ctx: HostContext, vm: VM, ram: Path, staging: Path, steps: Steps,
         parent = _parent(ctx, vm, produced)
         packed = store.temp_path()  # packed straight onto the store's disk: no copy after
         try:
+            top = store.local_path(parent[-1]) if parent else None
             try:
-                got = ramfile.pack_delta(
-                    ram, packed, store.local_path(parent[-1]) if parent else None,
-                    parent[-1] if parent else None, parent_ram=_parent_ram(vm, parent))
+                if isinstance(ram, written.Written):
+                    got = written.pack(ram, packed, top, parent[-1] if parent else None)
+                else:
+                    got = ramfile.pack_delta(ram, packed, top, parent[-1] if parent else None,
+                                             parent_ram=_parent_ram(vm, parent))
             except ramfile.RamFormatError as exc:  # e.g. the memory was resized: start anew
                 log.info("%s: a full RAM image (%s)", vm.session_id, exc)
                 parent = []
-                got = ramfile.pack_delta(ram, packed)
+                got = (written.pack(ram, packed, None, None) if isinstance(ram, written.Written)
+                       else ramfile.pack_delta(ram, packed))
             produced.add(got.digest)
             store.put(packed, digest=got.digest, move=True)
         finally:

@@ -95,7 +95,7 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
     with steps.step("verify"):
         await asyncio.to_thread(verify_manifest, ctx, spec.snapshot_id, m.digests())
     record = VMRecord(spec.session_id, m.shape, list(m.layers), ram=m.ram, ram_chain=m.rams,
-                      lineage=m.rams)
+                      lineage=m.rams, state=m.state)
     disk_dir = ctx.layout.disk_dir(spec.session_id)
     with steps.step("overlay"):
         record.save(disk_dir)

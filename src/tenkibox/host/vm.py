@@ -86,12 +86,16 @@ class VMRecord:
     lineage: list[str] = field(default_factory=list)
     #: its network: {"slot": n, "spec": NetworkSpec JSON} (None: the user-mode helper's)
     net: dict[str, Any] | None = None
+    #: the device state digest of the snapshot it was restored from (its ROMs' pages are the
+    #: VM's still: a capture that copies only written pages takes them from there)
+    state: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "shape": self.shape.to_json(),
                 "layers": self.layers, "frozen": [list(f) for f in self.frozen],
                 "top": self.top, "ram": self.ram, "net": self.net,
-                "ram_chain": list(self.ram_chain), "lineage": list(self.lineage)}
+                "ram_chain": list(self.ram_chain), "lineage": list(self.lineage),
+                "state": self.state}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VMRecord:
@@ -99,7 +103,8 @@ class VMRecord:
                    list(data["layers"]), [(a, b) for a, b in data.get("frozen", [])],
                    data.get("top", "top-0.qcow2"), data.get("ram"),
                    ram_chain=list(data.get("ram_chain") or []),
-                   lineage=list(data.get("lineage") or []), net=data.get("net"))
+                   lineage=list(data.get("lineage") or []), net=data.get("net"),
+                   state=data.get("state"))
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)

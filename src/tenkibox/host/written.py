@@ -1,0 +1,170 @@
+"""A capture of a restored VM by the pages it wrote: no migration, nothing else copied.
+
+A VM restored from a snapshot maps that snapshot's RAM cache privately (``engine.pagemap``): its
+RAM is the cache plus the pages the QEMU process holds as its own, found from its page tables.
+So a capture of it needs only those pages, the device state (``migration.save_devices``) and
+the ROMs' pages, which are still the snapshot's (``stream.with_devices`` takes them from its
+device state). In ``host/capture.py``'s list: ``pause``, ``freeze-disk``, ``device-state``,
+``copy-written`` (the guest stopped for these), ``resume``; then ``convert`` builds the device
+state and ``compress-ram`` stores an image that reads and hashes the written pages only
+(``ramfile.pack_pages``). QEMU's dirty tracking is not used at all: under TCG its first sync
+scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), which made the
+first live capture of every restored session take seconds.
+
+The guest is stopped while its pages are copied (~2 GB/s out of QEMU's memory), so a running
+guest is captured this way only while it holds at most ``DIRECT_MAX_BYTES`` (counted before it
+stops); one that wrote more is saved live (pre-copy), and one that stays paused anyway (a pause
+of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on the server turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import ramfile
+from ..artifacts.store import ArtifactError
+from ..engine import pagemap
+from ..engine.migration import save_devices
+from ..engine.stream import StreamError, device_sections, with_devices
+from ..errors import SnapshotFailedError
+from ..steps import Steps
+from .context import HostContext
+from .restore import device_state_file
+from .vm import VM
+
+log = logging.getLogger(__name__)
+
+DIRECT_CAPTURE = os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0"
+#: what a running guest may have written for this way: its copy is ~30 ms of the stop
+DIRECT_MAX_BYTES = 64 << 20
+#: copies of the written pages before giving up on devices that keep writing guest memory
+COPY_TRIES = 3
+#: devices whose saved state follows the host's clock while the guest is stopped
+CLOCKED: frozenset[bytes] = frozenset()
+
+
+@dataclass
+class Plan:
+    """What a capture of this VM by its written pages starts from, checked before it stops."""
+
+    pid: int
+    address: int  # of the guest RAM in QEMU's memory
+    size: int
+    cache: Path  # the RAM cache QEMU maps
+    cache_index: dict[int, bytes]  # of the RAM the cache composes
+    parent_state: Path  # the restored snapshot's device state, uncompressed
+    written: int  # bytes the guest had written when planned
+
+
+@dataclass
+class Written:
+    plan: Plan
+    pages: Path  # a sparse file of the RAM's size holding the written pages
+    ranges: list[tuple[int, int]]
+    devices: Path  # QEMU's device sections
+
+    @property
+    def bytes(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | None:
+    """A plan, or None when the VM is not a restored one this works for (booted, restored by
+    an older version, its snapshot's images or device state gone or of version 1, its cache
+    not what it maps) or, running on, wrote more than ``DIRECT_MAX_BYTES``."""
+    record, cfg, pid = vm.record, vm.machine.cfg, vm.machine.pid
+    if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
+        return None
+    cache = Path(cfg.ram_base)
+    try:
+        size = cache.stat().st_size
+        address = pagemap.find_mapping(pid, cache, size)
+        written = sum(b - a for a, b in pagemap.written(pid, address, size))
+        if not stays_paused and written > DIRECT_MAX_BYTES:
+            log.info("%s: %.0f MiB written since its restore: a live capture", vm.session_id,
+                     written / 2**20)
+            return None
+        cache_index = ramfile.read_index(ctx.store.local_path(record.ram_chain[-1]))
+        ctx.store.verify(record.state, "device state")
+        # read now: a snapshot deleted meanwhile may lose it to the GC
+        parent_state = staging / "parent-state.bin"
+        stored = device_state_file(ctx.store.local_path(record.state), parent_state)
+        if stored != parent_state:  # stored uncompressed (older snapshots)
+            shutil.copyfile(stored, parent_state)
+    except (pagemap.PagemapError, ramfile.RamFormatError, ArtifactError, OSError,
+            ValueError) as exc:
+        why = exc.message if isinstance(exc, ArtifactError) else str(exc)
+        log.info("%s: not captured by its written pages: %s", vm.session_id, why)
+        return None
+    return Plan(pid, address, size, cache, cache_index, parent_state, written)
+
+
+async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
+    """With the guest stopped: the device state and the pages written (steps
+    ``device-state`` and ``copy-written``)."""
+    w = Written(p, staging / "written.ram", [], staging / "devices.bin")
+    again = staging / "devices-again.bin"
+    with steps.step("device-state"):
+        await save_devices(vm.machine, w.devices)
+    for _ in range(COPY_TRIES):
+        with steps.step("copy-written"):
+            try:
+                w.ranges = await asyncio.to_thread(_copy, p, w.pages)
+            except pagemap.PagemapError as exc:
+                raise SnapshotFailedError(f"copying the guest's written pages failed: {exc}") \
+                    from exc
+        with steps.step("device-state"):
+            await save_devices(vm.machine, again)
+            moved = await asyncio.to_thread(_moved, w.devices, again)
+            os.replace(again, w.devices)
+        if not moved:
+            break
+        log.info("%s: devices moved while the guest was stopped (%s): copying again",
+                 vm.session_id, ", ".join(moved))
+    else:
+        raise SnapshotFailedError("the guest's devices kept writing its memory while it was "
+                                  "stopped; try again")
+    log.info("%s: %.1f MiB written since its restore, copied", vm.session_id, w.bytes / 2**20)
+    return w
+
+
+def _moved(before: Path, after: Path) -> list[str]:
+    """The devices whose state differs between two saves, but for those whose state follows
+    the host's clock (they write no guest memory)."""
+    try:
+        a = device_sections(before.read_bytes())
+        b = device_sections(after.read_bytes())
+    except StreamError as exc:
+        return [f"unreadable: {exc}"]
+    if [(i, n) for i, n, _ in a] != [(i, n) for i, n, _ in b]:
+        return ["the list of devices"]
+    return [f"{i.decode()}/{n}" for (i, n, x), (_, _, y) in zip(a, b, strict=True)
+            if x != y and i not in CLOCKED]
+
+
+def _copy(p: Plan, pages: Path) -> list[tuple[int, int]]:
+    ranges = pagemap.written(p.pid, p.address, p.size)
+    with open(pages, "wb") as f:
+        f.truncate(p.size)
+        pagemap.copy(p.pid, p.address, ranges, f.fileno())
+    return ranges
+
+
+def device_state(w: Written, out: Path) -> None:
+    """Step ``convert``: the device state a restore loads (the guest runs again meanwhile)."""
+    try:
+        with_devices(w.plan.parent_state, w.devices, out)
+    except StreamError as exc:
+        raise SnapshotFailedError(f"the device state could not be composed: {exc}") from exc
+
+
+def pack(w: Written, dst: Path, parent: Path | None,
+         parent_digest: str | None) -> ramfile.Packed:
+    """Step ``compress-ram``: the RAM image, a delta over ``parent`` (or full)."""
+    return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
+                              parent, parent_digest)
