@@ -7,8 +7,11 @@
 
 For each guest memory size, one tenki session and one baseline guest are booted (same kernel,
 initrd, command line, q35, qemu64, TCG, an overlay on the same base disk, the same agent on a
-virtio-serial port). For each dirty size (ascending; the data stays, so "256" means ~256 MiB of
-random data in the guest's /dev/shm on top of the idle guest):
+virtio-serial port). The tenki session captured is, by default (``--session restored``), one
+restored from a snapshot of the booted one, as every session is but the first of a size (a
+restore of the image's golden snapshot); ``--session booted`` captures the booted one. For each
+dirty size (ascending; the data stays, so "256" means ~256 MiB of random data in the guest's
+/dev/shm on top of the idle guest):
 
 - tenki: snapshot create -> READY (total capture), the time the guest was paused (server log),
   memory_bytes / size_bytes / compressed_bytes, then ``create(snapshot_id)`` -> first
@@ -449,6 +452,7 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
     print(f"\n## Snapshots: tenki vs {b} ({args.cpu} vCPU, TCG; restores per row: "
           f"{args.restores}, median (min-max); ratio = tenki/{b})\n")
     print(f"Baseline: {desc}.\n")
+    print(f"tenki session captured: {args.session}.\n")
     if note:
         print(f"Baseline note: {note}\n")
     t_rows = []
@@ -562,6 +566,10 @@ def main() -> int:
     ap.add_argument("--baseline", choices=("auto", "libvirt", "qemu"), default="auto",
                     help="auto: libvirt, or plain QEMU migrate-to-file when libvirt cannot run")
     ap.add_argument("--cpu", type=int, default=2)
+    ap.add_argument("--session", choices=("restored", "booted"), default="restored",
+                    help="the tenki session captured: restored from a snapshot of a freshly "
+                         "booted one (what every create but a size's first is: a restore of "
+                         "the image's golden snapshot), or the booted one itself")
     ap.add_argument("--quick", action="store_true",
                     help="512 and 1024 MiB, one restore per row (unless given explicitly)")
     args = ap.parse_args()
@@ -609,6 +617,13 @@ def main() -> int:
             session = srv.sdk.create_and_wait(memory_mb=memory_mb, cpu=args.cpu,
                                               name=f"bench-{memory_mb}", timeout=300)
             cleanup.push(f"terminate {session.id}", session.terminate)
+            if args.session == "restored":
+                seed = srv.sdk.create_snapshot_and_wait(session.id, name=f"seed-{memory_mb}",
+                                                        timeout=600)
+                session.terminate()
+                session = srv.sdk.create_and_wait(snapshot_id=seed.id, name=f"bench-{memory_mb}",
+                                                  timeout=300)
+                cleanup.push(f"terminate {session.id}", session.terminate)
             session.exec("true").check()
             boot = baseline.boot(memory_mb)
             cleanup.push(f"end {label} guest {memory_mb}", baseline.end)

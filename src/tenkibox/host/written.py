@@ -15,6 +15,11 @@ The guest is stopped while its pages are copied (~2 GB/s out of QEMU's memory), 
 guest is captured this way only while it holds at most ``DIRECT_MAX_BYTES`` (counted before it
 stops); one that wrote more is saved live (pre-copy), and one that stays paused anyway (a pause
 of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on the server turns it off.
+
+Devices may still write guest memory while the vCPUs are stopped (QEMU hands the agent's input
+to the guest's virtio-serial buffers whenever it comes): the device state is saved again after
+the copy, and the copy is repeated if any device moved meanwhile, so that memory and device
+state are of one instant (``COPY_TRIES``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,17 @@ log = logging.getLogger(__name__)
 
 DIRECT_CAPTURE = os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0"
 #: what a running guest may have written for this way: its copy is ~30 ms of the stop
-DIRECT_MAX_BYTES = 64 << 20
+#: (``TENKI_DIRECT_MAX_MIB``: a longer stop for more captures without QEMU's migration)
+def _max_bytes(raw: str | None, default_mib: int = 64) -> int:
+    try:
+        mib = int(raw) if raw is not None else default_mib
+    except ValueError:
+        log.warning("TENKI_DIRECT_MAX_MIB=%r is not a number of MiB: %d used", raw, default_mib)
+        mib = default_mib
+    return max(0, mib) << 20
+
+
+DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
 #: devices whose saved state follows the host's clock while the guest is stopped
