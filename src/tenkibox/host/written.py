@@ -12,9 +12,10 @@ scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), wh
 first live capture of every restored session take seconds.
 
 The guest is stopped while its pages are copied (~2 GB/s out of QEMU's memory), so a running
-guest is captured this way only while it holds at most ``DIRECT_MAX_BYTES`` (counted before it
-stops); one that wrote more is saved live (pre-copy), and one that stays paused anyway (a pause
-of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on the server turns it off.
+guest is captured this way only while it holds at most ``limit()`` (64 MiB, or an eighth of its
+RAM if more; counted before it stops); one that wrote more is saved live (pre-copy), and one
+that stays paused anyway (a pause of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on
+the server turns it off.
 
 Devices may still write guest memory while the vCPUs are stopped (QEMU hands the agent's input
 to the guest's virtio-serial buffers whenever it comes): the device state is saved again after
@@ -44,9 +45,7 @@ from .vm import VM
 
 log = logging.getLogger(__name__)
 
-DIRECT_CAPTURE = os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0"
-#: what a running guest may have written for this way: its copy is ~30 ms of the stop
-#: (``TENKI_DIRECT_MAX_MIB``: a longer stop for more captures without QEMU's migration)
+
 def _max_bytes(raw: str | None, default_mib: int = 64) -> int:
     try:
         mib = int(raw) if raw is not None else default_mib
@@ -56,11 +55,16 @@ def _max_bytes(raw: str | None, default_mib: int = 64) -> int:
     return max(0, mib) << 20
 
 
+DIRECT_CAPTURE = os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0"
+#: what a running guest may have written for this way, at least: its copy is ~30 ms of the stop
+#: (``TENKI_DIRECT_MAX_MIB``)
 DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
+#: and at most this share of its RAM: the stop is then at most ~60 ms per GiB of RAM, where a
+#: live save of a restored VM reads all of its RAM and syncs QEMU's dirty bitmap for the first
+#: time, 1-3 s per GiB of RAM here (a 16 GiB guest with 1 GiB written: 57 s to READY)
+DIRECT_RAM_SHARE = 8
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
-#: devices whose saved state follows the host's clock while the guest is stopped
-CLOCKED: frozenset[bytes] = frozenset()
 
 
 @dataclass
@@ -88,10 +92,15 @@ class Written:
         return sum(b - a for a, b in self.ranges)
 
 
+def limit(ram_bytes: int) -> int:
+    """The most a running guest of ``ram_bytes`` may have written for this way."""
+    return max(DIRECT_MAX_BYTES, ram_bytes // DIRECT_RAM_SHARE)
+
+
 def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | None:
     """A plan, or None when the VM is not a restored one this works for (booted, restored by
     an older version, its snapshot's images or device state gone or of version 1, its cache
-    not what it maps) or, running on, wrote more than ``DIRECT_MAX_BYTES``."""
+    not what it maps) or, running on, wrote more than ``limit``."""
     record, cfg, pid = vm.record, vm.machine.cfg, vm.machine.pid
     if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
         return None
@@ -100,7 +109,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         size = cache.stat().st_size
         address = pagemap.find_mapping(pid, cache, size)
         written = sum(b - a for a, b in pagemap.written(pid, address, size))
-        if not stays_paused and written > DIRECT_MAX_BYTES:
+        if not stays_paused and written > limit(size):
             log.info("%s: %.0f MiB written since its restore: a live capture", vm.session_id,
                      written / 2**20)
             return None
@@ -149,8 +158,8 @@ async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
 
 
 def _moved(before: Path, after: Path) -> list[str]:
-    """The devices whose state differs between two saves, but for those whose state follows
-    the host's clock (they write no guest memory)."""
+    """The devices whose state differs between two saves of the stopped VM (none moves on
+    its own: each save is of the same instant unless a device did work in between)."""
     try:
         a = device_sections(before.read_bytes())
         b = device_sections(after.read_bytes())
@@ -159,7 +168,7 @@ def _moved(before: Path, after: Path) -> list[str]:
     if [(i, n) for i, n, _ in a] != [(i, n) for i, n, _ in b]:
         return ["the list of devices"]
     return [f"{i.decode()}/{n}" for (i, n, x), (_, _, y) in zip(a, b, strict=True)
-            if x != y and i not in CLOCKED]
+            if x != y]
 
 
 def _copy(p: Plan, pages: Path) -> list[tuple[int, int]]:
