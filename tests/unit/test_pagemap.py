@@ -17,8 +17,11 @@ from tenkibox.engine import pagemap
 P = pagemap.PAGE
 
 
+@pytest.mark.parametrize("threads", [False, True])
 def test_the_pages_written_through_a_private_mapping_are_found_and_copied(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: bool) -> None:
+    if threads:  # a copy this small is done by one thread otherwise
+        monkeypatch.setattr(pagemap, "SMALL", 0)
     f = tmp_path / "ram"
     size = 64 * P
     f.write_bytes(bytes(range(256)) * (size // 256))

@@ -24,6 +24,8 @@ PAGE = 4096
 ENTRY = 8
 #: pagemap entries read at a time (2 MiB of entries for 1 GiB of mapping)
 BATCH = 1 << 18
+#: a copy this small is done by the calling thread alone
+SMALL = 32 << 20
 
 # byte 7 of an entry (little-endian u64): bit 7 present, bit 6 swapped, bit 5 file or shared
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
@@ -98,10 +100,12 @@ def copy(pid: int, start: int, ranges: list[tuple[int, int]], out_fd: int,
     except OSError as exc:
         raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
 
+    size = max((b - a for a, b in pieces), default=0)
+
     def one(piece: tuple[int, int]) -> int:
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = memoryview(bytearray(step))
+            buf = local.buf = memoryview(bytearray(size))
         a, b = piece
         view = buf[:b - a]
         if os.preadv(fd, [view], start + a) != b - a:
@@ -111,7 +115,9 @@ def copy(pid: int, start: int, ranges: list[tuple[int, int]], out_fd: int,
         return b - a
 
     try:
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers), "pagemap-copy") as pool:
+        if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
+            return sum(map(one, pieces))
+        with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
             return sum(pool.map(one, pieces))
     except OSError as exc:
         raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
