@@ -330,6 +330,7 @@ class LocalHost:
     async def _attach(self, session_id: str) -> VM:
         disk_dir = self.paths.disk_dir(session_id)
         record = VMRecord.load(disk_dir)
+        VMRecord.drop_partial(disk_dir)  # e.g. killed while a capture saved the note
         ram = self.ctx.ram_cache.path(record.ram) if record.ram else None
         files = self.paths.files(session_id)
         machine = Machine(session_id, files, self.ctx.machine_config(record.shape, ram))

@@ -69,6 +69,10 @@ class HostLayout:
         return self
 
 
+#: a save's temporary file, renamed over ``vm.json`` once written
+PARTIAL = ".vm.json.tmp"
+
+
 @dataclass
 class VMRecord:
     """The host's on-disk note about one VM (see the module docstring)."""
@@ -108,7 +112,7 @@ class VMRecord:
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)
-        tmp = disk_dir / ".vm.json.tmp"
+        tmp = disk_dir / PARTIAL
         with open(tmp, "w") as f:
             json.dump(self.to_json(), f)
             f.flush()
@@ -118,6 +122,11 @@ class VMRecord:
     @classmethod
     def load(cls, disk_dir: Path) -> VMRecord:
         return cls.from_json(json.loads((disk_dir / "vm.json").read_text()))
+
+    @staticmethod
+    def drop_partial(disk_dir: Path) -> None:
+        """Remove what a save cut short by a crash left (the note is the one saved before)."""
+        (disk_dir / PARTIAL).unlink(missing_ok=True)
 
 
 @dataclass
