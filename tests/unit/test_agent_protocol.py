@@ -785,3 +785,17 @@ async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: 
     out, _, ev = await collect(proc)
     assert out == b"hi\n" and ev["exit_code"] == 0
     assert started == []
+
+
+async def test_nothing_reaches_the_agent_while_quiet(client: AgentClient) -> None:
+    """``quiet()`` (a capture copying a stopped guest's memory): a request made inside is sent
+    only on the way out, and output acknowledgements are added up and sent then."""
+    async with client.quiet():
+        asking = asyncio.ensure_future(client.ping())
+        await asyncio.sleep(0.3)
+        assert not asking.done()  # held: not sent, so not answered
+        client._ack(7, 100)
+        client._ack(7, 28)
+        assert client._held_acks == {7: 128}
+    assert (await asyncio.wait_for(asking, 5))["version"] == guest.VERSION
+    assert client._held_acks is None

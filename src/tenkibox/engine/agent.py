@@ -268,6 +268,7 @@ class AgentClient:
         self._procs: dict[int, AgentProcess] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._version: tuple[int, ...] | None = None  # the agent's, once asked (ping)
+        self._held_acks: dict[int, int] | None = None  # inside ``quiet()``
         # Ids start at a random point: a restarted host must not reuse the ids of processes the
         # agent is still reporting on for its predecessor.
         self._ids = itertools.count(secrets.randbelow(1 << 40) + 1)
@@ -409,12 +410,37 @@ class AgentClient:
     def _ack(self, target: int, nbytes: int) -> None:
         """Fire and forget (the agent does not answer acks); dropped when not connected, as the
         agent forgives what was in flight when a host goes."""
+        if self._held_acks is not None and nbytes > 0:
+            self._held_acks[target] = self._held_acks.get(target, 0) + nbytes
+            return
         writer = self._writer
         if writer is None or writer.is_closing() or nbytes <= 0:
             return
         # One whole line per write() call: it cannot interleave with a request's line.
         writer.write(json.dumps({"id": 0, "op": "ack", "target": target, "bytes": nbytes},
                                 separators=(",", ":")).encode() + b"\n")
+
+    @contextlib.asynccontextmanager
+    async def quiet(self, drain_s: float = 1.0) -> AsyncIterator[None]:
+        """Nothing is sent to the agent inside: requests wait for the way out, and output
+        acknowledgements are added up and sent then. What was written before is handed to
+        the socket first (for up to ``drain_s``). For a capture that copies the guest's memory
+        while its vCPUs are stopped: QEMU still moves what the socket holds into the guest's
+        buffers then, which changes the memory under the copy."""
+        async with self._write_lock:
+            self._held_acks = {}
+            try:
+                writer = self._writer
+                if writer is not None and not writer.is_closing():
+                    deadline = time.monotonic() + drain_s
+                    while (writer.transport.get_write_buffer_size()
+                           and time.monotonic() < deadline):
+                        await asyncio.sleep(0.001)
+                yield
+            finally:
+                held, self._held_acks = self._held_acks, None
+                for target, nbytes in held.items():
+                    self._ack(target, nbytes)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -119,7 +119,8 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
                 lost = await volumes.replug(vm, unplugged, ctx.layout.volume_file)
         log.info("%s: guest paused %.3fs", spec.snapshot_id, paused_s)
         ram = ctx.store.temp_path()  # on the store's disk (see convert_stream)
-        direct = isinstance(copied, written.Written)
+        # what compress-ram packs: the split RAM image, or the written pages as they are
+        source: Path | written.Written = copied if isinstance(copied, written.Written) else ram
         _check_room(ram.parent, copied.bytes if isinstance(copied, written.Written)
                     else copied.stat().st_size)
         # step 7's layers beside steps 5 and 6 (see the module's text)
@@ -134,8 +135,7 @@ async def capture(ctx: HostContext, vm: VM, spec: CaptureSpec, produced: set[str
                     await _convert(ctx, vm, spec, copied, ram, staging / "state.bin")
                     copied.unlink()  # tmpfs: free it before the long part
             manifest, size, stored = await asyncio.to_thread(
-                _seal, ctx, vm, copied if direct else ram, staging, steps,
-                spec.base_image_id, produced, layers)
+                _seal, ctx, vm, source, staging, steps, spec.base_image_id, produced, layers)
         finally:
             # a thread cannot be cancelled: whatever failed, the capture ends only after it
             # (its files are in ``produced``, and it saves the VM's note); its failure is
@@ -169,6 +169,19 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
     direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
     live = (direct is None and not stays_paused and LIVE_CAPTURE
             and live_save_safe(machine.cfg))
+    # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
+    quiet = vm.agent.quiet() if direct is not None else contextlib.nullcontext()
+    async with quiet:
+        paused_s, copied = await _stop_and_copy(vm, steps, staging, spec, direct, live,
+                                                was_running)
+    return paused_s, copied, was_running and spec.leave_paused
+
+
+async def _stop_and_copy(vm: VM, steps: Steps, staging: Path, spec: CaptureSpec,
+                         direct: written.Plan | None, live: bool,
+                         was_running: bool) -> tuple[float, Path | written.Written]:
+    """Steps 1 to 4 (see the module's text); returns the seconds paused and what to convert."""
+    machine = vm.machine
     stream = staging / "stream"
     copied: Path | written.Written = stream
     paused_at = time.monotonic()
@@ -217,7 +230,7 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
         paused_s = downtime + (time.monotonic() - finished_at)
     else:
         paused_s = time.monotonic() - paused_at
-    return paused_s, copied, was_running and spec.leave_paused
+    return paused_s, copied
 
 
 def _copy_timeout(vm: VM) -> float:
