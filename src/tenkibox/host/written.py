@@ -65,6 +65,8 @@ DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
 DIRECT_RAM_SHARE = 8
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
+#: the copy's file in the capture's staging directory (tmpfs)
+PAGES = "written.ram"
 
 
 @dataclass
@@ -108,7 +110,8 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     try:
         size = cache.stat().st_size
         address = pagemap.find_mapping(pid, cache, size)
-        written = sum(b - a for a, b in pagemap.written(pid, address, size))
+        ranges = pagemap.written(pid, address, size)
+        written = sum(b - a for a, b in ranges)
         if not stays_paused and written > limit(size):
             log.info("%s: %.0f MiB written since its restore: a live capture", vm.session_id,
                      written / 2**20)
@@ -120,6 +123,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         stored = device_state_file(ctx.store.local_path(record.state), parent_state)
         if stored != parent_state:  # stored uncompressed (older snapshots)
             shutil.copyfile(stored, parent_state)
+        _reserve(staging / PAGES, size, ranges)
     except (pagemap.PagemapError, ramfile.RamFormatError, ArtifactError, OSError,
             ValueError) as exc:
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
@@ -131,7 +135,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     """With the guest stopped: the device state and the pages written (steps
     ``device-state`` and ``copy-written``)."""
-    w = Written(p, staging / "written.ram", [], staging / "devices.bin")
+    w = Written(p, staging / PAGES, [], staging / "devices.bin")
     again = staging / "devices-again.bin"
     with steps.step("device-state"):
         await save_devices(vm.machine, w.devices)
@@ -171,10 +175,19 @@ def _moved(before: Path, after: Path) -> list[str]:
             if x != y]
 
 
-def _copy(p: Plan, pages: Path) -> list[tuple[int, int]]:
-    ranges = pagemap.written(p.pid, p.address, p.size)
+def _reserve(pages: Path, size: int, ranges: list[tuple[int, int]]) -> None:
+    """The copy's file with room for the pages written so far, taken while the guest still
+    runs: allocating it inside the stop took 2.5 s instead of 0.35 s for 1 GiB when the host
+    was short of free memory (two 16 GiB guests on 24 GiB)."""
     with open(pages, "wb") as f:
-        f.truncate(p.size)
+        f.truncate(size)
+        for a, b in ranges:
+            os.posix_fallocate(f.fileno(), a, b - a)
+
+
+def _copy(p: Plan, pages: Path) -> list[tuple[int, int]]:
+    ranges = pagemap.written(p.pid, p.address, p.size)  # those since the plan too
+    with open(pages, "r+b") as f:
         pagemap.copy(p.pid, p.address, ranges, f.fileno())
     return ranges
 
