@@ -48,10 +48,10 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -449,24 +449,31 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             for pos, n, packed in frames_:
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 changed += n
-        # where the parent had data and src has none: zero now (adjacent chunks in one frame)
-        gone = sorted(base.keys() - index.keys())
-        run: list[int] = []
-        for pos in [*gone, -1]:
-            if run and (pos != run[-1] + chunk or (len(run) + 1) * chunk > CHUNK):
-                emit(FRAME.pack(run[0], min(len(run) * chunk, size - run[0]), 0))
-                run = []
-            if pos >= 0:
-                run.append(pos)
-        emit(FRAME.pack(END, 0, 0))
-        at = fout.tell()
-        emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
-                                               for p in sorted(index)))
-        emit(FOOTER.pack(at, INDEX_MAGIC))
-        fout.flush()
-        os.fsync(fout.fileno())
-        stored = fout.tell()
+        stored = _finish_v2(emit, fout, base, index, size, chunk)
     return Packed(raw_total, stored, digest.hexdigest(), changed)
+
+
+def _finish_v2(emit: Callable[[bytes], None], fout: BinaryIO, base: dict[int, bytes],
+               index: dict[int, bytes], size: int, chunk: int) -> int:
+    """A version 2 image's end, once its data frames are written: zero frames where the parent
+    (``base``, its index) had data and the new RAM (``index``) has none, adjacent chunks in one
+    frame of at most 1 MiB; the end frame; the index; the footer. Fsyncs; returns the size."""
+    gone = sorted(base.keys() - index.keys())
+    run: list[int] = []
+    for pos in [*gone, -1]:
+        if run and (pos != run[-1] + chunk or (len(run) + 1) * chunk > CHUNK):
+            emit(FRAME.pack(run[0], min(len(run) * chunk, size - run[0]), 0))
+            run = []
+        if pos >= 0:
+            run.append(pos)
+    emit(FRAME.pack(END, 0, 0))
+    at = fout.tell()
+    emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
+                                           for p in sorted(index)))
+    emit(FOOTER.pack(at, INDEX_MAGIC))
+    fout.flush()
+    os.fsync(fout.fileno())
+    return fout.tell()
 
 
 def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
@@ -576,23 +583,7 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
             for pos, n, packed in frames_:
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 changed += n
-        # zero now where the parent had data (adjacent chunks in one frame, within 1 MiB)
-        gone = sorted(base.keys() - index.keys())
-        run: list[int] = []
-        for pos in [*gone, -1]:
-            if run and (pos != run[-1] + chunk or (len(run) + 1) * chunk > CHUNK):
-                emit(FRAME.pack(run[0], min(len(run) * chunk, size - run[0]), 0))
-                run = []
-            if pos >= 0:
-                run.append(pos)
-        emit(FRAME.pack(END, 0, 0))
-        at = fout.tell()
-        emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
-                                               for p in sorted(index)))
-        emit(FOOTER.pack(at, INDEX_MAGIC))
-        fout.flush()
-        os.fsync(fout.fileno())
-        stored = fout.tell()
+        stored = _finish_v2(emit, fout, base, index, size, chunk)
     raw = sum(min(chunk, size - p) for p in index)
     return Packed(raw, stored, digest.hexdigest(), changed)
 

@@ -83,7 +83,6 @@ class Plan:
     cache: Path  # the RAM cache QEMU maps
     cache_index: dict[int, bytes]  # of the RAM the cache composes
     parent_state: Path  # the restored snapshot's device state, uncompressed
-    written: int  # bytes the guest had written when planned
 
 
 @dataclass
@@ -133,7 +132,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
-    return Plan(pid, address, size, cache, cache_index, parent_state, written)
+    return Plan(pid, address, size, cache, cache_index, parent_state)
 
 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
