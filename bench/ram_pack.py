@@ -1,10 +1,17 @@
-"""RAM image compression (``artifacts.ramfile.pack``): one compressing thread against a pool.
+"""RAM image compression (``artifacts.ramfile``): one compressing thread against a pool, and
+the disk's write-back started as the image is written against left to the final fsync.
 
-A 1 GiB sparse RAM file on tmpfs with 128 MiB of random (incompressible, like dirty guest data)
-and 128 MiB of compressible pages, packed to tmpfs by ``workers=1`` and by the default pool,
-alternating, medians of ``--runs``. Prints a markdown table with the ratio pool/one.
+1. A 1 GiB sparse RAM file on tmpfs with 128 MiB of random (incompressible, like dirty guest
+   data) and 128 MiB of compressible pages, packed to tmpfs by ``workers=1`` and by the default
+   pool.
+2. The written pages of a restored VM's capture (``pack_pages``: 256 MiB of random data over a
+   1 GiB RAM cache) packed to ``--dir`` (a disk, as the artifact store is; default: a
+   temporary directory here) and synced, with the write-back started every
+   ``ramfile.WRITEBACK`` bytes and with it left to the fsync at the end.
 
-    .venv/bin/python bench/ram_pack.py [--runs 5]
+Each pair alternates, medians of ``--runs``. Prints markdown tables with the ratios.
+
+    .venv/bin/python bench/ram_pack.py [--runs 5] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from tenkibox.artifacts import ramfile
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir", type=Path, default=Path.cwd(),
+                    help="a directory on the disk the images go to (part 2)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         src, dst = Path(tmp) / "guest.ram", Path(tmp) / "ram.zst"
@@ -44,7 +53,43 @@ def main() -> int:
     print(md_table(["pack 256 MiB touched", "one thread", f"pool ({os.cpu_count()} cores)",
                     "pool/one"],
                    [["median (s)", f"{one:.3f}", f"{pool:.3f}", f"{pool / one:.2f}x"]]))
+    print()
+    _writeback(args.runs, args.dir)
     return 0
+
+
+def _writeback(runs: int, where: Path) -> None:
+    size, mib = 1 << 30, 256
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp, \
+            tempfile.TemporaryDirectory(dir=where, prefix="ram-pack-") as out:
+        cache, pages = Path(tmp) / "cache.ram", Path(tmp) / "pages.ram"
+        with open(cache, "wb") as f:
+            f.truncate(size)
+            f.write(os.urandom(64 << 20))
+        ramfile.pack_delta(cache, Path(tmp) / "cache.img")
+        cache_index = ramfile.read_index(Path(tmp) / "cache.img")
+        with open(pages, "wb") as f:
+            f.truncate(size)
+            f.seek(128 << 20)
+            f.write(os.urandom(mib << 20))
+        ranges = [(128 << 20, (128 + mib) << 20)]
+        default = ramfile.WRITEBACK
+        times: dict[str, list[float]] = {"at the end": [], "as written": []}
+        try:
+            for i in range(runs):
+                for label, every in (("at the end", 1 << 62), ("as written", default)):
+                    ramfile.WRITEBACK = every
+                    dst = Path(out) / f"{i}-{every}.img"
+                    t = time.perf_counter()
+                    ramfile.pack_pages(pages, ranges, cache, cache_index, dst)
+                    times[label].append(time.perf_counter() - t)
+                    dst.unlink()
+        finally:
+            ramfile.WRITEBACK = default
+    end, started = (statistics.median(times[k]) for k in ("at the end", "as written"))
+    print(md_table([f"pack_pages {mib} MiB written, synced", "write-back at the end",
+                    f"started every {default >> 20} MiB", "started/end"],
+                   [["median (s)", f"{end:.3f}", f"{started:.3f}", f"{started / end:.2f}x"]]))
 
 
 if __name__ == "__main__":

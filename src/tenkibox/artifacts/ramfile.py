@@ -48,7 +48,7 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -115,7 +115,6 @@ def pack(src: Path, dst: Path, level: int = 1,
     a capture's compression uses every core instead of one."""
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     local = threading.local()
-    digest = hashlib.sha256()
     raw_total = 0
 
     def compress(fd: int, pos: int, n: int) -> tuple[int, int, bytes | None]:
@@ -131,11 +130,8 @@ def pack(src: Path, dst: Path, level: int = 1,
             concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
         fd = fin.fileno()
         size = os.fstat(fd).st_size
-
-        def emit(buf: bytes) -> None:
-            fout.write(buf)
-            digest.update(buf)
-
+        out = _Sink(fout)
+        emit = out.write
         emit(MAGIC + SIZE.pack(size))
         ahead: collections.deque[concurrent.futures.Future[tuple[int, int, bytes | None]]] = \
             collections.deque()
@@ -153,10 +149,8 @@ def pack(src: Path, dst: Path, level: int = 1,
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 raw_total += n
         emit(FRAME.pack(END, 0, 0))
-        fout.flush()
-        os.fsync(fout.fileno())
-        stored = fout.tell()
-    return raw_total, stored, digest.hexdigest()
+        stored = out.sync()
+    return raw_total, stored, out.digest.hexdigest()
 
 
 def frames(src: Path) -> Iterator[tuple[int, int, bytes]]:
@@ -374,7 +368,6 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             raise RamFormatError(f"{parent.name}: a parent of another chunk size")
         base = read_index(parent)
     local = threading.local()
-    digest = hashlib.sha256()
     index: dict[int, bytes] = {}
     raw_total = changed = 0
 
@@ -425,10 +418,8 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             pram = stack.enter_context(open(parent_ram, "rb"))
             if os.fstat(pram.fileno()).st_size == size:
                 pfd = pram.fileno()
-
-        def emit(buf: bytes) -> None:
-            fout.write(buf)
-            digest.update(buf)
+        out = _Sink(fout)
+        emit = out.write
 
         emit(MAGIC2 + HEAD2.pack(size, chunk,
                                  bytes.fromhex(parent_digest) if parent_digest else NO_PARENT))
@@ -449,15 +440,16 @@ def pack_delta(src: Path, dst: Path, parent: Path | None = None, parent_digest: 
             for pos, n, packed in frames_:
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 changed += n
-        stored = _finish_v2(emit, fout, base, index, size, chunk)
-    return Packed(raw_total, stored, digest.hexdigest(), changed)
+        stored = _finish_v2(out, base, index, size, chunk)
+    return Packed(raw_total, stored, out.digest.hexdigest(), changed)
 
 
-def _finish_v2(emit: Callable[[bytes], None], fout: BinaryIO, base: dict[int, bytes],
-               index: dict[int, bytes], size: int, chunk: int) -> int:
+def _finish_v2(out: _Sink, base: dict[int, bytes], index: dict[int, bytes], size: int,
+               chunk: int) -> int:
     """A version 2 image's end, once its data frames are written: zero frames where the parent
     (``base``, its index) had data and the new RAM (``index``) has none, adjacent chunks in one
     frame of at most 1 MiB; the end frame; the index; the footer. Fsyncs; returns the size."""
+    emit = out.write
     gone = sorted(base.keys() - index.keys())
     run: list[int] = []
     for pos in [*gone, -1]:
@@ -467,13 +459,11 @@ def _finish_v2(emit: Callable[[bytes], None], fout: BinaryIO, base: dict[int, by
         if pos >= 0:
             run.append(pos)
     emit(FRAME.pack(END, 0, 0))
-    at = fout.tell()
+    at = out.pos
     emit(SIZE.pack(len(index)) + b"".join(ENTRY.pack(p // chunk, index[p])
                                            for p in sorted(index)))
     emit(FOOTER.pack(at, INDEX_MAGIC))
-    fout.flush()
-    os.fsync(fout.fileno())
-    return fout.tell()
+    return out.sync()
 
 
 def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
@@ -556,15 +546,12 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
             frames_.append((start + a, b - a, comp.compress(data)))
         return entries, frames_
 
-    digest = hashlib.sha256()
     changed = 0
     with open(pages, "rb") as fpages, open(base_ram, "rb") as fbase, open(dst, "wb") as fout, \
             concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
         pfd, bfd = fpages.fileno(), fbase.fileno()
-
-        def emit(buf: bytes) -> None:
-            fout.write(buf)
-            digest.update(buf)
+        out = _Sink(fout)
+        emit = out.write
 
         emit(MAGIC2 + HEAD2.pack(size, chunk,
                                  bytes.fromhex(parent_digest) if parent_digest else NO_PARENT))
@@ -583,9 +570,9 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
             for pos, n, packed in frames_:
                 emit(FRAME.pack(pos, n, len(packed)) + packed)
                 changed += n
-        stored = _finish_v2(emit, fout, base, index, size, chunk)
+        stored = _finish_v2(out, base, index, size, chunk)
     raw = sum(min(chunk, size - p) for p in index)
-    return Packed(raw, stored, digest.hexdigest(), changed)
+    return Packed(raw, stored, out.digest.hexdigest(), changed)
 
 
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -605,6 +592,49 @@ def _zero_range(fd: int, off: int, n: int) -> None:
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+#: an image's bytes written between two starts of their write-back (``_Sink``)
+WRITEBACK = 8 << 20
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writing the range out, wait for nothing
+
+
+class _Sink:
+    """Where a packer writes its image: in order, hashing what it writes (the image's sha256),
+    and starting the disk's write-back of every ``WRITEBACK`` bytes as they pass, so that the
+    disk writes while the threads still compress. The fsync at the end then waits for the
+    tail only, not for the whole image: 256 MiB of written pages to a synced image in 0.72 s
+    instead of 0.86 s here (``bench/ram_pack.py``; every 2, 8 or 32 MiB alike)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+        self.pos = self.started = f.tell()
+
+    def write(self, buf: bytes) -> None:
+        self.f.write(buf)
+        self.digest.update(buf)
+        self.pos += len(buf)
+        if self.pos - self.started >= WRITEBACK:
+            self.f.flush()
+            _start_writeback(self.f.fileno(), self.started, self.pos - self.started)
+            self.started = self.pos
+
+    def sync(self) -> int:
+        """Flush and fsync; the image's size."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        return self.pos
+
+
+def _start_writeback(fd: int, off: int, n: int) -> None:
+    """Where the kernel cannot (another OS, a file system without it), the fsync at the end
+    writes everything, as it always does: this only starts it earlier."""
+    try:
+        _libc().sync_file_range(fd, ctypes.c_longlong(off), ctypes.c_longlong(n),
+                                ctypes.c_uint(_SFR_WRITE))
+    except (OSError, AttributeError):
+        pass
 
 
 def unpack_chain(chain: list[Path], dst: Path, digests: list[str] | None = None) -> int:
