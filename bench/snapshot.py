@@ -73,9 +73,8 @@ from _common import (
     spread,
 )
 
-CAPTURE_STEPS = ("pre-copy", "pause", "freeze-disk", "device-state", "resume", "convert",
-                 "compress-ram",
-                 "checksum", "sync")
+CAPTURE_STEPS = ("pre-copy", "pause", "freeze-disk", "device-state", "copy-written", "resume",
+                 "convert", "compress-ram", "checksum", "sync")
 RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "load-state", "resume",
                  "agent", "settle", "clock", "identity")  # settle: clock+identity (agent 0.4)
 

@@ -36,9 +36,9 @@ def test_the_pages_written_through_a_private_mapping_are_found_and_copied(
         ranges = pagemap.written(os.getpid(), addr, size)
         assert ranges == [(3 * P, 6 * P), (40 * P, 41 * P)]
         out = tmp_path / "copy"
-        with open(out, "wb") as fo:
-            fo.truncate(size)
-            assert pagemap.copy(os.getpid(), addr, ranges, fo.fileno(), step=P) == 4 * P
+        with pagemap.Target(out, size) as target:
+            target.reserve(ranges[:1])  # the last page is reserved by the copy's own need
+            assert pagemap.copy(os.getpid(), addr, ranges, target, step=P) == 4 * P
         got = out.read_bytes()
         assert got[3 * P:6 * P] == m[3 * P:6 * P] and got[40 * P:41 * P] == m[40 * P:41 * P]
         assert got[:3 * P] == bytes(3 * P)  # nothing else copied
@@ -59,3 +59,42 @@ def test_a_mapping_that_is_not_there_is_refused(tmp_path: Path) -> None:
             pagemap.find_mapping(os.getpid(), f, 4 * P)
     finally:
         m.close()
+
+
+def test_a_process_that_cannot_be_read_is_refused_before_anything_stops(tmp_path: Path) -> None:
+    pagemap.readable(os.getpid(), id(tmp_path) & ~(P - 1))  # this process: fine
+    with pytest.raises(pagemap.PagemapError, match="cannot read the memory"):
+        pagemap.readable(os.getpid(), 0)  # nothing is mapped at 0
+    with pagemap.Target(tmp_path / "t", 4 * P) as target, \
+            pytest.raises(pagemap.PagemapError, match="cannot read the memory"):
+        pagemap.copy(os.getpid(), 0, [(0, P)], target)
+
+
+def test_a_copy_past_the_target_is_refused(tmp_path: Path) -> None:
+    with pagemap.Target(tmp_path / "t", 2 * P) as target, \
+            pytest.raises(pagemap.PagemapError, match="past the end"):
+        pagemap.copy(os.getpid(), 0, [(P, 3 * P)], target)
+
+
+def test_reserving_allocates_the_ranges_once(tmp_path: Path) -> None:
+    with pagemap.Target(tmp_path / "t", 64 * P) as target:
+        target.reserve([(0, 2 * P), (10 * P, 12 * P)])
+        target.reserve([(P, 11 * P), (20 * P, 21 * P)])  # overlaps: only the rest is new
+        assert target._reserved == [(0, 2 * P), (2 * P, 10 * P), (10 * P, 12 * P),
+                                    (20 * P, 21 * P)]
+        assert os.stat(tmp_path / "t").st_blocks * 512 == 13 * P
+    assert target.address == 0  # unmapped
+
+
+@pytest.mark.parametrize(("ranges", "minus", "rest"), [
+    ([], [(0, 10)], []),
+    ([(0, 10)], [], [(0, 10)]),
+    ([(0, 10)], [(0, 10)], []),
+    ([(0, 10)], [(2, 4), (6, 8)], [(0, 2), (4, 6), (8, 10)]),
+    ([(0, 10), (20, 30)], [(5, 25)], [(0, 5), (25, 30)]),
+    ([(5, 6)], [(0, 1), (10, 11)], [(5, 6)]),
+    ([(0, 4), (6, 9)], [(3, 7)], [(0, 3), (7, 9)]),
+])
+def test_subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]],
+                  rest: list[tuple[int, int]]) -> None:
+    assert pagemap.subtract(ranges, minus) == rest

@@ -10,6 +10,7 @@ What must hold whichever agent the snapshot carries: the clock is set, the ident
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import threading
 import time
@@ -69,9 +70,12 @@ def guest_agent(request: pytest.FixtureRequest,
     agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
-    yield agent, system, base
-    agent.stop()
-    thread.join(5)
+    try:
+        yield agent, system, base
+    finally:
+        agent.stop()
+        thread.join(5)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _spec(keep_identity: bool) -> Any:

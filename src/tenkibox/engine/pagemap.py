@@ -4,8 +4,11 @@ A restored VM maps its snapshot's RAM cache privately: a page the guest (or a de
 copied on write into the QEMU process's own anonymous memory, and every other page is still the
 file's. So the guest's RAM is exactly the file plus the pages the process holds as anonymous,
 which ``/proc/<pid>/pagemap`` tells apart (bit 63 present, bit 62 swapped, bit 61 a file page)
-and ``/proc/<pid>/mem`` reads. No dirty tracking of QEMU's is involved: under TCG, QEMU 7.2's
+and ``process_vm_readv`` reads. No dirty tracking of QEMU's is involved: under TCG, QEMU 7.2's
 costs a scan of every vCPU's TLB per dirty page at its first sync (seconds for a few GiB).
+
+The copy (``Target``, ``copy``) is one memcpy per page, with the target's pages allocated and
+mapped before the guest stops.
 
 A page the kernel copied on write stays the process's: only a ``MADV_DONTNEED`` gives it back to
 the file, and QEMU discards guest RAM only for a balloon or virtio-mem (neither is attached). A
@@ -15,9 +18,9 @@ swapped-out page is the process's too.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import os
 import re
-import threading
 from pathlib import Path
 
 PAGE = 4096
@@ -86,40 +89,124 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def copy(pid: int, start: int, ranges: list[tuple[int, int]], out_fd: int,
-         step: int = 4 << 20, workers: int = 2) -> int:
-    """Copy the ranges of the mapping at ``start`` into ``out_fd`` at the same offsets (a sparse
-    file of the mapping's size); returns the bytes copied. The process must not run meanwhile
-    (a stopped VM), else a page may change under the copy. ``workers`` threads (the stopped
-    guest leaves the cores free: 2 copy 1 GiB in 0.3 s here, 1 in 0.5 s), each through a
-    buffer of its own."""
-    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
-    local = threading.local()
-    try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
+class Target:
+    """Where the written pages are copied to: a sparse file of the mapping's size, mapped shared
+    into this process. ``reserve`` allocates the file's pages of the ranges known ahead and maps
+    them (``MADV_POPULATE_WRITE``) while the guest still runs; the copy inside the stop is then
+    a single memcpy per page out of the other process's memory into the file
+    (``process_vm_readv``), where reading ``/proc/<pid>/mem`` into a buffer and writing that
+    to the file copied twice: 1 GiB in 0.13 s instead of 0.22 s with two threads here. Close it
+    (or use it as a context manager) to unmap it."""
 
-    size = max((b - a for a, b in pieces), default=0)
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self._reserved: list[tuple[int, int]] = []
+        self.address = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if size:
+                address = _LIBC.mmap(None, size, _PROT_RW, _MAP_SHARED, fd, 0)
+                if address in (None, _MAP_FAILED):
+                    err = ctypes.get_errno()
+                    raise PagemapError(f"cannot map {path.name}: {os.strerror(err)}")
+                self.address = address
+        finally:
+            os.close(fd)
+
+    def reserve(self, ranges: list[tuple[int, int]]) -> None:
+        """Allocate (``ENOSPC`` as an OSError, never a fault in the copy) and map the ranges
+        not reserved yet: cheap for the few written since the first reservation."""
+        new = subtract(ranges, self._reserved)
+        if not new:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for a, b in new:
+                os.posix_fallocate(fd, a, b - a)
+        finally:
+            os.close(fd)
+        for a, b in new:  # a kernel without MADV_POPULATE_WRITE (< 5.14) faults them in later
+            _LIBC.madvise(ctypes.c_void_p(self.address + a), ctypes.c_size_t(b - a),
+                          _MADV_POPULATE_WRITE)
+        self._reserved = sorted(self._reserved + new)
+
+    def close(self) -> None:
+        if self.address:
+            _LIBC.munmap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size))
+            self.address = 0
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def subtract(ranges: list[tuple[int, int]],
+             minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` outside ``minus`` (both ascending, non-overlapping)."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for a, b in ranges:
+        while j < len(minus) and minus[j][1] <= a:
+            j += 1
+        k = j
+        while a < b:
+            if k >= len(minus) or minus[k][0] >= b:
+                out.append((a, b))
+                break
+            if minus[k][0] > a:
+                out.append((a, minus[k][0]))
+            a = max(a, minus[k][1])
+            k += 1
+    return out
+
+
+def readable(pid: int, start: int) -> None:
+    """PagemapError unless this process may read ``pid``'s memory (as the copy will)."""
+    buf = ctypes.create_string_buffer(PAGE)
+    _read(pid, ctypes.addressof(buf), start, PAGE)
+
+
+def _read(pid: int, local: int, remote: int, n: int) -> None:
+    lv, rv = _IoVec(local, n), _IoVec(remote, n)
+    got = _LIBC.process_vm_readv(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0)
+    if got != n:
+        why = os.strerror(ctypes.get_errno()) if got < 0 else f"{got} of {n} bytes"
+        raise PagemapError(f"cannot read the memory of process {pid} at {remote:#x}: {why}")
+
+
+def copy(pid: int, start: int, ranges: list[tuple[int, int]], target: Target,
+         step: int = 4 << 20, workers: int = 2) -> int:
+    """Copy the ranges of the mapping at ``start`` into ``target`` at the same offsets; returns
+    the bytes copied. The process must not run meanwhile (a stopped VM), else a page may
+    change under the copy. ``workers`` threads (the stopped guest leaves the cores free)."""
+    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
+    if pieces and pieces[-1][1] > target.size:
+        raise PagemapError(f"a copy past the end of {target.path.name}")
 
     def one(piece: tuple[int, int]) -> int:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = memoryview(bytearray(size))
         a, b = piece
-        view = buf[:b - a]
-        if os.preadv(fd, [view], start + a) != b - a:
-            raise PagemapError(f"process {pid}'s memory ends early at {a}")
-        if os.pwrite(out_fd, view, a) != b - a:
-            raise PagemapError(f"a short write of the copy at {a}")
+        _read(pid, target.address + a, start + a, b - a)
         return b - a
 
-    try:
-        if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
-            return sum(map(one, pieces))
-        with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
-            return sum(pool.map(one, pieces))
-    except OSError as exc:
-        raise PagemapError(f"cannot read the memory of process {pid}: {exc}") from exc
-    finally:
-        os.close(fd)
+    if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
+        return sum(map(one, pieces))
+    with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
+        return sum(pool.map(one, pieces))
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_LIBC.process_vm_readv.restype = ctypes.c_ssize_t
+_LIBC.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                   ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+_PROT_RW, _MAP_SHARED, _MADV_POPULATE_WRITE = 0x3, 0x01, 23
+_MAP_FAILED = ctypes.c_void_p(-1).value

@@ -171,9 +171,13 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
             and live_save_safe(machine.cfg))
     # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
     quiet = vm.agent.quiet() if direct is not None else contextlib.nullcontext()
-    async with quiet:
-        paused_s, copied = await _stop_and_copy(vm, steps, staging, spec, direct, live,
-                                                was_running)
+    try:
+        async with quiet:
+            paused_s, copied = await _stop_and_copy(vm, steps, staging, spec, direct, live,
+                                                    was_running)
+    finally:
+        if direct is not None:
+            direct.close()
     return paused_s, copied, was_running and spec.leave_paused
 
 

@@ -11,7 +11,7 @@ state and ``compress-ram`` stores an image that reads and hashes the written pag
 scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), which made the
 first live capture of every restored session take seconds.
 
-The guest is stopped while its pages are copied (~3.4 GB/s out of QEMU's memory), so a running
+The guest is stopped while its pages are copied (~8 GB/s out of QEMU's memory), so a running
 guest is captured this way only while it holds at most ``limit()`` (64 MiB, or an eighth of its
 RAM if more; counted before it stops); one that wrote more is saved live (pre-copy), and one
 that stays paused anyway (a pause of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on
@@ -83,6 +83,11 @@ class Plan:
     cache: Path  # the RAM cache QEMU maps
     cache_index: dict[int, bytes]  # of the RAM the cache composes
     parent_state: Path  # the restored snapshot's device state, uncompressed
+    target: pagemap.Target  # the copy's file, its pages written so far reserved
+
+    def close(self) -> None:
+        """Unmap the copy's file (it stays on disk for ``pack``)."""
+        self.target.close()
 
 
 @dataclass
@@ -110,6 +115,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
         return None
     cache = Path(cfg.ram_base)
+    target = None
     try:
         size = cache.stat().st_size
         address = pagemap.find_mapping(pid, cache, size)
@@ -119,6 +125,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
             log.info("%s: %.0f MiB written since its restore: a live capture", vm.session_id,
                      written / 2**20)
             return None
+        pagemap.readable(pid, address)
         cache_index = ramfile.read_index(ctx.store.local_path(record.ram_chain[-1]))
         ctx.store.verify(record.state, "device state")
         # read now: a snapshot deleted meanwhile may lose it to the GC
@@ -126,13 +133,19 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         stored = device_state_file(ctx.store.local_path(record.state), parent_state)
         if stored != parent_state:  # stored uncompressed (older snapshots)
             shutil.copyfile(stored, parent_state)
-        _reserve(staging / PAGES, size, ranges)
+        # taken while the guest still runs: allocating the copy's file inside the stop took
+        # 2.5 s instead of 0.35 s for 1 GiB when the host was short of free memory (two
+        # 16 GiB guests on 24 GiB), and mapping it there 0.2 s per GiB
+        target = pagemap.Target(staging / PAGES, size)
+        target.reserve(ranges)
     except (pagemap.PagemapError, ramfile.RamFormatError, ArtifactError, OSError,
             ValueError) as exc:
+        if target is not None:
+            target.close()
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
-    return Plan(pid, address, size, cache, cache_index, parent_state)
+    return Plan(pid, address, size, cache, cache_index, parent_state, target)
 
 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
@@ -145,8 +158,8 @@ async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     for _ in range(COPY_TRIES):
         with steps.step("copy-written"):
             try:
-                w.ranges = await asyncio.to_thread(_copy, p, w.pages)
-            except pagemap.PagemapError as exc:
+                w.ranges = await asyncio.to_thread(_copy, p)
+            except (pagemap.PagemapError, OSError) as exc:
                 raise SnapshotFailedError(f"copying the guest's written pages failed: {exc}") \
                     from exc
         with steps.step("device-state"):
@@ -178,20 +191,10 @@ def _moved(before: Path, after: Path) -> list[str]:
             if x != y and i not in CLOCKED]
 
 
-def _reserve(pages: Path, size: int, ranges: list[tuple[int, int]]) -> None:
-    """The copy's file with room for the pages written so far, taken while the guest still
-    runs: allocating it inside the stop took 2.5 s instead of 0.35 s for 1 GiB when the host
-    was short of free memory (two 16 GiB guests on 24 GiB)."""
-    with open(pages, "wb") as f:
-        f.truncate(size)
-        for a, b in ranges:
-            os.posix_fallocate(f.fileno(), a, b - a)
-
-
-def _copy(p: Plan, pages: Path) -> list[tuple[int, int]]:
+def _copy(p: Plan) -> list[tuple[int, int]]:
     ranges = pagemap.written(p.pid, p.address, p.size)  # those since the plan too
-    with open(pages, "r+b") as f:
-        pagemap.copy(p.pid, p.address, ranges, f.fileno())
+    p.target.reserve(ranges)
+    pagemap.copy(p.pid, p.address, ranges, p.target)
     return ranges
 
 
