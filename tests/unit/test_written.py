@@ -44,9 +44,9 @@ def test_the_limit_for_a_running_guest_is_mib_and_a_bad_value_is_the_default() -
     assert written._max_bytes("-5") == 0
 
 
-def test_a_large_guest_may_have_written_an_eighth_of_its_ram() -> None:
-    assert written.limit(512 << 20) == written.DIRECT_MAX_BYTES
-    assert written.limit(16 << 30) == 2 << 30
+def test_a_large_guest_may_have_written_a_quarter_of_its_ram() -> None:
+    assert written.limit(128 << 20) == written.DIRECT_MAX_BYTES
+    assert written.limit(16 << 30) == 4 << 30
 
 
 def test_a_save_of_the_vm_note_cut_short_leaves_nothing_after_recovery(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ state and ``compress-ram`` stores an image that reads and hashes the written pag
 scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), which made the
 first live capture of every restored session take seconds.
 
-The guest is stopped while its pages are copied (~8 GB/s out of QEMU's memory), so a running
-guest is captured this way only while it holds at most ``limit()`` (64 MiB, or an eighth of its
+The guest is stopped while its pages are copied (~5 GB/s out of QEMU's memory), so a running
+guest is captured this way only while it holds at most ``limit()`` (64 MiB, or a quarter of its
 RAM if more; counted before it stops); one that wrote more is saved live (pre-copy), and one
 that stays paused anyway (a pause of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on
 the server turns it off.
@@ -59,10 +59,12 @@ DIRECT_CAPTURE = os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0"
 #: what a running guest may have written for this way, at least: its copy is ~20 ms of the stop
 #: (``TENKI_DIRECT_MAX_MIB``)
 DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
-#: or this share of its RAM if more: the stop is then at most ~40 ms per GiB of RAM, where a
-#: live save of a restored VM reads all of its RAM and syncs QEMU's dirty bitmap for the first
-#: time, 1-3 s per GiB of RAM here (a 16 GiB guest with 1 GiB written: 57 s to READY)
-DIRECT_RAM_SHARE = 8
+#: or this share of its RAM if more: the stop is then at most ~50 ms per GiB of RAM (the copy
+#: at ~5 GB/s, the page tables' scan ~3 ms per GiB), where a live save of a restored VM reads
+#: all of its RAM and syncs QEMU's dirty bitmap for the first time, 1-3 s per GiB of RAM here
+#: (a 16 GiB guest with 1 GiB written: 57 s to READY); an eighth until the copy went from
+#: ~3.4 to ~5 GB/s (``pagemap.Target``)
+DIRECT_RAM_SHARE = 4
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
 #: the copy's file in the capture's staging directory (tmpfs)
