@@ -209,3 +209,19 @@ def test_a_device_state_with_guest_ram_or_without_devices_is_refused(tmp_path: P
         S.with_devices(full, bad, tmp_path / "out")
     with pytest.raises(S.StreamError, match="no end"):
         S.device_sections(devices.read_bytes()[:-6])
+
+
+def test_qemu10_switchover_start_command_is_copied_any_other_refused(tmp_path: Path) -> None:
+    """QEMU 10 with a machine type 10.0 or later sends ``MIG_CMD_SWITCHOVER_START`` (a
+    ``QEMU_VM_COMMAND`` with no data) before the last pass: kept in the device state, where a
+    QEMU 10 destination expects it; any other command is refused."""
+    a = b"a" * P
+    cmd = bytes([S.COMMAND]) + struct.pack(">HH", S.CMD_SWITCHOVER_START, 0)
+    stream = (_config() + _start() + _section(S.SECTION_PART, _page(0, b"mem0", a)) + cmd
+              + _section(S.SECTION_END, _page(P, b"mem0", a)) + DEVICES)
+    _, ram, state = _split(tmp_path, stream)
+    assert ram[:2 * P] == a + a
+    assert cmd + _section(S.SECTION_END) in state and state.endswith(DEVICES)
+    bad = bytes([S.COMMAND]) + struct.pack(">HH", 2, 4) + b"ping"  # MIG_CMD_PING
+    with pytest.raises(S.StreamError, match="unexpected command"):
+        _split(tmp_path, _config() + _start() + bad + DEVICES)

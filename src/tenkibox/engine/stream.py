@@ -52,6 +52,8 @@ CONFIGURATION = 0x07
 SECTION_FOOTER = 0x7E
 VM_EOF = 0x00
 VMDESCRIPTION = 0x06
+COMMAND = 0x08  # QEMU_VM_COMMAND: be16 command, be16 length, data
+CMD_SWITCHOVER_START = 11  # QEMU 10 (migration/savevm.c, enum qemu_vm_cmd)
 
 # page record flags (low bits of the offset)
 FLAG_ZERO = 0x02
@@ -276,12 +278,24 @@ class _Splitter:
                 finally:
                     rest.release()
                 break
+            elif kind == COMMAND:
+                self._command()
             else:
                 raise StreamError(f"unexpected section type {kind:#x}")
         if self.ram_block not in self.blocks:
             raise StreamError(f"the stream has no RAM block {self.ram_block.decode()}")
         if self.ram is not None:
             self.ram.truncate(self.ram_size)
+
+    def _command(self) -> None:
+        """QEMU 10's ``MIG_CMD_SWITCHOVER_START`` (no data), sent before the last pass by a
+        machine type 10.0 or later (``send-switchover-start``): copied as it is, any other
+        command refused."""
+        r = self.r
+        cmd, n = struct.unpack(">HH", r.take(4))
+        if cmd != CMD_SWITCHOVER_START or n != 0:
+            raise StreamError(f"unexpected command {cmd} ({n} bytes)")
+        self.put(bytes([COMMAND]) + struct.pack(">HH", cmd, n))
 
     def _configuration(self) -> None:
         """Copy the machine type and any subsection but the capabilities one; then write the
