@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import shutil
 import struct
@@ -72,6 +73,9 @@ from _common import (
     secs,
     spread,
 )
+
+#: how often a run that has not ended says where it waits (``faulthandler``)
+WATCHDOG_S = 600
 
 CAPTURE_STEPS = ("pre-copy", "pause", "freeze-disk", "device-state", "copy-written", "resume",
                  "convert", "compress-ram", "checksum", "sync")
@@ -572,6 +576,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="512 and 1024 MiB, one restore per row (unless given explicitly)")
     args = ap.parse_args()
+    # a run once waited 17 min on a baseline guest that hung at boot, with no word of where:
+    # while a run lasts, every 10 min, the stack of every thread goes to stderr
+    faulthandler.dump_traceback_later(WATCHDOG_S, repeat=True)
     if args.memory is None:
         args.memory = [512, 1024] if args.quick else [512, 1024, 4096]
     if args.restores is None:
