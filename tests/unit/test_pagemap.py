@@ -6,6 +6,7 @@ mapping becomes the process's own, a page only read stays the file's.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from pathlib import Path
@@ -84,6 +85,19 @@ def test_reserving_allocates_the_ranges_once(tmp_path: Path) -> None:
                                     (20 * P, 21 * P)]
         assert os.stat(tmp_path / "t").st_blocks * 512 == 13 * P
     assert target.address == 0  # unmapped
+
+
+def test_a_close_while_a_copy_runs_unmaps_when_the_copy_ends(tmp_path: Path) -> None:
+    target = pagemap.Target(tmp_path / "t", 4 * P)
+    with target._use() as address:  # as copy() holds it, in a thread of its own
+        target.close()
+        assert target.address == address  # still mapped under the copy
+        ctypes.memmove(address, b"still writable", 14)
+    assert target.address == 0
+    assert (tmp_path / "t").read_bytes()[:14] == b"still writable"
+    with pytest.raises(pagemap.PagemapError, match="no longer mapped"):
+        pagemap.copy(os.getpid(), 0, [(0, P)], target)
+    target.close()  # twice: nothing more
 
 
 @pytest.mark.parametrize(("ranges", "minus", "rest"), [

@@ -18,9 +18,12 @@ swapped-out page is the process's too.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 PAGE = 4096
@@ -96,12 +99,17 @@ class Target:
     a single memcpy per page out of the other process's memory into the file
     (``process_vm_readv``), where reading ``/proc/<pid>/mem`` into a buffer and writing that
     to the file copied twice: 1 GiB in 0.13 s instead of 0.22 s with two threads here. Close it
-    (or use it as a context manager) to unmap it."""
+    (or use it as a context manager) to unmap it: a close while a copy still runs (a capture
+    cancelled meanwhile; the copy's threads cannot be stopped) unmaps it when that copy ends,
+    never under it."""
 
     def __init__(self, path: Path, size: int) -> None:
         self.path, self.size = path, size
         self._reserved: list[tuple[int, int]] = []
         self.address = 0
+        self._mu = threading.Lock()  # guards the three below
+        self._busy = 0
+        self._closed = False
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -126,12 +134,34 @@ class Target:
                 os.posix_fallocate(fd, a, b - a)
         finally:
             os.close(fd)
-        for a, b in new:  # a kernel without MADV_POPULATE_WRITE (< 5.14) faults them in later
-            _LIBC.madvise(ctypes.c_void_p(self.address + a), ctypes.c_size_t(b - a),
-                          _MADV_POPULATE_WRITE)
+        with self._use() as address:
+            for a, b in new:  # a kernel without MADV_POPULATE_WRITE (< 5.14) faults them later
+                _LIBC.madvise(ctypes.c_void_p(address + a), ctypes.c_size_t(b - a),
+                              _MADV_POPULATE_WRITE)
         self._reserved = sorted(self._reserved + new)
 
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[int]:
+        """The mapping's address, mapped until the block ends whatever ``close`` meanwhile."""
+        with self._mu:
+            if self._closed:
+                raise PagemapError(f"{self.path.name} is no longer mapped")
+            self._busy += 1
+        try:
+            yield self.address
+        finally:
+            with self._mu:
+                self._busy -= 1
+                if self._closed and not self._busy:
+                    self._unmap()
+
     def close(self) -> None:
+        with self._mu:
+            self._closed = True
+            if not self._busy:
+                self._unmap()
+
+    def _unmap(self) -> None:
         if self.address:
             _LIBC.munmap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size))
             self.address = 0
@@ -186,15 +216,17 @@ def copy(pid: int, start: int, ranges: list[tuple[int, int]], target: Target,
     if pieces and pieces[-1][1] > target.size:
         raise PagemapError(f"a copy past the end of {target.path.name}")
 
-    def one(piece: tuple[int, int]) -> int:
-        a, b = piece
-        _read(pid, target.address + a, start + a, b - a)
-        return b - a
+    with target._use() as address:
 
-    if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
-        return sum(map(one, pieces))
-    with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
-        return sum(pool.map(one, pieces))
+        def one(piece: tuple[int, int]) -> int:
+            a, b = piece
+            _read(pid, address + a, start + a, b - a)
+            return b - a
+
+        if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
+            return sum(map(one, pieces))
+        with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
+            return sum(pool.map(one, pieces))
 
 
 class _IoVec(ctypes.Structure):
