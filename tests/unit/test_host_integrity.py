@@ -22,7 +22,7 @@ from tenkibox.host import local as local_mod
 from tenkibox.host import unowned
 from tenkibox.host.api import InUse, MachineShape, Unowned
 from tenkibox.host.local import LocalHost
-from tenkibox.host.vm import VMRecord
+from tenkibox.host.vm import PARTIAL, VMRecord
 
 
 @pytest.fixture
@@ -192,3 +192,12 @@ def _run(coro: object) -> Any:
     import asyncio
 
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_a_save_of_the_vm_note_cut_short_leaves_nothing_after_recovery(tmp_path: Path) -> None:
+    """Recovery (``LocalHost._attach``) loads the note as last saved whole and drops the
+    temporary file of a save a kill cut short (it failed a kill -9 case at ``convert``)."""
+    (tmp_path / PARTIAL).write_text('{"session_id": "ses_half')
+    VMRecord.drop_partial(tmp_path)
+    assert not (tmp_path / PARTIAL).exists()
+    VMRecord.drop_partial(tmp_path)  # nothing to drop: fine

@@ -48,12 +48,3 @@ def test_a_large_guest_may_have_written_a_quarter_of_its_ram() -> None:
     assert written.limit(128 << 20) == written.DIRECT_MAX_BYTES
     assert written.limit(16 << 30) == 4 << 30
 
-
-def test_a_save_of_the_vm_note_cut_short_leaves_nothing_after_recovery(tmp_path: Path) -> None:
-    """Recovery (``LocalHost._attach``) loads the note as last saved whole and drops the
-    temporary file of a save a kill cut short (it failed a kill -9 case at ``convert``)."""
-    from tenkibox.host.vm import PARTIAL, VMRecord
-    (tmp_path / PARTIAL).write_text('{"session_id": "ses_half')
-    VMRecord.drop_partial(tmp_path)
-    assert not (tmp_path / PARTIAL).exists()
-    VMRecord.drop_partial(tmp_path)  # nothing to drop: fine

@@ -153,7 +153,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     """With the guest stopped: the device state and the pages written (steps
     ``device-state`` and ``copy-written``)."""
-    w = Written(p, staging / PAGES, [], staging / "devices.bin")
+    w = Written(p, p.target.path, [], staging / "devices.bin")
     again = staging / "devices-again.bin"
     with steps.step("device-state"):
         await save_devices(vm.machine, w.devices)
