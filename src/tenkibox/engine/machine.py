@@ -93,6 +93,12 @@ class MachineConfig:
     # takes as it is (the scratch VM of a conversion).
     ram_base: str | None = None
     ram_file: str | None = None
+    # A booted VM's RAM in a memfd QEMU maps shared, instead of anonymous memory: its pages are
+    # then those of a file, which the host finds (``SEEK_DATA``) and reads with the guest
+    # stopped, and which a save with ``x-ignore-shared`` leaves out, so that a capture costs
+    # no migration of RAM (``host/written.py``). A live save of it would allocate every page
+    # of the memfd it reads: such a VM is never saved live.
+    ram_shared: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +174,8 @@ def _memory_backend(cfg: MachineConfig, files: MachineFiles, size: str) -> str:
         return f"memory-backend-file,id=mem0,size={size},mem-path={cfg.ram_base},share=off"
     if cfg.ram_file:
         return f"memory-backend-file,id=mem0,size={size},mem-path={cfg.ram_file},share=on"
+    if cfg.ram_shared:
+        return f"memory-backend-memfd,id=mem0,size={size},share=on"
     return f"memory-backend-ram,id=mem0,size={size}"
 
 
@@ -191,6 +199,8 @@ def live_save_safe(cfg: MachineConfig) -> bool:
     """Whether QEMU's dirty tracking of this VM's RAM holds during a live save (see
     ``TCG_RAM_PAD``): under KVM always; under TCG only with a padded RAM block (VMs booted or
     restored from snapshots taken before the pad have none: they are saved stopped)."""
+    if cfg.ram_shared:  # every page read would be allocated (``MachineConfig.ram_shared``)
+        return False
     return cfg.accel == "kvm" or cfg.ram_pad % (64 * 4096) != 0
 
 

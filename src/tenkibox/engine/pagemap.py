@@ -37,6 +37,8 @@ SMALL = 32 << 20
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 _OWN = bytes(1 if (b & _SWAPPED) or (b & _PRESENT and not b & _FILE) else 0 for b in range(256))
 _RUN = re.compile(b"\x01+")
+#: how a memfd's mapping and its fd are named in /proc (``memfd_create``'s prefix)
+MEMFD = "/memfd:"
 
 
 class PagemapError(Exception):
@@ -87,6 +89,62 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
                 out.append((a, b))
     except OSError as exc:
         raise PagemapError(f"cannot read the page tables of process {pid}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return out
+
+
+def find_shared(pid: int, size: int) -> tuple[int, Path]:
+    """A booted VM's guest RAM, a memfd QEMU maps shared (``MachineConfig.ram_shared``): the
+    address of that mapping, ``size`` bytes from the file's start, and a path that opens the
+    memfd (``/proc/<pid>/fd/<n>``); PagemapError if ``pid`` has no such mapping."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise PagemapError(f"cannot read the mappings of process {pid}: {exc}") from exc
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if (len(parts) < 6 or parts[1] != "rw-s" or int(parts[2], 16) != 0
+                or not parts[5].startswith(MEMFD)):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if end - start != size:
+            continue
+        inode = int(parts[4])
+        fds = Path(f"/proc/{pid}/fd")
+        try:
+            for link in fds.iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile, or not a file
+                    if os.stat(link).st_ino == inode and os.readlink(link).startswith(MEMFD):
+                        return start, link
+        except OSError as exc:
+            raise PagemapError(f"cannot read the files of process {pid}: {exc}") from exc
+    raise PagemapError(f"process {pid} maps no memfd of {size} bytes shared")
+
+
+def touched(path: Path, size: int) -> list[tuple[int, int]]:
+    """The byte ranges ``(offset, end)`` of a memfd (or any sparse file) that hold pages,
+    ascending: a guest's RAM in a memfd allocates a page at its first touch, read or write,
+    and a page swapped out is still one of the file's (where the page tables of a shared
+    mapping no longer show it)."""
+    out: list[tuple[int, int]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PagemapError(f"cannot open {path}: {exc}") from exc
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                a = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            b = min(os.lseek(fd, a, os.SEEK_HOLE), size)
+            out.append((a - a % PAGE, -(-b // PAGE) * PAGE))
+            pos = b
+    except OSError as exc:
+        raise PagemapError(f"cannot read the extents of {path}: {exc}") from exc
     finally:
         os.close(fd)
     return out

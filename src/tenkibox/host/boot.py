@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from dataclasses import replace
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
@@ -26,6 +28,15 @@ from .vm import VM, VMRecord
 log = logging.getLogger(__name__)
 
 BOOT_AGENT_TIMEOUT_S = 180.0
+
+
+def shares_ram(accel: str) -> bool:
+    """Whether a VM booted here gets its RAM in a memfd (``MachineConfig.ram_shared``), to be
+    captured by the pages it touched (``host/written.py``): under TCG, where a live save's
+    first dirty sync costs ~0.75 s per GiB of RAM however little the guest touched. Not under
+    KVM, which tracks dirty pages itself (and a live save reads every page of a memfd,
+    allocating it), nor with ``TENKI_DIRECT_CAPTURE=0``."""
+    return os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0" and accel != "kvm"
 
 
 async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec) -> str | None:
@@ -55,7 +66,9 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
         await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
                                 ctx.store.local_path(disk))
     files = ctx.layout.files(spec.session_id)
-    machine = Machine(spec.session_id, files, ctx.machine_config(shape, ram_base=None))
+    cfg = replace(ctx.machine_config(shape, ram_base=None),
+                  ram_shared=shares_ram(ctx.accel))
+    machine = Machine(spec.session_id, files, cfg)
     agent = AgentClient(files.agent)
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..artifacts import ramfile
 from ..artifacts.store import ArtifactError
 from ..engine import pagemap
-from ..engine.migration import save_devices
+from ..engine.migration import save_devices, save_state
 from ..engine.stream import StreamError, device_sections, with_devices
 from ..errors import SnapshotFailedError
 from ..steps import Steps
@@ -82,10 +82,15 @@ class Plan:
     pid: int
     address: int  # of the guest RAM in QEMU's memory
     size: int
-    cache: Path  # the RAM cache QEMU maps
+    cache: Path | None  # the RAM cache QEMU maps (None: a booted VM's memfd)
     cache_index: dict[int, bytes]  # of the RAM the cache composes
-    parent_state: Path  # the restored snapshot's device state, uncompressed
+    # the restored snapshot's device state, uncompressed; a booted VM's is saved inside the
+    # stop (``memfd``)
+    parent_state: Path
     target: pagemap.Target  # the copy's file, its pages written so far reserved
+    #: a booted VM's RAM (``MachineConfig.ram_shared``): where the memfd opens, to find its
+    #: pages; None for a restored VM, whose pages are found from QEMU's page tables
+    memfd: Path | None = None
 
     def close(self) -> None:
         """Unmap the copy's file (it stays on disk for ``pack``)."""
@@ -110,10 +115,12 @@ def limit(ram_bytes: int) -> int:
 
 
 def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | None:
-    """A plan, or None when the VM is not a restored one this works for (booted, restored by
-    an older version, its snapshot's images or device state gone or of version 1, its cache
-    not what it maps) or, running on, wrote more than ``limit``."""
+    """A plan, or None when the VM is not one this works for (booted with anonymous RAM,
+    restored by an older version, its snapshot's images or device state gone or of version 1,
+    its cache not what it maps) or, restored and running on, wrote more than ``limit``."""
     record, cfg, pid = vm.record, vm.machine.cfg, vm.machine.pid
+    if DIRECT_CAPTURE and cfg.ram_shared and pid:
+        return _plan_booted(vm, staging, cfg.memory_mb * 2**20 + cfg.ram_pad, pid)
     if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
         return None
     cache = Path(cfg.ram_base)
@@ -150,12 +157,37 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     return Plan(pid, address, size, cache, cache_index, parent_state, target)
 
 
+def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
+    """A booted VM's RAM is a memfd: every page it holds is one the guest touched, read or
+    written, since it booted (an untouched page is a hole, zero). All of them are copied,
+    however many: a live save would read every page of it, allocating the holes."""
+    target = None
+    try:
+        address, memfd = pagemap.find_shared(pid, size)
+        ranges = pagemap.touched(memfd, size)
+        pagemap.readable(pid, address)
+        target = pagemap.Target(staging / PAGES, size)  # as above: reserved while it runs
+        target.reserve(ranges)
+    except (pagemap.PagemapError, OSError) as exc:
+        if target is not None:
+            target.close()
+        log.info("%s: not captured by its touched pages: %s", vm.session_id, exc)
+        return None
+    log.info("%s: %.0f MiB touched since its boot", vm.session_id,
+             sum(b - a for a, b in ranges) / 2**20)
+    return Plan(pid, address, size, None, {}, staging / "parent-state.bin", target, memfd)
+
+
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     """With the guest stopped: the device state and the pages written (steps
     ``device-state`` and ``copy-written``)."""
     w = Written(p, p.target.path, [], staging / "devices.bin")
     again = staging / "devices-again.bin"
     with steps.step("device-state"):
+        if p.memfd is not None:
+            # a booted VM has no snapshot's state with the ROMs' pages: a save that leaves
+            # out the shared RAM (``x-ignore-shared``) holds them, with no copy of its RAM
+            await save_state(vm.machine, p.parent_state, with_ram=False)
         await save_devices(vm.machine, w.devices)
     for _ in range(COPY_TRIES):
         with steps.step("copy-written"):
@@ -194,7 +226,9 @@ def _moved(before: Path, after: Path) -> list[str]:
 
 
 def _copy(p: Plan) -> list[tuple[int, int]]:
-    ranges = pagemap.written(p.pid, p.address, p.size)  # those since the plan too
+    # those since the plan too
+    ranges = (pagemap.touched(p.memfd, p.size) if p.memfd is not None
+              else pagemap.written(p.pid, p.address, p.size))
     p.target.reserve(ranges)
     pagemap.copy(p.pid, p.address, ranges, p.target)
     return ranges
@@ -211,5 +245,7 @@ def device_state(w: Written, out: Path) -> None:
 def pack(w: Written, dst: Path, parent: Path | None,
          parent_digest: str | None) -> ramfile.Packed:
     """Step ``compress-ram``: the RAM image, a delta over ``parent`` (or full)."""
+    if w.plan.cache is None:  # a booted VM: its RAM is the pages copied, zero elsewhere
+        return ramfile.pack_delta(w.pages, dst, parent, parent_digest)
     return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
                               parent, parent_digest)
