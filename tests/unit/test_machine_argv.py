@@ -56,6 +56,18 @@ def test_ram_of_a_booted_vm_is_anonymous_memory() -> None:
     assert backend.startswith("memory-backend-ram,") and "mem-path" not in backend
 
 
+def test_ram_shared_is_a_memfd_never_saved_live() -> None:
+    """A booted VM captured by the pages it touched (``host/written.py``); a live save would
+    read, and so allocate, every page of the memfd."""
+    cfg = replace(CFG, ram_shared=True, ram_pad=TCG_RAM_PAD)
+    argv = build_argv(cfg, MachineFiles(Path("/r")), LaunchOptions([Path("/b"), Path("/t")]))
+    backend = argv[argv.index("-object") + 1]
+    assert backend.startswith("memory-backend-memfd,") and "share=on" in backend
+    assert not live_save_safe(cfg) and live_save_safe(replace(cfg, ram_shared=False))
+    assert MachineConfig.from_json({k: v for k, v in cfg.to_json().items()
+                                    if k != "ram_shared"}).ram_shared is False  # older notes
+
+
 def test_a_conversion_scratch_has_a_shared_ram_file_and_a_restore_a_private_one() -> None:
     files, opts = MachineFiles(Path("/r")), LaunchOptions([Path("/b"), Path("/t")])
     scratch = build_argv(replace(CFG, ram_file="/store/x.tmp"), files, opts)

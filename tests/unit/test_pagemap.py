@@ -48,6 +48,37 @@ def test_the_pages_written_through_a_private_mapping_are_found_and_copied(
         m.close()
 
 
+def test_the_pages_touched_in_a_shared_memfd_are_found_through_its_fd_and_copied(
+        tmp_path: Path) -> None:
+    """A booted VM's RAM: a memfd mapped shared. A page read or written is one of the file's,
+    an untouched one a hole; the memfd is found from the mapping, opened through /proc."""
+    size = 64 * P
+    fd = os.memfd_create("memory-backend-memfd", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            addr, path = pagemap.find_shared(os.getpid(), size)
+            assert os.stat(path).st_ino == os.fstat(fd).st_ino
+            assert pagemap.touched(path, size) == []
+            _ = m[10 * P]  # a read of a hole allocates the page too
+            for page in (3, 4, 5, 40):
+                m[page * P:page * P + 5] = b"dirty"
+            ranges = pagemap.touched(path, size)
+            assert ranges == [(3 * P, 6 * P), (10 * P, 11 * P), (40 * P, 41 * P)]
+            with pagemap.Target(tmp_path / "copy", size) as target:
+                target.reserve(ranges)
+                assert pagemap.copy(os.getpid(), addr, ranges, target) == 5 * P
+            got = (tmp_path / "copy").read_bytes()
+            assert got == m[:]  # every page, the holes zero
+            with pytest.raises(pagemap.PagemapError, match="no memfd"):
+                pagemap.find_shared(os.getpid(), size + P)
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+
+
 def test_a_mapping_that_is_not_there_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "ram"
     f.write_bytes(bytes(4 * P))
