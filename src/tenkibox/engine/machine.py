@@ -3,8 +3,9 @@
 The device set is a pure function of ``MachineConfig``: a restore must present exactly the
 devices the captured VM had (machine, cpu model, RAM size and backend, every PCI device and
 hot-plug port), while files and sockets may live elsewhere. A booted VM's RAM is anonymous
-memory and a restored VM's a private mapping of its snapshot's RAM image (``MachineConfig``); its
-size under TCG is padded (``TCG_RAM_PAD``) so that a live save of it is correct.
+memory, or a memfd mapped shared (under TCG, to be captured by the pages it touched), and a
+restored VM's a private mapping of its snapshot's RAM image (``MachineConfig``); its size under
+TCG is padded (``TCG_RAM_PAD``) so that a live save of it is correct.
 
 QEMU runs in its own session (setsid) with its output in a log file, so it outlives the server;
 ``Machine.attach`` finds it again by pid and QMP socket. Every process started for a VM carries
@@ -88,6 +89,7 @@ class MachineConfig:
     ram_pad: int = 0
     # A restored VM maps its snapshot's RAM image privately (copy-on-write), so that clones of
     # one snapshot share its pages on the host. None: fresh RAM of its own, anonymous memory
+    # (or a memfd, ``ram_shared``)
     # (a capture reads all of RAM, which allocates every hole of a tmpfs file but maps the zero
     # page for anonymous memory), or with ``ram_file`` a shared file at that path that the host
     # takes as it is (the scratch VM of a conversion).

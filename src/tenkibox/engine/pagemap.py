@@ -1,4 +1,5 @@
-"""The pages a process wrote in a private file mapping, found from its page tables.
+"""The pages a process wrote in a private file mapping, found from its page tables; the pages
+of a memfd it maps shared, found from the file.
 
 A restored VM maps its snapshot's RAM cache privately: a page the guest (or a device) writes is
 copied on write into the QEMU process's own anonymous memory, and every other page is still the
@@ -13,6 +14,10 @@ mapped before the guest stops.
 A page the kernel copied on write stays the process's: only a ``MADV_DONTNEED`` gives it back to
 the file, and QEMU discards guest RAM only for a balloon or virtio-mem (neither is attached). A
 swapped-out page is the process's too.
+
+A booted VM's RAM in a memfd (``find_shared``, ``touched``) holds a page from the guest's first
+touch of it, read or written, on: the file's extents (``SEEK_DATA``) are its pages, swapped out
+or not (a shared mapping's page tables lose a page that was swapped out), and the rest is zero.
 """
 
 from __future__ import annotations

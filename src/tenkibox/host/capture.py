@@ -9,8 +9,9 @@ artifact store. One ordered list of named, timed steps:
                     anyway, a VM whose dirty tracking a live save cannot trust
                     (``engine.machine.live_save_safe``), or with ``TENKI_LIVE_CAPTURE=0``; and
                     for a VM restored from a snapshot that wrote little since (or stays
-                    paused), captured by the pages it wrote (``host/written.py``): steps 3 are
-                    then ``device-state`` and ``copy-written``, with no migration at all.
+                    paused), or booted with its RAM in a memfd (under TCG), captured by the
+                    pages it wrote (``host/written.py``): steps 3 are then ``device-state``
+                    and ``copy-written``, with no migration of its RAM.
 2. ``freeze-disk``  ``blockdev-snapshot-sync`` with the guest stopped: the current top layer
                     becomes read-only and the VM continues on a new overlay, so the disk layer
                     and the memory are of the same instant.
