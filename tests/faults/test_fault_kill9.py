@@ -23,17 +23,20 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-BOOT_STEPS = ["image", "overlay", "network", "network:after", "launch", "launch:after", "agent",
-              "clock"]
+BOOT_STEPS = ["image", "overlay", "network", "network:after", "launch", "launch:after", "roms",
+              "agent", "clock"]
 RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "launch",
                  "launch:after", "load-state", "resume", "agent", "settle"]
 # ``settle``: clock and identity in one request (the built image's agent has it, so the older
 # agents' ``clock`` and ``identity`` steps do not happen here)
-CAPTURE_STEPS = ["pre-copy", "freeze-disk", "device-state", "resume", "convert", "compress-ram",
-                 "checksum", "sync", "sync:after"]
+# a booted session (its RAM in a memfd) is captured by the pages it touched (``host/written.py``):
+# stopped, then its pages copied out of QEMU's memory
+CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-written", "resume", "convert",
+                 "compress-ram", "checksum", "sync", "sync:after"]
 # a session restored from a snapshot that wrote little is captured by its written pages
-# (``host/written.py``): stopped, then its pages copied out of QEMU's memory
 WRITTEN_STEPS = ["pause", "copy-written", "copy-written:after", "convert", "compress-ram"]
+# one that wrote more than ``written.limit`` is saved live
+LIVE_STEPS = ["pre-copy", "device-state", "convert"]
 DELETE_STEPS = ["mark", "remove-files"]
 TERMINATE_STEPS = ["flush-volumes", "stop-vm", "stop-vm:after", "cleanup"]
 # a pause is a capture (the guest left paused), then the VM's stop
@@ -287,6 +290,16 @@ def test_kill_during_capture_of_a_restored_session(server: fl.FaultServer, clien
                                                    live: World, step: str) -> None:
     victim = client.create_and_wait(snapshot_id=live.baseline, name=f"restored-{step}",
                                     timeout=300)
+    _kill_capture(server, live, victim.id, step)
+
+
+@pytest.mark.parametrize("step", LIVE_STEPS)
+def test_kill_during_live_capture_of_a_restored_session(server: fl.FaultServer, client: Any,
+                                                        live: World, step: str) -> None:
+    victim = client.create_and_wait(snapshot_id=live.baseline, name=f"live-{step}",
+                                    timeout=300)
+    # more than ``written.limit`` of a 512 MiB guest (128 MiB)
+    fl.sh(victim, "head -c 160M /dev/urandom > /dev/shm/more")
     _kill_capture(server, live, victim.id, step)
 
 

@@ -129,6 +129,11 @@ class MachineFiles:
         return self.run_dir / "ram"
 
     @property
+    def rom_state(self) -> Path:
+        """A booted VM's ROMs and firmware as its reset made them (``host/boot.py``)."""
+        return self.run_dir / "rom-state.bin"
+
+    @property
     def console(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -145,6 +150,7 @@ class MachineFiles:
 class LaunchOptions:
     disk_chain: list[Path]  # base first, writable top last
     incoming: bool = False  # start paused, waiting for migrate-incoming
+    paused: bool = False  # start with the vCPUs stopped (``-S``), the machine reset
     network: str | None = None  # engine.net mode; None: the default
     netns: str | None = None  # a network namespace with the VM's tap device (host/network)
     mac: str = "52:54:00:12:34:56"
@@ -261,6 +267,8 @@ def build_argv(cfg: MachineConfig, files: MachineFiles, opts: LaunchOptions,
     ]
     if opts.incoming:
         argv += ["-incoming", "defer"]
+    elif opts.paused:
+        argv += ["-S"]
     return argv
 
 
@@ -404,7 +412,7 @@ class Machine:
                                    log_tail=_tail(self.files.qemu_log))
             await asyncio.sleep(0.01)
         await self._connect_qmp(deadline)
-        self.state = RunState.PAUSED if opts.incoming else RunState.RUNNING
+        self.state = RunState.PAUSED if opts.incoming or opts.paused else RunState.RUNNING
 
     async def attach(self) -> None:
         """Find a QEMU started by an earlier server process and reconnect to its QMP."""

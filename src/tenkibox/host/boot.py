@@ -5,8 +5,13 @@
 2. ``overlay``  the VM's own writable qcow2 on top of the base
 3. ``network``  the VM's namespace, tap device, rules and DNS forwarder (``host/network``)
 4. ``launch``   QEMU, inside that namespace, owned by the host from before it starts
-5. ``agent``    the guest agent answers (the guest has booted and configured its network)
-6. ``clock``    the guest clock is set from the host's
+5. ``roms``     a VM with its RAM in a memfd (under TCG) starts stopped: its ROMs' and
+                firmware's pages, as the machine's reset made them, are saved (a save that
+                leaves the memfd out) for its captures by the pages it touched
+                (``host/written.py``), which then need no such save inside their stop; then
+                its vCPUs start
+6. ``agent``    the guest agent answers (the guest has booted and configured its network)
+7. ``clock``    the guest clock is set from the host's
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import replace
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
-from ..engine.machine import LaunchOptions, Machine, default_cpu_model, ram_pad
+from ..engine.machine import LaunchOptions, Machine, MachineError, default_cpu_model, ram_pad
+from ..engine.migration import save_state
 from ..steps import Steps
 from .api import BootSpec, MachineShape, NetworkSpec
 from .context import HostContext
@@ -37,6 +43,24 @@ def shares_ram(accel: str) -> bool:
     KVM, which tracks dirty pages itself (and a live save reads every page of a memfd,
     allocating it), nor with ``TENKI_DIRECT_CAPTURE=0``."""
     return os.environ.get("TENKI_DIRECT_CAPTURE", "1") != "0" and accel != "kvm"
+
+
+async def save_roms(machine: Machine) -> None:
+    """Save the ROMs of a VM launched stopped (``MachineFiles.rom_state``, written whole or not
+    at all), then start it. The guest never writes them: what a restore's own reset puts in
+    them is the same, and the ACPI tables QEMU rebuilds when the firmware first reads them are
+    copied into guest RAM by the firmware (a reset rebuilds them again). A failed save only
+    costs the captures that save inside their stop."""
+    dst = machine.files.rom_state
+    part = dst.with_name(dst.name + ".part")
+    try:
+        await save_state(machine, part, with_ram=False)
+        os.replace(part, dst)
+    except (MachineError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        log.warning("%s: its ROMs were not saved (%s): its captures save them", machine.name,
+                    exc)
+    await machine.resume()
 
 
 async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec) -> str | None:
@@ -76,7 +100,10 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
         netns = await vm_network(ctx, vm, spec.network)
     with steps.step("launch"):
         await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                           netns=netns))
+                                           netns=netns, paused=cfg.ram_shared))
+    if cfg.ram_shared:
+        with steps.step("roms"):
+            await save_roms(machine)
     with steps.step("agent"):
         await connect_agent(machine, agent, BOOT_AGENT_TIMEOUT_S)
     with steps.step("clock"):

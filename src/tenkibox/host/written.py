@@ -99,6 +99,9 @@ class Plan:
     #: a booted VM's RAM (``MachineConfig.ram_shared``): where the memfd opens, to find its
     #: pages; None for a restored VM, whose pages are found from QEMU's page tables
     memfd: Path | None = None
+    #: ``parent_state`` is to be saved inside the stop (a booted VM whose ROMs were not saved
+    #: at its launch)
+    save_roms: bool = False
 
     def close(self) -> None:
         """Unmap the copy's file (it stays on disk for ``pack``)."""
@@ -183,7 +186,11 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
         return None
     log.info("%s: %.0f MiB touched since its boot", vm.session_id,
              sum(b - a for a, b in ranges) / 2**20)
-    return Plan(pid, address, size, None, {}, staging / "parent-state.bin", target, memfd)
+    roms = vm.machine.files.rom_state  # saved at its launch (``host/boot.py``), if it was
+    if roms.is_file():
+        return Plan(pid, address, size, None, {}, roms, target, memfd)
+    return Plan(pid, address, size, None, {}, staging / "parent-state.bin", target, memfd,
+                save_roms=True)
 
 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
@@ -192,7 +199,7 @@ async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     w = Written(p, p.target.path, [], staging / "devices.bin")
     again = staging / "devices-again.bin"
     with steps.step("device-state"):
-        if p.memfd is not None:
+        if p.save_roms:
             # a booted VM has no snapshot's state with the ROMs' pages: a save that leaves
             # out the shared RAM (``x-ignore-shared``) holds them, with no copy of its RAM
             await save_state(vm.machine, p.parent_state, with_ram=False)
