@@ -201,3 +201,14 @@ def test_a_save_of_the_vm_note_cut_short_leaves_nothing_after_recovery(tmp_path:
     VMRecord.drop_partial(tmp_path)
     assert not (tmp_path / PARTIAL).exists()
     VMRecord.drop_partial(tmp_path)  # nothing to drop: fine
+
+
+def test_the_vm_note_keeps_what_ram_its_vm_was_launched_with(tmp_path: Path) -> None:
+    """A server started again attaches with the note's RAM backend: a booted VM whose RAM is a
+    memfd must not be taken for one with anonymous RAM (it would be saved live, which reads,
+    and so allocates, every page of the memfd). Notes written before the field: anonymous."""
+    VMRecord("ses_m", shape(), [], ram_shared=True).save(tmp_path)
+    assert VMRecord.load(tmp_path).ram_shared is True
+    data = VMRecord("ses_a", shape(), []).to_json()
+    del data["ram_shared"]
+    assert VMRecord.from_json(data).ram_shared is False

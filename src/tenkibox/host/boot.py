@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import replace
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
@@ -83,15 +82,14 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
     shape = MachineShape(cpu=spec.cpu, memory_mb=spec.memory_mb, kernel=kernel, initrd=initrd,
                          cmdline=f"{cmdline} tenki.hostname={spec.hostname}",
                          cpu_model=default_cpu_model(ctx.accel), ram_pad=ram_pad(ctx.accel))
-    record = VMRecord(spec.session_id, shape, [disk])
+    record = VMRecord(spec.session_id, shape, [disk], ram_shared=shares_ram(ctx.accel))
     disk_dir = ctx.layout.disk_dir(spec.session_id)
     with steps.step("overlay"):
         record.save(disk_dir)
         await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
                                 ctx.store.local_path(disk))
     files = ctx.layout.files(spec.session_id)
-    cfg = replace(ctx.machine_config(shape, ram_base=None),
-                  ram_shared=shares_ram(ctx.accel))
+    cfg = ctx.machine_config(shape, ram_base=None, ram_shared=record.ram_shared)
     machine = Machine(spec.session_id, files, cfg)
     agent = AgentClient(files.agent)
     vm = VM(record, machine, agent, disk_dir)

@@ -42,13 +42,15 @@ class HostContext:
                 out.setdefault(digest, (image.id, kind))
         return out
 
-    def machine_config(self, shape: MachineShape, ram_base: Path | None) -> MachineConfig:
+    def machine_config(self, shape: MachineShape, ram_base: Path | None,
+                       ram_shared: bool = False) -> MachineConfig:
         return MachineConfig(cpu=shape.cpu, memory_mb=shape.memory_mb, accel=self.accel,
                              kernel=str(self.store.local_path(shape.kernel)),
                              initrd=str(self.store.local_path(shape.initrd)),
                              cmdline=shape.cmdline, hotplug_ports=shape.hotplug_ports,
                              cpu_model=shape.cpu_model, ram_pad=shape.ram_pad,
-                             ram_base=str(ram_base) if ram_base else None)
+                             ram_base=str(ram_base) if ram_base else None,
+                             ram_shared=ram_shared)
 
     def image_artifacts(self, image_id: str) -> tuple[str, str, str, str]:
         """(disk, kernel, initrd) digests of an image, stored and verified, + cmdline.

@@ -333,7 +333,8 @@ class LocalHost:
         VMRecord.drop_partial(disk_dir)  # e.g. killed while a capture saved the note
         ram = self.ctx.ram_cache.path(record.ram) if record.ram else None
         files = self.paths.files(session_id)
-        machine = Machine(session_id, files, self.ctx.machine_config(record.shape, ram))
+        machine = Machine(session_id, files,
+                          self.ctx.machine_config(record.shape, ram, record.ram_shared))
         agent = AgentClient(files.agent)
         try:
             await machine.attach()

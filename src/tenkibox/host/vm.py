@@ -93,13 +93,16 @@ class VMRecord:
     #: the device state digest of the snapshot it was restored from (its ROMs' pages are the
     #: VM's still: a capture that copies only written pages takes them from there)
     state: str | None = None
+    #: its RAM is a memfd (``MachineConfig.ram_shared``): what it was launched with, so that a
+    #: server started again attaches to it with the same config (and never saves it live)
+    ram_shared: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "shape": self.shape.to_json(),
                 "layers": self.layers, "frozen": [list(f) for f in self.frozen],
                 "top": self.top, "ram": self.ram, "net": self.net,
                 "ram_chain": list(self.ram_chain), "lineage": list(self.lineage),
-                "state": self.state}
+                "state": self.state, "ram_shared": self.ram_shared}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VMRecord:
@@ -108,7 +111,7 @@ class VMRecord:
                    data.get("top", "top-0.qcow2"), data.get("ram"),
                    ram_chain=list(data.get("ram_chain") or []),
                    lineage=list(data.get("lineage") or []), net=data.get("net"),
-                   state=data.get("state"))
+                   state=data.get("state"), ram_shared=bool(data.get("ram_shared", False)))
 
     def save(self, disk_dir: Path) -> None:
         disk_dir.mkdir(parents=True, exist_ok=True)
