@@ -88,24 +88,27 @@ class Plan:
     """What a capture of this VM by its written pages starts from, checked before it stops."""
 
     pid: int
-    address: int  # of the guest RAM in QEMU's memory
+    address: int  # of the guest RAM in QEMU's memory (0: read from ``source``)
     size: int
     cache: Path | None  # the RAM cache QEMU maps (None: a booted VM's memfd)
     cache_index: dict[int, bytes]  # of the RAM the cache composes
-    # the restored snapshot's device state, uncompressed; a booted VM's is saved inside the
-    # stop (``memfd``)
+    # the restored snapshot's device state, uncompressed; a booted VM's ROMs as saved at its
+    # launch, or inside the stop (``save_roms``)
     parent_state: Path
     target: pagemap.Target  # the copy's file, its pages written so far reserved
-    #: a booted VM's RAM (``MachineConfig.ram_shared``): where the memfd opens, to find its
-    #: pages; None for a restored VM, whose pages are found from QEMU's page tables
-    memfd: Path | None = None
+    #: a booted VM's RAM (``MachineConfig.ram_shared``): its memfd mapped here, its pages found
+    #: from the file and copied from this mapping; None for a restored VM, whose pages are
+    #: found from QEMU's page tables and read out of its memory
+    source: pagemap.Source | None = None
     #: ``parent_state`` is to be saved inside the stop (a booted VM whose ROMs were not saved
     #: at its launch)
     save_roms: bool = False
 
     def close(self) -> None:
-        """Unmap the copy's file (it stays on disk for ``pack``)."""
+        """Unmap the copy's file (it stays on disk for ``pack``), and the memfd."""
         self.target.close()
+        if self.source is not None:
+            self.source.close()
 
 
 @dataclass
@@ -172,24 +175,26 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
     """A booted VM's RAM is a memfd: every page it holds is one the guest touched, read or
     written, since it booted (an untouched page is a hole, zero). All of them are copied,
     however many: a live save would read every page of it, allocating the holes."""
-    target = None
+    target = source = None
     try:
-        address, memfd = pagemap.find_shared(pid, size)
+        _, memfd = pagemap.find_shared(pid, size)
         ranges = pagemap.touched(memfd, size)
-        pagemap.readable(pid, address)
+        source = pagemap.Source(memfd, size)
+        source.populate(ranges)
         target = pagemap.Target(staging / PAGES, size)  # as above: reserved while it runs
         target.reserve(ranges)
     except (pagemap.PagemapError, OSError) as exc:
-        if target is not None:
-            target.close()
+        for m in (target, source):
+            if m is not None:
+                m.close()
         log.info("%s: not captured by its touched pages: %s", vm.session_id, exc)
         return None
     log.info("%s: %.0f MiB touched since its boot", vm.session_id,
              sum(b - a for a, b in ranges) / 2**20)
     roms = vm.machine.files.rom_state  # saved at its launch (``host/boot.py``), if it was
     if roms.is_file():
-        return Plan(pid, address, size, None, {}, roms, target, memfd)
-    return Plan(pid, address, size, None, {}, staging / "parent-state.bin", target, memfd,
+        return Plan(pid, 0, size, None, {}, roms, target, source)
+    return Plan(pid, 0, size, None, {}, staging / "parent-state.bin", target, source,
                 save_roms=True)
 
 
@@ -241,9 +246,12 @@ def _moved(before: Path, after: Path) -> list[str]:
 
 
 def _copy(p: Plan) -> list[tuple[int, int]]:
-    # those since the plan too
-    ranges = (pagemap.touched(p.memfd, p.size) if p.memfd is not None
-              else pagemap.written(p.pid, p.address, p.size))
+    if p.source is not None:  # a booted VM's memfd
+        ranges = pagemap.touched(p.source.path, p.size)  # those since the plan too
+        p.target.reserve(ranges)
+        pagemap.copy_mapped(p.source, ranges, p.target)
+        return ranges
+    ranges = pagemap.written(p.pid, p.address, p.size)
     p.target.reserve(ranges)
     pagemap.copy(p.pid, p.address, ranges, p.target)
     return ranges
