@@ -24,11 +24,12 @@ state are of one instant (``COPY_TRIES``).
 
 A VM booted under TCG is captured the same way (``host/boot.py`` gives it its RAM in a memfd,
 ``MachineConfig.ram_shared``): its pages are the memfd's, each one the guest touched since it
-booted, all of them copied (the stop grows with them: ~0.2 s per GiB touched; a live save
-instead took 1.65-9.35x ``virsh save`` to READY), and there is no snapshot's state to take the
-ROMs' pages from, so ``device-state`` first saves them inside the stop with ``x-ignore-shared``,
-which leaves the memfd out (``save_state(with_ram=False)``). Its image is every page copied,
-or a delta of them over its own last capture (``ramfile.pack_delta``).
+booted, all of them copied out of the memfd mapped here (``pagemap.Source``; the stop grows
+with them: ~0.2 s per GiB touched, where a live save took 1.65-9.35x ``virsh save`` to READY).
+There is no snapshot's state to take the ROMs' pages from: the boot saved them before the guest
+first ran (``host/boot.py``, step ``roms``; a save with ``x-ignore-shared``, which leaves the
+memfd out), or, if that failed, ``device-state`` saves them inside the stop. Its image is every
+page copied, or a delta of them over its own last capture (``ramfile.pack_delta``).
 """
 
 from __future__ import annotations
