@@ -89,10 +89,9 @@ class MachineConfig:
     ram_pad: int = 0
     # A restored VM maps its snapshot's RAM image privately (copy-on-write), so that clones of
     # one snapshot share its pages on the host. None: fresh RAM of its own, anonymous memory
-    # (or a memfd, ``ram_shared``)
     # (a capture reads all of RAM, which allocates every hole of a tmpfs file but maps the zero
-    # page for anonymous memory), or with ``ram_file`` a shared file at that path that the host
-    # takes as it is (the scratch VM of a conversion).
+    # page for anonymous memory) or a memfd (``ram_shared``), or with ``ram_file`` a shared file
+    # at that path that the host takes as it is (the scratch VM of a conversion).
     ram_base: str | None = None
     ram_file: str | None = None
     # A booted VM's RAM in a memfd QEMU maps shared, instead of anonymous memory: its pages are

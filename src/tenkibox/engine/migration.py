@@ -27,8 +27,6 @@ MIGRATE_TIMEOUT_S = 60.0
 LIVE_DOWNTIME_MS = 20  # what a live save may leave for the stop: a few MiB under TCG
 CONVERGE_S = 10.0
 FORCED_DOWNTIME_MS = 5000
-#: the longest wait between two looks at a migration's status
-POLL_MAX_S = 0.01
 
 
 async def enable_snapshot_caps(machine: Machine, ignore_shared: bool = True,
@@ -50,7 +48,7 @@ async def enable_snapshot_caps(machine: Machine, ignore_shared: bool = True,
 
 async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -> dict:
     deadline = time.monotonic() + timeout
-    delay = 0.001
+    delay = 0.002
     while True:
         info = await machine.execute("query-migrate")
         status = info.get("status")
@@ -61,9 +59,7 @@ async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -
         if time.monotonic() > deadline:
             raise MachineError(f"migration did not complete in {timeout:.0f}s (status {status})")
         await asyncio.sleep(delay)
-        # a device state takes 5-50 ms (a restore's load, a capture's save inside the stop):
-        # doubling from 2 ms up to 50 ms saw its end up to 30 ms late
-        delay = min(delay * 1.5, POLL_MAX_S)
+        delay = min(delay * 2, 0.05)
 
 
 async def freeze_disk(machine: Machine, new_top: Path, node_name: str) -> None:

@@ -28,7 +28,7 @@ import ctypes
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
@@ -51,24 +51,33 @@ class PagemapError(Exception):
     """The mapping is not there, or the process's page tables cannot be read."""
 
 
-def find_mapping(pid: int, path: Path, size: int) -> int:
-    """The address where ``pid`` maps ``path`` privately, writable, from its start, ``size``
-    bytes long (a VM's guest RAM over its RAM cache); PagemapError if it does not."""
+def _mappings(pid: int, perms: str, size: int) -> Iterator[tuple[int, list[str]]]:
+    """(address, fields of its ``/proc/<pid>/maps`` line) of each mapping of ``pid`` with
+    ``perms``, from its file's start, ``size`` bytes long."""
     try:
-        st = os.stat(path)
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
     except OSError as exc:
         raise PagemapError(f"cannot read the mappings of process {pid}: {exc}") from exc
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[1] != "rw-p" or int(parts[2], 16) != 0:
-            continue
-        major, minor = (int(x, 16) for x in parts[3].split(":"))
-        if int(parts[4]) != st.st_ino or os.makedev(major, minor) != st.st_dev:
+        if len(parts) < 6 or parts[1] != perms or int(parts[2], 16) != 0:
             continue
         start, end = (int(x, 16) for x in parts[0].split("-"))
         if end - start == size:
+            yield start, parts
+
+
+def find_mapping(pid: int, path: Path, size: int) -> int:
+    """The address where ``pid`` maps ``path`` privately, writable, from its start, ``size``
+    bytes long (a VM's guest RAM over its RAM cache); PagemapError if it does not."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise PagemapError(f"cannot read the mappings of process {pid}: {exc}") from exc
+    for start, parts in _mappings(pid, "rw-p", size):
+        major, minor = (int(x, 16) for x in parts[3].split(":"))
+        if int(parts[4]) == st.st_ino and os.makedev(major, minor) == st.st_dev:
             return start
     raise PagemapError(f"process {pid} does not map {path.name} privately ({size} bytes)")
 
@@ -104,18 +113,8 @@ def find_shared(pid: int, size: int) -> tuple[int, Path]:
     """A booted VM's guest RAM, a memfd QEMU maps shared (``MachineConfig.ram_shared``): the
     address of that mapping, ``size`` bytes from the file's start, and a path that opens the
     memfd (``/proc/<pid>/fd/<n>``); PagemapError if ``pid`` has no such mapping."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise PagemapError(f"cannot read the mappings of process {pid}: {exc}") from exc
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if (len(parts) < 6 or parts[1] != "rw-s" or int(parts[2], 16) != 0
-                or not parts[5].startswith(MEMFD)):
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if end - start != size:
+    for start, parts in _mappings(pid, "rw-s", size):
+        if not parts[5].startswith(MEMFD):
             continue
         inode = int(parts[4])
         fds = Path(f"/proc/{pid}/fd")
@@ -271,21 +270,35 @@ class Source(_Mapping):
 def copy_mapped(source: Source, ranges: list[tuple[int, int]], target: Target,
                 step: int = 4 << 20, workers: int = 2) -> int:
     """``copy``, out of a ``Source`` mapped here: the ranges must be ones the source holds."""
-    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
-    if pieces and pieces[-1][1] > min(target.size, source.size):
-        raise PagemapError(f"a copy past the end of {target.path.name}")
-
+    pieces = _pieces(ranges, step, target, source.size)
     with source._use() as src, target._use() as dst:
 
-        def one(piece: tuple[int, int]) -> int:
-            a, b = piece
+        def one(a: int, b: int) -> None:
             ctypes.memmove(dst + a, src + a, b - a)  # releases the GIL
-            return b - a
 
-        if workers < 2 or sum(b - a for a, b in pieces) < SMALL:
-            return sum(map(one, pieces))
+        return _each(pieces, one, workers)
+
+
+def _pieces(ranges: list[tuple[int, int]], step: int, target: Target,
+            end: int | None = None) -> list[tuple[int, int]]:
+    """The ranges cut into pieces of at most ``step``; none may pass ``target``'s end (or
+    ``end``)."""
+    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
+    if pieces and pieces[-1][1] > min(target.size, end if end is not None else target.size):
+        raise PagemapError(f"a copy past the end of {target.path.name}")
+    return pieces
+
+
+def _each(pieces: list[tuple[int, int]], one: Callable[[int, int], None], workers: int) -> int:
+    """``one`` of every piece, in ``workers`` threads (the stopped guest leaves the cores
+    free) unless the copy is small; returns the bytes copied."""
+    if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
+        for a, b in pieces:
+            one(a, b)
+    else:
         with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
-            return sum(pool.map(one, pieces))
+            list(pool.map(lambda piece: one(*piece), pieces))
+    return sum(b - a for a, b in pieces)
 
 
 def subtract(ranges: list[tuple[int, int]],
@@ -327,21 +340,13 @@ def copy(pid: int, start: int, ranges: list[tuple[int, int]], target: Target,
     """Copy the ranges of the mapping at ``start`` into ``target`` at the same offsets; returns
     the bytes copied. The process must not run meanwhile (a stopped VM), else a page may
     change under the copy. ``workers`` threads (the stopped guest leaves the cores free)."""
-    pieces = [(off, min(b, off + step)) for a, b in ranges for off in range(a, b, step)]
-    if pieces and pieces[-1][1] > target.size:
-        raise PagemapError(f"a copy past the end of {target.path.name}")
-
+    pieces = _pieces(ranges, step, target)
     with target._use() as address:
 
-        def one(piece: tuple[int, int]) -> int:
-            a, b = piece
+        def one(a: int, b: int) -> None:
             _read(pid, address + a, start + a, b - a)
-            return b - a
 
-        if workers < 2 or sum(b - a for a, b in pieces) < SMALL:  # threads cost more
-            return sum(map(one, pieces))
-        with concurrent.futures.ThreadPoolExecutor(workers, "pagemap-copy") as pool:
-            return sum(pool.map(one, pieces))
+        return _each(pieces, one, workers)
 
 
 class _IoVec(ctypes.Structure):
