@@ -13,6 +13,12 @@ from typing import IO
 from .config import Layout
 from .errors import ConflictError
 
+#: how long the servers keep an idle connection open. Longer than any of our clients keeps one
+#: for reuse (httpx: 5 s), so that a server never closes a connection just as a client sends
+#: its next request on it: that request (a POST restore, say) would fail with a ReadError,
+#: and was the race of equal 5 s defaults on both sides.
+KEEP_ALIVE_S = 30
+
 
 def claim_home(layout: Layout) -> IO[str]:
     """Make ``layout``'s data directory (0700: keys, database, VMs' files), log to stderr

@@ -11,12 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from support.fake_host import FakeHost
-from support.server import AUTH, InProcessServer
+from support.server import AUTH, InProcessServer, open_test_store
 
 from tenkibox import Client
 from tenkibox.control.fleet import CACHE_PREFERENCE
@@ -29,6 +30,7 @@ from tenkibox.errors import (
     ValidationError,
 )
 from tenkibox.models import HostState, SessionState
+from tenkibox.store.tables import HostRow
 
 MakeServer = Callable[..., InProcessServer]
 A, B = "http://10.77.0.2:7070", "http://10.77.0.3:7070"
@@ -262,6 +264,67 @@ def test_a_silent_host_is_lost_its_sessions_end_and_it_may_come_back(
         back = register(server, A, host_id=a).json()
         assert (back["host_id"], back["state"], back["owned"]) == (a, "ACTIVE", [])
         assert sdk.create_and_wait(memory_mb=1024, host_id=a).record.host_id == a
+
+
+def test_a_restarted_control_plane_counts_a_hosts_silence_from_its_own_start(
+        make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hosts' heartbeats failed while no control plane listened: a new one judges their
+    silence from when it started, not from their last heartbeat before it."""
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    by_address = {address: fakes[host_id] for host_id, address, _ in server.connected}
+    server.crash()
+    # their last heartbeats, a minute ago: the control plane was down since
+    store = open_test_store(server.home, server.database_url)
+    try:
+        with store.tx() as orm:
+            for row in orm.query(HostRow):
+                row.last_heartbeat_at = datetime.now(UTC) - timedelta(seconds=60)
+    finally:
+        store.close()
+    monkeypatch.setenv("TENKI_HOST_LOST_AFTER_S", "2")
+    again = make_inproc(home=server.home, workers=by_address, local_host=False)
+    again.run(again.plane.hosts.sweep())  # at once, before any heartbeat reached it
+    with Client(endpoint=again.url) as sdk:
+        assert {h.host_id: h.state for h in sdk.hosts.list()} == {
+            a: HostState.ACTIVE, b: HostState.ACTIVE}
+        assert heartbeat(again, a).status_code == 200
+        # the silence it can judge still counts: b beats, a no more
+        deadline = time.monotonic() + 15
+        while sdk.get_host(a).state != HostState.LOST:
+            assert heartbeat(again, b).status_code == 200
+            assert time.monotonic() < deadline, "a was not marked LOST"
+            time.sleep(0.2)
+        assert sdk.get_host(b).state == HostState.ACTIVE
+
+
+def test_a_host_lost_while_a_create_is_placed_is_passed_over(
+        make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that leaves the fleet between the choice of candidates and the record naming
+    one (lost by the sweep meanwhile) is skipped for the next one; pinned to it, the create
+    is a conflict naming it."""
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    hosts = server.plane.hosts
+    with Client(endpoint=server.url) as sdk:
+        source = sdk.create_and_wait(memory_mb=1024, host_id=b)
+        snap = sdk.create_snapshot_and_wait(source.id)
+        source.terminate()
+
+        async def lost_while_asked(digests: list[str]) -> int:
+            # what the sweep does to a silent host, while the create awaits this answer
+            await hosts.records.transition(HostRow, a, HostState.LOST,
+                                           expected=[HostState.ACTIVE], state_reason="test")
+            await hosts.fleet.close_member(hosts.fleet.discard(a))
+            return 10**9  # a would have been preferred: it "caches" everything
+
+        monkeypatch.setattr(fakes[a], "cached_bytes", lost_while_asked)
+        clone = sdk.restore_snapshot(snap.id)
+        assert clone.record.host_id == b
+        clone.wait_ready()
+        with pytest.raises(ConflictError) as err:
+            sdk.create(memory_mb=1024, host_id=a)
+        assert a in err.value.message
 
 
 # -- routing ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tenkibox.host.api import HostAPI
 from tenkibox.host.journal import MountJournal
 from tenkibox.host.remote import RemoteHost
 from tenkibox.host.service import create_host_app
+from tenkibox.serving import KEEP_ALIVE_S
 
 SECRET = "test-host-secret"
 
@@ -44,7 +45,7 @@ async def serve(host: HostAPI, secret: str = SECRET, port: int = 0,
     sock.bind(("127.0.0.1", port))
     app = create_host_app(host, secret, journal=journal)
     config = uvicorn.Config(app, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=1)
+                            timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn takes SIGINT/SIGTERM in serve() (and raises them again after): not in a test
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

@@ -37,6 +37,7 @@ from tenkibox.config import Layout
 from tenkibox.control.fleet import LOCAL, Fleet
 from tenkibox.control.plane import ControlPlane
 from tenkibox.host.capacity import HostCapacity
+from tenkibox.serving import KEEP_ALIVE_S
 from tenkibox.store.db import Store, open_store
 
 from .fake_host import FakeHost
@@ -349,7 +350,7 @@ class InProcessServer:
         await self._open()
         try:
             config = uvicorn.Config(self._recorder, log_level="warning", lifespan="off",
-                                    timeout_graceful_shutdown=1)
+                                    timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S)
             self._server = _Uvicorn(config)
 
             async def announce() -> None:

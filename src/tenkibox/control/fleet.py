@@ -276,7 +276,8 @@ class Fleet:
         the host that has it and spreads once that host is fuller than the rest. Read without
         awaiting right before the insert it orders, so creates made at once by one process see
         each other's records."""
-        hosts = list(found.hosts)
+        # a candidate may have left the fleet while the create awaited (lost meanwhile)
+        hosts = [h for h in found.hosts if h in self._members]
         if len(hosts) < 2:
             return hosts
         with self.records.store.tx() as orm:
@@ -299,15 +300,23 @@ class Fleet:
                     write: Callable[[str], Awaitable[T]]) -> T:
         """``write(host_id)`` (the record naming the host, with that host's admission check)
         on the best candidate with room: one found full in the check's transaction is skipped
-        for the next. A pinned host that is full is a conflict (the caller chose it)."""
+        for the next, as is one that left the fleet since the candidates were chosen. A pinned
+        host that is full or gone is a conflict (the caller chose it)."""
         order = self.by_room(found)
         last: CapacityUnavailableError | None = None
         for host_id in order:
+            if host_id not in self._members:
+                continue  # lost while the write before awaited
             try:
                 return await write(host_id)
             except CapacityUnavailableError as exc:
                 last = exc
-        assert last is not None
+        if last is None:  # every candidate left the fleet since it was chosen
+            if found.pinned:
+                self.member(found.hosts[0])  # the conflict naming it
+            raise CapacityUnavailableError(
+                "capacity unavailable: the hosts chosen for the session left the fleet "
+                f"({', '.join(found.hosts)}); retry", details={"hosts": found.hosts})
         if found.pinned:
             raise ConflictError(last.message, details=last.details)
         if len(order) > 1:

@@ -8,7 +8,9 @@ server is the host ``local`` (no address, no heartbeat: it cannot be lost).
 
 Every sweep (``sweep``, the control plane's loop): a host silent for ``TENKI_HOST_LOST_AFTER_S``
 (default 15 s) becomes LOST, leaves the fleet, and its live sessions end TERMINATED "host lost"
-(their snapshots stay: the artifacts are in the shared store); members are connected for the
+(their snapshots stay: the artifacts are in the shared store). Silence counts only while this
+process could hear it: from its first sweep on (a control plane started again must not lose
+every host whose beats failed while none listened). Members are connected for the
 hosts another control-plane process registered, or that ran before this process started; and
 every heartbeat interval the members that cache their answers are refreshed.
 
@@ -91,6 +93,9 @@ class HostControl:
         self.heartbeat_interval_s = _env_seconds("TENKI_HOST_HEARTBEAT_S",
                                                  min(3.0, self.lost_after_s / 5))
         self._last_refresh = 0.0
+        #: when this process began to hear heartbeats (its first sweep): a host's silence
+        #: counts only from then (the beats sent while no control plane listened failed)
+        self._hearing_since: datetime | None = None
         #: host id -> (address, secret) its member was made with: a host that registered
         #: again elsewhere with others is connected again
         self._made_with: dict[str, tuple[str, str]] = {}
@@ -319,12 +324,14 @@ class HostControl:
     # -- the sweep ---------------------------------------------------------------------------------
     async def sweep(self) -> None:
         """Lost hosts (and their sessions), members to connect, members to refresh."""
+        if self._hearing_since is None:
+            self._hearing_since = now()
         cutoff = now() - timedelta(seconds=self.lost_after_s)
         for row in self.records.all(HostRow):
             if row.address is None:
                 continue  # the embedded host: in this process, never silent
             if row.state != H.LOST.value:
-                last = row.last_heartbeat_at or row.registered_at
+                last = max(row.last_heartbeat_at or row.registered_at, self._hearing_since)
                 if last >= cutoff:
                     continue
                 try:

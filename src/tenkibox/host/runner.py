@@ -24,7 +24,7 @@ import uvicorn
 from ..artifacts.s3 import S3Location
 from ..config import Layout
 from ..errors import ValidationError
-from ..serving import claim_home, tcp_listener
+from ..serving import KEEP_ALIVE_S, claim_home, tcp_listener
 from .journal import MountJournal
 from .local import LocalHost
 from .service import create_host_app
@@ -111,7 +111,8 @@ async def _main(layout: Layout, sock: socket.socket, *, control: str, token: str
     secret = secrets.token_urlsafe(32)
     journal = MountJournal(layout.home / "mounts.json")
     config = uvicorn.Config(create_host_app(host, secret, journal=journal), log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=3)
+                            lifespan="off", timeout_graceful_shutdown=3,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # the worker stops on its own signal handlers, and then lets go of the VMs: uvicorn's
     # would raise the signal again once it has stopped, ending the process before that

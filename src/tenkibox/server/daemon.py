@@ -27,7 +27,7 @@ from ..artifacts.s3 import S3Location
 from ..config import layout as make_layout
 from ..errors import ValidationError
 from ..preview import PreviewSettings, tls_context
-from ..serving import claim_home, tcp_listener
+from ..serving import KEEP_ALIVE_S, claim_home, tcp_listener
 from ..urls import is_loopback, local_url
 from .runtime import ServerRuntime
 
@@ -94,7 +94,7 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
     app = create_app(rt.plane, layout=rt.layout, accel=rt.accel, request_stop=rt.request_stop,
                      grpc_endpoint=wire.endpoint if wire else None)
     config = uvicorn.Config(app, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=3,
+                            timeout_graceful_shutdown=3, timeout_keep_alive=KEEP_ALIVE_S,
                             ssl_certfile=str(tls[0]) if tls else None,
                             ssl_keyfile=str(tls[1]) if tls else None)
     server = uvicorn.Server(config)
