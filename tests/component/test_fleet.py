@@ -298,6 +298,37 @@ def test_a_restarted_control_plane_counts_a_hosts_silence_from_its_own_start(
         assert sdk.get_host(b).state == HostState.ACTIVE
 
 
+def test_a_control_plane_whose_loop_was_held_does_not_lose_the_hosts_it_could_not_hear(
+        make_inproc: MakeServer) -> None:
+    """Its loop held (synchronous work, or no CPU for it) longer than a host may be silent, a
+    control plane reads the heartbeats that arrived meanwhile only after it: it allows its
+    hosts that much more before it judges them lost, and still judges a silent one."""
+    server, fakes = two_workers(make_inproc)
+    a, b = sorted(fakes)
+    hosts = server.plane.hosts
+    server.call(setattr, hosts, "lost_after_s", 1.0)
+    deadline = time.monotonic() + 1.5  # a few sweeps: the control plane hears its hosts
+    while time.monotonic() < deadline:
+        for host_id in fakes:
+            assert heartbeat(server, host_id).status_code == 200
+        time.sleep(0.2)
+
+    async def held() -> None:
+        time.sleep(1.5)  # the loop is held: no heartbeat is read, no probe runs
+        await hosts.sweep()  # before any heartbeat read since
+
+    server.run(held())
+    with Client(endpoint=server.url) as sdk:
+        assert {h.state for h in sdk.hosts.list()} == {HostState.ACTIVE}
+        # the holding lies behind: a silent host is lost again, within the delay and that much
+        deadline = time.monotonic() + 15
+        while sdk.get_host(a).state != HostState.LOST:
+            assert heartbeat(server, b).status_code == 200
+            assert time.monotonic() < deadline, "a was not marked LOST"
+            time.sleep(0.2)
+        assert sdk.get_host(b).state == HostState.ACTIVE
+
+
 def test_a_host_lost_while_a_create_is_placed_is_passed_over(
         make_inproc: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host that leaves the fleet between the choice of candidates and the record naming

@@ -4,8 +4,10 @@ one owns: never a directory that a VM, a live record or a running process still 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +172,44 @@ def test_what_the_host_uses_is_verified_in_full(home: Path) -> None:
     images = {u.digest: u.kind for u in uses if u.image_id}
     bad = _run(host.verify_artifacts(images, deep=True))
     assert list(bad) == [DIGESTS["disk"]] and "is corrupt" in bad[DIGESTS["disk"]]
+
+
+def test_the_images_stored_are_never_asked_on_the_event_loop(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bucket, asking whether a file is stored is a request: ``local_artifacts``, part
+    of every status a host answers, asks in a thread and answers from what it knows, so a slow
+    bucket never holds the loop (and a worker's heartbeats)."""
+    write_image(home)
+    host = LocalHost(Layout(home), "tcg")
+    host.ctx.image_artifacts("sandbox")  # stored
+    asked_on: list[threading.Thread] = []
+    has = host.store.has
+
+    def slow_has(digest: str) -> bool:
+        asked_on.append(threading.current_thread())
+        time.sleep(0.2)
+        return has(digest)
+
+    monkeypatch.setattr(host.store, "has", slow_has)
+
+    async def go() -> list[InUse]:
+        loop_thread = threading.current_thread()
+        assert host.local_artifacts() == []  # not known yet: asked in a thread
+        uses: list[InUse] = []
+        for _ in range(200):
+            uses = host.local_artifacts()
+            if len(uses) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert asked_on and loop_thread not in asked_on
+        n = len(asked_on)
+        again = host.local_artifacts()  # known now: not asked again
+        assert again == uses and len(asked_on) == n
+        await host.shutdown()
+        return uses
+
+    uses = asyncio.run(go())
+    assert {u.kind for u in uses} == {"disk", "kernel", "initrd"}
 
 
 def _stand_in(program: str, *args: str) -> subprocess.Popen[bytes]:

@@ -8,7 +8,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "qemu", "zstandard", "starlette")
+SERVER_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "qemu", "zstandard", "xxhash",
+               "starlette")
 
 
 def test_base_dependencies_are_the_client_only() -> None:

@@ -149,12 +149,19 @@ def test_a_parent_of_another_size_is_refused(tmp_path: Path) -> None:
         ramfile.pack_delta(other, tmp_path / "img", i1, p1.digest)
 
 
-@pytest.fixture
-def chain(tmp_path: Path) -> tuple[RamCache, list[str], Path]:
+@pytest.fixture(params=[ramfile.XXH3, ramfile.BLAKE2B])
+def chain(tmp_path: Path, request: pytest.FixtureRequest,
+          monkeypatch: pytest.MonkeyPatch) -> tuple[RamCache, list[str], Path]:
+    """A lineage in a store, its index hashed with XXH3 (new lineages) or with blake2b (those
+    begun before XXH3)."""
+    with monkeypatch.context() as m:
+        m.setattr(ramfile, "NEW_HASH", request.param)
+        made = _lineage(tmp_path)
+    assert {ramfile.header(img).hash for _, _, img in made} == {request.param}
     store = LocalArtifactStore(tmp_path / "store")
     digests = []
     last: Path = tmp_path
-    for r, got, img in _lineage(tmp_path):
+    for r, got, img in made:
         assert store.put(img, digest=got.digest) == got.digest
         digests.append(got.digest)
         last = r
@@ -276,3 +283,50 @@ def test_written_pages_must_be_whole_chunks_of_the_ram(tmp_path: Path) -> None:
     small.write_bytes(bytes(C))
     with pytest.raises(ramfile.RamFormatError, match="size"):
         ramfile.pack_pages(small, [], cache, {}, tmp_path / "out")
+
+
+def test_a_lineage_keeps_the_hash_it_began_with(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new lineage's index is XXH3 (``MAGIC3``); one begun with blake2b (``MAGIC2``, images
+    written before XXH3) goes on with blake2b, so its deltas still find what is unchanged: by
+    ``pack_delta`` and by ``pack_pages`` alike, each composing to its RAM with its index."""
+    r1 = _ram(tmp_path / "r1", {0: os.urandom(2 * MiB), 9 * MiB: os.urandom(MiB)})
+    new = ramfile.pack_delta(r1, tmp_path / "new.img")
+    assert (tmp_path / "new.img").read_bytes()[:len(ramfile.MAGIC3)] == ramfile.MAGIC3
+    assert ramfile.header(tmp_path / "new.img").hash == ramfile.XXH3
+    assert ramfile.read_index(tmp_path / "new.img") == ramfile.file_index(r1, kind="xxh3")
+    with monkeypatch.context() as m:  # what the code before XXH3 wrote
+        m.setattr(ramfile, "NEW_HASH", ramfile.BLAKE2B)
+        old = ramfile.pack_delta(r1, tmp_path / "old.img")
+    old_img = tmp_path / "old.img"
+    assert old_img.read_bytes()[:len(ramfile.MAGIC2)] == ramfile.MAGIC2
+    assert old.raw == new.raw and old.digest != new.digest
+    old_index = ramfile.read_index(old_img)
+    assert old_index == ramfile.file_index(r1, kind="blake2b")
+    assert old_index != ramfile.read_index(tmp_path / "new.img")
+
+    # a delta by pack_delta: blake2b still, and only the changed chunk stored
+    r2 = _ram(tmp_path / "r2", {7: b"changed"}, base=r1)
+    d = ramfile.pack_delta(r2, tmp_path / "d.img", old_img, old.digest)
+    assert ramfile.header(tmp_path / "d.img").hash == ramfile.BLAKE2B and d.changed == C
+    ramfile.unpack_chain([old_img, tmp_path / "d.img"], tmp_path / "got-d",
+                         [old.digest, d.digest])
+    assert _same(tmp_path / "got-d", r2)
+    assert ramfile.read_index(tmp_path / "d.img") == ramfile.file_index(r2, kind="blake2b")
+
+    # a restored VM's written pages over that lineage's cache: the same
+    written = {9 * MiB: os.urandom(C)}
+    pages = _ram(tmp_path / "pages", written)
+    ranges = [(9 * MiB, 9 * MiB + C)]
+    p = ramfile.pack_pages(pages, ranges, r1, old_index, tmp_path / "p.img", old_img,
+                           old.digest, index_hash=ramfile.BLAKE2B)
+    assert ramfile.header(tmp_path / "p.img").hash == ramfile.BLAKE2B and p.changed == C
+    want = _ram(tmp_path / "want", written, base=r1)
+    ramfile.unpack_chain([old_img, tmp_path / "p.img"], tmp_path / "got-p",
+                         [old.digest, p.digest])
+    assert _same(tmp_path / "got-p", want)
+    assert ramfile.read_index(tmp_path / "p.img") == ramfile.file_index(want, kind="blake2b")
+    # an index and a parent hashed differently are refused, not mixed
+    with pytest.raises(ramfile.RamFormatError, match="hashed with"):
+        ramfile.pack_pages(pages, ranges, r1, old_index, tmp_path / "x.img",
+                           tmp_path / "new.img", new.digest, index_hash=ramfile.BLAKE2B)

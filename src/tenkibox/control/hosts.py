@@ -10,7 +10,8 @@ Every sweep (``sweep``, the control plane's loop): a host silent for ``TENKI_HOS
 (default 15 s) becomes LOST, leaves the fleet, and its live sessions end TERMINATED "host lost"
 (their snapshots stay: the artifacts are in the shared store). Silence counts only while this
 process could hear it: from its first sweep on (a control plane started again must not lose
-every host whose beats failed while none listened). Members are connected for the
+every host whose beats failed while none listened), and beyond the time its loop was recently
+held (``watch_loop``: a heartbeat that arrived then waited unread). Members are connected for the
 hosts another control-plane process registered, or that ran before this process started; and
 every heartbeat interval the members that cache their answers are refreshed.
 
@@ -20,6 +21,8 @@ a ``RemoteHost``; tests: fakes).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -53,6 +56,10 @@ Connect = Callable[[str, str, str, HostCapacity], HostAPI]
 #: states of a session on a host that end when the host is lost (a PAUSED one has no VM: it is
 #: resumed wherever there is room)
 _ON_HOST = frozenset(s for s in HOLDING_SESSION)
+
+
+#: how often ``watch_loop`` samples how late this process's event loop runs a timer
+LAG_PROBE_S = 0.25
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -96,6 +103,11 @@ class HostControl:
         #: when this process began to hear heartbeats (its first sweep): a host's silence
         #: counts only from then (the beats sent while no control plane listened failed)
         self._hearing_since: datetime | None = None
+        #: (when, how late) of the loop's recent timer wake-ups (``watch_loop``), and its last
+        #: wake-up: a held loop leaves heartbeats unread, and its silence is not the hosts'
+        self._lags: collections.deque[tuple[float, float]] = collections.deque()
+        self._probed_at: float | None = None
+        self._warned_held_at = 0.0
         #: host id -> (address, secret) its member was made with: a host that registered
         #: again elsewhere with others is connected again
         self._made_with: dict[str, tuple[str, str]] = {}
@@ -322,17 +334,47 @@ class HostControl:
         log.info("host %s removed", host_id)
 
     # -- the sweep ---------------------------------------------------------------------------------
+    async def watch_loop(self) -> None:
+        """Sample how late this process's event loop wakes a timer, every ``LAG_PROBE_S`` (a
+        loop kept busy by synchronous work, or a process starved of CPU, reads a heartbeat
+        that arrived only that much later)."""
+        while True:
+            asleep = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_S)
+            self._probed_at = time.monotonic()
+            self._lags.append((self._probed_at, self._probed_at - asleep - LAG_PROBE_S))
+
+    def held_s(self) -> float:
+        """How long a heartbeat may lately have waited unread here: the largest lateness of the
+        loop within the host-loss delay, or, if larger, how long the probe has been kept from
+        running now (the loop was held until this very call)."""
+        t = time.monotonic()
+        while self._lags and self._lags[0][0] < t - self.lost_after_s:
+            self._lags.popleft()
+        held = max((lag for _, lag in self._lags), default=0.0)
+        if self._probed_at is not None:
+            held = max(held, t - self._probed_at - LAG_PROBE_S)
+        return max(0.0, held)
+
     async def sweep(self) -> None:
         """Lost hosts (and their sessions), members to connect, members to refresh."""
         if self._hearing_since is None:
             self._hearing_since = now()
-        cutoff = now() - timedelta(seconds=self.lost_after_s)
+        held = self.held_s()
+        plain = now() - timedelta(seconds=self.lost_after_s)
+        cutoff = plain - timedelta(seconds=held)
         for row in self.records.all(HostRow):
             if row.address is None:
                 continue  # the embedded host: in this process, never silent
             if row.state != H.LOST.value:
                 last = max(row.last_heartbeat_at or row.registered_at, self._hearing_since)
                 if last >= cutoff:
+                    if last < plain and time.monotonic() - self._warned_held_at > 60:
+                        self._warned_held_at = time.monotonic()
+                        log.warning("host %s is silent for more than %g s, but this control "
+                                    "plane's loop was held up to %.1f s lately (its heartbeats "
+                                    "may wait unread): not lost yet", row.id,
+                                    self.lost_after_s, held)
                     continue
                 try:
                     # only if no heartbeat came since it was read (nor a registration)

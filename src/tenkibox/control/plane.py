@@ -94,6 +94,7 @@ class ControlPlane:
         await self.host.collect_garbage(set(self.snapshots.referenced()),
                                         grace_s=0 if alone else None)
         self._loops = [asyncio.create_task(self._sweep(), name="sweeper"),
+                       asyncio.create_task(self.hosts.watch_loop(), name="loop lag"),
                        asyncio.create_task(self.sessions.follow_host(), name="host events")]
 
     async def _sweep(self) -> None:

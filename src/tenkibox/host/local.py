@@ -136,6 +136,12 @@ class LocalHost:
         #: tried again finds their processes gone
         self._stuck: dict[str, VM] = {}
         self.processes = ProcessTable()
+        #: the built images' files known to be stored, and a check of the others running:
+        #: ``local_artifacts`` answers from this set, since with a bucket each question is a
+        #: HEAD request, and it was asked on the event loop for every status and every start's
+        #: answer (a loaded bucket held a worker's loop, and its heartbeats, for seconds)
+        self._images_stored: set[str] = set()
+        self._images_check: asyncio.Task[None] | None = None
         self._gone: asyncio.Queue[VMGone] = asyncio.Queue()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         #: digests stored by captures in flight (referenced until their record names them)
@@ -419,6 +425,10 @@ class LocalHost:
         for task in self._watchers.values():
             task.cancel()
         self._watchers.clear()
+        if self._images_check is not None:
+            self._images_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._images_check
         for vm in self.vms.values():
             await vm.agent.close()
             await vm.machine.disconnect()
@@ -587,9 +597,15 @@ class LocalHost:
 
     def local_artifacts(self) -> list[InUse]:
         """The stored files of the built images (one not stored yet is read in full when a
-        boot stores it), and what every VM of this host runs on."""
+        boot stores it), and what every VM of this host runs on.
+
+        Files are known stored from an earlier check: on the event loop the others are
+        checked in a thread for a later call (a file is stored once, by a boot, and stays);
+        elsewhere at once."""
+        built = self.ctx.built_images()
+        self._check_images_stored([d for d in built if d not in self._images_stored])
         out = [InUse(d, kind, image_id=image_id)
-               for d, (image_id, kind) in self.ctx.built_images().items() if self.store.has(d)]
+               for d, (image_id, kind) in built.items() if d in self._images_stored]
         for vm in [*self.vms.values(), *self._stuck.values(),
                    *(v for s in self._starting.values() for v in s)]:
             r = vm.record
@@ -600,6 +616,27 @@ class LocalHost:
                     **({r.ram: "RAM image"} if r.ram else {})}
             out += [InUse(d, kind, session_id=r.session_id) for d, kind in uses.items()]
         return out
+
+    def _check_images_stored(self, digests: list[str]) -> None:
+        if not digests or (self._images_check is not None and not self._images_check.done()):
+            return
+
+        def check() -> None:
+            self._images_stored.update(d for d in digests if self.store.has(d))
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            check()
+            return
+
+        async def in_thread() -> None:
+            try:
+                await asyncio.to_thread(check)
+            except Exception as exc:  # asked again at the next call
+                log.warning("cannot tell whether the images' files are stored: %s", exc)
+
+        self._images_check = loop.create_task(in_thread(), name="images stored?")
 
     async def scrub_caches(self, repair: bool) -> CacheScrub:
         return await asyncio.to_thread(self.ctx.ram_cache.scrub, repair=repair)

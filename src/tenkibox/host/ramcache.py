@@ -160,7 +160,7 @@ class RamCache:
         else:
             try:
                 key = stat_key(cache)  # before the read: a change during it moves the key
-                found: object = (ramfile.file_index(cache, head.chunk) if v2
+                found: object = (ramfile.file_index(cache, head.chunk, head.hash) if v2
                                  else content_digest(cache))
                 matches = found == expected
             except OSError as exc:

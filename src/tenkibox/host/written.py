@@ -93,6 +93,7 @@ class Plan:
     size: int
     cache: Path | None  # the RAM cache QEMU maps (None: a booted VM's memfd)
     cache_index: dict[int, bytes]  # of the RAM the cache composes
+    cache_hash: str  # what ``cache_index`` is hashed with (``ramfile.Header.hash``)
     # the restored snapshot's device state, uncompressed; a booted VM's ROMs as saved at its
     # launch, or inside the stop (``save_roms``)
     parent_state: Path
@@ -150,7 +151,8 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
                      written / 2**20)
             return None
         pagemap.readable(pid, address)
-        cache_index = ramfile.read_index(ctx.store.local_path(record.ram_chain[-1]))
+        top = ctx.store.local_path(record.ram_chain[-1])
+        cache_index, cache_hash = ramfile.read_index(top), ramfile.header(top).hash
         ctx.store.verify(record.state, "device state")
         # read now: a snapshot deleted meanwhile may lose it to the GC
         parent_state = staging / "parent-state.bin"
@@ -169,7 +171,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
-    return Plan(pid, address, size, cache, cache_index, parent_state, target)
+    return Plan(pid, address, size, cache, cache_index, cache_hash, parent_state, target)
 
 
 def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
@@ -194,9 +196,9 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
              sum(b - a for a, b in ranges) / 2**20)
     roms = vm.machine.files.rom_state  # saved at its launch (``host/boot.py``), if it was
     if roms.is_file():
-        return Plan(pid, 0, size, None, {}, roms, target, source)
-    return Plan(pid, 0, size, None, {}, staging / "parent-state.bin", target, source,
-                save_roms=True)
+        return Plan(pid, 0, size, None, {}, ramfile.NEW_HASH, roms, target, source)
+    return Plan(pid, 0, size, None, {}, ramfile.NEW_HASH, staging / "parent-state.bin", target,
+                source, save_roms=True)
 
 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
@@ -272,4 +274,4 @@ def pack(w: Written, dst: Path, parent: Path | None,
     if w.plan.cache is None:  # a booted VM: its RAM is the pages copied, zero elsewhere
         return ramfile.pack_delta(w.pages, dst, parent, parent_digest)
     return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
-                              parent, parent_digest)
+                              parent, parent_digest, index_hash=w.plan.cache_hash)
