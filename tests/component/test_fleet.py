@@ -69,6 +69,16 @@ def two_workers(make_inproc: MakeServer, memory_mib: int = 8192, **kw: Any
     return server, {joined(server, A): fakes[A], joined(server, B): fakes[B]}
 
 
+def until_lost(server: InProcessServer, sdk: Client, silent: str, beating: str,
+               timeout: float = 10.0) -> None:
+    """Until ``silent`` is LOST, while ``beating`` heartbeats every 0.2 s (and is answered)."""
+    deadline = time.monotonic() + timeout
+    while sdk.get_host(silent).state != HostState.LOST:
+        assert heartbeat(server, beating).status_code == 200
+        assert time.monotonic() < deadline, f"{silent} was not marked LOST"
+        time.sleep(0.2)
+
+
 def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -246,11 +256,7 @@ def test_a_silent_host_is_lost_its_sessions_end_and_it_may_come_back(
         snap = sdk.create_snapshot_and_wait(on_a.id)
         on_b = sdk.create_and_wait(memory_mb=1024, host_id=b)
         # b keeps beating, a is silent
-        deadline = time.monotonic() + 10
-        while sdk.get_host(a).state != HostState.LOST:
-            assert heartbeat(server, b).status_code == 200
-            assert time.monotonic() < deadline, "a was not marked LOST"
-            time.sleep(0.2)
+        until_lost(server, sdk, a, b)
         lost = sdk.get_host(a)
         assert "no heartbeat" in (lost.state_reason or "")
         until(lambda: sdk.get(on_a.id).record.state == SessionState.TERMINATED)
@@ -290,11 +296,7 @@ def test_a_restarted_control_plane_counts_a_hosts_silence_from_its_own_start(
             a: HostState.ACTIVE, b: HostState.ACTIVE}
         assert heartbeat(again, a).status_code == 200
         # the silence it can judge still counts: b beats, a no more
-        deadline = time.monotonic() + 15
-        while sdk.get_host(a).state != HostState.LOST:
-            assert heartbeat(again, b).status_code == 200
-            assert time.monotonic() < deadline, "a was not marked LOST"
-            time.sleep(0.2)
+        until_lost(again, sdk, a, b, timeout=15)
         assert sdk.get_host(b).state == HostState.ACTIVE
 
 
@@ -321,11 +323,7 @@ def test_a_control_plane_whose_loop_was_held_does_not_lose_the_hosts_it_could_no
     with Client(endpoint=server.url) as sdk:
         assert {h.state for h in sdk.hosts.list()} == {HostState.ACTIVE}
         # the holding lies behind: a silent host is lost again, within the delay and that much
-        deadline = time.monotonic() + 15
-        while sdk.get_host(a).state != HostState.LOST:
-            assert heartbeat(server, b).status_code == 200
-            assert time.monotonic() < deadline, "a was not marked LOST"
-            time.sleep(0.2)
+        until_lost(server, sdk, a, b, timeout=15)
         assert sdk.get_host(b).state == HostState.ACTIVE
 
 
@@ -500,11 +498,7 @@ def test_a_paused_session_outlives_its_host_and_resumes_on_another(
         s.files.write("/root/state", "before the pause")
         s.pause()
         assert sdk.get(s.id).record.state == SessionState.PAUSED
-        deadline = time.monotonic() + 10
-        while sdk.get_host(a).state != HostState.LOST:  # a is silent, b beats
-            assert heartbeat(server, b).status_code == 200
-            assert time.monotonic() < deadline, "a was not marked LOST"
-            time.sleep(0.2)
+        until_lost(server, sdk, a, b)  # a is silent, b beats
         assert sdk.get(s.id).record.state == SessionState.PAUSED  # no VM: nothing was lost
         s.resume()
         resumed = sdk.get(s.id)

@@ -178,10 +178,17 @@ def test_the_images_stored_are_never_asked_on_the_event_loop(
         home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a bucket, asking whether a file is stored is a request: ``local_artifacts``, part
     of every status a host answers, asks in a thread and answers from what it knows, so a slow
-    bucket never holds the loop (and a worker's heartbeats)."""
+    bucket never holds the loop (and a worker's heartbeats). A local store is asked at once."""
     write_image(home)
     host = LocalHost(Layout(home), "tcg")
     host.ctx.image_artifacts("sandbox")  # stored
+
+    async def at_once() -> list[InUse]:
+        return host.local_artifacts()
+
+    assert {u.kind for u in asyncio.run(at_once())} == {"disk", "kernel", "initrd"}
+    host = LocalHost(Layout(home), "tcg")
+    monkeypatch.setattr(host.store, "remote", True)  # its questions as a bucket's
     asked_on: list[threading.Thread] = []
     has = host.store.has
 

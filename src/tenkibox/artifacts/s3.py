@@ -149,6 +149,8 @@ def _checksum(digest: str) -> str:
 
 
 class S3ArtifactStore:
+    remote = True
+
     def __init__(self, cache_root: Path, location: S3Location, *,
                  cache_bytes: int = DEFAULT_CACHE_BYTES,
                  in_use: Callable[[], Iterable[str]] | None = None, client: Any = None,

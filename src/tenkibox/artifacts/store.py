@@ -77,6 +77,10 @@ class ArtifactStore(Protocol):
     upload on ``put`` and list the bucket in ``entries``.
     """
 
+    #: its questions (``has``, ``put``, ``verify``) may be requests over the network: not to be
+    #: asked on an event loop
+    remote: bool
+
     def temp_path(self) -> Path: ...
     def put(self, src: Path, *, digest: str | None = None, move: bool = False) -> str:
         """Store ``src`` and return its digest; a given ``digest`` is trusted (the caller
@@ -137,6 +141,8 @@ def _valid_digest(digest: str) -> bool:
 
 
 class LocalArtifactStore:
+    remote = False
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = root / "sha256"

@@ -136,9 +136,9 @@ class LocalHost:
         #: tried again finds their processes gone
         self._stuck: dict[str, VM] = {}
         self.processes = ProcessTable()
-        #: the built images' files known to be stored, and a check of the others running:
-        #: ``local_artifacts`` answers from this set, since with a bucket each question is a
-        #: HEAD request, and it was asked on the event loop for every status and every start's
+        #: the built images' files known to be stored in a bucket, and a check of the others
+        #: running: ``local_artifacts`` answers from this set, since each question is a HEAD
+        #: request, and it was asked on the event loop for every status and every start's
         #: answer (a loaded bucket held a worker's loop, and its heartbeats, for seconds)
         self._images_stored: set[str] = set()
         self._images_check: asyncio.Task[None] | None = None
@@ -599,9 +599,9 @@ class LocalHost:
         """The stored files of the built images (one not stored yet is read in full when a
         boot stores it), and what every VM of this host runs on.
 
-        Files are known stored from an earlier check: on the event loop the others are
-        checked in a thread for a later call (a file is stored once, by a boot, and stays);
-        elsewhere at once."""
+        With a bucket, files are known stored from an earlier check: on the event loop the
+        others are checked in a thread for a later call (a file is stored once, by a boot, and
+        stays); elsewhere at once. A local store is asked at once (a stat)."""
         built = self.ctx.built_images()
         self._check_images_stored([d for d in built if d not in self._images_stored])
         out = [InUse(d, kind, image_id=image_id)
@@ -627,6 +627,8 @@ class LocalHost:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is None or not self.store.remote:
             check()
             return
 
