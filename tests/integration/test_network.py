@@ -25,6 +25,9 @@ from support.netlab import HOST_SIDE, PRIVATE, PUBLIC_A, PUBLIC_B, NetLab, host_
 
 from tenkibox import Client, errors
 from tenkibox.config import home_tag
+from tenkibox.host.api import EgressPolicy, NetworkSpec
+from tenkibox.host.network import VMNet, links
+from tenkibox.host.network.addressing import max_slots
 
 #: the server under test resolves through the lab's DNS server
 SERVER_ENV = {"TENKI_DNS_UPSTREAM": f"{PRIVATE}:53"}
@@ -211,6 +214,24 @@ def test_a_resolver_is_reached_only_where_the_policy_allows(open_session,  # typ
     assert probe(open_session, f"tcp:{PRIVATE}:53") == {f"tcp:{PRIVATE}:53": "refused"}
     assert probe(listed_session, f"tcp:{PRIVATE}:53", f"tcp:{PUBLIC_B}:53") == {
         f"tcp:{PRIVATE}:53": "open", f"tcp:{PUBLIC_B}:53": "refused"}
+
+
+def test_a_network_left_by_a_gone_server_does_not_bind_a_new_guest(client: Client) -> None:
+    # a server killed with its VMs, whose data directory (and so its namespaces) was then
+    # removed, leaves its host tables behind; the next VM on this machine given the same
+    # interface must be governed by its own policy only
+    slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
+    gone = VMNet("gonehome0000", "ses_leftbehind00001", slot)
+    links.create(gone, NetworkSpec(egress=EgressPolicy(outbound=False)))
+    subprocess.run(["ip", "netns", "delete", gone.netns], check=True)
+    try:
+        s = _session(client, name="net-after-leftover", allow_cidrs=[f"{PRIVATE}/32"])
+        try:
+            assert probe(s, f"http:{PRIVATE}:8000") == {f"http:{PRIVATE}:8000": f"svc {PRIVATE}"}
+        finally:
+            s.terminate()
+    finally:
+        links.remove(gone)
 
 
 # -- clones ------------------------------------------------------------------------------------

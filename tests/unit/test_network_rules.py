@@ -47,8 +47,8 @@ def test_allow_list_accepts_only_what_it_names() -> None:
 
 def test_host_table_refuses_the_host_but_its_dns_forwarder() -> None:
     text = rules.vm_table(NET, EgressPolicy())
-    assert 'iifname "tkh5" ip daddr 10.201.0.21 udp dport 53 accept' in text
-    assert 'iifname "tkh5" meta l4proto tcp reject with tcp reset' in text
+    assert 'iif "tkh5" ip daddr 10.201.0.21 udp dport 53 accept' in text
+    assert 'iif "tkh5" meta l4proto tcp reject with tcp reset' in text
     assert text.index("udp dport 53 accept") < text.index("reject")
 
 

@@ -66,9 +66,11 @@ def prepare_host() -> None:
 def create(net: VMNet, spec: NetworkSpec) -> None:
     """The VM's namespace with its tap device and rules, and the host's table of it."""
     ns = net.netns
-    host_batch = "\n".join([
+    pair_batch = "\n".join([
         f"netns add {ns}",
         f"link add {net.host_if} type veth peer name {net.ns_if} netns {ns}",
+    ]) + "\n"
+    up_batch = "\n".join([
         f"addr add {net.host_ip}/30 dev {net.host_if}",
         f"link set {net.host_if} up",
     ]) + "\n"
@@ -84,9 +86,12 @@ def create(net: VMNet, spec: NetworkSpec) -> None:
         f"route add default via {net.host_ip}",
     ]) + "\n"
     try:
-        # the host's table first: from the moment the pair exists, its rules hold
+        # the pair, down; then the host's table, which names the host end by its index (so a
+        # table some gone server left for the same interface name never applies to this one);
+        # only then the link goes up: no packet passes before the VM's rules hold
+        _run(["ip", "-batch", "-"], pair_batch)
         _run(["nft", "-f", "-"], vm_table(net, spec.egress))
-        _run(["ip", "-batch", "-"], host_batch)
+        _run(["ip", "-batch", "-"], up_batch)
         # before the tap exists, so that it never gets an IPv6 address
         _run(["ip", "netns", "exec", ns, "sh", "-c",
               "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "

@@ -5,9 +5,9 @@ Three kinds of table, each written in one atomic ``nft -f`` batch:
 - ``ip tenki`` on the host, shared: nothing new enters a guest's link from outside (only
   answers to what the guest or the host opened), and guest traffic leaving the host is
   masqueraded.
-- ``ip tenki_<session>`` on the host, one per VM, keyed on its host-side interface: the guest
-  reaches no address of the host (only its DNS proxy), and its egress policy decides what it
-  may reach beyond; ``dns4`` holds the addresses its allowed names resolved to (kept for the
+- ``ip tenki_<session>`` on the host, one per VM, keyed on its host-side interface's index:
+  the guest reaches no address of the host (only its DNS proxy), and its egress policy decides
+  what it may reach beyond; ``dns4`` holds the addresses its allowed names resolved to (kept for the
   VM's life: nft 1.0.6 cannot refresh an element's timeout, and an address that expired while
   the guest still used its cached answer would break a connection the policy allows).
 - ``ip tenki`` inside the VM's namespace: DNS to 10.0.2.3 goes to the proxy, the guest's
@@ -75,7 +75,9 @@ def _egress(policy: EgressPolicy) -> list[str]:
 
 def vm_table(net: VMNet, policy: EgressPolicy) -> str:
     """One VM's table on the host (created with the VM's network, deleted with it)."""
-    iif = f'iifname "{net.host_if}"'
+    # ``iif`` is resolved to the interface's index when the table is loaded: an index is never
+    # handed out again, a name (``tkh<slot>``) is, by every data directory on the machine
+    iif = f'iif "{net.host_if}"'
     return "\n".join([
         f"table ip {net.table} {{",
         "  set dns4 {",
