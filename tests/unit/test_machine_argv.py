@@ -17,6 +17,7 @@ from tenkibox.engine.machine import (
     default_cpu_model,
     live_save_safe,
     ram_pad,
+    tcg_threads,
 )
 from tenkibox.errors import ValidationError
 from tenkibox.host.api import MachineShape
@@ -149,3 +150,39 @@ def test_a_shape_records_its_ram_pad_and_an_older_one_has_none() -> None:
     assert MachineShape.from_json(shape.to_json()) == shape
     old = {k: v for k, v in shape.to_json().items() if k != "ram_pad"}
     assert MachineShape.from_json(old).ram_pad == 0
+
+
+def _accel(argv: list[str]) -> str:
+    return argv[argv.index("-accel") + 1]
+
+
+def test_tcg_threads_go_on_the_accelerator_and_kvm_takes_none() -> None:
+    files, disks = MachineFiles(Path("/r")), [Path("/b"), Path("/t")]
+    assert _accel(build_argv(CFG, files, LaunchOptions(disks))) == "tcg"
+    assert _accel(build_argv(CFG, files, LaunchOptions(disks, tcg_threads="single"))) \
+        == "tcg,thread=single"
+    assert _accel(build_argv(CFG, files, LaunchOptions(disks, tcg_threads="multi"))) \
+        == "tcg,thread=multi"
+    kvm = build_argv(replace(CFG, accel="kvm"), files, LaunchOptions(disks, tcg_threads="single"))
+    assert _accel(kvm) == "kvm"
+    # the device set does not depend on it: a snapshot restores under either
+    assert _devices(build_argv(CFG, files, LaunchOptions(disks, tcg_threads="single"))) == \
+        _devices(build_argv(CFG, files, LaunchOptions(disks)))
+
+
+def test_a_thread_per_vcpu_only_while_every_vcpu_has_a_core(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TENKI_TCG_THREADS", raising=False)
+    assert tcg_threads(2, 0, cores=2) == "multi"
+    assert tcg_threads(2, 2, cores=4) == "multi"
+    assert tcg_threads(2, 1, cores=2) == "single"
+    assert tcg_threads(2, 4, cores=4) == "single"
+    assert tcg_threads(1, 8, cores=2) == "multi"  # one vCPU is one thread either way
+    monkeypatch.setenv("TENKI_TCG_THREADS", "multi")
+    assert tcg_threads(2, 8, cores=2) == "multi"
+    monkeypatch.setenv("TENKI_TCG_THREADS", "Single")
+    assert tcg_threads(2, 0, cores=8) == "single"
+    monkeypatch.setenv("TENKI_TCG_THREADS", "many")
+    with pytest.raises(ValidationError) as err:
+        tcg_threads(2, 0, cores=8)
+    assert err.value.field == "TENKI_TCG_THREADS"

@@ -72,9 +72,11 @@ async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec) -> str | None:
     return net.netns
 
 
-async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
+async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM],
+               tcg_threads: str | None = None) -> VM:
     """Boot ``spec``; the VM is appended to ``vm_slot`` as soon as its QEMU exists, so that a
-    terminate arriving meanwhile can stop it (the host owns it from launch on)."""
+    terminate arriving meanwhile can stop it (the host owns it from launch on).
+    ``tcg_threads``: ``LaunchOptions.tcg_threads``."""
     steps = Steps(log, spec.session_id, plan="boot")
     with steps.step("image"):
         disk, kernel, initrd, cmdline = await asyncio.to_thread(ctx.image_artifacts,
@@ -98,7 +100,8 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM]) -> VM:
         netns = await vm_network(ctx, vm, spec.network)
     with steps.step("launch"):
         await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                           netns=netns, paused=cfg.ram_shared))
+                                           netns=netns, paused=cfg.ram_shared,
+                                           tcg_threads=tcg_threads))
     if cfg.ram_shared:
         with steps.step("roms"):
             await save_roms(machine)

@@ -35,6 +35,7 @@ from ..engine.machine import (
     pid_alive,
     read_argv,
     start_time,
+    tcg_threads,
     vm_process_owner,
 )
 from ..errors import ConflictError, InternalError, NotFoundError, TenkiError, ValidationError
@@ -115,8 +116,10 @@ class LocalHost:
         """``artifacts``: a bucket to keep artifacts in, with ``artifacts/`` as this host's
         local cache of them (at most ``artifact_cache_bytes``); None: ``artifacts/`` is the
         store. A bucket that cannot be reached raises ``InternalError`` here, a
-        ``TENKI_CPU_MODEL`` QEMU cannot take ``ValidationError``."""
+        ``TENKI_CPU_MODEL`` QEMU cannot take, or a ``TENKI_TCG_THREADS`` that is none of its
+        values, ``ValidationError``."""
         default_cpu_model(accel)  # at start, not at the first boot
+        tcg_threads(1, 0)
         self.paths = HostLayout(layout).ensure()
         store: ArtifactStore
         if artifacts is None:
@@ -132,6 +135,9 @@ class LocalHost:
                                self.network)
         self.vms: dict[str, VM] = {}
         self._starting: dict[str, list[VM]] = {}
+        #: the vCPUs of each VM being started, counted as placed from the request on
+        #: (``_tcg_threads``): a burst of restores sees all of its VMs
+        self._starting_vcpus: dict[str, int] = {}
         #: VMs whose stop failed (a process outlived SIGKILL): still ours, until a terminate
         #: tried again finds their processes gone
         self._stuck: dict[str, VM] = {}
@@ -154,21 +160,35 @@ class LocalHost:
 
     # -- start -----------------------------------------------------------------------------
     async def boot(self, spec: BootSpec) -> Started:
-        vm = await self._start(spec.session_id, boot(self.ctx, spec, self._slot(spec.session_id)))
+        slot = self._slot(spec.session_id, spec.cpu)
+        vm = await self._start(spec.session_id, boot(self.ctx, spec, slot,
+                                                     self._tcg_threads(spec.session_id)))
         return Started(vm.record.shape, list(vm.record.layers), None, vm.timings)
 
     async def restore(self, spec: RestoreSpec) -> Started:
-        vm = await self._start(spec.session_id,
-                               restore(self.ctx, spec, self._slot(spec.session_id)))
+        slot = self._slot(spec.session_id, spec.manifest.shape.cpu)
+        vm = await self._start(spec.session_id, restore(self.ctx, spec, slot,
+                                                        self._tcg_threads(spec.session_id)))
         return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings,
                        list(vm.record.ram_chain))
 
-    def _slot(self, session_id: str) -> list[VM]:
+    def _slot(self, session_id: str, vcpus: int) -> list[VM]:
         if session_id in self.vms or session_id in self._starting or session_id in self._stuck:
             raise ConflictError(f"session {session_id} already has a VM on this host")
         slot: list[VM] = []
         self._starting[session_id] = slot
+        self._starting_vcpus[session_id] = vcpus
         return slot
+
+    def _tcg_threads(self, session_id: str) -> str | None:
+        """How TCG runs the vCPUs of the VM being started (``engine.machine.tcg_threads``),
+        counting those of every other VM of this host, running or being started; None under
+        KVM."""
+        if self.ctx.accel == "kvm":
+            return None
+        placed = sum(vm.record.shape.cpu for sid, vm in self.vms.items() if sid != session_id)
+        placed += sum(n for sid, n in self._starting_vcpus.items() if sid != session_id)
+        return tcg_threads(self._starting_vcpus[session_id], placed)
 
     async def _start(self, session_id: str, plan: Any) -> VM:
         """Run a boot or restore plan; on any failure or cancellation (a terminate) the VM it
@@ -177,9 +197,11 @@ class LocalHost:
             vm: VM = await plan
         except BaseException:
             slot = self._starting.pop(session_id, [])
+            self._starting_vcpus.pop(session_id, None)
             await asyncio.shield(self._destroy(session_id, slot[0] if slot else None))
             raise
         self._starting.pop(session_id, None)
+        self._starting_vcpus.pop(session_id, None)
         self.vms[session_id] = vm
         self._watchers[session_id] = asyncio.create_task(self._watch(vm),
                                                          name=f"watch {session_id}")

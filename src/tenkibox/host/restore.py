@@ -89,7 +89,10 @@ def verify_manifest(ctx: HostContext, snapshot_id: str, digests: dict[str, str])
             f"snapshot {snapshot_id} cannot be restored: {next(iter(bad.values()))}")
 
 
-async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
+async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
+                  tcg_threads: str | None = None) -> VM:
+    """Restore ``spec`` (the steps above); the VM is appended to ``vm_slot`` as soon as it
+    exists, as for a boot. ``tcg_threads``: ``LaunchOptions.tcg_threads``."""
     m = spec.manifest
     steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
     with steps.step("verify"):
@@ -119,7 +122,8 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM]) -> VM:
             netns = await vm_network(ctx, vm, spec.network)
         with steps.step("launch"):
             await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                               incoming=True, netns=netns))
+                                               incoming=True, netns=netns,
+                                               tcg_threads=tcg_threads))
         await _settle(ctx, spec, machine, agent, steps)
     except TenkiError as exc:
         if isinstance(exc, SnapshotFailedError):
