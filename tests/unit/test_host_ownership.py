@@ -305,7 +305,7 @@ async def test_a_terminate_whose_qemu_survives_fails_and_keeps_the_vm(
     assert sid in host._stuck and not host.has_vm(sid)
     assert run_dir.exists() and str(run_dir) not in host.unowned_files(set())
     with pytest.raises(ConflictError):
-        host._slot(sid)
+        host._slot(sid, 1)
     # the retry (the control plane's sweeper) finds it, and this time the kill works
     await host.terminate(sid, [])
     assert qemu.poll() is not None
