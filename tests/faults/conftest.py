@@ -81,7 +81,7 @@ def faulty_server(image_layout: Any,
         for server in made:
             if not server.alive() and server.proc is not None:
                 # killed by a fault and never restarted: start it so it can terminate its VMs
-                server.extra_env = {}
+                server.extra_env = dict(server.base_env)
                 try:
                     server.start()
                 except RuntimeError:

@@ -69,7 +69,9 @@ class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
 
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(home)
-        self.extra_env: dict[str, str] = dict(env or {})
+        #: the server's own environment, kept across restarts (a fault's is added to it)
+        self.base_env: dict[str, str] = dict(env or {})
+        self.extra_env: dict[str, str] = dict(self.base_env)
 
     @property
     def env(self) -> dict[str, str]:
@@ -90,10 +92,11 @@ class FaultServer(it.TenkiServer):  # type: ignore[misc, name-defined]
         return self.proc is not None and self.proc.poll() is None
 
     def restart(self, env: dict[str, str] | None = None) -> None:
-        """Stop (gracefully; VMs keep running) and start again with ``env`` as extra env."""
+        """Stop (gracefully; VMs keep running) and start again with ``env`` added to the
+        server's own."""
         if self.alive():
             self.stop()
-        self.extra_env = dict(env or {})
+        self.extra_env = {**self.base_env, **(env or {})}
         self.start()
 
     def with_fault(self, fault: str) -> None:

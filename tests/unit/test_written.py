@@ -37,10 +37,10 @@ def test_a_device_that_moved_between_two_saves_is_named(tmp_path: Path) -> None:
 
 
 def test_the_limit_for_a_running_guest_is_mib_and_a_bad_value_is_the_default() -> None:
-    assert written._max_bytes(None) == 64 << 20
+    assert written._max_bytes(None) == 512 << 20
     assert written._max_bytes("128") == 128 << 20
     assert written._max_bytes("0") == 0  # a running guest is always saved live
-    assert written._max_bytes("lots") == 64 << 20
+    assert written._max_bytes("lots") == 512 << 20
     assert written._max_bytes("-5") == 0
 
 
