@@ -27,6 +27,7 @@ from tenkibox.engine import agent as engine_agent
 from tenkibox.engine.agent import AgentClient, AgentError, AgentProcess, AgentTimeoutError
 from tenkibox.errors import InternalError, ValidationError, WaitTimeoutError
 from tenkibox.guest import agent as guest
+from tenkibox.images.builder import IDENTITY_FILES
 
 
 @dataclass
@@ -275,6 +276,23 @@ async def test_settle_sets_the_clock_then_the_identity_in_one_request(
     assert (etc / "hostname").read_text() == "clone-2\n"
     assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
     assert "127.0.1.1\tclone-2" in (etc / "hosts").read_text()
+
+
+async def test_identity_files_linked_into_run_are_written_where_they_point(
+        client: AgentClient, vm: Guest) -> None:
+    # the image links them into /run/tenki (tmpfs): the files there change, the links stay
+    etc, run = vm.root / "etc", vm.root / "run" / "tenki"
+    run.mkdir(parents=True)
+    for name in IDENTITY_FILES:
+        (run / name).write_text("before\n")
+        (etc / name).unlink(missing_ok=True)
+        (etc / name).symlink_to(f"../run/tenki/{name}")
+    await client.settle(("clone-3", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert all((etc / name).is_symlink() for name in IDENTITY_FILES)
+    assert (run / "hostname").read_text() == "clone-3\n"
+    assert (run / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert "127.0.1.1\tclone-3" in (run / "hosts").read_text()
+    assert sorted(p.name for p in run.iterdir()) == sorted(IDENTITY_FILES)  # no temporary left
 
 
 async def test_settle_without_identity_only_sets_the_clock(client: AgentClient,

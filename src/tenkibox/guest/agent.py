@@ -1064,7 +1064,9 @@ class Agent:
         return "\n".join(lines) + "\n"
 
     def _replace_file(self, path: str, text: str, mode: int = 0o644) -> None:
-        target = self.sys.path(path)
+        # the file a link names (the image links the identity files into /run/tenki, tmpfs):
+        # replacing the link itself would put the file back on the disk
+        target = os.path.realpath(self.sys.path(path))
         tmp = f"{target}.tenki-tmp"
         with open(tmp, "w") as f:
             f.write(text)
