@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.pagecache import PAGE, resident
 from support.server import AUTH
 
 from tenkibox import Client, errors
@@ -197,6 +198,47 @@ def test_a_restored_session_can_be_snapshotted_and_restored_again(client: Client
         client.delete_snapshot(again.id)
     finally:
         first.terminate()
+
+
+def _ram_cache_of(session_id: str) -> Path:
+    """The RAM cache file a clone's QEMU maps."""
+    for line in Path(f"/proc/{_qemu_pid(session_id)}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "/host/ram-cache/" in fields[5]:
+            return Path(fields[5].strip())
+    raise AssertionError(f"{session_id} maps no RAM cache")
+
+
+def test_a_cache_keeps_in_memory_only_what_clones_use(client: Client, snap) -> None:
+    """64 MiB in the guest's tmpfs that no clone reads are let go of from the host's page
+    cache once a clone ran; the next clone reads them back from the disk, intact."""
+    s, _, _ = snap
+    first = client.create_and_wait(snapshot_id=s.id, timeout=120)
+    try:
+        _sh(first, "head -c 64M /dev/urandom > /dev/shm/cold && md5sum /dev/shm/cold > /root/cold")
+        big = client.create_snapshot_and_wait(first.id, "with-cold-pages", timeout=300)
+    finally:
+        first.terminate()
+    try:
+        a = client.create_and_wait(snapshot_id=big.id, timeout=120)
+        try:
+            _sh(a, "true")
+            cache = _ram_cache_of(a.id)
+        finally:
+            a.terminate()
+        data = cache.stat().st_blocks * 512
+        deadline = time.monotonic() + 60
+        while (kept := len(resident(cache)) * PAGE) > data - (64 << 20):
+            assert time.monotonic() < deadline, (kept, data)
+            time.sleep(0.5)
+        b = client.create_and_wait(snapshot_id=big.id, timeout=120)
+        try:
+            assert _sh(b, "md5sum /dev/shm/cold") == _sh(b, "cat /root/cold")
+            assert int(_sh(b, "cat /tmp/count")) > 0
+        finally:
+            b.terminate()
+    finally:
+        client.delete_snapshot(big.id)
 
 
 def test_two_snapshots_of_one_session_at_once_are_serialised(client: Client, source) -> None:

@@ -42,6 +42,7 @@ SMALL = 32 << 20
 # byte 7 of an entry (little-endian u64): bit 7 present, bit 6 swapped, bit 5 file or shared
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 _OWN = bytes(1 if (b & _SWAPPED) or (b & _PRESENT and not b & _FILE) else 0 for b in range(256))
+_USED = bytes(1 if b & (_PRESENT | _SWAPPED) else 0 for b in range(256))
 _RUN = re.compile(b"\x01+")
 #: how a memfd's mapping and its fd are named in /proc (``memfd_create``'s prefix)
 MEMFD = "/memfd:"
@@ -82,10 +83,9 @@ def find_mapping(pid: int, path: Path, size: int) -> int:
     raise PagemapError(f"process {pid} does not map {path.name} privately ({size} bytes)")
 
 
-def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
-    """The byte ranges ``(offset, end)`` of the mapping at ``start`` whose pages the process
-    holds as its own (written since it mapped the file), ascending; adjacent pages in one."""
-    out: list[tuple[int, int]] = []
+def _entries(pid: int, start: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """The pagemap entries of the mapping at ``start``, in batches: (first page, top byte of
+    each entry), where the flags are."""
     pages = size // PAGE
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -97,16 +97,30 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
             raw = os.pread(fd, n * ENTRY, (start // PAGE + first) * ENTRY)
             if len(raw) != n * ENTRY:
                 raise PagemapError(f"process {pid}'s page tables end early")
-            for m in _RUN.finditer(raw[7::ENTRY].translate(_OWN)):
-                a, b = (first + m.start()) * PAGE, (first + m.end()) * PAGE
-                if out and out[-1][1] == a:  # a run across two batches
-                    a = out.pop()[0]
-                out.append((a, b))
+            yield first, raw[7::ENTRY]
     except OSError as exc:
         raise PagemapError(f"cannot read the page tables of process {pid}: {exc}") from exc
     finally:
         os.close(fd)
+
+
+def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
+    """The byte ranges ``(offset, end)`` of the mapping at ``start`` whose pages the process
+    holds as its own (written since it mapped the file), ascending; adjacent pages in one."""
+    out: list[tuple[int, int]] = []
+    for first, flags in _entries(pid, start, size):
+        for m in _RUN.finditer(flags.translate(_OWN)):
+            a, b = (first + m.start()) * PAGE, (first + m.end()) * PAGE
+            if out and out[-1][1] == a:  # a run across two batches
+                a = out.pop()[0]
+            out.append((a, b))
     return out
+
+
+def used(pid: int, start: int, size: int) -> bytes:
+    """One byte per page of the mapping at ``start``: 1 where the process has the page, read
+    or written (the file's page mapped, or its own copy; in memory or swapped), else 0."""
+    return b"".join(flags.translate(_USED) for _first, flags in _entries(pid, start, size))
 
 
 def find_shared(pid: int, size: int) -> tuple[int, Path]:

@@ -78,6 +78,8 @@ AGENT_USER_SINCE = (0, 3, 0)
 
 WATCH_INTERVAL_S = 0.5
 RECOVER_AGENT_TIMEOUT_S = 15.0
+#: a restored clone has usually answered its first exec by then: the pages that took are kept
+TRIM_DELAY_S = 2.0
 #: how long recovery waits for the strays it SIGKILLed to be gone
 STRAY_WAIT_S = 10.0
 
@@ -152,6 +154,8 @@ class LocalHost:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         #: digests stored by captures in flight (referenced until their record names them)
         self._producing: dict[str, set[str]] = {}
+        #: per RAM cache, its pending trim (``_trim_later``)
+        self._trims: dict[str, asyncio.Task[None]] = {}
         self.capacity = configured("local", accel)
 
     @property
@@ -169,6 +173,8 @@ class LocalHost:
         slot = self._slot(spec.session_id, spec.manifest.shape.cpu)
         vm = await self._start(spec.session_id, restore(self.ctx, spec, slot,
                                                         self._tcg_threads(spec.session_id)))
+        if vm.record.ram:
+            self._trim_later(vm.record.ram, TRIM_DELAY_S)
         return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings,
                        list(vm.record.ram_chain))
 
@@ -239,6 +245,11 @@ class LocalHost:
             self.processes.drop_session(session_id)
             if vm is not None:
                 await vm.agent.close()
+                if vm.record.ram and vm.machine.pid:
+                    # the pages this clone used, while its QEMU still maps them
+                    await asyncio.to_thread(self.ctx.ram_cache.note_used, vm.record.ram,
+                                            [vm.machine.pid])
+                    self._trim_later(vm.record.ram, 0.0)
                 try:
                     await vm.machine.quit(timeout=3.0)
                 except MachineError:
@@ -252,6 +263,32 @@ class LocalHost:
     def _remove_files(self, session_id: str) -> None:
         shutil.rmtree(self.paths.run_dir(session_id), ignore_errors=True)
         shutil.rmtree(self.paths.disk_dir(session_id), ignore_errors=True)
+
+    def _trim_later(self, digest: str, delay_s: float) -> None:
+        """After ``delay_s``, keep in memory only the pages of RAM cache ``digest`` that its
+        clones use (``residency``): those of every clone running then, and of those gone. One
+        trim per cache at a time: a burst of restores is read by the first one's."""
+        if digest not in self._trims:
+            self._trims[digest] = asyncio.create_task(self._trim(digest, delay_s),
+                                                      name=f"trim {digest[:12]}")
+
+    async def _trim(self, digest: str, delay_s: float) -> None:
+        try:
+            await asyncio.sleep(delay_s)
+            pids = [vm.machine.pid for vm in self.vms.values()
+                    if vm.record.ram == digest and vm.machine.pid and not vm.stopping]
+            cache = self.ctx.ram_cache
+
+            def trim() -> int:
+                cache.note_used(digest, pids)
+                return cache.trim(digest)
+
+            advised = await asyncio.to_thread(trim)
+            log.debug("RAM cache %s: %d MiB not used by its clones (%d running) let go of",
+                      digest[:12], advised >> 20, len(pids))
+        finally:
+            if self._trims.get(digest) is asyncio.current_task():
+                del self._trims[digest]
 
     def has_vm(self, session_id: str) -> bool:
         return session_id in self.vms
@@ -444,9 +481,10 @@ class LocalHost:
 
     async def shutdown(self) -> None:
         """Server stop: let go of the VMs (they keep running) and stop background work."""
-        for task in self._watchers.values():
+        for task in [*self._watchers.values(), *self._trims.values()]:
             task.cancel()
         self._watchers.clear()
+        self._trims.clear()
         if self._images_check is not None:
             self._images_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,8 +7,10 @@ moves it, see ``artifacts.digests``); if it moved, the content is hashed again, 
 no longer matches is rebuilt from the stored, verified RAM image. ``scrub`` re-hashes regardless
 (and rebuilds what is damaged only when asked to repair; until then no restore maps it).
 
-On the data disk, not tmpfs: its pages are clean page cache, shared by the clones and evictable
-under memory pressure (a private mapping never writes back).
+On the data disk, not tmpfs: its pages are page cache, shared by the clones and evictable
+under memory pressure (a private mapping never writes back). Of them only the pages its clones
+use stay in memory: the host tells the cache which pages those are (``note_used``) and the cache
+drops the others (``trim``, see ``residency``).
 
 A snapshot of a lineage has a delta RAM image (``ramfile`` version 2): its cache, keyed by the
 top image's digest, is the whole chain applied base first into one file (each image's header
@@ -25,13 +27,16 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
 from ..artifacts import ramfile
 from ..artifacts.digests import stat_key
 from ..artifacts.store import ArtifactError, ArtifactStore
+from ..engine.pagemap import PagemapError
 from ..errors import TenkiError
+from . import residency
 from .api import CacheScrub
 
 log = logging.getLogger(__name__)
@@ -109,6 +114,10 @@ class RamCache:
         self.root = root
         self.store = store
         self._locks: dict[str, asyncio.Lock] = {}
+        #: per cache, the pages its clones were seen to use since its last trim
+        #: (``residency`` page maps), which the next ``trim`` keeps in memory
+        self._used: dict[str, bytes] = {}
+        self._used_lock = threading.Lock()  # note_used and trim run in worker threads
 
     def path(self, digest: str) -> Path:
         return self.root / f"{digest}.ram"
@@ -199,6 +208,36 @@ class RamCache:
                 await asyncio.to_thread(self._build, digest)
         return self.path(digest)
 
+    def note_used(self, digest: str, pids: list[int]) -> None:
+        """Add the pages of ``digest``'s cache that processes ``pids`` map (its clones' QEMUs)
+        to those the next ``trim`` keeps. A process that is gone or unreadable adds nothing."""
+        path = self.path(digest)
+        for pid in pids:
+            try:
+                seen = residency.touched(pid, path)
+            except PagemapError as exc:
+                log.debug("RAM cache %s: %s", digest[:12], exc)
+                continue
+            with self._used_lock:
+                used = self._used.get(digest)
+                self._used[digest] = seen if used is None or len(used) != len(seen) else \
+                    residency.union(used, seen)
+
+    def trim(self, digest: str) -> int:
+        """Keep in memory only the pages of ``digest``'s cache noted since the last trim (the
+        clones running at a trim and those that stopped since: a page only a clone long gone
+        read is let go of); nothing is dropped while none were noted, so a cache no clone has
+        run from keeps all of it. Returns the bytes advised."""
+        with self._used_lock:
+            used = self._used.pop(digest, None)
+        if not used or used.find(1) < 0:
+            return 0
+        try:
+            return residency.drop_unused(self.path(digest), used)
+        except OSError as exc:
+            log.debug("RAM cache %s: not trimmed: %s", digest[:12], exc.strerror)
+            return 0
+
     def scrub(self, *, repair: bool) -> CacheScrub:
         """Re-hash every cache against its RAM image. A damaged one is no longer trusted (a
         restore rebuilds it before mapping it); with ``repair`` it is rebuilt now, or removed
@@ -255,6 +294,8 @@ class RamCache:
                     continue
                 freed += st.st_blocks * 512
                 entry.unlink()
+                with self._used_lock:
+                    self._used.pop(digest, None)
         return freed
 
 
