@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from support.pagecache import resident
 
+from tenkibox.artifacts import ramfile
 from tenkibox.artifacts.store import LocalArtifactStore
 from tenkibox.engine.pagemap import PagemapError
 from tenkibox.host import residency
@@ -116,3 +117,20 @@ def test_a_cache_keeps_what_its_clones_used_since_its_last_trim(tmp_path: Path) 
     _ = f.read_bytes()
     assert cache.trim(digest) == 0
     assert resident(f) == set(range(64))
+
+
+def test_an_unpacked_cache_lets_go_of_less_than_a_frame(tmp_path: Path) -> None:
+    """A frame holds up to 1 MiB; the cache is written in smaller pieces, so that a page cache
+    with large folios can drop the unused part of a frame (written whole, it kept all 4 MiB)."""
+    src, packed, cache = tmp_path / "ram", tmp_path / "ram.zst", tmp_path / "cache"
+    with open(src, "wb") as f:
+        f.truncate(8 << 20)
+        os.pwrite(f.fileno(), os.urandom(4 << 20), 1 << 20)
+    ramfile.pack(src, packed)
+    ramfile.unpack_chain([packed], cache)
+    n = residency.pages(8 << 20)
+    used = bytearray(n)
+    used[256::64] = b"\1" * len(used[256::64])  # a page in every 256 KiB
+    residency.drop_unused(cache, bytes(used))
+    assert len(resident(cache)) <= (4 << 20) // P // 2
+    assert cache.read_bytes() == src.read_bytes()

@@ -664,6 +664,12 @@ def _start_writeback(fd: int, off: int, n: int) -> None:
         pass
 
 
+#: the size of each write of an unpack. The page cache keeps what one write put there as one
+#: folio of up to that size, and lets go of a folio only whole (``host/residency.py``): a cache
+#: written 1 MiB at a time kept 69-77 MiB for ten clones, 64 KiB at a time 45 MiB
+UNPACK_WRITE = 64 << 10
+
+
 def unpack_chain(chain: list[Path], dst: Path, digests: list[str] | None = None) -> int:
     """Rebuild the sparse RAM file that a chain of images composes, base (a full image) first,
     each image a delta over the one before it. With ``digests`` (the chain's sha256s), each
@@ -690,6 +696,8 @@ def unpack_chain(chain: list[Path], dst: Path, digests: list[str] | None = None)
                 if data is None:
                     _zero_range(fd, off, n)
                 else:
-                    os.pwrite(fd, data, off)
+                    view = memoryview(data)
+                    for i in range(0, n, UNPACK_WRITE):
+                        os.pwrite(fd, view[i:i + UNPACK_WRITE], off + i)
                     written += n
     return written

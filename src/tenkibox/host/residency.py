@@ -12,9 +12,10 @@ a page it read or wrote is there), and drops the others from the page cache with
 file is written back first. The data stays on disk: a clone that reads a dropped page reads it
 from there. Nothing here changes the file, so its stat key and digest stay valid.
 
-Measured on issue 13's bench (1 GiB guest with 256 MiB written, ten clones): the cache held
-~70 MiB instead of ~375 MiB, and a restore to its first exec was no slower (a fault maps the
-neighbours it finds cached: fewer when fewer are).
+The page cache lets go of a folio only whole, so the cache is unpacked in small writes
+(``ramfile.UNPACK_WRITE``). Measured on issue 13's bench (1 GiB guest with 256 MiB written, ten
+clones): the cache held ~45 MiB instead of ~375 MiB, and a restore to its first exec was no
+slower (a fault maps the neighbours it finds cached: fewer when fewer are).
 """
 
 from __future__ import annotations
