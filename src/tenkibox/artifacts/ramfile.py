@@ -568,8 +568,12 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
             comp = local.comp = zstandard.ZstdCompressor(level=level)
         frames_ = []
         for a, b in runs:
-            data = b"".join((new if start + i in mine else old)[i:i + chunk]
-                            for i in range(a, b, chunk))
+            data: bytes | memoryview
+            if not theirs:  # every chunk of the run is a written one (the usual case)
+                data = memoryview(new)[a:b]
+            else:
+                data = b"".join((new if start + i in mine else old)[i:i + chunk]
+                                for i in range(a, b, chunk))
             frames_.append((start + a, b - a, comp.compress(data)))
         return entries, frames_
 

@@ -229,7 +229,9 @@ def tcg_threads(vcpus: int, placed_vcpus: int, cores: int | None = None) -> str:
     threads than cores, a guest's vCPU spins in a kernel lock that its other vCPU holds while
     that vCPU's thread waits for a core: ten 2-vCPU clones restored at once on 2 cores were
     ready 14% sooner on 17% less CPU single (medians of 3; docs/snapshots.md). A VM keeps its
-    mode for its life. ``TENKI_TCG_THREADS=multi|single`` chooses one for every VM."""
+    mode for its life. ``TENKI_TCG_THREADS=multi|single`` chooses one for every VM.
+    ``placed_vcpus``: the vCPUs of the VMs that compete for the cores (the host counts those
+    busy or being started; ``LocalHost._tcg_threads``)."""
     forced = os.environ.get("TENKI_TCG_THREADS", "").strip().lower()
     if forced in TCG_THREADS:
         return forced
@@ -321,6 +323,18 @@ def start_time(pid: int, proc: Path = PROC) -> int | None:
     good, where a pid alone may be given to a new process once the old one is reaped."""
     try:
         return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, proc: Path = PROC) -> float | None:
+    """The CPU time ``pid`` used so far (user and system, all its threads); None when gone."""
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
     except (OSError, IndexError, ValueError):
         return None
 

@@ -20,6 +20,9 @@ from ..engine.agent import AgentClient
 from ..engine.machine import Machine, MachineFiles
 from .api import MachineShape, VolumeMountSpec
 
+#: the share of a core from which a VM's vCPUs count as competing for the host's cores
+BUSY_SHARE = 0.2
+
 
 @dataclass(frozen=True)
 class HostLayout:
@@ -145,6 +148,26 @@ class VM:
     volumes: dict[str, VolumeMountSpec] = field(default_factory=dict)
     stopping: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    #: (monotonic s, CPU s of its QEMU) when last sampled, and the cores it used since the
+    #: sample before (None until sampled twice): ``busy``
+    cpu_seen: tuple[float, float] | None = None
+    cpu_share: float | None = None
+
+    def sample_cpu(self, now: float, cpu_s: float | None) -> None:
+        """Record its QEMU's CPU time as read at ``now`` (None: not readable, unknown)."""
+        if cpu_s is None:
+            self.cpu_seen = self.cpu_share = None
+            return
+        if self.cpu_seen is not None and now > self.cpu_seen[0]:
+            self.cpu_share = (cpu_s - self.cpu_seen[1]) / (now - self.cpu_seen[0])
+        self.cpu_seen = (now, cpu_s)
+
+    @property
+    def busy(self) -> bool:
+        """Whether its vCPUs compete for the host's cores: it used at least ``BUSY_SHARE`` of a
+        core since the sample before, or it was not sampled twice yet (a VM just started is
+        counted; an idle guest under TCG uses 2-4 % of a core)."""
+        return self.cpu_share is None or self.cpu_share >= BUSY_SHARE
 
     @property
     def session_id(self) -> str:
