@@ -307,23 +307,29 @@ def is_system_disk(dev: dict[str, Any]) -> bool:
 PROC = Path("/proc")
 
 
+def _stat_fields(pid: int, proc: Path = PROC) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (the state first); [] when
+    the process is gone. The name is cut at its last ")": it may hold spaces and parentheses."""
+    try:
+        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def pid_alive(pid: int | None, proc: Path = PROC) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
     if not pid:
         return False
-    try:
-        state = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    fields = _stat_fields(pid, proc)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def start_time(pid: int, proc: Path = PROC) -> int | None:
     """When ``pid`` started (clock ticks after boot): with the pid, it names one process for
     good, where a pid alone may be given to a new process once the old one is reaped."""
     try:
-        return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return int(_stat_fields(pid, proc)[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -332,10 +338,10 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int, proc: Path = PROC) -> float | None:
     """The CPU time ``pid`` used so far (user and system, all its threads); None when gone."""
+    fields = _stat_fields(pid, proc)
     try:
-        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, IndexError, ValueError):
+    except (IndexError, ValueError):
         return None
 
 
