@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import io
 import shutil
 import socket
 import tempfile
@@ -49,6 +50,14 @@ T = TypeVar("T")
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+def _task_stacks() -> str:
+    """Where every task of the running loop waits (what a close that hangs is waiting on)."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 # -- the request log ----------------------------------------------------------------------------
@@ -278,7 +287,13 @@ class InProcessServer:
     def reset(self, home: Path, *, host: FakeHost | None = None,
               api_key: str = ADMIN_KEY) -> InProcessServer:
         """A new data directory, database, control plane, app and host behind the same URL."""
-        self.run(self._close())
+        for fake in self.fakes:  # a call the last test left held in a gate must not hold this up
+            fake.release_all()
+        try:
+            self.run(self._close())
+        except TimeoutError as exc:
+            raise RuntimeError("the in-process server did not close in time; its loop's tasks:\n"
+                               + self.call(_task_stacks)) from exc
         self.home, self.host, self.api_key = home, host or FakeHost(), api_key
         self.requests.clear()
         self.stop_requested.clear()

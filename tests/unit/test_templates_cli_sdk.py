@@ -301,7 +301,22 @@ def test_build_and_wait_reconnects_a_silent_log(
     monkeypatch.setattr(_core, "LONG_POLL_S", 0.2)
     t = client.create_template("quiet")
     gate = fake_host.block("capture")
-    _in_thread(1.0, gate.release)
+
+    def release_after_silence() -> None:
+        # Released only once the build is held and the client has opened the silent log
+        # again, whatever the machine's load: a fixed delay let a slow build reach the gate
+        # after it had opened.
+        try:
+            gate.wait_entered(timeout=20)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if len(inproc.requests.to("GET", "/log")) >= 3:
+                    return
+                time.sleep(0.05)
+        finally:
+            gate.release()
+
+    _in_thread(0.0, release_after_silence)
     pieces: list[str] = []
     b = client.build_template_and_wait(t.id, timeout=30, on_log=pieces.append)
     assert b.state == models.BuildState.READY
