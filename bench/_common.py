@@ -76,9 +76,9 @@ def mib(n: float | None) -> str:
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    rows = [[str(c) for c in r] for r in rows]
+    cells = [[str(c) for c in r] for r in rows]
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(out)
 
 
@@ -88,9 +88,9 @@ class Cleanup:
     """A LIFO of undo actions; each runs once, its failure is logged and the rest still run."""
 
     def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
+        self._actions: list[tuple[str, Callable[[], object]]] = []
 
-    def push(self, what: str, action: Callable[[], None]) -> None:
+    def push(self, what: str, action: Callable[[], object]) -> None:
         self._actions.append((what, action))
 
     def run(self) -> None:
@@ -155,6 +155,62 @@ def stop_popen(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+# -- host load --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The machine's CPU time so far (``/proc/stat``'s first line, in clock ticks) and its load
+    average: what else ran here is part of every timing, so each result notes it."""
+
+    busy: int
+    idle: int
+    iowait: int
+    steal: int
+    load1: float
+
+    @classmethod
+    def now(cls) -> CpuTimes:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is counted in user)
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return cls(busy=user + nice + system + irq + softirq, idle=idle, iowait=iowait,
+                   steal=steal, load1=os.getloadavg()[0])
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """The machine between two ``CpuTimes``: shares of all its CPUs' time, in percent."""
+
+    busy: float
+    iowait: float
+    steal: float
+    load1: float  # the load average at the end
+    seconds: float
+
+    @classmethod
+    def between(cls, a: CpuTimes, b: CpuTimes, seconds: float) -> HostLoad:
+        busy, idle = b.busy - a.busy, b.idle - a.idle
+        iowait, steal = b.iowait - a.iowait, b.steal - a.steal
+        total = max(1, busy + idle + iowait + steal)
+        return cls(busy=100 * busy / total, iowait=100 * iowait / total,
+                   steal=100 * steal / total, load1=b.load1, seconds=seconds)
+
+    @classmethod
+    def idle_for(cls, seconds: float) -> HostLoad:
+        """The machine while this process waits ``seconds``: the load of others alone."""
+        a, t0 = CpuTimes.now(), time.monotonic()
+        time.sleep(seconds)
+        return cls.between(a, CpuTimes.now(), time.monotonic() - t0)
+
+    def cells(self) -> list[str]:
+        return [f"{self.busy:.0f}%", f"{self.iowait:.0f}%", f"{self.steal:.1f}%",
+                f"{self.load1:.2f}"]
+
+
+LOAD_HEADERS = ["CPU busy", "iowait", "steal", "load avg (1 min)"]
 
 
 # -- host memory ----------------------------------------------------------------------------

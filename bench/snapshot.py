@@ -46,14 +46,18 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _common import (
+    LOAD_HEADERS,
     Agent,
     Cleanup,
+    CpuTimes,
+    HostLoad,
     HostMemory,
     Image,
     Libvirt,
@@ -133,6 +137,7 @@ class Clones:
     total: float
     each: list[float]
     memory: HostMemory
+    load: HostLoad | None = None  # the machine while they were restored
 
 
 class LibvirtBaseline:
@@ -393,6 +398,7 @@ class Row:
     b_restore: list[float] = field(default_factory=list)
     b_size: int | None = None
     b_disk: int | None = None
+    load: HostLoad | None = None  # the machine while this row was measured
 
 
 def tenki_capture(srv: TenkiServer, session_id: str, row: Row) -> Any:
@@ -447,10 +453,19 @@ def tenki_clones(srv: TenkiServer, snapshot_id: str, n: int) -> Clones:
     return Clones(max(done) - t0, [d - t0 for d in done], memory)
 
 
+def with_load(measure: Callable[..., Clones], *args: Any) -> Clones:
+    """``measure(*args)``, with the machine's load while it ran."""
+    a, t0 = CpuTimes.now(), time.monotonic()
+    result = measure(*args)
+    result.load = HostLoad.between(a, CpuTimes.now(), time.monotonic() - t0)
+    return result
+
+
 # -- output ---------------------------------------------------------------------------------
 
 def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, label: str,
-                 desc: str, note: str | None, args: argparse.Namespace, elapsed: float) -> None:
+                 desc: str, note: str | None, args: argparse.Namespace, elapsed: float,
+                 before: HostLoad) -> None:
     b = label
     print(f"\n## Snapshots: tenki vs {b} ({args.cpu} vCPU, TCG; restores per row: "
           f"{args.restores}, median (min-max); ratio = tenki/{b})\n")
@@ -510,6 +525,16 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
         print(md_table(["system", "all exec-ready", "each exec-ready", "host memory",
                         "per clone", "PSS (QEMU)", "of it RAM-file pages", "RAM files (n)",
                         "helpers"], k_rows))
+    print("\n### The machine's load (/proc/stat, all CPUs; both systems' own work included)\n")
+    print("Steal is time the hypervisor gave to other guests; a row measured while it or "
+          "iowait was high is noisy for both systems.\n")
+    l_rows = [("before the run (3 s, nothing of ours running)", *before.cells())]
+    l_rows += [(f"{r.memory_mb} MiB / {r.dirty_mb} MiB ({r.load.seconds:.0f} s)", *r.load.cells())
+               for r in rows if r.load is not None]
+    l_rows += [(f"{n} clones: {system} ({c.load.seconds:.0f} s)", *c.load.cells())
+               for system, c in clones.items() if c.load is not None
+               for n in [args.clones]]
+    print(md_table(["measured", *LOAD_HEADERS], l_rows))
     # summary
     parts = []
 
@@ -597,6 +622,8 @@ def main() -> int:
     clones: dict[str, Clones] = {}
     clone_desc = ""
     note: str | None = None
+    # before anything of ours runs: what the machine's other tenants take (3 s)
+    before = HostLoad.idle_for(3.0)
     with Cleanup() as cleanup:
         image_dir = ensure_image()
         srv = TenkiServer(cleanup, image_dir, "snapshot")
@@ -637,6 +664,7 @@ def main() -> int:
             for dirty in args.dirty:
                 row = Row(memory_mb, dirty)
                 rows.append(row)
+                row_start, row_t0 = CpuTimes.now(), time.monotonic()
                 if dirty:
                     log(f"writing {dirty} MiB of random data into both guests")
                     session.shell(dirty_command(dirty), timeout=900).check()
@@ -652,14 +680,15 @@ def main() -> int:
                     row.b_restore.append(baseline.restore(saved, keep=k == args.restores - 1))
                     log(f"{label} {memory_mb} MiB/{dirty}: restore to exec "
                         f"{row.b_restore[-1]:.2f}s")
+                row.load = HostLoad.between(row_start, CpuTimes.now(), time.monotonic() - row_t0)
                 if args.clones and memory_mb == args.clone_from and dirty == args.dirty[-1]:
                     clone_desc = f"{memory_mb} MiB guest, {dirty} MiB dirty"
                     log(f"restoring {args.clones} tenki sessions at once ({clone_desc})")
-                    clones["tenki"] = tenki_clones(srv, snap.id, args.clones)
+                    clones["tenki"] = with_load(tenki_clones, srv, snap.id, args.clones)
                     log(f"tenki: {args.clones} clones in {clones['tenki'].total:.2f}s, "
                         f"{mib(clones['tenki'].memory.total)}")
                     log(f"restoring {args.clones} {label} guests at once")
-                    clones[label] = baseline.clones(saved, args.clones)
+                    clones[label] = with_load(baseline.clones, saved, args.clones)
                     log(f"{label}: {args.clones} clones in {clones[label].total:.2f}s, "
                         f"{mib(clones[label].memory.total)}")
                 with contextlib.suppress(OSError):
@@ -671,7 +700,7 @@ def main() -> int:
             # image's hard link is old, so its age does not protect it)
 
     print_report(rows, clones, clone_desc, label, baseline.desc, note, args,
-                 time.monotonic() - started)
+                 time.monotonic() - started, before)
     return 0
 
 
