@@ -28,6 +28,11 @@ with the most dirty data): time until all answered ``exec true``, and host memor
 the QEMU processes' PSS (/proc/<pid>/smaps_rollup) without their mapped tmpfs part, plus the
 tmpfs RAM files, plus helpers (passt); and the same from the baseline's save file.
 
+The machine's load is noted with the results (``/proc/stat``): CPU busy, iowait and steal, and
+the load average, for 3 s before anything of ours runs (the other tenants alone), during each
+row and during each system's clones. These machines are shared: a row measured under steal or
+iowait is noisy for both systems, and ratios of such rows mean less.
+
 Everything runs against a private tenki server on a temporary TENKI_HOME and is cleaned up on
 the way out (failure and Ctrl-C included). Nothing is asserted: tables and a summary line.
 """
