@@ -26,6 +26,8 @@ from pathlib import Path
 
 from _common import Cleanup, TenkiServer, ensure_image, log, md_table
 
+from tenkibox.client import Session
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.netlab import PUBLIC_A, NetLab
 
@@ -80,11 +82,15 @@ def measure(mode: str, image: Path, args: argparse.Namespace, cleanup: Cleanup) 
     warm = srv.client.create_and_wait(memory_mb=1024, timeout=900)  # builds the golden one
     warm.terminate()
     before = slab_kib()
-    sessions = []
+    sessions: list[Session] = []
     alive = sessions  # terminated ones leave it; cleanup terminates the rest
     for i in range(args.sessions):
         s = srv.client.create_and_wait(memory_mb=1024, name=f"net-{mode}-{i}", timeout=300)
-        cleanup.push(f"terminate {s.id}", lambda s=s: s.terminate() if s in alive else None)
+        def end(s: Session = s) -> None:
+            if s in alive:
+                s.terminate()
+
+        cleanup.push(f"terminate {s.id}", end)
         sessions.append(s)
     helpers = [p for s in sessions for p in pids_of("passt", "")] if mode == "passt" else []
     helpers = sorted(set(helpers))

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from _common import (
@@ -179,7 +180,7 @@ def from_template_runs(srv: TenkiServer, args: argparse.Namespace,
     sdk.delete_snapshot(snap.id)
 
 
-def _at_once(srv: TenkiServer, n: int, fields: dict[str, object]) -> tuple[float, float]:
+def _at_once(srv: TenkiServer, n: int, fields: Mapping[str, object]) -> tuple[float, float]:
     """``n`` creates at once, each until its first exec answered: the wall time, then the host
     memory (PSS of QEMU and its network helper) of the ``n`` idle sessions."""
     import concurrent.futures
