@@ -33,8 +33,10 @@ RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "l
 # stopped, then its pages copied out of QEMU's memory
 CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-written", "resume", "convert",
                  "compress-ram", "checksum", "sync", "sync:after"]
-# a session restored from a snapshot that wrote little is captured by its written pages
-WRITTEN_STEPS = ["pause", "copy-written", "copy-written:after", "convert", "compress-ram"]
+# a session restored from a snapshot that wrote little is captured by its written pages (at
+# ``prepare:after`` the copy's target is allocated and the guest still runs)
+WRITTEN_STEPS = ["prepare:after", "pause", "copy-written", "copy-written:after", "convert",
+                 "compress-ram"]
 # one that wrote more than ``written.limit`` is saved live
 LIVE_STEPS = ["pre-copy", "device-state", "convert"]
 DELETE_STEPS = ["mark", "remove-files"]

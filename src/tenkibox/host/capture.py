@@ -1,6 +1,9 @@
 """Capture: memory, device state and disk of a running VM at one instant, then sealed into the
 artifact store. One ordered list of named, timed steps:
 
+0. ``prepare``      while the guest still runs: whether it is captured by the pages it wrote
+                    (``written.plan``: the pages found from QEMU's page tables, the copy's
+                    target allocated and mapped), or saved live or paused.
 1. ``pre-copy``     a running guest is saved live (``start_live_save``): QEMU copies its RAM while
                     it runs, again for the pages written meanwhile, and stops it once what is left
                     takes ~20 ms (``wait_switchover``): the guest is stopped for the last pages and
@@ -167,7 +170,8 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
     stays_paused = spec.leave_paused or not was_running
     # a restored VM by the pages it wrote, if few or it stays paused; else a guest that goes
     # on running is saved live, and one that stays paused anyway is saved while it waits
-    direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
+    with steps.step("prepare"):  # timed: it is part of a capture, though the guest runs on
+        direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
     live = (direct is None and not stays_paused and LIVE_CAPTURE
             and live_save_safe(machine.cfg))
     # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
