@@ -35,6 +35,8 @@ if str(SRC) not in sys.path:  # run with any python that has the project's depen
 from tenkibox import Client  # noqa: E402
 from tenkibox import config as tconfig  # noqa: E402
 from tenkibox.engine.agent import AgentClient  # noqa: E402
+from tenkibox.host.network.addressing import VMNet  # noqa: E402
+from tenkibox.host.network.links import ours, remove  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.tenki.agent"
@@ -508,6 +510,13 @@ class TenkiServer:
                     log(f"killed leftover QEMU {info['pid']}")
                 if info.get("net_pid"):
                     kill_pid(int(info["net_pid"]), "passt")
+        # and the network of a session the server could not end (its recovery would have,
+        # on a next start; this home is about to go)
+        tag = tconfig.home_tag(self.home)
+        spaces, tables = ours(tag)
+        for sid in sorted(set(spaces) | set(tables)):
+            log(f"removing the leftover network of {sid}")
+            remove(VMNet(tag, sid, 0))  # named by owner and session: any slot will do
 
     def machines(self, session_ids: Iterable[str]) -> list[dict[str, Any]]:
         out = []
