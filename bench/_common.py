@@ -165,13 +165,15 @@ def stop_popen(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
 @dataclass(frozen=True)
 class CpuTimes:
     """The machine's CPU time so far (``/proc/stat``'s first line, in clock ticks) and its load
-    average: what else ran here is part of every timing, so each result notes it."""
+    average, read at ``at`` (monotonic): what else ran here is part of every timing, so each
+    result notes it."""
 
     busy: int
     idle: int
     iowait: int
     steal: int
     load1: float
+    at: float
 
     @classmethod
     def now(cls) -> CpuTimes:
@@ -179,7 +181,7 @@ class CpuTimes:
         # user nice system idle iowait irq softirq steal (guest time is counted in user)
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         return cls(busy=user + nice + system + irq + softirq, idle=idle, iowait=iowait,
-                   steal=steal, load1=os.getloadavg()[0])
+                   steal=steal, load1=os.getloadavg()[0], at=time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -193,19 +195,21 @@ class HostLoad:
     seconds: float
 
     @classmethod
-    def between(cls, a: CpuTimes, b: CpuTimes, seconds: float) -> HostLoad:
+    def since(cls, a: CpuTimes) -> HostLoad:
+        """The machine from ``a`` until now."""
+        b = CpuTimes.now()
         busy, idle = b.busy - a.busy, b.idle - a.idle
         iowait, steal = b.iowait - a.iowait, b.steal - a.steal
         total = max(1, busy + idle + iowait + steal)
         return cls(busy=100 * busy / total, iowait=100 * iowait / total,
-                   steal=100 * steal / total, load1=b.load1, seconds=seconds)
+                   steal=100 * steal / total, load1=b.load1, seconds=b.at - a.at)
 
     @classmethod
     def idle_for(cls, seconds: float) -> HostLoad:
         """The machine while this process waits ``seconds``: the load of others alone."""
-        a, t0 = CpuTimes.now(), time.monotonic()
+        a = CpuTimes.now()
         time.sleep(seconds)
-        return cls.between(a, CpuTimes.now(), time.monotonic() - t0)
+        return cls.since(a)
 
     def cells(self) -> list[str]:
         return [f"{self.busy:.0f}%", f"{self.iowait:.0f}%", f"{self.steal:.1f}%",
@@ -671,6 +675,11 @@ class PlainVM:
 LIBVIRT_PACKAGES = ("libvirt-daemon-system", "libvirt-clients", "lzop")
 
 
+def missing_libvirt() -> list[str]:
+    """The programs of libvirt the baseline runs that are not installed."""
+    return [c for c in ("virsh", "libvirtd", "virtlogd") if shutil.which(c) is None]
+
+
 def install_libvirt(missing: list[str]) -> None:
     """Install libvirt from Debian's packages (as root, where apt-get is), so that a fresh
     machine measures against libvirt and not the plain-QEMU fallback; RuntimeError naming what
@@ -686,7 +695,7 @@ def install_libvirt(missing: list[str]) -> None:
         log("apt-get install failed; updating the package lists and trying again")
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=900)
         done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    still = [c for c in ("virsh", "libvirtd", "virtlogd") if shutil.which(c) is None]
+    still = missing_libvirt()
     if done.returncode != 0 or still:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{hint}; apt-get install failed: {' / '.join(tail)}")
@@ -702,7 +711,7 @@ class Libvirt:
         self.reaper: subprocess.Popen[str] | None = None
         self.domains: set[str] = set()
         self.warning: str | None = None
-        missing = [c for c in ("virsh", "libvirtd", "virtlogd") if shutil.which(c) is None]
+        missing = missing_libvirt()
         if missing:
             install_libvirt(missing)
         cleanup.push("stop libvirt", self.stop)

@@ -460,9 +460,9 @@ def tenki_clones(srv: TenkiServer, snapshot_id: str, n: int) -> Clones:
 
 def with_load(measure: Callable[..., Clones], *args: Any) -> Clones:
     """``measure(*args)``, with the machine's load while it ran."""
-    a, t0 = CpuTimes.now(), time.monotonic()
+    a = CpuTimes.now()
     result = measure(*args)
-    result.load = HostLoad.between(a, CpuTimes.now(), time.monotonic() - t0)
+    result.load = HostLoad.since(a)
     return result
 
 
@@ -536,9 +536,8 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
     l_rows = [("before the run (3 s, nothing of ours running)", *before.cells())]
     l_rows += [(f"{r.memory_mb} MiB / {r.dirty_mb} MiB ({r.load.seconds:.0f} s)", *r.load.cells())
                for r in rows if r.load is not None]
-    l_rows += [(f"{n} clones: {system} ({c.load.seconds:.0f} s)", *c.load.cells())
-               for system, c in clones.items() if c.load is not None
-               for n in [args.clones]]
+    l_rows += [(f"{args.clones} clones: {system} ({c.load.seconds:.0f} s)", *c.load.cells())
+               for system, c in clones.items() if c.load is not None]
     print(md_table(["measured", *LOAD_HEADERS], l_rows))
     # summary
     parts = []
@@ -669,7 +668,7 @@ def main() -> int:
             for dirty in args.dirty:
                 row = Row(memory_mb, dirty)
                 rows.append(row)
-                row_start, row_t0 = CpuTimes.now(), time.monotonic()
+                row_start = CpuTimes.now()
                 if dirty:
                     log(f"writing {dirty} MiB of random data into both guests")
                     session.shell(dirty_command(dirty), timeout=900).check()
@@ -685,7 +684,7 @@ def main() -> int:
                     row.b_restore.append(baseline.restore(saved, keep=k == args.restores - 1))
                     log(f"{label} {memory_mb} MiB/{dirty}: restore to exec "
                         f"{row.b_restore[-1]:.2f}s")
-                row.load = HostLoad.between(row_start, CpuTimes.now(), time.monotonic() - row_t0)
+                row.load = HostLoad.since(row_start)
                 if args.clones and memory_mb == args.clone_from and dirty == args.dirty[-1]:
                     clone_desc = f"{memory_mb} MiB guest, {dirty} MiB dirty"
                     log(f"restoring {args.clones} tenki sessions at once ({clone_desc})")

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 from support.fake_host import FakeHost, FakeIO
+from support.helpers import eventually
 from support.server import InProcessServer
 
 from tenkibox import AsyncClient, Client, errors, models
@@ -308,11 +309,8 @@ def test_build_and_wait_reconnects_a_silent_log(
         # after it had opened.
         try:
             gate.wait_entered(timeout=20)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if len(inproc.requests.to("GET", "/log")) >= 3:
-                    return
-                time.sleep(0.05)
+            eventually(lambda: len(inproc.requests.to("GET", "/log")) >= 3, timeout=20,
+                       interval=0.05, what="the log opened again")
         finally:
             gate.release()
 
