@@ -181,6 +181,17 @@ class Fleet:
             raise ConflictError(f"session {session_id} has no record: no host runs it")
         return self.member(host_id)
 
+    # A caller that holds the session's record already (an exec reads it to check the session
+    # runs) asks by it: the same answer as by id, without reading the record again.
+    def host_for(self, row: SessionRow) -> HostAPI:
+        """The member the record ``row`` names (``ConflictError``: not connected here)."""
+        return self.member(row.host_id or LOCAL)
+
+    def runs(self, row: SessionRow) -> bool:
+        """``has_vm`` by a record already read: the VM is on the member it names."""
+        host = self._members.get(row.host_id or LOCAL)
+        return host is not None and host.has_vm(row.id)
+
     def _for_volume(self, volume_id: str) -> HostAPI:
         host_id = self.volume_host(volume_id)
         if host_id is None:
@@ -402,9 +413,8 @@ class Fleet:
 
     def has_vm(self, session_id: str) -> bool:
         """Only the host the record names counts: a VM elsewhere is not the session's."""
-        host_id = self.host_of(session_id)
-        host = self._members.get(host_id) if host_id is not None else None
-        return host is not None and host.has_vm(session_id)
+        row = self.records.find(SessionRow, session_id)
+        return row is not None and self.runs(row)
 
     async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered:
         """Each member recovers the live sessions placed on it. A member that cannot answer

@@ -260,11 +260,16 @@ class Records:
             moved = result.rowcount == 1  # type: ignore[attr-defined]
             if moved:
                 self._announce(orm)
+            # read in the same transaction: the row as this change left it (or, refused, as
+            # it was), without a second one (an exec moves its session twice)
+            row = orm.get(cls, key, populate_existing=True)
+        if row is None:
+            raise _MISSING[kind](f"{kind} {key} not found")
         if not moved:
-            current: Any = self.get(cls, key)
+            current: Any = row
             raise IllegalTransitionError(kind, key, current.state, target)
         await self.notify()
-        return self.get(cls, key)
+        return row
 
     async def update(self, cls: type[R], key: str, *, when_state: Iterable[Any] | None = None,
                      when: dict[str, Any] | None = None, notify: bool = True,

@@ -32,6 +32,7 @@ from ..errors import (
 from ..host.api import (
     BootSpec,
     ExecSpec,
+    HostAPI,
     Manifest,
     NetworkSpec,
     ProcessEvent,
@@ -145,7 +146,7 @@ class SessionControl:
 
     def live_row(self, session_id: str, ws: str | None = None) -> SessionRow:
         row = self.row(session_id, ws)
-        if row.state not in LIVE or not self.host.has_vm(session_id):
+        if row.state not in LIVE or not self.host.runs(row):
             raise not_running(row)
         return row
 
@@ -267,7 +268,7 @@ class SessionControl:
             if isinstance(exc, (ConflictError, ValidationError, NotFoundError)):
                 raise
             row = self.row(session_id)
-            if row.state not in LIVE or not self.host.has_vm(session_id):
+            if row.state not in LIVE or not self.host.runs(row):
                 raise not_running(row) from exc
             raise
 
@@ -573,24 +574,26 @@ class SessionControl:
         env, cwd, uid = {**(row.env or {}), **req.env}, req.cwd, None
         if req.user == workdir.USER:  # the guest user, as the official SDKs' commands run
             env, cwd, uid = {**workdir.USER_ENV, **env}, cwd or workdir.WORKDIR, workdir.UID
-        ref: ProcessRef = await self._while_live(session_id, self.host.start_process(
+        host = self.host.host_for(row)  # the member running the VM: the process is its
+        ref: ProcessRef = await self._while_live(session_id, host.start_process(
             session_id, ExecSpec(argv=argv, env=env, cwd=cwd, timeout_s=req.timeout_s,
                                  stdin=req.stdin or stdin_data is not None, user=uid)))
         if stdin_data is not None:
-            await self._while_live(session_id, self.host.process_stdin(
+            await self._while_live(session_id, host.process_stdin(
                 session_id, ref.process_id, stdin_data))
-            await self._while_live(session_id, self.host.process_close_stdin(
+            await self._while_live(session_id, host.process_close_stdin(
                 session_id, ref.process_id))
         try:
             await self.records.transition(SessionRow, session_id, S.RUNNING, expected=[S.READY])
         except IllegalTransitionError:
             pass  # already RUNNING (another process), or ending
-        self._spawn(self._settle(session_id, ref.process_id), f"settle {ref.process_id}")
+        self._spawn(self._settle(host, session_id, ref.process_id), f"settle {ref.process_id}")
         return ref
 
-    async def _settle(self, session_id: str, process_id: str) -> None:
-        await self.host.process_exit(session_id, process_id)
-        if self.host.running_processes(session_id) == 0:
+    async def _settle(self, host: HostAPI, session_id: str, process_id: str) -> None:
+        """READY again once the session's last process ended (on ``host``, whose VM ran it)."""
+        await host.process_exit(session_id, process_id)
+        if host.running_processes(session_id) == 0:
             try:
                 await self.records.transition(SessionRow, session_id, S.READY,
                                               expected=[S.RUNNING])
@@ -599,8 +602,7 @@ class SessionControl:
 
     def process_events(self, session_id: str, process_id: str,
                        ws: str | None = None) -> AsyncGenerator[ProcessEvent, None]:
-        self.row(session_id, ws)
-        return self.host.process_events(session_id, process_id)
+        return self.host.host_for(self.row(session_id, ws)).process_events(session_id, process_id)
 
     async def process_stdin(self, session_id: str, process_id: str, data: bytes,
                             ws: str | None = None) -> None:
