@@ -9,6 +9,7 @@ stop) and converts the full stream afterwards (``convert_stream``).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +25,28 @@ from .machine import (
 )
 
 MIGRATE_TIMEOUT_S = 60.0
+#: the names of the descriptors a migration reads or writes (``file_uri``)
+IN_FD, OUT_FD = "tenki-migrate-in", "tenki-migrate-out"
 LIVE_DOWNTIME_MS = 20  # what a live save may leave for the stop: a few MiB under TCG
 CONVERGE_S = 10.0
 FORCED_DOWNTIME_MS = 5000
+
+
+async def file_uri(machine: Machine, path: Path, *, write: bool) -> str:
+    """A migration URI for ``path``: the file opened here and handed to QEMU (``fd:``). An
+    ``exec:cat`` URI made QEMU fork a shell and ``cat`` for each one (6-9 ms of a restore's
+    ``load-state`` here, against 2-4 ms; QEMU 7.2 has no ``file:`` URI)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MachineError(f"cannot open {path} for a migration: {exc}") from exc
+    try:
+        name = OUT_FD if write else IN_FD
+        await machine.send_fd(name, fd)
+    finally:
+        os.close(fd)
+    return f"fd:{name}"
 
 
 async def enable_snapshot_caps(machine: Machine, ignore_shared: bool = True,
@@ -62,20 +82,25 @@ async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -
         delay = min(delay * 2, 0.05)
 
 
-async def freeze_disk(machine: Machine, new_top: Path, node_name: str) -> None:
-    """``blockdev-snapshot-sync``: the current top layer becomes read-only and the VM goes on
-    writing to a new overlay at ``new_top`` (the guest may run or be paused)."""
-    top_node, _ = await machine.top_node()
-    await machine.execute("blockdev-snapshot-sync", {
-        "node-name": top_node, "snapshot-file": str(new_top),
-        "snapshot-node-name": node_name, "format": "qcow2",
-    })
+async def freeze_disk(machine: Machine, new_top: Path, node_name: str,
+                      top_node: str | None = None, *, existing: bool = False) -> None:
+    """``blockdev-snapshot-sync``: the current top layer (``top_node``, else asked for) becomes
+    read-only and the VM goes on writing to a new overlay at ``new_top`` (the guest may run or
+    be paused). With ``existing``, ``new_top`` was made beforehand, over the current top
+    (``disks.create_overlay``): QEMU only opens it, where creating it took ~6-10 ms."""
+    if top_node is None:
+        top_node, _ = await machine.top_node()
+    args = {"node-name": top_node, "snapshot-file": str(new_top),
+            "snapshot-node-name": node_name, "format": "qcow2"}
+    if existing:
+        args["mode"] = "existing"
+    await machine.execute("blockdev-snapshot-sync", args)
 
 
 async def save_state(machine: Machine, target: Path, *, with_ram: bool) -> None:
     """Write the device state (and guest RAM, if ``with_ram``) to ``target``; waits."""
     await enable_snapshot_caps(machine, ignore_shared=not with_ram)
-    await machine.execute("migrate", {"uri": f"exec:cat > {target}"})
+    await machine.execute("migrate", {"uri": await file_uri(machine, target, write=True)})
     await wait_migration(machine)
 
 
@@ -94,7 +119,7 @@ async def start_live_save(machine: Machine, target: Path) -> None:
     fits in ``LIVE_DOWNTIME_MS`` and waits (``wait_switchover``). The stream holds all of RAM;
     a page sent twice is overwritten by its later copy when the stream is loaded."""
     await enable_snapshot_caps(machine, ignore_shared=False, live=True)
-    await machine.execute("migrate", {"uri": f"exec:cat > {target}"})
+    await machine.execute("migrate", {"uri": await file_uri(machine, target, write=True)})
 
 
 async def wait_switchover(machine: Machine, timeout: float) -> None:
@@ -150,7 +175,8 @@ async def cancel_migration(machine: Machine) -> None:
 async def load_state(machine: Machine, source: Path) -> None:
     """Load a device state written by ``save_state`` into a VM started ``-incoming defer``."""
     await enable_snapshot_caps(machine)
-    await machine.execute("migrate-incoming", {"uri": f"exec:cat {source}"})
+    await machine.execute("migrate-incoming",
+                          {"uri": await file_uri(machine, source, write=False)})
     await wait_migration(machine)
 
 
@@ -176,10 +202,12 @@ async def convert_stream(cfg: MachineConfig, disk_size: int, stream: Path, work_
         await asyncio.to_thread(disks.create_blank, disk, disk_size)
         await scratch.launch(LaunchOptions([disk], incoming=True))
         await enable_snapshot_caps(scratch, ignore_shared=False)
-        await scratch.execute("migrate-incoming", {"uri": f"exec:cat {stream}"})
+        await scratch.execute("migrate-incoming",
+                              {"uri": await file_uri(scratch, stream, write=False)})
         await wait_migration(scratch)
         await enable_snapshot_caps(scratch, ignore_shared=True)
-        await scratch.execute("migrate", {"uri": f"exec:cat > {state_out}"})
+        await scratch.execute("migrate",
+                              {"uri": await file_uri(scratch, state_out, write=True)})
         await wait_migration(scratch)
         await scratch.kill()
     finally:

@@ -3,7 +3,9 @@ artifact store. One ordered list of named, timed steps:
 
 0. ``prepare``      while the guest still runs: whether it is captured by the pages it wrote
                     (``written.plan``: the pages found from QEMU's page tables, the copy's
-                    target allocated and mapped), or saved live or paused.
+                    target allocated and mapped), or saved live or paused; and the disk's
+                    next overlay, over its current top (removed again if step 2 never
+                    switches to it).
 1. ``pre-copy``     a running guest is saved live (``start_live_save``): QEMU copies its RAM while
                     it runs, again for the pages written meanwhile, and stops it once what is left
                     takes ~20 ms (``wait_switchover``): the guest is stopped for the last pages and
@@ -16,8 +18,9 @@ artifact store. One ordered list of named, timed steps:
                     pages it wrote (``host/written.py``): steps 3 are then ``device-state``
                     and ``copy-written``, with no migration of its RAM.
 2. ``freeze-disk``  ``blockdev-snapshot-sync`` with the guest stopped: the current top layer
-                    becomes read-only and the VM continues on a new overlay, so the disk layer
-                    and the memory are of the same instant.
+                    becomes read-only and the VM continues on a new overlay (made in step 0,
+                    so that the stop only opens it), so the disk layer and the memory are of
+                    the same instant.
 3. ``device-state`` device state and RAM into a stream on tmpfs staging (live: the last dirty
                     pages and the device state, ``finish_live_save``).
 4. ``resume``       ``cont``; always attempted, whatever failed before, if the guest was running
@@ -168,35 +171,45 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
     machine = vm.machine
     was_running = (await machine.status()) == "running"
     stays_paused = spec.leave_paused or not was_running
-    # a restored VM by the pages it wrote, if few or it stays paused; else a guest that goes
-    # on running is saved live, and one that stays paused anyway is saved while it waits
-    with steps.step("prepare"):  # timed: it is part of a capture, though the guest runs on
-        direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
-    live = (direct is None and not stays_paused and LIVE_CAPTURE
-            and live_save_safe(machine.cfg))
-    # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
-    quiet = vm.agent.quiet() if direct is not None else contextlib.nullcontext()
+    # unique: a crashed capture's file is never reused (nor, being the session's, left behind
+    # once it ends)
+    new_top = vm.disk_dir / f"top-{spec.snapshot_id}.qcow2"
+    direct = None
     try:
+        # a restored VM by the pages it wrote, if few or it stays paused; else a guest that
+        # goes on running is saved live, and one that stays paused anyway is saved while it
+        # waits. The disk's next overlay is made here too: the stop then only switches to it.
+        with steps.step("prepare"):  # timed: part of a capture, though the guest runs on
+            direct = await asyncio.to_thread(written.plan, ctx, vm, staging, stays_paused)
+            # over the record's top (QEMU names a node given with its chain by a json: text)
+            top_node, _ = await machine.top_node()
+            await asyncio.to_thread(disks.create_overlay, new_top, vm.disk_dir / vm.record.top)
+        live = (direct is None and not stays_paused and LIVE_CAPTURE
+                and live_save_safe(machine.cfg))
+        # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
+        quiet = vm.agent.quiet() if direct is not None else contextlib.nullcontext()
         async with quiet:
             paused_s, copied = await _stop_and_copy(vm, steps, staging, spec, direct, live,
-                                                    was_running)
+                                                    was_running, new_top, top_node)
     finally:
         if direct is not None:
             direct.close()
+        if vm.record.top != new_top.name:  # not switched to: nothing refers to it
+            new_top.unlink(missing_ok=True)
     return paused_s, copied, was_running and spec.leave_paused
 
 
 async def _stop_and_copy(vm: VM, steps: Steps, staging: Path, spec: CaptureSpec,
-                         direct: written.Plan | None, live: bool,
-                         was_running: bool) -> tuple[float, Path | written.Written]:
-    """Steps 1 to 4 (see the module's text); returns the seconds paused and what to convert."""
+                         direct: written.Plan | None, live: bool, was_running: bool,
+                         new_top: Path, top_node: str) -> tuple[float, Path | written.Written]:
+    """Steps 1 to 4 (see the module's text); returns the seconds paused and what to convert.
+    ``new_top``: the overlay made over ``top_node`` in ``prepare``, switched to in step 2."""
     machine = vm.machine
     stream = staging / "stream"
     copied: Path | written.Written = stream
     paused_at = time.monotonic()
     downtime: float | None = None
     frozen_name = vm.record.top
-    new_top = f"top-{spec.snapshot_id}.qcow2"  # unique: a crashed capture's file is never reused
     done = False
     try:
         if live:
@@ -208,10 +221,11 @@ async def _stop_and_copy(vm: VM, steps: Steps, staging: Path, spec: CaptureSpec,
             with steps.step("pause"):
                 await machine.pause()
         with steps.step("freeze-disk"):
-            await freeze_disk(machine, vm.disk_dir / new_top, f"top-{spec.snapshot_id}")
+            await freeze_disk(machine, new_top, f"top-{spec.snapshot_id}", top_node,
+                              existing=True)
             # from here QEMU writes to the new top: the host's note must say so at once
             vm.record.frozen.append((frozen_name, ""))
-            vm.record.top = new_top
+            vm.record.top = new_top.name
             vm.record.save(vm.disk_dir)
         if direct is not None:
             copied = await written.copy(vm, direct, staging, steps)
