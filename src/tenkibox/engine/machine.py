@@ -516,11 +516,16 @@ class Machine:
         os.replace(tmp, self.files.info)
 
     # -- QMP --------------------------------------------------------------------------------
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, *,
+                      fd: int | None = None) -> Any:
+        """``cmd`` over QMP; with ``fd``, a duplicate of that descriptor goes with it (the
+        caller still owns and closes its own)."""
         if self._qmp is None:
             raise MachineError(f"{self.name}: not connected to QEMU")
         try:
-            async with self._lock:
+            async with self._lock:  # a descriptor belongs to the very next command
+                if fd is not None:
+                    self._qmp.send_fd_scm(fd)
                 return await self._qmp.execute(cmd, args)
         except QMPError as exc:
             raise MachineError(f"QMP {cmd} failed: {exc}",
@@ -531,19 +536,8 @@ class Machine:
 
     async def send_fd(self, name: str, fd: int) -> None:
         """Give QEMU a duplicate of ``fd`` under ``name`` (QMP ``getfd``; a later one of the
-        same name replaces it). The caller still owns and closes its own."""
-        if self._qmp is None:
-            raise MachineError(f"{self.name}: not connected to QEMU")
-        try:
-            async with self._lock:  # the descriptor goes with the very next command
-                self._qmp.send_fd_scm(fd)
-                await self._qmp.execute("getfd", {"fdname": name})
-        except QMPError as exc:
-            raise MachineError(f"QMP getfd failed: {exc}",
-                               log_tail="" if self.alive() else _tail(self.files.qemu_log)) from exc
-        except (OSError, EOFError) as exc:
-            raise MachineError(f"QMP getfd: connection to QEMU lost ({exc})",
-                               log_tail=_tail(self.files.qemu_log)) from exc
+        same name replaces it)."""
+        await self.execute("getfd", {"fdname": name}, fd=fd)
 
     async def pause(self) -> None:
         await self.execute("stop")
