@@ -817,3 +817,36 @@ async def test_nothing_reaches_the_agent_while_quiet(client: AgentClient) -> Non
         assert client._held_acks == {7: 128}
     assert (await asyncio.wait_for(asking, 5))["version"] == guest.VERSION
     assert client._held_acks is None
+
+
+async def test_identity_files_of_the_same_length_are_rewritten_in_place(
+        client: AgentClient, vm: Guest) -> None:
+    # a clone of a clone: the files keep their inode (no new file, no rename), their mode is
+    # the one asked for, and one of another length is replaced whole, with no old tail
+    etc = vm.root / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hostname").write_text("clone-a\n")
+    (etc / "machine-id").write_text("f" * 32 + "\n")
+    (etc / "machine-id").chmod(0o600)
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tclone-a-much-longer\n")
+    inodes = {n: (etc / n).stat().st_ino for n in ("hostname", "machine-id", "hosts")}
+    await client.settle(("clone-b", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert (etc / "hostname").read_text() == "clone-b\n"
+    assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert (etc / "hosts").read_text() == "127.0.0.1\tlocalhost\n127.0.1.1\tclone-b\n"
+    assert (etc / "hostname").stat().st_ino == inodes["hostname"]
+    assert (etc / "machine-id").stat().st_ino == inodes["machine-id"]
+    assert (etc / "machine-id").stat().st_mode & 0o777 == 0o444
+    assert (etc / "hosts").stat().st_ino != inodes["hosts"]  # shorter now: replaced
+    assert sorted(p.name for p in etc.iterdir() if "tmp" in p.name) == []
+
+
+async def test_a_fifo_in_place_of_an_identity_file_does_not_hold_the_settle(
+        client: AgentClient, vm: Guest) -> None:
+    etc = vm.root / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hostname").unlink(missing_ok=True)
+    os.mkfifo(etc / "hostname")
+    await asyncio.wait_for(
+        client.settle(("clone-c", "0123456789abcdef0123456789abcdef", os.urandom(64))), 10)
+    assert (etc / "hostname").read_text() == "clone-c\n"  # replaced by a file

@@ -1064,6 +1064,9 @@ class Agent:
         return "\n".join(lines) + "\n"
 
     def _replace_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        data = text.encode()
+        if self._rewrite(path, data, mode):
+            return
         # the file a link names (the image links the identity files into /run/tenki, tmpfs):
         # replacing the link itself would put the file back on the disk
         target = os.path.realpath(self.sys.path(path))
@@ -1072,6 +1075,33 @@ class Agent:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+
+    def _rewrite(self, path: str, data: bytes, mode: int) -> bool:
+        """Write ``data`` over the regular file ``path`` names (through its links) in place,
+        if it is exactly as long: no new file, no rename. A restored clone is the first in its
+        QEMU to run those paths, and under TCG the first file created and renamed took 19-37 ms
+        of its settle, where this took 9-12 ms. Same length: a reader never sees a shorter file
+        or an old tail (hostnames, machine-ids and so /etc/hosts keep theirs from clone to
+        clone). False, with nothing written, for any other file: it is replaced."""
+        try:
+            # never waits: a FIFO put there (the guest is its user's) fails at once
+            fd = os.open(self.sys.path(path),
+                         os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+                return False
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            view, pos = memoryview(data), 0
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            return True
+        finally:
+            os.close(fd)
 
     def op_sync(self, req: dict[str, Any]) -> dict[str, Any]:
         os.sync()
