@@ -42,26 +42,30 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def _hand_over(path: Path, *, write: bool) -> tuple[str, int, str]:
+    """``file_uri`` of ``path``: (the name sent, the access mode, the content QEMU would
+    read); the URI names it, and the descriptor is closed here once handed over."""
+    m = FdMachine()
+    uri = asyncio.run(migration.file_uri(m, path, write=write))  # type: ignore[arg-type]
+    (name, fd, mode, content), = m.sent
+    assert uri == f"fd:{name}"
+    assert not _is_open(fd), "the descriptor handed over must be closed here afterwards"
+    return name, mode, content
+
+
 def test_a_load_reads_the_file_through_a_descriptor(tmp_path: Path) -> None:
     state = tmp_path / "state.bin"
     state.write_text("QEVM...")
-    m = FdMachine()
-    uri = asyncio.run(migration.file_uri(m, state, write=False))  # type: ignore[arg-type]
-    (name, fd, mode, content), = m.sent
-    assert uri == f"fd:{name}" and name == migration.IN_FD
-    assert mode == os.O_RDONLY and content == "QEVM..."
-    assert not _is_open(fd), "the descriptor handed over must be closed here afterwards"
+    name, mode, content = _hand_over(state, write=False)
+    assert name == migration.IN_FD and mode == os.O_RDONLY and content == "QEVM..."
 
 
 def test_a_save_writes_a_new_file_through_a_descriptor(tmp_path: Path) -> None:
     target = tmp_path / "stream"
     target.write_text("an older stream, longer than the new one")
-    m = FdMachine()
-    uri = asyncio.run(migration.file_uri(m, target, write=True))  # type: ignore[arg-type]
-    (name, fd, mode, _), = m.sent
-    assert uri == f"fd:{name}" and name == migration.OUT_FD and mode == os.O_WRONLY
+    name, mode, _ = _hand_over(target, write=True)
+    assert name == migration.OUT_FD and mode == os.O_WRONLY
     assert target.read_bytes() == b"", "the file is truncated: no tail of an older stream"
-    assert not _is_open(fd)
 
 
 def test_a_missing_file_is_a_machine_error_naming_it(tmp_path: Path) -> None:

@@ -84,6 +84,11 @@ _MISSING: dict[str, type[NotFoundError]] = {"session": SessionNotFoundError,
 _REMOVED_OUTRIGHT = frozenset({"host"})
 
 
+def _missing(kind: str, key: str) -> NotFoundError:
+    """What a read or a change of a record that is not there raises."""
+    return _MISSING[kind](f"{kind} {key} not found")
+
+
 def _value(state: Any) -> str:
     return str(state.value if hasattr(state, "value") else state)
 
@@ -175,7 +180,7 @@ class Records:
         row = self.find(cls, key)
         if row is None or (ws is not None and getattr(row, "workspace_id", ws) != ws):
             kind = _KIND[cls]
-            raise _MISSING[kind](f"{kind} {key} not found")
+            raise _missing(kind, key)
         return row
 
     def all(self, cls: type[R], *where: Any) -> list[R]:
@@ -264,7 +269,7 @@ class Records:
             # it was), without a second one (an exec moves its session twice)
             row = orm.get(cls, key, populate_existing=True)
         if row is None:
-            raise _MISSING[kind](f"{kind} {key} not found")
+            raise _missing(kind, key)
         if not moved:
             current: Any = row
             raise IllegalTransitionError(kind, key, current.state, target)

@@ -83,20 +83,16 @@ async def wait_migration(machine: Machine, timeout: float = MIGRATE_TIMEOUT_S) -
         delay = min(delay * 2, 0.05)
 
 
-async def freeze_disk(machine: Machine, new_top: Path, node_name: str,
-                      top_node: str | None = None, *, existing: bool = False) -> None:
-    """``blockdev-snapshot-sync``: the current top layer (``top_node``, else asked for) becomes
-    read-only and the VM goes on writing to a new overlay at ``new_top`` (the guest may run or
-    be paused). With ``existing``, ``new_top`` was made beforehand, over the current top
-    (``disks.create_overlay``): QEMU only opens it (the step 5 ms instead of 11 inside a
-    capture's stop, medians of 6 captures each)."""
-    if top_node is None:
-        top_node, _ = await machine.top_node()
-    args = {"node-name": top_node, "snapshot-file": str(new_top),
-            "snapshot-node-name": node_name, "format": "qcow2"}
-    if existing:
-        args["mode"] = "existing"
-    await machine.execute("blockdev-snapshot-sync", args)
+async def freeze_disk(machine: Machine, new_top: Path, node_name: str, top_node: str) -> None:
+    """``blockdev-snapshot-sync``: the current top layer ``top_node`` becomes read-only and the
+    VM goes on writing to the overlay ``new_top`` (the guest may run or be paused). ``new_top``
+    was made beforehand over the current top (``disks.create_overlay``), while the guest ran:
+    QEMU only opens it (``mode: existing``; the step 5 ms instead of 11 inside a capture's
+    stop, where QEMU created it, medians of 6 captures each)."""
+    await machine.execute("blockdev-snapshot-sync", {
+        "node-name": top_node, "snapshot-file": str(new_top),
+        "snapshot-node-name": node_name, "format": "qcow2", "mode": "existing",
+    })
 
 
 async def save_state(machine: Machine, target: Path, *, with_ram: bool) -> None:

@@ -221,8 +221,7 @@ async def _stop_and_copy(vm: VM, steps: Steps, staging: Path, spec: CaptureSpec,
             with steps.step("pause"):
                 await machine.pause()
         with steps.step("freeze-disk"):
-            await freeze_disk(machine, new_top, f"top-{spec.snapshot_id}", top_node,
-                              existing=True)
+            await freeze_disk(machine, new_top, f"top-{spec.snapshot_id}", top_node)
             # from here QEMU writes to the new top: the host's note must say so at once
             vm.record.frozen.append((frozen_name, ""))
             vm.record.top = new_top.name
