@@ -45,22 +45,26 @@ class Guest:
         return c
 
 
-@pytest.fixture
-def vm() -> Iterator[Guest]:
-    # Short path: unix socket paths are limited to 108 bytes.
-    base = Path(tempfile.mkdtemp(prefix="tka-"))
+def _guest(base: Path, warmup: guest.Warmup | None = None) -> Guest:
     root = base / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\told\n")
     system = SandboxSystem(str(root))
     sock = base / "agent.sock"
-    agent = guest.Agent(guest.ListenPort(str(sock)), system)
+    agent = guest.Agent(guest.ListenPort(str(sock)), system, warmup)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
-    g = Guest(agent, system, sock, root, thread)
+    return Guest(agent, system, sock, root, thread)
+
+
+@pytest.fixture
+def vm() -> Iterator[Guest]:
+    # Short path: unix socket paths are limited to 108 bytes.
+    base = Path(tempfile.mkdtemp(prefix="tka-"))
+    g = _guest(base)
     yield g
-    agent.stop()
-    thread.join(5)
+    g.agent.stop()
+    g.thread.join(5)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -316,6 +320,88 @@ async def test_a_refused_settle_changes_nothing(client: AgentClient, vm: Guest) 
         assert ei.value.errno == "EINVAL"
     assert vm.system.clock == [] and vm.system.hostnames == [] and vm.system.entropy == []
     assert not (vm.root / "etc" / "hostname").exists()
+
+
+@pytest.fixture
+def warm_vm() -> Iterator[tuple[Guest, Path]]:
+    # the agent with a warm-up shell whose program records each start in ``pokes``
+    base = Path(tempfile.mkdtemp(prefix="tka-"))
+    pokes = base / "pokes"
+    program = base / "program"
+    program.write_text(f"#!/bin/sh\necho started >> {pokes}\n")
+    program.chmod(0o755)
+    warmup = guest.Warmup(str(program))
+    warmup.start()
+    g = _guest(base, warmup)
+    yield g, pokes
+    g.agent.stop()
+    g.thread.join(5)
+    warmup.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _lines_soon(path: Path, n: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(path.read_text().splitlines()) if path.exists() else 0
+        if count >= n or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
+
+
+async def test_each_settle_starts_the_warmup_program_once(
+        warm_vm: tuple[Guest, Path]) -> None:
+    g, pokes = warm_vm
+    c = g.client()
+    await c.connect(10)
+    shell = g.agent.warmup.proc if g.agent.warmup else None
+    await c.settle(("clone-4", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert _lines_soon(pokes, 1) == 1
+    await c.settle(None)  # a resume's settle too: its QEMU is as new as a clone's
+    assert _lines_soon(pokes, 2) == 2
+    # the same shell, parked again after each program
+    assert g.agent.warmup is not None and g.agent.warmup.proc is shell
+    assert shell is not None and shell.poll() is None
+    await c.close()
+
+
+async def test_a_refused_settle_starts_no_warmup(warm_vm: tuple[Guest, Path]) -> None:
+    g, pokes = warm_vm
+    c = g.client()
+    await c.connect(10)
+    with pytest.raises(AgentError):
+        await c._call("settle", 5, epoch_ns=time.time_ns(), hostname="bad name!",
+                      machine_id="0" * 32, entropy="AAAA")
+    await c.settle(None)
+    assert _lines_soon(pokes, 2, timeout=1.0) == 1
+    await c.close()
+
+
+async def test_a_warmup_shell_that_is_gone_is_replaced_and_the_settle_goes_on(
+        warm_vm: tuple[Guest, Path]) -> None:
+    g, pokes = warm_vm
+    warmup = g.agent.warmup
+    assert warmup is not None and warmup.proc is not None
+    gone = warmup.proc
+    gone.kill()
+    gone.wait()
+    c = g.client()
+    await c.connect(10)
+    await c.settle(("clone-5", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert g.system.hostnames == ["clone-5"]
+    assert warmup.proc is not None and warmup.proc is not gone and warmup.proc.poll() is None
+    await c.settle(None)  # the new shell serves the next one
+    assert _lines_soon(pokes, 1) == 1
+    await c.close()
+
+
+def test_a_warmup_shell_ends_when_its_agent_lets_go() -> None:
+    warmup = guest.Warmup()
+    warmup.start()
+    proc = warmup.proc
+    assert proc is not None and proc.poll() is None
+    warmup.close()  # the pipe's end closes: the shell's read ends its loop
+    assert proc.returncode == 0 and warmup.proc is None
 
 
 async def test_settle_is_answered_on_the_reader_thread(client: AgentClient, vm: Guest) -> None:
