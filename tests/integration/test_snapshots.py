@@ -109,6 +109,9 @@ def test_restore_continues_from_the_captured_instant(client: Client, snap, sourc
         # a new identity
         assert _sh(r, "hostname") != _sh(source, "hostname")
         assert _sh(r, "cat /etc/machine-id") != _sh(source, "cat /etc/machine-id")
+        # the settle poked the warm-up shell (guest.agent.Warmup): the same parked process read
+        # more in the clone than in the source
+        assert _warmup_reads(r) > _warmup_reads(source)
         # the network works after a restore
         assert r.shell("getent hosts deb.debian.org", timeout=30).exit_code == 0
     finally:
@@ -133,6 +136,14 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
     finally:
         for c in sessions:
             c.terminate()
+
+
+def _warmup_reads(s) -> int:
+    """Bytes the guest agent's warm-up shell has read (``rchar``): each poke adds its newline
+    and, once the program is reaped, the program's own reads."""
+    pid = s.exec("pgrep", "-o", "-f", "^/bin/sh -c while read -r _").check().stdout.strip()
+    io = dict(line.split(": ") for line in _sh(s, f"cat /proc/{pid}/io").splitlines())
+    return int(io["rchar"])
 
 
 def _qemu_pid(session_id: str) -> int:
