@@ -138,6 +138,24 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
             c.terminate()
 
 
+def test_a_restored_guest_that_reboots_powers_off(client: Client, snap) -> None:
+    s, _, _ = snap
+    r = client.create_and_wait(snapshot_id=s.id, name="reboots", timeout=120)
+    try:
+        # launched with the kernel stub (engine/kernelstub.py), not the image's kernel
+        argv = Path(f"/proc/{_qemu_pid(r.id)}/cmdline").read_bytes().split(b"\0")
+        assert b"-initrd" not in argv
+        assert argv[argv.index(b"-kernel") + 1].endswith(b"/kernel-stub")
+        r.start("sh", "-c", "echo b > /proc/sysrq-trigger")  # an immediate reboot
+        deadline = time.monotonic() + 60
+        while r.refresh().state.value not in ("FAILED", "TERMINATED"):
+            assert time.monotonic() < deadline, "the rebooted guest still runs"
+            time.sleep(0.5)
+        assert "powered off" in (r.record.state_reason or ""), r.record.state_reason
+    finally:
+        r.terminate()
+
+
 def _warmup_reads(s) -> int:
     """Bytes the guest agent's warm-up shell has read (``rchar``): each poke adds its newline
     and, once the program is reaped, the program's own reads."""
