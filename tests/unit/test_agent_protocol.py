@@ -93,6 +93,8 @@ async def test_ping(client: AgentClient) -> None:
     assert info["pid"] == os.getpid()  # the agent runs in this process's thread
     assert info["version"] == guest.VERSION
     assert isinstance(info["uptime_s"], float) and info["uptime_s"] > 0
+    # what /proc/uptime says (the agent reads the clock behind it, not the file)
+    assert abs(info["uptime_s"] - float(Path("/proc/uptime").read_text().split()[0])) < 1
     assert client.connected
 
 
