@@ -336,7 +336,9 @@ class Warmup:
     one. ``settle`` pokes this shell before it sets the clock, so the kernel's fork and exec,
     the dynamic loader and libc's start-up are translated on the guest's other vCPU while the
     settle runs, instead of when the first exec comes (``uname -a`` as a clone's first exec:
-    154 -> 104 ms, settle unchanged; medians of 6 clones each, alternating). It is a process of
+    136 -> 98 ms, settle 58 -> 54 ms; medians of 6 clones each, alternating). Kernel code has
+    one address in every process, so its translations serve any later one; a program's own
+    code does not (ASLR puts it elsewhere in each process). It is a process of
     its own, not a thread of the agent: a thread doing it waited for the interpreter's lock
     that the settle holds (first exec 60 ms sooner, settle 69 ms longer). The shell survives
     snapshots like any process, so every clone finds it parked; it ends when the agent's end
