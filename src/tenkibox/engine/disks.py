@@ -78,15 +78,16 @@ class _Overlays:
 _overlays = _Overlays()
 
 
-def create_overlay(path: Path, backing: Path) -> Path:
+def create_overlay(path: Path, backing: Path, *, reuse: bool = False) -> Path:
     """A new qcow2 over ``backing``. The backing chain is not opened (``-u``): a frozen
     layer's header still names the file it was frozen over (a path in some VM's disk
     directory, long gone); QEMU is always given the whole chain explicitly (``-blockdev``).
-    The second overlay over the same file and size is ``qemu-img``'s bytes of the first
-    (``_Overlays``)."""
+    ``reuse``: ``backing`` is a frozen layer that more overlays will be put over (boots and
+    restores), so ``qemu-img``'s bytes are kept for the next one (``_Overlays``); a capture's
+    overlay over a VM's own top is made once and is not kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     key = (str(backing), virtual_size(backing))
-    data = _overlays.get(key)
+    data = _overlays.get(key) if reuse else None
     if data is not None:
         try:
             with open(path, "wb") as f:
@@ -96,6 +97,8 @@ def create_overlay(path: Path, backing: Path) -> Path:
         return path
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", key[0], "-u",
          str(path), str(key[1])], "creating the disk overlay")
+    if not reuse:
+        return path
     try:
         with open(path, "rb") as f:
             data = f.read(_Overlays.MAX_BYTES + 1)

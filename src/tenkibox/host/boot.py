@@ -89,7 +89,7 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM],
     with steps.step("overlay"):
         record.save(disk_dir)
         await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
-                                ctx.store.local_path(disk))
+                                ctx.store.local_path(disk), reuse=True)
     files = ctx.layout.files(spec.session_id)
     cfg = ctx.machine_config(shape, ram_base=None, ram_shared=record.ram_shared)
     machine = Machine(spec.session_id, files, cfg)

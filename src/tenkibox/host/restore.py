@@ -103,7 +103,7 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
     with steps.step("overlay"):
         record.save(disk_dir)
         await asyncio.to_thread(disks.create_overlay, disk_dir / record.top,
-                                ctx.store.local_path(m.layers[-1]))
+                                ctx.store.local_path(m.layers[-1]), reuse=True)
     with steps.step("load-ram"):
         try:
             ram_base = await ctx.ram_cache.ensure(m.ram)
