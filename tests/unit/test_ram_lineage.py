@@ -5,11 +5,16 @@ built, checked against the index, and rebuilt by the scrub."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
+import random
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
 
 from tenkibox.artifacts import ramfile
 from tenkibox.artifacts.store import LocalArtifactStore
@@ -330,3 +335,91 @@ def test_a_lineage_keeps_the_hash_it_began_with(tmp_path: Path,
     with pytest.raises(ramfile.RamFormatError, match="hashed with"):
         ramfile.pack_pages(pages, ranges, r1, old_index, tmp_path / "x.img",
                            tmp_path / "new.img", new.digest, index_hash=ramfile.BLAKE2B)
+
+
+_PAGE_KINDS = ("random", "text", "zero", "cache")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cache_pages=st.dictionaries(st.integers(0, 511), st.sampled_from(_PAGE_KINDS[:3]),
+                                   max_size=60),
+       writes=st.lists(st.tuples(st.integers(0, 511), st.integers(1, 300),
+                                 st.sampled_from(_PAGE_KINDS)), max_size=6),
+       parent=st.sampled_from(("none", "cache", "earlier")),
+       earlier_pages=st.dictionaries(st.integers(0, 511), st.sampled_from(_PAGE_KINDS[:3]),
+                                     max_size=30))
+def test_written_pages_compose_the_ram_whatever_their_ranges(
+        cache_pages: dict[int, str], writes: list[tuple[int, int, str]], parent: str,
+        earlier_pages: dict[int, str]) -> None:
+    """``pack_pages`` against the RAM it stands for, over 2 MiB (two windows): ranges
+    unsorted, overlapping or touching, across a window's end; written pages random,
+    compressible, zero, or the cache's own bytes; full, as a delta over the cache's image, or
+    over an earlier capture that differs from the cache. The image composes to that RAM, its
+    index is that RAM's, and ``raw`` counts its non-zero chunks."""
+    import tempfile
+
+    size = 512 * C
+    rng = random.Random(len(writes) * 7919 + len(cache_pages))
+
+    def page(kind: str, cache: bytes, no: int) -> bytes:
+        if kind == "random":
+            return rng.randbytes(C)
+        if kind == "text":
+            return (f"page {no} ".encode() * C)[:C]
+        if kind == "zero":
+            return bytes(C)
+        return cache[no * C:(no + 1) * C]
+
+    def ram(path: Path, content: bytes) -> Path:
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for no in range(512):
+                piece = content[no * C:(no + 1) * C]
+                if piece != bytes(C):
+                    os.pwrite(f.fileno(), piece, no * C)
+        return path
+
+    cache_bytes = bytearray(size)
+    for no, kind in cache_pages.items():
+        cache_bytes[no * C:(no + 1) * C] = page(kind, bytes(size), no)
+    want = bytearray(cache_bytes)
+    pages = bytearray(size)
+    ranges: list[tuple[int, int]] = []
+    for first, count, kind in writes:
+        count = min(count, 512 - first)
+        ranges.append((first * C, (first + count) * C))
+        for no in range(first, first + count):
+            data = page(kind, bytes(cache_bytes), no)
+            want[no * C:(no + 1) * C] = pages[no * C:(no + 1) * C] = data
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        cache = ram(d / "cache", bytes(cache_bytes))
+        base = ramfile.pack_delta(cache, d / "base.img")
+        base_index = ramfile.read_index(d / "base.img")
+        chain: list[Path] = []
+        digests: list[str] = []
+        parent_img: Path | None = None
+        parent_digest: str | None = None
+        if parent == "cache":
+            chain, digests = [d / "base.img"], [base.digest]
+            parent_img, parent_digest = d / "base.img", base.digest
+        elif parent == "earlier":
+            earlier = bytearray(cache_bytes)
+            for no, kind in earlier_pages.items():
+                earlier[no * C:(no + 1) * C] = page(kind, bytes(cache_bytes), no)
+            e = ramfile.pack_delta(ram(d / "earlier", bytes(earlier)), d / "e.img",
+                                   d / "base.img", base.digest)
+            chain, digests = [d / "base.img", d / "e.img"], [base.digest, e.digest]
+            parent_img, parent_digest = d / "e.img", e.digest
+        got = ramfile.pack_pages(ram(d / "pages", bytes(pages)), ranges, cache, base_index,
+                                 d / "new.img", parent_img, parent_digest)
+        ramfile.unpack_chain([*chain, d / "new.img"], d / "back", [*digests, got.digest])
+        assert (d / "back").read_bytes() == bytes(want)
+        want_index = ramfile.file_index(ram(d / "want", bytes(want)))
+        assert ramfile.read_index(d / "new.img") == want_index
+        assert got.raw == len(want_index) * C
+        # each chunk stored once: data frames in offset order, none over another
+        data = [(off, n) for off, n, b in ramfile.records(d / "new.img") if b is not None]
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(data))
+        assert got.changed == sum(n for _, n in data)
+        assert got.digest == hashlib.sha256((d / "new.img").read_bytes()).hexdigest()
