@@ -423,3 +423,31 @@ def test_written_pages_compose_the_ram_whatever_their_ranges(
         assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(data))
         assert got.changed == sum(n for _, n in data)
         assert got.digest == hashlib.sha256((d / "new.img").read_bytes()).hexdigest()
+
+
+def test_a_capture_s_copy_is_freed_as_it_is_packed(tmp_path: Path) -> None:
+    """``free_pages``: the written pages' file holds no data once packed (its memory went back
+    window by window), the image is the same as without; a parent refused before anything is
+    read leaves the file whole (the capture then packs it again as a full image)."""
+    cache = _ram(tmp_path / "cache", {0: os.urandom(2 * MiB)})
+    base = ramfile.pack_delta(cache, tmp_path / "base.img")
+    base_index = ramfile.read_index(tmp_path / "base.img")
+    written = {MiB: os.urandom(3 * MiB), 8 * MiB + C: os.urandom(5 * C)}
+    ranges = sorted((off, off + len(d)) for off, d in written.items())
+    kept = ramfile.pack_pages(_ram(tmp_path / "kept", written), ranges, cache, base_index,
+                              tmp_path / "kept.img", tmp_path / "base.img", base.digest)
+    pages = _ram(tmp_path / "pages", written)
+    other = _ram(tmp_path / "other-size", {})
+    with open(other, "r+b") as f:
+        f.truncate(SIZE * 2)
+    odd = ramfile.pack_delta(other, tmp_path / "odd.img")
+    with pytest.raises(ramfile.RamFormatError):
+        ramfile.pack_pages(pages, ranges, cache, base_index, tmp_path / "x.img",
+                           tmp_path / "odd.img", odd.digest, free_pages=True)
+    assert pages.stat().st_blocks * 512 >= 3 * MiB + 5 * C
+    freed = ramfile.pack_pages(pages, ranges, cache, base_index, tmp_path / "freed.img",
+                               tmp_path / "base.img", base.digest, free_pages=True)
+    assert freed.digest == kept.digest
+    assert (tmp_path / "freed.img").read_bytes() == (tmp_path / "kept.img").read_bytes()
+    assert pages.stat().st_blocks == 0
+    assert pages.stat().st_size == SIZE

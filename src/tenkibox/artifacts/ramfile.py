@@ -538,7 +538,7 @@ def _finish_v2(out: _Sink, base: dict[int, bytes], index: dict[int, bytes], size
 def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
                base_index: dict[int, bytes], dst: Path, parent: Path | None = None,
                parent_digest: str | None = None, *, index_hash: str = NEW_HASH,
-               level: int = 1, workers: int | None = None) -> Packed:
+               level: int = 1, workers: int | None = None, free_pages: bool = False) -> Packed:
     """A version 2 image, as ``pack_delta`` writes it, of the RAM that is ``base_ram`` (a RAM
     composed, e.g. a restored VM's RAM cache; ``base_index`` its index) with the byte ranges
     ``written`` (chunk-aligned, ascending) taken from ``pages`` instead (a sparse file of the
@@ -550,7 +550,12 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
     RAM ``base_ram`` composes); never the rest.
 
     ``index_hash``: what ``base_index`` is hashed with (its image's ``Header.hash``); the new
-    image keeps it, and a parent must have it too."""
+    image keeps it, and a parent must have it too.
+
+    ``free_pages``: ``pages`` is a copy made for this (a capture's staging, on tmpfs), each
+    window of it punched out once read: its memory goes back as the image is written, by the
+    threads that read it, instead of all at once when the file is removed afterwards (~30 ms
+    per 256 MiB here, the capture's last step)."""
     chunk = DELTA_CHUNK
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     size = os.stat(base_ram).st_size
@@ -595,6 +600,8 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
         written_here = spans.get(start, [])
         cached = theirs.get(start)
         new = memoryview(os.pread(pfd, n, start) if written_here else b"")
+        if written_here and free_pages:
+            _punch(pfd, start, n)
         entries: list[tuple[int, bytes]] = []
         runs: list[tuple[int, int]] = []
         base_get = base.get
@@ -633,7 +640,7 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
                          for p, parts in groups]
 
     changed = 0
-    with open(pages, "rb") as fpages, open(base_ram, "rb") as fbase, \
+    with open(pages, "r+b" if free_pages else "rb") as fpages, open(base_ram, "rb") as fbase, \
             open(dst, "wb") as fout, _Sink(fout) as out, \
             concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
         pfd, bfd = fpages.fileno(), fbase.fileno()
@@ -687,6 +694,12 @@ def _window_spans(written: list[tuple[int, int]], chunk: int,
 
 
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def _punch(fd: int, off: int, n: int) -> None:
+    """Free a range of a file that is not needed any more, where the file system can."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().fallocate(fd, _PUNCH, ctypes.c_long(off), ctypes.c_long(n))
 
 
 def _zero_range(fd: int, off: int, n: int) -> None:

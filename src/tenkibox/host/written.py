@@ -276,4 +276,5 @@ def pack(w: Written, dst: Path, parent: Path | None,
     if w.plan.cache is None:  # a booted VM: its RAM is the pages copied, zero elsewhere
         return ramfile.pack_delta(w.pages, dst, parent, parent_digest)
     return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
-                              parent, parent_digest, index_hash=w.plan.cache_hash)
+                              parent, parent_digest, index_hash=w.plan.cache_hash,
+                              free_pages=True)
