@@ -423,6 +423,10 @@ def test_written_pages_compose_the_ram_whatever_their_ranges(
         assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(data))
         assert got.changed == sum(n for _, n in data)
         assert got.digest == hashlib.sha256((d / "new.img").read_bytes()).hexdigest()
+        if parent == "cache":  # the parent's index given, as a capture after a restore does
+            same = ramfile.pack_pages(d / "pages", ranges, cache, base_index, d / "same.img",
+                                      parent_img, parent_digest, parent_index=base_index)
+            assert same.digest == got.digest
 
 
 def test_a_capture_s_copy_is_freed_as_it_is_packed(tmp_path: Path) -> None:

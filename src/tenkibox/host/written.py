@@ -108,6 +108,9 @@ class Plan:
     #: ``parent_state`` is to be saved inside the stop (a booted VM whose ROMs were not saved
     #: at its launch)
     save_roms: bool = False
+    #: the digest of the image whose index ``cache_index`` is (the top of the restored
+    #: snapshot's RAM chain; "" for a booted VM)
+    cache_digest: str = ""
 
     def close(self) -> None:
         """Unmap the copy's file (it stays on disk for ``pack``), and the memfd."""
@@ -174,7 +177,8 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
-    return Plan(pid, address, size, cache, cache_index, cache_hash, parent_state, target)
+    return Plan(pid, address, size, cache, cache_index, cache_hash, parent_state, target,
+                cache_digest=record.ram_chain[-1])
 
 
 def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
@@ -276,6 +280,9 @@ def pack(w: Written, dst: Path, parent: Path | None,
     """Step ``compress-ram``: the RAM image, a delta over ``parent`` (or full)."""
     if w.plan.cache is None:  # a booted VM: its RAM is the pages copied, zero elsewhere
         return ramfile.pack_delta(w.pages, dst, parent, parent_digest)
+    # the first capture after a restore: a delta over the image whose index the plan read
+    same = parent_digest is not None and parent_digest == w.plan.cache_digest
     return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
                               parent, parent_digest, index_hash=w.plan.cache_hash,
-                              free_pages=True)
+                              free_pages=True,
+                              parent_index=w.plan.cache_index if same else None)
