@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tenkibox.artifacts import ramfile
 
@@ -71,8 +73,6 @@ def test_a_damaged_frame_header_is_refused_before_it_sizes_a_buffer(tmp_path: Pa
 
 @pytest.mark.parametrize("n", [1, 4096, 128 << 10, (128 << 10) + 1, 1 << 20])
 def test_a_stored_frame_is_a_zstd_frame_of_its_bytes(n: int) -> None:
-    import zstandard
-
     data = os.urandom(n)
     frame = ramfile.stored_frame(data)
     dec = zstandard.ZstdDecompressor()
@@ -84,8 +84,6 @@ def test_a_stored_frame_is_a_zstd_frame_of_its_bytes(n: int) -> None:
 
 
 def test_random_data_is_stored_and_compressible_data_compressed() -> None:
-    import zstandard
-
     comp, dec = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
     rnd = os.urandom(1 << 20)
     text = (b"tenki page " * 100_000)[:1 << 20]
@@ -117,8 +115,6 @@ def test_an_incompressible_ram_image_round_trips(tmp_path: Path) -> None:
 
 def test_a_failed_pack_leaves_no_hashing_thread(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
     src = tmp_path / "ram"
     _sparse(src, 4 << 20, {0: os.urandom(2 << 20)})
 

@@ -542,8 +542,9 @@ def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
                parent_index: dict[int, bytes] | None = None) -> Packed:
     """A version 2 image, as ``pack_delta`` writes it, of the RAM that is ``base_ram`` (a RAM
     composed, e.g. a restored VM's RAM cache; ``base_index`` its index) with the byte ranges
-    ``written`` (chunk-aligned, ascending) taken from ``pages`` instead (a sparse file of the
-    same size): a restored VM's RAM, whose pages it did not write are still its cache's.
+    ``written`` (whole chunks; in any order, overlapping or not) taken from ``pages`` instead
+    (a sparse file of the same size): a restored VM's RAM, whose pages it did not write are
+    still its cache's.
 
     A delta over ``parent`` (an image of the same size and chunk; its index says what its
     composed RAM holds), or full without. Only the written chunks are read and hashed, and the
@@ -701,21 +702,18 @@ def _window_spans(written: list[tuple[int, int]], chunk: int,
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
-def _punch(fd: int, off: int, n: int) -> None:
-    """Free a range of a file that is not needed any more, where the file system can."""
-    with contextlib.suppress(OSError, AttributeError):
-        _libc().fallocate(fd, _PUNCH, ctypes.c_long(off), ctypes.c_long(n))
+def _punch(fd: int, off: int, n: int) -> bool:
+    """Make a range of a file a hole, where the file system can; whether it did."""
+    try:
+        return int(_libc().fallocate(fd, _PUNCH, ctypes.c_long(off), ctypes.c_long(n))) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _zero_range(fd: int, off: int, n: int) -> None:
     """Make a range zero again: a hole when the file system can punch one, else zeros."""
-    try:
-        libc = _libc()
-        if libc.fallocate(fd, _PUNCH, ctypes.c_long(off), ctypes.c_long(n)) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.pwrite(fd, bytes(n), off)
+    if not _punch(fd, off, n):
+        os.pwrite(fd, bytes(n), off)
 
 
 @functools.cache
