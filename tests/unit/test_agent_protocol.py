@@ -379,6 +379,24 @@ async def test_a_refused_settle_starts_no_warmup(warm_vm: tuple[Guest, Path]) ->
     await c.close()
 
 
+async def test_a_settle_told_not_to_warm_sets_everything_but_starts_nothing(
+        warm_vm: tuple[Guest, Path]) -> None:
+    # a host whose cores are all taken (restore.warm_exec_path) sends warm=false
+    g, pokes = warm_vm
+    c = g.client()
+    await c.connect(10)
+    await c.settle(("clone-6", "0123456789abcdef0123456789abcdef", os.urandom(64)), warm=False)
+    assert g.system.hostnames == ["clone-6"] and len(g.system.clock) == 1
+    with pytest.raises(AgentError) as ei:  # not a bool: refused, nothing changed
+        await c._call("settle", 5, epoch_ns=time.time_ns(), warm="no")
+    assert ei.value.errno == "EINVAL" and "warm" in str(ei.value)
+    assert len(g.system.clock) == 1
+    await c.settle(None)  # the default warms, as agents before 0.4.1 always did
+    assert _lines_soon(pokes, 1) == 1
+    assert _lines_soon(pokes, 2, timeout=0.5) == 1
+    await c.close()
+
+
 async def test_a_warmup_shell_that_is_gone_is_replaced_and_the_settle_goes_on(
         warm_vm: tuple[Guest, Path]) -> None:
     g, pokes = warm_vm

@@ -10,6 +10,7 @@ What must hold whichever agent the snapshot carries: the clock is set, the ident
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import threading
@@ -151,3 +152,49 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
     assert steps.current == "agent"
     await asyncio.sleep(0)
     assert asyncio.all_tasks() - tasks_before == set()
+
+
+class RecordingAgent(guest.Agent):
+    """The agent as it is, keeping the requests it was sent."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.requests: list[dict[str, Any]] = []
+
+    def dispatch(self, line: bytes) -> None:
+        self.requests.append(json.loads(line))
+        super().dispatch(line)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+async def test_the_settle_says_whether_the_guest_warms_its_exec_path(
+        tmp_path: Path, warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def load_state(machine: Any, source: Path) -> None:
+        return None
+
+    monkeypatch.setattr(restore, "load_state", load_state)
+    base = Path(tempfile.mkdtemp(prefix="tkw-"))  # short: unix socket paths <= 108 bytes
+    (base / "root" / "etc").mkdir(parents=True)
+    (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
+    agent = RecordingAgent(guest.ListenPort(str(base / "agent.sock")),
+                           SandboxSystem(str(base / "root")))
+    thread = threading.Thread(target=agent.serve_forever, daemon=True)
+    thread.start()
+    client = AgentClient(base / "agent.sock", default_timeout=10)
+    try:
+        await restore._settle(_ctx(base), _spec(False), Machine([]),  # type: ignore[arg-type]
+                              client, Steps(restore.log, "ses_x", plan="restore"), warm=warm)
+    finally:
+        await client.close()
+        agent.stop()
+        thread.join(5)
+        shutil.rmtree(base, ignore_errors=True)
+    settles = [r for r in agent.requests if r.get("op") == "settle"]
+    assert len(settles) == 1 and settles[0]["warm"] is warm
+
+
+def test_a_guest_warms_its_exec_path_only_where_it_has_the_cores_for_it() -> None:
+    assert restore.warm_exec_path("tcg", "multi")
+    assert restore.warm_exec_path("tcg", None)  # no choice made: QEMU's default, multi
+    assert not restore.warm_exec_path("tcg", "single")  # the host's cores are taken
+    assert not restore.warm_exec_path("kvm", None)  # nothing to translate

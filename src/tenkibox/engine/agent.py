@@ -687,11 +687,13 @@ class AgentClient:
                          entropy=base64.b64encode(entropy).decode())
 
     async def settle(self, identity: tuple[str, str, bytes] | None,
-                     epoch_ns: int | None = None, *,
+                     epoch_ns: int | None = None, *, warm: bool = True,
                      timeout: float | None = None) -> dict[str, float]:
         """A restored clone's clock (default: the host's now) and, unless ``identity`` is None,
         its ``(hostname, machine_id, entropy)``, in one request (agents from ``SETTLE_SINCE``;
         ask ``version()`` first, older ones have only ``set_time`` and ``reidentify``).
+        ``warm``: whether the guest warms its exec path meanwhile (its warm-up shell, agents
+        from 0.4.1; older ones ignore the field and always do).
         Returns ``delta_s`` (how far the clock was off) and ``took_s`` (the agent's own time;
         the rest of the round trip is the channel's)."""
         args: dict[str, Any] = {}
@@ -702,7 +704,7 @@ class AgentClient:
             args.update(hostname=hostname, machine_id=machine_id,
                         entropy=base64.b64encode(entropy).decode())
         now = time.time_ns() if epoch_ns is None else epoch_ns
-        msg = await self._call("settle", timeout, epoch_ns=now, **args)
+        msg = await self._call("settle", timeout, epoch_ns=now, warm=warm, **args)
         return {"delta_s": float(msg.get("delta_s", 0.0)),
                 "took_s": float(msg.get("took_s", 0.0))}
 

@@ -44,8 +44,9 @@ if TYPE_CHECKING:
     # An op answers with its result, or with None when it answers by itself (exec, stdin).
     Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-VERSION = "0.4.0"  # 0.3.0: exec as another user (``user``); 0.4.0: ``settle`` (clock and
-#                    identity of a restored clone in one request), parked threads
+VERSION = "0.4.1"  # 0.3.0: exec as another user (``user``); 0.4.0: ``settle`` (clock and
+#                    identity of a restored clone in one request), parked threads; 0.4.1:
+#                    ``settle``'s ``warm``
 PORT_NAME = "org.tenki.agent"
 MAX_CHUNK = 1 << 20  # largest read_file/write_file/stdin payload per request
 OUTPUT_LIMIT = 4 << 20  # process output held for the host, per process
@@ -1100,9 +1101,14 @@ class Agent:
         """A restored clone's clock and, when ``hostname`` is given, its new identity, in one
         round trip: ``set_time``, then ``reidentify`` (same arguments and checks). The
         identity is checked before the clock is touched, so a refused request changes
-        nothing. ``took_s``: the agent's own time for it (the rest of the round trip is the
-        channel's)."""
+        nothing. ``warm`` (default true): poke the warm-up shell (``Warmup``); a host whose
+        cores are all taken sends false, since the warm-up then only takes CPU from the other
+        guests starting beside this one. ``took_s``: the agent's own time for it (the rest
+        of the round trip is the channel's)."""
         start = time.monotonic()
+        warm = req.get("warm", True)
+        if not isinstance(warm, bool):
+            raise OpError("warm must be true or false", "EINVAL")
         identity = "hostname" in req
         if identity:
             if not HOSTNAME_RE.match(_str(req, "hostname")):
@@ -1110,7 +1116,7 @@ class Agent:
             if not MACHINE_ID_RE.match(_str(req, "machine_id").lower()):
                 raise OpError("machine_id must be 32 hex digits", "EINVAL")
             _b64(req, "entropy")
-        if self.warmup is not None:  # before the clock: it runs beside the rest (see Warmup)
+        if warm and self.warmup is not None:  # before the clock: it runs beside the rest
             self.warmup.poke()
         result = self.op_set_time(req)  # first: its epoch_ns was the host's time at sending
         if identity:
