@@ -152,3 +152,45 @@ def test_a_close_while_a_copy_runs_unmaps_when_the_copy_ends(tmp_path: Path) -> 
 def test_subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]],
                   rest: list[tuple[int, int]]) -> None:
     assert pagemap.subtract(ranges, minus) == rest
+
+
+def test_an_anonymous_copy_is_read_in_place_and_given_back_window_by_window() -> None:
+    """A restored VM's copy: memory of this process, not a file. The pages written through a
+    private mapping are copied into it as into a file, read where they are, and each range
+    released reads as zero after (its memory went back)."""
+    size = 64 * P
+    src = mmap.mmap(-1, size, mmap.MAP_PRIVATE)
+    try:
+        for page in (3, 4, 40):
+            src[page * P:(page + 1) * P] = bytes([page]) * P
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
+        ranges = [(3 * P, 5 * P), (40 * P, 41 * P)]
+        with pagemap.Target(None, size) as target:
+            assert target.anonymous
+            target.reserve(ranges)
+            assert pagemap.copy(os.getpid(), addr, ranges, target, step=P) == 3 * P
+            with target.reading() as view:
+                assert len(view) == size
+                assert view[3 * P:5 * P] == src[3 * P:5 * P]
+                assert view[40 * P:41 * P] == src[40 * P:41 * P]
+                assert view[:3 * P] == bytes(3 * P)  # nothing else copied
+            target.release(3 * P, 2 * P)
+            with target.reading() as view:
+                assert view[3 * P:5 * P] == bytes(2 * P)
+                assert view[40 * P:41 * P] == src[40 * P:41 * P]  # not released: kept
+            # a close while it is read unmaps it when the reading ends, never under it
+            with target.reading() as view:
+                target.close()
+                assert view[40 * P] == 40
+            assert target.address == 0
+            with pytest.raises(pagemap.PagemapError, match="no longer mapped"), \
+                    target.reading():
+                pass
+    finally:
+        src.close()
+
+
+def test_only_an_anonymous_copy_gives_its_pages_back(tmp_path: Path) -> None:
+    with pagemap.Target(tmp_path / "t", 4 * P) as target, \
+            pytest.raises(pagemap.PagemapError, match="anonymous"):
+        target.release(0, P)
