@@ -8,10 +8,9 @@ device state). In ``host/capture.py``'s list: ``pause``, ``freeze-disk``, ``devi
 ``copy-written`` (the guest stopped for these), ``resume``; then ``convert`` builds the device
 state and ``compress-ram`` stores an image that reads and hashes the written pages only
 (``ramfile.pack_pages``), where the copy holds them (memory of the server's), freeing its
-pages as it reads them. QEMU's dirty tracking
-is not used at all: under TCG its first sync scans every vCPU's TLB once per page of RAM
-(QEMU 7.2; ~0.75 s per GiB here), which made the first live capture of every restored session
-take seconds.
+pages as it reads them. QEMU's dirty tracking is not used at all: under TCG its first sync
+scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), which made the
+first live capture of every restored session take seconds.
 
 The guest is stopped while its pages are copied (~5 GB/s out of QEMU's memory), so a running
 guest is captured this way only while it holds at most ``limit()`` (512 MiB, or a quarter of
