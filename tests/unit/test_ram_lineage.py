@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 
 from tenkibox.artifacts import ramfile
 from tenkibox.artifacts.store import LocalArtifactStore
-from tenkibox.engine import pagemap
 from tenkibox.host.api import CacheScrub
 from tenkibox.host.ramcache import RamCache
 from tenkibox.host.restore import device_state_file
@@ -428,17 +427,6 @@ def test_written_pages_compose_the_ram_whatever_their_ranges(
             same = ramfile.pack_pages(d / "pages", ranges, cache, base_index, d / "same.img",
                                       parent_img, parent_digest, parent_index=base_index)
             assert same.digest == got.digest
-        # the pages in memory, read in place and given back as packed (a capture's copy):
-        # the same image, byte for byte
-        with pagemap.Target(None, size) as target:
-            target.reserve([(0, size)])
-            with target.reading() as view:
-                view[:] = pages
-            mem = ramfile.pack_pages(target, ranges, cache, base_index, d / "mem.img",
-                                     parent_img, parent_digest, free_pages=True)
-            assert mem.digest == got.digest
-            with target.reading() as view:
-                assert view.tobytes() == bytes(size)  # every written window was given back
 
 
 def test_a_capture_s_copy_is_freed_as_it_is_packed(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import xxhash
 import zstandard
@@ -535,22 +535,7 @@ def _finish_v2(out: _Sink, base: dict[int, bytes], index: dict[int, bytes], size
     return out.sync()
 
 
-class MappedPages(Protocol):
-    """A RAM's pages in this process's memory, at their offsets (a capture's copy:
-    ``engine.pagemap.Target``, anonymous): ``pack_pages`` reads them in place."""
-
-    size: int
-
-    def reading(self) -> contextlib.AbstractContextManager[memoryview]:
-        """All ``size`` bytes, valid until the block ends."""
-        ...
-
-    def release(self, off: int, n: int) -> None:
-        """Those bytes were read: their memory may go back (they read as zero after)."""
-        ...
-
-
-def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_ram: Path,
+def pack_pages(pages: Path, written: list[tuple[int, int]], base_ram: Path,
                base_index: dict[int, bytes], dst: Path, parent: Path | None = None,
                parent_digest: str | None = None, *, index_hash: str = NEW_HASH,
                level: int = 1, workers: int | None = None, free_pages: bool = False,
@@ -558,8 +543,8 @@ def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_r
     """A version 2 image, as ``pack_delta`` writes it, of the RAM that is ``base_ram`` (a RAM
     composed, e.g. a restored VM's RAM cache; ``base_index`` its index) with the byte ranges
     ``written`` (whole chunks; in any order, overlapping or not) taken from ``pages`` instead
-    (a sparse file of the same size, or the pages in memory, read in place): a restored VM's
-    RAM, whose pages it did not write are still its cache's.
+    (a sparse file of the same size): a restored VM's RAM, whose pages it did not write are
+    still its cache's.
 
     A delta over ``parent`` (an image of the same size and chunk; its index says what its
     composed RAM holds), or full without. Only the written chunks are read and hashed, and the
@@ -569,10 +554,10 @@ def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_r
     ``index_hash``: what ``base_index`` is hashed with (its image's ``Header.hash``); the new
     image keeps it, and a parent must have it too.
 
-    ``free_pages``: ``pages`` is a copy made for this (a capture's), each window of it given
-    back once packed (a file's punched out, memory's released): its memory goes back as the
-    image is written, by the threads that read it, instead of all at once afterwards (~30 ms
-    per 256 MiB on tmpfs here, the capture's last step).
+    ``free_pages``: ``pages`` is a copy made for this (a capture's staging, on tmpfs), each
+    window of it punched out once read: its memory goes back as the image is written, by the
+    threads that read it, instead of all at once when the file is removed afterwards (~30 ms
+    per 256 MiB here, the capture's last step).
 
     ``parent_index``: ``parent``'s index, when the caller read it already (the first capture
     after a restore is a delta over the image its cache composes, ``base_index``): not read
@@ -580,9 +565,8 @@ def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_r
     chunk = DELTA_CHUNK
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     size = os.stat(base_ram).st_size
-    if (os.stat(pages).st_size if isinstance(pages, Path) else pages.size) != size:
-        raise RamFormatError(f"{pages.name if isinstance(pages, Path) else 'the copy'}: not "
-                             "of the RAM's size")
+    if os.stat(pages).st_size != size:
+        raise RamFormatError(f"{pages.name}: not of the RAM's size")
     base: dict[int, bytes] = {}
     if parent is not None:
         head = header(parent)
@@ -616,29 +600,14 @@ def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_r
         xxhash.xxh3_64_digest if index_hash == XXH3
         else functools.partial(chunk_hash, kind=index_hash))
 
-    # set below: where the pages are read from (in memory, or the file), and how given back
-    in_memory: memoryview | None = None
-    pfd = bfd = -1
-    free: Callable[[int, int], object]
-
     def window(start: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]]]:
         """(index entries of written chunks, data frames) of one 1 MiB window."""
         n = min(CHUNK, size - start)
         written_here = spans.get(start, [])
-        got = pack_window(start, n, written_here)
-        if written_here and free_pages:  # packed: what the frames hold is copied out of it
-            free(start, n)
-        return got
-
-    def pack_window(start: int, n: int, written_here: list[tuple[int, int]],
-                    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]]]:
         cached = theirs.get(start)
-        if not written_here:
-            new = memoryview(b"")
-        elif in_memory is not None:
-            new = in_memory[start:start + n]
-        else:
-            new = memoryview(os.pread(pfd, n, start))
+        new = memoryview(os.pread(pfd, n, start) if written_here else b"")
+        if written_here and free_pages:
+            _punch(pfd, start, n)
         entries: list[tuple[int, bytes]] = []
         runs: list[tuple[int, int]] = []
         base_get = base.get
@@ -677,17 +646,10 @@ def pack_pages(pages: Path | MappedPages, written: list[tuple[int, int]], base_r
                          for p, parts in groups]
 
     changed = 0
-    with contextlib.ExitStack() as stack:
-        if isinstance(pages, Path):
-            pfd = stack.enter_context(open(pages, "r+b" if free_pages else "rb")).fileno()
-            free = functools.partial(_punch, pfd)
-        else:
-            in_memory = stack.enter_context(pages.reading())
-            free = pages.release
-        bfd = stack.enter_context(open(base_ram, "rb")).fileno()
-        out = stack.enter_context(_Sink(stack.enter_context(open(dst, "wb"))))
-        # entered last, so left first: every window is done before the pages go
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers, "ram-pack"))
+    with open(pages, "r+b" if free_pages else "rb") as fpages, open(base_ram, "rb") as fbase, \
+            open(dst, "wb") as fout, _Sink(fout) as out, \
+            concurrent.futures.ThreadPoolExecutor(workers, "ram-pack") as pool:
+        pfd, bfd = fpages.fileno(), fbase.fileno()
         emit = out.write
 
         emit(_MAGIC_OF[index_hash] + HEAD2.pack(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import errno
 import os
 import re
 import threading
@@ -171,22 +170,19 @@ def touched(path: Path, size: int) -> list[tuple[int, int]]:
 
 
 class _Mapping:
-    """A file mapped shared into this process, ``size`` bytes from its start (or, with
-    ``flags``, another kind of mapping: ``Target``'s anonymous memory). Close it (or use
+    """A file mapped shared into this process, ``size`` bytes from its start. Close it (or use
     it as a context manager) to unmap it: a close while a copy still runs (a capture cancelled
     meanwhile; the copy's threads cannot be stopped) unmaps it when that copy ends, never under
     it (a later mapping of this process could take the addresses the copy still writes)."""
 
-    def __init__(self, path: Path, size: int, fd: int, prot: int,
-                 flags: int | None = None) -> None:
+    def __init__(self, path: Path, size: int, fd: int, prot: int) -> None:
         self.path, self.size = path, size
         self.address = 0
         self._mu = threading.Lock()  # guards the three below
         self._busy = 0
         self._closed = False
         if size:
-            address = _LIBC.mmap(None, size, prot, _MAP_SHARED if flags is None else flags,
-                                 fd, 0)
+            address = _LIBC.mmap(None, size, prot, _MAP_SHARED, fd, 0)
             if address in (None, _MAP_FAILED):
                 err = ctypes.get_errno()
                 raise PagemapError(f"cannot map {path.name}: {os.strerror(err)}")
@@ -226,28 +222,15 @@ class _Mapping:
 
 
 class Target(_Mapping):
-    """Where the written pages are copied to, at their offsets in the guest's RAM: a sparse
-    file of the mapping's size mapped shared into this process, or (``path`` None) anonymous
-    memory of this process. ``reserve`` allocates the pages of the ranges known ahead and maps
+    """Where the written pages are copied to: a sparse file of the mapping's size, mapped shared
+    into this process. ``reserve`` allocates the file's pages of the ranges known ahead and maps
     them (``MADV_POPULATE_WRITE``) while the guest still runs; the copy inside the stop is then
-    a single memcpy per page out of the other process's memory into them
+    a single memcpy per page out of the other process's memory into the file
     (``process_vm_readv``), where reading ``/proc/<pid>/mem`` into a buffer and writing that
-    to the file copied twice: 1 GiB in 0.13 s instead of 0.22 s with two threads here.
+    to the file copied twice: 1 GiB in 0.13 s instead of 0.22 s with two threads here."""
 
-    Anonymous memory is read where it is (``reading``) and handed back a window at a time
-    (``release``): a restored VM's copy, packed by ``ramfile.pack_pages``. Against a file on
-    tmpfs, per 256 MiB here: allocating it 85-99 ms instead of 120-138 ms, giving it back
-    ~15 ms instead of ~50 ms (punching and removing the file); the copy into it ~4 ms slower
-    (46 against 42 ms, medians of 6). A file stays for what is read as a file (a booted VM's
-    copy: ``ramfile.pack_delta`` finds its pages by the file's extents)."""
-
-    def __init__(self, path: Path | None, size: int) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self._reserved: list[tuple[int, int]] = []
-        self.anonymous = path is None
-        if path is None:
-            super().__init__(Path("anonymous copy"), size, -1, _PROT_RW,
-                             _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE)
-            return
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -256,49 +239,22 @@ class Target(_Mapping):
             os.close(fd)
 
     def reserve(self, ranges: list[tuple[int, int]]) -> None:
-        """Allocate (``ENOSPC`` or ``ENOMEM`` as an OSError, never a fault in the copy) and map
-        the ranges not reserved yet: cheap for the few written since the first reservation."""
+        """Allocate (``ENOSPC`` as an OSError, never a fault in the copy) and map the ranges
+        not reserved yet: cheap for the few written since the first reservation."""
         new = subtract(ranges, self._reserved)
         if not new:
             return
-        if not self.anonymous:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                for a, b in new:
-                    os.posix_fallocate(fd, a, b - a)
-            finally:
-                os.close(fd)
-        with self._use() as address:
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
             for a, b in new:
-                if _LIBC.madvise(ctypes.c_void_p(address + a), ctypes.c_size_t(b - a),
-                                 _MADV_POPULATE_WRITE) == 0:
-                    continue
-                err = ctypes.get_errno()
-                # a kernel without MADV_POPULATE_WRITE (< 5.14, EINVAL) faults them in the
-                # copy; memory the kernel cannot give is refused here, before the stop
-                if self.anonymous and err != errno.EINVAL:
-                    raise OSError(err, f"cannot allocate {(b - a) >> 20} MiB for the copy: "
-                                  f"{os.strerror(err)}")
+                os.posix_fallocate(fd, a, b - a)
+        finally:
+            os.close(fd)
+        with self._use() as address:
+            for a, b in new:  # a kernel without MADV_POPULATE_WRITE (< 5.14) faults them later
+                _LIBC.madvise(ctypes.c_void_p(address + a), ctypes.c_size_t(b - a),
+                              _MADV_POPULATE_WRITE)
         self._reserved = sorted(self._reserved + new)
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[memoryview]:
-        """The whole mapping's bytes, read in place; it stays mapped until the block ends,
-        whatever ``close`` meanwhile. Nothing read may outlive the block (copy it)."""
-        with self._use() as address:
-            view = memoryview((ctypes.c_char * self.size).from_address(address)).cast("B")
-            try:
-                yield view
-            finally:
-                view.release()
-
-    def release(self, off: int, n: int) -> None:
-        """Give the memory of ``n`` bytes from ``off`` back (anonymous memory only; read as
-        zero after)."""
-        if not self.anonymous:
-            raise PagemapError("only an anonymous copy gives its pages back")
-        with self._use() as address:
-            _LIBC.madvise(ctypes.c_void_p(address + off), ctypes.c_size_t(n), _MADV_DONTNEED)
 
 class Source(_Mapping):
     """A booted VM's memfd (``find_shared``), mapped read-only into this process: its pages
@@ -419,6 +375,5 @@ _LIBC.process_vm_readv.restype = ctypes.c_ssize_t
 _LIBC.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
                                    ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
 _PROT_READ, _PROT_RW, _MAP_SHARED = 0x1, 0x3, 0x01
-_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x20, 0x4000
-_MADV_DONTNEED, _MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 4, 22, 23
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23
 _MAP_FAILED = ctypes.c_void_p(-1).value

@@ -7,10 +7,10 @@ the ROMs' pages, which are still the snapshot's (``stream.with_devices`` takes t
 device state). In ``host/capture.py``'s list: ``pause``, ``freeze-disk``, ``device-state``,
 ``copy-written`` (the guest stopped for these), ``resume``; then ``convert`` builds the device
 state and ``compress-ram`` stores an image that reads and hashes the written pages only
-(``ramfile.pack_pages``), where the copy holds them (memory of the server's), freeing its
-pages as it reads them. QEMU's dirty tracking is not used at all: under TCG its first sync
-scans every vCPU's TLB once per page of RAM (QEMU 7.2; ~0.75 s per GiB here), which made the
-first live capture of every restored session take seconds.
+(``ramfile.pack_pages``), freeing the copy's pages as it reads them. QEMU's dirty tracking
+is not used at all: under TCG its first sync scans every vCPU's TLB once per page of RAM
+(QEMU 7.2; ~0.75 s per GiB here), which made the first live capture of every restored session
+take seconds.
 
 The guest is stopped while its pages are copied (~5 GB/s out of QEMU's memory), so a running
 guest is captured this way only while it holds at most ``limit()`` (512 MiB, or a quarter of
@@ -79,7 +79,7 @@ DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
 DIRECT_RAM_SHARE = 4
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
-#: a booted VM's copy: a file in the capture's staging directory (tmpfs)
+#: the copy's file in the capture's staging directory (tmpfs)
 PAGES = "written.ram"
 #: devices whose saved state follows the host's clock while the guest is stopped, and which
 #: write no guest memory: the RTC (QEMU updates its time fields from the host clock at each
@@ -100,9 +100,7 @@ class Plan:
     # the restored snapshot's device state, uncompressed; a booted VM's ROMs as saved at its
     # launch, or inside the stop (``save_roms``)
     parent_state: Path
-    #: the copy, its pages written so far reserved: a restored VM's in this process's memory,
-    #: a booted VM's in a file of the staging directory (``pack`` reads each its way)
-    target: pagemap.Target
+    target: pagemap.Target  # the copy's file, its pages written so far reserved
     #: a booted VM's RAM (``MachineConfig.ram_shared``): its memfd mapped here, its pages found
     #: from the file and copied from this mapping; None for a restored VM, whose pages are
     #: found from QEMU's page tables and read out of its memory
@@ -115,8 +113,7 @@ class Plan:
     cache_digest: str = ""
 
     def close(self) -> None:
-        """Unmap the copy (a file stays on disk) and the memfd: once ``pack`` is done, or
-        instead of it (a restored VM's copy is nowhere else)."""
+        """Unmap the copy's file (it stays on disk for ``pack``), and the memfd."""
         self.target.close()
         if self.source is not None:
             self.source.close()
@@ -124,7 +121,8 @@ class Plan:
 
 @dataclass
 class Written:
-    plan: Plan  # its ``target`` holds the written pages, at their offsets in the RAM
+    plan: Plan
+    pages: Path  # a sparse file of the RAM's size holding the written pages
     ranges: list[tuple[int, int]]
     devices: Path  # QEMU's device sections
 
@@ -167,11 +165,10 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         stored = device_state_file(ctx.store.local_path(record.state), parent_state)
         if stored != parent_state:  # stored uncompressed (older snapshots)
             shutil.copyfile(stored, parent_state)
-        # taken while the guest still runs: allocating the copy inside the stop took 2.5 s
-        # instead of 0.35 s for 1 GiB when the host was short of free memory (two 16 GiB
-        # guests on 24 GiB), and mapping it there 0.2 s per GiB. Memory of this process, not
-        # a file: ``pack`` reads it in place (``pagemap.Target``)
-        target = pagemap.Target(None, size)
+        # taken while the guest still runs: allocating the copy's file inside the stop took
+        # 2.5 s instead of 0.35 s for 1 GiB when the host was short of free memory (two
+        # 16 GiB guests on 24 GiB), and mapping it there 0.2 s per GiB
+        target = pagemap.Target(staging / PAGES, size)
         target.reserve(ranges)
     except (pagemap.PagemapError, ramfile.RamFormatError, ArtifactError, OSError,
             ValueError) as exc:
@@ -214,7 +211,7 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     """With the guest stopped: the device state and the pages written (steps
     ``device-state`` and ``copy-written``)."""
-    w = Written(p, [], staging / "devices.bin")
+    w = Written(p, p.target.path, [], staging / "devices.bin")
     again = staging / "devices-again.bin"
     with steps.step("device-state"):
         if p.save_roms:
@@ -282,10 +279,10 @@ def pack(w: Written, dst: Path, parent: Path | None,
          parent_digest: str | None) -> ramfile.Packed:
     """Step ``compress-ram``: the RAM image, a delta over ``parent`` (or full)."""
     if w.plan.cache is None:  # a booted VM: its RAM is the pages copied, zero elsewhere
-        return ramfile.pack_delta(w.plan.target.path, dst, parent, parent_digest)
+        return ramfile.pack_delta(w.pages, dst, parent, parent_digest)
     # the first capture after a restore: a delta over the image whose index the plan read
     same = parent_digest is not None and parent_digest == w.plan.cache_digest
-    return ramfile.pack_pages(w.plan.target, w.ranges, w.plan.cache, w.plan.cache_index, dst,
+    return ramfile.pack_pages(w.pages, w.ranges, w.plan.cache, w.plan.cache_index, dst,
                               parent, parent_digest, index_hash=w.plan.cache_hash,
                               free_pages=True,
                               parent_index=w.plan.cache_index if same else None)
