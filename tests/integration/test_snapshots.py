@@ -113,7 +113,7 @@ def test_restore_continues_from_the_captured_instant(client: Client, snap, sourc
         # thread each (restore.warm_exec_path): the same parked process then read more in the
         # clone than in the source; on one thread (the host's cores taken by the other VMs of
         # the suite) it was not poked and read as much
-        argv = Path(f"/proc/{_qemu_pid(r.id)}/cmdline").read_bytes().split(b"\0")
+        argv = _qemu_argv(r.id)
         accel = argv[argv.index(b"-accel") + 1]
         assert accel in (b"tcg,thread=multi", b"tcg,thread=single"), accel
         if accel == b"tcg,thread=multi":
@@ -151,7 +151,7 @@ def test_a_restored_guest_that_reboots_powers_off(client: Client, snap) -> None:
     r = client.create_and_wait(snapshot_id=s.id, name="reboots", timeout=120)
     try:
         # launched with the kernel stub (engine/kernelstub.py), not the image's kernel
-        argv = Path(f"/proc/{_qemu_pid(r.id)}/cmdline").read_bytes().split(b"\0")
+        argv = _qemu_argv(r.id)
         assert b"-initrd" not in argv
         assert argv[argv.index(b"-kernel") + 1].endswith(b"/kernel-stub")
         r.start("sh", "-c", "echo b > /proc/sysrq-trigger")  # an immediate reboot
@@ -170,6 +170,10 @@ def _warmup_reads(s) -> int:
     pid = s.exec("pgrep", "-o", "-f", "^/bin/sh -c while read -r _").check().stdout.strip()
     io = dict(line.split(": ") for line in _sh(s, f"cat /proc/{pid}/io").splitlines())
     return int(io["rchar"])
+
+
+def _qemu_argv(session_id: str) -> list[bytes]:
+    return Path(f"/proc/{_qemu_pid(session_id)}/cmdline").read_bytes().split(b"\0")
 
 
 def _qemu_pid(session_id: str) -> int:

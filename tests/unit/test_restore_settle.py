@@ -29,20 +29,27 @@ from tenkibox.host import restore
 from tenkibox.steps import Steps
 
 
-class OldAgent(guest.Agent):
+class RecordingAgent(guest.Agent):
+    """The agent as it is, keeping the requests it was sent."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.requests: list[str] = []
+
+    def dispatch(self, line: bytes) -> None:
+        self.requests.append(line.decode())
+        super().dispatch(line)
+
+
+class OldAgent(RecordingAgent):
     """An agent 0.3.0, as baked into snapshots taken before ``settle`` existed."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         del self.ops["settle"]
-        self.requests: list[str] = []
 
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {**super().op_ping(req), "version": "0.3.0"}
-
-    def dispatch(self, line: bytes) -> None:
-        self.requests.append(line.decode())
-        super().dispatch(line)
 
 
 class Machine:
@@ -67,7 +74,7 @@ def guest_agent(request: pytest.FixtureRequest,
     (base / "root" / "etc").mkdir(parents=True)
     (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
     system = SandboxSystem(str(base / "root"))
-    cls = guest.Agent if request.param == "0.4.0" else OldAgent
+    cls = RecordingAgent if request.param == "0.4.0" else OldAgent
     agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
@@ -154,42 +161,25 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
     assert asyncio.all_tasks() - tasks_before == set()
 
 
-class RecordingAgent(guest.Agent):
-    """The agent as it is, keeping the requests it was sent."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.requests: list[dict[str, Any]] = []
-
-    def dispatch(self, line: bytes) -> None:
-        self.requests.append(json.loads(line))
-        super().dispatch(line)
-
-
+@pytest.mark.parametrize("guest_agent", ["0.4.0"], indirect=True)
 @pytest.mark.parametrize("warm", [True, False])
 async def test_the_settle_says_whether_the_guest_warms_its_exec_path(
-        tmp_path: Path, warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        guest_agent: tuple[guest.Agent, SandboxSystem, Path], warm: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _, base = guest_agent
+    assert isinstance(agent, RecordingAgent)
+
     async def load_state(machine: Any, source: Path) -> None:
         return None
 
     monkeypatch.setattr(restore, "load_state", load_state)
-    base = Path(tempfile.mkdtemp(prefix="tkw-"))  # short: unix socket paths <= 108 bytes
-    (base / "root" / "etc").mkdir(parents=True)
-    (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
-    agent = RecordingAgent(guest.ListenPort(str(base / "agent.sock")),
-                           SandboxSystem(str(base / "root")))
-    thread = threading.Thread(target=agent.serve_forever, daemon=True)
-    thread.start()
     client = AgentClient(base / "agent.sock", default_timeout=10)
     try:
         await restore._settle(_ctx(base), _spec(False), Machine([]),  # type: ignore[arg-type]
                               client, Steps(restore.log, "ses_x", plan="restore"), warm=warm)
     finally:
         await client.close()
-        agent.stop()
-        thread.join(5)
-        shutil.rmtree(base, ignore_errors=True)
-    settles = [r for r in agent.requests if r.get("op") == "settle"]
+    settles = [r for r in map(json.loads, agent.requests) if r.get("op") == "settle"]
     assert len(settles) == 1 and settles[0]["warm"] is warm
 
 
