@@ -45,11 +45,12 @@ class Guest:
         return c
 
 
-def _guest(base: Path, warmup: guest.Warmup | None = None) -> Guest:
+def _guest(base: Path, warmup: guest.Warmup | None = None,
+           system: SandboxSystem | None = None) -> Guest:
     root = base / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\told\n")
-    system = SandboxSystem(str(root))
+    system = system or SandboxSystem(str(root))
     sock = base / "agent.sock"
     agent = guest.Agent(guest.ListenPort(str(sock)), system, warmup)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
@@ -314,7 +315,11 @@ async def test_settle_without_identity_only_sets_the_clock(client: AgentClient,
 async def test_a_refused_settle_changes_nothing(client: AgentClient, vm: Guest) -> None:
     # the identity is checked before the clock is set: no half-settled guest
     for hostname, machine_id, data in [("bad name!", "0" * 32, "AAAA"),
+                                       ("ends-in-a-newline\n", "0" * 32, "AAAA"),
+                                       ("-dash-first", "0" * 32, "AAAA"),
+                                       ("x" * 64, "0" * 32, "AAAA"),
                                        ("ok", "not-hex", "AAAA"),
+                                       ("ok", "0" * 31, "AAAA"),
                                        ("ok", "0" * 32, "not base64!")]:
         with pytest.raises(AgentError) as ei:
             await client._call("settle", 5, epoch_ns=time.time_ns(), hostname=hostname,
@@ -322,6 +327,60 @@ async def test_a_refused_settle_changes_nothing(client: AgentClient, vm: Guest) 
         assert ei.value.errno == "EINVAL"
     assert vm.system.clock == [] and vm.system.hostnames == [] and vm.system.entropy == []
     assert not (vm.root / "etc" / "hostname").exists()
+
+
+async def test_a_hosts_file_that_is_not_utf8_keeps_its_bytes(client: AgentClient,
+                                                             vm: Guest) -> None:
+    hosts = vm.root / "etc" / "hosts"
+    hosts.write_bytes(b"127.0.0.1\tlocalhost\n10.0.0.9\tcaf\xe9\n")
+    await client.settle(("clone-7", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+    assert hosts.read_bytes() == (b"127.0.0.1\tlocalhost\n127.0.1.1\tclone-7\n"
+                                  b"10.0.0.9\tcaf\xe9\n")
+
+
+class OrderedSystem(SandboxSystem):
+    """Records, in ``events``, when the clock and the hostname were set."""
+
+    def __init__(self, root: str, events: list[str]) -> None:
+        super().__init__(root)
+        self.events = events
+
+    def set_clock(self, epoch_ns: int) -> None:
+        super().set_clock(epoch_ns)
+        self.events.append("clock")
+
+    def set_hostname(self, name: str) -> None:
+        super().set_hostname(name)
+        self.events.append("hostname")
+
+
+class OrderedWarmup(guest.Warmup):
+    """Records its pokes in ``events`` and starts nothing."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def poke(self) -> None:
+        self.events.append("poke")
+
+
+async def test_a_settle_sets_the_clock_before_it_wakes_the_warmup() -> None:
+    # setting the clock waits for every vCPU to take an interrupt: the one the warm-up wakes
+    # would be busy translating
+    events: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="tka-"))
+    g = _guest(base, OrderedWarmup(events), OrderedSystem(str(base / "root"), events))
+    c = g.client()
+    try:
+        await c.connect(10)
+        await c.settle(("clone-8", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+        assert events == ["clock", "poke", "hostname"]
+    finally:
+        await c.close()
+        g.agent.stop()
+        g.thread.join(5)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
