@@ -216,6 +216,32 @@ def test_a_resolver_is_reached_only_where_the_policy_allows(open_session,  # typ
         f"tcp:{PRIVATE}:53": "open", f"tcp:{PUBLIC_B}:53": "refused"}
 
 
+def test_a_guest_namespace_has_its_sysctls_rules_and_links() -> None:
+    # what links.create leaves inside the namespace, read back from the kernel: forwarding on
+    # and IPv6 off (set before the tap existed, so it has no IPv6 address), the namespace's
+    # table, the tap with the gateway's addresses, the route out through the host's end
+    slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
+    net = VMNet("nstest000000", "ses_nssetup00000001", slot)
+    links.create(net, NetworkSpec(egress=EgressPolicy(outbound=False), inbound=True))
+    try:
+        def inside(*argv: str) -> str:
+            return subprocess.run(["ip", "netns", "exec", net.netns, *argv], check=True,
+                                  capture_output=True, text=True).stdout
+
+        assert inside("cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+                      "/proc/sys/net/ipv6/conf/default/disable_ipv6",
+                      "/proc/sys/net/ipv4/ip_forward").split() == ["1", "1", "1"]
+        tap = json.loads(inside("ip", "-j", "addr", "show", "dev", "tap0"))[0]
+        assert sorted((a["family"], a["local"]) for a in tap["addr_info"]) == [
+            ("inet", "10.0.2.2"), ("inet", "10.0.2.3")]
+        table = inside("nft", "list", "table", "ip", "tenki")
+        assert "masquerade" in table and "dnat to 10.0.2.15" in table  # inbound: to the guest
+        assert inside("ip", "route", "show", "default").startswith(f"default via {net.host_ip}")
+    finally:
+        links.remove(net)
+    assert not (links.NETNS_DIR / net.netns).exists()
+
+
 def test_a_network_left_by_a_gone_server_does_not_bind_a_new_guest(client: Client) -> None:
     # a server killed with its VMs, whose data directory (and so its namespaces) was then
     # removed, leaves its host tables behind; the next VM on this machine given the same

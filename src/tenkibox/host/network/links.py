@@ -30,13 +30,15 @@ class NetworkError(InternalError):
     """A network command failed (the command and its output are in the message)."""
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
+def _run(argv: list[str], stdin: str | None = None, what: str | None = None) -> str:
+    """``argv``'s output; ``what`` names it in errors instead of the whole command line."""
+    name = what or " ".join(argv)
     try:
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NetworkError(f"{' '.join(argv)}: {exc}") from exc
+        raise NetworkError(f"{name}: {exc}") from exc
     if done.returncode != 0:
-        raise NetworkError(f"{' '.join(argv)} failed ({done.returncode}): "
+        raise NetworkError(f"{name} failed ({done.returncode}): "
                            f"{(done.stderr or done.stdout).strip()[-500:]}")
     return done.stdout
 
@@ -85,6 +87,20 @@ def create(net: VMNet, spec: NetworkSpec) -> None:
         f"link set {TAP} up",
         f"route add default via {net.host_ip}",
     ]) + "\n"
+    # Inside the namespace, one process (a restore waits for each one started; ~4 ms here):
+    # the sysctls, before the tap exists, so that it never gets an IPv6 address; the
+    # namespace's table, which names interfaces, so it holds before they exist; then the links
+    # (``ip -batch`` reads the shell's input). /proc/sys/net is the namespace's for a process
+    # in it.
+    ns_script = "\n".join([
+        "set -e",
+        "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
+        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+        "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        "nft -f - <<'TENKI_TABLE'",
+        namespace_table(net, spec.inbound) + "TENKI_TABLE",
+        "exec ip -batch -",
+    ]) + "\n"
     try:
         # the pair, down; then the host's table, which names the host end by its index (so a
         # table some gone server left for the same interface name never applies to this one);
@@ -92,13 +108,8 @@ def create(net: VMNet, spec: NetworkSpec) -> None:
         _run(["ip", "-batch", "-"], pair_batch)
         _run(["nft", "-f", "-"], vm_table(net, spec.egress))
         _run(["ip", "-batch", "-"], up_batch)
-        # before the tap exists, so that it never gets an IPv6 address
-        _run(["ip", "netns", "exec", ns, "sh", "-c",
-              "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
-              "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 && "
-              "echo 1 > /proc/sys/net/ipv4/ip_forward"])
-        _run(["ip", "-n", ns, "-batch", "-"], ns_batch)
-        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], namespace_table(net, spec.inbound))
+        _run(["nsenter", f"--net={NETNS_DIR / ns}", "--", "sh", "-c", ns_script], ns_batch,
+             what=f"the set-up inside namespace {ns} (sysctls, nft, ip)")
     except NetworkError:
         remove(net)
         raise
