@@ -66,6 +66,9 @@ class Machine:
     async def resume(self) -> None:
         self.events.append("resume")
 
+    async def vcpu_report(self) -> str:
+        return "QEMU running; vCPU 0 in the guest kernel at ffffffff81000000, halted"
+
 
 @pytest.fixture(params=["0.4.0", "0.3.0"])
 def guest_agent(request: pytest.FixtureRequest,
@@ -152,7 +155,9 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
     tasks_before = asyncio.all_tasks()
     steps = Steps(restore.log, "ses_x", plan="restore")
     (tmp_path / "console.log").write_text("guest kernel panic")
-    with pytest.raises(restore.TenkiError, match=r"did not answer.*guest kernel panic"):
+    with pytest.raises(restore.TenkiError,
+                       match=r"did not answer.*console: guest kernel panic; QEMU running; "
+                             r"vCPU 0 in the guest kernel"):
         await restore._settle(_ctx(tmp_path), _spec(False),
                               Machine([], tmp_path / "console.log"),  # type: ignore[arg-type]
                               client, steps)

@@ -724,7 +724,8 @@ class AgentClient:
 
 async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
     """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
-    and with the end of the serial console if the guest never answers."""
+    and with the end of the serial console and where the vCPUs are if the guest never
+    answers."""
     task = asyncio.ensure_future(agent.connect(timeout))
     while not task.done():
         if not machine.alive():
@@ -739,5 +740,7 @@ async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) ->
         tail = ""
         with contextlib.suppress(OSError):
             tail = machine.files.console.read_text(errors="replace")[-800:].strip()
+        state = await machine.vcpu_report()
         raise SessionFailedError(f"guest agent did not answer: {exc.message}"
-                                 + (f"; console: {tail}" if tail else "")) from exc
+                                 + (f"; console: {tail}" if tail else "; the console is empty")
+                                 + (f"; {state}" if state else "")) from exc

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -394,6 +395,27 @@ def vm_process_owner(argv: Sequence[str], run_root: Path) -> str | None:
     return owner
 
 
+#: in one vCPU's block of HMP ``info registers -a``: the instruction pointer (``EIP`` before
+#: the guest is in long mode), the privilege level and whether the vCPU is halted
+_VCPU_RE = re.compile(r"\b[RE]IP=([0-9a-f]+)\b.*?\bCPL=(\d)\b.*?\bHLT=(\d)\b", re.S)
+
+
+def describe_vcpus(status: str, registers: str) -> str:
+    """One line on where a guest is, from QEMU's run state and HMP ``info registers -a``: for a
+    guest whose agent never answered, whose console (``quiet``) may say nothing."""
+    parts = []
+    for block in registers.split("CPU#")[1:]:
+        n = block.split(None, 1)[0] if block.strip() else "?"
+        m = _VCPU_RE.search(block)
+        if m is None:
+            continue
+        ip, cpl, hlt = m.groups()
+        where = ("the guest kernel" if int(ip, 16) >= 1 << 63 else
+                 "user space" if cpl == "3" else "firmware or early boot")
+        parts.append(f"vCPU {n} in {where} at {ip}{', halted' if hlt == '1' else ''}")
+    return f"QEMU {status}" + (f"; {'; '.join(parts)}" if parts else "")
+
+
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
         data = path.read_bytes()
@@ -547,6 +569,16 @@ class Machine:
         except (OSError, EOFError) as exc:
             raise MachineError(f"QMP {cmd}: connection to QEMU lost ({exc})",
                                log_tail=_tail(self.files.qemu_log)) from exc
+
+    async def vcpu_report(self, timeout: float = 5.0) -> str:
+        """``describe_vcpus`` of this VM now; "" when QEMU cannot tell (a diagnosis only)."""
+        try:
+            status = await asyncio.wait_for(self.execute("query-status"), timeout)
+            regs = await asyncio.wait_for(self.execute(
+                "human-monitor-command", {"command-line": "info registers -a"}), timeout)
+        except (MachineError, TimeoutError):
+            return ""
+        return describe_vcpus(str(status.get("status", "unknown")), str(regs))
 
     async def send_fd(self, name: str, fd: int) -> None:
         """Give QEMU a duplicate of ``fd`` under ``name`` (QMP ``getfd``; a later one of the
