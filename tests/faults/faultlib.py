@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from support.counter import COUNTER
 
 from tenkibox.config import home_tag
 
@@ -774,12 +775,6 @@ def check_restorable(server: Any, snapshot_id: str, timeout: float = 120.0) -> N
 
 
 # -- guests -----------------------------------------------------------------------------------
-
-#: a process that counts in /tmp/count, renaming each value into place: a reader (or a capture)
-#: never finds the file empty between a truncate and a write
-COUNTER = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
-           "mv /tmp/count.new /tmp/count; sleep 0.5; done' >/dev/null 2>&1 & "
-           "echo $! > /root/counter.pid")
 
 
 def sh(session: Any, cmd: str, timeout: float = 60) -> str:

@@ -17,16 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.counter import COUNTER
 from support.pagecache import PAGE, resident
 from support.server import AUTH
 
 from tenkibox import Client, errors
 
-#: a process that counts in /tmp/count, renaming each value into place: a reader (or a capture)
-#: never finds the file empty between a truncate and a write
-COUNTER = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
-           "mv /tmp/count.new /tmp/count; sleep 0.5; done' >/dev/null 2>&1 & "
-           "echo $! > /root/counter.pid")
 HELLO = b"#!/bin/sh\necho hello from the save point\n"
 
 

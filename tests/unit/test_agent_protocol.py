@@ -44,6 +44,12 @@ class Guest:
         self.clients.append(c)
         return c
 
+    def close(self) -> None:
+        """Stop the agent and remove its temporary directory (``_guest``'s ``base``)."""
+        self.agent.stop()
+        self.thread.join(5)
+        shutil.rmtree(self.root.parent, ignore_errors=True)
+
 
 def _guest(base: Path, warmup: guest.Warmup | None = None,
            system: SandboxSystem | None = None) -> Guest:
@@ -64,9 +70,7 @@ def vm() -> Iterator[Guest]:
     base = Path(tempfile.mkdtemp(prefix="tka-"))
     g = _guest(base)
     yield g
-    g.agent.stop()
-    g.thread.join(5)
-    shutil.rmtree(base, ignore_errors=True)
+    g.close()
 
 
 @pytest.fixture
@@ -378,9 +382,7 @@ async def test_a_settle_sets_the_clock_before_it_wakes_the_warmup() -> None:
         assert events == ["clock", "poke", "hostname"]
     finally:
         await c.close()
-        g.agent.stop()
-        g.thread.join(5)
-        shutil.rmtree(base, ignore_errors=True)
+        g.close()
 
 
 @pytest.fixture
@@ -395,10 +397,8 @@ def warm_vm() -> Iterator[tuple[Guest, Path]]:
     warmup.start()
     g = _guest(base, warmup)
     yield g, pokes
-    g.agent.stop()
-    g.thread.join(5)
-    warmup.close()
-    shutil.rmtree(base, ignore_errors=True)
+    g.close()
+    warmup.close()  # the parked shell reads the end of its pipe and exits
 
 
 def _lines_soon(path: Path, n: int, timeout: float = 10.0) -> int:

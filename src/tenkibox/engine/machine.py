@@ -405,10 +405,10 @@ def describe_vcpus(status: str, registers: str) -> str:
     guest whose agent never answered, whose console (``quiet``) may say nothing."""
     parts = []
     for block in registers.split("CPU#")[1:]:
-        n = block.split(None, 1)[0] if block.strip() else "?"
         m = _VCPU_RE.search(block)
         if m is None:
             continue
+        n = block.split(None, 1)[0]
         ip, cpl, hlt = m.groups()
         where = ("the guest kernel" if int(ip, 16) >= 1 << 63 else
                  "user space" if cpl == "3" else "firmware or early boot")
