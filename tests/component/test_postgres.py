@@ -29,7 +29,7 @@ from support.server import ADMIN_KEY, AUTH, InProcessServer, write_admin_key
 from tenkibox import Client, longpoll
 from tenkibox.config import Layout
 from tenkibox.control import admission
-from tenkibox.control.records import LISTENER_NAME, Records
+from tenkibox.control.records import LISTENER_NAME, Records, key_of
 from tenkibox.control.states import IllegalTransitionError
 from tenkibox.control.workspaces import WorkspaceControl
 from tenkibox.errors import CapacityUnavailableError
@@ -274,29 +274,26 @@ def test_restart_keeps_records(postgres: PostgresCluster, make_inproc: MakeServe
 
 
 async def test_listen_wakes_waits_of_another_process(two_planes: tuple[Store, Store]) -> None:
-    """A wait on process A (the condition alone, no re-read) wakes when process B changes a
-    record: B's NOTIFY, A's listener."""
+    """A wait on process A (on the record alone, no re-read) wakes when process B changes
+    that record: B's NOTIFY names it, A's listener wakes its waits. B's change of another
+    record does not wake it."""
     a, b = two_planes
     ra, rb = Records(a), Records(b)
     await ra.listen()
     try:
         assert ra.listening.is_set()
-        row = session_row("READY")
+        row, other = session_row("READY"), session_row("READY")
         seed(a, row)
-        waiting, woke = asyncio.Event(), asyncio.Event()
-
-        async def wait() -> None:
-            async with ra.changed:
-                waiting.set()
-                await ra.changed.wait()
-            woke.set()
-        task = asyncio.create_task(wait())
-        await waiting.wait()
+        seed(a, other)
+        wait = asyncio.create_task(ra.changes.wait(key_of(SessionRow, row.id), 30))
+        wait_other = asyncio.create_task(ra.changes.wait(key_of(SessionRow, other.id), 30))
         await asyncio.sleep(0.2)
-        assert not woke.is_set()
+        assert not wait.done()
+        await rb.transition(SessionRow, other.id, "TERMINATING")
+        assert await asyncio.wait_for(wait_other, 5) is True
+        assert not wait.done()
         await rb.transition(SessionRow, row.id, "TERMINATING")
-        await asyncio.wait_for(woke.wait(), 5)
-        await task
+        assert await asyncio.wait_for(wait, 5) is True
     finally:
         await ra.stop_listening()
     assert not ra.listening.is_set()
@@ -323,19 +320,10 @@ async def test_listener_reconnects(two_planes: tuple[Store, Store]) -> None:
         await asyncio.wait_for(ra.listening.wait(), 10)
         row = session_row("READY")
         seed(a, row)
-        woke = asyncio.Event()
-        waiting = asyncio.Event()
-
-        async def wait() -> None:
-            async with ra.changed:
-                waiting.set()
-                await ra.changed.wait()
-            woke.set()
-        task = asyncio.create_task(wait())
-        await waiting.wait()
+        wait = asyncio.create_task(ra.changes.wait(key_of(SessionRow, row.id), 30))
+        await asyncio.sleep(0)
         await rb.transition(SessionRow, row.id, "TERMINATING")
-        await asyncio.wait_for(woke.wait(), 5)
-        await task
+        assert await asyncio.wait_for(wait, 5) is True
     finally:
         await ra.stop_listening()
 

@@ -12,11 +12,11 @@ the insert or move it allows: quotas, capacity, one build at a time, a workspace
 first takes one transaction-scoped advisory lock, so that such checks run one at a time across
 all processes (SQLite has a single writer already).
 
-Waits (long polls, the server's own) sleep on ``changed``, an in-process condition notified after
-every committed change. On PostgreSQL every change also sends ``NOTIFY tenki_records`` in its
-transaction (delivered at commit), and ``listen`` (started by the control plane) turns the
-notifications of every process into a notification of ``changed``: a wait on one control-plane
-process wakes when another changes the record.
+Waits (long polls, the server's own) watch one record in ``changes`` (``longpoll.Changes``): each
+committed change wakes the waits on its record. On PostgreSQL every change also sends
+``NOTIFY tenki_records`` in its transaction (delivered at commit) with the record's key, and
+``listen`` (started by the control plane) turns the notifications of every process into the
+same wake-ups: a wait on one control-plane process wakes when another changes the record.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ from .states import TRANSITIONS, IllegalTransitionError, sources
 
 log = logging.getLogger(__name__)
 
-#: the PostgreSQL channel of record changes (the payload is empty: waiters re-read)
+#: the PostgreSQL channel of record changes; the payload is the record's key (``key_of``), empty
+#: for a change of records not known one by one (and from processes older than keyed waits):
+#: every wait re-reads
 CHANNEL = "tenki_records"
 #: the listener connection's application_name (pg_stat_activity)
 LISTENER_NAME = "tenki-listener"
@@ -89,6 +91,11 @@ def _missing(kind: str, key: str) -> NotFoundError:
     return _MISSING[kind](f"{kind} {key} not found")
 
 
+def key_of(cls: type[Base], key: object) -> str:
+    """The name of one record in ``Records.changes`` and in notifications."""
+    return f"{cls.__tablename__}:{key}"
+
+
 def _value(state: Any) -> str:
     return str(state.value if hasattr(state, "value") else state)
 
@@ -96,21 +103,22 @@ def _value(state: Any) -> str:
 class Records:
     def __init__(self, store: Store) -> None:
         self.store = store
-        #: notified after every committed change (long polls wait on it); on PostgreSQL also
-        #: after another process's (``listen``)
-        self.changed = asyncio.Condition()
+        #: woken after every committed change of a record (long polls wait on it); on
+        #: PostgreSQL also after another process's (``listen``)
+        self.changes = longpoll.Changes()
         #: set while the PostgreSQL listener is connected and listening
         self.listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
     # -- change notifications across processes (PostgreSQL) ----------------------------------
-    def _announce(self, orm: OrmSession) -> None:
-        """Queue ``NOTIFY`` in ``orm``'s transaction: sent at its commit, never on rollback."""
+    def _announce(self, orm: OrmSession, key: str | None) -> None:
+        """Queue ``NOTIFY`` of ``key`` (None: any record) in ``orm``'s transaction: sent at its
+        commit, never on rollback."""
         if self.store.postgres:
-            orm.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+            orm.execute(text("SELECT pg_notify(:c, :k)"), {"c": CHANNEL, "k": key or ""})
 
     async def listen(self) -> None:
-        """On PostgreSQL, start relaying other processes' changes to ``changed`` (until
+        """On PostgreSQL, start relaying other processes' changes to ``changes`` (until
         ``stop_listening``); returns once listening (or after 10 s, still trying). On SQLite
         nothing: one process owns the database."""
         if not self.store.postgres or self._listener is not None:
@@ -140,9 +148,9 @@ class Records:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     delay = 0.5
-                    await self.notify()  # what changed while (re)connecting: read again
-                    async for _ in conn.notifies():
-                        await self.notify()
+                    self.changes.announce()  # what changed while (re)connecting: read again
+                    async for note in conn.notifies():
+                        self.changes.announce(note.payload or None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -163,10 +171,6 @@ class Records:
         if self.store.postgres:
             orm.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK})
         check(orm)
-
-    async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
 
     # -- reads -------------------------------------------------------------------------------
     def find(self, cls: type[R], key: str) -> R | None:
@@ -192,7 +196,7 @@ class Records:
                       busy: str = "CREATING") -> R:
         """The record once it left ``busy`` (or as it is after ``timeout_s``): the server's
         own waits for the boot, restore or capture it started (no long-poll cap)."""
-        return await longpoll.until(self.changed, lambda: self.get(cls, key),
+        return await longpoll.until(self.changes, key_of(cls, key), lambda: self.get(cls, key),
                                     lambda r: getattr(r, "state", None) != busy, timeout_s,
                                     cap_s=None)
 
@@ -201,13 +205,14 @@ class Records:
                      notify: bool = True) -> None:
         """Add ``row``; ``check`` runs first in the same transaction (quotas, capacity) and
         refuses by raising, so that a count and the insert it allows cannot be split."""
+        key = key_of(type(row), getattr(row, "id", None))
         with self.store.tx() as orm:
             self._checked(orm, check)
             orm.add(row)
             if notify:
-                self._announce(orm)
+                self._announce(orm, key)
         if notify:
-            await self.notify()
+            self.changes.announce(key)
 
     async def remove(self, cls: type[R], key: str, *,
                      check: Callable[[OrmSession], None] | None = None) -> bool:
@@ -232,9 +237,9 @@ class Records:
                                  .execution_options(synchronize_session=False))
             gone = int(result.rowcount)  # type: ignore[attr-defined]
             if gone and notify:
-                self._announce(orm)
+                self._announce(orm, None)  # which ones went is not known here
         if gone and notify:
-            await self.notify()
+            self.changes.announce()
         return gone
 
     async def transition(self, cls: type[R], key: str, target: Any, *,
@@ -264,7 +269,7 @@ class Records:
                                  .execution_options(synchronize_session=False))
             moved = result.rowcount == 1  # type: ignore[attr-defined]
             if moved:
-                self._announce(orm)
+                self._announce(orm, key_of(cls, key))
             # read in the same transaction: the row as this change left it (or, refused, as
             # it was), without a second one (an exec moves its session twice)
             row = orm.get(cls, key, populate_existing=True)
@@ -273,7 +278,7 @@ class Records:
         if not moved:
             current: Any = row
             raise IllegalTransitionError(kind, key, current.state, target)
-        await self.notify()
+        self.changes.announce(key_of(cls, key))
         return row
 
     async def update(self, cls: type[R], key: str, *, when_state: Iterable[Any] | None = None,
@@ -296,7 +301,7 @@ class Records:
                                  .execution_options(synchronize_session=False))
             changed = result.rowcount == 1  # type: ignore[attr-defined]
             if changed and notify:
-                self._announce(orm)
+                self._announce(orm, key_of(cls, key))
         if changed and notify:
-            await self.notify()
+            self.changes.announce(key_of(cls, key))
         return changed

@@ -53,7 +53,7 @@ from ..store.tables import SessionRow, SnapshotRow
 from . import admission, network, workdir
 from .network import network_of
 from .pausing import PauseControl
-from .records import Records
+from .records import Records, key_of
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
@@ -140,7 +140,8 @@ class SessionControl:
 
     async def wait(self, session_id: str, timeout_s: float, ws: str | None = None) -> Session:
         """As soon as the session is out of CREATING, PAUSING and RESUMING."""
-        row = await longpoll.until(self.records.changed, lambda: self.row(session_id, ws),
+        row = await longpoll.until(self.records.changes, key_of(SessionRow, session_id),
+                                   lambda: self.row(session_id, ws),
                                    lambda r: r.state not in _BUSY, timeout_s)
         return self.to_model(row)
 

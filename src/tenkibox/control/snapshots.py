@@ -30,7 +30,7 @@ from ..ids import new_id
 from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType, SnapshotUpdate
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
-from .records import Records
+from .records import Records, key_of
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
@@ -132,7 +132,8 @@ class SnapshotControl:
         """The snapshot once it left CREATING, or as it is when the time is up.
         ``long_poll``: an HTTP long poll (capped, the client asks again); False for a caller
         that holds its call open for the whole wait (the wire's blocking CreateSnapshot)."""
-        row = await longpoll.until(self.records.changed, lambda: self.row(snapshot_id, ws),
+        row = await longpoll.until(self.records.changes, key_of(SnapshotRow, snapshot_id),
+                                   lambda: self.row(snapshot_id, ws),
                                    lambda r: r.state != P.CREATING.value, timeout_s,
                                    **({} if long_poll else {"cap_s": None}))
         return self._model(row)

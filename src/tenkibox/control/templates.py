@@ -50,7 +50,7 @@ from ..models import (
     TemplateUpdate,
 )
 from ..store.tables import BuildRow, SessionRow, SnapshotRow, TemplateRow
-from .records import Records
+from .records import Records, key_of
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
 from .states import IllegalTransitionError
@@ -187,7 +187,8 @@ class TemplateControl:
     async def wait_build(self, template_id: str, build_id: str, ws: str,
                          timeout_s: float) -> TemplateBuild:
         row = await longpoll.until(
-            self.records.changed, lambda: self.build_row(template_id, build_id, ws),
+            self.records.changes, key_of(BuildRow, build_id),
+            lambda: self.build_row(template_id, build_id, ws),
             lambda r: r.state in (B.READY.value, B.FAILED.value), timeout_s)
         return build_model(row)
 
@@ -207,9 +208,7 @@ class TemplateControl:
                     sent = len(text)
                 if row.state in (B.READY.value, B.FAILED.value):
                     return
-                async with self.records.changed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.records.changed.wait(), 1.0)
+                await self.records.changes.wait(key_of(BuildRow, build_id), 1.0)
 
         return chunks()
 

@@ -20,6 +20,7 @@ from .. import longpoll
 from ..control import egress
 from ..control.keys import Principal
 from ..control.plane import ControlPlane
+from ..control.records import key_of
 from ..errors import ConflictError, PermissionDeniedError, TenkiError, ValidationError
 from ..models import (
     Session,
@@ -33,6 +34,7 @@ from ..models import (
     VolumeMount,
     VolumeUpdate,
 )
+from ..store.tables import SessionRow
 from . import convert, proto
 from .credentials import Credentials
 
@@ -156,7 +158,7 @@ class SandboxService:
 
     async def _next(self, session_id: str, ws: str, before: str, timeout_s: float) -> Session:
         """The session once its state is no longer ``before`` (or as it is after the time)."""
-        return await longpoll.until(self.plane.records.changed,
+        return await longpoll.until(self.plane.records.changes, key_of(SessionRow, session_id),
                                     lambda: self.plane.sessions.get(session_id, ws),
                                     lambda x: x.state.value != before, timeout_s, cap_s=None)
 
