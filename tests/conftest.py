@@ -5,6 +5,7 @@
 - ``inproc``: the real app and control plane over a fresh SQLite database and ``fake_host``,
   served on 127.0.0.1 (``inproc.url``). One listener thread serves the whole run; every test
   gets a new data directory, database, control plane, app and host behind it (``reset``).
+- ``agentd_binary``: the guest agent, compiled once for the run (``support/agentd.py``).
 - ``make_inproc(**kw)``: more servers of their own (e.g. ``api_key="tk_..."``, or ``home=`` and
   ``host=`` of a crashed one to restart it), stopped at the end.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import agentd
 from support import postgres as pg
 from support.fake_host import FakeHost
 from support.s3server import S3Server
@@ -69,6 +71,12 @@ class _Shared:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def agentd_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guest agent (``support/agentd.py``), compiled once for the run."""
+    return agentd.build(tmp_path_factory.mktemp("agentd"))
 
 
 @pytest.fixture(scope="session")

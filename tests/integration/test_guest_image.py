@@ -85,7 +85,7 @@ def layout() -> Iterator[Layout]:
             steps: list[str] = []
             image = build_image(lay, IMAGE_ID, progress=lambda step, frac: steps.append(step))
             assert image.id == IMAGE_ID
-            assert steps[0] == "bootstrap" and steps[-1] == "done"
+            assert steps[0] == "agent" and steps[-1] == "done"
             _refresh_cache(lay.image_dir(IMAGE_ID))
         yield lay
     finally:

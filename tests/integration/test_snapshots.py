@@ -108,7 +108,7 @@ def test_restore_continues_from_the_captured_instant(client: Client, snap, sourc
         # a new identity
         assert _sh(r, "hostname") != _sh(source, "hostname")
         assert _sh(r, "cat /etc/machine-id") != _sh(source, "cat /etc/machine-id")
-        # the settle poked the warm-up shell (guest.agent.Warmup) if the clone's vCPUs got a
+        # the settle poked the warm-up shell (agentd's warmup) if the clone's vCPUs got a
         # thread each (restore.warm_exec_path): the same parked process then read more in the
         # clone than in the source; on one thread (the host's cores taken by the other VMs of
         # the suite) it was not poked and read as much

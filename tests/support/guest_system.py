@@ -3,7 +3,7 @@ tests that run the real agent in-process."""
 
 from __future__ import annotations
 
-from tenkibox.guest import agent as guest
+from support import pyagent as guest
 
 
 class SandboxSystem(guest.System):

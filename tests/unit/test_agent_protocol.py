@@ -1,9 +1,11 @@
-"""The real guest agent and the real host client, talking over a unix socket instead of a VM.
+"""The guest agent and the real host client, talking over a unix socket instead of a VM.
 
-The agent runs in a thread with its ``ListenPort`` (each accepted connection plays the host side
-of the virtio port), so everything but the virtio transport is the code that runs in the guest.
-The parts of the system the agent changes (clock, hostname, /etc) are redirected so the tests
-cannot touch the machine running them.
+Every test runs against ``agentd`` (``src/tenkibox/guest/agentd``, what the guest runs), in a
+process of its own in its test mode (``support/agentd.py``: identity files below a temp root,
+and the clock, hostname and entropy recorded instead of set), and most also against the Python
+module (``support/pyagent.py``, the in-process guest of other host-side tests), so both keep
+the protocol. Tests marked ``pyagent_only`` look inside the Python module (its threads, its
+handlers); the host-client behaviour they check is the same whichever agent answers.
 """
 
 from __future__ import annotations
@@ -13,64 +15,108 @@ import base64
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support import agentd
+from support import pyagent as guest
 from support.guest_system import SandboxSystem
 
 from tenkibox.engine import agent as engine_agent
 from tenkibox.engine.agent import AgentClient, AgentError, AgentProcess, AgentTimeoutError
 from tenkibox.errors import InternalError, ValidationError, WaitTimeoutError
-from tenkibox.guest import agent as guest
 from tenkibox.images.builder import IDENTITY_FILES
 
 
 @dataclass
 class Guest:
-    agent: guest.Agent
-    system: SandboxSystem
+    """One agent serving ``sock``; ``system``: what it changed instead of the machine (clock,
+    hostnames, entropy)."""
+
+    kind: str  # "agentd" or "pyagent"
     sock: Path
     root: Path
-    thread: threading.Thread
+    system: Any
+    pid: int
+    version: str
+    agent: guest.Agent | None = None  # pyagent
+    thread: threading.Thread | None = None  # pyagent
+    proc: subprocess.Popen[bytes] | None = None  # agentd
     clients: list[AgentClient] = field(default_factory=list)
+
+    @property
+    def py(self) -> guest.Agent:
+        assert self.agent is not None, "a pyagent_only test"
+        return self.agent
 
     def client(self) -> AgentClient:
         c = AgentClient(self.sock, default_timeout=10)
         self.clients.append(c)
         return c
 
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            if self.thread is not None:
+                self.thread.join(5)
+        if self.proc is not None:
+            agentd.stop(self.proc)
+
     def close(self) -> None:
-        """Stop the agent and remove its temporary directory (``_guest``'s ``base``)."""
-        self.agent.stop()
-        self.thread.join(5)
+        """Stop the agent and remove its temporary directory (``base``)."""
+        self.stop_agent()
         shutil.rmtree(self.root.parent, ignore_errors=True)
 
 
-def _guest(base: Path, warmup: guest.Warmup | None = None,
-           system: SandboxSystem | None = None) -> Guest:
+def _root(base: Path) -> Path:
     root = base / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\told\n")
+    return root
+
+
+def _py_guest(base: Path, warmup: guest.Warmup | None = None,
+              system: SandboxSystem | None = None) -> Guest:
+    root = _root(base)
     system = system or SandboxSystem(str(root))
     sock = base / "agent.sock"
     agent = guest.Agent(guest.ListenPort(str(sock)), system, warmup)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
-    return Guest(agent, system, sock, root, thread)
+    return Guest("pyagent", sock, root, system, os.getpid(), guest.VERSION, agent=agent,
+                 thread=thread)
 
 
-@pytest.fixture
-def vm() -> Iterator[Guest]:
+def _agentd_guest(base: Path, binary: Path, warm_program: str | None = None) -> Guest:
+    root = _root(base)
+    sock = base / "agent.sock"
+    proc = agentd.start(binary, sock, root, warm_program=warm_program)
+    return Guest("agentd", sock, root, agentd.Calls(root), proc.pid, agentd.version(),
+                 proc=proc)
+
+
+@pytest.fixture(params=["agentd", "pyagent"])
+def vm(request: pytest.FixtureRequest) -> Iterator[Guest]:
     # Short path: unix socket paths are limited to 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="tka-"))
-    g = _guest(base)
+    g = (_agentd_guest(base, request.getfixturevalue("agentd_binary"))
+         if request.param == "agentd" else _py_guest(base))
     yield g
     g.close()
+
+
+#: a test that looks inside the Python module: run against it alone
+pyagent_only = pytest.mark.parametrize("vm", ["pyagent"], indirect=True)
+#: what only agentd does: the Python module, a test double now, holds a stopping agent's
+#: output forever (its stop waits for a pump blocked on the port)
+agentd_only = pytest.mark.parametrize("vm", ["agentd"], indirect=True)
 
 
 @pytest.fixture
@@ -93,10 +139,10 @@ async def collect(proc: AgentProcess) -> tuple[bytes, bytes, dict]:
     raise AssertionError("event stream ended without exit")
 
 
-async def test_ping(client: AgentClient) -> None:
+async def test_ping(client: AgentClient, vm: Guest) -> None:
     info = await client.ping()
-    assert info["pid"] == os.getpid()  # the agent runs in this process's thread
-    assert info["version"] == guest.VERSION
+    assert info["pid"] == vm.pid
+    assert info["version"] == vm.version
     assert isinstance(info["uptime_s"], float) and info["uptime_s"] > 0
     # what /proc/uptime says (the agent reads the clock behind it, not the file)
     assert abs(info["uptime_s"] - float(Path("/proc/uptime").read_text().split()[0])) < 1
@@ -136,7 +182,7 @@ async def test_exec_missing_program_and_cwd(client: AgentClient) -> None:
     assert ei.value.errno == "ENOTDIR" and "cwd /nonexistent/dir" in ei.value.message
 
 
-async def test_exec_as_another_user(client: AgentClient) -> None:
+async def test_exec_as_another_user(client: AgentClient, vm: Guest) -> None:
     """``user``: the agent switches in the child (what the official SDKs' commands need)."""
     if os.getuid() != 0:
         pytest.fail("the agent runs as root in a guest; this test must too")
@@ -147,7 +193,41 @@ async def test_exec_as_another_user(client: AgentClient) -> None:
     with pytest.raises(AgentError) as ei:
         await client.exec(["true"], user=-1)
     assert ei.value.errno == "EINVAL"
-    assert await client.version() == tuple(int(p) for p in guest.VERSION.split("."))
+    assert await client.version() == tuple(int(p) for p in vm.version.split("."))
+
+
+async def test_exec_as_another_user_reports_launch_errors(client: AgentClient, vm: Guest,
+                                                          tmp_path: Path) -> None:
+    """A failure before the program starts is the exec's error (Popen's), not an exit 127."""
+    if os.getuid() != 0:
+        pytest.fail("the agent runs as root in a guest; this test must too")
+    nobody = 65534
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    prog = private / "prog"
+    prog.write_text("#!/bin/sh\necho hi\n")
+    prog.chmod(0o755)
+    # Found (by root) but not executable for the user: its directory is closed to it.
+    with pytest.raises(AgentError) as ei:
+        await client.exec([str(prog)], user=nobody)
+    assert ei.value.errno == "EACCES"
+    assert str(ei.value).endswith(f"[Errno 13] Permission denied: '{prog}'")
+    with pytest.raises(AgentError) as ei:
+        await client.exec(["/nonexistent/prog", "x"], user=nobody)
+    assert ei.value.errno == "ENOENT"
+    assert str(ei.value).endswith("[Errno 2] No such file or directory: '/nonexistent/prog'")
+    # As root it runs (so the error above is the user's).
+    out, _, ev = await collect(await client.exec([str(prog)]))
+    assert ev["exit_code"] == 0 and out == b"hi\n"
+    # As Popen does, the directory is changed to as root: a cwd closed to the user works.
+    out, _, ev = await collect(await client.exec(["sh", "-c", "id -u; /bin/pwd"], user=nobody,
+                                                 cwd=str(private)))
+    assert ev["exit_code"] == 0 and out.split() == [b"65534", str(private).encode()]
+    # The failed launchers were reaped: no zombie children of the agent.
+    await asyncio.sleep(0.2)
+    for pid in _children(vm.pid):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        assert stat.rsplit(")", 1)[1].split()[0] != "Z", stat
 
 
 async def test_stdin_roundtrip(client: AgentClient) -> None:
@@ -374,7 +454,7 @@ async def test_a_settle_sets_the_clock_before_it_wakes_the_warmup() -> None:
     # would be busy translating
     events: list[str] = []
     base = Path(tempfile.mkdtemp(prefix="tka-"))
-    g = _guest(base, OrderedWarmup(events), OrderedSystem(str(base / "root"), events))
+    g = _py_guest(base, OrderedWarmup(events), OrderedSystem(str(base / "root"), events))
     c = g.client()
     try:
         await c.connect(10)
@@ -395,7 +475,7 @@ def warm_vm() -> Iterator[tuple[Guest, Path]]:
     program.chmod(0o755)
     warmup = guest.Warmup(str(program))
     warmup.start()
-    g = _guest(base, warmup)
+    g = _py_guest(base, warmup)
     yield g, pokes
     g.close()
     warmup.close()  # the parked shell reads the end of its pipe and exits
@@ -415,13 +495,13 @@ async def test_each_settle_starts_the_warmup_program_once(
     g, pokes = warm_vm
     c = g.client()
     await c.connect(10)
-    shell = g.agent.warmup.proc if g.agent.warmup else None
+    shell = g.py.warmup.proc if g.py.warmup else None
     await c.settle(("clone-4", "0123456789abcdef0123456789abcdef", os.urandom(64)))
     assert _lines_soon(pokes, 1) == 1
     await c.settle(None)  # a resume's settle too: its QEMU is as new as a clone's
     assert _lines_soon(pokes, 2) == 2
     # the same shell, parked again after each program
-    assert g.agent.warmup is not None and g.agent.warmup.proc is shell
+    assert g.py.warmup is not None and g.py.warmup.proc is shell
     assert shell is not None and shell.poll() is None
     await c.close()
 
@@ -459,7 +539,7 @@ async def test_a_settle_told_not_to_warm_sets_everything_but_starts_nothing(
 async def test_a_warmup_shell_that_is_gone_is_replaced_and_the_settle_goes_on(
         warm_vm: tuple[Guest, Path]) -> None:
     g, pokes = warm_vm
-    warmup = g.agent.warmup
+    warmup = g.py.warmup
     assert warmup is not None and warmup.proc is not None
     gone = warmup.proc
     gone.kill()
@@ -483,10 +563,11 @@ def test_a_warmup_shell_ends_when_its_agent_lets_go() -> None:
     assert proc.returncode == 0 and warmup.proc is None
 
 
+@pyagent_only
 async def test_settle_is_answered_on_the_reader_thread(client: AgentClient, vm: Guest) -> None:
     # inline, like set_time: no thread is started for it (in a just-restored guest that costs
     # more than the work), and it never waits behind a slow request
-    assert "settle" in vm.agent.inline
+    assert "settle" in vm.py.inline
     await client.settle(("clone-3", "0123456789abcdef0123456789abcdef", os.urandom(64)))
     assert vm.system.hostnames == ["clone-3"]
 
@@ -503,7 +584,7 @@ async def test_connect_learns_the_version_from_its_ping(vm: Guest) -> None:
         return await real_call(op, *args, **kw)  # type: ignore[arg-type]
 
     c._call = spy  # type: ignore[method-assign]
-    assert await c.version() == tuple(int(p) for p in guest.VERSION.split("."))
+    assert await c.version() == tuple(int(p) for p in vm.version.split("."))
     assert pings == []
     await c.close()
 
@@ -517,6 +598,31 @@ async def test_sync_and_unknown_op(client: AgentClient) -> None:
 
 async def test_umount_of_a_plain_directory_is_a_noop(client: AgentClient, vm: Guest) -> None:
     await client.umount(str(vm.root))
+
+
+async def test_umount_answers_was_mounted(client: AgentClient, vm: Guest) -> None:
+    msg = await client._call("umount", 5, path=str(vm.root) + "/")
+    assert msg["ok"] is True and msg["was_mounted"] is False
+
+
+async def test_mount_of_a_missing_disk_fails_after_wait_s(client: AgentClient, vm: Guest) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(AgentError) as ei:
+        await client._call("mount", 5, serial="nope", path=str(vm.root / "mnt"), read_only=False,
+                           mkfs=False, wait_s=0.2)
+    assert 0.15 < time.monotonic() - t0 < 3
+    assert ei.value.errno == "ENODEV"
+    assert "no virtio disk with serial 'nope'" in str(ei.value)
+    assert not (vm.root / "mnt").exists()
+
+
+@pytest.mark.parametrize("path", ["/", "relative", "/a/.."])
+async def test_mount_refuses_a_bad_path(client: AgentClient, path: str) -> None:
+    with pytest.raises(AgentError) as ei:
+        await client._call("mount", 5, serial="nope", path=path, read_only=False, mkfs=False,
+                           wait_s=0)
+    assert ei.value.errno == "EINVAL"
+    assert "path must be absolute and not /" in str(ei.value)
 
 
 async def test_reconnect_keeps_processes_and_output(vm: Guest) -> None:
@@ -568,7 +674,7 @@ async def test_connection_loss_fails_pending_calls(vm: Guest) -> None:
     # No such disk: the agent waits for it to be hot-plugged while we pull the plug.
     pending = asyncio.create_task(c.mount("nope", "/mnt/x", read_only=False, mkfs=False))
     await asyncio.sleep(0.2)
-    vm.agent.stop()
+    vm.stop_agent()
     with pytest.raises(AgentError, match="connection lost"):
         await pending
     assert not c.connected
@@ -610,13 +716,13 @@ async def test_request_timeout(vm: Guest) -> None:
 def count_op(vm: Guest, op: str) -> list[dict]:
     """Record the requests of ``op`` the agent receives (wraps its handler)."""
     seen: list[dict] = []
-    handler = vm.agent.ops[op]
+    handler = vm.py.ops[op]
 
     def counting(req: dict) -> dict | None:
         seen.append(req)
         return handler(req)
 
-    vm.agent.ops[op] = counting
+    vm.py.ops[op] = counting
     return seen
 
 
@@ -624,6 +730,7 @@ def part_files(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(guest.TMP_SUFFIX)]
 
 
+@pyagent_only
 async def test_read_chunks_stop_when_the_iterator_is_closed(client: AgentClient,
                                                             vm: Guest) -> None:
     reads = count_op(vm, "read_file")
@@ -653,6 +760,7 @@ async def test_read_chunks_of_a_file(client: AgentClient, vm: Guest) -> None:
     assert ei.value.errno == "ENOENT"
 
 
+@pyagent_only
 async def test_read_file_refuses_big_files(client: AgentClient, vm: Guest) -> None:
     path = vm.root / "big.bin"
     path.write_bytes(b"x" * (3 << 20))
@@ -679,6 +787,7 @@ async def chunked(data: bytes, size: int, fail_after: int | None = None,
         yield data[i:i + size]
 
 
+@pyagent_only
 async def test_write_chunks_go_through_a_temporary_file(client: AgentClient, vm: Guest) -> None:
     d = vm.root / "up"
     path = d / "file.bin"
@@ -747,11 +856,12 @@ async def test_write_follows_a_symlink_and_refuses_a_directory(client: AgentClie
     assert part_files(vm.root) == []
 
 
+@pyagent_only
 async def test_write_to_an_agent_without_temporary_files(client: AgentClient,
                                                          vm: Guest) -> None:
     # An older agent ignores ``tmp`` and writes in place; the host carries on that way.
-    handler = vm.agent.ops["write_file"]
-    vm.agent.ops["write_file"] = lambda req: handler({k: v for k, v in req.items() if k != "tmp"})
+    handler = vm.py.ops["write_file"]
+    vm.py.ops["write_file"] = lambda req: handler({k: v for k, v in req.items() if k != "tmp"})
     path = vm.root / "legacy.bin"
     data = os.urandom((2 << 20) + 1)
     assert await client.write_file(str(path), data) == len(data)
@@ -760,8 +870,8 @@ async def test_write_to_an_agent_without_temporary_files(client: AgentClient,
 
 
 def agent_proc(vm: Guest, rid: int) -> guest.Proc:
-    with vm.agent.procs_lock:
-        return vm.agent.procs[rid]
+    with vm.py.procs_lock:
+        return vm.py.procs[rid]
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
@@ -771,6 +881,7 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
         await asyncio.sleep(0.02)
 
 
+@pyagent_only
 async def test_credit_holds_a_fast_producer(client: AgentClient, vm: Guest) -> None:
     total = 48 << 20
     proc = await client.exec(["head", "-c", str(total), "/dev/zero"])
@@ -798,6 +909,7 @@ async def test_credit_holds_a_fast_producer(client: AgentClient, vm: Guest) -> N
     assert proc.lost_bytes == 0
 
 
+@pyagent_only
 async def test_acks_only_for_what_the_consumer_took(client: AgentClient, vm: Guest) -> None:
     acks = count_op(vm, "ack")
     proc = await client.exec(["head", "-c", str(16 << 20), "/dev/zero"])
@@ -843,6 +955,7 @@ async def test_wait_discards_unread_output(client: AgentClient) -> None:
     assert await asyncio.wait_for(proc.wait(), 20) == 0
 
 
+@pyagent_only
 async def test_reconnect_forgives_output_in_flight(vm: Guest) -> None:
     c = vm.client()
     await c.connect(timeout=10)
@@ -861,6 +974,7 @@ async def test_reconnect_forgives_output_in_flight(vm: Guest) -> None:
     await c.close()
 
 
+@pyagent_only
 async def test_output_of_an_unknown_process_is_acknowledged(vm: Guest) -> None:
     # A process of a previous host (a server restart, a process running since before a
     # snapshot): the new host does not know it and must not hold it.
@@ -872,7 +986,7 @@ async def test_output_of_an_unknown_process_is_acknowledged(vm: Guest) -> None:
     await old.disconnect()
     new = vm.client()
     await new.connect(timeout=10)
-    await wait_until(lambda: gp.exited and proc.id not in vm.agent.procs)
+    await wait_until(lambda: gp.exited and proc.id not in vm.py.procs)
     await new.close()
     await old.close()
 
@@ -948,6 +1062,7 @@ def test_crashing_work_does_not_take_its_thread_down() -> None:
     _until(lambda: pool.parked == 0)
 
 
+@pyagent_only
 async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: Guest,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # pumps, waiter and request threads go back to the agent's pool: a second exec starts
@@ -955,7 +1070,7 @@ async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: 
     # long enough that its request thread, two pumps and waiter all run at once
     proc = await client.exec(["sleep", "0.3"])
     assert await proc.wait() == 0
-    _until(lambda: vm.agent.threads.parked >= 4)
+    _until(lambda: vm.py.threads.parked >= 4)
     started: list[str] = []
 
     class Counted(threading.Thread):
@@ -970,7 +1085,7 @@ async def test_exec_reuses_the_threads_of_the_last_one(client: AgentClient, vm: 
     assert started == []
 
 
-async def test_nothing_reaches_the_agent_while_quiet(client: AgentClient) -> None:
+async def test_nothing_reaches_the_agent_while_quiet(client: AgentClient, vm: Guest) -> None:
     """``quiet()`` (a capture copying a stopped guest's memory): a request made inside is sent
     only on the way out, and output acknowledgements are added up and sent then."""
     async with client.quiet():
@@ -980,7 +1095,7 @@ async def test_nothing_reaches_the_agent_while_quiet(client: AgentClient) -> Non
         client._ack(7, 100)
         client._ack(7, 28)
         assert client._held_acks == {7: 128}
-    assert (await asyncio.wait_for(asking, 5))["version"] == guest.VERSION
+    assert (await asyncio.wait_for(asking, 5))["version"] == vm.version
     assert client._held_acks is None
 
 
@@ -1015,3 +1130,218 @@ async def test_a_fifo_in_place_of_an_identity_file_does_not_hold_the_settle(
     await asyncio.wait_for(
         client.settle(("clone-c", "0123456789abcdef0123456789abcdef", os.urandom(64))), 10)
     assert (etc / "hostname").read_text() == "clone-c\n"  # replaced by a file
+
+
+# -- black-box replacements of the tests above that look inside the Python agent -----------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        out += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    return out
+
+
+async def test_a_fast_producer_waits_for_its_acks(client: AgentClient, vm: Guest) -> None:
+    total = 48 << 20
+    proc = await client.exec(["head", "-c", str(total), "/dev/zero"])
+    assert proc.flow_control and proc.window == 2 << 20
+    bound = proc.window + 2 * 65536
+    await asyncio.sleep(1.0)  # nobody reads: the agent stops at the window
+    assert proc.window <= proc.queued_bytes <= bound
+    assert not proc.exited
+    assert Path(f"/proc/{proc.pid}").exists()  # blocked on its pipe
+    received, peak = 0, 0
+    async for ev in proc.events():
+        peak = max(peak, proc.queued_bytes)
+        if ev["event"] == "stdout":
+            received += len(ev["data"])
+            if received % (4 << 20) < len(ev["data"]):
+                await asyncio.sleep(0.05)
+        else:
+            assert ev == {"event": "exit", "exit_code": 0, "timed_out": False}
+    assert received == total and peak <= bound and proc.lost_bytes == 0
+
+
+async def test_a_reconnect_forgives_output_in_flight_seen_from_the_host(vm: Guest) -> None:
+    c = vm.client()
+    await c.connect(timeout=10)
+    total = 16 << 20
+    proc = await c.exec(["head", "-c", str(total), "/dev/zero"])
+    await asyncio.sleep(0.5)
+    await c.disconnect()
+    await c.connect(timeout=10)
+    received = 0
+    async for ev in proc.events():
+        received += len(ev.get("data", b""))
+        if ev["event"] == "exit":
+            assert ev["exit_code"] == 0
+    assert received <= total
+    await c.close()
+
+
+async def test_a_new_host_acknowledges_a_process_it_does_not_know(vm: Guest) -> None:
+    old = vm.client()
+    await old.connect(timeout=10)
+    proc = await old.exec(["head", "-c", str(16 << 20), "/dev/zero"])
+    await asyncio.sleep(0.5)
+    assert Path(f"/proc/{proc.pid}").exists()
+    await old.disconnect()
+    new = vm.client()
+    await new.connect(timeout=10)
+    await wait_until(lambda: not Path(f"/proc/{proc.pid}").exists()
+                     or Path(f"/proc/{proc.pid}/stat").read_text().split()[2] == "Z")
+    await new.close()
+    await old.close()
+
+
+async def test_agentd_pokes_its_warmup_once_per_settle_and_replaces_a_lost_one(
+        agentd_binary: Path) -> None:
+    """The warm-up tests above, for agentd (its shell is a child process, watched from
+    outside)."""
+    base = Path(tempfile.mkdtemp(prefix="tka-"))
+    pokes = base / "pokes"
+    program = base / "program"
+    program.write_text(f"#!/bin/sh\necho started >> {pokes}\n")
+    program.chmod(0o755)
+    g = _agentd_guest(base, agentd_binary, warm_program=str(program))
+    c = g.client()
+    try:
+        await c.connect(10)
+        shells = _children(g.pid)
+        assert len(shells) == 1
+        await c.settle(("clone-4", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+        assert _lines_soon(pokes, 1) == 1
+        await c.settle(None, warm=False)
+        assert _lines_soon(pokes, 2, timeout=0.5) == 1
+        with pytest.raises(AgentError):
+            await c._call("settle", 5, epoch_ns=time.time_ns(), hostname="bad name!",
+                          machine_id="0" * 32, entropy="AAAA")
+        assert _lines_soon(pokes, 2, timeout=0.5) == 1
+        assert _children(g.pid) == shells  # the same shell, parked again
+        os.kill(shells[0], 9)
+        time.sleep(0.2)
+        await c.settle(None)  # gone: replaced (that settle starts nothing)
+        new = _children(g.pid)
+        assert len(new) == 1 and new != shells
+        await c.settle(None)
+        assert _lines_soon(pokes, 2) == 2
+        calls = (g.root / ".calls").read_text().split("\n")
+        assert [ln.split()[0] for ln in calls if ln][:3] == ["clock", "poke", "hostname"]
+    finally:
+        await c.close()
+        g.close()
+
+
+# -- output kept while no host is connected (raw socket: the host client forgets old ids) -------
+
+
+class _RawHost:
+    """One connection to the agent's socket, speaking the protocol's lines directly."""
+
+    def __init__(self, sock: Path) -> None:
+        import json
+
+        self.json = json
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(str(sock))
+        self.buf = b""
+        self.s.sendall(b"\n")  # a host starts each connection with an empty line
+
+    def send(self, **req: object) -> None:
+        self.s.sendall(self.json.dumps(req).encode() + b"\n")
+
+    def recv(self, timeout: float = 10) -> dict:
+        self.s.settimeout(timeout)
+        while b"\n" not in self.buf:
+            data = self.s.recv(1 << 16)
+            assert data, "agent closed the connection"
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return self.json.loads(line)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+@agentd_only
+def test_output_made_without_a_host_is_kept_and_sent_to_the_next(vm: Guest, tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    progress = tmp_path / "progress"
+    size = 10 << 20
+    h = _RawHost(vm.sock)
+    program = (
+        "import os, sys, time\n"
+        "time.sleep(0.3)\n"
+        "chunk = b'x' * 4096\n"
+        f"for i in range({size} // 4096):\n"
+        "    os.write(1, chunk)\n"
+        f"    open({str(progress)!r}, 'w').write(str((i + 1) * 4096))\n"
+        "sys.stderr.write('end\\n')\n"
+        f"open({str(marker)!r}, 'w').close()\n")
+    h.send(id=1, op="exec", argv=["python3", "-c", program])
+    assert h.recv()["ok"] is True
+    h.close()  # gone before the output is made
+    time.sleep(2.5)
+    # Bounded: the agent keeps 4 MiB (plus a pipe's and a read's worth), then stops reading,
+    # so the producer blocks.
+    assert not marker.exists()
+    written = int(progress.read_text())
+    assert (4 << 20) <= written <= (4 << 20) + (512 << 10)
+    time.sleep(0.5)
+    assert int(progress.read_text()) == written
+    h = _RawHost(vm.sock)
+    t0 = time.monotonic()
+    h.send(id=2, op="ping")
+    got = {"stdout": 0, "stderr": b""}
+    exit_msg = None
+    ping_at = None
+    while exit_msg is None or ping_at is None:
+        m = h.recv()
+        if m["id"] == 2:
+            assert m["ok"] is True
+            ping_at = time.monotonic() - t0
+        elif m.get("event") in ("stdout", "stderr"):
+            data = base64.b64decode(m["data"])
+            if m["event"] == "stdout":
+                got["stdout"] += len(data)
+            else:
+                got["stderr"] += data
+        elif m.get("event") == "exit":
+            exit_msg = m
+    h.close()
+    assert ping_at < 2
+    assert got["stdout"] == size and got["stderr"] == b"end\n"
+    assert exit_msg["exit_code"] == 0
+    assert marker.exists()
+
+
+@agentd_only
+def test_a_new_host_is_answered_while_old_output_waits(vm: Guest, tmp_path: Path) -> None:
+    # A process whose output the agent holds (the host left) does not hold up anyone else.
+    h = _RawHost(vm.sock)
+    h.send(id=1, op="exec", argv=["sh", "-c", "sleep 0.2; head -c 8000000 /dev/zero; sleep 30"])
+    assert h.recv()["ok"] is True
+    h.close()
+    time.sleep(1)
+    h = _RawHost(vm.sock)
+    try:
+        t0 = time.monotonic()
+        for rid, req in enumerate([{"op": "ping"}, {"op": "sync"},
+                                   {"op": "exec", "argv": ["true"]}], start=10):
+            h.send(id=rid, **req)
+        seen: dict[int, dict] = {}
+        while len([k for k in seen if k >= 10 and "event" not in seen[k]]) < 3:
+            m = h.recv()
+            if "event" not in m:
+                seen[m["id"]] = m
+        assert all(seen[k]["ok"] for k in (10, 11, 12))
+        assert time.monotonic() - t0 < 3
+        h.send(id=13, op="kill", target=1)
+        while True:
+            m = h.recv()
+            if m["id"] == 1 and m.get("event") == "exit":
+                assert m["exit_code"] == 137
+                break
+    finally:
+        h.close()

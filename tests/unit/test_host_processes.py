@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import pyagent as guest
 
 from tenkibox.engine.agent import AgentClient, AgentError
 from tenkibox.errors import ConflictError
-from tenkibox.guest import agent as guest
 from tenkibox.host.api import ProcessEvent
 from tenkibox.host.processes import (
     BUFFER_BYTES,

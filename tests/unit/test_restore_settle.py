@@ -21,10 +21,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support import pyagent as guest
 from support.guest_system import SandboxSystem
 
 from tenkibox.engine.agent import AgentClient
-from tenkibox.guest import agent as guest
 from tenkibox.host import restore
 from tenkibox.steps import Steps
 

@@ -18,7 +18,7 @@ One ordered list of named, timed steps:
 10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest); with an agent from
                    0.4.0 steps 9 and 10 are one request, the step ``settle``, during which the
-                   guest warms its exec path (``guest.agent.Warmup``) unless this host's cores
+                   guest warms its exec path (agentd's warm-up shell) unless this host's cores
                    are all taken (``warm_exec_path``)
 
 Round trips are what a restore waits for once the guest runs, so there are few, and they overlap:

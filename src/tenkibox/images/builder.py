@@ -1,7 +1,8 @@
 """The guest image: a Debian bookworm root filesystem, its kernel and a tiny initrd.
 
 Built from Debian packages with mmdebstrap (``--variant=minbase``), with the guest agent at
-``/usr/lib/tenki/agent.py`` and ``tenki-init`` as PID 1. The result, in
+``/usr/lib/tenki/agentd`` (compiled from ``guest/agentd``: ``images/agentd.py``) and
+``tenki-init`` as PID 1. The result, in
 ``layout.image_dir(image_id)``:
 
     base.qcow2   the root filesystem (ext4 on the whole disk, no partition table), read-only:
@@ -52,6 +53,7 @@ from ..config import Layout
 from ..errors import InternalError, ValidationError
 from ..fsync import fsync_path
 from ..models import Image
+from . import agentd
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,10 @@ SANDBOX_UID = 1000
 SANDBOX_HOME = f"/home/{SANDBOX_USER}"
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
-AGENT_SOURCE = GUEST_DIR / "agent.py"
 INIT_SOURCE = GUEST_DIR / "init"
 #: files of /etc that are links into /run/tenki (tmpfs), written at each boot and restore
 IDENTITY_FILES = ("machine-id", "hostname", "hosts")
-AGENT_PATH = "/usr/lib/tenki/agent.py"
+AGENT_PATH = "/usr/lib/tenki/agentd"
 INIT_PATH = "/usr/sbin/tenki-init"
 
 DISK_FILE, KERNEL_FILE, INITRD_FILE, META_FILE = "base.qcow2", "vmlinuz", "initrd.img", "image.json"
@@ -177,7 +178,8 @@ BUSYBOX_APPLETS = ["sh", "mount", "insmod", "mkdir", "ln", "sleep", "cat", "echo
 BUSYBOX_CANDIDATES = ["/bin/busybox", "/usr/bin/busybox"]
 
 STEPS = {  # the overall fraction done when each step starts
-    "bootstrap": 0.0,
+    "agent": 0.0,
+    "bootstrap": 0.02,
     "customize": 0.76,
     "kernel": 0.78,
     "initrd": 0.79,
@@ -234,7 +236,7 @@ def source_hash() -> str:
     h = hashlib.sha256()
     for part in (
         BUILD_REVISION.encode(),
-        AGENT_SOURCE.read_bytes(),
+        agentd.source_digest(),
         INIT_SOURCE.read_bytes(),
         INITRD_INIT.encode(),
         " ".join(PACKAGES).encode(),
@@ -406,11 +408,18 @@ def _build_locked(layout: Layout, image_id: str, wanted_hash: str, progress: Pro
         out.mkdir()
         rootfs = work / "rootfs"
 
+        progress("agent", STEPS["agent"])
+        # first: a toolchain that fails should fail the build before the minute of bootstrap
+        try:
+            agent = agentd.build(work / "agentd", cache_dir=layout.images / ".go-cache")
+        except agentd.AgentBuildError as e:
+            raise ImageBuildError(str(e)) from e
+
         progress("bootstrap", STEPS["bootstrap"])
         _bootstrap(rootfs, progress)
 
         progress("customize", STEPS["customize"])
-        _customize(rootfs)
+        _customize(rootfs, agent)
         packages = _installed_packages(rootfs)
 
         progress("kernel", STEPS["kernel"])
@@ -489,6 +498,10 @@ def _check_prerequisites() -> None:
             f"missing tools: {', '.join(missing)} "
             "(apt-get install mmdebstrap e2fsprogs qemu-utils busybox-static)")
     _busybox()
+    try:
+        agentd.find_go()
+    except agentd.AgentBuildError as e:
+        raise ImageBuildError(str(e)) from e
 
 
 def _remove_leftovers(layout: Layout, image_id: str) -> None:
@@ -637,15 +650,11 @@ def _bootstrap(rootfs: Path, progress: Progress) -> None:
             subprocess.CalledProcessError(status, argv, stderr="\n".join(tail)))
 
 
-def _customize(rootfs: Path) -> None:
-    agent = rootfs / AGENT_PATH.lstrip("/")
-    agent.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(AGENT_SOURCE, agent)
-    os.chmod(agent, 0o755)
-    # tenki-init imports the agent as a module, so this bytecode is used (a script given to
-    # python3 is compiled at every start: ~0.3 s under TCG).
-    _run(["chroot", str(rootfs), "/usr/bin/python3", "-m", "compileall", "-q",
-          str(Path(AGENT_PATH).parent)])
+def _customize(rootfs: Path, agent: Path) -> None:
+    installed = rootfs / AGENT_PATH.lstrip("/")
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(agent, installed)
+    os.chmod(installed, 0o755)
     init = rootfs / INIT_PATH.lstrip("/")
     shutil.copyfile(INIT_SOURCE, init)
     os.chmod(init, 0o755)

@@ -1,7 +1,10 @@
-#!/usr/bin/python3
-"""tenki guest agent: serves docs/agent-protocol.md on the virtio-serial port ``org.tenki.agent``.
+"""The guest agent as a Python module: the host's tests run it in their own process.
 
-Runs inside the VM as a child of tenki-init, with the Python 3.11 standard library only.
+Until tenki 0.5 this was the guest agent (``src/tenkibox/guest/agent.py``); the guest now runs
+``agentd`` (``src/tenkibox/guest/agentd``, Go). It stays as the in-process guest of the
+host-side tests that look inside it (``tests/unit/test_host_processes.py``,
+``tests/unit/test_restore_settle.py``), and ``tests/unit/test_agent_protocol.py`` holds both
+to the same protocol (docs/agent-protocol.md). Standard library only.
 One process serves one host connection at a time; the host may go away and come back (server
 restart, snapshot restored into a new QEMU) while processes keep running and their output is
 kept for the next host.

@@ -1,0 +1,3 @@
+module tenkiagentd
+
+go 1.19
