@@ -1,6 +1,10 @@
-// tenki guest agent, native probe: serves docs/agent-protocol.md on the virtio-serial port
-// org.tenki.agent, like src/tenkibox/guest/agent.py (same arguments, so it can be exec'd in
-// its place). Standard library only.
+// agentd, tenki's guest agent: serves docs/agent-protocol.md on the virtio-serial port
+// org.tenki.agent. Native, not a Python program: a restored clone runs every code path for the
+// first time in a new QEMU whose translation cache is empty, and an interpreter was a third of
+// the guest code translated between a resume and the first exec's answer. Standard library
+// only, built static (images/agentd.py). Its behaviour is the Python agent's, which it
+// replaced (now tests/support/pyagent.py; tests/unit/test_agent_protocol.py holds both to the
+// protocol).
 package main
 
 import (
@@ -17,7 +21,7 @@ import (
 )
 
 const (
-	version        = "0.5.0" // must parse as ints: engine/agent.py's _parse_version ("0.5.0-native" -> (0,))
+	version        = "0.5.0" // digits and dots only: the host compares it as a tuple of ints
 	implementation = "native-go"
 	portName       = "org.tenki.agent"
 	maxChunk       = 1 << 20
@@ -103,7 +107,7 @@ func osErr(err error, path string) *opError {
 	return &opError{m, errnoNames[en]}
 }
 
-// -- request arguments, checked like agent.py's _int/_str/_b64 --------------------------------
+// -- request arguments, checked like the Python agent's _int/_str/_b64 -------------------------
 
 type req map[string]any
 
@@ -634,7 +638,7 @@ func (a *agent) rewrite(path string, data []byte, mode uint32) bool {
 	for pos < int64(len(data)) {
 		n, err := syscall.Pwrite(fd, data[pos:], pos)
 		if err != nil {
-			return true // as agent.py: an error here is not retried by a replace
+			return true // as the Python agent: an error here is not retried by a replace
 		}
 		pos += int64(n)
 	}
@@ -691,7 +695,7 @@ func (a *agent) opSync(id int64, r req) (*msg, error) {
 // -- warm-up ----------------------------------------------------------------------------------
 
 // warmup: a shell parked on a pipe that starts /bin/true each time the agent pokes it (see
-// agent.py's Warmup): the kernel's fork and exec, the loader and libc's start-up get
+// docs/snapshots.md): the kernel's fork and exec, the loader and libc's start-up get
 // translated on the other vCPU while the settle runs.
 type warmup struct {
 	program string

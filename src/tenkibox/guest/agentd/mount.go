@@ -20,7 +20,7 @@ const (
 	probeBytes     = 128 << 10
 )
 
-// libcErr: agent.py's _libc_call failure, OSError(code, "name: strerror")
+// libcErr: the Python agent's _libc_call failure, OSError(code, "name: strerror")
 func libcErr(name string, err error) *opError {
 	en, ok := err.(syscall.Errno)
 	if !ok {
@@ -33,7 +33,7 @@ func libcErr(name string, err error) *opError {
 	return &opError{fmt.Sprintf("[Errno %d] %s: %s", int(en), name, text), errnoNames[en]}
 }
 
-// pyFloat: Python's float() of a JSON value (as agent.py's float(req.get("wait_s", ...)))
+// pyFloat: Python's float() of a JSON value (as the Python agent's float(req.get("wait_s", ...)))
 func pyFloat(v any) (float64, error) {
 	switch x := v.(type) {
 	case int64:

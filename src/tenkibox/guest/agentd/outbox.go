@@ -10,7 +10,7 @@ type outItem struct {
 	n int64
 }
 
-// outbox: everything for the host goes through here, in order (agent.py's Outbox). A message
+// outbox: everything for the host goes through here, in order (the Python agent's Outbox). A message
 // finding nobody writing, nothing queued and a host is written at once by the goroutine that
 // made it; otherwise it queues and the writer goroutine sends it. While no host is connected
 // the port's write blocks (virtio: in the driver, until a host opens the port; listen: until a
