@@ -869,6 +869,23 @@ async def test_write_to_an_agent_without_temporary_files(client: AgentClient,
     assert part_files(vm.root) == []
 
 
+async def _read_slowly(proc: AgentProcess, total: int, bound: int) -> None:
+    """Take all of ``proc``'s output with a slow reader: the host never holds more than
+    ``bound`` (about the window), and nothing is lost."""
+    received, peak = 0, 0
+    async for ev in proc.events():
+        peak = max(peak, proc.queued_bytes)
+        if ev["event"] == "stdout":
+            received += len(ev["data"])
+            if received % (4 << 20) < len(ev["data"]):
+                await asyncio.sleep(0.05)
+        else:
+            assert ev == {"event": "exit", "exit_code": 0, "timed_out": False}
+    assert received == total
+    assert peak <= bound
+    assert proc.lost_bytes == 0
+
+
 def agent_proc(vm: Guest, rid: int) -> guest.Proc:
     with vm.py.procs_lock:
         return vm.py.procs[rid]
@@ -894,19 +911,7 @@ async def test_credit_holds_a_fast_producer(client: AgentClient, vm: Guest) -> N
     assert gp.unacked <= bound
     assert proc.queued_bytes <= bound
     assert not proc.exited and gp.popen.poll() is None  # blocked on its pipe
-    # A slow reader: the host never holds more than the window.
-    received, peak = 0, 0
-    async for ev in proc.events():
-        peak = max(peak, proc.queued_bytes)
-        if ev["event"] == "stdout":
-            received += len(ev["data"])
-            if received % (4 << 20) < len(ev["data"]):
-                await asyncio.sleep(0.05)
-        else:
-            assert ev == {"event": "exit", "exit_code": 0, "timed_out": False}
-    assert received == total
-    assert peak <= bound
-    assert proc.lost_bytes == 0
+    await _read_slowly(proc, total, bound)
 
 
 @pyagent_only
@@ -1151,16 +1156,7 @@ async def test_a_fast_producer_waits_for_its_acks(client: AgentClient, vm: Guest
     assert proc.window <= proc.queued_bytes <= bound
     assert not proc.exited
     assert Path(f"/proc/{proc.pid}").exists()  # blocked on its pipe
-    received, peak = 0, 0
-    async for ev in proc.events():
-        peak = max(peak, proc.queued_bytes)
-        if ev["event"] == "stdout":
-            received += len(ev["data"])
-            if received % (4 << 20) < len(ev["data"]):
-                await asyncio.sleep(0.05)
-        else:
-            assert ev == {"event": "exit", "exit_code": 0, "timed_out": False}
-    assert received == total and peak <= bound and proc.lost_bytes == 0
+    await _read_slowly(proc, total, bound)
 
 
 async def test_a_reconnect_forgives_output_in_flight_seen_from_the_host(vm: Guest) -> None:
