@@ -90,7 +90,9 @@ async def test_a_change_of_unknown_records_wakes_every_wait(store: Store) -> Non
     assert await records.remove_where(PortExposureRow) == 0  # nothing went: nothing to wake
     await asyncio.sleep(0.05)
     assert not any(w.done() for w in waits)
-    records.changes.announce()
+    ended = session_row("TERMINATED")
+    seed(store, ended)
+    assert await records.remove_where(SessionRow, SessionRow.state == "TERMINATED") == 1
     assert await asyncio.wait_for(asyncio.gather(*waits), 5) == [True] * 3
 
 

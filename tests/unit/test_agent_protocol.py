@@ -961,14 +961,15 @@ async def test_wait_discards_unread_output(client: AgentClient) -> None:
     assert await asyncio.wait_for(proc.wait(), 20) == 0
 
 
-@pyagent_only
 async def test_reconnect_forgives_output_in_flight(vm: Guest) -> None:
     c = vm.client()
     await c.connect(timeout=10)
     total = 16 << 20
     proc = await c.exec(["head", "-c", str(total), "/dev/zero"])
-    gp = agent_proc(vm, proc.id)
-    await wait_until(lambda: gp.unacked >= proc.window)
+    # a window's worth sent and not acknowledged (nobody read it): the agent holds the pipe
+    await wait_until(lambda: proc.queued_bytes >= proc.window)
+    if vm.agent is not None:
+        assert agent_proc(vm, proc.id).unacked >= proc.window
     await c.disconnect()
     await c.connect(timeout=10)
     received = 0
@@ -1158,23 +1159,6 @@ async def test_a_fast_producer_waits_for_its_acks(client: AgentClient, vm: Guest
     assert not proc.exited
     assert Path(f"/proc/{proc.pid}").exists()  # blocked on its pipe
     await _read_slowly(proc, total, bound)
-
-
-async def test_a_reconnect_forgives_output_in_flight_seen_from_the_host(vm: Guest) -> None:
-    c = vm.client()
-    await c.connect(timeout=10)
-    total = 16 << 20
-    proc = await c.exec(["head", "-c", str(total), "/dev/zero"])
-    await asyncio.sleep(0.5)
-    await c.disconnect()
-    await c.connect(timeout=10)
-    received = 0
-    async for ev in proc.events():
-        received += len(ev.get("data", b""))
-        if ev["event"] == "exit":
-            assert ev["exit_code"] == 0
-    assert received <= total
-    await c.close()
 
 
 async def test_a_new_host_acknowledges_a_process_it_does_not_know(vm: Guest) -> None:
