@@ -227,8 +227,7 @@ async def test_exec_as_another_user_reports_launch_errors(client: AgentClient, v
     # in the test process, whose children are the whole run's: its Popen reaps its own).
     await asyncio.sleep(0.2)
     for pid in _children(vm.pid) if vm.kind == "agentd" else []:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        assert stat.rsplit(")", 1)[1].split()[0] != "Z", stat
+        assert _state(pid) != "Z", pid
 
 
 async def test_stdin_roundtrip(client: AgentClient) -> None:
@@ -892,6 +891,16 @@ def agent_proc(vm: Guest, rid: int) -> guest.Proc:
         return vm.py.procs[rid]
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter, or None once it is gone (it may go between two reads of
+    /proc, so a missing file is an answer, not an error)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -1145,7 +1154,10 @@ async def test_a_fifo_in_place_of_an_identity_file_does_not_hold_the_settle(
 def _children(pid: int) -> list[int]:
     out = []
     for t in os.listdir(f"/proc/{pid}/task"):
-        out += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        try:  # a thread may end between the listing and the read
+            out += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except FileNotFoundError:
+            pass
     return out
 
 
@@ -1170,8 +1182,7 @@ async def test_a_new_host_acknowledges_a_process_it_does_not_know(vm: Guest) -> 
     await old.disconnect()
     new = vm.client()
     await new.connect(timeout=10)
-    await wait_until(lambda: not Path(f"/proc/{proc.pid}").exists()
-                     or Path(f"/proc/{proc.pid}/stat").read_text().split()[2] == "Z")
+    await wait_until(lambda: _state(proc.pid) in (None, "Z"))
     await new.close()
     await old.close()
 
