@@ -53,6 +53,11 @@ class Calls:
         return [base64.b64decode(x) for x in self._of("entropy")]
 
     @property
+    def launchers(self) -> list[int]:
+        """The uids of execs that went through the launcher (the direct start failed)."""
+        return [int(x) for x in self._of("launcher")]
+
+    @property
     def order(self) -> list[str]:
         """Every call's kind, in the order made (``poke`` for each poke of the warm-up)."""
         path = self.root / ".calls"

@@ -230,6 +230,48 @@ async def test_exec_as_another_user_reports_launch_errors(client: AgentClient, v
         assert _state(pid) != "Z", pid
 
 
+@agentd_only
+async def test_an_exec_as_another_user_starts_the_program_directly_where_it_can(
+        client: AgentClient, vm: Guest) -> None:
+    """agentd starts the program as the user at once (no launcher: one program start fewer);
+    only when that fails does the launcher change directory as root first."""
+    nobody = 65534
+    # not below pytest's tmp_path: its parents are closed to other users
+    base = Path(tempfile.mkdtemp(prefix="tka-user-"))
+    base.chmod(0o755)
+    open_dir = base / "open"
+    open_dir.mkdir(mode=0o755)
+    private = base / "private"
+    private.mkdir(mode=0o700)
+    try:
+        await _exec_in(client, vm, nobody, open_dir, private)
+    finally:
+        shutil.rmtree(base)
+
+
+async def _exec_in(client: AgentClient, vm: Guest, nobody: int, open_dir: Path,
+                   private: Path) -> None:
+    out, _, ev = await collect(await client.exec(["sh", "-c", "id -u; id -G; /bin/pwd"],
+                                                 user=nobody, cwd=str(open_dir)))
+    assert ev["exit_code"] == 0
+    assert out.split() == [b"65534", *_groups_of(nobody), str(open_dir).encode()]
+    assert vm.system.launchers == []
+    out, _, ev = await collect(await client.exec(["sh", "-c", "id -u; id -G; /bin/pwd"],
+                                                 user=nobody, cwd=str(private)))
+    assert ev["exit_code"] == 0
+    assert out.split() == [b"65534", *_groups_of(nobody), str(private).encode()]
+    assert vm.system.launchers == [nobody]
+
+
+def _groups_of(uid: int) -> list[bytes]:
+    """``id -G`` of ``uid`` as the agent sets them: its primary group, then its others."""
+    import grp
+    import pwd
+    entry = pwd.getpwuid(uid)
+    others = [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem]
+    return [str(g).encode() for g in dict.fromkeys([entry.pw_gid, *others])]
+
+
 async def test_stdin_roundtrip(client: AgentClient) -> None:
     proc = await client.exec(["cat"], stdin=True)
     payload = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk and than a pipe holds
