@@ -317,6 +317,7 @@ async def test_guest_environment(agent: AgentClient) -> None:
         echo "PATH=$PATH HOME=$HOME"; pwd
         ls /dev/fd/ >/dev/null && echo has-dev-fd
         df -B1 --output=avail / | tail -1
+        cat /proc/sys/kernel/randomize_va_space
     """)
     assert code == 0, err
     lines = out.splitlines()
@@ -333,6 +334,7 @@ async def test_guest_environment(agent: AgentClient) -> None:
     assert lines[14] == "/root"
     assert lines[15] == "has-dev-fd"
     assert int(lines[16]) > 1 << 30  # room for apt-get install
+    assert lines[17] == "0"  # no address space randomization (see BOOT_CMDLINE)
 
 
 async def test_exec_output_and_exit_code(agent: AgentClient) -> None:
