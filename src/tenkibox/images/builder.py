@@ -118,7 +118,11 @@ BOOT_CMDLINE = (
     # through the SDK 44-49 -> 29-33 ms (/work/probe/aslr.py); a restored clone's first exec
     # finds what its warm-up shell translated. Inside the guest it protects nothing here: its
     # user may do anything (sudo), like mitigations=off above.
-    "norandmaps"
+    "norandmaps "
+    # ext4 reads every group's block bitmap in the background after the mount; a snapshot
+    # taken soon after boot left that pending, so each clone went on with it (its kernel
+    # thread and disk reads among the first blocks it translated). It reads one when needed.
+    "rootflags=no_prefetch_block_bitmaps"
 )
 
 # Modules the initrd loads (with their dependencies, from modules.dep; built-in ones skipped):
