@@ -318,6 +318,10 @@ async def test_guest_environment(agent: AgentClient) -> None:
         ls /dev/fd/ >/dev/null && echo has-dev-fd
         df -B1 --output=avail / | tail -1
         cat /proc/sys/kernel/randomize_va_space
+        cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 -br addr show dev eth0 | wc -l
+        ip -6 -br addr show dev lo
+        tr '\0' '\n' < /proc/$(pidof agentd)/environ | grep '^GODEBUG='
+        findmnt -n -o OPTIONS /
     """)
     assert code == 0, err
     lines = out.splitlines()
@@ -335,6 +339,10 @@ async def test_guest_environment(agent: AgentClient) -> None:
     assert lines[15] == "has-dev-fd"
     assert int(lines[16]) > 1 << 30  # room for apt-get install
     assert lines[17] == "0"  # no address space randomization (see BOOT_CMDLINE)
+    assert lines[18:20] == ["1", "0"]  # no IPv6 on eth0 (tenki-init)
+    assert "::1/128" in lines[20]  # but on the loopback
+    assert lines[21] == "GODEBUG=asyncpreemptoff=1"
+    assert "no_prefetch_block_bitmaps" in lines[22]
 
 
 async def test_exec_output_and_exit_code(agent: AgentClient) -> None:

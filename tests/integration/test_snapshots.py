@@ -145,6 +145,22 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
             c.terminate()
 
 
+def test_a_restored_clone_sends_nothing_by_itself(client: Client, source) -> None:
+    """No packet leaves a clone that nobody asked to send one: no announcement of the moved VM
+    (QEMU's self-announce is off: a clone's network is its own) and none of the IPv6 chatter
+    whose timers a snapshot leaves pending (eth0 has no IPv6)."""
+    tx = "cat /sys/class/net/eth0/statistics/tx_packets"
+    before = int(_sh(source, tx))
+    quiet = client.create_snapshot_and_wait(source.id, "quiet", timeout=300)
+    clone = client.create_and_wait(snapshot_id=quiet.id, name="quiet", timeout=300)
+    try:
+        time.sleep(2.0)  # QEMU's announcements end within ~1 s of the restore
+        assert int(_sh(clone, tx)) == before
+    finally:
+        clone.terminate()
+        client.delete_snapshot(quiet.id)
+
+
 def test_a_restored_guest_that_reboots_powers_off(client: Client, snap) -> None:
     s, _, _ = snap
     r = client.create_and_wait(snapshot_id=s.id, name="reboots", timeout=120)
