@@ -108,17 +108,17 @@ def test_restore_continues_from_the_captured_instant(client: Client, snap, sourc
         # a new identity
         assert _sh(r, "hostname") != _sh(source, "hostname")
         assert _sh(r, "cat /etc/machine-id") != _sh(source, "cat /etc/machine-id")
-        # the settle poked the warm-up shell (agentd's warmup) if the clone's vCPUs got a
-        # thread each (restore.warm_exec_path): the same parked process then read more in the
-        # clone than in the source; on one thread (the host's cores taken by the other VMs of
-        # the suite) it was not poked and read as much
+        # a thread per vCPU, or one for both when the suite's other VMs take the host's
+        # cores (restore.warm_exec_path: the warm-up runs only with the former; agentd's
+        # warm-up is tested with the binary itself in tests/unit/test_agent_protocol.py)
         argv = _qemu_argv(r.id)
         accel = argv[argv.index(b"-accel") + 1]
         assert accel in (b"tcg,thread=multi", b"tcg,thread=single"), accel
-        if accel == b"tcg,thread=multi":
-            assert _warmup_reads(r) > _warmup_reads(source)
-        else:
-            assert _warmup_reads(r) == _warmup_reads(source)
+        # agentd keeps no warm-up process: it has no child when idle
+        # (the shell that looks is one: it is left out)
+        agentd = _sh(r, "pidof agentd")
+        assert _sh(r, f"cat /proc/{agentd}/task/*/children | tr -s ' ' '\\n' | "
+                      "grep -v -x -e '' -e $$ | wc -l") == "0"
         # the network works after a restore
         assert r.shell("getent hosts deb.debian.org", timeout=30).exit_code == 0
     finally:
@@ -145,17 +145,20 @@ def test_several_restores_at_once_are_independent(client: Client, snap) -> None:
             c.terminate()
 
 
-def test_a_restored_clone_sends_nothing_by_itself(client: Client, source) -> None:
-    """No packet leaves a clone that nobody asked to send one: no announcement of the moved VM
-    (QEMU's self-announce is off: a clone's network is its own) and none of the IPv6 chatter
-    whose timers a snapshot leaves pending (eth0 has no IPv6)."""
+def test_a_restored_clone_sends_only_its_announcements(client: Client, source) -> None:
+    """A clone that nobody asked to send a packet sends QEMU's announcements of a migrated VM
+    (``announce-rounds``, 5: virtio-net asks the guest for a gratuitous ARP each round) and
+    nothing else: none of the IPv6 chatter whose timers a snapshot leaves pending (eth0 has no
+    IPv6). Setting ``announce-rounds`` to 0 would spare the guest those, but QEMU 7.2 then frees
+    virtio-net's announce timer and crashes (SIGSEGV) at the guest's next reset: the reboot
+    test below found it."""
     tx = "cat /sys/class/net/eth0/statistics/tx_packets"
     before = int(_sh(source, tx))
     quiet = client.create_snapshot_and_wait(source.id, "quiet", timeout=300)
     clone = client.create_and_wait(snapshot_id=quiet.id, name="quiet", timeout=300)
     try:
         time.sleep(2.0)  # QEMU's announcements end within ~1 s of the restore
-        assert int(_sh(clone, tx)) == before
+        assert int(_sh(clone, tx)) - before == 5
     finally:
         clone.terminate()
         client.delete_snapshot(quiet.id)
@@ -177,14 +180,6 @@ def test_a_restored_guest_that_reboots_powers_off(client: Client, snap) -> None:
         assert "powered off" in (r.record.state_reason or ""), r.record.state_reason
     finally:
         r.terminate()
-
-
-def _warmup_reads(s) -> int:
-    """Bytes the guest agent's warm-up shell has read (``rchar``): each poke adds its newline
-    and, once the program is reaped, the program's own reads."""
-    pid = s.exec("pgrep", "-o", "-f", "^/bin/sh -c while read -r _").check().stdout.strip()
-    io = dict(line.split(": ") for line in _sh(s, f"cat /proc/{pid}/io").splitlines())
-    return int(io["rchar"])
 
 
 def _qemu_argv(session_id: str) -> list[bytes]:

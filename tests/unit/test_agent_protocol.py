@@ -1229,42 +1229,50 @@ async def test_a_new_host_acknowledges_a_process_it_does_not_know(vm: Guest) -> 
     await old.close()
 
 
-async def test_agentd_pokes_its_warmup_once_per_settle_and_replaces_a_lost_one(
+async def test_agentd_runs_its_warmup_from_a_warm_ping_or_a_settle_one_at_a_time(
         agentd_binary: Path) -> None:
-    """The warm-up tests above, for agentd (its shell is a child process, watched from
-    outside)."""
+    """agentd's warm-up (0.5.1): no parked shell; a ping with ``warm`` (a restore's first) or a
+    settle runs the program once, the way an exec starts one, and reaps it; a poke while a run
+    is on starts none; a refused request or ``warm: false`` none."""
     base = Path(tempfile.mkdtemp(prefix="tka-"))
-    pokes = base / "pokes"
+    pokes, release = base / "pokes", base / "release"
     program = base / "program"
-    program.write_text(f"#!/bin/sh\necho started >> {pokes}\n")
+    # each run records its start, then holds until the test lets it go
+    program.write_text(f"#!/bin/sh\necho started >> {pokes}\n"
+                       f"while [ ! -e {release} ]; do sleep 0.02; done\n")
     program.chmod(0o755)
     g = _agentd_guest(base, agentd_binary, warm_program=str(program))
     c = g.client()
     try:
-        await c.connect(10)
-        shells = _children(g.pid)
-        assert len(shells) == 1
-        await c.settle(("clone-4", "0123456789abcdef0123456789abcdef", os.urandom(64)))
+        await c.connect(10)  # its pings do not ask for the warm-up
+        assert _children(g.pid) == [] and not pokes.exists()
+        await c.ping(warm=True)
         assert _lines_soon(pokes, 1) == 1
-        await c.settle(None, warm=False)
+        await c.ping(warm=True)  # one run at a time: this one is on
+        await c.settle(None)
         assert _lines_soon(pokes, 2, timeout=0.5) == 1
+        release.touch()
+        await wait_until(lambda: _children(g.pid) == [])  # ended and reaped
+        release.unlink()
+        with pytest.raises(AgentError) as ei:
+            await c._call("ping", 5, warm="yes")
+        assert ei.value.errno == "EINVAL" and "warm" in str(ei.value)
         with pytest.raises(AgentError):
             await c._call("settle", 5, epoch_ns=time.time_ns(), hostname="bad name!",
                           machine_id="0" * 32, entropy="AAAA")
+        await c.settle(None, warm=False)
         assert _lines_soon(pokes, 2, timeout=0.5) == 1
-        assert _children(g.pid) == shells  # the same shell, parked again
-        os.kill(shells[0], 9)
-        time.sleep(0.2)
-        await c.settle(None)  # gone: replaced (that settle starts nothing)
-        new = _children(g.pid)
-        assert len(new) == 1 and new != shells
-        await c.settle(None)
+        await c.settle(("clone-4", "0123456789abcdef0123456789abcdef", os.urandom(64)))
         assert _lines_soon(pokes, 2) == 2
-        calls = (g.root / ".calls").read_text().split("\n")
-        assert [ln.split()[0] for ln in calls if ln][:3] == ["clock", "poke", "hostname"]
+        release.touch()
+        await wait_until(lambda: _children(g.pid) == [])
+        order = [k for k in g.system.order if k in ("clock", "poke", "hostname")]
+        # the first ping's poke, the settle while it ran (a poke, no run), the last settle's
+        assert order == ["poke", "poke", "clock", "poke", "clock", "clock", "poke", "hostname"]
     finally:
         await c.close()
         g.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- output kept while no host is connected (raw socket: the host client forgets old ids) -------

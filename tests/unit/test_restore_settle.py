@@ -52,6 +52,13 @@ class OldAgent(RecordingAgent):
         return {**super().op_ping(req), "version": "0.3.0"}
 
 
+class WarmPingAgent(RecordingAgent):
+    """An agent that reports 0.5.1: it starts its warm-up on a ping with ``warm``."""
+
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {**super().op_ping(req), "version": "0.5.1"}
+
+
 class Machine:
     """QEMU's part: alive, and a resume that lets the guest run."""
 
@@ -77,7 +84,7 @@ def guest_agent(request: pytest.FixtureRequest,
     (base / "root" / "etc").mkdir(parents=True)
     (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
     system = SandboxSystem(str(base / "root"))
-    cls = RecordingAgent if request.param == "0.4.0" else OldAgent
+    cls = {"0.4.0": RecordingAgent, "0.3.0": OldAgent, "0.5.1": WarmPingAgent}[request.param]
     agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
@@ -166,11 +173,13 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
     assert asyncio.all_tasks() - tasks_before == set()
 
 
-@pytest.mark.parametrize("guest_agent", ["0.4.0"], indirect=True)
+@pytest.mark.parametrize("guest_agent", ["0.4.0", "0.5.1"], indirect=True)
 @pytest.mark.parametrize("warm", [True, False])
-async def test_the_settle_says_whether_the_guest_warms_its_exec_path(
+async def test_the_restore_says_whether_the_guest_warms_its_exec_path(
         guest_agent: tuple[guest.Agent, SandboxSystem, Path], warm: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pings ask for the warm-up; an agent from 0.5.1 starts it then, so its settle says
+    not to (an older one ignores the ping's field and warms during the settle)."""
     agent, _, base = guest_agent
     assert isinstance(agent, RecordingAgent)
 
@@ -184,8 +193,12 @@ async def test_the_settle_says_whether_the_guest_warms_its_exec_path(
                               client, Steps(restore.log, "ses_x", plan="restore"), warm=warm)
     finally:
         await client.close()
-    settles = [r for r in map(json.loads, agent.requests) if r.get("op") == "settle"]
-    assert len(settles) == 1 and settles[0]["warm"] is warm
+    requests = list(map(json.loads, agent.requests))
+    pings = [r for r in requests if r.get("op") == "ping"]
+    settles = [r for r in requests if r.get("op") == "settle"]
+    assert pings and all(r.get("warm", False) is warm for r in pings)
+    assert len(settles) == 1
+    assert settles[0]["warm"] is (warm and not isinstance(agent, WarmPingAgent))
 
 
 def test_a_guest_warms_its_exec_path_only_where_it_has_the_cores_for_it() -> None:

@@ -54,6 +54,8 @@ DEFAULT_TIMEOUT = 60.0
 CONNECT_RETRY_S = 0.02
 PING_INTERVAL_S = 1.0
 SETTLE_SINCE = (0, 4, 0)  # the first agent with the ``settle`` request
+#: the first agent that starts its warm-up on a ``ping`` with ``warm`` (older ones ignore it)
+WARM_PING_SINCE = (0, 5, 1)
 _MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -282,8 +284,10 @@ class AgentClient:
 
     # -- connection ------------------------------------------------------------------------
 
-    async def connect(self, timeout: float) -> None:
+    async def connect(self, timeout: float, *, warm: bool = False) -> None:
         """Connect (waiting for the socket to appear) and return once a ping is answered.
+        ``warm``: the pings ask the guest to start its warm-up (a restore's first contact;
+        agents from ``WARM_PING_SINCE``).
 
         Raises ``AgentTimeoutError`` (a ``WaitTimeoutError``) after ``timeout`` seconds, or
         ``AgentError`` if the connection keeps being refused or dropped at the deadline.
@@ -310,7 +314,7 @@ class AgentClient:
             try:
                 # Unanswered pings queue up in the socket while the guest boots; the agent
                 # answers them all once it runs, and any answer will do.
-                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining))
+                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining), warm=warm)
                 # The ping says which agent answers: version() needs no request of its own
                 # later (the first exec as another user would otherwise pay one).
                 self._version = _parse_version(pong.get("version"))
@@ -479,8 +483,8 @@ class AgentClient:
                              errno=errno if isinstance(errno, str) else None)
         return msg
 
-    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
-        msg = await self._call("ping", timeout)
+    async def ping(self, timeout: float = 5.0, *, warm: bool = False) -> dict[str, Any]:
+        msg = await self._call("ping", timeout, **({"warm": True} if warm else {}))
         return {k: msg.get(k) for k in ("boot_id", "pid", "uptime_s", "version")}
 
     async def version(self) -> tuple[int, ...]:
@@ -692,8 +696,9 @@ class AgentClient:
         """A restored clone's clock (default: the host's now) and, unless ``identity`` is None,
         its ``(hostname, machine_id, entropy)``, in one request (agents from ``SETTLE_SINCE``;
         ask ``version()`` first, older ones have only ``set_time`` and ``reidentify``).
-        ``warm``: whether the guest warms its exec path meanwhile (its warm-up shell, agents
-        from 0.4.1; older ones ignore the field and always do).
+        ``warm``: whether the guest warms its exec path meanwhile (its warm-up, agents from
+        0.4.1; older ones ignore the field and always do; from ``WARM_PING_SINCE`` the ping
+        starts it instead).
         Returns ``delta_s`` (how far the clock was off) and ``took_s`` (the agent's own time;
         the rest of the round trip is the channel's)."""
         args: dict[str, Any] = {}
@@ -722,11 +727,12 @@ class AgentClient:
         await self._call("umount", timeout, path=path)
 
 
-async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
+async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
+                        warm: bool = False) -> None:
     """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
     and with the end of the serial console and where the vCPUs are if the guest never
-    answers."""
-    task = asyncio.ensure_future(agent.connect(timeout))
+    answers. ``warm``: ``AgentClient.connect``'s."""
+    task = asyncio.ensure_future(agent.connect(timeout, warm=warm))
     while not task.done():
         if not machine.alive():
             task.cancel()

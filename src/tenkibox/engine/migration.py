@@ -173,12 +173,6 @@ async def cancel_migration(machine: Machine) -> None:
 async def load_state(machine: Machine, source: Path) -> None:
     """Load a device state written by ``save_state`` into a VM started ``-incoming defer``."""
     await enable_snapshot_caps(machine)
-    # QEMU announces a migrated guest on its network (gratuitous ARPs, and for virtio-net it asks
-    # the guest to: its link notifications, neighbour announcements) so that switches learn
-    # where it moved. A restored VM has a network of its own, whose neighbours learn it by
-    # ARP; the guest's part was ~0.7K of the ~7K blocks a clone translates before its agent
-    # answers (``-d in_asm``, /work/probe/tbsym.py), on the way to its first exec.
-    await machine.execute("migrate-set-parameters", {"announce-rounds": 0})
     await machine.execute("migrate-incoming",
                           {"uri": await file_uri(machine, source, write=False)})
     await wait_migration(machine)

@@ -18,8 +18,9 @@ One ordered list of named, timed steps:
 10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest); with an agent from
                    0.4.0 steps 9 and 10 are one request, the step ``settle``, during which the
-                   guest warms its exec path (agentd's warm-up shell) unless this host's cores
-                   are all taken (``warm_exec_path``)
+                   guest warms its exec path (its agent's warm-up; agentd from 0.5.1 starts
+                   it on step 8's ping already) unless this host's cores are all taken
+                   (``warm_exec_path``)
 
 Round trips are what a restore waits for once the guest runs, so there are few, and they overlap:
 
@@ -51,7 +52,7 @@ import zstandard
 
 from ..artifacts.store import ArtifactError
 from ..engine import disks
-from ..engine.agent import SETTLE_SINCE, AgentClient, connect_agent
+from ..engine.agent import SETTLE_SINCE, WARM_PING_SINCE, AgentClient, connect_agent
 from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
@@ -140,8 +141,9 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
 
 
 def warm_exec_path(accel: str, tcg_threads: str | None) -> bool:
-    """Whether a restored guest warms its exec path during ``settle``: under TCG, while each of
-    its vCPUs has a core (``tcg_threads`` is not ``single``). The warm-up translates the
+    """Whether a restored guest warms its exec path (from its first ping on; during ``settle``
+    for agents before 0.5.1): under TCG, while each of its vCPUs has a core (``tcg_threads``
+    is not ``single``). The warm-up translates the
     guest's fork, exec and libc start-up on its other vCPU, so that the user's first exec does
     not: 23-50 ms sooner for one restore. With the cores taken it is only CPU taken from the
     guests starting beside it, one thread running both vCPUs in turn: ten clones of a 1 GiB
@@ -158,7 +160,8 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
     the module's text. Nothing is left in flight when this returns or raises."""
     m = spec.manifest
     files = ctx.layout.files(spec.session_id)
-    connecting = asyncio.ensure_future(connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S))
+    connecting = asyncio.ensure_future(connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S,
+                                                     warm=warm))
     try:
         with steps.step("load-state"):
             scratch = files.run_dir / "state.bin"
@@ -181,9 +184,11 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
     # a resume carries on the same guest: it keeps its identity
     identity = None if spec.keep_identity else (
         spec.hostname, secrets.token_hex(16), os.urandom(64))
-    if await agent.version() >= SETTLE_SINCE:  # known from the ping: no request
+    version = await agent.version()  # known from the ping: no request
+    if version >= SETTLE_SINCE:
         with steps.step("settle"):
-            took = await agent.settle(identity, warm=warm)
+            # an agent that took the ping's ``warm`` runs its warm-up already
+            took = await agent.settle(identity, warm=warm and version < WARM_PING_SINCE)
         log.debug("%s: settle: %.3fs in the guest", spec.session_id, took["took_s"])
         return
     with steps.step("clock"):

@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -21,7 +22,7 @@ import (
 )
 
 const (
-	version        = "0.5.0" // digits and dots only: the host compares it as a tuple of ints
+	version        = "0.5.1" // digits and dots only: the host compares it as a tuple of ints
 	implementation = "native-go"
 	portName       = "org.tenki.agent"
 	maxChunk       = 1 << 20
@@ -344,6 +345,18 @@ func clockGet(clock int) float64 {
 }
 
 func (a *agent) opPing(id int64, r req) (*msg, error) {
+	// warm (from 0.5.1): a restore's first ping starts the warm-up (in a goroutine: the answer
+	// goes out meanwhile), so that it runs during the settle, ahead of the user's first exec
+	if w, ok := r["warm"]; ok {
+		b, isBool := w.(bool)
+		if !isBool {
+			return nil, einval("warm must be true or false")
+		}
+		if b && a.warm != nil {
+			a.record("poke")
+			a.warm.poke()
+		}
+	}
 	up := clockGet(7) // CLOCK_BOOTTIME
 	up = float64(int64(up*100+0.5)) / 100
 	return okMsg(id).str("boot_id", a.bootID).int("pid", int64(os.Getpid())).
@@ -694,56 +707,60 @@ func (a *agent) opSync(id int64, r req) (*msg, error) {
 
 // -- warm-up ----------------------------------------------------------------------------------
 
-// warmup: a shell parked on a pipe that starts /bin/true each time the agent pokes it (see
-// docs/snapshots.md): the kernel's fork and exec, the loader and libc's start-up get
-// translated on the other vCPU while the settle runs.
+// warmup: runs a program (/bin/true) each time the agent pokes it, the way an exec starts one
+// (see docs/snapshots.md): Go's fork and exec, the kernel's, the loader and libc's start-up
+// (at the same addresses as a user's program: the guest has no address space randomization),
+// its output read through Go's poller, the wait. A restored clone translates all of that again;
+// the warm-up has it done on the other vCPU, from a restore's first ping on, while the settle
+// runs, before the user's first exec. One run at a time: a poke while one runs starts none.
 type warmup struct {
 	program string
+	devnull int
 	mu      sync.Mutex
-	pid     int
-	w       int // our end of its stdin, non-blocking
-}
-
-func (w *warmup) start() {
-	var p [2]int
-	if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err != nil {
-		logf("warm-up shell not started: %v", err)
-		return
-	}
-	null, err := syscall.Open("/dev/null", syscall.O_RDWR|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		syscall.Close(p[0])
-		syscall.Close(p[1])
-		return
-	}
-	pid, err := syscall.ForkExec("/bin/sh", []string{"/bin/sh", "-c", `while read -r _; do "$0"; done`, w.program},
-		&syscall.ProcAttr{Dir: "/", Env: []string{"PATH=" + defaultPath},
-			Files: []uintptr{uintptr(p[0]), uintptr(null), uintptr(null)},
-			Sys:   &syscall.SysProcAttr{Setsid: true}})
-	syscall.Close(p[0])
-	syscall.Close(null)
-	if err != nil {
-		logf("warm-up shell not started: %v", err)
-		syscall.Close(p[1])
-		return
-	}
-	syscall.SetNonblock(p[1], true)
-	w.pid, w.w = pid, p[1]
+	running bool
 }
 
 func (w *warmup) poke() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.pid > 0 {
-		var ws syscall.WaitStatus
-		if n, _ := syscall.Wait4(w.pid, &ws, syscall.WNOHANG, nil); n == 0 {
-			syscall.Write(w.w, []byte{'\n'})
-			return
-		}
-		syscall.Close(w.w)
-		w.pid = 0
+	if w.running {
+		return
 	}
-	w.start()
+	w.running = true
+	go w.run()
+}
+
+func (w *warmup) run() {
+	defer func() {
+		w.mu.Lock()
+		w.running = false
+		w.mu.Unlock()
+	}()
+	var out [2]int
+	if err := syscall.Pipe2(out[:], syscall.O_CLOEXEC); err != nil {
+		logf("warm-up not run: %v", err)
+		return
+	}
+	pid, err := syscall.ForkExec(w.program, []string{w.program}, &syscall.ProcAttr{
+		Dir: "/", Env: []string{"PATH=" + defaultPath},
+		Files: []uintptr{uintptr(w.devnull), uintptr(out[1]), uintptr(out[1])},
+		Sys:   &syscall.SysProcAttr{Setsid: true}})
+	syscall.Close(out[1])
+	if err != nil {
+		syscall.Close(out[0])
+		logf("warm-up not run: %v", err)
+		return
+	}
+	syscall.SetNonblock(out[0], true)
+	f := os.NewFile(uintptr(out[0]), "warm-up")
+	io.Copy(io.Discard, f)
+	f.Close()
+	var ws syscall.WaitStatus
+	for {
+		if _, err := syscall.Wait4(pid, &ws, 0, nil); err != syscall.EINTR {
+			break
+		}
+	}
 }
 
 // -- main -------------------------------------------------------------------------------------
@@ -755,7 +772,7 @@ const usage = `usage: agentd [--listen PATH] [--port-name NAME] [--wait-file PAT
   --wait-file PATH  serve only once PATH exists (tenki-init creates it when the guest is set up)
   --test-root DIR   tests only: identity files below DIR; clock, hostname and entropy untouched
                     (recorded in DIR/.calls)
-  --test-warmup PROGRAM  tests only: a warm-up shell starting PROGRAM (with --listen)
+  --test-warmup PROGRAM  tests only: the warm-up runs PROGRAM (with --listen)
 `
 
 func main() {
@@ -805,13 +822,11 @@ func main() {
 	if opts["--listen"] != "" {
 		a.port = newListenPort(opts["--listen"])
 		if opts["--test-warmup"] != "" {
-			a.warm = &warmup{program: opts["--test-warmup"]}
-			a.warm.start()
+			a.warm = &warmup{program: opts["--test-warmup"], devnull: null}
 		}
 	} else {
 		a.port = newVirtioPort(opts["--port-name"])
-		a.warm = &warmup{program: "/bin/true"}
-		a.warm.start()
+		a.warm = &warmup{program: "/bin/true", devnull: null}
 	}
 	a.out = newOutbox(a.port)
 	logf("version %s (%s) pid %d", version, implementation, os.Getpid())
