@@ -51,8 +51,10 @@ def test_a_terminate_that_failed_is_retried_by_the_sweeper(client: Client,
                                                             fake_host: FakeHost) -> None:
     from tenkibox import errors
 
-    s = client.create_and_wait(max_duration=0.2)
+    # armed first, and the session not waited for: on a loaded machine its 0.2 s can be over
+    # before a wait sees it READY, or before the failure is armed (a dry run saw the former)
     fake_host.fail_next("terminate", errors.InternalError("QEMU did not quit"))
+    s = client.create(max_duration=0.2)
     eventually(lambda: client.get(s.id).state == SessionState.TERMINATED, timeout=5,
                what="the expiry, retried")
     assert client.get(s.id).record.state_reason == "max duration reached"
