@@ -115,9 +115,9 @@ BOOT_CMDLINE = (
     # too: with randomization each process has its loader and libraries elsewhere, so every
     # program start under TCG translated them again. Without it, in a guest: 50 runs of
     # /bin/true 1.36-1.55 s -> 0.27-0.34 s, 5 of `python3 -c pass` 0.89 -> 0.61 s, an exec
-    # through the SDK 44-49 -> 29-33 ms (/work/probe/aslr.py); a restored clone's first exec
-    # finds what its warm-up translated. Inside the guest it protects nothing here: its
-    # user may do anything (sudo), like mitigations=off above.
+    # through the SDK 44-49 -> 29-33 ms (the same session, the sysctl switched); a restored
+    # clone's first exec finds what its warm-up translated. Inside the guest it protects
+    # nothing here: its user may do anything (sudo), like mitigations=off above.
     "norandmaps "
     # ext4 reads every group's block bitmap in the background after the mount; a snapshot
     # taken soon after boot left that pending, so each clone went on with it (its kernel

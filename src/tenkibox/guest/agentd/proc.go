@@ -508,7 +508,7 @@ func closeAll(fds ...int) {
 // round (there, a cwd only root may enter works). Go's order is tried first: it starts the
 // program directly, where the launcher (agentd itself, Popen's order) costs one more program
 // start, a Go runtime's, ~120 ms of a restored clone's first exec (226 against 105 ms as root,
-// /work/probe/userexec.py). When it fails, nothing ran (the child fails before its exec, and
+// 4 clones each). When it fails, nothing ran (the child fails before its exec, and
 // Go reaps it): the launcher tries again, so a cwd closed to the user works, and a failure
 // names the step that failed (tests: recorded in .calls).
 func (a *agent) spawn(prog string, argv []string, cwd string, envl []string, files []uintptr, cred *syscall.Credential) (int, error) {
