@@ -88,8 +88,9 @@ WATCHDOG_S = 600
 
 CAPTURE_STEPS = ("prepare", "pre-copy", "pause", "freeze-disk", "device-state", "copy-written",
                  "resume", "convert", "compress-ram", "checksum", "sync")
-RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "load-state", "resume",
-                 "agent", "settle", "clock", "identity")  # settle: clock+identity (agent 0.4)
+RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "wire", "load-state",
+                 "resume", "agent", "settle", "clock", "identity")
+# settle: clock and identity in one request (agent 0.4); wire: the network built beside launch
 
 
 def dirty_command(mb: int) -> str:

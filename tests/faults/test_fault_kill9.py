@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 BOOT_STEPS = ["image", "overlay", "network", "network:after", "launch", "launch:after", "roms",
               "agent", "clock"]
 RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "launch",
-                 "launch:after", "load-state", "resume", "agent", "settle"]
-# ``settle``: clock and identity in one request (the built image's agent has it, so the older
-# agents' ``clock`` and ``identity`` steps do not happen here)
+                 "launch:after", "wire", "load-state", "resume", "agent", "agent:after"]
+# ``agent``: the built image's agent (0.5.2) sets the clock and identity inside the restore's
+# first request, so the older agents' ``settle`` (or ``clock`` and ``identity``) steps do not
+# happen here
 # a booted session (its RAM in a memfd) is captured by the pages it touched (``host/written.py``):
 # stopped, then its pages copied out of QEMU's memory
 CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-written", "resume", "convert",

@@ -12,6 +12,7 @@ timeout. Four sessions (restored from the golden snapshot) are shared by the who
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -218,11 +219,11 @@ def test_a_resolver_is_reached_only_where_the_policy_allows(open_session,  # typ
 
 def test_a_guest_namespace_has_its_sysctls_rules_and_links() -> None:
     # what links.create leaves inside the namespace, read back from the kernel: forwarding on
-    # and IPv6 off (set before the tap existed, so it has no IPv6 address), the namespace's
+    # and IPv6 off (set before the tap went up, so it has no IPv6 address), the namespace's
     # table, the tap with the gateway's addresses, the route out through the host's end
     slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
     net = VMNet("nstest000000", "ses_nssetup00000001", slot)
-    links.create(net, NetworkSpec(egress=EgressPolicy(outbound=False), inbound=True))
+    tap_fd = links.create(net, NetworkSpec(egress=EgressPolicy(outbound=False), inbound=True))
     try:
         def inside(*argv: str) -> str:
             return subprocess.run(["ip", "netns", "exec", net.netns, *argv], check=True,
@@ -238,6 +239,7 @@ def test_a_guest_namespace_has_its_sysctls_rules_and_links() -> None:
         assert "masquerade" in table and "dnat to 10.0.2.15" in table  # inbound: to the guest
         assert inside("ip", "route", "show", "default").startswith(f"default via {net.host_ip}")
     finally:
+        os.close(tap_fd)
         links.remove(net)
     assert not (links.NETNS_DIR / net.netns).exists()
 
@@ -248,7 +250,7 @@ def test_a_network_left_by_a_gone_server_does_not_bind_a_new_guest(client: Clien
     # interface must be governed by its own policy only
     slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
     gone = VMNet("gonehome0000", "ses_leftbehind00001", slot)
-    links.create(gone, NetworkSpec(egress=EgressPolicy(outbound=False)))
+    os.close(links.create(gone, NetworkSpec(egress=EgressPolicy(outbound=False))))
     subprocess.run(["ip", "netns", "delete", gone.netns], check=True)
     try:
         s = _session(client, name="net-after-leftover", allow_cidrs=[f"{PRIVATE}/32"])

@@ -1276,6 +1276,51 @@ async def test_agentd_runs_its_warmup_from_a_warm_ping_or_a_settle_one_at_a_time
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def test_agentd_settles_in_a_restores_first_ping(agentd_binary: Path) -> None:
+    """agentd 0.5.2: a ping may carry a settle (a restore's first request, sent once the guest
+    runs): the warm-up's poke, the clock, then the identity, in one round trip; checked whole
+    before anything changes. An agent that ignores the field (older ones) answers the ping
+    only, which ``ping_settle`` reports as None (test_restore_settle)."""
+    base = Path(tempfile.mkdtemp(prefix="tka-"))
+    pokes = base / "pokes"
+    program = base / "program"
+    program.write_text(f"#!/bin/sh\necho started >> {pokes}\n")
+    program.chmod(0o755)
+    g = _agentd_guest(base, agentd_binary, warm_program=str(program))
+    c = g.client()
+    try:
+        await c.open(10)
+        before = time.time_ns()
+        settled = await c.ping_settle(("clone-5", "0123456789abcdef0123456789abcdef",
+                                       b"e" * 64), warm=True)
+        assert settled is not None and settled["took_s"] >= 0
+        assert await c.version() == tuple(int(x) for x in agentd.version().split("."))
+        assert [k for k in g.system.order if k in ("clock", "poke", "hostname", "entropy")] \
+            == ["poke", "clock", "hostname", "entropy"]
+        assert g.system.clock[0] >= before and g.system.hostnames == ["clone-5"]
+        assert g.system.entropy == [b"e" * 64]
+        assert (g.root / "etc" / "machine-id").read_text() == \
+            "0123456789abcdef0123456789abcdef\n"
+        assert _lines_soon(pokes, 1) == 1
+        await wait_until(lambda: _children(g.pid) == [])
+        # the clock only (a resumed session keeps its identity), no warm-up asked for
+        assert await c.ping_settle(None, warm=False) is not None
+        assert g.system.order.count("clock") == 2 and g.system.hostnames == ["clone-5"]
+        assert g.system.order.count("poke") == 1
+        calls = list(g.system.order)
+        for settle, field in [(5, "settle"), ({}, "epoch_ns"),
+                              ({"epoch_ns": time.time_ns(), "hostname": "bad name!",
+                                "machine_id": "0" * 32, "entropy": "AAAA"}, "hostname")]:
+            with pytest.raises(AgentError) as ei:
+                await c._call("ping", 5, warm=True, settle=settle)
+            assert ei.value.errno == "EINVAL" and field in str(ei.value)
+        assert g.system.order == calls  # refused whole: no clock, no poke, no identity
+    finally:
+        await c.close()
+        g.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # -- output kept while no host is connected (raw socket: the host client forgets old ids) -------
 
 

@@ -3,8 +3,10 @@ agent reached, then its clock and identity set, with the real guest agent on a u
 place of the VM (QEMU's part is a stand-in; tests/integration runs the real one).
 
 What must hold whichever agent the snapshot carries: the clock is set, the identity is new
-(unless the session is resumed: same guest), and the steps say what happened. An agent from
-0.4.0 gets one request (``settle``); an older one, baked into an older snapshot, gets
+(unless the session is resumed: same guest), and the steps say what happened. The first
+request, once the guest runs, is a ping carrying the settle: ``agentd`` (from 0.5.2, run here as
+it is built) settles in it, one request in all. An older agent answers the ping only: from
+0.4.0 it then gets one request (``settle``); an older one, baked into an older snapshot, gets
 ``set_time`` and ``reidentify``, which are all it knows."""
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support import agentd
 from support import pyagent as guest
 from support.guest_system import SandboxSystem
 
@@ -77,13 +80,24 @@ class Machine:
         return "QEMU running; vCPU 0 in the guest kernel at ffffffff81000000, halted"
 
 
-@pytest.fixture(params=["0.4.0", "0.3.0"])
+@pytest.fixture(params=["agentd", "0.4.0", "0.3.0"])
 def guest_agent(request: pytest.FixtureRequest,
-                ) -> Iterator[tuple[guest.Agent, SandboxSystem, Path]]:
+                ) -> Iterator[tuple[guest.Agent | None, SandboxSystem | agentd.Calls, Path]]:
+    """The agent on ``<base>/agent.sock`` (None for agentd, a process of its own), what it
+    did to the machine, and ``base``."""
     base = Path(tempfile.mkdtemp(prefix="tkr-"))  # short: unix socket paths <= 108 bytes
-    (base / "root" / "etc").mkdir(parents=True)
-    (base / "root" / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
-    system = SandboxSystem(str(base / "root"))
+    root = base / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n")
+    if request.param == "agentd":
+        proc = agentd.start(request.getfixturevalue("agentd_binary"), base / "agent.sock", root)
+        try:
+            yield None, agentd.Calls(root), base
+        finally:
+            agentd.stop(proc)
+            shutil.rmtree(base, ignore_errors=True)
+        return
+    system = SandboxSystem(str(root))
     cls = {"0.4.0": RecordingAgent, "0.3.0": OldAgent, "0.5.1": WarmPingAgent}[request.param]
     agent = cls(guest.ListenPort(str(base / "agent.sock")), system)
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
@@ -111,7 +125,8 @@ def _ctx(base: Path) -> Any:
 
 @pytest.mark.parametrize("keep_identity", [False, True])
 async def test_clock_and_identity_are_set_before_it_returns(
-        guest_agent: tuple[guest.Agent, SandboxSystem, Path], keep_identity: bool,
+        guest_agent: tuple[guest.Agent | None, SandboxSystem | agentd.Calls, Path],
+        keep_identity: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
     agent, system, base = guest_agent
     events: list[str] = []
@@ -140,13 +155,19 @@ async def test_clock_and_identity_are_set_before_it_returns(
         assert len((etc / "machine-id").read_text().strip()) == 32
         assert (etc / "hostname").read_text() == "tenki-clone\n"
     done = set(steps.timings)
-    if isinstance(agent, OldAgent):
+    if agent is None:  # agentd: all of it in the first request
+        assert done == {"load-state", "resume", "agent"}
+    elif isinstance(agent, OldAgent):
         assert done == {"load-state", "resume", "agent", "clock"} | (
             set() if keep_identity else {"identity"})
         # nothing it does not know was sent (an unknown op would fail the restore)
-        assert not any('"settle"' in r for r in agent.requests)
+        assert not any('"op":"settle"' in r for r in agent.requests)
     else:
         assert done == {"load-state", "resume", "agent", "settle"}
+    if agent is not None:  # the settle was offered in the ping, which it ignored
+        first = json.loads(agent.requests[0])
+        assert first["op"] == "ping" and first["settle"]["epoch_ns"] >= before
+        assert ("hostname" in first["settle"]) is not keep_identity
 
 
 async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
@@ -176,7 +197,7 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
 @pytest.mark.parametrize("guest_agent", ["0.4.0", "0.5.1"], indirect=True)
 @pytest.mark.parametrize("warm", [True, False])
 async def test_the_restore_says_whether_the_guest_warms_its_exec_path(
-        guest_agent: tuple[guest.Agent, SandboxSystem, Path], warm: bool,
+        guest_agent: tuple[guest.Agent | None, SandboxSystem | agentd.Calls, Path], warm: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The pings ask for the warm-up; an agent from 0.5.1 starts it then, so its settle says
     not to (an older one ignores the ping's field and warms during the settle)."""

@@ -25,9 +25,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     InternalError,
@@ -56,7 +56,10 @@ PING_INTERVAL_S = 1.0
 SETTLE_SINCE = (0, 4, 0)  # the first agent with the ``settle`` request
 #: the first agent that starts its warm-up on a ``ping`` with ``warm`` (older ones ignore it)
 WARM_PING_SINCE = (0, 5, 1)
+#: the first agent that settles inside a ``ping`` (``ping_settle``; older ones ignore the field)
+PING_SETTLE_SINCE = (0, 5, 2)
 _MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+T = TypeVar("T")
 
 
 def _parse_version(raw: object) -> tuple[int, ...]:
@@ -324,6 +327,23 @@ class AgentClient:
             except AgentError as e:
                 last_error = e
                 await asyncio.sleep(min(CONNECT_RETRY_S, max(deadline - loop.time(), 0)))
+
+    async def open(self, timeout: float) -> None:
+        """Connect, waiting for the socket to appear, with no request: for a restored guest,
+        whose agent runs already and is asked once the guest does (``ping_settle``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._drop("agent connection replaced")
+        while True:
+            try:
+                await self._open()
+                return
+            except OSError as e:  # not there yet, or QEMU not listening yet
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise AgentTimeoutError(f"agent at {self.socket_path} not reachable within "
+                                            f"{timeout:g}s: {e}") from e
+                await asyncio.sleep(min(CONNECT_RETRY_S, remaining))
 
     async def _open(self) -> None:
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=LINE_LIMIT)
@@ -701,15 +721,24 @@ class AgentClient:
         starts it instead).
         Returns ``delta_s`` (how far the clock was off) and ``took_s`` (the agent's own time;
         the rest of the round trip is the channel's)."""
-        args: dict[str, Any] = {}
-        if identity is not None:
-            hostname, machine_id, entropy = identity
-            if not _MACHINE_ID.match(machine_id):
-                raise AgentError("machine_id must be 32 lowercase hex digits", errno="EINVAL")
-            args.update(hostname=hostname, machine_id=machine_id,
-                        entropy=base64.b64encode(entropy).decode())
-        now = time.time_ns() if epoch_ns is None else epoch_ns
-        msg = await self._call("settle", timeout, epoch_ns=now, warm=warm, **args)
+        msg = await self._call("settle", timeout, warm=warm, **_settle_args(identity, epoch_ns))
+        return {"delta_s": float(msg.get("delta_s", 0.0)),
+                "took_s": float(msg.get("took_s", 0.0))}
+
+    async def ping_settle(self, identity: tuple[str, str, bytes] | None, *, warm: bool,
+                          timeout: float | None = None) -> dict[str, float] | None:
+        """A restored clone's first request: a ``ping`` that carries the ``settle`` (clock
+        now, and ``identity`` as ``settle``'s) and ``warm`` (``connect``'s). An agent from
+        ``PING_SETTLE_SINCE`` settles in it: returns ``settle``'s answer. An older one answers
+        the ping only (None): its settle is still to do, as after ``connect``. Either way the
+        agent's version is known after it."""
+        args: dict[str, Any] = {"settle": _settle_args(identity, None)}
+        if warm:
+            args["warm"] = True
+        msg = await self._call("ping", timeout, **args)
+        self._version = _parse_version(msg.get("version"))
+        if not msg.get("settled"):
+            return None
         return {"delta_s": float(msg.get("delta_s", 0.0)),
                 "took_s": float(msg.get("took_s", 0.0))}
 
@@ -727,12 +756,33 @@ class AgentClient:
         await self._call("umount", timeout, path=path)
 
 
+def _settle_args(identity: tuple[str, str, bytes] | None,
+                 epoch_ns: int | None) -> dict[str, Any]:
+    """A settle's fields: ``epoch_ns`` (default: the host's now, taken last) and the identity."""
+    args: dict[str, Any] = {}
+    if identity is not None:
+        hostname, machine_id, entropy = identity
+        if not _MACHINE_ID.match(machine_id):
+            raise AgentError("machine_id must be 32 lowercase hex digits", errno="EINVAL")
+        args.update(hostname=hostname, machine_id=machine_id,
+                    entropy=base64.b64encode(entropy).decode())
+    args["epoch_ns"] = time.time_ns() if epoch_ns is None else epoch_ns
+    return args
+
+
 async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
                         warm: bool = False) -> None:
     """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
     and with the end of the serial console and where the vCPUs are if the guest never
     answers. ``warm``: ``AgentClient.connect``'s."""
-    task = asyncio.ensure_future(agent.connect(timeout, warm=warm))
+    await guest_answer(machine, agent.connect(timeout, warm=warm))
+
+
+async def guest_answer(machine: Machine, request: Awaitable[T]) -> T:
+    """``request`` to the VM's agent (or the wait for its socket), failing fast with QEMU's
+    own words if QEMU dies meanwhile, and with the end of the serial console and where the
+    vCPUs are if the guest never answers."""
+    task = asyncio.ensure_future(request)
     while not task.done():
         if not machine.alive():
             task.cancel()
@@ -741,7 +791,7 @@ async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
             raise SessionFailedError(machine.exit_reason())
         await asyncio.wait({task}, timeout=0.1)
     try:
-        task.result()
+        return task.result()
     except TenkiError as exc:
         tail = ""
         with contextlib.suppress(OSError):

@@ -158,6 +158,7 @@ class LaunchOptions:
     paused: bool = False  # start with the vCPUs stopped (``-S``), the machine reset
     network: str | None = None  # engine.net mode; None: the default
     netns: str | None = None  # a network namespace with the VM's tap device (host/network)
+    tap_fd: int | None = None  # open on that tap device (the caller's: QEMU gets a copy)
     mac: str = "52:54:00:12:34:56"
     extra_devices: list[str] = field(default_factory=list)
     #: how TCG runs the vCPUs (``tcg_threads``): ``multi``, ``single``, or None for QEMU's
@@ -449,7 +450,7 @@ class Machine:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         self.state = RunState.LAUNCHING
-        backend = net.start(self.files.run_dir, opts.network, opts.netns)
+        backend = net.start(self.files.run_dir, opts.network, opts.netns, opts.tap_fd)
         self.net_pid = backend.helper.pid if backend.helper else None
         # an incoming VM never boots its kernel: the stub spares QEMU reading it (~20 ms) and
         # keeping it (~14 MiB)

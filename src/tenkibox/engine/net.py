@@ -14,9 +14,9 @@ then has nowhere to forward the guest's DNS queries.)
 
 Where the host can (root, nftables), the host gives each VM a tap device in a network namespace
 of its own instead (``host/network``): then QEMU is started inside that namespace (``nsenter``)
-and opens the tap there; no helper process runs, and the host's rules enforce the VM's egress
-policy. The tap has no virtio-net header, so that the guest sees the same device features as
-with passt: a snapshot taken on either restores on the other.
+and handed a descriptor on the tap; no helper process runs, and the host's rules enforce the
+VM's egress policy. The tap has no virtio-net header, so that the guest sees the same device
+features as with passt: a snapshot taken on either restores on the other.
 
 The guest sees the addresses slirp would have given it (10.0.2.15/24, gateway 10.0.2.2, DNS
 10.0.2.3, forwarded to the host's resolver), so its configuration does not depend on the host.
@@ -65,9 +65,10 @@ class NetBackend:
             self._qemu_end = None
 
 
-def tap(netns: str, ifname: str = "tap0") -> NetBackend:
-    """The tap device ``ifname`` that the host created in the namespace ``netns``."""
-    return NetBackend(f"tap,id=net0,ifname={ifname},script=no,downscript=no,vnet_hdr=off",
+def tap(netns: str, fd: int) -> NetBackend:
+    """The tap device the host made in the namespace ``netns``, open on ``fd`` (QEMU gets a
+    copy; with ``fd=`` it takes the device's features as they are: no virtio-net header)."""
+    return NetBackend(f"tap,id=net0,fd={fd}", pass_fds=(fd,),
                       prefix=("nsenter", f"--net=/run/netns/{netns}", "--"))
 
 
@@ -87,9 +88,10 @@ def pid_file(run_dir: Path) -> Path:
     return path
 
 
-def start(run_dir: Path, net_mode: str | None = None, netns: str | None = None) -> NetBackend:
-    if netns is not None:
-        return tap(netns)
+def start(run_dir: Path, net_mode: str | None = None, netns: str | None = None,
+          tap_fd: int | None = None) -> NetBackend:
+    if netns is not None and tap_fd is not None:
+        return tap(netns, tap_fd)
     chosen = net_mode or mode()
     if chosen == "none":
         return NetBackend("user,id=net0,restrict=on")

@@ -4,7 +4,8 @@
                 build recorded, verified (a damaged file refuses the boot: ImageDamagedError)
 2. ``overlay``  the VM's own writable qcow2 on top of the base
 3. ``network``  the VM's namespace, tap device, rules and DNS forwarder (``host/network``)
-4. ``launch``   QEMU, inside that namespace, owned by the host from before it starts
+4. ``launch``   QEMU, inside that namespace and handed its tap, owned by the host from before it
+                starts
 5. ``roms``     a VM with its RAM in a memfd (under TCG) starts stopped: its ROMs' and
                 firmware's pages, as the machine's reset made them, are saved (a save that
                 leaves the memfd out) for its captures by the pages it touched
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 
 from ..engine import disks
 from ..engine.agent import AgentClient, connect_agent
@@ -28,6 +30,7 @@ from ..engine.migration import save_state
 from ..steps import Steps
 from .api import BootSpec, MachineShape, NetworkSpec
 from .context import HostContext
+from .network import Tap
 from .vm import VM, VMRecord
 
 log = logging.getLogger(__name__)
@@ -62,14 +65,33 @@ async def save_roms(machine: Machine) -> None:
     await machine.resume()
 
 
-async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec) -> str | None:
-    """Build the VM's network and note it in its record; the namespace QEMU must run in."""
-    net = await ctx.network.setup(vm.session_id, spec)
-    if net is None:
+async def vm_network(ctx: HostContext, vm: VM, spec: NetworkSpec, *,
+                     whole: bool = True) -> Tap | None:
+    """Build the VM's network and note it in its record; its tap, open, for QEMU's launch
+    (None where the host builds none). ``whole=False``: only what the launch needs, the rest
+    built meanwhile (``HostNetwork.prepare``; ``HostNetwork.wired`` waits for it)."""
+    tap = await (ctx.network.setup if whole else ctx.network.prepare)(vm.session_id, spec)
+    if tap is None:
         return None
-    vm.record.net = {"slot": net.slot, "spec": spec.to_json()}
-    await asyncio.to_thread(vm.record.save, vm.disk_dir)
-    return net.netns
+    vm.record.net = {"slot": tap.net.slot, "spec": spec.to_json()}
+    try:
+        await asyncio.to_thread(vm.record.save, vm.disk_dir)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
+
+
+async def launch(machine: Machine, opts: LaunchOptions, tap: Tap | None) -> None:
+    """``machine.launch`` with the VM's tap: QEMU runs in its namespace and gets a copy of its
+    descriptor; the server's copy is closed once QEMU has its own (or failed to start)."""
+    if tap is not None:
+        opts = replace(opts, netns=tap.net.netns, tap_fd=tap.fd)
+    try:
+        await machine.launch(opts)
+    finally:
+        if tap is not None:
+            tap.close()
 
 
 async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM],
@@ -97,11 +119,11 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM],
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)
     with steps.step("network"):
-        netns = await vm_network(ctx, vm, spec.network)
+        tap = await vm_network(ctx, vm, spec.network)
     with steps.step("launch"):
-        await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                           netns=netns, paused=cfg.ram_shared,
-                                           tcg_threads=tcg_threads))
+        await launch(machine, LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
+                                            paused=cfg.ram_shared, tcg_threads=tcg_threads),
+                     tap)
     if cfg.ram_shared:
         with steps.step("roms"):
             await save_roms(machine)

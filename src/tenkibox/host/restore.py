@@ -7,31 +7,35 @@ One ordered list of named, timed steps:
 2. ``overlay``     the VM's own writable qcow2 on top of the snapshot's frozen chain
 3. ``load-ram``    the RAM image, unpacked once per image into a verified cache that every
                    restored VM maps copy-on-write (clones share its pages)
-4. ``network``     a namespace, tap device, rules and DNS forwarder of its own: the clone's
-                   traffic leaves with its own address, under its own session's policy, and a
-                   connection the source had open is answered with a reset
+4. ``network``     a namespace and tap device of its own (``host/network``); its addresses,
+                   rules and DNS forwarder are built meanwhile, beside the launch
 5. ``launch``      QEMU with exactly the captured device set, ``-incoming defer``
-6. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
-7. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
-8. ``agent``       the guest's agent, still running from before, answers the new socket
-9. ``clock``       the guest clock is set to the host's (it is behind by the snapshot's age)
-10. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
+6. ``wire``        the rest of the network is in place before the guest can send anything: the
+                   clone's traffic leaves with its own address, under its own session's policy,
+                   and a connection the source had open is answered with a reset
+7. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
+8. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
+9. ``agent``       the guest's agent, still running from before, answers the new socket; from
+                   agentd 0.5.2 it does steps 10 and 11 in the same request
+10. ``clock``      the guest clock is set to the host's (it is behind by the snapshot's age)
+11. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest); with an agent from
-                   0.4.0 steps 9 and 10 are one request, the step ``settle``, during which the
-                   guest warms its exec path (its agent's warm-up; agentd from 0.5.1 starts
-                   it on step 8's ping already) unless this host's cores are all taken
-                   (``warm_exec_path``)
+                   0.4.0 steps 10 and 11 are one request, the step ``settle``.
+Meanwhile the guest warms its exec path (its agent's warm-up, started by step 9 from agentd
+0.5.1, by ``settle`` before) unless this host's cores are all taken (``warm_exec_path``).
 
-Round trips are what a restore waits for once the guest runs, so there are few, and they overlap:
+Round trips are what a restore waits for once the guest runs, so there is one:
 
 - the agent's socket is connected right after ``launch`` (QEMU listens from its start), while
-  the device state loads: the ping waits in the socket until ``resume``, and ``agent`` only
-  waits for its answer;
-- ``clock`` and ``identity`` are one request (``settle``, agents from 0.4.0: the step is then
-  named ``settle``), sent once the ping was answered: it carries the host's time at sending, so
-  it must go out when the guest answers at once (the clock is off by at most one way of one
-  round trip, as before). A guest whose agent is older (a snapshot taken before) gets the two
-  requests, one after the other.
+  the device state loads;
+- once the guest runs, its first request is a ``ping`` that carries the settle (``clock`` and
+  ``identity``) and the warm-up's start: an agent from 0.5.2 does all of it and answers once
+  (step ``agent``). The ping carries the host's time at sending, right after ``resume``, so the
+  clock is off by the time the request takes to reach the agent in a guest that just woke
+  (~10 ms), as it was by one way of the round trip after a separate ping (~4-11 ms), a round
+  trip sooner. An older agent answers the ping only: then ``clock`` and ``identity`` follow as
+  one request (``settle``, agents from 0.4.0), or as two (older ones, a snapshot taken
+  before), sent at once with the host's time then.
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
@@ -52,13 +56,13 @@ import zstandard
 
 from ..artifacts.store import ArtifactError
 from ..engine import disks
-from ..engine.agent import SETTLE_SINCE, WARM_PING_SINCE, AgentClient, connect_agent
+from ..engine.agent import SETTLE_SINCE, WARM_PING_SINCE, AgentClient, guest_answer
 from ..engine.machine import LaunchOptions, Machine
 from ..engine.migration import load_state
 from ..errors import SnapshotFailedError, TenkiError
 from ..steps import Steps
 from .api import RestoreSpec, SnapshotDamagedError
-from .boot import vm_network
+from .boot import launch, vm_network
 from .context import HostContext
 from .vm import VM, VMRecord
 
@@ -122,11 +126,12 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
     vm_slot.append(vm)
     try:
         with steps.step("network"):
-            netns = await vm_network(ctx, vm, spec.network)
+            tap = await vm_network(ctx, vm, spec.network, whole=False)
         with steps.step("launch"):
-            await machine.launch(LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                               incoming=True, netns=netns,
-                                               tcg_threads=tcg_threads))
+            await launch(machine, LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
+                                                incoming=True, tcg_threads=tcg_threads), tap)
+        with steps.step("wire"):
+            await ctx.network.wired(spec.session_id)
         await _settle(ctx, spec, machine, agent, steps,
                       warm=warm_exec_path(ctx.accel, tcg_threads))
     except TenkiError as exc:
@@ -156,12 +161,13 @@ def warm_exec_path(accel: str, tcg_threads: str | None) -> bool:
 async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: AgentClient,
                   steps: Steps, *, warm: bool = True) -> None:
     """From the launched, paused QEMU to a guest with its clock and identity set: steps
-    ``load-state``, ``resume``, ``agent``, then ``settle`` (or ``clock`` and ``identity``); see
-    the module's text. Nothing is left in flight when this returns or raises."""
+    ``load-state``, ``resume``, ``agent`` (with the settle in it, for agents from 0.5.2),
+    else then ``settle`` (or ``clock`` and ``identity``); see the module's text. Nothing is
+    left in flight when this returns or raises."""
     m = spec.manifest
     files = ctx.layout.files(spec.session_id)
-    connecting = asyncio.ensure_future(connect_agent(machine, agent, RESTORE_AGENT_TIMEOUT_S,
-                                                     warm=warm))
+    # the socket is there from QEMU's start: connected while the device state loads
+    opening = asyncio.ensure_future(agent.open(RESTORE_AGENT_TIMEOUT_S))
     try:
         with steps.step("load-state"):
             scratch = files.run_dir / "state.bin"
@@ -173,17 +179,24 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
                 scratch.unlink(missing_ok=True)
         with steps.step("resume"):
             await machine.resume()
+        # a resume carries on the same guest: it keeps its identity
+        identity = None if spec.keep_identity else (
+            spec.hostname, secrets.token_hex(16), os.urandom(64))
         with steps.step("agent"):
-            await connecting
+            await guest_answer(machine, opening)
+            # sent now that the guest runs: it carries the host's time at sending
+            settled = await guest_answer(machine, agent.ping_settle(
+                identity, warm=warm, timeout=RESTORE_AGENT_TIMEOUT_S))
     finally:
-        if not connecting.done():
-            connecting.cancel()
+        if not opening.done():
+            opening.cancel()
         # retrieved here, so a failure that another step reported is not logged as unretrieved
         with contextlib.suppress(BaseException):
-            await connecting
-    # a resume carries on the same guest: it keeps its identity
-    identity = None if spec.keep_identity else (
-        spec.hostname, secrets.token_hex(16), os.urandom(64))
+            await opening
+    if settled is not None:
+        log.debug("%s: settled in the ping: %.3fs in the guest", spec.session_id,
+                  settled["took_s"])
+        return
     version = await agent.version()  # known from the ping: no request
     if version >= SETTLE_SINCE:
         with steps.step("settle"):

@@ -22,7 +22,7 @@ import (
 )
 
 const (
-	version        = "0.5.1" // digits and dots only: the host compares it as a tuple of ints
+	version        = "0.5.2" // digits and dots only: the host compares it as a tuple of ints
 	implementation = "native-go"
 	portName       = "org.tenki.agent"
 	maxChunk       = 1 << 20
@@ -347,20 +347,56 @@ func clockGet(clock int) float64 {
 func (a *agent) opPing(id int64, r req) (*msg, error) {
 	// warm (from 0.5.1): a restore's first ping starts the warm-up (in a goroutine: the answer
 	// goes out meanwhile), so that it runs during the settle, ahead of the user's first exec
+	warm := false
 	if w, ok := r["warm"]; ok {
 		b, isBool := w.(bool)
 		if !isBool {
 			return nil, einval("warm must be true or false")
 		}
-		if b && a.warm != nil {
-			a.record("poke")
-			a.warm.poke()
+		warm = b
+	}
+	// settle (from 0.5.2): a restore's first request is its settle too, one round trip less
+	// (its epoch_ns is the host's time when it sent the request, right after the resume)
+	var settle req
+	if v, ok := r["settle"]; ok {
+		m, isMap := v.(map[string]any)
+		if !isMap {
+			return nil, einval("settle must be an object")
 		}
+		settle = req(m)
+	}
+	var m *msg
+	if settle != nil {
+		// checked whole before anything changes: a refused settle leaves the guest as it was
+		ident, err := settleIdentity(settle)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := settle.int("epoch_ns", nil); err != nil {
+			return nil, err
+		}
+		a.pokeIf(warm)
+		start := time.Now()
+		if m, err = a.settle(id, settle, ident, false); err != nil {
+			return nil, err
+		}
+		m.bool("settled", true).float("took_s", time.Since(start).Seconds())
+	} else {
+		a.pokeIf(warm)
+		m = okMsg(id)
 	}
 	up := clockGet(7) // CLOCK_BOOTTIME
 	up = float64(int64(up*100+0.5)) / 100
-	return okMsg(id).str("boot_id", a.bootID).int("pid", int64(os.Getpid())).
+	return m.str("boot_id", a.bootID).int("pid", int64(os.Getpid())).
 		float("uptime_s", up).str("version", version).str("implementation", implementation), nil
+}
+
+// pokeIf starts the warm-up when asked to (and the agent has one)
+func (a *agent) pokeIf(warm bool) {
+	if warm && a.warm != nil {
+		a.record("poke")
+		a.warm.poke()
+	}
 }
 
 func (a *agent) setTime(id int64, r req) (*msg, error) {
@@ -459,27 +495,42 @@ func (a *agent) opSettle(id int64, r req) (*msg, error) {
 		}
 		warm = b
 	}
-	var ident *identity
-	if _, ok := r["hostname"]; ok {
-		var err error
-		if ident, err = checkIdentity(r); err != nil {
-			return nil, err
-		}
-	}
-	m, err := a.setTime(id, r) // first: its epoch_ns was the host's time at sending
+	ident, err := settleIdentity(r)
 	if err != nil {
 		return nil, err
 	}
-	if warm && a.warm != nil {
-		a.record("poke")
-		a.warm.poke()
+	if _, err := r.int("epoch_ns", nil); err != nil {
+		return nil, err
 	}
+	m, err := a.settle(id, r, ident, warm)
+	if err != nil {
+		return nil, err
+	}
+	return m.float("took_s", time.Since(start).Seconds()), nil
+}
+
+// settleIdentity: the identity a settle carries (nil: none, the clock only), checked
+func settleIdentity(r req) (*identity, error) {
+	if _, ok := r["hostname"]; !ok {
+		return nil, nil
+	}
+	return checkIdentity(r)
+}
+
+// settle: the clock first (its epoch_ns was the host's time at sending), the warm-up poked if
+// warm, then the identity
+func (a *agent) settle(id int64, r req, ident *identity, warm bool) (*msg, error) {
+	m, err := a.setTime(id, r)
+	if err != nil {
+		return nil, err
+	}
+	a.pokeIf(warm)
 	if ident != nil {
 		if err := a.reidentify(ident); err != nil {
 			return nil, err
 		}
 	}
-	return m.float("took_s", time.Since(start).Seconds()), nil
+	return m, nil
 }
 
 // record: tests only, what would have changed the machine (in <test-root>/.calls)
