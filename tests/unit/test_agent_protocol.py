@@ -1278,7 +1278,7 @@ async def test_agentd_runs_its_warmup_from_a_warm_ping_or_a_settle_one_at_a_time
 
 async def test_agentd_settles_in_a_restores_first_ping(agentd_binary: Path) -> None:
     """agentd 0.5.2: a ping may carry a settle (a restore's first request, sent once the guest
-    runs): the warm-up's poke, the clock, then the identity, in one round trip; checked whole
+    runs): the clock, the warm-up's poke, then the identity, in one round trip; checked whole
     before anything changes. An agent that ignores the field (older ones) answers the ping
     only, which ``ping_settle`` reports as None (test_restore_settle)."""
     base = Path(tempfile.mkdtemp(prefix="tka-"))
@@ -1296,7 +1296,7 @@ async def test_agentd_settles_in_a_restores_first_ping(agentd_binary: Path) -> N
         assert settled is not None and settled["took_s"] >= 0
         assert await c.version() == tuple(int(x) for x in agentd.version().split("."))
         assert [k for k in g.system.order if k in ("clock", "poke", "hostname", "entropy")] \
-            == ["poke", "clock", "hostname", "entropy"]
+            == ["clock", "poke", "hostname", "entropy"]
         assert g.system.clock[0] >= before and g.system.hostnames == ["clone-5"]
         assert g.system.entropy == [b"e" * 64]
         assert (g.root / "etc" / "machine-id").read_text() == \

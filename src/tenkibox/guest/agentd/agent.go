@@ -375,9 +375,10 @@ func (a *agent) opPing(id int64, r req) (*msg, error) {
 		if _, err := settle.int("epoch_ns", nil); err != nil {
 			return nil, err
 		}
-		a.pokeIf(warm)
+		// the settle's order: setting the clock waits for every vCPU to take an interrupt,
+		// and one that runs the warm-up's first steps takes it late (docs/snapshots.md)
 		start := time.Now()
-		if m, err = a.settle(id, settle, ident, false); err != nil {
+		if m, err = a.settle(id, settle, ident, warm); err != nil {
 			return nil, err
 		}
 		m.bool("settled", true).float("took_s", time.Since(start).Seconds())
