@@ -1294,6 +1294,8 @@ async def test_agentd_settles_in_a_restores_first_ping(agentd_binary: Path) -> N
         settled = await c.ping_settle(("clone-5", "0123456789abcdef0123456789abcdef",
                                        b"e" * 64), warm=True)
         assert settled is not None and settled["took_s"] >= 0
+        # its clock as it answered, against the host's at arrival (one clock here)
+        assert 0 <= settled["behind_s"] < 5
         assert await c.version() == tuple(int(x) for x in agentd.version().split("."))
         assert [k for k in g.system.order if k in ("clock", "poke", "hostname", "entropy")] \
             == ["clock", "poke", "hostname", "entropy"]

@@ -137,6 +137,8 @@ async def test_clock_and_identity_are_set_before_it_returns(
         events.append("load-state")
 
     monkeypatch.setattr(restore, "load_state", load_state)
+    # here the agent answers at once: its clock is never left behind (see the next test)
+    monkeypatch.setattr(restore, "CLOCK_BEHIND_MAX_S", 60.0)
     client = AgentClient(base / "agent.sock", default_timeout=10)
     steps = Steps(restore.log, "ses_x", plan="restore")
     before = time.time_ns()
@@ -168,6 +170,35 @@ async def test_clock_and_identity_are_set_before_it_returns(
         first = json.loads(agent.requests[0])
         assert first["op"] == "ping" and first["settle"]["epoch_ns"] >= before
         assert ("hostname" in first["settle"]) is not keep_identity
+
+
+@pytest.mark.parametrize("guest_agent", ["agentd"], indirect=True)
+@pytest.mark.parametrize("behind_max_s", [60.0, -1.0])
+async def test_a_clock_read_late_in_the_first_ping_is_set_again(
+        guest_agent: tuple[guest.Agent | None, SandboxSystem | agentd.Calls, Path],
+        behind_max_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """agentd's answer says its clock as it left: behind the host's by more than
+    ``CLOCK_BEHIND_MAX_S`` (a guest that just woke read the request late; -1 here: always),
+    the clock is set again at once, in a step of its own; else not."""
+    _, calls, base = guest_agent
+    assert isinstance(calls, agentd.Calls)
+
+    async def load_state(machine: Any, source: Path) -> None:
+        return None
+
+    monkeypatch.setattr(restore, "load_state", load_state)
+    monkeypatch.setattr(restore, "CLOCK_BEHIND_MAX_S", behind_max_s)
+    client = AgentClient(base / "agent.sock", default_timeout=10)
+    steps = Steps(restore.log, "ses_x", plan="restore")
+    try:
+        await restore._settle(_ctx(base), _spec(False), Machine([]),  # type: ignore[arg-type]
+                              client, steps)
+    finally:
+        await client.close()
+    again = behind_max_s < 0
+    assert set(steps.timings) == {"load-state", "resume", "agent"} | ({"clock"} if again else set())
+    assert len(calls.clock) == (2 if again else 1) and calls.clock == sorted(calls.clock)
+    assert calls.hostnames == ["tenki-clone"]  # the identity once
 
 
 async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(

@@ -729,18 +729,23 @@ class AgentClient:
                           timeout: float | None = None) -> dict[str, float] | None:
         """A restored clone's first request: a ``ping`` that carries the ``settle`` (clock
         now, and ``identity`` as ``settle``'s) and ``warm`` (``connect``'s). An agent from
-        ``PING_SETTLE_SINCE`` settles in it: returns ``settle``'s answer. An older one answers
-        the ping only (None): its settle is still to do, as after ``connect``. Either way the
-        agent's version is known after it."""
+        ``PING_SETTLE_SINCE`` settles in it: returns ``settle``'s answer, and ``behind_s``: how
+        far the guest's clock, as it answered, was behind the host's when the answer came (the
+        time the request waited to be read, plus the way back). An older one answers the ping
+        only (None): its settle is still to do, as after ``connect``. Either way the agent's
+        version is known after it."""
         args: dict[str, Any] = {"settle": _settle_args(identity, None)}
         if warm:
             args["warm"] = True
         msg = await self._call("ping", timeout, **args)
+        received = time.time_ns()
         self._version = _parse_version(msg.get("version"))
         if not msg.get("settled"):
             return None
+        clock = msg.get("clock_ns")
         return {"delta_s": float(msg.get("delta_s", 0.0)),
-                "took_s": float(msg.get("took_s", 0.0))}
+                "took_s": float(msg.get("took_s", 0.0)),
+                "behind_s": (received - clock) / 1e9 if isinstance(clock, int) else 0.0}
 
     async def sync(self, *, timeout: float | None = None) -> None:
         await self._call("sync", timeout)

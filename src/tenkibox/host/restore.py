@@ -16,7 +16,8 @@ One ordered list of named, timed steps:
 7. ``load-state``  ``migrate-incoming`` of the device state (``x-ignore-shared``: RAM is the file)
 8. ``resume``      ``cont`` (an incoming VM stays paused otherwise)
 9. ``agent``       the guest's agent, still running from before, answers the new socket; from
-                   agentd 0.5.2 it does steps 10 and 11 in the same request
+                   agentd 0.5.2 it does steps 10 and 11 in the same request (and step 10
+                   follows again when the guest read that request late: see below)
 10. ``clock``      the guest clock is set to the host's (it is behind by the snapshot's age)
 11. ``identity``   new hostname, machine-id and entropy, so clones do not share them (not for
                    the resume of a paused session: it is the same guest); with an agent from
@@ -30,12 +31,14 @@ Round trips are what a restore waits for once the guest runs, so there is one:
   the device state loads;
 - once the guest runs, its first request is a ``ping`` that carries the settle (``clock`` and
   ``identity``) and the warm-up's start: an agent from 0.5.2 does all of it and answers once
-  (step ``agent``). The ping carries the host's time at sending, right after ``resume``, so the
-  clock is off by the time the request takes to reach the agent in a guest that just woke
-  (~10 ms), as it was by one way of the round trip after a separate ping (~4-11 ms), a round
-  trip sooner. An older agent answers the ping only: then ``clock`` and ``identity`` follow as
-  one request (``settle``, agents from 0.4.0), or as two (older ones, a snapshot taken
-  before), sent at once with the host's time then.
+  (step ``agent``). The ping carries the host's time at sending, right after ``resume``, but a
+  guest that just woke reads it late (~40 ms under TCG here), so its clock is that far behind:
+  the answer says the guest's clock as it left, and when it is more than
+  ``CLOCK_BEHIND_MAX_S`` behind the host's on arrival, ``clock`` sets it again (the guest now
+  answers at once: the error is one way of a short round trip, as it was when the settle
+  followed a separate ping, a round trip later). An older agent answers the ping only: then
+  ``clock`` and ``identity`` follow as one request (``settle``, agents from 0.4.0), or as two
+  (older ones, a snapshot taken before), sent at once with the host's time then.
 
 The VM is not usable before the last step: until then the record stays CREATING, and a server
 that dies in between leaves a VM that recovery kills (the session then FAILED), never a clone
@@ -72,6 +75,8 @@ log = logging.getLogger(__name__)
 STATE_ZSTD = b"\x28\xb5\x2f\xfd"
 
 RESTORE_AGENT_TIMEOUT_S = 30.0
+#: how far behind a restored guest's clock may be left after its settle (``_settle``)
+CLOCK_BEHIND_MAX_S = 0.005
 
 
 def device_state_file(stored: Path, scratch: Path) -> Path:
@@ -194,8 +199,13 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
         with contextlib.suppress(BaseException):
             await opening
     if settled is not None:
-        log.debug("%s: settled in the ping: %.3fs in the guest", spec.session_id,
-                  settled["took_s"])
+        log.debug("%s: settled in the ping: %.3fs in the guest, its clock %.3fs behind",
+                  spec.session_id, settled["took_s"], settled["behind_s"])
+        if settled["behind_s"] > CLOCK_BEHIND_MAX_S:
+            # the guest, just woken, read the request late: set again, now that it answers
+            # at once (one short round trip; the error is then its one way)
+            with steps.step("clock"):
+                await agent.set_time(time.time_ns())
         return
     version = await agent.version()  # known from the ping: no request
     if version >= SETTLE_SINCE:

@@ -381,7 +381,10 @@ func (a *agent) opPing(id int64, r req) (*msg, error) {
 		if m, err = a.settle(id, settle, ident, warm); err != nil {
 			return nil, err
 		}
-		m.bool("settled", true).float("took_s", time.Since(start).Seconds())
+		// clock_ns: the clock as the answer leaves, for the host to see how late the request
+		// was read (a guest that just woke reads its first one late: its clock is behind)
+		m.bool("settled", true).float("took_s", time.Since(start).Seconds()).
+			int("clock_ns", time.Now().UnixNano())
 	} else {
 		a.pokeIf(warm)
 		m = okMsg(id)
