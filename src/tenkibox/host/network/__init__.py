@@ -22,7 +22,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..api import NetworkSpec
 from . import links
@@ -38,6 +40,19 @@ SLOT_TRIES = 8
 #: how old a listing of the host's tables may be for ``broken`` (one ``nft`` run answers the
 #: watchers of every VM within that time)
 TABLES_MAX_AGE_S = 0.4
+
+
+async def _in_thread(call: Callable[..., None], *args: Any) -> None:
+    """``call(*args)`` in a thread, waited for even when the caller is cancelled meanwhile:
+    the thread cannot be stopped, and what it makes must exist before the teardown that follows
+    a cancelled set-up looks for it. The cancellation then goes on."""
+    work = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
 
 
 @dataclass
@@ -118,14 +133,20 @@ class HostNetwork:
                     net = VMNet(self.owner, session_id, self._free_slot(tried))
                     self._nets[session_id] = net
                 try:
-                    await asyncio.to_thread(links.create_pair, net)
+                    await _in_thread(links.create_pair, net)
                     break
                 except links.NetworkError as exc:
                     # another server on the machine took the slot between look and create
                     tried.add(net.slot)
                     if "File exists" not in exc.message or len(tried) >= SLOT_TRIES:
                         raise
-            tap = Tap(net, await asyncio.to_thread(links.open_tap, net))
+            opening = asyncio.ensure_future(asyncio.to_thread(links.open_tap, net))
+            try:
+                tap = Tap(net, await asyncio.shield(opening))
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):  # the tap it opened meanwhile
+                    os.close(await opening)
+                raise
         except BaseException:
             await self.teardown(session_id)
             raise
