@@ -217,13 +217,23 @@ def test_a_resolver_is_reached_only_where_the_policy_allows(open_session,  # typ
         f"tcp:{PRIVATE}:53": "open", f"tcp:{PUBLIC_B}:53": "refused"}
 
 
+def _create(net: VMNet, spec: NetworkSpec) -> int:
+    """A VM's whole network, as ``HostNetwork.setup`` builds it; the tap's descriptor (the tap
+    lives while one is open)."""
+    links.create_pair(net)
+    fd = links.open_tap(net)
+    links.wire(net, spec)
+    return fd
+
+
 def test_a_guest_namespace_has_its_sysctls_rules_and_links() -> None:
-    # what links.create leaves inside the namespace, read back from the kernel: forwarding on
-    # and IPv6 off (set before the tap went up, so it has no IPv6 address), the namespace's
-    # table, the tap with the gateway's addresses, the route out through the host's end
+    # what the set-up (``links``: the pair, the tap, the wiring) leaves inside the namespace,
+    # read back from the kernel: forwarding on and IPv6 off (set before the tap went up, so it
+    # has no IPv6 address), the namespace's table, the tap with the gateway's addresses, the
+    # route out through the host's end
     slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
     net = VMNet("nstest000000", "ses_nssetup00000001", slot)
-    tap_fd = links.create(net, NetworkSpec(egress=EgressPolicy(outbound=False), inbound=True))
+    tap_fd = _create(net, NetworkSpec(egress=EgressPolicy(outbound=False), inbound=True))
     try:
         def inside(*argv: str) -> str:
             return subprocess.run(["ip", "netns", "exec", net.netns, *argv], check=True,
@@ -250,7 +260,7 @@ def test_a_network_left_by_a_gone_server_does_not_bind_a_new_guest(client: Clien
     # interface must be governed by its own policy only
     slot = next(n for n in range(max_slots()) if not links.slot_taken(n))
     gone = VMNet("gonehome0000", "ses_leftbehind00001", slot)
-    os.close(links.create(gone, NetworkSpec(egress=EgressPolicy(outbound=False))))
+    os.close(_create(gone, NetworkSpec(egress=EgressPolicy(outbound=False))))
     subprocess.run(["ip", "netns", "delete", gone.netns], check=True)
     try:
         s = _session(client, name="net-after-leftover", allow_cidrs=[f"{PRIVATE}/32"])

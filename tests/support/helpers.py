@@ -4,6 +4,7 @@ waiting for a condition."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -102,3 +103,12 @@ async def eventually_async(fn: Callable[[], T | None], timeout: float = 5.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen in {timeout}s (last: {value!r})")
         await asyncio.sleep(0.005)
+
+
+def fd_open(fd: int) -> bool:
+    """Whether descriptor ``fd`` of this process is open."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

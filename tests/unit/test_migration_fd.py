@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from support.helpers import fd_open
 
 from tenkibox.engine import migration
 from tenkibox.engine.machine import MachineError
@@ -34,14 +35,6 @@ def _flags(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def _hand_over(path: Path, *, write: bool) -> tuple[str, int, str]:
     """``file_uri`` of ``path``: (the name sent, the access mode, the content QEMU would
     read); the URI names it, and the descriptor is closed here once handed over."""
@@ -49,7 +42,7 @@ def _hand_over(path: Path, *, write: bool) -> tuple[str, int, str]:
     uri = asyncio.run(migration.file_uri(m, path, write=write))  # type: ignore[arg-type]
     (name, fd, mode, content), = m.sent
     assert uri == f"fd:{name}"
-    assert not _is_open(fd), "the descriptor handed over must be closed here afterwards"
+    assert not fd_open(fd), "the descriptor handed over must be closed here afterwards"
     return name, mode, content
 
 

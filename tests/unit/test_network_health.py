@@ -48,7 +48,7 @@ class World:
         return sorted(self.tables)
 
     def build(self, session_id: str, slot: int) -> VMNet:
-        """What ``links.create`` leaves, as the network then knows it."""
+        """What the set-up (``links``) leaves, as the network then knows it."""
         net = VMNet(OWNER, session_id, slot)
         (self.netns / net.netns).touch()
         (self.sys_net / net.host_if).mkdir()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.helpers import fd_open
 
 from tenkibox.host.api import NetworkSpec
 from tenkibox.host.network import HostNetwork, links
@@ -84,14 +85,6 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[HostNetwork, 
     return network, fakes
 
 
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
-
-
 async def _until(event: threading.Event) -> None:
     for _ in range(1000):
         if event.is_set():
@@ -115,7 +108,7 @@ async def test_the_tap_is_handed_over_before_the_rest_is_built(
     assert fakes.calls == ["create_pair", "open_tap", "wire"]
     tap.close()
     tap.close()  # idempotent
-    assert _closed(fakes.fds[0])
+    assert not fd_open(fakes.fds[0])
     await network.teardown(SID)
     assert fakes.calls[-1] == "remove"
 
@@ -166,4 +159,4 @@ async def test_a_set_up_cancelled_meanwhile_leaves_nothing_behind(
         await preparing
     made = ["create_pair", "open_tap"] if held == "open_tap" else ["create_pair"]
     assert fakes.calls == [*made, "remove"]  # no wiring started
-    assert len(fakes.fds) == (held == "open_tap") and all(_closed(fd) for fd in fakes.fds)
+    assert len(fakes.fds) == (held == "open_tap") and not any(map(fd_open, fakes.fds))

@@ -287,10 +287,8 @@ class AgentClient:
 
     # -- connection ------------------------------------------------------------------------
 
-    async def connect(self, timeout: float, *, warm: bool = False) -> None:
+    async def connect(self, timeout: float) -> None:
         """Connect (waiting for the socket to appear) and return once a ping is answered.
-        ``warm``: the pings ask the guest to start its warm-up (a restore's first contact;
-        agents from ``WARM_PING_SINCE``).
 
         Raises ``AgentTimeoutError`` (a ``WaitTimeoutError``) after ``timeout`` seconds, or
         ``AgentError`` if the connection keeps being refused or dropped at the deadline.
@@ -317,7 +315,7 @@ class AgentClient:
             try:
                 # Unanswered pings queue up in the socket while the guest boots; the agent
                 # answers them all once it runs, and any answer will do.
-                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining), warm=warm)
+                pong = await self.ping(timeout=min(PING_INTERVAL_S, remaining))
                 # The ping says which agent answers: version() needs no request of its own
                 # later (the first exec as another user would otherwise pay one).
                 self._version = _parse_version(pong.get("version"))
@@ -503,8 +501,8 @@ class AgentClient:
                              errno=errno if isinstance(errno, str) else None)
         return msg
 
-    async def ping(self, timeout: float = 5.0, *, warm: bool = False) -> dict[str, Any]:
-        msg = await self._call("ping", timeout, **({"warm": True} if warm else {}))
+    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self._call("ping", timeout)
         return {k: msg.get(k) for k in ("boot_id", "pid", "uptime_s", "version")}
 
     async def version(self) -> tuple[int, ...]:
@@ -728,7 +726,8 @@ class AgentClient:
     async def ping_settle(self, identity: tuple[str, str, bytes] | None, *, warm: bool,
                           timeout: float | None = None) -> dict[str, float] | None:
         """A restored clone's first request: a ``ping`` that carries the ``settle`` (clock
-        now, and ``identity`` as ``settle``'s) and ``warm`` (``connect``'s). An agent from
+        now, and ``identity`` as ``settle``'s) and, with ``warm``, the start of the guest's
+        warm-up (agents from ``WARM_PING_SINCE``; older ones ignore it). An agent from
         ``PING_SETTLE_SINCE`` settles in it: returns ``settle``'s answer, and ``behind_s``: how
         far the guest's clock, as it answered, was behind the host's when the answer came (the
         time the request waited to be read, plus the way back). An older one answers the ping
@@ -775,12 +774,9 @@ def _settle_args(identity: tuple[str, str, bytes] | None,
     return args
 
 
-async def connect_agent(machine: Machine, agent: AgentClient, timeout: float, *,
-                        warm: bool = False) -> None:
-    """Connect to a VM's agent, failing fast with QEMU's own words if QEMU dies meanwhile,
-    and with the end of the serial console and where the vCPUs are if the guest never
-    answers. ``warm``: ``AgentClient.connect``'s."""
-    await guest_answer(machine, agent.connect(timeout, warm=warm))
+async def connect_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
+    """Connect to a VM's agent (``guest_answer``)."""
+    await guest_answer(machine, agent.connect(timeout))
 
 
 async def guest_answer(machine: Machine, request: Awaitable[T]) -> T:

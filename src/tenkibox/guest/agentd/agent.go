@@ -129,6 +129,19 @@ func (r req) int(key string, def *int64) (int64, error) {
 
 func ptr(n int64) *int64 { return &n }
 
+// boolean: the field as a bool, def when absent; anything else than a bool is refused
+func (r req) boolean(key string, def bool) (bool, error) {
+	v, ok := r[key]
+	if !ok {
+		return def, nil
+	}
+	b, ok := v.(bool)
+	if !ok {
+		return false, einval("%s must be true or false", key)
+	}
+	return b, nil
+}
+
 func (r req) str(key string) (string, error) {
 	s, ok := r[key].(string)
 	if !ok || s == "" || strings.IndexByte(s, 0) >= 0 {
@@ -347,13 +360,9 @@ func clockGet(clock int) float64 {
 func (a *agent) opPing(id int64, r req) (*msg, error) {
 	// warm (from 0.5.1): a restore's first ping starts the warm-up (in a goroutine: the answer
 	// goes out meanwhile), so that it runs during the settle, ahead of the user's first exec
-	warm := false
-	if w, ok := r["warm"]; ok {
-		b, isBool := w.(bool)
-		if !isBool {
-			return nil, einval("warm must be true or false")
-		}
-		warm = b
+	warm, err := r.boolean("warm", false)
+	if err != nil {
+		return nil, err
 	}
 	// settle (from 0.5.2): a restore's first request is its settle too, one round trip less
 	// (its epoch_ns is the host's time when it sent the request, right after the resume)
@@ -367,18 +376,10 @@ func (a *agent) opPing(id int64, r req) (*msg, error) {
 	}
 	var m *msg
 	if settle != nil {
-		// checked whole before anything changes: a refused settle leaves the guest as it was
-		ident, err := settleIdentity(settle)
-		if err != nil {
-			return nil, err
-		}
-		if _, err := settle.int("epoch_ns", nil); err != nil {
-			return nil, err
-		}
 		// the settle's order: setting the clock waits for every vCPU to take an interrupt,
 		// and one that runs the warm-up's first steps takes it late (docs/snapshots.md)
 		start := time.Now()
-		if m, err = a.settle(id, settle, ident, warm); err != nil {
+		if m, err = a.settle(id, settle, warm); err != nil {
 			return nil, err
 		}
 		// clock_ns: the clock as the answer leaves, for the host to see how late the request
@@ -491,39 +492,28 @@ func (a *agent) opReidentify(id int64, r req) (*msg, error) {
 
 func (a *agent) opSettle(id int64, r req) (*msg, error) {
 	start := time.Now()
-	warm := true
-	if v, ok := r["warm"]; ok {
-		b, isBool := v.(bool)
-		if !isBool {
-			return nil, einval("warm must be true or false")
-		}
-		warm = b
-	}
-	ident, err := settleIdentity(r)
+	warm, err := r.boolean("warm", true)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := r.int("epoch_ns", nil); err != nil {
-		return nil, err
-	}
-	m, err := a.settle(id, r, ident, warm)
+	m, err := a.settle(id, r, warm)
 	if err != nil {
 		return nil, err
 	}
 	return m.float("took_s", time.Since(start).Seconds()), nil
 }
 
-// settleIdentity: the identity a settle carries (nil: none, the clock only), checked
-func settleIdentity(r req) (*identity, error) {
-	if _, ok := r["hostname"]; !ok {
-		return nil, nil
+// settle: the identity it carries checked (none: the clock only), so that a refused settle
+// changes nothing; then the clock (its epoch_ns was the host's time at sending; setTime checks
+// it before it sets it), the warm-up poked if warm, then the identity
+func (a *agent) settle(id int64, r req, warm bool) (*msg, error) {
+	var ident *identity
+	if _, ok := r["hostname"]; ok {
+		var err error
+		if ident, err = checkIdentity(r); err != nil {
+			return nil, err
+		}
 	}
-	return checkIdentity(r)
-}
-
-// settle: the clock first (its epoch_ns was the host's time at sending), the warm-up poked if
-// warm, then the identity
-func (a *agent) settle(id int64, r req, ident *identity, warm bool) (*msg, error) {
 	m, err := a.setTime(id, r)
 	if err != nil {
 		return nil, err

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..api import NetworkSpec
 from . import links
@@ -40,18 +40,23 @@ SLOT_TRIES = 8
 #: how old a listing of the host's tables may be for ``broken`` (one ``nft`` run answers the
 #: watchers of every VM within that time)
 TABLES_MAX_AGE_S = 0.4
+T = TypeVar("T")
 
 
-async def _in_thread(call: Callable[..., None], *args: Any) -> None:
+async def _in_thread(call: Callable[..., T], *args: Any,
+                     undo: Callable[[T], object] | None = None) -> T:
     """``call(*args)`` in a thread, waited for even when the caller is cancelled meanwhile:
     the thread cannot be stopped, and what it makes must exist before the teardown that follows
-    a cancelled set-up looks for it. The cancellation then goes on."""
+    a cancelled set-up looks for it. What it returned then goes to ``undo`` (a descriptor to
+    close), and the cancellation goes on."""
     work = asyncio.ensure_future(asyncio.to_thread(call, *args))
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await work
+            made = await work
+            if undo is not None:
+                undo(made)
         raise
 
 
@@ -140,13 +145,7 @@ class HostNetwork:
                     tried.add(net.slot)
                     if "File exists" not in exc.message or len(tried) >= SLOT_TRIES:
                         raise
-            opening = asyncio.ensure_future(asyncio.to_thread(links.open_tap, net))
-            try:
-                tap = Tap(net, await asyncio.shield(opening))
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):  # the tap it opened meanwhile
-                    os.close(await opening)
-                raise
+            tap = Tap(net, await _in_thread(links.open_tap, net, undo=os.close))
         except BaseException:
             await self.teardown(session_id)
             raise

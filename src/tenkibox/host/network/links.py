@@ -84,24 +84,6 @@ def prepare_host() -> None:
     _run(["nft", "-f", "-"], shared_table(str(pool())))
 
 
-def create(net: VMNet, spec: NetworkSpec) -> int:
-    """The whole network at once (``create_pair``, ``open_tap``, ``wire``); returns the tap's
-    descriptor (the tap lives as long as a descriptor on it is open)."""
-    create_pair(net)
-    try:
-        fd = open_tap(net)
-    except NetworkError:
-        remove(net)
-        raise
-    try:
-        wire(net, spec)
-    except NetworkError:
-        os.close(fd)
-        remove(net)
-        raise
-    return fd
-
-
 def create_pair(net: VMNet) -> None:
     """The VM's namespace and its veth pair, down: what QEMU needs to start in the namespace,
     and what claims the slot (``link add`` fails with "File exists" when another server on the
