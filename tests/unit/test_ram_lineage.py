@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tenkibox.artifacts import ramfile
 from tenkibox.artifacts.store import LocalArtifactStore
+from tenkibox.host import ramcache
 from tenkibox.host.api import CacheScrub
 from tenkibox.host.ramcache import RamCache
 from tenkibox.host.restore import device_state_file
@@ -180,6 +181,29 @@ async def test_the_cache_of_a_chain_is_the_final_ram(
     path = await cache.ensure(digests[-1])
     assert path == cache.path(digests[-1]) and _same(path, final)
     assert cache.scrub(repair=False) == CacheScrub()
+
+
+async def test_a_cache_is_on_disk_before_anything_vouches_for_it(
+        chain: tuple[RamCache, list[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unpacked file is synced before its rename (which also writes it back before a trim
+    would, beside the next restores), its meta before its own, and the directory after."""
+    cache, digests, final = chain
+    path, meta = cache.path(digests[-1]), cache.root / f"{digests[-1]}.meta"
+    synced: list[tuple[str, int, bool, bool]] = []
+    real = ramcache.fsync_path
+
+    def fsync(p: Path) -> None:
+        size = p.stat().st_size if p.is_file() else -1
+        synced.append((p.name, size, path.exists(), meta.exists()))
+        real(p)
+
+    monkeypatch.setattr(ramcache, "fsync_path", fsync)
+    assert await cache.ensure(digests[-1]) == path
+    unpacked, meta_tmp, directory = synced
+    assert unpacked[0].startswith(f".{path.name}.") and unpacked[1:] == (
+        final.stat().st_size, False, False)
+    assert meta_tmp[0].startswith(f".{meta.name}.") and meta_tmp[2:] == (True, False)
+    assert directory == (cache.root.name, -1, True, True)
 
 
 async def test_the_scrub_checks_a_chain_cache_against_the_index(

@@ -36,6 +36,7 @@ from ..artifacts.digests import stat_key
 from ..artifacts.store import ArtifactError, ArtifactStore
 from ..engine.pagemap import PagemapError
 from ..errors import TenkiError
+from ..fsync import fsync_path
 from . import residency
 from .api import CacheScrub
 
@@ -186,7 +187,9 @@ class RamCache:
         meta = self._meta(digest)
         tmp = meta.with_name(f".{meta.name}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(json.dumps({"key": key or stat_key(self.path(digest))}))
+        fsync_path(tmp)
         os.replace(tmp, meta)
+        fsync_path(meta.parent)
 
     def _build(self, digest: str) -> None:
         chain = self.chain(digest)  # every image verified
@@ -194,6 +197,10 @@ class RamCache:
         tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
         try:
             ramfile.unpack_chain([self.store.local_path(d) for d in chain], tmp, chain)
+            # on disk before anything vouches for it; and written back now, while the restore
+            # that needs it waits for the unpack anyway, not by a trim (``residency``) beside
+            # the restores that come next (~0.14 s of writing for 300 MiB here)
+            fsync_path(tmp)
             os.replace(tmp, cache)
         finally:
             tmp.unlink(missing_ok=True)

@@ -8,9 +8,10 @@ held 385 MiB of cache where ~75 MiB was used.
 
 So the host learns which pages the clones use, from each clone's page tables (``pagemap.used``:
 a page it read or wrote is there), and drops the others from the page cache with
-``posix_fadvise(DONTNEED)``. The kernel drops only clean pages that no process maps, so the
-file is written back first. The data stays on disk: a clone that reads a dropped page reads it
-from there. Nothing here changes the file, so its stat key and digest stay valid.
+``posix_fadvise(DONTNEED)``. The kernel drops only clean pages that no process maps: the cache
+is written back when it is built (``ramcache``), and a trim writes back what is still dirty.
+The data stays on disk: a clone that reads a dropped page reads it from there. Nothing here
+changes the file, so its stat key and digest stay valid.
 
 The page cache lets go of a folio only whole, so the cache is unpacked in small writes
 (``ramfile.UNPACK_WRITE``). Measured on issue 13's bench (1 GiB guest with 256 MiB written, ten
@@ -56,7 +57,7 @@ def drop_unused(path: Path, used: bytes) -> int:
     (pages a process maps stay: the kernel keeps them). Returns the bytes advised."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # only clean pages can be dropped, and an unpacked cache is not synced when written
+        # only clean pages can be dropped (a cache is synced when built: this is cheap then)
         os.fdatasync(fd)
         advised = 0
         n = min(len(used), pages(os.fstat(fd).st_size))
