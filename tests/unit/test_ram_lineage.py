@@ -6,10 +6,12 @@ built, checked against the index, and rebuilt by the scrub."""
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -479,3 +481,22 @@ def test_a_capture_s_copy_is_freed_as_it_is_packed(tmp_path: Path) -> None:
     assert (tmp_path / "freed.img").read_bytes() == (tmp_path / "kept.img").read_bytes()
     assert pages.stat().st_blocks == 0
     assert pages.stat().st_size == SIZE
+
+
+def test_an_image_is_written_in_small_pieces() -> None:
+    """The page cache keeps each write as one folio, and a large one may be memory the host has
+    to fault in again (``SINK_WRITE``): the image goes out in pieces, whole and hashed."""
+    sizes: list[int] = []
+
+    class Recording(io.BytesIO):
+        def write(self, b: Any) -> int:
+            sizes.append(len(b))
+            return super().write(b)
+
+    f = Recording()
+    bufs = [os.urandom(3 * MiB + 5), b"frame head", os.urandom(ramfile.SINK_WRITE)]
+    with ramfile._Sink(f) as out:
+        out.write(*bufs)
+    assert sizes and max(sizes) <= ramfile.SINK_WRITE
+    assert f.getvalue() == b"".join(bufs)
+    assert out.hexdigest() == hashlib.sha256(b"".join(bufs)).hexdigest()
