@@ -5,6 +5,7 @@ built, checked against the index, and rebuilt by the scrub."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
@@ -483,9 +484,21 @@ def test_a_capture_s_copy_is_freed_as_it_is_packed(tmp_path: Path) -> None:
     assert pages.stat().st_size == SIZE
 
 
-def test_an_image_is_written_in_small_pieces() -> None:
-    """The page cache keeps each write as one folio, and a large one may be memory the host has
-    to fault in again (``SINK_WRITE``): the image goes out in pieces, whole and hashed."""
+def test_an_image_goes_past_the_page_cache_or_through_it_in_small_pieces(
+        tmp_path: Path) -> None:
+    """Where the file system takes direct writes (the test's does), an image is written past
+    the page cache, in aligned blocks, the tail cut back; elsewhere (a file that is no file
+    here) through it, ``SINK_WRITE`` at most at a time. The bytes and the hash are the same."""
+    bufs = [os.urandom(ramfile.DIRECT_BLOCK + 5), b"frame head",
+            os.urandom(3 * ramfile.SINK_WRITE + 1), memoryview(os.urandom(100))[10:90]]
+    whole = b"".join(bytes(b) for b in bufs)
+    with open(tmp_path / "direct.img", "wb") as f, ramfile._Sink(f) as out:
+        assert out.direct
+        out.write(*bufs)
+        assert out.sync() == len(whole)
+    assert (tmp_path / "direct.img").read_bytes() == whole
+    assert out.hexdigest() == hashlib.sha256(whole).hexdigest()
+
     sizes: list[int] = []
 
     class Recording(io.BytesIO):
@@ -493,10 +506,26 @@ def test_an_image_is_written_in_small_pieces() -> None:
             sizes.append(len(b))
             return super().write(b)
 
-    f = Recording()
-    bufs = [os.urandom(3 * MiB + 5), b"frame head", os.urandom(ramfile.SINK_WRITE)]
-    with ramfile._Sink(f) as out:
+    mem = Recording()
+    with ramfile._Sink(mem) as out:
+        assert not out.direct
         out.write(*bufs)
     assert sizes and max(sizes) <= ramfile.SINK_WRITE
-    assert f.getvalue() == b"".join(bufs)
-    assert out.hexdigest() == hashlib.sha256(b"".join(bufs)).hexdigest()
+    assert mem.getvalue() == whole
+    assert out.hexdigest() == hashlib.sha256(whole).hexdigest()
+
+
+def test_a_failed_direct_write_reaches_the_packer(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the disk refuses (full, here made so) is raised by the next write or the sync,
+    never lost in the sink's thread, and the thread still ends."""
+    with open(tmp_path / "full.img", "wb") as f, ramfile._Sink(f) as out:
+        assert out.direct
+
+        def full(*_: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ramfile.os, "pwrite", full)
+        out.write(os.urandom(ramfile.DIRECT_BLOCK))
+        with pytest.raises(OSError, match="No space"):
+            out.sync()

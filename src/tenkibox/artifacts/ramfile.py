@@ -53,8 +53,10 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
+import mmap
 import os
 import queue
 import struct
@@ -721,81 +723,184 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-#: an image's bytes written between two starts of their write-back (``_Sink``)
+#: an image's bytes written between two starts of their write-back (``_Sink``, through the
+#: page cache)
 WRITEBACK = 8 << 20
 #: buffers written but not hashed yet, at most (``_Sink``): a few MiB of frames
 HASH_AHEAD = 8
-#: the largest write to an image. The page cache keeps what one write put there as one folio
-#: of up to that size, and takes a large folio from a large free block of memory, which
-#: this machine's own host may have taken back (free page reporting) and faults in again page
-#: by page. In the snapshot bench's later rows, 256 MiB of written pages written 1 MiB at a
-#: time took 0.35-0.68 s of the packer's CPU, and the capture to READY was up to 1.0x
-#: ``virsh save``; 64 KiB at a time ~0.09 s in every row (2026-12-03)
+#: the largest write to an image through the page cache. The page cache keeps what one write
+#: put there as one folio of up to that size (``UNPACK_WRITE``)
 SINK_WRITE = 64 << 10
+#: an image written past the page cache goes out in blocks of this size, from one buffer
+DIRECT_BLOCK = 4 << 20
+#: what a write past the page cache must be aligned to (offset, length and memory)
+DIRECT_ALIGN = 4096
 _SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writing the range out, wait for nothing
 
 
 class _Sink:
-    """Where a packer writes its image: in order, hashing what it writes (the image's sha256),
-    and starting the disk's write-back of every ``WRITEBACK`` bytes as they pass, so that the
-    disk writes while the threads still compress. The fsync at the end then waits for the
-    tail only, not for the whole image: 256 MiB of written pages to a synced image in 0.72 s
-    instead of 0.86 s here (``bench/ram_pack.py``; every 2, 8 or 32 MiB alike).
+    """Where a packer writes its image: in order, hashing what it writes (the image's sha256).
 
-    The sha256 runs in a thread of its own, fed what is written in order (at most
-    ``HASH_AHEAD`` buffers behind): the writer is a packer's one serial thread, and hashing
-    (~1.6 GB/s here) took more of its time than the writes (~0.2 s against ~0.13 s for
-    256 MiB of written pages). A context manager: the thread ends on the way out, whatever
-    happened."""
+    The image goes to the disk past the page cache (``O_DIRECT``, ``_DirectFile``) where the
+    file system takes that. Through the page cache, each write took memory the page cache did
+    not have, and that memory cost more CPU, the later in a run the more (this machine is a
+    VM whose host takes free memory back and faults it in again): in the snapshot bench's
+    later rows 256 MiB of written pages took 0.35-0.68 s of the packer's CPU to write, in 1 MiB
+    or in 64 KiB writes alike, against ~0.07 s in its first rows, and the capture to READY
+    reached 1.0x ``virsh save``. Past the page cache the bytes go from one reused buffer
+    straight to the disk, and the fsync at the end waits for no write-back. Nothing reads an
+    image right after it is packed: a restore reads it once, to build its RAM cache.
+
+    Elsewhere, through the page cache, in writes of at most ``SINK_WRITE``, starting the
+    disk's write-back of every ``WRITEBACK`` bytes as they pass, so that the disk writes while
+    the threads still compress and the fsync waits for the tail only.
+
+    The sha256 (and the direct writes) run in a thread of its own, fed what is written in
+    order (at most ``HASH_AHEAD`` buffers behind): the writer is a packer's one serial thread,
+    and hashing (~1.6 GB/s here) took more of its time than the writes. A context manager:
+    the thread ends, and the file it opened is closed, on the way out, whatever happened."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self._digest = hashlib.sha256()
         self.pos = self.started = f.tell()
+        self._direct = _DirectFile.open(f) if self.pos == 0 else None
+        self._error: OSError | None = None
         self._todo: queue.Queue[bytes | memoryview | None] = queue.Queue(HASH_AHEAD)
-        self._hasher = threading.Thread(target=self._hash, name="ram-pack-sha256", daemon=True)
-        self._hasher.start()
+        self._worker = threading.Thread(target=self._work, name="ram-pack-sink", daemon=True)
+        self._worker.start()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the image goes past the page cache."""
+        return self._direct is not None
 
     def __enter__(self) -> _Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop()
+        if self._direct is not None:
+            self._direct.close()
 
-    def _hash(self) -> None:
+    def _work(self) -> None:
+        direct = self._direct
         while (buf := self._todo.get()) is not None:
             self._digest.update(buf)
+            if direct is not None and self._error is None:
+                try:
+                    direct.add(buf)
+                except OSError as exc:  # raised to the packer at its next write or sync
+                    self._error = exc
 
     def _stop(self) -> None:
-        if self._hasher.is_alive():
+        if self._worker.is_alive():
             self._todo.put(None)
-            self._hasher.join()
+            self._worker.join()
 
     def write(self, *bufs: bytes | memoryview) -> None:
-        """Append ``bufs`` (never changed afterwards: the hash reads them later)."""
+        """Append ``bufs`` (never changed afterwards: the thread reads them later)."""
+        if self._error is not None:
+            raise self._error
         for buf in bufs:
-            view = memoryview(buf)
-            for at in range(0, len(view), SINK_WRITE):
-                self.f.write(view[at:at + SINK_WRITE])
+            if self._direct is None:
+                view = memoryview(buf)
+                for at in range(0, len(view), SINK_WRITE):
+                    self.f.write(view[at:at + SINK_WRITE])
             self._todo.put(buf)
             self.pos += len(buf)
-        if self.pos - self.started >= WRITEBACK:
+        if self._direct is None and self.pos - self.started >= WRITEBACK:
             self.f.flush()
             _start_writeback(self.f.fileno(), self.started, self.pos - self.started)
             self.started = self.pos
 
     def sync(self) -> int:
-        """Flush and fsync, the hash complete; the image's size."""
-        self.f.flush()
+        """Everything written and fsynced, the hash complete; the image's size."""
         self._stop()
-        os.fsync(self.f.fileno())
+        if self._error is not None:
+            raise self._error
+        if self._direct is not None:
+            self._direct.finish(self.pos)
+        else:
+            self.f.flush()
+            os.fsync(self.f.fileno())
         return self.pos
 
     def hexdigest(self) -> str:
         """The sha256 of what was written (after ``sync``)."""
-        if self._hasher.is_alive():
+        if self._worker.is_alive():
             raise RuntimeError("the image's hash is not complete before sync()")
         return self._digest.hexdigest()
+
+
+class _DirectFile:
+    """A new file written past the page cache: whole ``DIRECT_BLOCK`` blocks from one buffer
+    (page-aligned, touched once), the tail padded to ``DIRECT_ALIGN`` and cut back."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = mmap.mmap(-1, DIRECT_BLOCK)
+        self._view = memoryview(self._buf)
+        self._n = 0  # bytes in the buffer
+        self._at = 0  # where the buffer goes in the file
+
+    @classmethod
+    def open(cls, f: BinaryIO) -> _DirectFile | None:
+        """The file ``f`` writes, opened again for direct writes; None where the file system
+        takes none (or ``f`` is no file)."""
+        flag = getattr(os, "O_DIRECT", 0)
+        try:
+            fd = os.open(f"/proc/self/fd/{f.fileno()}", os.O_WRONLY | os.O_CLOEXEC | flag)
+        except (OSError, ValueError):
+            return None
+        if not flag:
+            os.close(fd)
+            return None
+        d = cls(fd)
+        try:
+            d._out(DIRECT_ALIGN)  # zeros where the image begins: refused where unsupported
+        except OSError:
+            d.close()
+            return None
+        d._at = 0
+        return d
+
+    def add(self, data: bytes | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        i = 0
+        while i < len(src):
+            k = min(DIRECT_BLOCK - self._n, len(src) - i)
+            self._view[self._n:self._n + k] = src[i:i + k]
+            self._n += k
+            i += k
+            if self._n == DIRECT_BLOCK:
+                self._out(DIRECT_BLOCK)
+
+    def _out(self, n: int) -> None:
+        done = 0
+        while done < n:
+            # released at once, even when the write fails: the buffer closes only unexported
+            with self._view[done:n] as part:
+                wrote = os.pwrite(self.fd, part, self._at + done)
+            if wrote <= 0:
+                raise OSError(errno.EIO, "a direct write wrote nothing")
+            done += wrote
+        self._at += n
+        self._n = 0
+
+    def finish(self, size: int) -> None:
+        """The tail written, the file cut to ``size`` and fsynced."""
+        if self._n:
+            pad = -self._n % DIRECT_ALIGN
+            self._view[self._n:self._n + pad] = bytes(pad)
+            self._out(self._n + pad)
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        self._view.release()
+        self._buf.close()
+        os.close(self.fd)
 
 
 def _start_writeback(fd: int, off: int, n: int) -> None:
