@@ -864,14 +864,17 @@ class _DirectFile:
         """The file ``f`` writes, opened again for direct writes; None where the file system
         takes none (or ``f`` is no file)."""
         flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
         try:
             fd = os.open(f"/proc/self/fd/{f.fileno()}", os.O_WRONLY | os.O_CLOEXEC | flag)
         except (OSError, ValueError):
             return None
-        if not flag:
+        try:
+            d = cls(fd)
+        except OSError:  # no memory for the buffer
             os.close(fd)
             return None
-        d = cls(fd)
         try:
             d._out(DIRECT_ALIGN)  # zeros where the image begins: refused where unsupported
         except OSError:
