@@ -768,15 +768,14 @@ class _Sink:
         self._direct = _DirectFile.open(f) if self.pos == 0 else None
         self._error: OSError | None = None
         self._todo: queue.Queue[bytes | memoryview | None] = queue.Queue(HASH_AHEAD)
-        self._threads = [threading.Thread(target=self._hash, name="ram-pack-sha256",
-                                          daemon=True)]
+        self._hasher = threading.Thread(target=self._hash, name="ram-pack-sha256", daemon=True)
+        self._writer: threading.Thread | None = None
         if self._direct is not None:
             self._writes: queue.Queue[bytes | memoryview | None] = queue.Queue(HASH_AHEAD)
-            self._threads.append(threading.Thread(target=self._write_direct,
-                                                  args=(self._direct,),
-                                                  name="ram-pack-write", daemon=True))
-        for t in self._threads:
-            t.start()
+            self._writer = threading.Thread(target=self._write_direct, args=(self._direct,),
+                                            name="ram-pack-write", daemon=True)
+            self._writer.start()
+        self._hasher.start()
 
     @property
     def direct(self) -> bool:
@@ -808,10 +807,11 @@ class _Sink:
                     self._error = exc
 
     def _stop(self) -> None:
-        if self._threads[0].is_alive():
+        if self._hasher.is_alive():
             self._todo.put(None)
-        for t in self._threads:
-            t.join()
+            self._hasher.join()
+        if self._writer is not None:
+            self._writer.join()  # the hasher's last put ends it
 
     def write(self, *bufs: bytes | memoryview) -> None:
         """Append ``bufs`` (never changed afterwards: the thread reads them later)."""
@@ -843,7 +843,7 @@ class _Sink:
 
     def hexdigest(self) -> str:
         """The sha256 of what was written (after ``sync``)."""
-        if self._threads[0].is_alive():
+        if self._hasher.is_alive():
             raise RuntimeError("the image's hash is not complete before sync()")
         return self._digest.hexdigest()
 
