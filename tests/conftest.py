@@ -35,6 +35,9 @@ os.environ["TENKI_API_KEY"] = ADMIN_KEY
 # Plain creates boot unless a test turns golden snapshots on (tests/component/test_golden.py;
 # the real-VM servers of tests/integration turn them on: the product's default there).
 os.environ["TENKI_GOLDEN"] = "off"
+# No restores prepared ahead unless a test turns them on (tests/component/test_spares.py,
+# tests/integration/test_spares.py); the real-VM servers turn them on: the product's default.
+os.environ["TENKI_SPARES"] = "off"
 
 
 @pytest.fixture(scope="session", autouse=True)

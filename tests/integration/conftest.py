@@ -111,6 +111,7 @@ class TenkiServer:
         env.pop("TENKI_API_ENDPOINT", None)
         env["TENKI_API_KEY"] = ADMIN_KEY  # the CLI's key (the server reads admin.key)
         env["TENKI_GOLDEN"] = "on"  # the product's default: plain creates restore golden ones
+        env["TENKI_SPARES"] = "on"  # the product's default: restores prepared ahead
         env.update(self.extra_env)
         return env
 

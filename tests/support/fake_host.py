@@ -424,6 +424,11 @@ class FakeHost:
         self.restores: list[RestoreSpec] = []
         #: processes of ours that no session owns, killed at the next ``recover``
         self.strays = 0
+        #: session id -> the restore a spare was prepared for (``prepare_spare``); the session
+        #: ids whose restore claimed theirs, and of the spares dropped, in order
+        self.spares: dict[str, RestoreSpec] = {}
+        self.claimed: list[str] = []
+        self.dropped_spares: list[str] = []
         #: volumes that the next capture fails to plug back (the guest loses them)
         self.lose_at_capture: set[str] = set()
         self._faults: dict[str, collections.deque[BaseException | type[BaseException]]] = {}
@@ -597,7 +602,20 @@ class FakeHost:
         self.vms[spec.session_id] = vm
         return Started(vm.shape, list(vm.layers), None, {"boot": 0.001})
 
+    async def prepare_spare(self, spec: RestoreSpec) -> None:
+        if spec.session_id in self.vms or spec.session_id in self.starting \
+                or spec.session_id in self.spares:
+            raise ConflictError(f"session {spec.session_id} already has a VM on this host")
+        self.spares[spec.session_id] = spec
+
+    async def drop_spare(self, session_id: str) -> None:
+        if self.spares.pop(session_id, None) is not None:
+            self.dropped_spares.append(session_id)
+
     async def restore(self, spec: RestoreSpec) -> Started:
+        spare = self.spares.pop(spec.session_id, None)
+        if spare is not None and spare.to_json() == spec.to_json():
+            self.claimed.append(spec.session_id)
         self._slot(spec.session_id)
         m = spec.manifest
         try:
@@ -617,6 +635,7 @@ class FakeHost:
         return Started(m.shape, list(m.layers), m.ram, {"restore": 0.001}, m.rams)
 
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
+        await self.drop_spare(session_id)
         await self._enter("terminate", session_id)
         vm = self.vms.pop(session_id, None)
         for handle in self.processes.for_session(session_id):

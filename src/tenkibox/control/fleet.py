@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy import func, select
@@ -49,6 +49,7 @@ from ..host.api import (
     ProcessRef,
     Recovered,
     RestoreSpec,
+    SpareHost,
     Started,
     Unowned,
     VMGone,
@@ -99,6 +100,8 @@ class Candidates:
     cached: dict[str, int] = field(default_factory=dict)
     #: chosen by the caller (a pin, or its volumes' host): a full host is a conflict there
     pinned: bool = False
+    #: the host holding a spare for this restore (``control/spares.py``): tried first
+    spare: str | None = None
 
 
 class Fleet:
@@ -289,6 +292,10 @@ class Fleet:
         each other's records."""
         # a candidate may have left the fleet while the create awaited (lost meanwhile)
         hosts = [h for h in found.hosts if h in self._members]
+        if found.spare in hosts:
+            # its restore is mostly done: worth more than room or cached files
+            return [found.spare, *self.by_room(replace(found, hosts=[
+                h for h in hosts if h != found.spare], spare=None))]
         if len(hosts) < 2:
             return hosts
         with self.records.store.tx() as orm:
@@ -396,6 +403,11 @@ class Fleet:
 
     async def restore(self, spec: RestoreSpec) -> Started:
         return await self._for_session(spec.session_id).restore(spec)
+
+    def spares_on(self, host_id: str) -> SpareHost | None:
+        """Member ``host_id``, if it prepares restores ahead (``host/spares.py``)."""
+        host = self._members.get(host_id)
+        return host if isinstance(host, SpareHost) else None
 
     async def capture(self, spec: CaptureSpec) -> Captured:
         return await self._for_session(spec.session_id).capture(spec)

@@ -29,6 +29,7 @@ from .ports import PortControl
 from .records import Records
 from .sessions import SessionControl
 from .snapshots import SnapshotControl
+from .spares import Spares
 from .templates import TemplateControl
 from .volumes import VolumeControl
 from .workspaces import HOLDING_SESSION, WorkspaceControl
@@ -59,12 +60,14 @@ class ControlPlane:
         self.keys = KeyControl(self.records)
         self.audit = AuditLog(self.records)
         self.volumes = VolumeControl(self.records, host)
-        self.snapshots = SnapshotControl(self.records, host, self.volumes)
+        #: restores prepared ahead (notes of the hosts' spares)
+        self.spares = Spares(self.fleet)
+        self.snapshots = SnapshotControl(self.records, host, self.volumes, self.spares)
         #: the listeners of exposed ports (no socket until ``ports`` opens one)
         self.preview = PreviewProxy(host, self.keys, preview)
         self.ports = PortControl(self.records, host, self.preview)
         self.sessions = SessionControl(self.records, host, self.volumes, self.snapshots,
-                                       self.ports)
+                                       self.ports, self.spares)
         self.templates = TemplateControl(self.records, self.sessions, self.snapshots)
         self.golden = GoldenControl(self.records, self.sessions, self.snapshots)
         self.hosts = HostControl(self.records, self.fleet, self.sessions, connect)
@@ -180,5 +183,6 @@ class ControlPlane:
         await self.templates.shutdown()
         await self.snapshots.shutdown()
         await self.sessions.shutdown()
+        await self.spares.shutdown()
         await self.ports.shutdown()
         await self.fleet.shutdown()

@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ from . import admission, network, workdir
 from .network import network_of
 from .pausing import PauseControl
 from .records import Records, key_of
+from .spares import Spares
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
@@ -91,9 +93,11 @@ def not_running(row: SessionRow) -> ConflictError:
 
 class SessionControl:
     def __init__(self, records: Records, host: Fleet, volumes: VolumeControl,
-                 snapshots: SnapshotControl, ports: PortControl) -> None:
+                 snapshots: SnapshotControl, ports: PortControl, spares: Spares) -> None:
         self.records = records
         self.host = host
+        #: restores prepared ahead: a create of a snapshot may take one's session id
+        self.spares = spares
         self.volumes = volumes
         #: exposed ports: closed when the session stops running
         self.ports = ports
@@ -214,9 +218,14 @@ class SessionControl:
             manifest = Manifest.from_json(snap.files)
             if golden is None:  # (GoldenControl checked its own)
                 await self._refuse_if_damaged(snap.id, manifest)
+        # a spare prepared for this restore: its session id is this session's
+        spare = self.spares.take(snap.id, net) if snap is not None else None
+        if spare is not None:
+            found = replace(found, spare=spare.host_id)
         created = now()
         row = SessionRow(
-            id=new_id("session"), workspace_id=ws, name=req.name, state=S.CREATING.value,
+            id=spare.session_id if spare else new_id("session"), workspace_id=ws,
+            name=req.name, state=S.CREATING.value,
             template_id=template_id, state_reason=note,
             cpu=snap.cpu if snap else req.cpu, memory_mb=snap.memory_mb if snap else req.memory_mb,
             base_image_id=image_id, snapshot_id=snap.id if snap and not golden else None,
@@ -241,7 +250,14 @@ class SessionControl:
                      else admission.session(ws, row.memory_mb, capacity, host_id))
             await self.records.insert(row, check=check)
 
-        await self.host.place(found, row.memory_mb, insert)
+        try:
+            await self.host.place(found, row.memory_mb, insert)
+        except BaseException:
+            if spare is not None:
+                self.spares.release(spare)
+            raise
+        if spare is not None and row.host_id != spare.host_id:
+            self.spares.release(spare)  # its host was full
         source_id = snap.id if snap is not None else None
         self._starts[row.id] = self._spawn(self._start(row.id, req, manifest, source_id),
                                            f"start {row.id}")
@@ -301,6 +317,11 @@ class SessionControl:
             await self.records.transition(SessionRow, session_id, S.READY,
                                           expected=[S.CREATING], state_reason=warning,
                                           ready_at=now(), **vm_fields)
+            if manifest is not None and source_id is not None and started.ram == manifest.ram \
+                    and row.host_id is not None:
+                # restored (a golden one that failed booted instead): the next restore of
+                # this snapshot gets a spare
+                self.spares.after_restore(source_id, manifest, network_of(row), row.host_id)
         except asyncio.CancelledError:
             raise  # a terminate: it finishes the record
         except IllegalTransitionError:

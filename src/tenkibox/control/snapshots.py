@@ -31,6 +31,7 @@ from ..models import Snapshot, SnapshotCreate, SnapshotState, SnapshotType, Snap
 from ..store.tables import SessionRow, SnapshotRow
 from . import admission
 from .records import Records, key_of
+from .spares import Spares
 from .states import FINAL, LIVE, PAUSE_STATES, IllegalTransitionError
 from .volumes import VolumeControl
 
@@ -68,10 +69,13 @@ def unique_bytes(row: SnapshotRow, holders: dict[str, set[str]]) -> int:
 
 
 class SnapshotControl:
-    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl) -> None:
+    def __init__(self, records: Records, host: HostAPI, volumes: VolumeControl,
+                 spares: Spares) -> None:
         self.records = records
         self.host = host
         self.volumes = volumes
+        #: restores of snapshots prepared ahead: stopped with their snapshot
+        self.spares = spares
         self._tasks: set[asyncio.Task[Any]] = set()
         self._capturing: dict[str, asyncio.Lock] = {}
 
@@ -318,6 +322,8 @@ class SnapshotControl:
         await self.collect_garbage()
 
     async def _delete_in_background(self, snapshot_id: str) -> None:
+        # its spares use its files: stopped before they are collected
+        await self.spares.drop_snapshot(snapshot_id)
         await self._finish_delete(snapshot_id)
         await self._collect_after_grace()
 

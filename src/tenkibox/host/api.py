@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..artifacts.store import GC_GRACE_S
 from ..errors import SessionFailedError, SnapshotFailedError
@@ -449,6 +449,21 @@ class Unowned:
         return cls(kind, str(data["name"]))
 
 
+@runtime_checkable
+class SpareHost(Protocol):
+    """A host that prepares restores ahead (``host/spares.py``): ``LocalHost``, and a host
+    worker through ``RemoteHost``. The control plane asks only the members that are."""
+
+    async def prepare_spare(self, spec: RestoreSpec) -> None:
+        """Prepare ``spec`` ahead, for a ``restore`` of the same spec to claim; returns at
+        once. ``ConflictError`` if the session id is taken."""
+        ...
+
+    async def drop_spare(self, session_id: str) -> None:
+        """Stop the spare prepared for ``session_id`` (none: nothing to do)."""
+        ...
+
+
 class HostAPI(Protocol):
     @property
     def capacity(self) -> HostCapacity:
@@ -458,6 +473,7 @@ class HostAPI(Protocol):
 
     async def boot(self, spec: BootSpec) -> Started: ...
     async def restore(self, spec: RestoreSpec) -> Started: ...
+
     async def capture(self, spec: CaptureSpec) -> Captured: ...
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None: ...
     async def recover(self, live: dict[str, list[VolumeMountSpec]]) -> Recovered: ...

@@ -68,7 +68,8 @@ from .context import HostContext
 from .network import HostNetwork, VMNet
 from .processes import ProcessHandle, ProcessTable
 from .ramcache import RamCache
-from .restore import restore
+from .restore import Prepared, finish, prepare, restore
+from .spares import SPARE_DELAY_S, SPARE_KEEP_S, SPARE_POLL_S, Spare
 from .tmpfs import TmpfsUse, tmpfs_use
 from .vm import VM, HostLayout, VMRecord
 
@@ -159,6 +160,10 @@ class LocalHost:
         self._producing: dict[str, set[str]] = {}
         #: per RAM cache, its pending trim (``_trim_later``)
         self._trims: dict[str, asyncio.Task[None]] = {}
+        #: session id -> a restore prepared ahead for it (``host.spares``)
+        self._spares: dict[str, Spare] = {}
+        #: when the last start ended (a spare is prepared ``SPARE_DELAY_S`` after)
+        self._last_start = 0.0
         self.capacity = configured("local", accel)
 
     @property
@@ -173,18 +178,23 @@ class LocalHost:
         return Started(vm.record.shape, list(vm.record.layers), None, vm.timings)
 
     async def restore(self, spec: RestoreSpec) -> Started:
-        slot = self._slot(spec.session_id, spec.manifest.shape.cpu)
-        vm = await self._start(spec.session_id, restore(self.ctx, spec, slot,
-                                                        self._tcg_threads(spec.session_id)))
+        spare = self._spares.pop(spec.session_id, None)
+        if spare is not None:
+            # claimed: the spare is this restore's from here on, as a VM being started is
+            self._slot(spec.session_id, spec.manifest.shape.cpu, spare.slot)
+            plan = self._claim(spare, spec)
+        else:
+            slot = self._slot(spec.session_id, spec.manifest.shape.cpu)
+            plan = restore(self.ctx, spec, slot, self._tcg_threads(spec.session_id))
+        vm = await self._start(spec.session_id, plan)
         if vm.record.ram:
             self._trim_later(vm.record.ram, TRIM_DELAY_S)
         return Started(vm.record.shape, list(vm.record.layers), vm.record.ram, vm.timings,
                        list(vm.record.ram_chain))
 
-    def _slot(self, session_id: str, vcpus: int) -> list[VM]:
-        if session_id in self.vms or session_id in self._starting or session_id in self._stuck:
-            raise ConflictError(f"session {session_id} already has a VM on this host")
-        slot: list[VM] = []
+    def _slot(self, session_id: str, vcpus: int, slot: list[VM] | None = None) -> list[VM]:
+        self._slot_free(session_id)
+        slot = [] if slot is None else slot
         self._starting[session_id] = slot
         self._starting_vcpus[session_id] = vcpus
         return slot
@@ -209,20 +219,132 @@ class LocalHost:
         except BaseException:
             slot = self._starting.pop(session_id, [])
             self._starting_vcpus.pop(session_id, None)
+            self._last_start = time.monotonic()
             await asyncio.shield(self._destroy(session_id, slot[0] if slot else None))
             raise
         self._starting.pop(session_id, None)
         self._starting_vcpus.pop(session_id, None)
+        self._last_start = time.monotonic()
         self.vms[session_id] = vm
         self._watchers[session_id] = asyncio.create_task(self._watch(vm),
                                                          name=f"watch {session_id}")
         return vm
+
+    # -- spares (``host.spares``) -------------------------------------------------------------
+    async def prepare_spare(self, spec: RestoreSpec) -> None:
+        """Prepare ``spec`` ahead, for a ``restore`` of the same spec to claim (in the
+        background: this returns at once). ``ConflictError`` if the session id is taken."""
+        self._slot_free(spec.session_id)
+        spare = Spare(spec)
+        spare.made = asyncio.create_task(self._make_spare(spare),
+                                         name=f"spare {spec.session_id}")
+        spare.keeper = asyncio.create_task(self._keep_spare(spare),
+                                           name=f"keep spare {spec.session_id}")
+        self._spares[spec.session_id] = spare
+
+    def _slot_free(self, session_id: str) -> None:
+        if session_id in self.vms or session_id in self._starting or session_id in self._stuck \
+                or session_id in self._spares:
+            raise ConflictError(f"session {session_id} already has a VM on this host")
+
+    async def _make_spare(self, spare: Spare) -> Prepared:
+        spec = spare.spec
+        # after the host's starts: a spare's launch takes no core from them
+        while self._starting or time.monotonic() < self._last_start + SPARE_DELAY_S:
+            await asyncio.sleep(SPARE_POLL_S)
+        steps = Steps(log, f"spare {spec.session_id} of {spec.snapshot_id}", plan="spare")
+        # one thread per vCPU, as for a restore on an idle host: it is claimed whatever runs
+        # beside it then, and a VM keeps its mode
+        threads = None if self.ctx.accel == "kvm" else tcg_threads(spec.manifest.shape.cpu, 0)
+        prepared = await prepare(self.ctx, spec, spare.slot, threads, steps)
+        log.info("spare %s of %s: ready in %.3fs", spec.session_id, spec.snapshot_id,
+                 steps.total)
+        return prepared
+
+    async def _keep_spare(self, spare: Spare) -> None:
+        """Stop the spare when its preparation fails or ``SPARE_KEEP_S`` pass unclaimed (a
+        claim or a drop cancels this first)."""
+        assert spare.made is not None
+        try:
+            await asyncio.shield(spare.made)
+        except asyncio.CancelledError:
+            if not spare.made.cancelled():
+                raise  # this keeper cancelled: the claim or the drop owns the spare
+        except Exception as exc:
+            why = exc.message if isinstance(exc, TenkiError) else repr(exc)
+            log.warning("spare %s of %s failed: %s", spare.spec.session_id,
+                        spare.spec.snapshot_id, why)
+        else:
+            await asyncio.sleep(SPARE_KEEP_S)
+            log.info("spare %s of %s: not claimed in %.0fs, stopped", spare.spec.session_id,
+                     spare.spec.snapshot_id, SPARE_KEEP_S)
+        if self._spares.get(spare.spec.session_id) is spare:
+            del self._spares[spare.spec.session_id]
+            await asyncio.shield(self._stop_spare(spare))
+
+    async def _stop_spare(self, spare: Spare) -> None:
+        """Stop a spare taken out of the table (its preparation cancelled first)."""
+        for task in (spare.keeper, spare.made):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if spare.made is not None:
+            with contextlib.suppress(BaseException):
+                (await spare.made).abandon()
+        try:
+            await self._destroy(spare.spec.session_id, spare.vm())
+        except TenkiError as exc:
+            log.warning("spare %s: %s", spare.spec.session_id, exc.message)
+
+    async def drop_spare(self, session_id: str) -> None:
+        """Stop the spare of ``session_id`` (none: nothing to do)."""
+        spare = self._spares.pop(session_id, None)
+        if spare is not None:
+            await asyncio.shield(self._stop_spare(spare))
+
+    def spares(self) -> list[str]:
+        """The session ids of this host's spares."""
+        return sorted(self._spares)
+
+    async def _claim(self, spare: Spare, spec: RestoreSpec) -> VM:
+        """A restore of a spare's session: it resumes the spare (``restore.finish``) once it
+        is prepared. A spare that failed, or that was prepared for another restore than
+        ``spec``, is stopped and the restore runs whole."""
+        assert spare.made is not None and spare.keeper is not None
+        spare.keeper.cancel()
+        steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
+        prepared: Prepared | None = None
+        why = "prepared for another restore"
+        if spare.serves(spec):
+            with steps.step("spare"):
+                # a cancelled claim (a terminate) cancels the preparation: ``_start`` then
+                # stops what it made, in the slot
+                try:
+                    prepared = await spare.made
+                except TenkiError as exc:
+                    why = exc.message
+        if prepared is not None:
+            try:
+                return await finish(self.ctx, spec, prepared, steps)
+            except TenkiError as exc:
+                why = exc.message
+        log.warning("%s: its spare is not used (%s): restoring it whole", spec.session_id, why)
+        spare.made.cancel()
+        with contextlib.suppress(BaseException):
+            (await spare.made).abandon()
+        vm = spare.vm()
+        if vm is not None:
+            await self._destroy(spec.session_id, vm)
+            # the slot stays this restore's (``_starting``): the whole one appends its VM
+            spare.slot.clear()
+        return await restore(self.ctx, spec, spare.slot, self._tcg_threads(spec.session_id))
 
     # -- stop --------------------------------------------------------------------------------
     async def terminate(self, session_id: str, volumes: list[VolumeMountSpec]) -> None:
         """Stop the VM and remove its files; idempotent. A boot or restore in progress is the
         caller's to cancel first (its task); whatever it launched is stopped here too."""
         steps = Steps(log, session_id, plan="terminate")
+        # a session ended before its restore came: no restore will claim its spare
+        await self.drop_spare(session_id)
         vm = self.vms.get(session_id)
         with steps.step("flush-volumes"):
             if vm is not None and not vm.stopping and not vm.lock.locked():
@@ -478,7 +600,7 @@ class LocalHost:
     def _orphan_dirs(self, *, conversions: bool) -> list[Path]:
         """Run and disk directories of VMs this host does not hold (with ``conversions``, also
         the scratch directories of snapshot conversions, which only a crash leaves behind)."""
-        owned = set(self.vms) | set(self._starting) | set(self._stuck)
+        owned = set(self.vms) | set(self._starting) | set(self._stuck) | set(self._spares)
         run_root = self.paths.layout.run
         runs = list(run_root.iterdir()) if run_root.exists() else []
         return [d for d in [*runs, *self.paths.disks.iterdir()]
@@ -492,7 +614,10 @@ class LocalHost:
             tmp.unlink(missing_ok=True)
 
     async def shutdown(self) -> None:
-        """Server stop: let go of the VMs (they keep running) and stop background work."""
+        """Server stop: let go of the VMs (they keep running), stop the spares (no record
+        names them) and stop background work."""
+        for session_id in list(self._spares):
+            await self.drop_spare(session_id)
         for task in [*self._watchers.values(), *self._trims.values()]:
             task.cancel()
         self._watchers.clear()
@@ -639,7 +764,8 @@ class LocalHost:
         for produced in self._producing.values():
             refs.update(produced)
         for vm in [*self.vms.values(), *self._stuck.values(),
-                   *(v for s in self._starting.values() for v in s)]:
+                   *(v for s in self._starting.values() for v in s),
+                   *(v for spare in self._spares.values() for v in spare.slot)]:
             r = vm.record
             refs.update(r.layers)
             refs.update((r.shape.kernel, r.shape.initrd))
@@ -679,7 +805,8 @@ class LocalHost:
         out = [InUse(d, kind, image_id=image_id)
                for d, (image_id, kind) in built.items() if d in self._images_stored]
         for vm in [*self.vms.values(), *self._stuck.values(),
-                   *(v for s in self._starting.values() for v in s)]:
+                   *(v for s in self._starting.values() for v in s),
+                   *(v for spare in self._spares.values() for v in spare.slot)]:
             r = vm.record
             layers = [*r.layers, *(d for _, d in r.frozen if d)]
             uses = {**{d: f"disk layer {i}" for i, d in enumerate(layers)},
@@ -719,7 +846,8 @@ class LocalHost:
                              live_sessions: set[str]) -> list[Unowned]:
         def owned(session_id: str) -> bool:
             return session_id in self.vms or session_id in self._starting \
-                or session_id in self._stuck or session_id in live_sessions
+                or session_id in self._stuck or session_id in self._spares \
+                or session_id in live_sessions
 
         keep = referenced | self.referenced_locally()
         return await asyncio.to_thread(unowned.remove, found, store=self.store, paths=self.paths,

@@ -293,6 +293,12 @@ class RemoteHost:
         self._settle(spec.session_id, True)
         return Started.from_json(data["started"])
 
+    async def prepare_spare(self, spec: RestoreSpec) -> None:
+        await self._call("POST", "/spares", spec.to_json())
+
+    async def drop_spare(self, session_id: str) -> None:
+        await self._call("DELETE", f"/spares/{_q(session_id)}", timeout=LONG)
+
     async def capture(self, spec: CaptureSpec) -> Captured:
         data = await self._call("POST", f"/vms/{_q(spec.session_id)}/capture", spec.to_json(),
                                 timeout=LONG)

@@ -53,6 +53,7 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
@@ -101,12 +102,38 @@ def verify_manifest(ctx: HostContext, snapshot_id: str, digests: dict[str, str])
             f"snapshot {snapshot_id} cannot be restored: {next(iter(bad.values()))}")
 
 
+@dataclass
+class Prepared:
+    """A restore up to its guest's first instruction (``prepare``): QEMU launched, its device
+    state loaded, the guest paused, its agent's socket connecting (``opening``). ``finish``
+    runs it; the owner of one that is not finished stops its VM (``LocalHost``)."""
+
+    vm: VM
+    opening: asyncio.Future[None]
+    #: how TCG runs its vCPUs (``LaunchOptions.tcg_threads``), fixed at its launch
+    tcg_threads: str | None
+    timings: dict[str, float]
+
+    def abandon(self) -> None:
+        """Stop connecting its agent (the VM itself is its owner's to stop)."""
+        if not self.opening.done():
+            self.opening.cancel()
+
+
 async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
                   tcg_threads: str | None = None) -> VM:
     """Restore ``spec`` (the steps above); the VM is appended to ``vm_slot`` as soon as it
     exists, as for a boot. ``tcg_threads``: ``LaunchOptions.tcg_threads``."""
-    m = spec.manifest
     steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
+    prepared = await prepare(ctx, spec, vm_slot, tcg_threads, steps)
+    return await finish(ctx, spec, prepared, steps)
+
+
+async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
+                  tcg_threads: str | None, steps: Steps) -> Prepared:
+    """Steps ``verify`` to ``load-state``: a VM that ``finish`` resumes, at once or later (a
+    spare, ``host.spares``). Raises ``SnapshotFailedError`` or ``SnapshotDamagedError``."""
+    m = spec.manifest
     with steps.step("verify"):
         await asyncio.to_thread(verify_manifest, ctx, spec.snapshot_id, m.digests())
     record = VMRecord(spec.session_id, m.shape, list(m.layers), ram=m.ram, ram_chain=m.rams,
@@ -129,6 +156,7 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
     agent = AgentClient(files.agent)
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)
+    opening: asyncio.Future[None] | None = None
     try:
         with steps.step("network"):
             tap = await vm_network(ctx, vm, spec.network, whole=False)
@@ -137,17 +165,54 @@ async def restore(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
                                                 incoming=True, tcg_threads=tcg_threads), tap)
         with steps.step("wire"):
             await ctx.network.wired(spec.session_id)
-        await _settle(ctx, spec, machine, agent, steps,
-                      warm=warm_exec_path(ctx.accel, tcg_threads))
+        # the socket is there from QEMU's start: connected while the device state loads
+        opening = asyncio.ensure_future(agent.open(RESTORE_AGENT_TIMEOUT_S))
+        with steps.step("load-state"):
+            scratch = files.run_dir / "state.bin"
+            try:
+                state = await asyncio.to_thread(device_state_file,
+                                                ctx.store.local_path(m.state), scratch)
+                await load_state(machine, state)
+            finally:
+                scratch.unlink(missing_ok=True)
+    except BaseException as exc:
+        if opening is not None:
+            await _retrieve(opening)
+        if isinstance(exc, TenkiError) and not isinstance(exc, SnapshotFailedError):
+            raise _failed(spec, steps, exc) from exc
+        raise
+    return Prepared(vm, opening, tcg_threads, dict(steps.timings))
+
+
+async def finish(ctx: HostContext, spec: RestoreSpec, prepared: Prepared,
+                 steps: Steps) -> VM:
+    """The rest of a restore ``prepare`` began: the guest resumed, its clock and identity
+    set (``_settle``). Raises ``SnapshotFailedError``; the VM is then its owner's to stop."""
+    vm = prepared.vm
+    try:
+        await _settle(spec, vm.machine, vm.agent, prepared.opening, steps,
+                      warm=warm_exec_path(ctx.accel, prepared.tcg_threads))
     except TenkiError as exc:
         if isinstance(exc, SnapshotFailedError):
             raise
-        raise SnapshotFailedError(
-            f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}"
-        ) from exc
+        raise _failed(spec, steps, exc) from exc
     vm.timings = steps.timings
     log.info("%s: restored from %s in %.3fs", spec.session_id, spec.snapshot_id, steps.total)
     return vm
+
+
+def _failed(spec: RestoreSpec, steps: Steps, exc: TenkiError) -> SnapshotFailedError:
+    return SnapshotFailedError(
+        f"restore of {spec.snapshot_id} failed at {steps.current or 'start'}: {exc.message}")
+
+
+async def _retrieve(opening: asyncio.Future[None]) -> None:
+    """End an agent connection in flight; retrieved here, so that a failure another step
+    reported is not logged as unretrieved."""
+    if not opening.done():
+        opening.cancel()
+    with contextlib.suppress(BaseException):
+        await opening
 
 
 def warm_exec_path(accel: str, tcg_threads: str | None) -> bool:
@@ -163,25 +228,14 @@ def warm_exec_path(accel: str, tcg_threads: str | None) -> bool:
     return accel != "kvm" and tcg_threads != "single"
 
 
-async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: AgentClient,
-                  steps: Steps, *, warm: bool = True) -> None:
-    """From the launched, paused QEMU to a guest with its clock and identity set: steps
-    ``load-state``, ``resume``, ``agent`` (with the settle in it, for agents from 0.5.2),
-    else then ``settle`` (or ``clock`` and ``identity``); see the module's text. Nothing is
-    left in flight when this returns or raises."""
-    m = spec.manifest
-    files = ctx.layout.files(spec.session_id)
-    # the socket is there from QEMU's start: connected while the device state loads
-    opening = asyncio.ensure_future(agent.open(RESTORE_AGENT_TIMEOUT_S))
+async def _settle(spec: RestoreSpec, machine: Machine, agent: AgentClient,
+                  opening: asyncio.Future[None], steps: Steps, *, warm: bool = True) -> None:
+    """From the paused guest, its device state loaded, to one running with its clock and
+    identity set: steps ``resume``, ``agent`` (with the settle in it, for agents from 0.5.2),
+    else then ``settle`` (or ``clock`` and ``identity``); see the module's text. ``opening``:
+    the agent's connection, begun before the device state loaded. Nothing is left in flight
+    when this returns or raises."""
     try:
-        with steps.step("load-state"):
-            scratch = files.run_dir / "state.bin"
-            try:
-                state = await asyncio.to_thread(device_state_file,
-                                                ctx.store.local_path(m.state), scratch)
-                await load_state(machine, state)
-            finally:
-                scratch.unlink(missing_ok=True)
         with steps.step("resume"):
             await machine.resume()
         # a resume carries on the same guest: it keeps its identity
@@ -193,11 +247,7 @@ async def _settle(ctx: HostContext, spec: RestoreSpec, machine: Machine, agent: 
             settled = await guest_answer(machine, agent.ping_settle(
                 identity, warm=warm, timeout=RESTORE_AGENT_TIMEOUT_S))
     finally:
-        if not opening.done():
-            opening.cancel()
-        # retrieved here, so a failure that another step reported is not logged as unretrieved
-        with contextlib.suppress(BaseException):
-            await opening
+        await _retrieve(opening)
     if settled is not None:
         log.debug("%s: settled in the ping: %.3fs in the guest, its clock %.3fs behind",
                   spec.session_id, settled["took_s"], settled["behind_s"])

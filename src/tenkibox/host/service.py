@@ -45,6 +45,7 @@ from .api import (
     ExecSpec,
     HostAPI,
     RestoreSpec,
+    SpareHost,
     Started,
     Unowned,
     VolumeMountSpec,
@@ -238,6 +239,18 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         spec = await _body(request, RestoreSpec.from_json)
         return await start(spec.session_id, host.restore(spec))
 
+    async def prepare_spare(request: Request) -> Response:
+        spec = await _body(request, RestoreSpec.from_json)
+        if not isinstance(host, SpareHost):
+            raise ConflictError("this host prepares no spares")
+        await host.prepare_spare(spec)
+        return JSONResponse({}, status_code=202)
+
+    async def drop_spare(request: Request) -> Response:
+        if isinstance(host, SpareHost):
+            await host.drop_spare(request.path_params["sid"])
+        return JSONResponse({})
+
     async def capture(request: Request) -> Response:
         captured = await host.capture(await _body(request, CaptureSpec.from_json))
         if journal is not None:
@@ -399,6 +412,8 @@ def create_host_app(host: HostAPI, secret: str, *, journal: MountJournal | None 
         ("GET", "/status", get_status),
         ("POST", "/vms/boot", boot),
         ("POST", "/vms/restore", restore),
+        ("POST", "/spares", prepare_spare),
+        ("DELETE", "/spares/{sid}", drop_spare),
         ("POST", "/recover", recover),
         ("GET", "/watch", watch),
         ("GET", "/images", list_images),
