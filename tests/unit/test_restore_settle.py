@@ -1,4 +1,5 @@
-"""The end of a restore (``restore._settle``): the device state loaded, the guest resumed, its
+"""The end of a restore (``restore._load_state`` then ``restore._settle``): the device state
+loaded, the guest resumed, its
 agent reached, then its clock and identity set, with the real guest agent on a unix socket in
 place of the VM (QEMU's part is a stand-in; tests/integration runs the real one).
 
@@ -115,6 +116,14 @@ def _spec(keep_identity: bool) -> Any:
                            manifest=SimpleNamespace(state="s" * 64))
 
 
+async def _resume(base: Path, spec: Any, machine: Machine, client: AgentClient, steps: Steps,
+                  **kw: Any) -> None:
+    """A restore's end, as ``restore.prepare`` then ``restore.finish`` run it."""
+    opening = await restore._load_state(_ctx(base), spec, machine, client,  # type: ignore[arg-type]
+                                        steps)
+    await restore._settle(spec, machine, client, opening, steps, **kw)  # type: ignore[arg-type]
+
+
 def _ctx(base: Path) -> Any:
     files = SimpleNamespace(run_dir=base)
     state = base / "state.stored"
@@ -143,7 +152,7 @@ async def test_clock_and_identity_are_set_before_it_returns(
     steps = Steps(restore.log, "ses_x", plan="restore")
     before = time.time_ns()
     try:
-        await restore._settle(_ctx(base), _spec(keep_identity), Machine(events),  # type: ignore[arg-type]
+        await _resume(base, _spec(keep_identity), Machine(events),  # type: ignore[arg-type]
                               client, steps)
     finally:
         await client.close()
@@ -191,7 +200,7 @@ async def test_a_clock_read_late_in_the_first_ping_is_set_again(
     client = AgentClient(base / "agent.sock", default_timeout=10)
     steps = Steps(restore.log, "ses_x", plan="restore")
     try:
-        await restore._settle(_ctx(base), _spec(False), Machine([]),  # type: ignore[arg-type]
+        await _resume(base, _spec(False), Machine([]),  # type: ignore[arg-type]
                               client, steps)
     finally:
         await client.close()
@@ -217,7 +226,7 @@ async def test_a_guest_that_never_answers_fails_and_leaves_nothing_in_flight(
     with pytest.raises(restore.TenkiError,
                        match=r"did not answer.*console: guest kernel panic; QEMU running; "
                              r"vCPU 0 in the guest kernel"):
-        await restore._settle(_ctx(tmp_path), _spec(False),
+        await _resume(tmp_path, _spec(False),
                               Machine([], tmp_path / "console.log"),  # type: ignore[arg-type]
                               client, steps)
     assert steps.current == "agent"
@@ -241,7 +250,7 @@ async def test_the_restore_says_whether_the_guest_warms_its_exec_path(
     monkeypatch.setattr(restore, "load_state", load_state)
     client = AgentClient(base / "agent.sock", default_timeout=10)
     try:
-        await restore._settle(_ctx(base), _spec(False), Machine([]),  # type: ignore[arg-type]
+        await _resume(base, _spec(False), Machine([]),  # type: ignore[arg-type]
                               client, Steps(restore.log, "ses_x", plan="restore"), warm=warm)
     finally:
         await client.close()

@@ -156,7 +156,6 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
     agent = AgentClient(files.agent)
     vm = VM(record, machine, agent, disk_dir)
     vm_slot.append(vm)
-    opening: asyncio.Future[None] | None = None
     try:
         with steps.step("network"):
             tap = await vm_network(ctx, vm, spec.network, whole=False)
@@ -165,23 +164,33 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
                                                 incoming=True, tcg_threads=tcg_threads), tap)
         with steps.step("wire"):
             await ctx.network.wired(spec.session_id)
-        # the socket is there from QEMU's start: connected while the device state loads
-        opening = asyncio.ensure_future(agent.open(RESTORE_AGENT_TIMEOUT_S))
+        opening = await _load_state(ctx, spec, machine, agent, steps)
+    except TenkiError as exc:
+        if isinstance(exc, SnapshotFailedError):
+            raise
+        raise _failed(spec, steps, exc) from exc
+    return Prepared(vm, opening, tcg_threads, dict(steps.timings))
+
+
+async def _load_state(ctx: HostContext, spec: RestoreSpec, machine: Machine,
+                      agent: AgentClient, steps: Steps) -> asyncio.Future[None]:
+    """Step ``load-state``; the agent's socket, there from QEMU's start, is connected
+    meanwhile: that connection is returned, made or in flight (ended if the step fails)."""
+    opening = asyncio.ensure_future(agent.open(RESTORE_AGENT_TIMEOUT_S))
+    try:
         with steps.step("load-state"):
-            scratch = files.run_dir / "state.bin"
+            scratch = ctx.layout.files(spec.session_id).run_dir / "state.bin"
             try:
                 state = await asyncio.to_thread(device_state_file,
-                                                ctx.store.local_path(m.state), scratch)
+                                                ctx.store.local_path(spec.manifest.state),
+                                                scratch)
                 await load_state(machine, state)
             finally:
                 scratch.unlink(missing_ok=True)
-    except BaseException as exc:
-        if opening is not None:
-            await _retrieve(opening)
-        if isinstance(exc, TenkiError) and not isinstance(exc, SnapshotFailedError):
-            raise _failed(spec, steps, exc) from exc
+    except BaseException:
+        await _retrieve(opening)
         raise
-    return Prepared(vm, opening, tcg_threads, dict(steps.timings))
+    return opening
 
 
 async def finish(ctx: HostContext, spec: RestoreSpec, prepared: Prepared,

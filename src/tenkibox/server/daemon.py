@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,14 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
                             ssl_certfile=str(tls[0]) if tls else None,
                             ssl_keyfile=str(tls[1]) if tls else None)
     server = uvicorn.Server(config)
+    # SIGTERM and SIGINT stop the server as a shutdown request does, through ``rt.stop``
+    # (the VMs keep running; the spares, which no record names, are stopped). uvicorn's own
+    # handlers would raise the signal again once it stopped serving, ending the process
+    # before that.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.request_stop)
 
     async def stop_when_asked() -> None:
         await rt.stop_requested.wait()
