@@ -535,6 +535,22 @@ class TenkiServer:
         return host_memory([int(m["pid"]) for m in ms],
                            [int(m["net_pid"]) for m in ms if m.get("net_pid")])
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def wait_log(self, pattern: str, since: int, timeout: float) -> bool:
+        """Wait until the server's log, after its first ``since`` bytes, has a line matching
+        ``pattern`` (False if it has none within ``timeout``)."""
+        pat = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                if pat.search(f.read().decode(errors="replace")):
+                    return True
+            time.sleep(0.05)
+        return False
+
     def steps(self, subject: str) -> dict[str, float]:
         """Step timings the server logged for ``subject`` (``ses_x``, ``snp_x``, ...)."""
         pat = re.compile(r"^\S+ \S+ \w+ [\w.]+: (.+?): ([A-Za-z][\w -]*?) (\d+\.\d+)s$")

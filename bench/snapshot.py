@@ -88,8 +88,8 @@ WATCHDOG_S = 600
 
 CAPTURE_STEPS = ("prepare", "pre-copy", "pause", "freeze-disk", "device-state", "copy-written",
                  "resume", "convert", "compress-ram", "checksum", "sync")
-RESTORE_STEPS = ("verify", "overlay", "load-ram", "network", "launch", "wire", "load-state",
-                 "resume", "agent", "settle", "clock", "identity")
+RESTORE_STEPS = ("spare", "verify", "overlay", "load-ram", "network", "launch", "wire",
+                 "load-state", "resume", "agent", "settle", "clock", "identity")
 # settle: clock and identity in one request (agent 0.4); wire: the network built beside launch
 
 
@@ -422,7 +422,8 @@ def tenki_capture(srv: TenkiServer, session_id: str, row: Row) -> Any:
     return snap
 
 
-def tenki_restore(srv: TenkiServer, snapshot_id: str, row: Row) -> None:
+def tenki_restore(srv: TenkiServer, snapshot_id: str, row: Row, spares: bool) -> None:
+    since = srv.log_size()
     t0 = time.monotonic()
     session = srv.sdk.create(snapshot_id=snapshot_id, name="bench-restore")
     try:
@@ -431,8 +432,14 @@ def tenki_restore(srv: TenkiServer, snapshot_id: str, row: Row) -> None:
         row.t_restore.append(time.monotonic() - t0)
     finally:
         session.terminate()
-    row.restore_steps.append(srv.steps(f"{session.id} from {snapshot_id}"))
-    log(f"tenki {row.memory_mb} MiB/{row.dirty_mb}: restore to exec {row.t_restore[-1]:.2f}s")
+    steps = srv.steps(f"{session.id} from {snapshot_id}")
+    row.restore_steps.append(steps)
+    how = "claimed a spare" if "spare" in steps else "whole"
+    log(f"tenki {row.memory_mb} MiB/{row.dirty_mb}: restore to exec {row.t_restore[-1]:.2f}s "
+        f"({how})")
+    if spares:
+        # the next restore's spare is prepared now: not while the baseline is measured
+        srv.wait_log(rf"spare ses_\w+ of {snapshot_id}: ready in", since, timeout=30.0)
 
 
 def tenki_clones(srv: TenkiServer, snapshot_id: str, n: int) -> Clones:
@@ -517,6 +524,11 @@ def print_report(rows: list[Row], clones: dict[str, Clones], clone_desc: str, la
         r_rows.append((f"{r.memory_mb}/{r.dirty_mb}", *(secs(v) for v in vals),
                        secs(median(r.t_restore) - sum(vals))))
     print(md_table(["MiB/dirty", *RESTORE_STEPS, "rest"], r_rows))
+    claimed = sum("spare" in st for r in rows for st in r.restore_steps)
+    print(f"\nrestores that claimed a spare (prepared after the restore before; the steps "
+          f"before 'resume' then ran before the request): {claimed} of "
+          f"{sum(len(r.restore_steps) for r in rows)}"
+          + ("" if args.spares else " (--no-spares)"))
     if clones:
         print(f"\n### {args.clones} sessions restored at once from one snapshot ({clone_desc})\n")
         print("host memory = PSS of the QEMU processes without the pages of guest RAM files they "
@@ -603,6 +615,10 @@ def main() -> int:
                     help="the tenki session captured: restored from a snapshot of a freshly "
                          "booted one (what every create but a size's first is: a restore of "
                          "the image's golden snapshot), or the booted one itself")
+    ap.add_argument("--no-spares", dest="spares", action="store_false",
+                    help="tenki prepares no restore ahead (TENKI_SPARES=off): every restore "
+                         "runs whole (by default the next restore of a snapshot claims the "
+                         "spare prepared after the one before, as in the product)")
     ap.add_argument("--quick", action="store_true",
                     help="512 and 1024 MiB, one restore per row (unless given explicitly)")
     args = ap.parse_args()
@@ -631,7 +647,8 @@ def main() -> int:
     before = HostLoad.idle_for(3.0)
     with Cleanup() as cleanup:
         image_dir = ensure_image()
-        srv = TenkiServer(cleanup, image_dir, "snapshot")
+        srv = TenkiServer(cleanup, image_dir, "snapshot",
+                          extra_env={"TENKI_SPARES": "on" if args.spares else "off"})
         work = Path(tempfile.mkdtemp(prefix="tenki-bench-baseline-"))
         cleanup.push(f"remove {work}", lambda: shutil.rmtree(work, ignore_errors=True))
         baseline: LibvirtBaseline | QemuFileBaseline
@@ -681,7 +698,7 @@ def main() -> int:
                 log(f"{label} {memory_mb} MiB/{dirty}: save {saved.total:.2f}s, "
                     f"{mib(saved.size)}")
                 for k in range(args.restores):
-                    tenki_restore(srv, snap.id, row)
+                    tenki_restore(srv, snap.id, row, args.spares)
                     row.b_restore.append(baseline.restore(saved, keep=k == args.restores - 1))
                     log(f"{label} {memory_mb} MiB/{dirty}: restore to exec "
                         f"{row.b_restore[-1]:.2f}s")

@@ -92,11 +92,22 @@ async def test_boot_exec_capture_restore_terminate_round_trip() -> None:
         await remote.delete_volume("vol_a")
         assert await remote.volume_files() == []
 
-        back = await remote.restore(RestoreSpec("ses_b", "snp_a", captured.manifest, "b"))
+        # a spare prepared ahead, claimed by the restore of its session id
+        spec = RestoreSpec("ses_b", "snp_a", captured.manifest, "b")
+        await remote.prepare_spare(spec)
+        assert fake.spares == {"ses_b": spec}
+        with pytest.raises(ConflictError, match="already has a VM"):
+            await remote.prepare_spare(spec)
+        back = await remote.restore(spec)
+        assert fake.claimed == ["ses_b"] and fake.spares == {}
         assert back.ram == captured.manifest.ram and back.ram_chain == captured.manifest.rams
         assert fake.file("ses_b", "/root/a.txt") == b"abcd"
         assert remote.has_vm("ses_b")
         await remote.terminate("ses_b", [])
+        await remote.prepare_spare(RestoreSpec("ses_c", "snp_a", captured.manifest, "c"))
+        await remote.drop_spare("ses_c")
+        await remote.drop_spare("ses_none")  # none: nothing to do
+        assert fake.spares == {} and fake.dropped_spares == ["ses_c"]
 
 
 async def _chunks(parts: list[bytes]) -> AsyncGenerator[bytes, None]:

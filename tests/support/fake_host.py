@@ -74,7 +74,7 @@ from tenkibox.models import Image
 
 #: Operations that ``fail_next`` and ``block`` accept.
 OPERATIONS = frozenset({
-    "boot", "restore", "capture", "terminate", "recover",
+    "boot", "restore", "prepare_spare", "capture", "terminate", "recover",
     "create_volume", "delete_volume", "attach_volume", "detach_volume",
     "start_process", "read_file", "write_file",
 })
@@ -603,6 +603,7 @@ class FakeHost:
         return Started(vm.shape, list(vm.layers), None, {"boot": 0.001})
 
     async def prepare_spare(self, spec: RestoreSpec) -> None:
+        await self._enter("prepare_spare", spec.session_id)
         if spec.session_id in self.vms or spec.session_id in self.starting \
                 or spec.session_id in self.spares:
             raise ConflictError(f"session {spec.session_id} already has a VM on this host")

@@ -274,6 +274,7 @@ class SessionControl:
         with contextlib.suppress(IllegalTransitionError):
             await self.records.transition(SnapshotRow, snapshot_id, "FAILED", expected=["READY"],
                                           state_reason=f"damaged in storage: {reason}")
+        await self.spares.drop_snapshot(snapshot_id)  # none of it is restored again
         raise SnapshotFailedError(reason)
 
     async def _while_live(self, session_id: str, call: Any) -> Any:

@@ -249,8 +249,10 @@ class LocalHost:
 
     async def _make_spare(self, spare: Spare) -> Prepared:
         spec = spare.spec
-        # after the host's starts: a spare's launch takes no core from them
-        while self._starting or time.monotonic() < self._last_start + SPARE_DELAY_S:
+        # after the host's starts: a spare's launch takes no core from them (once claimed,
+        # it is a start itself)
+        while not spare.claimed and (
+                self._starting or time.monotonic() < self._last_start + SPARE_DELAY_S):
             await asyncio.sleep(SPARE_POLL_S)
         steps = Steps(log, f"spare {spec.session_id} of {spec.snapshot_id}", plan="spare")
         # one thread per vCPU, as for a restore on an idle host: it is claimed whatever runs
@@ -310,6 +312,7 @@ class LocalHost:
         is prepared. A spare that failed, or that was prepared for another restore than
         ``spec``, is stopped and the restore runs whole."""
         assert spare.made is not None and spare.keeper is not None
+        spare.claimed = True
         spare.keeper.cancel()
         steps = Steps(log, f"{spec.session_id} from {spec.snapshot_id}", plan="restore")
         prepared: Prepared | None = None

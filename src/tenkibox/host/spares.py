@@ -58,6 +58,8 @@ class Spare:
     slot: list[VM] = field(default_factory=list)
     made: asyncio.Task[Prepared] | None = None
     keeper: asyncio.Task[None] | None = None
+    #: a restore claimed it: it is prepared at once, whatever else starts
+    claimed: bool = False
 
     def serves(self, spec: RestoreSpec) -> bool:
         """Whether ``spec`` is the restore this spare was prepared for (the same snapshot,
