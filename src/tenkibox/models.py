@@ -825,6 +825,15 @@ class AuditEntry(_Answer):
     outcome: str = Field(description="ok, or the error code")
 
 
+class SpareInfo(_Answer):
+    """A restore prepared ahead on a host (a paused VM, not a session): the next create that
+    restores ``snapshot_id`` there gets ``session_id`` and only resumes it."""
+
+    session_id: str = Field(description="the id the restore that claims it will have")
+    snapshot_id: str = Field(description="the snapshot it restores")
+    host_id: str = Field(description="the host that holds it")
+
+
 class HostStatus(_Answer):
     """The capacity of the control plane's hosts together (with one host, that host's), as
     the admission check counts it; each host's: ``HostInfo``."""
@@ -847,6 +856,9 @@ class HostStatus(_Answer):
         default=0, description="bytes in use on the tmpfs of the VMs' run directories (guest "
         "RAM of booted VMs, capture staging; other users of that tmpfs count too)")
     tmpfs_total_bytes: int = Field(default=0, description="the size of that tmpfs")
+    spares: list[SpareInfo] = Field(
+        default_factory=list, description="restores prepared ahead (paused VMs that no session "
+        "record names until a create claims one; stopped after some minutes unclaimed)")
 
 
 class HostState(str, Enum):

@@ -45,6 +45,10 @@ def test_the_next_restore_of_a_snapshot_gets_the_spare_prepared_for_it(
     assert spare not in (first.id, source.id) and spare.startswith("ses_")
     assert spec.hostname == f"tenki-{spare.split('_', 1)[1][:8]}"
     assert spec.manifest == fake_host.restores[-1].manifest and not spec.keep_identity
+    # an admin sees it: a paused VM that no session record names yet
+    listed = client.host_status().spares
+    assert [(s.session_id, s.snapshot_id, s.host_id) for s in listed] == \
+        [(spare, snap.id, client.hosts.list()[0].host_id)]  # the host that restored ``first``
     second = client.create_and_wait(snapshot_id=snap.id, name="second")
     assert second.id == spare and fake_host.claimed == [spare]
     assert second.record.name == "second" and second.record.snapshot_id == snap.id
@@ -64,6 +68,7 @@ def test_deleting_the_snapshot_drops_its_spare(client: Client, fake_host: FakeHo
     client.delete_snapshot(snap.id)
     eventually(lambda: spare in fake_host.dropped_spares, what="the spare dropped")
     assert spares_of(fake_host, snap.id) == []
+    assert client.host_status().spares == []
 
 
 def test_a_host_holds_at_most_so_many_spares_the_oldest_goes(

@@ -164,6 +164,14 @@ def list_sessions(server: Any) -> list[dict[str, Any]]:
     return list(r.json())
 
 
+def spare_ids(server: Any) -> set[str]:
+    """The session ids of the restores the server prepared ahead (``GET /v1/host``): paused
+    VMs, with their networks, that its spare notes own while no session record names them."""
+    r = httpx.get(f"{server.url}/v1/host", headers=it.AUTH, timeout=30)
+    r.raise_for_status()
+    return {s["session_id"] for s in r.json().get("spares", [])}
+
+
 def list_snapshots(server: Any) -> list[dict[str, Any]]:
     r = httpx.get(f"{server.url}/v1/snapshots", headers=it.AUTH, timeout=30)
     r.raise_for_status()
@@ -412,17 +420,17 @@ def server_networks(server: Any) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _network_problems(server: Any, sessions: list[dict[str, Any]]) -> list[str]:
-    live = {s["id"] for s in sessions if s["state"] in LIVE}
+    live = {s["id"] for s in sessions if s["state"] in LIVE} | spare_ids(server)
     spaces, tables = server_networks(server)
-    return ([f"network namespace {name} of a session that is not live"
+    return ([f"network namespace {name} of a session that is not live (nor a spare)"
              for sid, name in sorted(spaces.items()) if sid not in live]
-            + [f"nftables table {name} of a session that is not live"
+            + [f"nftables table {name} of a session that is not live (nor a spare)"
                for sid, name in sorted(tables.items()) if sid not in live])
 
 
 def reap_networks(server: Any) -> None:
     """After a failed check: remove the namespaces and tables no live session owns."""
-    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE}
+    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE} | spare_ids(server)
     spaces, tables = server_networks(server)
     for sid, name in spaces.items():
         if sid not in live:
@@ -474,7 +482,8 @@ def orphan_files(server: Any, sessions: list[dict[str, Any]],
 
     - no temporary file (``*.tmp``, ``.tmp*``, ``*.part``...) anywhere under $TENKI_HOME or the
       run root;
-    - below the run root, a path naming a session (``ses_...``) belongs to a live session, and
+    - below the run root, a path naming a session (``ses_...``) belongs to a live session (or a
+      spare, ``spare_ids``), and
       nothing names a snapshot (``snp_...``: staging files of a capture) or is a conversion
       scratch directory (``cv-*``) once everything is settled;
     - below $TENKI_HOME (images excluded), a path naming a snapshot belongs to a snapshot that
@@ -482,8 +491,10 @@ def orphan_files(server: Any, sessions: list[dict[str, Any]],
       session belongs to a session that is not finished.
     """
     home, run_root = Path(server.home), Path(server.run_root)
-    live_sessions = {s["id"] for s in sessions if s["state"] in LIVE}
-    open_sessions = {s["id"] for s in sessions if s["state"] not in ("TERMINATED", "FAILED")}
+    spares = spare_ids(server)  # a spare has a VM's files under its future session id
+    live_sessions = {s["id"] for s in sessions if s["state"] in LIVE} | spares
+    open_sessions = {s["id"] for s in sessions
+                     if s["state"] not in ("TERMINATED", "FAILED")} | spares
     kept_snapshots = {s["id"] for s in snapshots if s["state"] != "DELETED"}
     mapped = mapped_files()
     problems: list[str] = []
@@ -657,13 +668,18 @@ def _wait_steady(server: Any, timeout: float) -> tuple[list[dict[str, Any]], lis
 
 def _process_problems(server: Any, sessions: list[dict[str, Any]]) -> list[str]:
     live = {s["id"] for s in sessions if s["state"] in LIVE}
+    owned = live | spare_ids(server)
     procs = vm_processes(server)
     problems = [f"no live record for {p.line()}" for p in procs
-                if p.owner not in live]
+                if p.owner not in owned]
     for sid in sorted(live):
         q = [p for p in procs if p.kind == "qemu" and p.owner == sid]
         if len(q) != 1:
             problems.append(f"session {sid} is live but has {len(q)} QEMU processes")
+    for sid in sorted(owned - live):
+        q = [p for p in procs if p.kind == "qemu" and p.owner == sid]
+        if len(q) > 1:
+            problems.append(f"spare {sid} has {len(q)} QEMU processes")
     return problems
 
 
@@ -671,9 +687,10 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
                    restore_timeout: float = 120.0) -> None:
     """The invariant after every fault case:
 
-    (a) every QEMU/passt process of this server serves a live (READY/RUNNING) session, and every
-        live session has its one QEMU; every network namespace and host nftables table of this
-        server (named by its tag) belongs to a live session;
+    (a) every QEMU/passt process of this server serves a live (READY/RUNNING) session or a
+        spare the server lists (``spare_ids``), and every live session has its one QEMU; every
+        network namespace and host nftables table of this server (named by its tag) belongs to
+        one of them;
     (b) every record is in a steady state within ``timeout`` s;
     (c) every READY snapshot is restorable with its data (the marker file) intact;
     (d) no file without an owner (``orphan_files``; and ``tenki admin verify`` when present).
@@ -729,7 +746,7 @@ def assert_settled(server: Any, *, restore: bool = True, timeout: float = SETTLE
 def reap(server: Any, paths: Iterable[str] = ()) -> None:
     """After a failed check: kill the VM processes no live record owns and remove the given
     files, so that the next case is judged on its own leftovers, not on this one's."""
-    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE}
+    live = {s["id"] for s in list_sessions(server) if s["state"] in LIVE} | spare_ids(server)
     for p in vm_processes(server):
         if p.owner not in live:
             with contextlib.suppress(ProcessLookupError):

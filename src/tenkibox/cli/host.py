@@ -47,6 +47,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             ("memory_used", fmt_mib(h.memory_used_mib)),
             ("tmpfs", f"{units.format_size(h.tmpfs_used_bytes)} used of "
                       f"{units.format_size(h.tmpfs_total_bytes)}"),
+            ("spares", ", ".join(f"{s.session_id} (of {s.snapshot_id})" for s in h.spares)
+             or "none"),
         ]
     )
 

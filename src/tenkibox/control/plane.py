@@ -16,7 +16,7 @@ import time
 
 from ..errors import ValidationError
 from ..host.api import HostAPI
-from ..models import HostStatus, Image, Session, SessionCreate
+from ..models import HostStatus, Image, Session, SessionCreate, SpareInfo
 from ..preview import PreviewProxy, PreviewSettings
 from ..store.db import Store
 from ..store.tables import SessionRow
@@ -171,7 +171,9 @@ class ControlPlane:
             memory_promised_mib=sum(r.memory_mb for r in live),
             memory_used_mib=self.host.memory_used_mib(), sessions=len(live), cpus=cap.cpus,
             accelerator=cap.accelerator, network_enforced=self.host.network_enforced,
-            tmpfs_used_bytes=tmpfs.used_bytes, tmpfs_total_bytes=tmpfs.total_bytes)
+            tmpfs_used_bytes=tmpfs.used_bytes, tmpfs_total_bytes=tmpfs.total_bytes,
+            spares=[SpareInfo(session_id=n.session_id, snapshot_id=n.snapshot_id,
+                              host_id=n.host_id) for n in self.spares.listing()])
 
     async def stop(self) -> None:
         for task in self._loops:

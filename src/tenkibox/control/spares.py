@@ -78,6 +78,10 @@ class Spares:
             return None
         return note
 
+    def listing(self) -> list[SpareNote]:
+        """The spares asked for and still kept, oldest first."""
+        return sorted((n for n in self._notes.values() if n.fresh), key=lambda n: n.asked_at)
+
     def release(self, note: SpareNote) -> None:
         """A taken spare that its session did not use: stopped on its host."""
         self._spawn(self._drop(note), f"drop spare {note.session_id}")

@@ -68,7 +68,7 @@ from .context import HostContext
 from .network import HostNetwork, VMNet
 from .processes import ProcessHandle, ProcessTable
 from .ramcache import RamCache
-from .restore import Prepared, finish, prepare, restore
+from .restore import Prepared, finish, prepare, restore, still_intact
 from .spares import SPARE_DELAY_S, SPARE_KEEP_S, SPARE_POLL_S, Spare
 from .tmpfs import TmpfsUse, tmpfs_use
 from .vm import VM, HostLayout, VMRecord
@@ -323,8 +323,11 @@ class LocalHost:
                 # stops what it made, in the slot
                 try:
                     prepared = await spare.made
+                    # the guest has not run yet: what it will read is checked again
+                    await asyncio.to_thread(still_intact, self.ctx, spec)
                 except TenkiError as exc:
                     why = exc.message
+                    prepared = None
         if prepared is not None:
             try:
                 return await finish(self.ctx, spec, prepared, steps)

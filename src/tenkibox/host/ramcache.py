@@ -137,6 +137,11 @@ class RamCache:
             return False
         return bool(key == info.get("key"))
 
+    def intact(self, digest: str) -> bool:
+        """Whether the cache of ``digest``, built and checked before, is still as it was (its
+        stat key): a spare maps it long before its guest runs (``restore.still_intact``)."""
+        return self._check(digest)
+
     def chain(self, digest: str) -> list[str]:
         """The RAM images that compose ``digest``, base first, each verified before its header
         is read (a damaged image is never parsed)."""

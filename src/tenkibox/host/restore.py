@@ -172,6 +172,16 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
     return Prepared(vm, opening, tcg_threads, dict(steps.timings))
 
 
+def still_intact(ctx: HostContext, spec: RestoreSpec) -> None:
+    """What ``verify`` and ``load-ram`` checked, again, for a restore prepared earlier (a
+    spare): its artifacts and the RAM cache its guest maps, which the guest reads only once it
+    runs. Raises ``SnapshotDamagedError``; cheap (stat keys, no hashing)."""
+    verify_manifest(ctx, spec.snapshot_id, spec.manifest.digests())
+    if not ctx.ram_cache.intact(spec.manifest.ram):
+        raise SnapshotDamagedError(f"snapshot {spec.snapshot_id}: its RAM cache changed since "
+                                   "the spare mapped it")
+
+
 async def _load_state(ctx: HostContext, spec: RestoreSpec, machine: Machine,
                       agent: AgentClient, steps: Steps) -> asyncio.Future[None]:
     """Step ``load-state``; the agent's socket, there from QEMU's start, is connected
