@@ -336,7 +336,8 @@ def test_capacity_is_the_hosts_across_workspaces(small_host: InProcessServer) ->
                     "memory_used_mib": 2560 // 4, "sessions": 3, "cpus": 2,
                     "accelerator": "tcg", "network_enforced": True,
                     # the fake's booted guests hold their RAM on its tmpfs
-                    "tmpfs_used_bytes": (2560 // 4) << 20, "tmpfs_total_bytes": 8 << 30}
+                    "tmpfs_used_bytes": (2560 // 4) << 20, "tmpfs_total_bytes": 8 << 30,
+                    "spares": []}  # TENKI_SPARES=off in these tests
     with Client(endpoint=small_host.url) as sdk:
         assert sdk.host.status().memory_promised_mib == 2560
     # a refused create left no record
