@@ -35,7 +35,7 @@ os.environ["TENKI_API_KEY"] = ADMIN_KEY
 # Plain creates boot unless a test turns golden snapshots on (tests/component/test_golden.py;
 # the real-VM servers of tests/integration turn them on: the product's default there).
 os.environ["TENKI_GOLDEN"] = "off"
-# No restores prepared ahead unless a test turns them on (tests/component/test_spares.py,
+# No restores prepared ahead unless a test turns them on (tests/component/test_spare_control.py,
 # tests/integration/test_spares.py); the real-VM servers turn them on: the product's default.
 os.environ["TENKI_SPARES"] = "off"
 
