@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Generator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,6 +77,17 @@ def serve(host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
                      preview, location, artifact_cache_bytes, local_host))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: SIGTERM and SIGINT stop ``tenki serve`` as
+    a shutdown request does, through ``ServerRuntime.stop`` (the VMs keep running; the spares,
+    which no record names, are stopped). uvicorn's own handlers raise the signal again once it
+    stops serving, which ended the process before that."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignore[no-untyped-def]
                database_url: str | None, tls: tuple[Path, Path] | None,
                grpc_port: int | None, grpc_advertise: str | None,
@@ -98,12 +110,7 @@ async def _run(layout, sock: socket.socket, host: str, port: int,  # type: ignor
                             timeout_graceful_shutdown=3, timeout_keep_alive=KEEP_ALIVE_S,
                             ssl_certfile=str(tls[0]) if tls else None,
                             ssl_keyfile=str(tls[1]) if tls else None)
-    server = uvicorn.Server(config)
-    # SIGTERM and SIGINT stop the server as a shutdown request does, through ``rt.stop``
-    # (the VMs keep running; the spares, which no record names, are stopped). uvicorn's own
-    # handlers would raise the signal again once it stopped serving, ending the process
-    # before that.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    server = _Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, rt.request_stop)
