@@ -86,8 +86,8 @@ from _common import (
 #: how often a run that has not ended says where it waits (``faulthandler``)
 WATCHDOG_S = 600
 
-CAPTURE_STEPS = ("prepare", "pre-copy", "pause", "freeze-disk", "device-state", "copy-written",
-                 "resume", "convert", "compress-ram", "checksum", "sync")
+CAPTURE_STEPS = ("prepare", "copy-ahead", "pre-copy", "pause", "freeze-disk", "device-state",
+                 "copy-written", "resume", "convert", "compress-ram", "checksum", "sync")
 RESTORE_STEPS = ("spare", "verify", "overlay", "load-ram", "network", "launch", "wire",
                  "load-state", "resume", "agent", "settle", "clock", "identity")
 # settle: clock and identity in one request (agent 0.4); wire: the network built beside launch

@@ -36,7 +36,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ..errors import InternalError, ValidationError
-from . import kernelstub, net
+from . import kernelstub, net, writetrack
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class LaunchOptions:
     #: how TCG runs the vCPUs (``tcg_threads``): ``multi``, ``single``, or None for QEMU's
     #: default; not part of the device set (a snapshot restores under either)
     tcg_threads: str | None = None
+    #: the write-tracking library (``engine/writetrack.py``) for a restored VM's QEMU, whose RAM
+    #: is a private mapping of its snapshot's RAM cache; None: untracked
+    track_writes: Path | None = None
 
 
 def blockdev_args(chain: list[Path]) -> tuple[list[str], str]:
@@ -469,11 +472,16 @@ class Machine:
         # restarted one can still find and stop
         self._write_info()
         log.debug("%s: %s", self.name, shlex.join(self.argv))
+        env = None
+        if opts.track_writes is not None and self.cfg.ram_base:
+            env = {**os.environ, **writetrack.launch_env(
+                opts.track_writes, self.cfg.memory_mb * 2**20 + self.cfg.ram_pad)}
         with open(self.files.qemu_log, "ab") as out:
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True, cwd=self.files.run_dir, pass_fds=backend.pass_fds,
+                    env=env,
                 )
             except OSError as exc:
                 self.state = RunState.FAILED

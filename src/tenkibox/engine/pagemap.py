@@ -13,7 +13,9 @@ mapped before the guest stops.
 
 A page the kernel copied on write stays the process's: only a ``MADV_DONTNEED`` gives it back to
 the file, and QEMU discards guest RAM only for a balloon or virtio-mem (neither is attached). A
-swapped-out page is the process's too.
+swapped-out page is the process's too. A page that was not mapped when write tracking protected
+it (``engine/writetrack.py``) holds a marker instead, shown as a swapped page of swap type 31:
+no page at all, the file's.
 
 A booted VM's RAM in a memfd (``find_shared``, ``touched``) holds a page from the guest's first
 touch of it, read or written, on: the file's extents (``SEEK_DATA``) are its pages, swapped out
@@ -22,9 +24,11 @@ or not (a shared mapping's page tables lose a page that was swapped out), and th
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import ctypes
+import heapq
 import os
 import re
 import threading
@@ -41,8 +45,13 @@ SMALL = 32 << 20
 
 # byte 7 of an entry (little-endian u64): bit 7 present, bit 6 swapped, bit 5 file or shared
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
-_OWN = bytes(1 if (b & _SWAPPED) or (b & _PRESENT and not b & _FILE) else 0 for b in range(256))
-_USED = bytes(1 if b & (_PRESENT | _SWAPPED) else 0 for b in range(256))
+_ANON = bytes(1 if b & _PRESENT and not b & _FILE else 0 for b in range(256))
+_MAPPED = bytes(1 if b & _PRESENT else 0 for b in range(256))
+_SWAP = bytes(1 if b & _SWAPPED else 0 for b in range(256))
+# byte 0 of a swapped entry: its swap type in bits 0-4 (shown to CAP_SYS_ADMIN only); type 31
+# (SWP_PTE_MARKER) is a marker that userfaultfd's write protection left where no page was
+MARKER_TYPE = 31
+_REAL = bytes(0 if b & 0x1F == MARKER_TYPE else 1 for b in range(256))
 _RUN = re.compile(b"\x01+")
 #: how a memfd's mapping and its fd are named in /proc (``memfd_create``'s prefix)
 MEMFD = "/memfd:"
@@ -83,9 +92,9 @@ def find_mapping(pid: int, path: Path, size: int) -> int:
     raise PagemapError(f"process {pid} does not map {path.name} privately ({size} bytes)")
 
 
-def _entries(pid: int, start: int, size: int) -> Iterator[tuple[int, bytes]]:
+def _entries(pid: int, start: int, size: int) -> Iterator[tuple[int, bytes, bytes]]:
     """The pagemap entries of the mapping at ``start``, in batches: (first page, top byte of
-    each entry), where the flags are."""
+    each entry, where the flags are, low byte of each, where a swapped one's type is)."""
     pages = size // PAGE
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -97,19 +106,32 @@ def _entries(pid: int, start: int, size: int) -> Iterator[tuple[int, bytes]]:
             raw = os.pread(fd, n * ENTRY, (start // PAGE + first) * ENTRY)
             if len(raw) != n * ENTRY:
                 raise PagemapError(f"process {pid}'s page tables end early")
-            yield first, raw[7::ENTRY]
+            yield first, raw[7::ENTRY], raw[0::ENTRY]
     except OSError as exc:
         raise PagemapError(f"cannot read the page tables of process {pid}: {exc}") from exc
     finally:
         os.close(fd)
 
 
+def _with_swapped(top: bytes, low: bytes, table: bytes) -> bytes:
+    """One byte per entry: 1 where ``table`` says so of its flags, or where it is a page
+    swapped out (not a marker), else 0."""
+    swapped = top.translate(_SWAP)
+    if b"\x01" not in swapped:
+        return top.translate(table)
+    n = len(top)
+    # bytewise and/or of the three, as integers: a tracked VM's RAM is mostly markers
+    got = int.from_bytes(top.translate(table), "little") | (
+        int.from_bytes(swapped, "little") & int.from_bytes(low.translate(_REAL), "little"))
+    return got.to_bytes(n, "little")
+
+
 def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
     """The byte ranges ``(offset, end)`` of the mapping at ``start`` whose pages the process
     holds as its own (written since it mapped the file), ascending; adjacent pages in one."""
     out: list[tuple[int, int]] = []
-    for first, flags in _entries(pid, start, size):
-        for m in _RUN.finditer(flags.translate(_OWN)):
+    for first, top, low in _entries(pid, start, size):
+        for m in _RUN.finditer(_with_swapped(top, low, _ANON)):
             a, b = (first + m.start()) * PAGE, (first + m.end()) * PAGE
             if out and out[-1][1] == a:  # a run across two batches
                 a = out.pop()[0]
@@ -120,7 +142,8 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
 def used(pid: int, start: int, size: int) -> bytes:
     """One byte per page of the mapping at ``start``: 1 where the process has the page, read
     or written (the file's page mapped, or its own copy; in memory or swapped), else 0."""
-    return b"".join(flags.translate(_USED) for _first, flags in _entries(pid, start, size))
+    return b"".join(_with_swapped(top, low, _MAPPED)
+                    for _first, top, low in _entries(pid, start, size))
 
 
 def find_shared(pid: int, size: int) -> tuple[int, Path]:
@@ -254,7 +277,8 @@ class Target(_Mapping):
             for a, b in new:  # a kernel without MADV_POPULATE_WRITE (< 5.14) faults them later
                 _LIBC.madvise(ctypes.c_void_p(address + a), ctypes.c_size_t(b - a),
                               _MADV_POPULATE_WRITE)
-        self._reserved = sorted(self._reserved + new)
+        for r in new:  # usually a few, into many: no sort of them all (inside the stop)
+            bisect.insort(self._reserved, r)
 
 class Source(_Mapping):
     """A booted VM's memfd (``find_shared``), mapped read-only into this process: its pages
@@ -321,8 +345,9 @@ def subtract(ranges: list[tuple[int, int]],
     out: list[tuple[int, int]] = []
     j = 0
     for a, b in ranges:
-        while j < len(minus) and minus[j][1] <= a:
-            j += 1
+        # the first of ``minus`` that ends past ``a`` (a few new pages against all of them:
+        # inside a capture's stop)
+        j = bisect.bisect_right(minus, a, lo=j, key=_end)
         k = j
         while a < b:
             if k >= len(minus) or minus[k][0] >= b:
@@ -332,6 +357,26 @@ def subtract(ranges: list[tuple[int, int]],
                 out.append((a, minus[k][0]))
             a = max(a, minus[k][1])
             k += 1
+    return out
+
+
+def _end(r: tuple[int, int]) -> int:
+    return r[1]
+
+
+def union(*lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges in any of ``lists`` (each ascending, non-overlapping), ascending; adjacent
+    and overlapping ones in one."""
+    given = [r for r in lists if r]
+    if len(given) <= 1:
+        return list(given[0]) if given else []
+    out: list[tuple[int, int]] = []
+    for a, b in heapq.merge(*given):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
     return out
 
 

@@ -5,7 +5,9 @@ artifact store. One ordered list of named, timed steps:
                     (``written.plan``: the pages found from QEMU's page tables, the copy's
                     target allocated and mapped), or saved live or paused; and the disk's
                     next overlay, over its current top (removed again if step 2 never
-                    switches to it).
+                    switches to it). ``copy-ahead`` then, where QEMU's writes are tracked
+                    (``engine/writetrack.py``): the written pages copied while the guest
+                    runs, so that the stop copies only those written since.
 1. ``pre-copy``     a running guest is saved live (``start_live_save``): QEMU copies its RAM while
                     it runs, again for the pages written meanwhile, and stops it once what is left
                     takes ~20 ms (``wait_switchover``): the guest is stopped for the last pages and
@@ -75,7 +77,7 @@ import zstandard
 from ..artifacts import ramfile
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError
-from ..engine import disks
+from ..engine import disks, pagemap
 from ..engine.machine import live_save_safe
 from ..engine.migration import (
     cancel_migration,
@@ -194,6 +196,13 @@ async def _pause_and_copy(ctx: HostContext, vm: VM, steps: Steps, staging: Path,
                 direct = await asyncio.shield(planning)
         live = (direct is None and not stays_paused and LIVE_CAPTURE
                 and live_save_safe(machine.cfg))
+        if direct is not None and direct.tracked:
+            with steps.step("copy-ahead"):  # the guest runs: its writes meanwhile are tracked
+                try:
+                    await asyncio.to_thread(written.copy_ahead, vm, direct)
+                except (pagemap.PagemapError, OSError) as exc:
+                    raise SnapshotFailedError(
+                        f"copying the guest's written pages failed: {exc}") from exc
         # the written pages are copied with the vCPUs stopped: nothing may reach the guest then
         quiet = vm.agent.quiet() if direct is not None else contextlib.nullcontext()
         async with quiet:

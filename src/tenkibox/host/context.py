@@ -24,6 +24,9 @@ class HostContext:
     network: HostNetwork
     #: digests of the current images' files: never collected, the next boot uses them
     image_digests: set[str] = field(default_factory=set)
+    #: the library a restored VM's QEMU loads for its writes to be tracked
+    #: (``engine/writetrack.py``); None where they cannot be
+    write_tracking: Path | None = None
 
     def __post_init__(self) -> None:
         # from the start: a collection before the first boot would otherwise remove them, and

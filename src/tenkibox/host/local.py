@@ -25,6 +25,7 @@ from typing import Any
 from ..artifacts.s3 import DEFAULT_CACHE_BYTES, S3ArtifactStore, S3Location
 from ..artifacts.store import GC_GRACE_S, ArtifactStore, LocalArtifactStore
 from ..config import Layout, home_tag
+from ..engine import writetrack
 from ..engine.accel import detect_accel
 from ..engine.agent import AgentClient, AgentError
 from ..engine.machine import (
@@ -138,7 +139,7 @@ class LocalHost:
             store = s3
         self.network = HostNetwork(home_tag(layout.home))
         self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel,
-                               self.network)
+                               self.network, write_tracking=writetrack.library(self.paths.root))
         self.vms: dict[str, VM] = {}
         self._starting: dict[str, list[VM]] = {}
         #: the vCPUs of each VM being started, counted as placed from the request on

@@ -161,7 +161,8 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
             tap = await vm_network(ctx, vm, spec.network, whole=False)
         with steps.step("launch"):
             await launch(machine, LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                                incoming=True, tcg_threads=tcg_threads), tap)
+                                                incoming=True, tcg_threads=tcg_threads,
+                                                track_writes=ctx.write_tracking), tap)
         with steps.step("wire"):
             await ctx.network.wired(spec.session_id)
         opening = await _load_state(ctx, spec, machine, agent, steps)

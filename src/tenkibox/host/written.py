@@ -12,11 +12,17 @@ is not used at all: under TCG its first sync scans every vCPU's TLB once per pag
 (QEMU 7.2; ~0.75 s per GiB here), which made the first live capture of every restored session
 take seconds.
 
-The guest is stopped while its pages are copied (~5 GB/s out of QEMU's memory), so a running
-guest is captured this way only while it holds at most ``limit()`` (512 MiB, or a quarter of
-its RAM if more; counted before it stops); one that wrote more is saved live (pre-copy), and one
-that stays paused anyway (a pause of the session) always this way. ``TENKI_DIRECT_CAPTURE=0`` on
-the server turns it off.
+Where QEMU's writes are tracked (``engine/writetrack.py``: every restored VM on a host whose
+kernel and rights allow it), the pages are copied while the guest still runs (``copy_ahead``,
+step ``copy-ahead``): the tracking is armed first, then every page written so far is copied,
+then, in a round or two, those written meanwhile; inside the stop, ``copy-written`` copies only
+what was written after the last round (typically a few MiB), so the stop does not grow with
+what the guest wrote. Without tracking the guest is stopped while all of its written pages are
+copied (~5 GB/s out of QEMU's memory). Either way a running guest is captured like this only
+while it holds at most ``limit()`` (512 MiB, or a quarter of its RAM if more; counted before it
+stops); one that wrote more is saved live (pre-copy), and one that stays paused anyway (a pause
+of the session) always this way, all of it copied in the stop. ``TENKI_DIRECT_CAPTURE=0`` on the
+server turns it off.
 
 Devices may still write guest memory while the vCPUs are stopped (QEMU hands the agent's input
 to the guest's virtio-serial buffers whenever it comes): the device state is saved again after
@@ -36,15 +42,16 @@ page copied, or a delta of them over its own last capture (``ramfile.pack_delta`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import ramfile
 from ..artifacts.store import ArtifactError
-from ..engine import pagemap
+from ..engine import pagemap, writetrack
 from ..engine.migration import save_devices, save_state
 from ..engine.stream import StreamError, device_sections, with_devices
 from ..errors import SnapshotFailedError
@@ -79,6 +86,10 @@ DIRECT_MAX_BYTES = _max_bytes(os.environ.get("TENKI_DIRECT_MAX_MIB"))
 DIRECT_RAM_SHARE = 4
 #: copies of the written pages before giving up on devices that keep writing guest memory
 COPY_TRIES = 3
+#: rounds of ``copy_ahead`` after its first copy, each of what the guest wrote during the one
+#: before, at most; it stops early once a round finds no more than ``AHEAD_ENOUGH`` bytes
+AHEAD_ROUNDS = 3
+AHEAD_ENOUGH = 4 << 20
 #: the copy's file in the capture's staging directory (tmpfs)
 PAGES = "written.ram"
 #: devices whose saved state follows the host's clock while the guest is stopped, and which
@@ -111,6 +122,13 @@ class Plan:
     #: the digest of the image whose index ``cache_index`` is (the top of the restored
     #: snapshot's RAM chain; "" for a booted VM)
     cache_digest: str = ""
+    #: QEMU's writes are tracked from the plan on (``engine/writetrack.py``): the pages
+    #: written so far are copied before the stop (``copy_ahead``), inside it only those
+    #: written since the last look
+    tracked: bool = False
+    #: the pages found written so far (``ranges`` at the plan), then what each look after
+    #: found; all of them copied into ``target``
+    found: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def close(self) -> None:
         """Unmap the copy's file (it stays on disk for ``pack``), and the memfd."""
@@ -123,8 +141,12 @@ class Plan:
 class Written:
     plan: Plan
     pages: Path  # a sparse file of the RAM's size holding the written pages
-    ranges: list[tuple[int, int]]
     devices: Path  # QEMU's device sections
+
+    @functools.cached_property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The pages written (merged once the guest runs again, not inside the stop)."""
+        return pagemap.union(*self.plan.found)
 
     @property
     def bytes(self) -> int:
@@ -150,6 +172,9 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     try:
         size = cache.stat().st_size
         address = pagemap.find_mapping(pid, cache, size)
+        # armed before the pages written so far are read: a page written after this look
+        # is found by the next (one that stays paused is copied whole inside the stop)
+        tracked = not stays_paused and _arm(vm, pid, address, size)
         ranges = pagemap.written(pid, address, size)
         written = sum(b - a for a, b in ranges)
         if not stays_paused and written > limit(size):
@@ -178,7 +203,39 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
     return Plan(pid, address, size, cache, cache_index, cache_hash, parent_state, target,
-                cache_digest=record.ram_chain[-1])
+                cache_digest=record.ram_chain[-1], tracked=tracked, found=[ranges])
+
+
+def _arm(vm: VM, pid: int, address: int, size: int) -> bool:
+    """Whether QEMU's writes to its RAM are tracked, from this look on."""
+    try:
+        writetrack.written(pid, address, size)  # all of it, the first time: not needed
+    except writetrack.Untracked as exc:
+        log.debug("%s: writes not tracked: %s", vm.session_id, exc)
+        return False
+    return True
+
+
+def copy_ahead(vm: VM, p: Plan) -> None:
+    """Step ``copy-ahead``, while the guest runs (in a thread): the pages found written so far
+    into the copy, then those written meanwhile, for up to ``AHEAD_ROUNDS`` rounds; a page
+    written during a copy is found again by the next look, at the latest inside the stop
+    (``copy``). Untracked after all (the registration is gone): nothing is copied ahead, and
+    the stop copies every written page."""
+    ahead = pagemap.copy(p.pid, p.address, p.found[0], p.target)
+    try:
+        for _ in range(AHEAD_ROUNDS):
+            again = writetrack.written(p.pid, p.address, p.size)
+            p.target.reserve(again)
+            ahead += pagemap.copy(p.pid, p.address, again, p.target)
+            p.found.append(again)
+            if sum(b - a for a, b in again) <= AHEAD_ENOUGH:
+                break
+    except writetrack.Untracked as exc:
+        log.warning("%s: write tracking lost (%s): the written pages are copied in the stop",
+                    vm.session_id, exc)
+        p.tracked = False
+    log.info("%s: %.1f MiB copied before the stop", vm.session_id, ahead / 2**20)
 
 
 def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
@@ -211,8 +268,9 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     """With the guest stopped: the device state and the pages written (steps
     ``device-state`` and ``copy-written``)."""
-    w = Written(p, p.target.path, [], staging / "devices.bin")
+    w = Written(p, p.target.path, staging / "devices.bin")
     again = staging / "devices-again.bin"
+    inside = 0
     with steps.step("device-state"):
         if p.save_roms:
             # a booted VM has no snapshot's state with the ROMs' pages: a save that leaves
@@ -222,7 +280,7 @@ async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     for _ in range(COPY_TRIES):
         with steps.step("copy-written"):
             try:
-                w.ranges = await asyncio.to_thread(_copy, p)
+                inside += await asyncio.to_thread(_copy, p)
             except (pagemap.PagemapError, OSError) as exc:
                 raise SnapshotFailedError(f"copying the guest's written pages failed: {exc}") \
                     from exc
@@ -237,7 +295,7 @@ async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
     else:
         raise SnapshotFailedError("the guest's devices kept writing its memory while it was "
                                   "stopped; try again")
-    log.info("%s: %.1f MiB written since its restore, copied", vm.session_id, w.bytes / 2**20)
+    log.info("%s: %.1f MiB copied inside the stop", vm.session_id, inside / 2**20)
     return w
 
 
@@ -255,16 +313,29 @@ def _moved(before: Path, after: Path) -> list[str]:
             if x != y and i not in CLOCKED]
 
 
-def _copy(p: Plan) -> list[tuple[int, int]]:
+def _copy(p: Plan) -> int:
+    """The pages to copy with the guest stopped, copied (``found`` says which are written in
+    all); returns the bytes copied."""
     if p.source is not None:  # a booted VM's memfd
         ranges = pagemap.touched(p.source.path, p.size)  # those since the plan too
         p.target.reserve(ranges)
-        pagemap.copy_mapped(p.source, ranges, p.target)
-        return ranges
+        p.found = [ranges]
+        return pagemap.copy_mapped(p.source, ranges, p.target)
+    if p.tracked:
+        try:  # only what was written since the last look: the rest is copied already
+            again = writetrack.written(p.pid, p.address, p.size)
+        except writetrack.Untracked as exc:
+            log.warning("write tracking of process %d lost (%s): every written page is "
+                        "copied", p.pid, exc)
+            p.tracked = False
+        else:
+            p.target.reserve(again)
+            p.found.append(again)
+            return pagemap.copy(p.pid, p.address, again, p.target)
     ranges = pagemap.written(p.pid, p.address, p.size)
     p.target.reserve(ranges)
-    pagemap.copy(p.pid, p.address, ranges, p.target)
-    return ranges
+    p.found = [ranges]
+    return pagemap.copy(p.pid, p.address, ranges, p.target)
 
 
 def device_state(w: Written, out: Path) -> None:
