@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,9 +90,11 @@ def test_the_pages_written_since_the_last_look_are_reported(lib: Path, ram: Path
     child = Child(lib, ram, PAGES * P)
     try:
         pid, at, size = child.proc.pid, child.address, PAGES * P
-        child.do("w", 3)  # before the first look
-        first = writetrack.written(pid, at, size)
-        assert pages(first) == list(range(PAGES))  # nothing was protected yet: all of it
+        child.do("w", 3)  # before the tracking
+        with pytest.raises(writetrack.Untracked) as exc:  # registered only when armed
+            writetrack.written(pid, at, size)
+        assert exc.value.unregistered
+        writetrack.arm(pid, at, size)
         assert writetrack.written(pid, at, size) == []  # nothing since
         child.do("r", 10, 700)  # reads are not writes
         child.do("w", 3, 5, 900, 901)  # a page written before, a file page, holes
@@ -108,6 +111,21 @@ def test_the_pages_written_since_the_last_look_are_reported(lib: Path, ram: Path
             target.reserve([(5 * P, 6 * P)])
             pagemap.copy(pid, at, [(5 * P, 6 * P)], target)
         assert out.read_bytes()[5 * P] == (5 * P + 1) % 256
+        # disarmed: no registration, the page tables as they were, and armed again later
+        writetrack.disarm(pid)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                writetrack.written(pid, at, size)
+            except writetrack.Untracked:
+                break
+            assert time.monotonic() < deadline, "still registered"
+            time.sleep(0.01)
+        child.do("w", 6)
+        assert pages(pagemap.written(pid, at, size)) == [3, 5, 6, 900, 901]
+        writetrack.arm(pid, at, size)
+        child.do("w", 901, 1000)
+        assert pages(writetrack.written(pid, at, size)) == [901, 1000]
     finally:
         assert "tenki-writetrack" not in child.close()
 
@@ -122,13 +140,18 @@ def test_a_mapping_of_another_length_is_left_untracked(lib: Path, ram: Path) -> 
     try:
         with pytest.raises(writetrack.Untracked, match="not registered"):
             writetrack.written(child.proc.pid, child.address, size)
+        # no library: never signalled (the signal would kill it)
+        with pytest.raises(writetrack.Untracked, match="without write tracking"):
+            writetrack.arm(child.proc.pid, child.address, size)
+        writetrack.disarm(child.proc.pid)
+        assert child.proc.poll() is None
         other = subprocess.Popen([sys.executable, "-c", CHILD, str(ram), str(size)],
                                  env={**os.environ, **writetrack.launch_env(lib, env_size)},
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert other.stdout is not None and other.stdout.readline().strip() == str(P)
         addr = pagemap.find_mapping(other.pid, ram, size)
-        with pytest.raises(writetrack.Untracked):
-            writetrack.written(other.pid, addr, size)
+        with pytest.raises(writetrack.Untracked, match="not registered"):
+            writetrack.arm(other.pid, addr, size)  # it found no RAM to register
         child.do("w", 7)
         assert pages(pagemap.written(child.proc.pid, child.address, size)) == [7]
     finally:

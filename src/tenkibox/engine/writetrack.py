@@ -12,9 +12,13 @@ protects again in one call, from another process.
 
 The registration has to be made inside QEMU: ``writetrack.c``, built here with the machine's C
 compiler into the host's directory (``library``) and loaded with ``LD_PRELOAD`` into a restored
-VM's QEMU (``Machine.launch``, ``LaunchOptions.track_writes``). A QEMU without it, or where the
-kernel refused the registration, answers ``written`` with ``Untracked``, and its capture copies
-inside the stop as before.
+VM's QEMU (``Machine.launch``, ``LaunchOptions.track_writes``). It registers the RAM when the
+host sends ``TRACK_ON`` (``arm``, at a capture's start) and ends that on ``TRACK_OFF``
+(``disarm``, once the guest runs again): a registered mapping gets no fault-around, so a VM
+never captured maps its snapshot's pages as it would without it. A QEMU without the library,
+or where the kernel refused the registration, is ``Untracked``, and its capture copies inside
+the stop as before; the host signals only a QEMU that catches the signals (an untracked QEMU
+would die of them).
 
 Two things change for the page tables' readers (``engine/pagemap.py``): a page protected while
 it was not mapped holds a *marker*, which ``/proc/<pid>/pagemap`` shows as a swapped page of
@@ -24,13 +28,16 @@ QEMU is given the library only when this process can (``available``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,12 @@ PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 #: regions one call returns at most (24 bytes each)
 VEC_LEN = 1 << 14
+#: the library's signals (``writetrack.c``): register the RAM, end that
+TRACK_ON = signal.SIGRTMAX - 3
+TRACK_OFF = signal.SIGRTMAX - 4
+#: how long ``arm`` waits for QEMU to register (its handler runs at once, in whichever of its
+#: threads does not block the signal)
+ARM_TIMEOUT_S = 0.5
 
 
 class _ScanArg(ctypes.Structure):
@@ -69,14 +82,56 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 class Untracked(Exception):
     """The mapping is not registered for asynchronous write protection (a QEMU started
-    without the library, or whose registration the kernel refused), or the kernel has no
-    ``PAGEMAP_SCAN``."""
+    without the library, not armed, or whose registration the kernel refused), or the kernel
+    has no ``PAGEMAP_SCAN``."""
+
+    def __init__(self, message: str, *, unregistered: bool = False) -> None:
+        super().__init__(message)
+        #: the scan ran and the mapping is not registered (yet)
+        self.unregistered = unregistered
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (``SigCgt`` in its status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def arm(pid: int, start: int, size: int) -> None:
+    """Have QEMU (``pid``) register its RAM, at ``start`` for ``size`` bytes, and protect all
+    of it: from here, ``written`` reports what it writes. ``Untracked`` if it was started
+    without the library, or did not register within ``ARM_TIMEOUT_S`` (its log says why)."""
+    if not _catches(pid, TRACK_ON):
+        raise Untracked(f"process {pid} was started without write tracking")
+    os.kill(pid, TRACK_ON)
+    deadline = time.monotonic() + ARM_TIMEOUT_S
+    while True:
+        try:
+            written(pid, start, size)  # all of it, the first time: not needed
+            return
+        except Untracked as exc:
+            if not exc.unregistered or time.monotonic() > deadline:
+                raise
+        time.sleep(0.001)
+
+
+def disarm(pid: int) -> None:
+    """End the registration (a QEMU that is gone, or never had it: nothing to do)."""
+    if _catches(pid, TRACK_OFF):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, TRACK_OFF)
 
 
 def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
     """The byte ranges ``(offset, end)`` of the mapping at ``start`` that process ``pid``
-    wrote since the last call (since its registration, the first time: every page), ascending;
-    they are protected again, so the next call reports only what is written after this one.
+    wrote since the last call (since ``arm``, the first time: every page), ascending; they are
+    protected again, so the next call reports only what is written after this one.
     ``Untracked`` if the mapping is not registered."""
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -94,9 +149,10 @@ def written(pid: int, start: int, size: int) -> list[tuple[int, int]]:
             n = _libc.ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg))
             if n < 0:
                 err = ctypes.get_errno()
-                why = ("not registered for write tracking" if err == errno.EPERM
-                       else os.strerror(err))
-                raise Untracked(f"PAGEMAP_SCAN of process {pid}: {why}")
+                if err == errno.EPERM:
+                    raise Untracked(f"process {pid}'s RAM is not registered for write "
+                                    "tracking", unregistered=True)
+                raise Untracked(f"PAGEMAP_SCAN of process {pid}: {os.strerror(err)}")
             for r in vec[:n]:
                 a, b = r.start - start, r.end - start
                 if out and out[-1][1] == a:

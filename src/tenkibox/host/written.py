@@ -131,10 +131,13 @@ class Plan:
     found: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def close(self) -> None:
-        """Unmap the copy's file (it stays on disk for ``pack``), and the memfd."""
+        """Unmap the copy's file (it stays on disk for ``pack``), and the memfd; end the
+        tracking of QEMU's writes (the guest runs again)."""
         self.target.close()
         if self.source is not None:
             self.source.close()
+        if self.source is None:  # armed or not (``copy`` may have found it lost)
+            writetrack.disarm(self.pid)
 
 
 @dataclass
@@ -180,6 +183,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
         if not stays_paused and written > limit(size):
             log.info("%s: %.0f MiB written since its restore: a live capture", vm.session_id,
                      written / 2**20)
+            writetrack.disarm(pid)
             return None
         pagemap.readable(pid, address)
         top = ctx.store.local_path(record.ram_chain[-1])
@@ -199,6 +203,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
             ValueError) as exc:
         if target is not None:
             target.close()
+        writetrack.disarm(pid)
         why = exc.message if isinstance(exc, ArtifactError) else str(exc)
         log.info("%s: not captured by its written pages: %s", vm.session_id, why)
         return None
@@ -207,11 +212,12 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
 
 
 def _arm(vm: VM, pid: int, address: int, size: int) -> bool:
-    """Whether QEMU's writes to its RAM are tracked, from this look on."""
+    """Whether QEMU's writes to its RAM are tracked, from here on (until ``Plan.close``)."""
     try:
-        writetrack.written(pid, address, size)  # all of it, the first time: not needed
+        writetrack.arm(pid, address, size)
     except writetrack.Untracked as exc:
-        log.debug("%s: writes not tracked: %s", vm.session_id, exc)
+        log.info("%s: writes not tracked: %s", vm.session_id, exc)
+        writetrack.disarm(pid)  # a registration that came too late
         return False
     return True
 
