@@ -301,21 +301,21 @@ def test_kill_during_capture_of_a_restored_session(server: fl.FaultServer, clien
                                                    live: World, step: str) -> None:
     victim = client.create_and_wait(snapshot_id=live.baseline, name=f"restored-{step}",
                                     timeout=300)
-    _kill_capture(server, live, victim.id, step)
-    if step == "copy-ahead":
-        # the server died with the victim's writes tracked: the next server's capture arms
+
+    def capture_again() -> None:
+        # the server died with the victim's writes tracked: the next server's capture takes
         # the registration it finds, and what it captures restores
+        fl.sh(victim, "head -c 8M /dev/urandom > /dev/shm/again")
+        want = fl.sh(victim, "md5sum /dev/shm/again")
+        snap = client.create_snapshot_and_wait(victim.id, "after-crash", timeout=300)
+        clone = client.create_and_wait(snapshot_id=snap.id, name="after-crash", timeout=300)
         try:
-            fl.sh(victim, "head -c 8M /dev/urandom > /dev/shm/again")
-            want = fl.sh(victim, "md5sum /dev/shm/again")
-            snap = client.create_snapshot_and_wait(victim.id, "after-crash", timeout=300)
-            clone = client.create_and_wait(snapshot_id=snap.id, name="after-crash", timeout=300)
-            try:
-                assert fl.sh(clone, "md5sum /dev/shm/again") == want
-            finally:
-                clone.terminate()
+            assert fl.sh(clone, "md5sum /dev/shm/again") == want
         finally:
-            _tidy(server, live)
+            clone.terminate()
+
+    _kill_capture(server, live, victim.id, step,
+                  then=capture_again if step == "copy-ahead" else None)
 
 
 @pytest.mark.parametrize("step", LIVE_STEPS)
@@ -328,7 +328,9 @@ def test_kill_during_live_capture_of_a_restored_session(server: fl.FaultServer, 
     _kill_capture(server, live, victim.id, step)
 
 
-def _kill_capture(server: fl.FaultServer, live: World, source_id: str, step: str) -> None:
+def _kill_capture(server: fl.FaultServer, live: World, source_id: str, step: str,
+                  then: Callable[[], None] | None = None) -> None:
+    """``then``: more checks of the case, before what it made is removed."""
     made: dict[str, str] = {}
 
     def start(api: httpx.Client) -> None:
@@ -362,6 +364,8 @@ def _kill_capture(server: fl.FaultServer, live: World, source_id: str, step: str
             assert fl.sh(s, "echo ok") == "ok"
             assert fl.counting(s), "the source was left paused"
         fl.assert_settled(server)  # a READY snapshot made by the case is restored there
+        if then is not None:
+            then()
     finally:
         _tidy(server, live)
 

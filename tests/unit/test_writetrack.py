@@ -70,9 +70,9 @@ class Child:
 def lib(tmp_path: Path) -> Path:
     why = writetrack.available()
     assert why is None, f"write tracking cannot be used here: {why}"
-    got = writetrack.library(tmp_path / "lib")
-    assert got is not None and got.is_file()
-    return got
+    got = writetrack.Library.load(tmp_path / "lib")
+    assert got is not None and got.path().is_file()
+    return got.path()
 
 
 @pytest.fixture
@@ -166,18 +166,30 @@ def test_a_gone_process_is_untracked() -> None:
         writetrack.written(2**22 + 12345, 0, P)
 
 
-def test_the_library_is_built_once_and_named_by_its_source(tmp_path: Path) -> None:
+def test_the_library_is_built_once_and_built_again_when_damaged(tmp_path: Path) -> None:
+    """A cache derived from its source: named by the source's digest and its own, checked
+    before every use; a damaged one is never handed to a QEMU."""
     assert writetrack.available() is None
-    first = writetrack.library(tmp_path)
-    assert first is not None
+    lib = writetrack.Library.load(tmp_path)
+    assert lib is not None
+    first = lib.path()
     stamp = first.stat().st_mtime_ns
-    assert writetrack.library(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert lib.path() == first and first.stat().st_mtime_ns == stamp  # not built again
+    again = writetrack.Library.load(tmp_path)  # a server started again finds it
+    assert again is not None and again.path() == first
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    fixed = lib.path()  # (the same name: the build is reproducible)
+    assert fixed.is_file() and fixed.read_bytes() != bytes(data)
+    assert [p.name for p in tmp_path.iterdir()] == [fixed.name]  # the damaged one removed
+    fixed.unlink()
+    assert lib.path().is_file()  # gone: built again
 
 
 def test_it_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TENKI_WRITE_TRACKING", "off")
-    assert writetrack.library(tmp_path) is None
+    assert writetrack.Library.load(tmp_path) is None
     assert not list(tmp_path.iterdir())
 
 

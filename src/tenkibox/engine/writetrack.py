@@ -11,7 +11,7 @@ asynchronous write protection works on any mapping, and ``PAGEMAP_SCAN`` reports
 protects again in one call, from another process.
 
 The registration has to be made inside QEMU: ``writetrack.c``, built here with the machine's C
-compiler into the host's directory (``library``) and loaded with ``LD_PRELOAD`` into a restored
+compiler into the host's directory (``Library``) and loaded with ``LD_PRELOAD`` into a restored
 VM's QEMU (``Machine.launch``, ``LaunchOptions.track_writes``). It registers the RAM when the
 host sends ``TRACK_ON`` (``arm``, at a capture's start) and ends that on ``TRACK_OFF``
 (``disarm``, once the guest runs again): a registered mapping gets no fault-around, so a VM
@@ -205,42 +205,77 @@ def available() -> str | None:
     return None
 
 
-def library(directory: Path) -> Path | None:
-    """The library for QEMU, built into ``directory`` once per version of its source; None
-    (logged) where write tracking cannot be used or the library cannot be built."""
-    off = os.environ.get("TENKI_WRITE_TRACKING", "on").lower() in ("off", "0", "no", "false")
-    why = "TENKI_WRITE_TRACKING is off" if off else available()
-    if why is None:
-        source = SOURCE.read_bytes()
-        out = directory / f"writetrack-{hashlib.sha256(source).hexdigest()[:12]}.so"
-        if out.is_file():
-            return out
-        try:
-            return _build(out)
-        except OSError as exc:
-            why = f"its library could not be built: {exc}"
-    log.info("write tracking off: %s; a restored session's written pages are copied while "
-             "it is stopped", why)
-    return None
+class Library:
+    """The library for QEMU, built into ``directory`` once per version of its source and named
+    by its own digest too (``writetrack-<source>-<library>.so``): ``path`` checks the file
+    against that name before every launch and builds it again if it is damaged or gone (a
+    QEMU never loads a damaged one; it is a cache, derived from ``SOURCE``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._source = SOURCE.read_bytes()
+        self._tag = hashlib.sha256(self._source).hexdigest()[:12]
+        self._path: Path | None = None
+
+    @classmethod
+    def load(cls, directory: Path) -> Library | None:
+        """The library, built if needed; None (logged) where write tracking cannot be used
+        or the library cannot be built."""
+        off = os.environ.get("TENKI_WRITE_TRACKING", "on").lower() in ("off", "0", "no",
+                                                                        "false")
+        why = "TENKI_WRITE_TRACKING is off" if off else available()
+        if why is None:
+            lib = cls(directory)
+            try:
+                lib.path()
+                return lib
+            except OSError as exc:
+                why = f"its library could not be built: {exc}"
+        log.info("write tracking off: %s; a restored session's written pages are copied while "
+                 "it is stopped", why)
+        return None
+
+    def path(self) -> Path:
+        """The library's file, intact (built again if not); OSError if it cannot be built."""
+        if self._path is not None and _intact(self._path):
+            return self._path
+        for old in sorted(self.directory.glob(f"writetrack-{self._tag}-*.so")):
+            if _intact(old):
+                self._path = old
+                return old
+            log.warning("write tracking: %s is damaged: built again", old.name)
+            old.unlink(missing_ok=True)
+        self._path = _build(self.directory, self._tag)
+        return self._path
 
 
-def _build(out: Path) -> Path:
+def _intact(lib: Path) -> bool:
+    try:
+        digest = hashlib.sha256(lib.read_bytes()).hexdigest()
+    except OSError:
+        return False
+    return lib.name == f"{lib.name.rsplit('-', 1)[0]}-{digest[:16]}.so"
+
+
+def _build(directory: Path, tag: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler (cc, gcc) on PATH; scripts/setup installs gcc")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".writetrack-{tag}.{os.getpid()}.part"
     argv = [cc, "-O2", "-shared", "-fPIC", "-Wall", "-o", str(tmp), str(SOURCE)]
     try:
         subprocess.run(argv, capture_output=True, text=True, check=True,
                        timeout=BUILD_TIMEOUT_S)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        out = directory / f"writetrack-{tag}-{digest[:16]}.so"
+        os.replace(tmp, out)  # whole or not at all: a QEMU never loads a half-written one
     except subprocess.CalledProcessError as exc:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"`{' '.join(argv)}` failed: {exc.stderr.strip()[-500:]}") from exc
     except subprocess.TimeoutExpired as exc:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"`{' '.join(argv)}` did not finish in {BUILD_TIMEOUT_S:g}s") from exc
-    os.replace(tmp, out)  # whole or not at all: a QEMU never loads a half-written one
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

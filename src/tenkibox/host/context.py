@@ -8,6 +8,7 @@ from pathlib import Path
 from ..artifacts.digests import sha256_file
 from ..artifacts.store import ArtifactError, ArtifactStore
 from ..engine.machine import MachineConfig
+from ..engine.writetrack import Library
 from ..errors import InternalError
 from .api import ImageDamagedError, MachineShape
 from .network import HostNetwork
@@ -26,7 +27,7 @@ class HostContext:
     image_digests: set[str] = field(default_factory=set)
     #: the library a restored VM's QEMU loads for its writes to be tracked
     #: (``engine/writetrack.py``); None where they cannot be
-    write_tracking: Path | None = None
+    write_tracking: Library | None = None
 
     def __post_init__(self) -> None:
         # from the start: a collection before the first boot would otherwise remove them, and

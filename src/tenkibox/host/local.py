@@ -138,8 +138,10 @@ class LocalHost:
             s3.check()
             store = s3
         self.network = HostNetwork(home_tag(layout.home))
+        # a cache derived from its source (hidden: built again when damaged, never restored)
+        tracking = writetrack.Library.load(self.paths.root / ".writetrack")
         self.ctx = HostContext(self.paths, store, RamCache(self.paths.ram_cache, store), accel,
-                               self.network, write_tracking=writetrack.library(self.paths.root))
+                               self.network, write_tracking=tracking)
         self.vms: dict[str, VM] = {}
         self._starting: dict[str, list[VM]] = {}
         #: the vCPUs of each VM being started, counted as placed from the request on
