@@ -21,12 +21,6 @@ def golden_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
-
-
 def goldens(server: InProcessServer) -> list[str]:
     rows = server.store.all(SnapshotRow)
     return [r.id for r in rows if (r.template_id or "").startswith("golden:")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,6 @@ from tenkibox.store.tables import SessionRow, SnapshotRow, WorkspaceRow
 S = SessionState
 DEFAULT = NetworkSpec()
 LISTED = NetworkSpec(EgressPolicy(True, ("pypi.org", "*.example.org"), ("10.0.0.0/8",)), True)
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def post(server: InProcessServer, body: dict[str, Any]) -> httpx.Response:

@@ -13,7 +13,6 @@ Races are held with the fake host's gates, never with sleeps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,6 @@ from tenkibox.models import SessionState, SnapshotState, SnapshotType
 from tenkibox.store.tables import SessionRow, SnapshotRow, WorkspaceRow
 
 S = SessionState
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def ready_session(client: Client) -> str:

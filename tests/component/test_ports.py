@@ -135,12 +135,6 @@ def guest() -> Iterator[Guest]:
     g.close()
 
 
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
-
-
 def allow_inbound(server: InProcessServer, session_id: str) -> None:
     """What a create with inbound access does: the record's network says so, and so does the
     host's VM."""

@@ -10,7 +10,6 @@ control plane and SQLite, and the fake host below them (no VMs).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 from support.fake_host import FakeHost
@@ -23,12 +22,6 @@ from tenkibox.host.api import SnapshotDamagedError
 from tenkibox.models import SessionState, SnapshotState, VolumeState
 
 S = SessionState
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def state_of(client: Client, session_id: str) -> SessionState:

@@ -6,7 +6,6 @@ are deleted, and deleting a snapshot in the middle never takes what the others n
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ from tenkibox.store.tables import SnapshotRow
 MiB = 1 << 20
 RAM0, DELTA = FakeHost.full_ram_stored, FakeHost.delta_ram_stored
 STATE, LAYER = FakeHost.state_stored, FakeHost.layer_stored
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def manifest_of(inproc: InProcessServer, snapshot_id: str) -> Manifest:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,6 @@ from tenkibox.models import SessionState, SnapshotState
 from tenkibox.store.tables import SnapshotRow
 
 P = SnapshotState
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def manifest_of(inproc: InProcessServer, snapshot_id: str) -> Manifest:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import pytest
 from support.fake_host import FakeHost
 from support.helpers import eventually
-from support.server import InProcessServer
 
 from tenkibox import Client, errors
 from tenkibox.control.spares import SPARES_PER_HOST
@@ -21,12 +20,6 @@ from tenkibox.control.spares import SPARES_PER_HOST
 def spares_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("TENKI_SPARES", "on")
     yield
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def spares_of(host: FakeHost, snapshot_id: str) -> list[str]:

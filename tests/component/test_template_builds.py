@@ -4,8 +4,6 @@ template's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from support.helpers import build_row, seed
 from support.server import InProcessServer
@@ -13,12 +11,6 @@ from support.server import InProcessServer
 from tenkibox import Client, errors
 from tenkibox.models import TemplateBuild
 from tenkibox.store.tables import BuildRow
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def ready(client: Client, b: TemplateBuild) -> TemplateBuild:

@@ -8,7 +8,6 @@ control plane and SQLite, and the fake host below them (no VMs).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 from support.fake_host import FakeHost
@@ -19,12 +18,6 @@ from tenkibox import Client, errors
 from tenkibox.models import SessionState, VolumeState
 
 V = VolumeState
-
-
-@pytest.fixture
-def client(inproc: InProcessServer) -> Iterator[Client]:
-    with Client(endpoint=inproc.url) as c:
-        yield c
 
 
 def test_attach_is_in_use_detach_is_available(client: Client, fake_host: FakeHost) -> None:
