@@ -31,9 +31,9 @@ RESTORE_STEPS = ["verify", "overlay", "load-ram", "network", "network:after", "l
 # first request, so the older agents' ``settle`` (or ``clock`` and ``identity``) steps do not
 # happen here
 # a booted session (its RAM in a memfd) is captured by the pages it touched (``host/written.py``):
-# stopped, then its pages copied out of QEMU's memory
-CAPTURE_STEPS = ["pause", "freeze-disk", "device-state", "copy-written", "resume", "convert",
-                 "compress-ram", "checksum", "sync", "sync:after"]
+# copied ahead while it runs, then stopped and the pages written since copied
+CAPTURE_STEPS = ["copy-ahead", "pause", "freeze-disk", "device-state", "copy-written", "resume",
+                 "convert", "compress-ram", "checksum", "sync", "sync:after"]
 # a session restored from a snapshot that wrote little is captured by its written pages (at
 # ``prepare:after`` the copy's target is allocated and the guest still runs; at ``copy-ahead``
 # its QEMU's writes are tracked, engine/writetrack.py, and stay so when the server dies)

@@ -27,8 +27,9 @@ PAGES = 1024  # 4 MiB: more than one page table's worth is not needed, two are c
 CHILD = textwrap.dedent("""
     import mmap, sys
     size = int(sys.argv[2])
+    how = mmap.MAP_SHARED if sys.argv[3:] == ["shared"] else mmap.MAP_PRIVATE
     with open(sys.argv[1], "r+b") as f:
-        m = mmap.mmap(f.fileno(), size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        m = mmap.mmap(f.fileno(), size, how, mmap.PROT_READ | mmap.PROT_WRITE)
     print(mmap.PAGESIZE, flush=True)
     for line in sys.stdin:  # "w N" writes page N, "r N" reads it
         op, page = line.split()
@@ -41,18 +42,27 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _shared_at(pid: int, path: Path) -> int:
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.endswith(str(path)) and " rw-s " in line:
+            return int(line.split("-", 1)[0], 16)
+    raise AssertionError(f"{pid} does not map {path} shared")
+
+
 class Child:
-    def __init__(self, lib: Path | None, ram: Path, size: int) -> None:
+    def __init__(self, lib: Path | None, ram: Path, size: int, shared: bool = False) -> None:
         env = dict(os.environ)
         if lib is not None:
             env.update(writetrack.launch_env(lib, size))
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ram), str(size)],
+        argv = [sys.executable, "-c", CHILD, str(ram), str(size), *(["shared"] if shared else [])]
+        self.proc = subprocess.Popen(argv,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self.out, self.inp = self.proc.stdout, self.proc.stdin
         assert self.out.readline().strip() == str(P)
-        self.address = pagemap.find_mapping(self.proc.pid, ram, size)
+        self.address = (_shared_at(self.proc.pid, ram) if shared
+                        else pagemap.find_mapping(self.proc.pid, ram, size))
 
     def do(self, op: str, *pages: int) -> None:
         for page in pages:
@@ -128,6 +138,26 @@ def test_the_pages_written_since_the_last_look_are_reported(lib: Path, ram: Path
         assert pages(writetrack.written(pid, at, size)) == [901, 1000]
     finally:
         assert "tenki-writetrack" not in child.close()
+
+
+def test_a_shared_mapping_is_tracked_too(lib: Path, tmp_path: Path) -> None:
+    """A booted VM's RAM: a memfd (here a tmpfs file) mapped shared."""
+    ram = Path("/dev/shm") / f"tenki-test-writetrack-{os.getpid()}"
+    ram.write_bytes(bytes(PAGES * P))
+    child = None
+    try:
+        child = Child(lib, ram, PAGES * P, shared=True)
+        pid, at, size = child.proc.pid, child.address, PAGES * P
+        writetrack.arm(pid, at, size)
+        child.do("r", 2)
+        child.do("w", 1, 700)
+        assert pages(writetrack.written(pid, at, size)) == [1, 700]
+        assert writetrack.written(pid, at, size) == []
+        writetrack.disarm(pid)
+    finally:
+        if child is not None:
+            child.close()
+        ram.unlink()
 
 
 def test_a_mapping_of_another_length_is_left_untracked(lib: Path, ram: Path) -> None:

@@ -164,8 +164,8 @@ class LaunchOptions:
     #: how TCG runs the vCPUs (``tcg_threads``): ``multi``, ``single``, or None for QEMU's
     #: default; not part of the device set (a snapshot restores under either)
     tcg_threads: str | None = None
-    #: the write-tracking library (``engine/writetrack.py``) for a restored VM's QEMU, whose RAM
-    #: is a private mapping of its snapshot's RAM cache; None: untracked
+    #: the write-tracking library (``engine/writetrack.py``) for the QEMU of a VM whose RAM is
+    #: a file (a restored VM's RAM cache, a booted one's memfd); None: untracked
     track_writes: Path | None = None
 
 
@@ -473,7 +473,7 @@ class Machine:
         self._write_info()
         log.debug("%s: %s", self.name, shlex.join(self.argv))
         env = None
-        if opts.track_writes is not None and self.cfg.ram_base:
+        if opts.track_writes is not None and (self.cfg.ram_base or self.cfg.ram_shared):
             env = {**os.environ, **writetrack.launch_env(
                 opts.track_writes, self.cfg.memory_mb * 2**20 + self.cfg.ram_pad)}
         with open(self.files.qemu_log, "ab") as out:

@@ -1,4 +1,4 @@
-/* Loaded into a restored VM's QEMU (LD_PRELOAD, engine/writetrack.py): on the host's signal,
+/* Loaded into a VM's QEMU (LD_PRELOAD, engine/writetrack.py): on the host's signal,
  * registers the guest's RAM mapping for userfaultfd's asynchronous write protection, so that
  * the host can ask the kernel which of its pages were written since it last asked
  * (PAGEMAP_SCAN on /proc/<pid>/pagemap, from the host's own process); on another, ends that.
@@ -16,7 +16,8 @@
  * userfaultfd stays open, unread, until TRACK_OFF closes it, which ends the registration.
  *
  * The RAM is told from QEMU's other mappings by its length (TENKI_TRACK_RAM_BYTES, set by the
- * host) and by being a private mapping of a file. Nothing else is changed: the mapping is made
+ * host) and by being a writable mapping of a file: private for a restored VM (its snapshot's RAM
+ * cache), shared for a booted one (its memfd). Nothing else is changed: the mapping is made
  * as asked, and a registration that fails leaves QEMU running as it would have, untracked (the
  * host finds out from its scan and copies the written pages inside the stop, as before). The
  * handlers make only system calls, which a signal handler may.
@@ -111,7 +112,7 @@ __attribute__((constructor)) static void tenki_writetrack_init(void) {
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
     void *p = (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
     if (p != MAP_FAILED && ram == NULL && ram_bytes && len == ram_bytes && fd >= 0 &&
-        (flags & MAP_PRIVATE) && (prot & PROT_WRITE)) {
+        (prot & PROT_WRITE)) {
         ram = p;
     }
     return p;

@@ -122,7 +122,8 @@ async def boot(ctx: HostContext, spec: BootSpec, vm_slot: list[VM],
         tap = await vm_network(ctx, vm, spec.network)
     with steps.step("launch"):
         await launch(machine, LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
-                                            paused=cfg.ram_shared, tcg_threads=tcg_threads),
+                                            paused=cfg.ram_shared, tcg_threads=tcg_threads,
+                                            track_writes=ctx.tracking()),
                      tap)
     if cfg.ram_shared:
         with steps.step("roms"):

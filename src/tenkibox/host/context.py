@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from .api import ImageDamagedError, MachineShape
 from .network import HostNetwork
 from .ramcache import RamCache
 from .vm import HostLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +36,18 @@ class HostContext:
         # from the start: a collection before the first boot would otherwise remove them, and
         # that boot would read every file in full again to store it
         self.image_digests.update(self.built_images())
+
+    def tracking(self) -> Path | None:
+        """The write-tracking library for a QEMU about to start, checked
+        (``engine/writetrack.py``); None where there is none, or it cannot be built again (the
+        VM then runs untracked)."""
+        if self.write_tracking is None:
+            return None
+        try:
+            return self.write_tracking.path()
+        except OSError as exc:
+            log.warning("write tracking: %s; the VM runs untracked", exc)
+            return None
 
     def built_images(self) -> dict[str, tuple[str, str]]:
         """digest -> (image id, kind) of every file of every built image, as its build

@@ -162,7 +162,7 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
         with steps.step("launch"):
             await launch(machine, LaunchOptions(disk_chain=vm.chain_paths(ctx.store.local_path),
                                                 incoming=True, tcg_threads=tcg_threads,
-                                                track_writes=_tracking(ctx)), tap)
+                                                track_writes=ctx.tracking()), tap)
         with steps.step("wire"):
             await ctx.network.wired(spec.session_id)
         opening = await _load_state(ctx, spec, machine, agent, steps)
@@ -171,18 +171,6 @@ async def prepare(ctx: HostContext, spec: RestoreSpec, vm_slot: list[VM],
             raise
         raise _failed(spec, steps, exc) from exc
     return Prepared(vm, opening, tcg_threads, dict(steps.timings))
-
-
-def _tracking(ctx: HostContext) -> Path | None:
-    """The write-tracking library for QEMU, checked (``engine/writetrack.py``); None where
-    there is none, or it cannot be built again (the VM then runs untracked)."""
-    if ctx.write_tracking is None:
-        return None
-    try:
-        return ctx.write_tracking.path()
-    except OSError as exc:
-        log.warning("write tracking: %s; the VM runs untracked", exc)
-        return None
 
 
 def still_intact(ctx: HostContext, spec: RestoreSpec) -> None:

@@ -12,17 +12,17 @@ is not used at all: under TCG its first sync scans every vCPU's TLB once per pag
 (QEMU 7.2; ~0.75 s per GiB here), which made the first live capture of every restored session
 take seconds.
 
-Where QEMU's writes are tracked (``engine/writetrack.py``: every restored VM on a host whose
-kernel and rights allow it), the pages are copied while the guest still runs (``copy_ahead``,
-step ``copy-ahead``): the tracking is armed first, then every page written so far is copied,
-then, in a round or two, those written meanwhile; inside the stop, ``copy-written`` copies only
-what was written after the last round (typically a few MiB), so the stop does not grow with
-what the guest wrote. Without tracking the guest is stopped while all of its written pages are
-copied (~5 GB/s out of QEMU's memory). Either way a running guest is captured like this only
-while it holds at most ``limit()`` (512 MiB, or a quarter of its RAM if more; counted before it
-stops); one that wrote more is saved live (pre-copy), and one that stays paused anyway (a pause
-of the session) always this way, all of it copied in the stop. ``TENKI_DIRECT_CAPTURE=0`` on the
-server turns it off.
+Where QEMU's writes are tracked (``engine/writetrack.py``: every VM whose RAM is a file, on a
+host whose kernel and rights allow it), the pages are copied while the guest still runs
+(``copy_ahead``, step ``copy-ahead``): the tracking is armed first, then every page written so
+far is copied, then, in a round or two, those written meanwhile; inside the stop,
+``copy-written`` copies only what was written after the last round (typically a few MiB), so
+the stop does not grow with what the guest wrote. Without tracking the guest is stopped while
+all of its written pages are copied (~5 GB/s out of QEMU's memory). Either way a running
+restored guest is captured like this only while it holds at most ``limit()`` (512 MiB, or a
+quarter of its RAM if more; counted before it stops); one that wrote more is saved live
+(pre-copy), and one that stays paused anyway (a pause of the session) always this way, all of
+it copied in the stop. ``TENKI_DIRECT_CAPTURE=0`` on the server turns it off.
 
 Devices may still write guest memory while the vCPUs are stopped (QEMU hands the agent's input
 to the guest's virtio-serial buffers whenever it comes): the device state is saved again after
@@ -31,8 +31,10 @@ state are of one instant (``COPY_TRIES``).
 
 A VM booted under TCG is captured the same way (``host/boot.py`` gives it its RAM in a memfd,
 ``MachineConfig.ram_shared``): its pages are the memfd's, each one the guest touched since it
-booted, all of them copied out of the memfd mapped here (``pagemap.Source``; the stop grows
-with them: ~0.2 s per GiB touched, where a live save took 1.65-9.35x ``virsh save`` to READY).
+booted, all of them copied out of the memfd mapped here (``pagemap.Source``; untracked, the
+stop grows with them: ~0.2 s per GiB touched, where a live save took 1.65-9.35x ``virsh save``
+to READY; tracked, they are copied ahead as above, and a page first touched after that by a
+read is zero, as the copy is where nothing was copied).
 There is no snapshot's state to take the ROMs' pages from: the boot saved them before the guest
 first ran (``host/boot.py``, step ``roms``; a save with ``x-ignore-shared``, which leaves the
 memfd out), or, if that failed, ``device-state`` saves them inside the stop. Its image is every
@@ -103,7 +105,7 @@ class Plan:
     """What a capture of this VM by its written pages starts from, checked before it stops."""
 
     pid: int
-    address: int  # of the guest RAM in QEMU's memory (0: read from ``source``)
+    address: int  # of the guest RAM in QEMU's memory (a booted VM's is read from ``source``)
     size: int
     cache: Path | None  # the RAM cache QEMU maps (None: a booted VM's memfd)
     cache_index: dict[int, bytes]  # of the RAM the cache composes
@@ -136,8 +138,7 @@ class Plan:
         self.target.close()
         if self.source is not None:
             self.source.close()
-        if self.source is None:  # armed or not (``copy`` may have found it lost)
-            writetrack.disarm(self.pid)
+        writetrack.disarm(self.pid)  # armed or not (``copy`` may have found it lost)
 
 
 @dataclass
@@ -167,7 +168,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     its cache not what it maps) or, restored and running on, wrote more than ``limit``."""
     record, cfg, pid = vm.record, vm.machine.cfg, vm.machine.pid
     if DIRECT_CAPTURE and cfg.ram_shared and pid:
-        return _plan_booted(vm, staging, cfg.memory_mb * 2**20 + cfg.ram_pad, pid)
+        return _plan_booted(vm, staging, cfg.memory_mb * 2**20 + cfg.ram_pad, pid, stays_paused)
     if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
         return None
     cache = Path(cfg.ram_base)
@@ -228,12 +229,12 @@ def copy_ahead(vm: VM, p: Plan) -> None:
     written during a copy is found again by the next look, at the latest inside the stop
     (``copy``). Untracked after all (the registration is gone): nothing is copied ahead, and
     the stop copies every written page."""
-    ahead = pagemap.copy(p.pid, p.address, p.found[0], p.target)
+    ahead = _copy_ranges(p, p.found[0])
     try:
         for _ in range(AHEAD_ROUNDS):
             again = writetrack.written(p.pid, p.address, p.size)
             p.target.reserve(again)
-            ahead += pagemap.copy(p.pid, p.address, again, p.target)
+            ahead += _copy_ranges(p, again)
             p.found.append(again)
             if sum(b - a for a, b in again) <= AHEAD_ENOUGH:
                 break
@@ -244,13 +245,18 @@ def copy_ahead(vm: VM, p: Plan) -> None:
     log.info("%s: %.1f MiB copied before the stop", vm.session_id, ahead / 2**20)
 
 
-def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
+def _plan_booted(vm: VM, staging: Path, size: int, pid: int,
+                 stays_paused: bool) -> Plan | None:
     """A booted VM's RAM is a memfd: every page it holds is one the guest touched, read or
     written, since it booted (an untouched page is a hole, zero). All of them are copied,
-    however many: a live save would read every page of it, allocating the holes."""
+    however many: a live save would read every page of it, allocating the holes. Tracked,
+    they are copied before the stop, and inside it those written since (a page first touched
+    since by a read is zero, as the copy's file is where nothing was copied)."""
     target = source = None
+    tracked = False
     try:
-        _, memfd = pagemap.find_shared(pid, size)
+        address, memfd = pagemap.find_shared(pid, size)
+        tracked = not stays_paused and _arm(vm, pid, address, size)
         ranges = pagemap.touched(memfd, size)
         source = pagemap.Source(memfd, size)
         source.populate(ranges)
@@ -260,15 +266,18 @@ def _plan_booted(vm: VM, staging: Path, size: int, pid: int) -> Plan | None:
         for m in (target, source):
             if m is not None:
                 m.close()
+        if tracked:
+            writetrack.disarm(pid)
         log.info("%s: not captured by its touched pages: %s", vm.session_id, exc)
         return None
     log.info("%s: %.0f MiB touched since its boot", vm.session_id,
              sum(b - a for a, b in ranges) / 2**20)
     roms = vm.machine.files.rom_state  # saved at its launch (``host/boot.py``), if it was
     if roms.is_file():
-        return Plan(pid, 0, size, None, {}, ramfile.NEW_HASH, roms, target, source)
-    return Plan(pid, 0, size, None, {}, ramfile.NEW_HASH, staging / "parent-state.bin", target,
-                source, save_roms=True)
+        return Plan(pid, address, size, None, {}, ramfile.NEW_HASH, roms, target, source,
+                    tracked=tracked, found=[ranges])
+    return Plan(pid, address, size, None, {}, ramfile.NEW_HASH, staging / "parent-state.bin",
+                target, source, save_roms=True, tracked=tracked, found=[ranges])
 
 
 async def copy(vm: VM, p: Plan, staging: Path, steps: Steps) -> Written:
@@ -322,11 +331,6 @@ def _moved(before: Path, after: Path) -> list[str]:
 def _copy(p: Plan) -> int:
     """The pages to copy with the guest stopped, copied (``found`` says which are written in
     all); returns the bytes copied."""
-    if p.source is not None:  # a booted VM's memfd
-        ranges = pagemap.touched(p.source.path, p.size)  # those since the plan too
-        p.target.reserve(ranges)
-        p.found = [ranges]
-        return pagemap.copy_mapped(p.source, ranges, p.target)
     if p.tracked:
         try:  # only what was written since the last look: the rest is copied already
             again = writetrack.written(p.pid, p.address, p.size)
@@ -337,11 +341,20 @@ def _copy(p: Plan) -> int:
         else:
             p.target.reserve(again)
             p.found.append(again)
-            return pagemap.copy(p.pid, p.address, again, p.target)
-    ranges = pagemap.written(p.pid, p.address, p.size)
+            return _copy_ranges(p, again)
+    if p.source is not None:  # a booted VM's memfd
+        ranges = pagemap.touched(p.source.path, p.size)  # those since the plan too
+    else:
+        ranges = pagemap.written(p.pid, p.address, p.size)
     p.target.reserve(ranges)
     p.found = [ranges]
-    return pagemap.copy(p.pid, p.address, ranges, p.target)
+    return _copy_ranges(p, ranges)
+
+
+def _copy_ranges(p: Plan, ranges: list[tuple[int, int]]) -> int:
+    if p.source is not None:  # out of the memfd mapped here
+        return pagemap.copy_mapped(p.source, ranges, p.target)
+    return pagemap.copy(p.pid, p.address, ranges, p.target)  # out of QEMU's memory
 
 
 def device_state(w: Written, out: Path) -> None:
