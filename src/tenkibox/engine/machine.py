@@ -102,6 +102,11 @@ class MachineConfig:
     # of the memfd it reads: such a VM is never saved live.
     ram_shared: bool = False
 
+    @property
+    def ram_bytes(self) -> int:
+        """The guest RAM's size in bytes: what QEMU maps for it."""
+        return self.memory_mb * 2**20 + self.ram_pad
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -474,8 +479,7 @@ class Machine:
         log.debug("%s: %s", self.name, shlex.join(self.argv))
         env = None
         if opts.track_writes is not None and (self.cfg.ram_base or self.cfg.ram_shared):
-            env = {**os.environ, **writetrack.launch_env(
-                opts.track_writes, self.cfg.memory_mb * 2**20 + self.cfg.ram_pad)}
+            env = {**os.environ, **writetrack.launch_env(opts.track_writes, self.cfg.ram_bytes)}
         with open(self.files.qemu_log, "ab") as out:
             try:
                 self._proc = subprocess.Popen(

@@ -1,5 +1,5 @@
-"""Which pages of a restored VM's RAM its QEMU wrote since the host last asked: the kernel's
-answer, from userfaultfd's asynchronous write protection, read with ``PAGEMAP_SCAN``.
+"""Which pages of a VM's RAM its QEMU wrote since the host last asked: the kernel's answer,
+from userfaultfd's asynchronous write protection, read with ``PAGEMAP_SCAN``.
 
 A capture by the written pages (``host/written.py``) used to copy them all with the guest
 stopped, so its stop grew with them (~50 ms per 256 MiB). With this, it copies them while the
@@ -11,14 +11,15 @@ asynchronous write protection works on any mapping, and ``PAGEMAP_SCAN`` reports
 protects again in one call, from another process.
 
 The registration has to be made inside QEMU: ``writetrack.c``, built here with the machine's C
-compiler into the host's directory (``Library``) and loaded with ``LD_PRELOAD`` into a restored
-VM's QEMU (``Machine.launch``, ``LaunchOptions.track_writes``). It registers the RAM when the
-host sends ``TRACK_ON`` (``arm``, at a capture's start) and ends that on ``TRACK_OFF``
-(``disarm``, once the guest runs again): a registered mapping gets no fault-around, so a VM
-never captured maps its snapshot's pages as it would without it. A QEMU without the library,
-or where the kernel refused the registration, is ``Untracked``, and its capture copies inside
-the stop as before; the host signals only a QEMU that catches the signals (an untracked QEMU
-would die of them).
+compiler into the host's directory (``Library``) and loaded with ``LD_PRELOAD`` into the QEMU
+of a VM whose RAM is a file: a restored VM's RAM cache, mapped privately, or a booted one's
+memfd, mapped shared (``Machine.launch``, ``LaunchOptions.track_writes``). It registers the
+RAM when the host sends ``TRACK_ON`` (``arm``, at a capture's start) and ends that on
+``TRACK_OFF`` (``disarm``, once the guest runs again): a registered mapping gets no
+fault-around, so a VM never captured maps its snapshot's pages as it would without it. A QEMU
+without the library, or where the kernel refused the registration, is ``Untracked``, and its
+capture copies inside the stop as before; the host signals only a QEMU that catches the
+signals (an untracked QEMU would die of them).
 
 Two things change for the page tables' readers (``engine/pagemap.py``): a page protected while
 it was not mapped holds a *marker*, which ``/proc/<pid>/pagemap`` shows as a swapped page of
@@ -213,8 +214,7 @@ class Library:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._source = SOURCE.read_bytes()
-        self._tag = hashlib.sha256(self._source).hexdigest()[:12]
+        self._tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
         self._path: Path | None = None
 
     @classmethod
@@ -231,8 +231,8 @@ class Library:
                 return lib
             except OSError as exc:
                 why = f"its library could not be built: {exc}"
-        log.info("write tracking off: %s; a restored session's written pages are copied while "
-                 "it is stopped", why)
+        log.info("write tracking off: %s; a session's written pages are copied while it is "
+                 "stopped", why)
         return None
 
     def path(self) -> Path:

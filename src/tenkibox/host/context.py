@@ -28,7 +28,7 @@ class HostContext:
     network: HostNetwork
     #: digests of the current images' files: never collected, the next boot uses them
     image_digests: set[str] = field(default_factory=set)
-    #: the library a restored VM's QEMU loads for its writes to be tracked
+    #: the library a VM's QEMU loads for its writes to be tracked
     #: (``engine/writetrack.py``); None where they cannot be
     write_tracking: Library | None = None
 

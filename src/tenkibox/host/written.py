@@ -168,7 +168,7 @@ def plan(ctx: HostContext, vm: VM, staging: Path, stays_paused: bool) -> Plan | 
     its cache not what it maps) or, restored and running on, wrote more than ``limit``."""
     record, cfg, pid = vm.record, vm.machine.cfg, vm.machine.pid
     if DIRECT_CAPTURE and cfg.ram_shared and pid:
-        return _plan_booted(vm, staging, cfg.memory_mb * 2**20 + cfg.ram_pad, pid, stays_paused)
+        return _plan_booted(vm, staging, cfg.ram_bytes, pid, stays_paused)
     if not (DIRECT_CAPTURE and cfg.ram_base and record.ram_chain and record.state and pid):
         return None
     cache = Path(cfg.ram_base)
